@@ -1,0 +1,40 @@
+"""dpgeng_jax: differentially private dataset distillation in JAX/Flax.
+
+Public API (pure functions over explicit pytrees, plus `run` for a whole
+pipeline). See README.md and the module docstrings.
+"""
+
+from dpgeng_jax import accounting
+from dpgeng_jax import augment
+from dpgeng_jax.clipping import (ClippedClassSum, class_sums, clip_rows,
+                                 clip_vector, clipped_class_sums)
+from dpgeng_jax.config import Config
+from dpgeng_jax.data import Dataset, from_arrays, load_dataset
+from dpgeng_jax.distill import (DistillState, QueryPlan,
+                                feature_matching_loss, make_step,
+                                synthetic_class_means)
+from dpgeng_jax.errors import ConfigError, DataError, DpgengError
+from dpgeng_jax import evaluate
+from dpgeng_jax.evaluate import EvalConfig
+from dpgeng_jax.mechanisms import (ClassMajorData, QuerySpec,
+                                   SamplingOverflowError, class_major,
+                                   deterministic_secret_key, gaussian_noise,
+                                   noisy_class_sums, noisy_targets,
+                                   poisson_capacity, poisson_sample,
+                                   secret_key)
+from dpgeng_jax.models import ConvNet
+from dpgeng_jax.pipeline import RunResult, run, write_outputs
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ClassMajorData", "ClippedClassSum", "Config", "ConfigError", "ConvNet",
+    "DataError", "Dataset", "DistillState", "DpgengError", "EvalConfig",
+    "QueryPlan", "QuerySpec", "RunResult", "SamplingOverflowError",
+    "accounting", "augment", "class_major", "class_sums", "clip_rows",
+    "clip_vector", "clipped_class_sums", "deterministic_secret_key",
+    "evaluate", "feature_matching_loss", "from_arrays", "gaussian_noise",
+    "load_dataset", "make_step", "noisy_class_sums", "noisy_targets",
+    "poisson_capacity", "poisson_sample", "run", "secret_key",
+    "synthetic_class_means", "write_outputs",
+]

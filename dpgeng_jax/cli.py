@@ -1,0 +1,106 @@
+"""The `dpgeng` command (also `python -m dpgeng_jax`).
+
+    dpgeng distill --dataset digits --epsilon 10 --ipc 10 --out runs/d10
+
+Every option of `Config` is a flag with its default shown by --help. Bad
+input is reported as one line `dpgeng: error: ...` with exit status 2, and
+no file is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from dpgeng_jax.config import Config
+from dpgeng_jax.errors import DpgengError
+
+
+def _flag(name: str) -> str:
+  return "--" + name.replace("_", "-")
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+  groups = {}
+  for f in dataclasses.fields(Config):
+    group = f.metadata.get("group", "run")
+    if group not in groups:
+      groups[group] = parser.add_argument_group(f"{group} options")
+    g = groups[group]
+    help_text = f.metadata.get("help", "")
+    if f.type in ("bool", bool):
+      g.add_argument(_flag(f.name), dest=f.name, action="store_true",
+                     default=f.default, help=help_text)
+      continue
+    typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+    g.add_argument(_flag(f.name), dest=f.name, type=typ, default=f.default,
+                   choices=f.metadata.get("choices"),
+                   help=f"{help_text} (default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="dpgeng",
+      description="Differentially private dataset distillation (DP-GenG) "
+      "in JAX.")
+  sub = parser.add_subparsers(dest="command", required=True)
+  distill = sub.add_parser(
+      "distill", help="distill a dataset under an (epsilon, delta) budget",
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  _add_config_options(distill)
+  return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+  names = {f.name for f in dataclasses.fields(Config)}
+  return Config(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def _distill(cfg: Config) -> int:
+  # Imported here so that `--help` and argument errors are instant.
+  from dpgeng_jax import pipeline
+
+  pipeline.validate_config(cfg)
+  pipeline.check_output_dir(cfg.out, cfg.overwrite)
+  if not cfg.quiet:
+    print("resolved config:\n" + json.dumps(cfg.to_dict(), indent=2),
+          flush=True)
+  result = pipeline.run(cfg)
+  paths = pipeline.write_outputs(result, cfg.out, overwrite=cfg.overwrite)
+  pr = result.privacy
+  eps = pr["epsilon_pld"]
+  print(f"privacy: {'private' if pr['private'] else 'NOT PRIVATE'}; "
+        f"epsilon (PLD) = {eps if eps is None else round(eps, 4)} at delta "
+        f"= {pr['delta']:g}; RDP {pr['epsilon_rdp']}, GDP-CLT "
+        f"{pr['epsilon_gdp_clt']}")
+  if result.metrics is not None:
+    m = result.metrics
+    print(f"test accuracy: {100 * m['test_accuracy_mean']:.2f} +- "
+          f"{100 * m['test_accuracy_std']:.2f} % over "
+          f"{m['num_eval_models']} models")
+    for key in ("reference_random_real_subset",
+                "reference_full_training_set"):
+      if key in m:
+        print(f"{key} (NOT private): {100 * m[key]['test_accuracy_mean']:.2f}"
+              f" +- {100 * m[key]['test_accuracy_std']:.2f} %")
+  print("wrote " + ", ".join(paths))
+  return 0
+
+
+def main(argv=None) -> int:
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  try:
+    if args.command == "distill":
+      return _distill(config_from_args(args))
+  except DpgengError as e:
+    print(f"dpgeng: error: {e}", file=sys.stderr)
+    return 2
+  parser.error(f"unknown command {args.command}")
+  return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,117 @@
+"""Per-example L2 clipping and per-class clipped sums.
+
+The only way private examples enter a released statistic in this library is
+through the functions here, so their bound is the sensitivity that the
+mechanisms in `mechanisms.py` calibrate noise to:
+
+* `clip_rows` maps each row v to v * min(1, C / ||v||_2). Rows that are not
+  finite are replaced by zeros (their contribution is 0 <= C); zero rows stay
+  zero. With C = inf it is the identity on finite rows.
+* `clipped_class_sums` embeds a padded batch, clips each embedding and sums
+  them per class. One example lands in exactly one class row with norm <= C,
+  so adding or removing one example moves the (K, d) result by at most C in
+  Frobenius (L2) norm: the L2 sensitivity is C.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+EmbedFn = Callable[[Any, jax.Array], jax.Array]
+
+
+def clip_rows(v: jax.Array, clip_norm: float) -> jax.Array:
+  """Clips every row of `v` (shape (n, d)) to L2 norm <= clip_norm.
+
+  Computed in float32. Non-finite rows become zero. Safe for zero rows and
+  for clip_norm = inf (no clipping of finite rows).
+  """
+  v = v.astype(jnp.float32)
+  finite = jnp.all(jnp.isfinite(v), axis=-1, keepdims=True)
+  v = jnp.where(finite, v, 0.0)
+  norms = jnp.sqrt(jnp.sum(jnp.square(v), axis=-1, keepdims=True))
+  # C / max(norm, tiny) is inf for zero rows (scale 1, row stays 0) and for
+  # C = inf (scale 1); never nan.
+  scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norms, 1e-30))
+  return v * scale
+
+
+def clip_vector(v: jax.Array, clip_norm: float) -> jax.Array:
+  """Clips one vector (any shape, flattened for the norm) to norm <= C."""
+  return clip_rows(v.reshape(1, -1), clip_norm).reshape(v.shape)
+
+
+def class_sums(values: jax.Array, y: jax.Array, mask: jax.Array,
+               num_classes: int) -> jax.Array:
+  """Masked per-class sums of rows: (n, d) -> (K, d), in float32.
+
+  Rows with mask 0 contribute exactly nothing (they are multiplied by an
+  exact zero and also zeroed before the product, so inf/nan cannot leak).
+  """
+  mask = mask.astype(jnp.float32)
+  values = jnp.where(mask[:, None] > 0, values.astype(jnp.float32), 0.0)
+  onehot = jax.nn.one_hot(y, num_classes, dtype=jnp.float32) * mask[:, None]
+  return jnp.einsum("nk,nd->kd", onehot, values,
+                    precision=jax.lax.Precision.HIGHEST)
+
+
+def clipped_class_sums(embed_fn: EmbedFn, params: Any, x: jax.Array,
+                       y: jax.Array, mask: jax.Array, *, num_classes: int,
+                       clip_norm: float) -> jax.Array:
+  """Sums of per-example clipped embeddings per class.
+
+  Args:
+    embed_fn: embed(params, x) -> (n, d), applied per example (it must not
+      mix examples, e.g. no BatchNorm).
+    params: parameters of the embedding.
+    x: (n, H, W, C) padded batch.
+    y: (n,) integer labels in [0, num_classes).
+    mask: (n,) 1 for real rows, 0 for padding.
+    num_classes: K.
+    clip_norm: C, the per-example L2 bound (inf disables clipping).
+
+  Returns:
+    (K, d) float32 sums; L2 sensitivity C under add/remove of one row.
+  """
+  emb = embed_fn(params, x)
+  return class_sums(clip_rows(emb, clip_norm), y, mask, num_classes)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClippedClassSum:
+  """A per-class clipped-sum query that carries its own L2 sensitivity.
+
+  Calling it is `clipped_class_sums` with the stored embedding, K and C;
+  `l2_sensitivity` is what a Gaussian mechanism must calibrate to.
+  """
+  embed_fn: EmbedFn
+  num_classes: int
+  clip_norm: float
+
+  @property
+  def l2_sensitivity(self) -> float:
+    return float(self.clip_norm)
+
+  def __call__(self, params, x, y, mask) -> jax.Array:
+    return clipped_class_sums(self.embed_fn, params, x, y, mask,
+                              num_classes=self.num_classes,
+                              clip_norm=self.clip_norm)
+
+
+def clipped_class_means_public(embed_fn: EmbedFn, params: Any,
+                               x_class_major: jax.Array, clip_norm: float
+                               ) -> jax.Array:
+  """Mean clipped embedding of each class of a class-major batch.
+
+  For data that is not private (the synthetic set): x_class_major is
+  (K, m, H, W, C) and the result is (K, d). vmapped over classes, so one
+  compiled embedding serves all classes.
+  """
+  def one_class(xc):
+    return jnp.mean(clip_rows(embed_fn(params, xc), clip_norm), axis=0)
+
+  return jax.vmap(one_class)(x_class_major)

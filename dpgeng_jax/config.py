@@ -1,0 +1,89 @@
+"""The run configuration: one flat, frozen dataclass with a default and a
+help string for every field. The command line is generated from it, and the
+resolved values are saved as config.json.
+
+Fields are grouped. `privacy` fields change the guarantee (they enter the
+accountant); `distill`, `eval` and `run` fields do not: they only change
+post-processing, speed or logging.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+METHODS = ("ndpdc", "dm")
+
+
+def _f(default, help_text: str, group: str, choices=None):
+  meta = {"help": help_text, "group": group}
+  if choices is not None:
+    meta["choices"] = choices
+  return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Every option of `dpgeng distill` (and of `dpgeng_jax.run`)."""
+  # Data and method.
+  dataset: str = _f("digits", "dataset spec: digits | npz:PATH | "
+                    "tfds:NAME[:TRAIN[:TEST]]", "run")
+  data_dir: str = _f("", "TFDS data directory (default: TFDS_DATA_DIR or "
+                     "~/tensorflow_datasets)", "run")
+  method: str = _f("ndpdc", "ndpdc: random extractors, noise init (DP); "
+                   "dm: distribution matching, NOT private", "run",
+                   choices=METHODS)
+  ipc: int = _f(10, "synthetic images per class", "distill")
+  out: str = _f("dpgeng_out", "output directory", "run")
+  # Privacy.
+  epsilon: float = _f(1.0, "target epsilon of the whole run", "privacy")
+  delta: float = _f(1e-5, "target delta (must be < 1/N)", "privacy")
+  clip_norm: float = _f(1.0, "per-example L2 bound C on embeddings",
+                        "privacy")
+  sampling_rate: float = _f(0.5, "Poisson sampling rate p of each "
+                            "feature-matching query", "privacy")
+  num_queries: int = _f(20, "number Q of cached noisy feature-matching "
+                        "queries", "privacy")
+  # Distillation (post-processing).
+  steps: int = _f(1000, "optimisation steps on the synthetic pixels",
+                  "distill")
+  lr_img: float = _f(1.0, "learning rate of the synthetic pixels (SGD, "
+                     "momentum 0.5)", "distill")
+  extractor_width: int = _f(128, "width of the extractor ConvNets",
+                            "distill")
+  depth: int = _f(0, "ConvNet depth (0: 3 for >= 16 px images, 2 for 8 px)",
+                  "distill")
+  strategy: str = _f("color_crop_cutout_flip_scale_rotate",
+                     "DSA augmentation strategy ('none' disables)",
+                     "distill")
+  # Evaluation.
+  no_eval: bool = _f(False, "skip evaluation (no metrics.json)", "eval")
+  eval_models: int = _f(5, "number of evaluation models", "eval")
+  eval_epochs: int = _f(300, "training epochs of each evaluation model",
+                        "eval")
+  eval_width: int = _f(128, "width of the evaluation ConvNets", "eval")
+  references: bool = _f(False, "also evaluate the non-private references "
+                        "(random real subset of IPC per class, full "
+                        "training set)", "eval")
+  # Run.
+  seed: int = _f(0, "seed of the PUBLIC randomness only (init, "
+                 "augmentation, extractors); noise and sampling use OS "
+                 "entropy", "run")
+  deterministic: bool = _f(False, "TEST MODE: derive noise and sampling "
+                           "from --seed; the run is then NOT private",
+                           "run")
+  overwrite: bool = _f(False, "replace a finished run in --out", "run")
+  quiet: bool = _f(False, "no progress bars or config print", "run")
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @property
+  def private(self) -> bool:
+    """Whether the run's output is claimed to be differentially private."""
+    return self.method != "dm" and not self.deterministic
+
+
+def privacy_fields() -> list[str]:
+  return [f.name for f in dataclasses.fields(Config)
+          if f.metadata.get("group") == "privacy"]

@@ -1,0 +1,435 @@
+"""Datasets: loading, validation and public normalisation constants.
+
+A dataset is always held as a validated `Dataset` of numpy arrays: images are
+float32 NHWC in [0, 1], labels int32 in 0..K-1, with every class present in
+the training split. Three sources are supported (see `DATASET_SPECS_HELP`):
+
+* `digits`: scikit-learn's bundled 8x8 digits (no download), the default;
+* `npz:PATH`: arrays the user brings;
+* `tfds:NAME[:TRAIN_SPLIT[:TEST_SPLIT]]`: a TFDS dataset prepared beforehand in
+  array_record format, read through `tfds.data_source` without TensorFlow and
+  never downloaded (an unprepared dataset fails at once with instructions).
+
+Normalisation constants (`Dataset.mean`, `Dataset.std`) are public: published
+per-dataset values or the data-independent default 0.5 / 0.5. They are never
+computed from the (private) training images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Any, Sequence
+
+import numpy as np
+
+from dpgeng_jax.errors import DataError
+
+DATASET_SPECS_HELP = (
+    "Dataset to distill. 'digits' (default): scikit-learn's bundled 8x8 grey "
+    "digits, no download, fixed stratified 80/20 split (1438 train / 359 test). "
+    "'npz:PATH': a .npz file holding x_train, y_train, x_test, y_test; images "
+    "uint8 (0..255) or float in [0, 1], shaped NHWC or NHW, labels integer "
+    "0..K-1. 'tfds:NAME[:TRAIN_SPLIT[:TEST_SPLIT]]' (splits default to train and "
+    "test, e.g. tfds:mnist or tfds:cifar10:train[:90%]:test): a TFDS dataset "
+    "with 'image' and 'label' features, already prepared in array_record format "
+    "under --data-dir (or TFDS_DATA_DIR); it is never downloaded, prepare it "
+    "elsewhere with `tfds build NAME --file_format=array_record --data_dir DIR`."
+)
+
+_DEFAULT_MEAN = 0.5
+_DEFAULT_STD = 0.5
+
+# Published per-channel constants (values in [0, 1] pixel units), as used by
+# the dataset distillation literature (Zhao & Bilen's DC/DSA/DM experiments)
+# and the PyTorch examples. Keys are TFDS names without config or version.
+_PUBLIC_NORMALISATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "mnist": ((0.1307,), (0.3081,)),
+    "fashion_mnist": ((0.2861,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+    "cifar100": ((0.5071, 0.4866, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "svhn_cropped": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
+}
+
+_DIGITS_TEST_FRACTION = 0.2
+_DIGITS_SEED = 0
+_TFDS_READ_CHUNK = 4096
+_VERSION_RE = re.compile(r"\d+\.\d+\.\d+")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dataset:
+  """A validated labelled image dataset with a train and a test split.
+
+  Build it with `from_arrays` or `load_dataset`, which validate the arrays;
+  the arrays are made read-only. Equality is identity (arrays are not
+  compared).
+
+  Attributes:
+    name: Short name (e.g. 'digits', 'mnist', 'npz:/path/file.npz').
+    x_train: float32 (N, H, W, C) training images in [0, 1].
+    y_train: int32 (N,) training labels in 0..K-1.
+    x_test: float32 (M, H, W, C) test images in [0, 1].
+    y_test: int32 (M,) test labels in 0..K-1.
+    num_classes: K; every class has at least one training example.
+    mean: Public per-channel normalisation means (length C).
+    std: Public per-channel normalisation standard deviations (length C).
+    normalisation_source: Where `mean` and `std` come from.
+  """
+
+  name: str
+  x_train: np.ndarray = dataclasses.field(repr=False)
+  y_train: np.ndarray = dataclasses.field(repr=False)
+  x_test: np.ndarray = dataclasses.field(repr=False)
+  y_test: np.ndarray = dataclasses.field(repr=False)
+  num_classes: int
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  normalisation_source: str = dataclasses.field(repr=False)
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    """(H, W, C) of every image."""
+    return tuple(self.x_train.shape[1:])
+
+  @property
+  def num_train(self) -> int:
+    """Number of training examples N."""
+    return int(self.x_train.shape[0])
+
+  @property
+  def class_counts(self) -> np.ndarray:
+    """int64 (K,) number of training examples of each class."""
+    return np.bincount(self.y_train, minlength=self.num_classes)
+
+  def normalize(self, x: Any) -> Any:
+    """Returns (x - mean) / std, broadcasting over the last (channel) axis.
+
+    Args:
+      x: Images in [0, 1] with channels last; a numpy or a jax array.
+
+    Returns:
+      An array of the same kind (numpy in, numpy out; jax in, jax out).
+    """
+    mean = np.asarray(self.mean, dtype=np.float32)
+    std = np.asarray(self.std, dtype=np.float32)
+    return (x - mean) / std
+
+
+def from_arrays(
+    x_train: Any,
+    y_train: Any,
+    x_test: Any,
+    y_test: Any,
+    *,
+    name: str = "arrays",
+    num_classes: int | None = None,
+) -> Dataset:
+  """Validates arrays and returns them as a `Dataset`.
+
+  Images may be uint8 (scaled by 1/255) or floating (already in [0, 1]),
+  shaped (N, H, W, C) or (N, H, W) (a channel axis is added). C must be 1 or
+  3. Labels must be 1-D integers in 0..K-1 with K = `num_classes`, or the
+  largest training label + 1 when it is None; every class needs at least one
+  training example and test labels must be training classes.
+
+  Normalisation constants are the published ones when `name` (without TFDS
+  config or version) is in the public table and the channel count matches,
+  otherwise the data-independent 0.5 / 0.5.
+
+  Args:
+    x_train: Training images.
+    y_train: Training labels.
+    x_test: Test images.
+    y_test: Test labels.
+    name: Dataset name, also the key into the public normalisation table.
+    num_classes: Number of classes K, or None to infer it from y_train.
+
+  Returns:
+    The validated dataset (float32 images, int32 labels, read-only arrays).
+
+  Raises:
+    DataError: if any check fails; the message names the problem.
+  """
+  x_train = _images(x_train, "x_train")
+  x_test = _images(x_test, "x_test")
+  if x_train.shape[1:] != x_test.shape[1:]:
+    raise DataError(
+        f"inconsistent image shapes: x_train images are {x_train.shape[1:]} "
+        f"but x_test images are {x_test.shape[1:]}")
+  y_train = _labels(y_train, "y_train", len(x_train))
+  y_test = _labels(y_test, "y_test", len(x_test))
+  num_classes = _num_classes(y_train, num_classes)
+  if y_test.max() >= num_classes:
+    raise DataError(
+        f"y_test has labels outside the training classes 0..{num_classes - 1}: "
+        f"{sorted(set(y_test[y_test >= num_classes].tolist()))[:10]}")
+  missing = np.flatnonzero(np.bincount(y_train, minlength=num_classes) == 0)
+  if missing.size:
+    raise DataError(
+        f"classes with no training examples: {missing[:10].tolist()} "
+        f"(num_classes={num_classes}); every class 0..{num_classes - 1} needs one")
+  mean, std, source = _public_normalisation(name, x_train.shape[-1])
+  arrays = [x_train, y_train.astype(np.int32), x_test, y_test.astype(np.int32)]
+  for a in arrays:
+    a.setflags(write=False)
+  return Dataset(name, *arrays, num_classes=num_classes, mean=mean, std=std,
+                 normalisation_source=source)
+
+
+def load_dataset(spec: str, *, data_dir: str | None = None) -> Dataset:
+  """Loads a dataset from a spec string (see `DATASET_SPECS_HELP`).
+
+  * 'digits': scikit-learn's bundled 8x8 digits, 1797 images, shape (8, 8, 1),
+    pixels 0..16 scaled to [0, 1]. Fixed stratified split: within each class
+    (in class order) the examples are permuted by one
+    `np.random.RandomState(0)` and the first round(n_c / 5) go to test. This
+    gives 1438 train and 359 test examples (train per class: 142 146 142 146
+    145 146 145 143 139 144), the same every time; each split keeps the
+    original example order.
+  * 'npz:PATH': arrays x_train, y_train, x_test, y_test from a .npz file.
+  * 'tfds:NAME[:TRAIN_SPLIT[:TEST_SPLIT]]': a prepared TFDS dataset read with
+    `tfds.data_source(..., download=False)`. NAME may carry a config and a
+    version ('emnist/letters', 'mnist:3.0.1'); split slices such as
+    'train[:90%]' are allowed. Images come from the 'image' feature, labels
+    from 'label' (its ClassLabel gives K).
+
+  Args:
+    spec: The dataset spec.
+    data_dir: TFDS data directory (default: TFDS_DATA_DIR or
+      ~/tensorflow_datasets); ignored by the other specs.
+
+  Returns:
+    The validated dataset.
+
+  Raises:
+    DataError: unknown spec, unreadable or invalid data, or a TFDS dataset that
+      is not prepared (raised at once, without any network access).
+  """
+  if spec == "digits":
+    return _load_digits()
+  if spec.startswith("npz:"):
+    return _load_npz(spec[len("npz:"):])
+  if spec.startswith("tfds:"):
+    return _load_tfds(spec[len("tfds:"):], data_dir)
+  raise DataError(
+      f"unknown dataset spec {spec!r}; valid forms are 'digits', 'npz:PATH' "
+      "and 'tfds:NAME[:TRAIN_SPLIT[:TEST_SPLIT]]'")
+
+
+def _images(x: Any, what: str) -> np.ndarray:
+  """Checks one split's images and returns them as float32 NHWC in [0, 1]."""
+  x = np.asarray(x)
+  if x.ndim not in (3, 4):
+    raise DataError(
+        f"{what} must have rank 3 (N, H, W) or 4 (N, H, W, C), got shape {x.shape}")
+  if x.ndim == 3:
+    x = x[..., None]
+  if x.shape[-1] not in (1, 3):
+    raise DataError(
+        f"{what} has {x.shape[-1]} channels (shape {x.shape}); only 1 (grey) or "
+        "3 (RGB) channels are supported, with channels last")
+  if 0 in x.shape:
+    raise DataError(f"{what} is empty (shape {x.shape}); both splits need examples")
+  if x.dtype == np.uint8:
+    return x.astype(np.float32) / np.float32(255.0)
+  if not np.issubdtype(x.dtype, np.floating):
+    raise DataError(
+        f"{what} has dtype {x.dtype}; images must be uint8 (0..255) or float in [0, 1]")
+  if not np.all(np.isfinite(x)):
+    raise DataError(f"{what} contains NaN or inf pixels")
+  low, high = float(x.min()), float(x.max())
+  if low < 0.0 or high > 1.0:
+    raise DataError(
+        f"{what} has float pixels outside [0, 1] (min {low}, max {high}); "
+        "scale them to [0, 1] or pass uint8")
+  return x.astype(np.float32)
+
+
+def _labels(y: Any, what: str, num_images: int) -> np.ndarray:
+  """Checks one split's labels (dtype, rank, length, sign)."""
+  y = np.asarray(y)
+  if not np.issubdtype(y.dtype, np.integer):
+    raise DataError(f"{what} has dtype {y.dtype}; labels must have an integer dtype")
+  if y.ndim != 1:
+    raise DataError(f"{what} must be 1-D (N,), got shape {y.shape}")
+  if len(y) != num_images:
+    raise DataError(
+        f"mismatched lengths: {what} has {len(y)} labels but there are "
+        f"{num_images} images")
+  if y.min() < 0:
+    raise DataError(f"{what} has negative labels (min {y.min()})")
+  return y
+
+
+def _num_classes(y_train: np.ndarray, num_classes: int | None) -> int:
+  """Returns K, checking the given value against the training labels."""
+  if num_classes is None:
+    return int(y_train.max()) + 1
+  if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
+    raise DataError(f"num_classes must be an integer, got {num_classes!r}")
+  if num_classes < 1:
+    raise DataError(f"num_classes must be >= 1, got {num_classes}")
+  if y_train.max() >= num_classes:
+    raise DataError(
+        f"y_train has labels >= num_classes={num_classes} (max {y_train.max()})")
+  return int(num_classes)
+
+
+def _public_normalisation(
+    name: str, channels: int) -> tuple[tuple[float, ...], tuple[float, ...], str]:
+  """Returns (mean, std, source sentence) from public constants only."""
+  key = name.split("/")[0].split(":")[0]
+  if key in _PUBLIC_NORMALISATION:
+    mean, std = _PUBLIC_NORMALISATION[key]
+    if len(mean) == channels:
+      return mean, std, (
+          f"Published per-channel {key} constants (dataset distillation literature "
+          "and PyTorch examples), taken from a fixed table: public, never computed "
+          "from the loaded training data.")
+  return (_DEFAULT_MEAN,) * channels, (_DEFAULT_STD,) * channels, (
+      "Data-independent default mean 0.5 and std 0.5 per channel (maps [0, 1] to "
+      "[-1, 1]); no published constants are known for this dataset, and they are "
+      "never computed from the private training data.")
+
+
+def _load_digits() -> Dataset:
+  """scikit-learn's 8x8 digits with the fixed stratified 80/20 split."""
+  from sklearn import datasets  # pylint: disable=g-import-not-at-top
+
+  digits = datasets.load_digits()
+  x = (digits.images / 16.0).astype(np.float32)[..., None]
+  y = digits.target.astype(np.int64)
+  rng = np.random.RandomState(_DIGITS_SEED)
+  test = []
+  for c in range(10):
+    members = rng.permutation(np.flatnonzero(y == c))
+    test.append(members[:int(round(len(members) * _DIGITS_TEST_FRACTION))])
+  is_test = np.zeros(len(y), dtype=bool)
+  is_test[np.concatenate(test)] = True
+  return from_arrays(x[~is_test], y[~is_test], x[is_test], y[is_test],
+                     name="digits", num_classes=10)
+
+
+def _load_npz(path: str) -> Dataset:
+  """Arrays x_train, y_train, x_test, y_test from a .npz file."""
+  if not path:
+    raise DataError("npz spec needs a path: 'npz:PATH'")
+  if not os.path.isfile(path):
+    raise DataError(f"npz file not found: {path}")
+  try:
+    with np.load(path, allow_pickle=False) as npz:
+      required = ("x_train", "y_train", "x_test", "y_test")
+      missing = [k for k in required if k not in npz.files]
+      if missing:
+        raise DataError(
+            f"{path} lacks the arrays {missing} (it has {sorted(npz.files)}); an npz "
+            "dataset needs x_train, y_train, x_test and y_test")
+      arrays = [npz[k] for k in required]
+  except DataError:
+    raise
+  except (OSError, ValueError) as e:
+    raise DataError(f"cannot read {path} as an .npz of plain arrays: {e}") from e
+  return from_arrays(*arrays, name=f"npz:{path}")
+
+
+def _split_fields(text: str) -> list[str]:
+  """Splits on ':' outside square brackets, keeping slices like train[:90%]."""
+  fields, current, depth = [], [], 0
+  for ch in text:
+    if ch == ":" and depth == 0:
+      fields.append("".join(current))
+      current = []
+      continue
+    depth += {"[": 1, "]": -1}.get(ch, 0)
+    current.append(ch)
+  fields.append("".join(current))
+  return fields
+
+
+def _parse_tfds_spec(rest: str) -> tuple[str, str, str]:
+  """'NAME[:VERSION][:TRAIN_SPLIT[:TEST_SPLIT]]' -> (name, train, test)."""
+  fields = _split_fields(rest)
+  if len(fields) > 1 and _VERSION_RE.fullmatch(fields[1]):
+    fields[:2] = [f"{fields[0]}:{fields[1]}"]
+  if len(fields) > 3 or any(not f for f in fields):
+    raise DataError(
+        f"bad tfds spec 'tfds:{rest}'; expected 'tfds:NAME[:TRAIN_SPLIT[:TEST_SPLIT]]'")
+  train = fields[1] if len(fields) > 1 else "train"
+  test = fields[2] if len(fields) > 2 else "test"
+  return fields[0], train, test
+
+
+def _load_tfds(rest: str, data_dir: str | None) -> Dataset:
+  """A prepared TFDS dataset, read in bulk through `tfds.data_source`."""
+  name, train_split, test_split = _parse_tfds_spec(rest)
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  try:
+    train, test = tfds.data_source(
+        name, split=[train_split, test_split], data_dir=data_dir,
+        download=False, try_gcs=False)
+  except Exception as e:  # tfds raises KeyError, ValueError, NotImplementedError, ...
+    raise DataError(_tfds_failure(tfds, name, data_dir, e)) from e
+  features = train.dataset_info.features
+  if "image" not in features or "label" not in features:
+    raise DataError(
+        f"TFDS dataset {name} has features {sorted(features.keys())}; "
+        "'image' and 'label' are needed")
+  num_classes = getattr(features["label"], "num_classes", None)
+  x_train, y_train = _read_all(train, f"{name} {train_split}")
+  x_test, y_test = _read_all(test, f"{name} {test_split}")
+  return from_arrays(x_train, y_train, x_test, y_test, name=name,
+                     num_classes=num_classes)
+
+
+def _read_all(source: Sequence[Any], what: str) -> tuple[np.ndarray, np.ndarray]:
+  """Reads every (image, label) of a data source in chunks of records."""
+  images, labels = [], []
+  for start in range(0, len(source), _TFDS_READ_CHUNK):
+    keys = list(range(start, min(len(source), start + _TFDS_READ_CHUNK)))
+    for example in source.__getitems__(keys):
+      images.append(example["image"])
+      labels.append(example["label"])
+  if not images:
+    raise DataError(f"TFDS split {what} is empty")
+  try:
+    return np.stack(images), np.asarray(labels)
+  except ValueError as e:
+    raise DataError(
+        f"TFDS split {what} has images of different shapes; only fixed-size "
+        f"images are supported ({e})") from e
+
+
+def _tfds_failure(tfds: Any, name: str, data_dir: str | None, error: Exception) -> str:
+  """Explains why a TFDS dataset could not be opened and how to prepare it."""
+  where = data_dir or (
+      f"{tfds.core.constants.get_default_data_dir()} (TFDS_DATA_DIR or the default)")
+  base = name.split(":")[0]
+  how = (
+      f" It is never downloaded here. Prepare it on a machine with TensorFlow and "
+      f"network access: `pip install tensorflow tensorflow-datasets` then "
+      f"`tfds build {base} --file_format=array_record --data_dir DIR`; copy DIR to "
+      "this machine and pass --data-dir DIR (or set TFDS_DATA_DIR=DIR).")
+  try:
+    builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
+    prepared = builder.is_prepared()
+    file_format = builder.info.file_format
+  except Exception:  # pylint: disable=broad-except
+    return (f"TFDS dataset {name} is not prepared under {where}, and TFDS has no "
+            f"builder of that name ({_first_line(error)}).{how}")
+  if not prepared:
+    return f"TFDS dataset {name} is not prepared under {where}.{how}"
+  if file_format not in tfds.core.file_adapters.FileFormat.with_random_access():
+    fmt = getattr(file_format, "value", file_format)
+    return (f"TFDS dataset {name} is prepared under {where} in {fmt} format, which "
+            "tfds.data_source cannot read; rebuild it in array_record format."
+            f"{how}")
+  return f"cannot open TFDS dataset {name} under {where}: {_first_line(error)}"
+
+
+def _first_line(error: Exception) -> str:
+  """The first line of an exception's message (tfds messages can be long)."""
+  text = str(error).strip().splitlines()
+  return text[0] if text else type(error).__name__

@@ -1,0 +1,123 @@
+"""Distillation: optimise the synthetic pixels against cached noisy targets.
+
+Everything here is post-processing of the released targets (plus, for the
+non-private `dm` method, of real images). One jitted step updates all
+classes at once: the synthetic set is class-major (K, IPC, H, W, C) and the
+per-class matching is vmapped over classes.
+
+A query q is fully described by public randomness: its extractor parameters
+and its per-class augmentation parameters are derived from the public key
+with `query_public_params(public_key, q)`, so the real side (computed once in
+`mechanisms.noisy_targets`) and the synthetic side (recomputed at every step
+that uses query q) see the same network and the same augmentation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from dpgeng_jax import augment
+from dpgeng_jax.clipping import clip_rows
+
+InitFn = Callable[[jax.Array], Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class QueryPlan:
+  """Public randomness of the queries: which extractor and augmentation.
+
+  Attributes:
+    init_extractor: key -> extractor params (a fresh random network per
+      query for the `random` pool).
+    embed_fn: embed(params, x) -> (n, d).
+    num_classes: K.
+    strategy: DSA strategy.
+  """
+  init_extractor: InitFn
+  embed_fn: Callable[[Any, jax.Array], jax.Array]
+  num_classes: int
+  strategy: str = augment.DEFAULT_STRATEGY
+
+  def params(self, public_key: jax.Array, q):
+    """(extractor params, per-class augmentation params) of query q."""
+    k_ext, k_aug = jax.random.split(jax.random.fold_in(public_key, q))
+    return (self.init_extractor(k_ext),
+            augment.sample_params(k_aug, self.strategy,
+                                  batch_shape=(self.num_classes,)))
+
+
+def synthetic_class_means(plan: QueryPlan, params: Any,
+                          aug_params: augment.AugmentParams,
+                          syn: jax.Array, clip_norm: float) -> jax.Array:
+  """mean_j clip_C(psi(aug(S_c)_j)) for every class: (K, m, ...) -> (K, d)."""
+
+  def one_class(xc, pc):
+    e = plan.embed_fn(params, augment.apply(xc, pc, plan.strategy))
+    return jnp.mean(clip_rows(e, clip_norm), axis=0)
+
+  return jax.vmap(one_class)(syn, aug_params)
+
+
+def feature_matching_loss(plan: QueryPlan, params: Any,
+                          aug_params: augment.AugmentParams,
+                          syn: jax.Array, target_sums: jax.Array,
+                          expected_counts: jax.Array,
+                          clip_norm: float) -> jax.Array:
+  """L_FM = sum_c || T[c] / n_c - mean_j clip_C(psi(aug(S_c)_j)) ||^2.
+
+  `expected_counts` n_c are public constants (p * N_c), never realised
+  batch sizes.
+  """
+  means = synthetic_class_means(plan, params, aug_params, syn, clip_norm)
+  targets = target_sums / expected_counts[:, None]
+  return jnp.sum(jnp.square(targets - means))
+
+
+class DistillState(NamedTuple):
+  """Synthetic images (K, IPC, H, W, C) and the image optimiser's state."""
+  images: jax.Array
+  opt_state: Any
+  step: jax.Array
+
+
+def image_optimizer(learning_rate: float, momentum: float = 0.5
+                    ) -> optax.GradientTransformation:
+  """SGD with momentum on pixels, as in distribution matching."""
+  return optax.sgd(learning_rate, momentum=momentum)
+
+
+def init_state(images: jax.Array, opt: optax.GradientTransformation
+               ) -> DistillState:
+  return DistillState(images, opt.init(images), jnp.zeros((), jnp.int32))
+
+
+def make_step(plan: QueryPlan, opt: optax.GradientTransformation, *,
+              clip_norm: float, decode: Callable[[jax.Array], jax.Array]
+              | None = None):
+  """Builds step(state, targets, expected_counts, public_key) -> (state, loss).
+
+  targets: (Q, K, d) cached noisy sums; the step uses query
+  `state.step % Q`. `decode` maps stored images (K, IPC, ...) to the images
+  the extractor sees (K, m, ...); identity by default.
+  """
+  decode = decode or (lambda s: s)
+
+  def loss_fn(images, params, aug_params, target, counts):
+    return feature_matching_loss(plan, params, aug_params, decode(images),
+                                 target, counts, clip_norm)
+
+  def step(state: DistillState, targets, expected_counts, public_key):
+    q = state.step % targets.shape[0]
+    params, aug_params = plan.params(public_key, q)
+    loss, grads = jax.value_and_grad(loss_fn)(
+        state.images, params, aug_params, targets[q], expected_counts)
+    updates, opt_state = opt.update(grads, state.opt_state, state.images)
+    images = optax.apply_updates(state.images, updates)
+    return DistillState(images, opt_state, state.step + 1), loss
+
+  return jax.jit(step, donate_argnums=0)

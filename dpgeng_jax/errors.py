@@ -1,0 +1,19 @@
+"""Exception types raised for bad input.
+
+Every problem with a user's data or configuration raises a subclass of
+`DpgengError` (itself a `ValueError`) with a message that names the problem;
+the command line turns it into a one-line error and exit status 2 without
+writing any file.
+"""
+
+
+class DpgengError(ValueError):
+  """Base class of all errors about user input."""
+
+
+class DataError(DpgengError):
+  """The dataset (spec, arrays, labels or splits) is unusable."""
+
+
+class ConfigError(DpgengError):
+  """A configuration value (budget, IPC, output directory, ...) is invalid."""

@@ -1,0 +1,216 @@
+"""The private mechanisms: secret keys, Poisson sampling, Gaussian noise and
+the M_F feature-matching query (ALGORITHM.md).
+
+Privacy-relevant invariants, each tested in tests/test_mechanisms.py:
+* Sampling and noise keys come from `secret_key()` (OS entropy) unless the
+  caller asks for the deterministic test mode; they are never returned to
+  the caller or written anywhere by this library.
+* Poisson sampling includes each private example independently with
+  probability p. Batches are padded to a fixed per-class capacity so that
+  each query compiles once; the capacity is chosen so that overflow has
+  probability <= `OVERFLOW_TAIL` per class and query, and an overflow raises
+  `SamplingOverflowError` instead of dropping examples.
+* Noise N(0, (sigma * C)^2) is added once to the (K, d) clipped class sums,
+  whose L2 sensitivity is C (see clipping.py). Sums are released; callers
+  normalise by public constants only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy import stats
+
+from dpgeng_jax import augment
+from dpgeng_jax.clipping import clipped_class_sums
+
+# Per class and per query, the probability that a Poisson batch exceeds the
+# padded capacity. An overflow raises (it is never silently truncated); the
+# report states the bound.
+OVERFLOW_TAIL = 1e-12
+
+
+class SamplingOverflowError(RuntimeError):
+  """A Poisson batch exceeded its padded capacity (probability <= 1e-12)."""
+
+
+def secret_key() -> jax.Array:
+  """A PRNG key seeded from the operating system's entropy (64 bits).
+
+  Used for Poisson sampling and Gaussian noise. It does not depend on any
+  user seed, so publishing the seed reveals nothing about the noise.
+  """
+  words = np.frombuffer(os.urandom(8), dtype=np.uint32)
+  return jax.random.wrap_key_data(jnp.asarray(words), impl="threefry2x32")
+
+
+def deterministic_secret_key(seed: int) -> jax.Array:
+  """Test mode only: a 'secret' key derived from a public seed.
+
+  A run that uses it is NOT private (anyone with the seed can subtract the
+  noise); the privacy report must say so.
+  """
+  return jax.random.fold_in(jax.random.key(seed), 0x5EC7E7)
+
+
+# ---------------------------------------------------------------------------
+# Class-major layout and Poisson sampling with a fixed capacity.
+
+
+class ClassMajorData(NamedTuple):
+  """Private examples grouped by class and padded: x (K, n_max, ...),
+  valid (K, n_max) with 1 for real examples."""
+  x: jax.Array
+  valid: jax.Array
+
+
+def class_major(x: np.ndarray, y: np.ndarray, num_classes: int
+                ) -> ClassMajorData:
+  """Groups (N, ...) examples into a padded (K, n_max, ...) layout."""
+  counts = np.bincount(y, minlength=num_classes)
+  n_max = int(counts.max())
+  xs = np.zeros((num_classes, n_max, *x.shape[1:]), dtype=x.dtype)
+  valid = np.zeros((num_classes, n_max), dtype=np.float32)
+  for c in range(num_classes):  # host-side data layout, once per run
+    idx = np.flatnonzero(y == c)
+    xs[c, :len(idx)] = x[idx]
+    valid[c, :len(idx)] = 1.0
+  return ClassMajorData(jnp.asarray(xs), jnp.asarray(valid))
+
+
+def poisson_capacity(class_counts, sampling_rate: float,
+                     tail: float = OVERFLOW_TAIL) -> int:
+  """Smallest per-class capacity m with P(Binomial(N_c, p) > m) <= tail for
+  every class c (never more than the largest class)."""
+  class_counts = np.asarray(class_counts)
+  if sampling_rate >= 1.0:
+    return int(class_counts.max())
+  caps = [int(stats.binom.isf(tail, n, sampling_rate)) + 1
+          for n in class_counts]
+  return int(min(max(caps), class_counts.max()))
+
+
+def poisson_sample(key: jax.Array, valid: jax.Array, sampling_rate: float,
+                   capacity: int):
+  """Poisson-samples a class-major table.
+
+  Each valid entry is included independently with probability p. The
+  included indices of each class are packed into `capacity` slots.
+
+  Returns:
+    (idx (K, capacity) int32, mask (K, capacity) float32,
+     overflow bool scalar: some class had more than `capacity` examples).
+  """
+  take = jax.random.bernoulli(key, sampling_rate, valid.shape) & (valid > 0)
+
+  def pack(row):
+    (idx,) = jnp.nonzero(row, size=capacity, fill_value=0)
+    n = jnp.sum(row)
+    mask = (jnp.arange(capacity) < n).astype(jnp.float32)
+    return idx.astype(jnp.int32), mask, n > capacity
+
+  idx, mask, over = jax.vmap(pack)(take)
+  return idx, mask, jnp.any(over)
+
+
+def gaussian_noise(key: jax.Array, shape, stddev) -> jax.Array:
+  """float32 Gaussian noise with standard deviation `stddev`."""
+  return stddev * jax.random.normal(key, shape, jnp.float32)
+
+
+# ---------------------------------------------------------------------------
+# M_F: noisy per-class feature sums.
+
+
+@dataclasses.dataclass(frozen=True)
+class QuerySpec:
+  """What one M_F query computes; everything here is public.
+
+  Attributes:
+    embed_fn: embed(params, x) -> (n, d).
+    num_classes: K.
+    clip_norm: C (inf disables clipping: non-private).
+    noise_multiplier: sigma_F; the noise std on each sum coordinate is
+      sigma_F * C (0 disables noise: non-private).
+    sampling_rate: p, Poisson rate per example.
+    capacity: padded per-class batch size (see `poisson_capacity`).
+    strategy: DSA augmentation strategy applied siamese-style.
+  """
+  embed_fn: Callable[[Any, jax.Array], jax.Array]
+  num_classes: int
+  clip_norm: float
+  noise_multiplier: float
+  sampling_rate: float
+  capacity: int
+  strategy: str = augment.DEFAULT_STRATEGY
+
+  @property
+  def l2_sensitivity(self) -> float:
+    return float(self.clip_norm)
+
+  @property
+  def noise_stddev(self) -> float:
+    if self.noise_multiplier == 0.0:
+      return 0.0
+    return float(self.noise_multiplier * self.clip_norm)
+
+
+def augment_class_major(x: jax.Array, aug_params: augment.AugmentParams,
+                        strategy: str) -> jax.Array:
+  """Applies one augmentation per class: x (K, m, ...), params with (K,)."""
+  return jax.vmap(lambda xc, pc: augment.apply(xc, pc, strategy))(
+      x, aug_params)
+
+
+def noisy_class_sums(spec: QuerySpec, params: Any, x: jax.Array,
+                     y: jax.Array, mask: jax.Array,
+                     noise_key: jax.Array) -> jax.Array:
+  """Clipped class sums plus N(0, (sigma C)^2) on every coordinate."""
+  sums = clipped_class_sums(spec.embed_fn, params, x, y, mask,
+                            num_classes=spec.num_classes,
+                            clip_norm=spec.clip_norm)
+  return sums + gaussian_noise(noise_key, sums.shape, spec.noise_stddev)
+
+
+def noisy_targets(spec: QuerySpec, data: ClassMajorData, params: Any,
+                  aug_params: augment.AugmentParams,
+                  secret: jax.Array):
+  """One M_F query: Poisson batch, siamese augmentation, clipped class sums,
+  Gaussian noise.
+
+  Args:
+    spec: the public description of the query.
+    data: private examples, class-major (see `class_major`).
+    params: the query's extractor parameters (public).
+    aug_params: augmentation parameters with leading axis K (public); the
+      synthetic side uses the same ones.
+    secret: secret key for this query (sampling and noise).
+
+  Returns:
+    (noisy sums (K, d) float32, overflow flag). The caller must raise on
+    overflow (`check_overflow`); the sums are then not to be used.
+  """
+  k_sample, k_noise = jax.random.split(secret)
+  idx, mask, overflow = poisson_sample(k_sample, data.valid,
+                                       spec.sampling_rate, spec.capacity)
+  xb = jax.vmap(lambda xc, ic: xc[ic])(data.x, idx)  # (K, cap, ...)
+  xb = augment_class_major(xb.astype(jnp.float32), aug_params, spec.strategy)
+  k, cap = idx.shape
+  y = jnp.repeat(jnp.arange(k, dtype=jnp.int32), cap)
+  flat = xb.reshape((k * cap, *xb.shape[2:]))
+  sums = noisy_class_sums(spec, params, flat, y, mask.reshape(-1), k_noise)
+  return sums, overflow
+
+
+def check_overflow(overflow) -> None:
+  """Raises SamplingOverflowError when a Poisson batch did not fit."""
+  if bool(overflow):
+    raise SamplingOverflowError(
+        "a Poisson batch exceeded its padded capacity (an event of "
+        f"probability <= {OVERFLOW_TAIL:g} per class and query); the "
+        "release was discarded, nothing was truncated. Re-run.")

@@ -1,0 +1,108 @@
+"""The standard dataset-distillation ConvNet in Flax linen.
+
+`ConvNet` is depth x [3x3 conv(width) -> norm -> ReLU -> 2x2 average pool]
+followed by a dense head. `features` returns the flattened embedding before
+the head (psi in ALGORITHM.md). Normalisation is per example (instance norm)
+or per example in channel groups (group norm); BatchNorm is refused because
+batch statistics mix private examples and break per-example clipping.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+NORMS = ("instance", "group", "none")
+
+
+def default_depth(image_size: int) -> int:
+  """Number of conv/pool blocks for square images of this size.
+
+  32x32 and 28x28 use 3 (the standard ConvNet-3); 8x8 uses 2, leaving a
+  2x2 map; never pools below 2x2.
+  """
+  return max(1, min(3, int(math.floor(math.log2(image_size))) - 1))
+
+
+def _check_norm(norm: str) -> None:
+  if norm == "batch" or norm == "batchnorm":
+    raise ValueError(
+        "norm='batch' is refused: batch statistics mix private examples, so "
+        "one example would influence every other example's embedding and "
+        "per-example clipping would no longer bound the sensitivity. Use "
+        "'instance' (default) or 'group'.")
+  if norm not in NORMS:
+    raise ValueError(f"unknown norm {norm!r}; expected one of {NORMS}")
+
+
+class ConvNet(nn.Module):
+  """ConvNet-D with width W; see module docstring."""
+  num_classes: int
+  width: int = 128
+  depth: int = 3
+  norm: str = "instance"
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    _check_norm(self.norm)
+
+  @nn.compact
+  def features(self, x: jax.Array) -> jax.Array:
+    """Embedding psi(x): (n, H, W, C) -> (n, d)."""
+    _check_norm(self.norm)
+    x = x.astype(self.dtype)
+    for i in range(self.depth):
+      x = nn.Conv(self.width, (3, 3), padding="SAME", dtype=self.dtype,
+                  name=f"conv{i}")(x)
+      if self.norm == "instance":
+        x = nn.GroupNorm(num_groups=None, group_size=1, epsilon=1e-5,
+                         dtype=self.dtype, name=f"norm{i}")(x)
+      elif self.norm == "group":
+        x = nn.GroupNorm(num_groups=min(32, self.width), epsilon=1e-5,
+                         dtype=self.dtype, name=f"norm{i}")(x)
+      x = nn.relu(x)
+      x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+    return x.reshape((x.shape[0], -1)).astype(jnp.float32)
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Logits: (n, H, W, C) -> (n, num_classes)."""
+    h = self.features(x)
+    return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(h).astype(
+        jnp.float32)
+
+
+def init_params(model: ConvNet, key: jax.Array, image_shape) -> Any:
+  """Initialises the full model (features and head) on one dummy image."""
+  x = jnp.zeros((1, *image_shape), jnp.float32)
+  return model.init(key, x)["params"]
+
+
+def embed_fn(model: ConvNet):
+  """Returns embed(params, x) -> (n, d), the feature extractor psi."""
+
+  def embed(params, x):
+    return model.apply({"params": params}, x, method=ConvNet.features)
+
+  return embed
+
+
+def logits_fn(model: ConvNet):
+  """Returns logits(params, x) -> (n, K)."""
+
+  def logits(params, x):
+    return model.apply({"params": params}, x)
+
+  return logits
+
+
+def feature_dim(model: ConvNet, image_shape) -> int:
+  """Length of the embedding for images of `image_shape`."""
+  h, w = image_shape[0], image_shape[1]
+  for _ in range(model.depth):
+    h, w = h // 2, w // 2
+  return h * w * model.width
