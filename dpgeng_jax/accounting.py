@@ -187,29 +187,52 @@ def calibrate(mechanisms: Sequence[Mechanism], epsilon: float, delta: float,
   if len(shares) != len(mechanisms) or min(shares) <= 0:
     raise ValueError("one positive share per mechanism is required")
 
-  def eps_at(scale: float) -> float:
-    return epsilon_pld(composed_event(allocate(mechanisms, shares, scale)),
-                       delta)
+  cache = {}
 
-  # Epsilon grows with the GDP scale. Bracket in log space, then bisect,
-  # keeping the feasible (eps <= target) end.
-  lo, hi = 1e-3, 1.0
-  while eps_at(hi) <= epsilon:
-    lo, hi = hi, hi * 2
-    if hi > 1e4:
+  def eps_at(log_scale: float) -> float:
+    if log_scale not in cache:
+      cache[log_scale] = epsilon_pld(composed_event(
+          allocate(mechanisms, shares, math.exp(log_scale))), delta)
+    return cache[log_scale]
+
+  # Epsilon grows with the GDP scale. Start from the GDP-CLT guess, bracket
+  # in log space, then Brent towards the middle of the accepted band
+  # [CALIBRATION_UTILISATION * epsilon, epsilon]; keep the feasible end.
+  aim = epsilon * (1 + CALIBRATION_UTILISATION) / 2
+  guess = math.log(_gdp_mu_for_epsilon(epsilon, delta))
+  lo, hi = guess - 0.2, guess + 0.2
+  while eps_at(hi) <= aim:
+    lo, hi = hi, hi + 0.5
+    if hi > math.log(1e4):
       raise ValueError(f"epsilon {epsilon} needs no noise at all here")
-  while eps_at(lo) > epsilon:
-    lo /= 4
-  for _ in range(60):
-    mid = math.sqrt(lo * hi)
-    e = eps_at(mid)
-    if e <= epsilon:
-      lo = mid
-      if e >= CALIBRATION_UTILISATION * epsilon:
-        break
-    else:
-      hi = mid
-  return allocate(mechanisms, shares, lo)
+  while eps_at(lo) > aim:
+    lo, hi = lo - 0.5, lo
+  if eps_at(lo) < CALIBRATION_UTILISATION * epsilon:
+    root = optimize.brentq(lambda t: eps_at(t) - aim, lo, hi, xtol=1e-4,
+                           maxiter=50)
+    if eps_at(root) <= epsilon:
+      lo = root
+    else:  # Brent's last iterate can sit just above: bisect to feasibility.
+      hi = root
+      for _ in range(60):
+        mid = (lo + hi) / 2
+        if eps_at(mid) <= epsilon:
+          lo = mid
+          if eps_at(mid) >= CALIBRATION_UTILISATION * epsilon:
+            break
+        else:
+          hi = mid
+  assert eps_at(lo) <= epsilon
+  return allocate(mechanisms, shares, math.exp(lo))
+
+
+def _gdp_mu_for_epsilon(epsilon: float, delta: float) -> float:
+  """The mu whose GDP epsilon at delta is `epsilon` (a starting guess)."""
+  hi = 1.0
+  while gdp_epsilon(hi, delta) < epsilon:
+    hi *= 2
+  return float(optimize.brentq(lambda m: gdp_epsilon(m, delta) - epsilon,
+                               1e-6, hi, xtol=1e-6))
 
 
 # ---------------------------------------------------------------------------

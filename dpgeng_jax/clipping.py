@@ -16,6 +16,7 @@ mechanisms in `mechanisms.py` calibrate noise to:
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import jax
@@ -24,19 +25,35 @@ import jax.numpy as jnp
 EmbedFn = Callable[[Any, jax.Array], jax.Array]
 
 
+def row_norms(v: jax.Array) -> jax.Array:
+  """L2 norms of the rows of finite `v`, (n, d) -> (n, 1).
+
+  Rows are scaled by their largest entry before squaring, so rows of
+  magnitude 1e30 get their true norm instead of inf; zero rows get norm 0
+  with a zero (not nan) gradient.
+  """
+  m = jax.lax.stop_gradient(jnp.max(jnp.abs(v), axis=-1, keepdims=True))
+  safe_m = jnp.where(m > 0, m, 1.0)
+  sq = jnp.sum(jnp.square(v / safe_m), axis=-1, keepdims=True)
+  nonzero = sq > 0
+  return jnp.where(nonzero, safe_m * jnp.sqrt(jnp.where(nonzero, sq, 1.0)),
+                   0.0)
+
+
 def clip_rows(v: jax.Array, clip_norm: float) -> jax.Array:
   """Clips every row of `v` (shape (n, d)) to L2 norm <= clip_norm.
 
-  Computed in float32. Non-finite rows become zero. Safe for zero rows and
-  for clip_norm = inf (no clipping of finite rows).
+  Computed in float32. Non-finite rows become zero. Safe (finite values and
+  gradients) for zero rows; clip_norm = inf is the identity on finite rows.
   """
   v = v.astype(jnp.float32)
   finite = jnp.all(jnp.isfinite(v), axis=-1, keepdims=True)
   v = jnp.where(finite, v, 0.0)
-  norms = jnp.sqrt(jnp.sum(jnp.square(v), axis=-1, keepdims=True))
-  # C / max(norm, tiny) is inf for zero rows (scale 1, row stays 0) and for
-  # C = inf (scale 1); never nan.
-  scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norms, 1e-30))
+  if isinstance(clip_norm, (int, float)) and math.isinf(clip_norm):
+    return v
+  norms = row_norms(v)
+  scale = jnp.where(norms > clip_norm,
+                    clip_norm / jnp.where(norms > 0, norms, 1.0), 1.0)
   return v * scale
 
 

@@ -1,0 +1,118 @@
+"""Accountant figures against dp_accounting, calibration, the report."""
+
+import math
+
+import dp_accounting
+import pytest
+from dp_accounting import pld, rdp
+
+from dpgeng_jax import accounting as A
+
+
+def _pld(event, delta):
+  acc = pld.PLDAccountant(dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
+                          value_discretization_interval=A.PLD_DISCRETIZATION)
+  return acc.compose(event).get_epsilon(delta)
+
+
+def test_feature_matching_event_is_self_composed_poisson_gaussian():
+  ev = A.feature_matching_event(1.3, 0.1, 7)
+  want = dp_accounting.SelfComposedDpEvent(
+      dp_accounting.PoissonSampledDpEvent(
+          0.1, dp_accounting.GaussianDpEvent(1.3)), 7)
+  assert ev == want
+
+
+@pytest.mark.parametrize("sigma,p,q", [(1.0, 0.1, 10), (2.5, 0.5, 4),
+                                       (4.0, 1.0, 3)])
+def test_epsilon_equals_dp_accounting_for_the_same_event(sigma, p, q):
+  m = A.Mechanism("feature_matching", sigma, p, q)
+  inner = dp_accounting.GaussianDpEvent(sigma)
+  if p < 1:  # sampling the whole dataset is no sampling
+    inner = dp_accounting.PoissonSampledDpEvent(p, inner)
+  hand = dp_accounting.SelfComposedDpEvent(inner, q)
+  assert A.epsilon_pld(m.event(), 1e-5) == pytest.approx(_pld(hand, 1e-5),
+                                                        rel=1e-9)
+  r = rdp.RdpAccountant().compose(hand).get_epsilon(1e-5)
+  assert A.epsilon_rdp(m.event(), 1e-5) == pytest.approx(r, rel=1e-9)
+
+
+def test_composed_event_equals_dp_accounting_composition():
+  ms = [A.Mechanism("generator", 3.0, 1.0, 1),
+        A.Mechanism("feature_matching", 1.5, 0.2, 5)]
+  hand = dp_accounting.ComposedDpEvent([
+      dp_accounting.GaussianDpEvent(3.0),
+      dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
+          0.2, dp_accounting.GaussianDpEvent(1.5)), 5)])
+  assert A.epsilon_pld(A.composed_event(ms), 1e-6) == pytest.approx(
+      _pld(hand, 1e-6), rel=1e-9)
+
+
+@pytest.mark.parametrize("eps", [0.5, 1.0, 2.0])
+def test_calibration_meets_target_without_exceeding_it(eps):
+  m = A.Mechanism("feature_matching", 0.0, 0.25, 5)
+  (cal,) = A.calibrate([m], eps, 1e-5)
+  got = A.epsilon_pld(cal.event(), 1e-5)
+  assert got <= eps
+  assert got >= 0.98 * eps
+
+
+def test_calibration_of_several_mechanisms_respects_shares():
+  ms = [A.Mechanism("a", 0.0, 1.0, 1), A.Mechanism("b", 0.0, 0.3, 4)]
+  cal = A.calibrate(ms, 2.0, 1e-5, shares=[1.0, 3.0])
+  got = A.epsilon_pld(A.composed_event(cal), 1e-5)
+  assert 0.98 * 2.0 <= got <= 2.0
+  mu = [A.gdp_mu(m) for m in cal]
+  assert mu[1] ** 2 / mu[0] ** 2 == pytest.approx(3.0, rel=1e-6)
+
+
+def test_calibration_rejects_invalid_targets():
+  m = A.Mechanism("fm", 0.0, 0.5, 2)
+  for eps, delta in [(0.0, 1e-5), (-1.0, 1e-5), (1.0, 0.0), (1.0, 1.0)]:
+    with pytest.raises(ValueError):
+      A.calibrate([m], eps, delta)
+
+
+def test_gdp_of_one_gaussian_is_exact():
+  # One Gaussian with sigma is exactly (1/sigma)-GDP, and the PLD accountant
+  # of the same Gaussian gives (up to discretisation) the same epsilon.
+  sigma = 2.0
+  eps_gdp = A.gdp_epsilon(1 / sigma, 1e-5)
+  assert A.gdp_delta(1 / sigma, eps_gdp) == pytest.approx(1e-5, rel=1e-6)
+  eps_pld = A.epsilon_pld(A.gaussian_event(sigma), 1e-5)
+  assert eps_pld == pytest.approx(eps_gdp, rel=2e-3)
+  assert eps_pld >= eps_gdp - 1e-9  # PLD is pessimistic, never optimistic
+
+
+def test_gdp_clt_formula_for_subsampled_gaussian():
+  m = A.Mechanism("fm", 1.2, 0.1, 50)
+  assert A.gdp_mu(m) == pytest.approx(
+      0.1 * math.sqrt(50 * (math.exp(1 / 1.44) - 1)))
+
+
+def test_report_has_the_documented_fields_and_flags_nonprivate_runs():
+  ms = [A.Mechanism("feature_matching", 1.0, 0.5, 4)]
+  r = A.privacy_report(ms, target_epsilon=5.0, delta=1e-5, private=True,
+                       public_metadata=["K"])
+  for key in ("target_epsilon", "delta", "neighbouring_relation",
+              "accountant", "epsilon_pld", "epsilon_rdp", "epsilon_gdp_clt",
+              "mechanisms", "public_metadata", "private"):
+    assert key in r
+  assert r["private"] is True
+  assert r["neighbouring_relation"] == "add-or-remove-one"
+  assert r["epsilon_rdp"] >= r["epsilon_pld"] * 0.99
+  (mech,) = r["mechanisms"]
+  assert set(mech) >= {"name", "noise_multiplier", "sampling_rate", "steps",
+                       "epsilon_alone_pld"}
+  nonpriv = A.privacy_report([ms[0].with_noise(0.0)], target_epsilon=5.0,
+                             delta=1e-5, private=True, public_metadata=[])
+  assert nonpriv["private"] is False and nonpriv["epsilon_pld"] is None
+
+
+def test_report_notes_when_clt_understates_epsilon():
+  # Large sampling rate, few steps: the CLT is optimistic.
+  ms = [A.Mechanism("fm", 0.8, 0.5, 3)]
+  r = A.privacy_report(ms, target_epsilon=10, delta=1e-5, private=True,
+                       public_metadata=[])
+  assert r["epsilon_gdp_clt"] < r["epsilon_pld"]
+  assert any("understates" in n for n in r["notes"])

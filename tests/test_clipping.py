@@ -1,0 +1,144 @@
+"""Properties of per-example clipping and per-class clipped sums."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dpgeng_jax.clipping import (ClippedClassSum, class_sums, clip_rows,
+                                 clip_vector, clipped_class_sums)
+
+
+def _linear_embed(params, x):
+  """A per-example embedding: flatten and multiply."""
+  return x.reshape(x.shape[0], -1) @ params
+
+
+def _rows():
+  rng = np.random.default_rng(0)
+  return np.concatenate([
+      rng.normal(size=(20, 7)) * 1e-3,     # tiny
+      rng.normal(size=(20, 7)),            # around 1
+      rng.normal(size=(20, 7)) * 1e30,     # huge
+      np.zeros((3, 7)),                    # zero rows
+  ]).astype(np.float32)
+
+
+@pytest.mark.parametrize("clip_norm", [0.1, 1.0, 37.0])
+def test_clipped_norms_never_exceed_clip_norm(clip_norm):
+  out = np.asarray(clip_rows(jnp.asarray(_rows()), clip_norm))
+  norms = np.linalg.norm(out.astype(np.float64), axis=1)
+  assert np.all(np.isfinite(out))
+  assert np.all(norms <= clip_norm * (1 + 1e-6))
+
+
+def test_rows_within_bound_are_unchanged_and_long_rows_keep_direction():
+  v = _rows()
+  out = np.asarray(clip_rows(jnp.asarray(v), 1.0))
+  norms = np.linalg.norm(v.astype(np.float64), axis=1)
+  short = norms <= 1.0
+  np.testing.assert_array_equal(out[short], v[short])
+  long = norms > 1.0
+  cos = np.sum(out[long] * (v[long] / norms[long, None]), axis=1)
+  np.testing.assert_allclose(cos, 1.0, rtol=1e-5)
+  np.testing.assert_allclose(np.linalg.norm(out[long], axis=1), 1.0,
+                             rtol=1e-5)
+
+
+def test_zero_rows_stay_zero_and_nonfinite_rows_become_zero():
+  v = np.ones((4, 3), np.float32)
+  v[0] = 0
+  v[1, 1] = np.nan
+  v[2, 0] = np.inf
+  out = np.asarray(clip_rows(jnp.asarray(v), 1.0))
+  np.testing.assert_array_equal(out[:3], 0.0)
+  np.testing.assert_allclose(np.linalg.norm(out[3]), 1.0, rtol=1e-6)
+
+
+def test_infinite_clip_norm_is_identity_on_finite_rows():
+  v = _rows()
+  np.testing.assert_array_equal(np.asarray(clip_rows(jnp.asarray(v),
+                                                     math.inf)), v)
+
+
+def test_clip_vector_bounds_whole_tensor():
+  v = jnp.full((3, 4, 5), 10.0)
+  assert float(jnp.linalg.norm(clip_vector(v, 2.0))) == pytest.approx(2.0,
+                                                                      1e-5)
+
+
+def _batch(n=12, k=3, d=5, seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n, 2, 2, 1)).astype(np.float32) * 5
+  y = rng.integers(0, k, size=n).astype(np.int32)
+  params = rng.normal(size=(4, d)).astype(np.float32)
+  return jnp.asarray(x), jnp.asarray(y), jnp.asarray(params)
+
+
+def test_class_sums_match_a_loop_over_examples():
+  x, y, params = _batch()
+  mask = jnp.asarray(np.arange(12) % 4 != 0, jnp.float32)
+  got = clipped_class_sums(_linear_embed, params, x, y, mask, num_classes=3,
+                           clip_norm=1.5)
+  want = np.zeros((3, 5))
+  for i in range(12):
+    if mask[i]:
+      e = np.asarray(x[i]).reshape(-1) @ np.asarray(params)
+      want[int(y[i])] += e * min(1.0, 1.5 / np.linalg.norm(e))
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_padded_rows_contribute_exactly_nothing_even_if_not_finite():
+  x, y, params = _batch()
+  mask = jnp.asarray(np.r_[np.ones(8), np.zeros(4)], jnp.float32)
+  zeros = x.at[8:].set(0.0)
+  garbage = x.at[8:].set(jnp.nan).at[10].set(jnp.inf).at[11].set(1e30)
+  f = lambda xx, c: clipped_class_sums(_linear_embed, params, xx, y, mask,
+                                       num_classes=3, clip_norm=c)
+  for c in (1.0, math.inf):
+    a, b = f(garbage, c), f(zeros, c)
+    # Bit-identical whatever the padded rows hold.
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # And equal to the batch without the padded rows.
+    ref = clipped_class_sums(_linear_embed, params, x[:8], y[:8], jnp.ones(8),
+                             num_classes=3, clip_norm=c)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(ref), rtol=1e-6,
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("clip_norm", [0.5, 2.0])
+def test_one_example_moves_class_sums_by_at_most_clip_norm(clip_norm):
+  x, y, params = _batch(n=16, seed=3)
+  full = clipped_class_sums(_linear_embed, params, x, y, jnp.ones(16),
+                            num_classes=3, clip_norm=clip_norm)
+  diffs = []
+  for i in range(16):  # remove each example in turn (add/remove adjacency)
+    mask = jnp.ones(16).at[i].set(0.0)
+    nb = clipped_class_sums(_linear_embed, params, x, y, mask, num_classes=3,
+                            clip_norm=clip_norm)
+    diffs.append(float(jnp.linalg.norm(full - nb)))
+  assert max(diffs) <= clip_norm * (1 + 1e-5)
+  # The bound is attained: these embeddings are all longer than C.
+  assert max(diffs) == pytest.approx(clip_norm, rel=1e-5)
+
+
+def test_jit_and_non_jit_agree():
+  x, y, params = _batch()
+  mask = jnp.ones(12)
+  f = lambda p, x, y, m: clipped_class_sums(_linear_embed, p, x, y, m,
+                                            num_classes=3, clip_norm=1.0)
+  np.testing.assert_allclose(np.asarray(jax.jit(f)(params, x, y, mask)),
+                             np.asarray(f(params, x, y, mask)), rtol=1e-6,
+                             atol=1e-6)
+
+
+def test_clipped_class_sum_callable_carries_its_sensitivity():
+  q = ClippedClassSum(_linear_embed, num_classes=3, clip_norm=0.7)
+  assert q.l2_sensitivity == 0.7
+  x, y, params = _batch()
+  np.testing.assert_array_equal(
+      np.asarray(q(params, x, y, jnp.ones(12))),
+      np.asarray(clipped_class_sums(_linear_embed, params, x, y, jnp.ones(12),
+                                    num_classes=3, clip_norm=0.7)))

@@ -1,0 +1,189 @@
+"""The M_F query: Poisson sampling, Gaussian noise, secret keys."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from dpgeng_jax import augment, mechanisms
+from dpgeng_jax.clipping import clipped_class_sums
+from dpgeng_jax.mechanisms import (QuerySpec, class_major, noisy_class_sums,
+                                   noisy_targets, poisson_capacity,
+                                   poisson_sample)
+
+
+def _embed(params, x):
+  return jnp.tanh(x.reshape(x.shape[0], -1) @ params)
+
+
+def _spec(clip=1.0, sigma=1.0, p=0.5, cap=20, strategy="none", k=3):
+  return QuerySpec(embed_fn=_embed, num_classes=k, clip_norm=clip,
+                   noise_multiplier=sigma, sampling_rate=p, capacity=cap,
+                   strategy=strategy)
+
+
+def _data(n=30, k=3, seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n, 4, 4, 1)).astype(np.float32)
+  y = np.arange(n) % k
+  return x, y
+
+
+def _noise_samples(stddev_scale=1.0, reps=40):
+  """Noise only: a query whose batch is all padding."""
+  spec = _spec(clip=2.0, sigma=1.5)
+  x = jnp.zeros((8, 4, 4, 1))
+  y = jnp.zeros(8, jnp.int32)
+  params = jnp.ones((16, 50))
+  keys = jax.random.split(jax.random.key(1), reps)
+  out = jax.vmap(lambda k: noisy_class_sums(spec, params, x, y,
+                                            jnp.zeros(8), k))(keys)
+  return np.asarray(out).ravel(), spec.noise_stddev * stddev_scale
+
+
+def test_noise_std_is_sigma_times_clip_norm_ks_test():
+  samples, std = _noise_samples()
+  assert std == pytest.approx(3.0)
+  assert stats.kstest(samples, "norm", args=(0, std)).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("factor", [2 / 3, 3 / 2])
+def test_ks_test_rejects_wrong_noise_scale(factor):
+  samples, std = _noise_samples()
+  assert stats.kstest(samples, "norm", args=(0, std * factor)).pvalue < 1e-6
+
+
+def test_noise_is_independent_across_coordinates():
+  samples, _ = _noise_samples()
+  s = samples.reshape(-1, 2)
+  assert abs(np.corrcoef(s[:, 0], s[:, 1])[0, 1]) < 0.05
+
+
+def test_poisson_sampling_includes_each_example_with_rate_p():
+  valid = jnp.asarray(np.r_[np.ones(40), np.zeros(10)][None].repeat(2, 0))
+  reps = 2000
+  keys = jax.random.split(jax.random.key(0), reps)
+  idx, mask, over = jax.vmap(
+      lambda k: poisson_sample(k, valid, 0.3, 50))(keys)
+  counts = np.zeros((2, 50))
+  for r in range(reps):  # host-side tally of which indices were taken
+    for c in range(2):
+      counts[c, np.asarray(idx[r, c])[np.asarray(mask[r, c]) > 0]] += 1
+  freq = counts / reps
+  assert not np.any(np.asarray(over))
+  assert np.all(freq[:, 40:] == 0), "padding entries must never be sampled"
+  # Each valid entry: Binomial(2000, 0.3); 5 sigma band.
+  band = 5 * math.sqrt(0.3 * 0.7 / reps)
+  assert np.all(np.abs(freq[:, :40] - 0.3) < band)
+  # Batch sizes vary (Poisson, not fixed-size sampling).
+  sizes = np.asarray(mask.sum(-1)).ravel()
+  assert sizes.std() > 1.0
+
+
+def test_capacity_overflow_is_flagged_and_raises():
+  valid = jnp.ones((1, 100))
+  _, mask, over = poisson_sample(jax.random.key(0), valid, 0.9, 10)
+  assert bool(over)
+  assert float(mask.sum()) == 10
+  with pytest.raises(mechanisms.SamplingOverflowError):
+    mechanisms.check_overflow(over)
+
+
+def test_poisson_capacity_meets_the_tail_bound():
+  counts = [100, 500, 5000]
+  for p in (0.01, 0.2, 0.5):
+    cap = poisson_capacity(counts, p)
+    assert max(stats.binom.sf(cap, n, p) for n in counts) <= (
+        mechanisms.OVERFLOW_TAIL)
+    assert cap <= max(counts)
+  assert poisson_capacity(counts, 1.0) == 5000
+
+
+def test_secret_keys_come_from_os_entropy_and_differ():
+  a = jax.random.key_data(mechanisms.secret_key())
+  b = jax.random.key_data(mechanisms.secret_key())
+  assert not np.array_equal(np.asarray(a), np.asarray(b))
+  c = jax.random.key_data(mechanisms.deterministic_secret_key(3))
+  d = jax.random.key_data(mechanisms.deterministic_secret_key(3))
+  np.testing.assert_array_equal(np.asarray(c), np.asarray(d))
+  # The test-mode key is not the public key of the same seed.
+  assert not np.array_equal(np.asarray(c),
+                            np.asarray(jax.random.key_data(
+                                jax.random.key(3))))
+
+
+def _reference_sums(x, y, params, secret, p, strategy, aug_params, k):
+  """Unclipped, noiseless sums recomputed by hand from the same draw."""
+  data = class_major(x, y, k)
+  k_sample, _ = jax.random.split(secret)
+  take = np.asarray(jax.random.bernoulli(k_sample, p, data.valid.shape)
+                    & (data.valid > 0))
+  out = np.zeros((k, 16))
+  for c in range(k):
+    xc = np.asarray(data.x[c])[take[c]]
+    pc = jax.tree.map(lambda a: a[c], aug_params)
+    if len(xc):
+      e = np.asarray(_embed(params, augment.apply(jnp.asarray(xc), pc,
+                                                  strategy)))
+      out[c] = e.sum(0)
+  return out
+
+
+@pytest.mark.parametrize("strategy", ["none", "flip_crop"])
+def test_infinite_clip_and_zero_noise_give_plain_sums(strategy):
+  """Degenerate parameters reproduce the non-private (dm) statistic."""
+  x, y = _data()
+  k = 3
+  params = jnp.asarray(np.random.default_rng(1).normal(size=(16, 16)),
+                       jnp.float32)
+  spec = _spec(clip=math.inf, sigma=0.0, p=0.5, cap=10, strategy=strategy)
+  aug_params = augment.sample_params(jax.random.key(5), strategy,
+                                     batch_shape=(k,))
+  secret = jax.random.key(9)
+  got, over = noisy_targets(spec, class_major(x, y, k), params, aug_params,
+                            secret)
+  assert not bool(over)
+  want = _reference_sums(x, y, params, secret, 0.5, strategy, aug_params, k)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_noisy_targets_add_noise_once_with_the_claimed_std():
+  x, y = _data()
+  params = jnp.ones((16, 16)) * 0.1
+  aug_params = augment.identity_params((3,))
+  spec = _spec(clip=1.0, sigma=2.0, p=1.0, cap=10)
+  data = class_major(x, y, 3)
+  keys = jax.random.split(jax.random.key(0), 300)
+  f = jax.jit(lambda s: noisy_targets(spec, data, params, aug_params, s)[0])
+  outs = np.stack([np.asarray(f(s)) for s in keys])
+  clean = np.asarray(clipped_class_sums(
+      _embed, params, jnp.asarray(x), jnp.asarray(y, jnp.int32),
+      jnp.ones(30), num_classes=3, clip_norm=1.0))
+  resid = (outs - clean).ravel()
+  assert stats.kstest(resid, "norm", args=(0, 2.0)).pvalue > 1e-3
+
+
+def test_query_jit_matches_eager():
+  x, y = _data()
+  params = jnp.ones((16, 16)) * 0.1
+  spec = _spec(strategy="color_flip")
+  aug_params = augment.sample_params(jax.random.key(2), "color_flip",
+                                     batch_shape=(3,))
+  data = class_major(x, y, 3)
+  s = jax.random.key(4)
+  a = noisy_targets(spec, data, params, aug_params, s)[0]
+  b = jax.jit(lambda d, s: noisy_targets(spec, d, params, aug_params, s)[0])(
+      data, s)
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_class_major_layout_pads_and_marks_valid_rows():
+  x, y = _data(n=7, k=3)
+  data = class_major(x, y, 3)
+  assert data.x.shape == (3, 3, 4, 4, 1)
+  np.testing.assert_array_equal(np.asarray(data.valid.sum(1)), [3, 2, 2])
+  np.testing.assert_array_equal(np.asarray(data.x[1, 0]), x[1])
