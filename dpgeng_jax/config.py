@@ -47,8 +47,8 @@ class Config:
   # Distillation (post-processing).
   steps: int = _f(1000, "optimisation steps on the synthetic pixels",
                   "distill")
-  lr_img: float = _f(1.0, "learning rate of the synthetic pixels (SGD, "
-                     "momentum 0.5)", "distill")
+  lr_img: float = _f(0.05, "learning rate of the synthetic pixels (Adam)",
+                     "distill")
   extractor_width: int = _f(128, "width of the extractor ConvNets",
                             "distill")
   depth: int = _f(0, "ConvNet depth (0: 3 for >= 16 px images, 2 for 8 px)",

@@ -271,10 +271,14 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
 
 def _evaluate(key, x, y, x_test, y_test, k, ecfg, quiet, desc):
   n = len(x)
-  steps = ecfg.epochs * math.ceil(n / min(ecfg.batch_size, n))
+  steps = ecfg.num_models * ecfg.epochs * math.ceil(
+      n / min(ecfg.batch_size, n))
+  t = time.time()
   with tqdm(total=steps, desc=desc, disable=quiet) as bar:
-    return evaluate.evaluate(key, x, y, x_test, y_test, num_classes=k,
-                             cfg=ecfg, progress=bar.update)
+    result = evaluate.evaluate(key, x, y, x_test, y_test, num_classes=k,
+                               cfg=ecfg, progress=bar.update)
+  result["seconds"] = time.time() - t
+  return result
 
 
 def _denormalize(ds: data_lib.Dataset, x: np.ndarray) -> np.ndarray:

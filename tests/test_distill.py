@@ -85,7 +85,7 @@ def test_steps_reduce_the_loss_and_compile_once():
       distill.synthetic_class_means(plan, *plan.params(key, q), target_imgs,
                                     math.inf) * 4.0 for q in range(2)])
   n_before = len(traces)
-  opt = distill.image_optimizer(1.0)
+  opt = distill.image_optimizer(0.05)
   state = distill.init_state(jax.random.normal(jax.random.key(1),
                                                (K, IPC, *SHAPE)), opt)
   step = distill.make_step(plan, opt, clip_norm=math.inf)

@@ -1,0 +1,185 @@
+"""The `dpgeng` command: outputs, privacy report, and bad input."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from dpgeng_jax import cli, mechanisms
+from dpgeng_jax.config import Config
+
+TINY = ["--ipc", "2", "--steps", "3", "--num-queries", "2", "--eval-epochs",
+        "1", "--eval-models", "2", "--extractor-width", "8", "--eval-width",
+        "8", "--quiet"]
+
+
+def _run(argv, capsys=None):
+  code = cli.main(["distill", *argv])
+  return code
+
+
+def _npz(path, **over):
+  rng = np.random.default_rng(0)
+  arrays = dict(
+      x_train=rng.integers(0, 256, (40, 8, 8), dtype=np.uint8),
+      y_train=np.arange(40) % 4,
+      x_test=rng.integers(0, 256, (12, 8, 8), dtype=np.uint8),
+      y_test=np.arange(12) % 4)
+  arrays.update(over)
+  arrays = {k: v for k, v in arrays.items() if v is not None}
+  np.savez(path, **arrays)
+  return f"npz:{path}"
+
+
+def test_help_lists_every_option_with_its_default():
+  out = subprocess.run([sys.executable, "-m", "dpgeng_jax", "distill",
+                        "--help"], capture_output=True, text=True, check=True,
+                       env={**os.environ, "COLUMNS": "200"}).stdout
+  for f in dataclasses.fields(Config):
+    assert "--" + f.name.replace("_", "-") in out, f.name
+  assert "(default: 1.0)" in out or "default: 1.0" in out
+
+
+def test_deterministic_run_writes_all_outputs_and_says_not_private(tmp_path):
+  out = tmp_path / "run"
+  assert _run(["--out", str(out), "--deterministic", "--epsilon", "5",
+               *TINY]) == 0
+  for name in ("distilled.npz", "privacy.json", "config.json", "grid.png",
+               "metrics.json"):
+    assert (out / name).exists(), name
+  d = np.load(out / "distilled.npz")
+  assert d["x"].shape == (20, 8, 8, 1) and d["x"].dtype == np.float32
+  np.testing.assert_array_equal(d["y"], np.repeat(np.arange(10), 2))
+  priv = json.loads((out / "privacy.json").read_text())
+  assert priv["private"] is False
+  assert any("NOT private" in n for n in priv["notes"])
+  assert 0.98 * 5 <= priv["epsilon_pld"] <= 5
+  assert priv["mechanisms"][0]["steps"] == 2
+  assert priv["mechanisms"][0]["sampling_rate"] == 0.5
+  assert priv["epsilon_rdp"] is not None and priv["epsilon_gdp_clt"]
+  metrics = json.loads((out / "metrics.json").read_text())
+  assert metrics["num_eval_models"] == 2
+  assert 0 <= metrics["test_accuracy_mean"] <= 1
+  assert metrics["test_accuracy_std"] >= 0
+  config = json.loads((out / "config.json").read_text())
+  for f in dataclasses.fields(Config):
+    assert f.name in config
+  # The test-mode "secret" key must not appear in any output either.
+  words = np.asarray(jax.random.key_data(
+      mechanisms.deterministic_secret_key(0))).astype(np.uint32)
+  for name in os.listdir(out):
+    blob = (out / name).read_bytes()
+    assert words.tobytes() not in blob
+    assert str(int(words[0])) not in blob.decode("latin-1")
+  # Same seed, same outputs (the whole run is a function of the seed here).
+  out2 = tmp_path / "run2"
+  assert _run(["--out", str(out2), "--deterministic", "--epsilon", "5",
+               *TINY]) == 0
+  np.testing.assert_array_equal(np.load(out2 / "distilled.npz")["x"],
+                                d["x"])
+
+
+def test_private_run_is_marked_private_and_differs_between_runs(tmp_path):
+  xs = []
+  for i in range(2):
+    out = tmp_path / f"r{i}"
+    assert _run(["--out", str(out), "--no-eval", *TINY]) == 0
+    priv = json.loads((out / "privacy.json").read_text())
+    assert priv["private"] is True and priv["epsilon_pld"] <= 1.0
+    assert not (out / "metrics.json").exists()
+    xs.append(np.load(out / "distilled.npz")["x"])
+  # Same public seed, fresh OS-entropy noise: the outputs differ.
+  assert not np.array_equal(xs[0], xs[1])
+
+
+def test_dm_is_marked_non_private_everywhere(tmp_path):
+  out = tmp_path / "dm"
+  assert _run(["--out", str(out), "--method", "dm", *TINY]) == 0
+  priv = json.loads((out / "privacy.json").read_text())
+  assert priv["private"] is False and priv["epsilon_pld"] is None
+  assert "NOT private" in priv["notes"][0]
+  assert json.loads((out / "metrics.json").read_text())["private"] is False
+
+
+def test_finished_run_is_not_overwritten_without_flag(tmp_path, capsys):
+  out = tmp_path / "run"
+  assert _run(["--out", str(out), "--deterministic", "--no-eval",
+               *TINY]) == 0
+  before = (out / "distilled.npz").read_bytes()
+  assert _run(["--out", str(out), "--deterministic", "--no-eval",
+               "--seed", "1", *TINY]) == 2
+  assert "already holds a finished run" in capsys.readouterr().err
+  assert (out / "distilled.npz").read_bytes() == before
+  assert _run(["--out", str(out), "--deterministic", "--no-eval",
+               "--seed", "1", "--overwrite", *TINY]) == 0
+  assert (out / "distilled.npz").read_bytes() != before
+
+
+BAD_FLAGS = [
+    (["--epsilon", "0"], "epsilon"),
+    (["--epsilon", "-1"], "epsilon"),
+    (["--epsilon", "inf"], "epsilon"),
+    (["--delta", "0"], "delta"),
+    (["--delta", "1"], "delta"),
+    (["--delta", "0.001"], "1/N"),
+    (["--ipc", "0"], "ipc"),
+    (["--sampling-rate", "0"], "sampling_rate"),
+    (["--num-queries", "0"], "num_queries"),
+    (["--dataset", "mnist_from_nowhere"], "unknown dataset spec"),
+    (["--dataset", "npz:/nonexistent/file.npz"], "file.npz"),
+]
+
+
+@pytest.mark.parametrize("flags,message", BAD_FLAGS)
+def test_bad_options_fail_cleanly_and_write_nothing(tmp_path, capsys, flags,
+                                                    message):
+  out = tmp_path / "out"
+  assert _run(["--out", str(out), *TINY, *flags]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("dpgeng: error:") and message in err
+  assert not out.exists()
+
+
+def _nan_x(n):
+  x = np.random.default_rng(0).random((n, 8, 8)).astype(np.float32)
+  x[3, 2, 2] = np.nan
+  return x
+
+
+BAD_DATA = [
+    ({"x_train": _nan_x(40)}, "NaN"),
+    ({"y_train": np.arange(40) % 4 + 0.5}, "integer"),
+    ({"y_train": np.arange(39) % 4}, "length"),
+    ({"y_train": np.r_[np.arange(39) % 4, -1]}, "negative"),
+    ({"y_test": np.r_[np.arange(11) % 4, 7]}, "test"),
+    ({"y_train": np.arange(40) % 4 * 2}, "no training examples"),
+    ({"x_test": None}, "x_test"),
+    ({"x_train": np.zeros((40, 8), np.uint8)}, "rank"),
+]
+
+
+@pytest.mark.parametrize("arrays,message", BAD_DATA)
+def test_bad_data_fails_cleanly_and_writes_nothing(tmp_path, capsys, arrays,
+                                                   message):
+  spec = _npz(tmp_path / "d.npz", **arrays)
+  out = tmp_path / "out"
+  assert _run(["--out", str(out), "--dataset", spec, "--delta", "1e-3",
+               *TINY]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("dpgeng: error:")
+  assert message.lower() in err.lower(), err
+  assert not out.exists()
+
+
+def test_npz_dataset_runs_end_to_end(tmp_path):
+  spec = _npz(tmp_path / "d.npz")
+  out = tmp_path / "out"
+  assert _run(["--out", str(out), "--dataset", spec, "--delta", "1e-3",
+               "--deterministic", *TINY]) == 0
+  d = np.load(out / "distilled.npz")
+  assert d["x"].shape == (8, 8, 8, 1)
