@@ -2,12 +2,17 @@
 
     python benchmarks/digits_table.py --out runs/table [--ipc 10]
 
-Runs, one after another in this process's machine, `dpgeng distill` for
-ndpdc at epsilon 1 and 10 and for dm (non-private, with --references, which
-adds the random-real-subset and full-data references), all with the default
+    python benchmarks/digits_table.py --set generated --out runs/table_gen
+
+Runs `dpgeng distill` one command after another, all with the default
 settings otherwise, and prints a markdown table (mean +- std over the
-evaluation models, and the wall time of each command). Expected runtime on
-2 CPU cores: about 10-15 minutes.
+evaluation models, and the wall time of each command).
+  --set foundation: ndpdc at epsilon 1 and 10 and dm (non-private, with
+    --references: random real subset and full training set). About 10 min
+    on 2 CPU cores.
+  --set generated: at epsilon 1 and 10, generator-only, ndpdc and M_F with
+    generated init + generated extractors (method dpgeng without the expert).
+    About 20 min on 2 CPU cores.
 """
 
 import argparse
@@ -23,16 +28,21 @@ def main():
   ap.add_argument("--out", default="runs/table")
   ap.add_argument("--ipc", type=int, default=10)
   ap.add_argument("--extra", default="", help="extra flags for every run")
+  ap.add_argument("--set", default="foundation",
+                  choices=("foundation", "generated"))
   args = ap.parse_args()
-  runs = [
-      ("ndpdc, eps 1", ["--method", "ndpdc", "--epsilon", "1"]),
-      ("ndpdc, eps 10", ["--method", "ndpdc", "--epsilon", "10"]),
-      ("dm (NOT private)", ["--method", "dm", "--references"]),
-  ]
+  if args.set == "foundation":
+    runs = [
+        ("ndpdc, eps 1", ["--method", "ndpdc", "--epsilon", "1"]),
+        ("ndpdc, eps 10", ["--method", "ndpdc", "--epsilon", "10"]),
+        ("dm (NOT private)", ["--method", "dm", "--references"]),
+    ]
+  else:
+    runs = [(f"{m}, eps {e}", ["--method", m, "--epsilon", e])
+            for e in ("1", "10") for m in ("generator", "ndpdc", "dpgeng")]
   rows = []
   for name, flags in runs:
-    out = os.path.join(args.out, name.split(",")[0].split(" ")[0] + (
-        flags[3] if flags[1] == "ndpdc" else ""))
+    out = os.path.join(args.out, name.replace(", eps ", "_eps").split(" ")[0])
     cmd = [sys.executable, "-m", "dpgeng_jax", "distill", "--dataset",
            "digits", "--ipc", str(args.ipc), "--out", out, "--overwrite",
            "--quiet", *flags, *args.extra.split()]
@@ -62,6 +72,8 @@ def main():
                       f"random real subset, {args.ipc}/class (NOT private)"),
                      ("reference_full_training_set",
                       "full training set (NOT private)")):
+    if key not in m:
+      continue
     r = m[key]
     print(f"| {label} | inf | {fmt(r)} | "
           f"{r.get('seconds', float('nan')):.0f} s (training only) |")

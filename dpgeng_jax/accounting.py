@@ -168,7 +168,8 @@ def allocate(mechanisms: Sequence[Mechanism], shares: Sequence[float],
 
 
 def calibrate(mechanisms: Sequence[Mechanism], epsilon: float, delta: float,
-              shares: Sequence[float] | None = None) -> list[Mechanism]:
+              shares: Sequence[float] | None = None,
+              fixed: Sequence[Mechanism] = ()) -> list[Mechanism]:
   """Noise multipliers so that the composed PLD epsilon is <= `epsilon` and
   >= CALIBRATION_UTILISATION * epsilon.
 
@@ -176,6 +177,8 @@ def calibrate(mechanisms: Sequence[Mechanism], epsilon: float, delta: float,
     mechanisms: the run's mechanisms (their noise_multiplier is ignored).
     epsilon, delta: the target guarantee for the composition.
     shares: public budget weights, one per mechanism (default equal).
+    fixed: mechanisms whose noise is given (e.g. external generated data
+      with a declared Gaussian guarantee); composed in, not calibrated.
 
   Returns:
     The mechanisms with calibrated noise multipliers.
@@ -183,6 +186,9 @@ def calibrate(mechanisms: Sequence[Mechanism], epsilon: float, delta: float,
   if epsilon <= 0 or not 0 < delta < 1:
     raise ValueError(f"need epsilon > 0 and 0 < delta < 1, got {epsilon}, "
                      f"{delta}")
+  if fixed and epsilon_pld(composed_event(fixed), delta) >= epsilon:
+    raise ValueError("the fixed mechanisms alone already exceed epsilon "
+                     f"{epsilon} at delta {delta}")
   shares = [1.0] * len(mechanisms) if shares is None else list(shares)
   if len(shares) != len(mechanisms) or min(shares) <= 0:
     raise ValueError("one positive share per mechanism is required")
@@ -192,7 +198,8 @@ def calibrate(mechanisms: Sequence[Mechanism], epsilon: float, delta: float,
   def eps_at(log_scale: float) -> float:
     if log_scale not in cache:
       cache[log_scale] = epsilon_pld(composed_event(
-          allocate(mechanisms, shares, math.exp(log_scale))), delta)
+          [*fixed, *allocate(mechanisms, shares, math.exp(log_scale))]),
+          delta)
     return cache[log_scale]
 
   # Epsilon grows with the GDP scale. Start from the GDP-CLT guess, bracket
@@ -241,17 +248,31 @@ def _gdp_mu_for_epsilon(epsilon: float, delta: float) -> float:
 
 def privacy_report(mechanisms: Sequence[Mechanism], *, target_epsilon: float,
                    delta: float, private: bool, public_metadata: Sequence[str],
-                   notes: Sequence[str] = ()) -> dict:
-  """privacy.json content (see DESIGN.md)."""
+                   notes: Sequence[str] = (),
+                   external: tuple[float, float] | None = None) -> dict:
+  """privacy.json content (see DESIGN.md).
+
+  `external` is an (epsilon, delta) guarantee declared for data made
+  outside this run (external generated data); it is added by basic
+  composition: the run's mechanisms are accounted at delta - delta_ext and
+  their epsilon is increased by epsilon_ext.
+  """
+  notes = list(notes)
+  eps_ext, delta_ext = external if external else (0.0, 0.0)
+  d = delta - delta_ext
   event = composed_event(mechanisms)
   nonprivate = any(m.noise_multiplier <= 0 for m in mechanisms)
-  if nonprivate:
+  if nonprivate or d <= 0:
     eps_pld = eps_rdp = eps_clt = math.inf
   else:
-    eps_pld = epsilon_pld(event, delta)
-    eps_rdp = epsilon_rdp(event, delta)
-    eps_clt = epsilon_gdp_clt(mechanisms, delta)
-  notes = list(notes)
+    eps_pld = epsilon_pld(event, d) + eps_ext
+    eps_rdp = epsilon_rdp(event, d) + eps_ext
+    eps_clt = epsilon_gdp_clt(mechanisms, d) + eps_ext
+  if external:
+    notes.append(
+        f"external generated data declared ({eps_ext:g}, {delta_ext:g})-DP, "
+        "added by basic composition to the other mechanisms accounted at "
+        f"delta {d:g}")
   if eps_clt < eps_pld:
     notes.append(
         f"The GDP-CLT figure ({eps_clt:.4g}) is below the PLD figure "
@@ -280,6 +301,8 @@ def privacy_report(mechanisms: Sequence[Mechanism], *, target_epsilon: float,
       "epsilon_gdp_clt": _finite_or_none(eps_clt),
       "pld_discretization": PLD_DISCRETIZATION,
       "mechanisms": per,
+      "external_generated_data": (
+          {"epsilon": eps_ext, "delta": delta_ext} if external else None),
       "public_metadata": list(public_metadata),
       "notes": notes,
       "dp_event": repr(event),

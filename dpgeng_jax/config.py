@@ -12,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-METHODS = ("ndpdc", "dm")
+METHODS = ("ndpdc", "dpgeng", "generator", "dm")
+INITS = ("auto", "noise", "real", "generated")
+EXTRACTORS = ("auto", "random", "generated")
 
 
 def _f(default, help_text: str, group: str, choices=None):
@@ -31,8 +33,23 @@ class Config:
   data_dir: str = _f("", "TFDS data directory (default: TFDS_DATA_DIR or "
                      "~/tensorflow_datasets)", "run")
   method: str = _f("ndpdc", "ndpdc: random extractors, noise init (DP); "
-                   "dm: distribution matching, NOT private", "run",
+                   "dpgeng: DP-generated data for init and extractors plus "
+                   "DP feature matching (the expert term is not in this "
+                   "release); generator: IPC images per class selected "
+                   "from the DP-generated data by k-means; dm: "
+                   "distribution matching, NOT private", "run",
                    choices=METHODS)
+  init: str = _f("auto", "initialisation of the synthetic set (auto: "
+                 "generated for dpgeng, real for dm, noise for ndpdc)",
+                 "distill", choices=INITS)
+  extractors: str = _f("auto", "extractor pool of the queries (auto: "
+                       "generated for dpgeng, random otherwise)", "distill",
+                       choices=EXTRACTORS)
+  factor: int = _f(0, "multi-formation factor f in {1, 2} (0: 2 for images "
+                   ">= 16 px, else 1)", "distill")
+  generator: str = _f("builtin", "source of DP-generated data: builtin "
+                      "(DP-MERF style, spends budget) or npz:PATH (arrays x, "
+                      "y made by any DP generator)", "run")
   ipc: int = _f(10, "synthetic images per class", "distill")
   out: str = _f("dpgeng_out", "output directory", "run")
   # Privacy.
@@ -44,6 +61,37 @@ class Config:
                             "feature-matching query", "privacy")
   num_queries: int = _f(20, "number Q of cached noisy feature-matching "
                         "queries", "privacy")
+  share_generator: float = _f(1.0, "budget share of the built-in "
+                              "generator's release (GDP units)", "privacy")
+  share_features: float = _f(1.0, "budget share of the feature-matching "
+                             "queries (GDP units)", "privacy")
+  generated_epsilon: float = _f(0.0, "declared epsilon of external "
+                                "generated data (with --generated-delta)",
+                                "privacy")
+  generated_delta: float = _f(0.0, "declared delta of external generated "
+                              "data", "privacy")
+  generated_mu: float = _f(0.0, "declared Gaussian-DP mu of external "
+                           "generated data", "privacy")
+  generated_noise_multiplier: float = _f(
+      0.0, "declared noise multiplier of external generated data (with "
+      "--generated-sampling-rate and --generated-steps)", "privacy")
+  generated_sampling_rate: float = _f(1.0, "declared Poisson rate of "
+                                      "external generated data", "privacy")
+  generated_steps: int = _f(1, "declared number of noisy steps of external "
+                            "generated data", "privacy")
+  # Generated data and extractors (post-processing).
+  generator_features: int = _f(500, "random Fourier features D of the "
+                               "built-in generator", "generate")
+  generator_steps: int = _f(2000, "training steps of the built-in "
+                            "generator", "generate")
+  generated_per_class: int = _f(200, "generated images per class to "
+                                "sample (k-means pool)", "generate")
+  pool_models: int = _f(2, "ConvNets trained on generated data for the "
+                        "extractor pool", "generate")
+  pool_checkpoints: int = _f(2, "checkpoints kept per pool ConvNet",
+                             "generate")
+  pool_epochs: int = _f(30, "training epochs of each pool ConvNet",
+                        "generate")
   # Distillation (post-processing).
   steps: int = _f(1000, "optimisation steps on the synthetic pixels",
                   "distill")

@@ -24,21 +24,19 @@ import optax
 from dpgeng_jax import augment
 from dpgeng_jax.clipping import clip_rows
 
-InitFn = Callable[[jax.Array], Any]
-
-
 @dataclasses.dataclass(frozen=True)
 class QueryPlan:
   """Public randomness of the queries: which extractor and augmentation.
 
   Attributes:
-    init_extractor: key -> extractor params (a fresh random network per
-      query for the `random` pool).
+    extractor: (key, q) -> extractor params of query q (see
+      `extractors.random_pool` and `extractors.fixed_pool`); key is already
+      specific to query q.
     embed_fn: embed(params, x) -> (n, d).
     num_classes: K.
     strategy: DSA strategy.
   """
-  init_extractor: InitFn
+  extractor: Callable[[jax.Array, Any], Any]
   embed_fn: Callable[[Any, jax.Array], jax.Array]
   num_classes: int
   strategy: str = augment.DEFAULT_STRATEGY
@@ -46,7 +44,7 @@ class QueryPlan:
   def params(self, public_key: jax.Array, q):
     """(extractor params, per-class augmentation params) of query q."""
     k_ext, k_aug = jax.random.split(jax.random.fold_in(public_key, q))
-    return (self.init_extractor(k_ext),
+    return (self.extractor(k_ext, q),
             augment.sample_params(k_aug, self.strategy,
                                   batch_shape=(self.num_classes,)))
 

@@ -11,6 +11,7 @@ subset of IPC images per class, and the full training set).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -45,20 +46,14 @@ def _optimizer(cfg: EvalConfig, total_steps: int):
                      optax.sgd(schedule, momentum=cfg.momentum))
 
 
-def train_models(key: jax.Array, x: jax.Array, y: jax.Array, *,
-                 num_classes: int, cfg: EvalConfig, progress=None) -> Any:
-  """Trains cfg.num_models ConvNets on (x, y); returns (stacked params,
-  model)."""
-  x = jnp.asarray(x, jnp.float32)
-  y = jnp.asarray(y, jnp.int32)
-  n = x.shape[0]
+@functools.lru_cache(maxsize=32)
+def _train_step(num_classes: int, width: int, depth: int, norm: str,
+                cfg: EvalConfig, n: int, total: int):
+  """One jitted training step, shared by every model of the same shape."""
+  model = ConvNet(num_classes, width=width, depth=depth, norm=norm)
   batch = min(cfg.batch_size, n)
   steps_per_epoch = math.ceil(n / batch)
-  total = cfg.epochs * steps_per_epoch
-  model = ConvNet(num_classes, width=cfg.width, depth=cfg.depth,
-                  norm=cfg.norm)
   opt = _optimizer(cfg, total)
-  keys = jax.random.split(key, cfg.num_models)
 
   def loss_fn(p, xb, yb):
     logits = model.apply({"params": p}, xb)
@@ -66,7 +61,7 @@ def train_models(key: jax.Array, x: jax.Array, y: jax.Array, *,
         logits, yb))
 
   @jax.jit
-  def step_fn(p, s, k, step):
+  def step(p, s, k, x, y, step):
     epoch, b = step // steps_per_epoch, step % steps_per_epoch
     perm = jax.random.permutation(jax.random.fold_in(k, epoch), n)
     idx = jnp.take(perm, (b * batch + jnp.arange(batch)) % n)
@@ -76,18 +71,51 @@ def train_models(key: jax.Array, x: jax.Array, y: jax.Array, *,
     updates, s = opt.update(grads, s, p)
     return optax.apply_updates(p, updates), s
 
-  # Models are trained one after another with one compiled step: on XLA:CPU
-  # a vmap over models turns the convolutions into grouped convolutions that
-  # ran 3-4x slower than the sequential loop (ConvNet-2, 8x8, width 128).
-  trained = []
-  for k in keys:
-    params = init_params(model, k, x.shape[1:])
-    opt_state = opt.init(params)
-    for step in range(total):
-      params, opt_state = step_fn(params, opt_state, k, jnp.int32(step))
-      if progress is not None:
-        progress(1)
-    trained.append(params)
+  return step, opt, steps_per_epoch
+
+
+def train_one(key: jax.Array, x, y, *, model: ConvNet, cfg: EvalConfig,
+              epochs: int | None = None, num_checkpoints: int = 1,
+              progress=None) -> list:
+  """Trains one ConvNet on (x, y) with DSA; returns `num_checkpoints`
+  parameter snapshots taken at evenly spaced epochs (the last one at the
+  end of training)."""
+  x = jnp.asarray(x, jnp.float32)
+  y = jnp.asarray(y, jnp.int32)
+  n = x.shape[0]
+  epochs = cfg.epochs if epochs is None else epochs
+  batch = min(cfg.batch_size, n)
+  total = epochs * math.ceil(n / batch)
+  step_fn, opt, _ = _train_step(model.num_classes, model.width, model.depth,
+                                model.norm, cfg, n, total)
+  save_at = {round(total * (i + 1) / num_checkpoints)
+             for i in range(num_checkpoints)}
+  params = init_params(model, key, x.shape[1:])
+  opt_state = opt.init(params)
+  snapshots = []
+  for step in range(total):
+    params, opt_state = step_fn(params, opt_state, key, x, y,
+                                jnp.int32(step))
+    if step + 1 in save_at:
+      snapshots.append(params)
+    if progress is not None:
+      progress(1)
+  return snapshots
+
+
+def train_models(key: jax.Array, x: jax.Array, y: jax.Array, *,
+                 num_classes: int, cfg: EvalConfig, progress=None) -> Any:
+  """Trains cfg.num_models ConvNets on (x, y); returns (stacked params,
+  model).
+
+  Models are trained one after another with one compiled step: on XLA:CPU
+  a vmap over models turns the convolutions into grouped convolutions that
+  ran 3-4x slower than this loop (ConvNet-2, 8x8, width 128).
+  """
+  model = ConvNet(num_classes, width=cfg.width, depth=cfg.depth,
+                  norm=cfg.norm)
+  trained = [train_one(k, x, y, model=model, cfg=cfg, progress=progress)[-1]
+             for k in jax.random.split(key, cfg.num_models)]
   return jax.tree.map(lambda *a: jnp.stack(a), *trained), model
 
 

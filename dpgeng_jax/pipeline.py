@@ -10,6 +10,7 @@ split. `write_outputs` saves everything atomically.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -23,7 +24,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dpgeng_jax import accounting, data as data_lib, distill, evaluate
-from dpgeng_jax import mechanisms, models
+from dpgeng_jax import extractors, generator, mechanisms, models
+from dpgeng_jax import init as init_lib
 from dpgeng_jax.config import Config, METHODS
 from dpgeng_jax.errors import ConfigError
 
@@ -38,9 +40,12 @@ class RunResult:
   """What a run produces.
 
   Attributes:
-    x: distilled images (K * IPC, H, W, C) float32 in pixel space ([0, 1]
-      for valid pixels; optimised pixels may leave that range).
+    x: stored distilled images (K * IPC, H, W, C) float32 in pixel space
+      ([0, 1] for valid pixels; optimised pixels may leave that range).
     y: their labels (K * IPC,) int32, class-major.
+    factor: multi-formation factor f; each stored image decodes to f^2.
+    x_decoded, y_decoded: the K * IPC * f^2 images models train on.
+    x_generated: the DP-generated images used (None if none).
     privacy: the privacy report (privacy.json).
     metrics: evaluation results (metrics.json) or None with no_eval.
     config: the resolved configuration (config.json).
@@ -50,6 +55,10 @@ class RunResult:
   privacy: dict
   metrics: dict | None
   config: dict
+  factor: int = 1
+  x_decoded: np.ndarray | None = None
+  y_decoded: np.ndarray | None = None
+  x_generated: np.ndarray | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -89,6 +98,26 @@ def validate_config(cfg: Config, num_train: int | None = None,
                "eval_epochs", "eval_width"):
     if getattr(cfg, name) < 1:
       raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+  for name in ("generated_per_class", "pool_models", "pool_checkpoints",
+               "pool_epochs", "generator_steps", "generator_features",
+               "generated_steps"):
+    if getattr(cfg, name) < 1:
+      raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+  if cfg.factor not in (0, 1, 2):
+    raise ConfigError(f"factor must be 0 (auto), 1 or 2, got {cfg.factor}")
+  if cfg.generator != "builtin" and not cfg.generator.startswith("npz:"):
+    raise ConfigError(f"generator must be 'builtin' or 'npz:PATH', got "
+                      f"{cfg.generator!r}")
+  if not (cfg.share_generator > 0 and cfg.share_features > 0):
+    raise ConfigError("budget shares must be > 0")
+  if cfg.generated_epsilon < 0 or cfg.generated_mu < 0 or (
+      cfg.generated_noise_multiplier < 0):
+    raise ConfigError("declared guarantees of generated data must be >= 0")
+  if cfg.generated_epsilon > 0 and not 0 <= cfg.generated_delta < cfg.delta:
+    raise ConfigError(f"generated_delta must be in [0, delta = {cfg.delta})"
+                      f", got {cfg.generated_delta}")
+  if not 0 < cfg.generated_sampling_rate <= 1:
+    raise ConfigError("generated_sampling_rate must be in (0, 1]")
   if cfg.depth < 0:
     raise ConfigError(f"depth must be >= 0 (0 = automatic), got {cfg.depth}")
 
@@ -107,12 +136,83 @@ def check_output_dir(out: str, overwrite: bool) -> None:
 # The run.
 
 
-def _mechanisms(cfg: Config, num_train: int) -> list[accounting.Mechanism]:
-  fm = accounting.Mechanism("feature_matching", 0.0, cfg.sampling_rate,
-                            cfg.num_queries)
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What a configuration resolves to (public; computed before any data is
+  read)."""
+  init: str
+  extractors: str
+  factor: int
+  depth: int
+  uses_generated: bool
+  builtin_generator: bool
+  feature_matching: bool
+  external: tuple[float, float] | None  # declared (eps, delta) of external G
+  fixed: tuple  # accounting.Mechanism of external G with declared noise
+  external_declared: bool
+
+
+def resolve(cfg: Config, image_shape) -> Plan:
+  """Resolves `auto` options and the data sources of a configuration."""
+  init = cfg.init
+  if init == "auto":
+    init = {"dpgeng": "generated", "dm": "real"}.get(cfg.method, "noise")
+  ext = cfg.extractors
+  if ext == "auto":
+    ext = "generated" if cfg.method == "dpgeng" else "random"
+  factor = cfg.factor or init_lib.default_factor(min(image_shape[:2]))
+  if cfg.method in ("generator", "dm"):
+    factor = 1
+  uses_generated = (cfg.method == "generator" or init == "generated"
+                    or ext == "generated")
+  builtin = uses_generated and cfg.generator == "builtin"
+  external, fixed, declared = None, (), False
+  if uses_generated and not builtin:
+    if cfg.generated_epsilon > 0:
+      external, declared = (cfg.generated_epsilon, cfg.generated_delta), True
+    elif cfg.generated_mu > 0:
+      fixed = (accounting.Mechanism("external_generator", 1.0 /
+                                    cfg.generated_mu, 1.0, 1),)
+      declared = True
+    elif cfg.generated_noise_multiplier > 0:
+      fixed = (accounting.Mechanism(
+          "external_generator", cfg.generated_noise_multiplier,
+          cfg.generated_sampling_rate, cfg.generated_steps),)
+      declared = True
+  return Plan(init=init, extractors=ext, factor=factor,
+              depth=cfg.depth or models.default_depth(min(image_shape[:2])),
+              uses_generated=uses_generated, builtin_generator=builtin,
+              feature_matching=cfg.method != "generator", external=external,
+              fixed=fixed, external_declared=declared)
+
+
+def _mechanisms(cfg: Config, plan: Plan) -> list[accounting.Mechanism]:
+  """The run's private mechanisms with calibrated noise (reads no data)."""
+  mechs, shares = [], []
+  if plan.builtin_generator:
+    mechs.append(accounting.Mechanism("generator", 0.0, 1.0, 1))
+    shares.append(cfg.share_generator)
+  if plan.feature_matching:
+    mechs.append(accounting.Mechanism("feature_matching", 0.0,
+                                      cfg.sampling_rate, cfg.num_queries))
+    shares.append(cfg.share_features)
   if cfg.method == "dm":
-    return [fm]
-  return accounting.calibrate([fm], cfg.epsilon, cfg.delta)
+    return mechs
+  if not mechs:  # only external generated data
+    return list(plan.fixed)
+  eps, delta = cfg.epsilon, cfg.delta
+  if plan.external:
+    eps, delta = eps - plan.external[0], delta - plan.external[1]
+    if eps <= 0 or delta <= 0:
+      raise ConfigError(
+          f"the declared guarantee of the generated data ({plan.external}) "
+          f"leaves no budget of the target ({cfg.epsilon}, {cfg.delta})")
+  try:
+    cal = accounting.calibrate(mechs, eps, delta, shares=shares,
+                               fixed=plan.fixed)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  return [*plan.fixed, *cal]
 
 
 def _public_metadata(ds: data_lib.Dataset) -> list[str]:
@@ -128,9 +228,17 @@ def _public_metadata(ds: data_lib.Dataset) -> list[str]:
   ]
 
 
+def _by_name(mechs, name):
+  return next((m for m in mechs if m.name == name), None)
+
+
 def run(cfg: Config, dataset: data_lib.Dataset | None = None,
         log: Callable[[str], Any] | None = print) -> RunResult:
-  """Runs the configured method; reads private data only through M_F."""
+  """Runs the configured method.
+
+  Private data is read only by the mechanisms: the built-in generator's
+  release (M_G) and the feature-matching queries (M_F).
+  """
   log = log or (lambda s: None)
   quiet = cfg.quiet
   validate_config(cfg)
@@ -140,95 +248,137 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
   timings = {}
   t0 = time.time()
   k, image_shape = ds.num_classes, tuple(ds.image_shape)
-  depth = cfg.depth or models.default_depth(min(image_shape[:2]))
+  plan = resolve(cfg, image_shape)
+  depth, f = plan.depth, plan.factor
+  m_stored = cfg.ipc  # stored images per class; f*f*ipc after decoding
+  x_gen = y_gen = None
+  if plan.uses_generated and not plan.builtin_generator:
+    x_gen, y_gen = generator.load_external(
+        cfg.generator[len("npz:"):], image_shape=image_shape, num_classes=k)
 
-  # Keys: the public key governs init, extractors and augmentation; the
-  # secret key (OS entropy) governs sampling and noise and is never saved.
+  # Keys: the public key governs init, extractors, augmentation and the
+  # generator's network; the secret key (OS entropy) governs sampling and
+  # noise and is never saved.
   public_key = jax.random.key(cfg.seed)
-  k_query, k_init, k_eval, k_ref = jax.random.split(public_key, 4)
+  k_query, k_init, k_eval, k_ref, k_gen, k_pool = jax.random.split(
+      public_key, 6)
   secret = (mechanisms.deterministic_secret_key(cfg.seed)
             if cfg.deterministic else mechanisms.secret_key())
+  s_gen, s_query = jax.random.split(secret)
 
   # 1. Accounting (no data read).
-  mechs = _mechanisms(cfg, ds.num_train)
-  fm = mechs[0]
+  mechs = _mechanisms(cfg, plan)
   nonprivate = cfg.method == "dm"
   clip_norm = math.inf if nonprivate else cfg.clip_norm
   timings["calibration_s"] = time.time() - t0
+  x_train = ds.normalize(ds.x_train)
 
-  # 2. The private queries.
-  t1 = time.time()
-  extractor = models.ConvNet(k, width=cfg.extractor_width, depth=depth)
-  plan = distill.QueryPlan(
-      init_extractor=lambda key: models.init_params(extractor, key,
-                                                    image_shape),
-      embed_fn=models.embed_fn(extractor), num_classes=k,
+  # 2. Generated data G: the built-in generator's one private release, then
+  # post-processing; or external generated data.
+  extractor_model = models.ConvNet(k, width=cfg.extractor_width, depth=depth)
+  pool = None
+  if plan.uses_generated:
+    t1 = time.time()
+    if plan.builtin_generator:
+      x_gen, y_gen = _builtin_generate(cfg, ds, x_train, k_gen, s_gen,
+                                       _by_name(mechs, "generator"))
+    x_gen_n = ds.normalize(x_gen)
+    timings["generation_s"] = time.time() - t1
+    t1 = time.time()
+    ecfg = _eval_config(cfg, depth)
+    n_pool = cfg.pool_models if (plan.extractors == "generated"
+                                 or plan.init == "generated"
+                                 or cfg.method == "generator") else 0
+    total = (n_pool * cfg.pool_epochs
+             * math.ceil(len(x_gen_n) / min(ecfg.batch_size, len(x_gen_n))))
+    with tqdm(total=total, desc="extractor pool (generated data)",
+              disable=quiet) as bar:
+      pool = extractors.train_generated_pool(
+          k_pool, x_gen_n, y_gen, num_classes=k, model=extractor_model,
+          num_models=n_pool, epochs=cfg.pool_epochs,
+          checkpoints=cfg.pool_checkpoints,
+          cfg=dataclasses.replace(ecfg, width=cfg.extractor_width),
+          progress=bar.update)
+    timings["extractor_pool_s"] = time.time() - t1
+  del s_gen
+
+  # 3. The private feature-matching queries.
+  plan_q = distill.QueryPlan(
+      extractor=(extractors.fixed_pool(pool) if plan.extractors == "generated"
+                 else extractors.random_pool(extractor_model, image_shape)),
+      embed_fn=models.embed_fn(extractor_model), num_classes=k,
       strategy=cfg.strategy)
-  spec = mechanisms.QuerySpec(
-      embed_fn=plan.embed_fn, num_classes=k, clip_norm=clip_norm,
-      noise_multiplier=fm.noise_multiplier,
-      sampling_rate=cfg.sampling_rate,
-      capacity=mechanisms.poisson_capacity(ds.class_counts,
-                                           cfg.sampling_rate),
-      strategy=cfg.strategy)
-  private_data = mechanisms.class_major(ds.normalize(ds.x_train),
-                                        ds.y_train, k)
+  fm = _by_name(mechs, "feature_matching")
+  spec = None
+  if plan.feature_matching:
+    t1 = time.time()
+    spec = mechanisms.QuerySpec(
+        embed_fn=plan_q.embed_fn, num_classes=k, clip_norm=clip_norm,
+        noise_multiplier=fm.noise_multiplier,
+        sampling_rate=cfg.sampling_rate,
+        capacity=mechanisms.poisson_capacity(ds.class_counts,
+                                             cfg.sampling_rate),
+        strategy=cfg.strategy)
+    targets = _answer_queries(cfg, spec, plan_q, k_query, x_train, ds.y_train,
+                              k, s_query, quiet)
+    timings["queries_s"] = time.time() - t1
+  del secret, s_query
 
-  @jax.jit
-  def query(data, secret_q, q):
-    params, aug_params = plan.params(k_query, q)
-    return mechanisms.noisy_targets(spec, data, params, aug_params, secret_q)
-
-  targets = []
-  for q in tqdm(range(cfg.num_queries), desc="private queries",
-                disable=quiet):
-    sums, overflow = query(private_data, jax.random.fold_in(secret, q), q)
-    mechanisms.check_overflow(overflow)
-    targets.append(sums)
-  targets = jnp.stack(targets)
-  del secret, private_data
-  expected_counts = jnp.asarray(cfg.sampling_rate * ds.class_counts,
-                                jnp.float32)
-  timings["queries_s"] = time.time() - t1
-
-  # 3. Initialisation and distillation (post-processing).
+  # 4. Initialisation (post-processing, or real images for dm).
   t2 = time.time()
-  if cfg.method == "dm":  # non-private: starts from real images
-    xs, _ = evaluate.random_real_subset(k_init, ds.normalize(ds.x_train),
-                                        ds.y_train, cfg.ipc, k)
-    images = jnp.asarray(xs.reshape(k, cfg.ipc, *image_shape))
+  if plan.init == "generated" or cfg.method == "generator":
+    last = extractors.fixed_pool(pool)(None, extractors.pool_size(pool) - 1)
+    embed = lambda xb: plan_q.embed_fn(last, xb)
+    gen_cm = jnp.asarray(_equal_class_major(x_gen_n, y_gen, k))
+    if gen_cm.shape[1] < m_stored * f * f:
+      raise ConfigError(
+          f"k-means initialisation needs >= {m_stored * f * f} generated "
+          f"images per class (ipc * factor^2), the smallest class has "
+          f"{gen_cm.shape[1]}; raise --generated-per-class")
+    chosen = init_lib.select_per_class(k_init, embed, gen_cm, m_stored * f * f)
+    images = init_lib.encode(chosen, f)
+  elif plan.init == "real":  # NOT private: starts from real images
+    xs, _ = evaluate.random_real_subset(k_init, x_train, ds.y_train,
+                                        m_stored * f * f, k)
+    images = init_lib.encode(jnp.asarray(xs.reshape(k, -1, *image_shape)), f)
   else:
-    images = jax.random.normal(k_init, (k, cfg.ipc, *image_shape))
-  opt = distill.image_optimizer(cfg.lr_img)
-  state = distill.init_state(images, opt)
-  step = distill.make_step(plan, opt, clip_norm=clip_norm)
-  losses = []
-  for _ in tqdm(range(cfg.steps), desc="distillation", disable=quiet):
-    state, loss = step(state, targets, expected_counts, k_query)
-    losses.append(loss)
-  syn = np.asarray(state.images).reshape(k * cfg.ipc, *image_shape)
-  y_syn = np.repeat(np.arange(k, dtype=np.int32), cfg.ipc)
-  timings["distillation_s"] = time.time() - t2
-  losses = np.asarray(jnp.stack(losses)) if losses else np.zeros(0)
+    images = jax.random.normal(k_init, (k, m_stored, *image_shape))
 
-  # 4. Evaluation on the real test split.
+  # 5. Distillation against the cached targets (post-processing).
+  losses = np.zeros(0)
+  if plan.feature_matching:
+    opt = distill.image_optimizer(cfg.lr_img)
+    state = distill.init_state(images, opt)
+    step = distill.make_step(plan_q, opt, clip_norm=clip_norm,
+                             decode=lambda s: init_lib.decode(s, f))
+    losses = []
+    for _ in tqdm(range(cfg.steps), desc="distillation", disable=quiet):
+      state, loss = step(state, targets, _expected_counts(cfg, ds), k_query)
+      losses.append(loss)
+    losses = np.asarray(jnp.stack(losses)) if losses else np.zeros(0)
+    images = state.images
+  stored = np.asarray(images).reshape(k * m_stored, *image_shape)
+  decoded = np.asarray(init_lib.decode(images, f)).reshape(-1, *image_shape)
+  y_stored = np.repeat(np.arange(k, dtype=np.int32), m_stored)
+  y_decoded = np.repeat(np.arange(k, dtype=np.int32), m_stored * f * f)
+  timings["distillation_s"] = time.time() - t2
+
+  # 6. Evaluation on the real test split.
   metrics = None
   if not cfg.no_eval:
     t3 = time.time()
-    ecfg = evaluate.EvalConfig(num_models=cfg.eval_models,
-                               epochs=cfg.eval_epochs, width=cfg.eval_width,
-                               depth=depth, strategy=cfg.strategy)
+    ecfg = _eval_config(cfg, depth)
     x_test = ds.normalize(ds.x_test)
-    metrics = _evaluate(k_eval, syn, y_syn, x_test, ds.y_test, k, ecfg,
-                        quiet, "evaluation")
+    metrics = _evaluate(k_eval, decoded, y_decoded, x_test, ds.y_test, k,
+                        ecfg, quiet, "evaluation")
     if cfg.references:
-      xr, yr = evaluate.random_real_subset(k_ref, ds.normalize(ds.x_train),
-                                           ds.y_train, cfg.ipc, k)
+      xr, yr = evaluate.random_real_subset(k_ref, x_train, ds.y_train,
+                                           cfg.ipc, k)
       metrics["reference_random_real_subset"] = _evaluate(
           k_eval, xr, yr, x_test, ds.y_test, k, ecfg, quiet,
           "reference: random real subset")
       metrics["reference_full_training_set"] = _evaluate(
-          k_eval, ds.normalize(ds.x_train), ds.y_train, x_test, ds.y_test, k,
+          k_eval, x_train, ds.y_train, x_test, ds.y_test, k,
           dataclasses.replace(ecfg, epochs=max(1, cfg.eval_epochs // 10)),
           quiet, "reference: full training set")
       metrics["references_note"] = (
@@ -239,34 +389,110 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
                    last_loss=float(losses[-1]) if len(losses) else None)
   timings["total_s"] = time.time() - t0
 
+  private = (cfg.private and plan.init != "real"
+             and (not plan.uses_generated or plan.builtin_generator
+                  or plan.external_declared))
   notes = [
       "Noise and sampling randomness came from "
       + ("the public seed (deterministic TEST mode): this run is NOT private"
          if cfg.deterministic else
          "the operating system's entropy and was never saved"),
-      f"Poisson batches are padded to {spec.capacity} examples per class; "
-      f"overflow (probability <= {mechanisms.OVERFLOW_TAIL:g} per class "
-      "and query) aborts the run instead of truncating",
       "Targets are sums normalised by the public expected counts p * N_c",
   ]
+  if spec is not None:
+    notes.append(
+        f"Poisson batches are padded to {spec.capacity} examples per class; "
+        f"overflow (probability <= {mechanisms.OVERFLOW_TAIL:g} per class "
+        "and query) aborts the run instead of truncating")
+  if plan.builtin_generator:
+    notes.append("built-in generator: class counts are released inside the "
+                 "same noisy vector (constant coordinate), not assumed public")
+  if plan.uses_generated and not plan.builtin_generator and (
+      not plan.external_declared):
+    notes.insert(0, "external generated data came with no declared "
+                 "guarantee: this run is NOT private")
+  if plan.init == "real" and not nonprivate:
+    notes.insert(0, "initialised from real training images: NOT private")
   if nonprivate:
     notes.insert(0, "method dm is NOT private: no clipping, no noise, "
                  "initialised from real images")
   privacy = accounting.privacy_report(
       mechs, target_epsilon=cfg.epsilon, delta=cfg.delta,
-      private=cfg.private, public_metadata=_public_metadata(ds),
-      notes=notes)
+      private=private, public_metadata=_public_metadata(ds),
+      notes=notes, external=plan.external)
   privacy["method"] = cfg.method
   privacy["clip_norm"] = None if nonprivate else cfg.clip_norm
   if metrics is not None:
     metrics["timings_s"] = timings
+    metrics["private"] = privacy["private"]
   config = cfg.to_dict()
-  config.update(resolved_depth=depth, dataset_name=ds.name,
-                poisson_capacity=spec.capacity,
+  config.update(resolved=dataclasses.asdict(plan), dataset_name=ds.name,
+                poisson_capacity=spec.capacity if spec else None,
                 versions=_versions(), timings_s=timings)
-  x_pixels = _denormalize(ds, syn)
-  return RunResult(x=x_pixels, y=y_syn, privacy=privacy, metrics=metrics,
-                   config=config)
+  return RunResult(x=_denormalize(ds, stored), y=y_stored, privacy=privacy,
+                   metrics=metrics, config=config, factor=f,
+                   x_decoded=_denormalize(ds, decoded), y_decoded=y_decoded,
+                   x_generated=None if x_gen is None else np.asarray(x_gen))
+
+
+def _equal_class_major(x, y, k):
+  """(K, m, ...) with the first m images of every class, m the smallest
+  class count (public data: generated images)."""
+  y = np.asarray(y)
+  m = min(int(np.sum(y == c)) for c in range(k))
+  return np.stack([np.asarray(x)[np.flatnonzero(y == c)[:m]]
+                   for c in range(k)])
+
+
+def _expected_counts(cfg: Config, ds) -> jax.Array:
+  return jnp.asarray(cfg.sampling_rate * ds.class_counts, jnp.float32)
+
+
+def _eval_config(cfg: Config, depth: int) -> evaluate.EvalConfig:
+  return evaluate.EvalConfig(num_models=cfg.eval_models,
+                             epochs=cfg.eval_epochs, width=cfg.eval_width,
+                             depth=depth, strategy=cfg.strategy)
+
+
+def _builtin_generate(cfg, ds, x_train, k_gen, secret, mech):
+  """M_G: one noisy release of class feature sums, then post-processing."""
+  k_map, k_fit, k_sample = jax.random.split(k_gen, 3)
+  fmap = generator.FeatureMap.create(
+      k_map, int(np.prod(ds.image_shape)), cfg.generator_features)
+  release = jax.jit(functools.partial(
+      generator.release_class_features, num_classes=ds.num_classes,
+      noise_multiplier=mech.noise_multiplier))(
+          fmap, jnp.asarray(x_train), jnp.asarray(ds.y_train),
+          jnp.ones(len(x_train)), noise_key=secret)
+  means, _ = generator.class_means_from_release(release)
+  gcfg = generator.GeneratorConfig(num_features=cfg.generator_features,
+                                   steps=cfg.generator_steps)
+  with tqdm(total=gcfg.steps, desc="generator (post-processing)",
+            disable=cfg.quiet) as bar:
+    gen, params = generator.train_generator(
+        k_fit, fmap, means, image_shape=ds.image_shape,
+        normalize=ds.normalize, cfg=gcfg, progress=bar.update)
+  return generator.sample(gen, params, k_sample, cfg.generated_per_class,
+                          gcfg.latent_dim)
+
+
+def _answer_queries(cfg, spec, plan_q, k_query, x_train, y_train, k, secret,
+                    quiet):
+  """M_F: the Q noisy class sums, computed once."""
+  private_data = mechanisms.class_major(x_train, y_train, k)
+
+  @jax.jit
+  def query(data, secret_q, q):
+    params, aug_params = plan_q.params(k_query, q)
+    return mechanisms.noisy_targets(spec, data, params, aug_params, secret_q)
+
+  targets = []
+  for q in tqdm(range(cfg.num_queries), desc="private queries",
+                disable=quiet):
+    sums, overflow = query(private_data, jax.random.fold_in(secret, q), q)
+    mechanisms.check_overflow(overflow)
+    targets.append(sums)
+  return jnp.stack(targets)
 
 
 def _evaluate(key, x, y, x_test, y_test, k, ecfg, quiet, desc):
@@ -348,13 +574,24 @@ def write_outputs(result: RunResult, out: str, overwrite: bool = False
     paths.append(os.path.join(out, name))
     return paths[-1]
 
+  decoded = {} if result.x_decoded is None else {
+      "x_decoded": result.x_decoded, "y_decoded": result.y_decoded}
   _atomic_write(p("distilled.npz"),
-                lambda f: np.savez(f, x=result.x, y=result.y), mode="wb")
+                lambda f: np.savez(f, x=result.x, y=result.y,
+                                   factor=np.int32(result.factor), **decoded),
+                mode="wb")
   _atomic_write(p("privacy.json"), _json(result.privacy))
   _atomic_write(p("config.json"), _json(result.config))
   _atomic_write(p("grid.png"),
                 lambda f: grid_image(result.x, k).save(f, format="PNG"),
                 mode="wb")
+  if result.x_generated is not None:
+    per = min(10, len(result.x_generated) // k)
+    xg = result.x_generated.reshape(k, -1, *result.x_generated.shape[1:])
+    _atomic_write(p("generated_grid.png"),
+                  lambda f: grid_image(xg[:, :per].reshape(
+                      -1, *xg.shape[2:]), k).save(f, format="PNG"),
+                  mode="wb")
   if result.metrics is not None:
     _atomic_write(p("metrics.json"), _json(result.metrics))
   elif os.path.exists(os.path.join(out, "metrics.json")):

@@ -183,3 +183,87 @@ def test_npz_dataset_runs_end_to_end(tmp_path):
                "--deterministic", *TINY]) == 0
   d = np.load(out / "distilled.npz")
   assert d["x"].shape == (8, 8, 8, 1)
+
+
+GEN_TINY = ["--generator-steps", "5", "--generator-features", "20",
+            "--generated-per-class", "8", "--pool-models", "1",
+            "--pool-checkpoints", "2", "--pool-epochs", "1"]
+
+
+def test_dpgeng_with_builtin_generator_and_factor_two(tmp_path):
+  out = tmp_path / "run"
+  assert _run(["--out", str(out), "--method", "dpgeng", "--factor", "2",
+               "--deterministic", "--epsilon", "4", *GEN_TINY, *TINY]) == 0
+  priv = json.loads((out / "privacy.json").read_text())
+  names = [m["name"] for m in priv["mechanisms"]]
+  assert names == ["generator", "feature_matching"]
+  assert 0.98 * 4 <= priv["epsilon_pld"] <= 4
+  assert any("class counts are released" in n for n in priv["notes"])
+  d = np.load(out / "distilled.npz")
+  assert int(d["factor"]) == 2
+  assert d["x"].shape == (20, 8, 8, 1)          # stored: IPC 2 per class
+  assert d["x_decoded"].shape == (80, 8, 8, 1)  # 4 tiles each
+  assert (out / "generated_grid.png").exists()
+  config = json.loads((out / "config.json").read_text())
+  assert config["resolved"]["init"] == "generated"
+  assert config["resolved"]["extractors"] == "generated"
+
+
+def test_generator_only_baseline_spends_budget_on_generation_only(tmp_path):
+  out = tmp_path / "run"
+  assert _run(["--out", str(out), "--method", "generator",
+               "--deterministic", *GEN_TINY, *TINY]) == 0
+  priv = json.loads((out / "privacy.json").read_text())
+  assert [m["name"] for m in priv["mechanisms"]] == ["generator"]
+  assert np.load(out / "distilled.npz")["x"].shape == (20, 8, 8, 1)
+
+
+def _gen_npz(tmp_path):
+  rng = np.random.default_rng(1)
+  return "npz:" + _save_npz(tmp_path / "gen.npz",
+                            x=rng.random((40, 8, 8, 1)).astype(np.float32),
+                            y=np.arange(40) % 10)
+
+
+def _save_npz(path, **arrays):
+  np.savez(path, **arrays)
+  return str(path)
+
+
+def test_external_generated_data_without_guarantee_is_not_private(tmp_path):
+  out = tmp_path / "run"
+  assert _run(["--out", str(out), "--method", "dpgeng", "--generator",
+               _gen_npz(tmp_path), "--no-eval", *GEN_TINY, *TINY]) == 0
+  priv = json.loads((out / "privacy.json").read_text())
+  assert priv["private"] is False
+  assert "no declared guarantee" in priv["notes"][0]
+
+
+@pytest.mark.parametrize("declared", [
+    ["--generated-epsilon", "0.5", "--generated-delta", "1e-6"],
+    ["--generated-mu", "0.5"],
+    ["--generated-noise-multiplier", "3.0"],
+])
+def test_external_generated_guarantee_is_composed_into_the_budget(
+    tmp_path, declared):
+  out = tmp_path / "run"
+  assert _run(["--out", str(out), "--method", "dpgeng", "--generator",
+               _gen_npz(tmp_path), "--no-eval", "--epsilon", "2", *declared,
+               *GEN_TINY, *TINY]) == 0
+  priv = json.loads((out / "privacy.json").read_text())
+  assert priv["private"] is True
+  assert 0.98 * 2 <= priv["epsilon_pld"] <= 2
+  if "--generated-epsilon" in declared:
+    assert priv["external_generated_data"] == {"epsilon": 0.5,
+                                               "delta": 1e-6}
+  else:
+    assert priv["mechanisms"][0]["name"] == "external_generator"
+
+
+def test_external_guarantee_larger_than_target_is_refused(tmp_path, capsys):
+  out = tmp_path / "run"
+  assert _run(["--out", str(out), "--method", "dpgeng", "--generator",
+               _gen_npz(tmp_path), "--epsilon", "1", "--generated-epsilon",
+               "2", *GEN_TINY, *TINY]) == 2
+  assert "leaves no budget" in capsys.readouterr().err
+  assert not out.exists()

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpgeng_jax import augment, distill
+from dpgeng_jax import augment, distill, extractors
 from dpgeng_jax.clipping import clip_rows
 from dpgeng_jax.models import ConvNet, embed_fn, init_params
 
@@ -17,7 +17,7 @@ K, IPC, SHAPE = 3, 2, (8, 8, 1)
 def _plan(strategy="color_crop_cutout_flip_scale_rotate"):
   m = ConvNet(K, width=8, depth=2)
   return distill.QueryPlan(
-      init_extractor=lambda key: init_params(m, key, SHAPE),
+      extractor=extractors.random_pool(m, SHAPE),
       embed_fn=embed_fn(m), num_classes=K, strategy=strategy)
 
 
@@ -78,7 +78,7 @@ def test_steps_reduce_the_loss_and_compile_once():
     traces.append(1)
     return orig(p, x)
 
-  plan = distill.QueryPlan(plan.init_extractor, counting_embed, K, "none")
+  plan = distill.QueryPlan(plan.extractor, counting_embed, K, "none")
   key = jax.random.key(0)
   target_imgs = jax.random.normal(jax.random.key(5), (K, 4, *SHAPE))
   targets = jnp.stack([

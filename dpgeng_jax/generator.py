@@ -1,0 +1,205 @@
+"""Built-in DP generator (DP-MERF style) and external generated data.
+
+The private step (mechanism M_G) is ONE Gaussian release:
+
+    R = sum_i onehot(y_i) (x) v(x_i)  +  N(0, sigma_G^2 I),   R in R^{K x (2D+1)}
+
+with v(x) = [cos(W x), sin(W x)] / sqrt(2 D)  concatenated with 1/sqrt(2):
+random Fourier features of the (flattened, normalised) pixels with a fixed
+public W, and a constant coordinate that carries the class count. Every
+v(x) has L2 norm exactly 1 and one example touches one class row, so the
+release has L2 sensitivity 1 under add/remove of one example: the event is
+GaussianDpEvent(sigma_G). The noisy class counts used for normalisation are
+read from the constant coordinate of the same release (nothing else about
+the private data is used).
+
+Everything after the release is post-processing: a class-conditional
+generator (Flax MLP) is trained with optax so that the mean features of its
+samples match the released noisy class means, then sampled as often as
+needed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dpgeng_jax import mechanisms
+
+
+class FeatureMap(NamedTuple):
+  """Random Fourier features with norm exactly 1 (public parameters; a
+  pytree, so it can be passed to jitted functions)."""
+  w: jax.Array  # (input_dim, D)
+
+  @classmethod
+  def create(cls, key: jax.Array, input_dim: int, num_features: int,
+             bandwidth: float | None = None) -> "FeatureMap":
+    """W ~ N(0, 1 / bandwidth^2): features of a Gaussian kernel with this
+    length scale; default bandwidth sqrt(input_dim) (images normalised to
+    about unit variance per pixel)."""
+    bw = bandwidth or math.sqrt(input_dim)
+    w = jax.random.normal(key, (input_dim, num_features)) / bw
+    return cls(w)
+
+  @property
+  def dim(self) -> int:
+    """Length of `bounded` vectors: 2D + 1."""
+    return 2 * self.w.shape[1] + 1
+
+  def rff(self, x: jax.Array) -> jax.Array:
+    """(n, H, W, C) -> (n, 2D) with norm exactly 1/sqrt(2) * sqrt(2) = 1."""
+    proj = x.reshape(x.shape[0], -1).astype(jnp.float32) @ self.w
+    d = self.w.shape[1]
+    return jnp.concatenate([jnp.cos(proj), jnp.sin(proj)], -1) / math.sqrt(d)
+
+  def bounded(self, x: jax.Array) -> jax.Array:
+    """v(x) = [rff(x) / sqrt 2, 1 / sqrt 2]: L2 norm exactly 1."""
+    f = self.rff(x) / math.sqrt(2.0)
+    ones = jnp.full((x.shape[0], 1), 1.0 / math.sqrt(2.0), jnp.float32)
+    return jnp.concatenate([f, ones], -1)
+
+
+GENERATOR_SENSITIVITY = 1.0  # L2, add/remove one example (module docstring)
+
+
+def release_class_features(feature_map: FeatureMap, x: jax.Array,
+                           y: jax.Array, mask: jax.Array, *,
+                           num_classes: int, noise_multiplier: float,
+                           noise_key: jax.Array) -> jax.Array:
+  """M_G: per-class sums of v(x) plus N(0, sigma_G^2) per coordinate.
+
+  x: (n, H, W, C) normalised private images, y labels, mask 1 for real rows.
+  Returns the noisy (K, 2D + 1) sums.
+  """
+  v = feature_map.bounded(x)
+  m = mask.astype(jnp.float32)
+  onehot = jax.nn.one_hot(y, num_classes, dtype=jnp.float32) * m[:, None]
+  sums = onehot.T @ jnp.where(m[:, None] > 0, v, 0.0)
+  return sums + mechanisms.gaussian_noise(
+      noise_key, sums.shape, noise_multiplier * GENERATOR_SENSITIVITY)
+
+
+def class_means_from_release(release: jax.Array, min_count: float = 1.0):
+  """Post-processing: (noisy rff class means (K, 2D), noisy counts (K,))."""
+  counts = release[:, -1] * math.sqrt(2.0)
+  safe = jnp.maximum(counts, min_count)
+  means = release[:, :-1] * math.sqrt(2.0) / safe[:, None]
+  return means, counts
+
+
+class Generator(nn.Module):
+  """Class-conditional MLP generator: (z, label) -> image in [0, 1]."""
+  num_classes: int
+  image_shape: tuple
+  hidden: int = 512
+
+  @nn.compact
+  def __call__(self, z: jax.Array, y: jax.Array) -> jax.Array:
+    h = jnp.concatenate([z, jax.nn.one_hot(y, self.num_classes)], -1)
+    h = nn.relu(nn.Dense(self.hidden // 2)(h))
+    h = nn.relu(nn.Dense(self.hidden)(h))
+    h = nn.Dense(int(np.prod(self.image_shape)))(h)
+    return jax.nn.sigmoid(h).reshape((z.shape[0], *self.image_shape))
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneratorConfig:
+  """Public hyperparameters of the built-in generator."""
+  num_features: int = 500
+  latent_dim: int = 16
+  hidden: int = 512
+  steps: int = 2000
+  batch_per_class: int = 64
+  learning_rate: float = 1e-3
+
+
+def train_generator(key: jax.Array, feature_map: FeatureMap,
+                    target_means: jax.Array, *, image_shape, normalize,
+                    cfg: GeneratorConfig, progress=None):
+  """Fits the generator to the released class means (post-processing).
+
+  `normalize` maps [0, 1] pixels to the space the features were computed
+  in. Returns (generator module, params).
+  """
+  k = target_means.shape[0]
+  gen = Generator(k, tuple(image_shape), cfg.hidden)
+  k_init, k_train = jax.random.split(key)
+  params = gen.init(k_init, jnp.zeros((1, cfg.latent_dim)),
+                    jnp.zeros((1,), jnp.int32))["params"]
+  opt = optax.adam(cfg.learning_rate)
+  opt_state = opt.init(params)
+  y = jnp.repeat(jnp.arange(k, dtype=jnp.int32), cfg.batch_per_class)
+
+  def loss_fn(p, z):
+    x = normalize(gen.apply({"params": p}, z, y))
+    f = feature_map.rff(x).reshape(k, cfg.batch_per_class, -1).mean(1)
+    return jnp.sum(jnp.square(f - target_means))
+
+  @jax.jit
+  def step(p, s, i):
+    z = jax.random.normal(jax.random.fold_in(k_train, i),
+                          (k * cfg.batch_per_class, cfg.latent_dim))
+    loss, g = jax.value_and_grad(loss_fn)(p, z)
+    u, s = opt.update(g, s, p)
+    return optax.apply_updates(p, u), s, loss
+
+  for i in range(cfg.steps):
+    params, opt_state, _ = step(params, opt_state, i)
+    if progress is not None:
+      progress(1)
+  return gen, params
+
+
+def sample(gen: Generator, params: Any, key: jax.Array, per_class: int,
+           latent_dim: int):
+  """per_class images of every class: (K * per_class, H, W, C) in [0, 1],
+  labels class-major."""
+  k = gen.num_classes
+  y = jnp.repeat(jnp.arange(k, dtype=jnp.int32), per_class)
+  z = jax.random.normal(key, (k * per_class, latent_dim))
+  return np.asarray(gen.apply({"params": params}, z, y)), np.asarray(y)
+
+
+# ---------------------------------------------------------------------------
+# External generated data.
+
+
+def load_external(path: str, *, image_shape, num_classes: int):
+  """Generated images and labels made by any DP generator, validated.
+
+  The .npz holds `x` (uint8 or float in [0, 1], NHWC or NHW) and `y`
+  (integer labels). Refused with DataError: a missing file or key, another
+  image shape than the private data, non-finite or out-of-range pixels,
+  labels out of range, a class with no generated image.
+  """
+  from dpgeng_jax.data import from_arrays  # validation shared with D
+  from dpgeng_jax.errors import DataError
+  try:
+    with np.load(path) as f:
+      missing = [k for k in ("x", "y") if k not in f.files]
+      if missing:
+        raise DataError(f"generated data {path!r} lacks array(s) {missing} "
+                        f"(found {sorted(f.files)})")
+      x, y = f["x"], f["y"]
+  except (OSError, ValueError) as e:
+    if isinstance(e, DataError):
+      raise
+    raise DataError(f"cannot read generated data {path!r}: {e}") from e
+  try:
+    g = from_arrays(x, y, x[:1], y[:1], name=f"generated:{path}",
+                    num_classes=num_classes)
+  except DataError as e:
+    raise DataError(f"generated data {path!r}: {e}") from e
+  if tuple(g.image_shape) != tuple(image_shape):
+    raise DataError(f"generated data {path!r} has images of shape "
+                    f"{tuple(g.image_shape)}, the private data "
+                    f"{tuple(image_shape)}")
+  return g.x_train, g.y_train

@@ -1,0 +1,135 @@
+"""The built-in DP generator's release and external generated data."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from dpgeng_jax import accounting as A
+from dpgeng_jax import generator as G
+from dpgeng_jax.errors import DataError
+
+SHAPE = (8, 8, 1)
+
+
+def _fmap(d=40):
+  return G.FeatureMap.create(jax.random.key(0), int(np.prod(SHAPE)), d)
+
+
+def _images(n, seed=0, scale=1.0):
+  return scale * jax.random.normal(jax.random.key(seed), (n, *SHAPE))
+
+
+def test_bounded_features_have_norm_exactly_one():
+  fm = _fmap()
+  for scale in (0.0, 1.0, 1e6):
+    v = fm.bounded(_images(50, scale=scale))
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(v), axis=1), 1.0,
+                               rtol=1e-5)
+  assert fm.dim == 81
+
+
+def test_one_example_moves_the_release_by_at_most_the_sensitivity():
+  fm = _fmap()
+  x = _images(30, scale=3.0)
+  y = jnp.arange(30) % 4
+  rel = lambda mask: G.release_class_features(
+      fm, x, y, mask, num_classes=4, noise_multiplier=0.0,
+      noise_key=jax.random.key(0))
+  full = rel(jnp.ones(30))
+  diffs = [float(jnp.linalg.norm(full - rel(jnp.ones(30).at[i].set(0.0))))
+           for i in range(30)]
+  assert max(diffs) <= G.GENERATOR_SENSITIVITY * (1 + 1e-5)
+  assert max(diffs) == pytest.approx(1.0, rel=1e-5)  # attained
+
+
+def test_release_noise_std_is_the_noise_multiplier():
+  fm = _fmap(200)
+  x = jnp.zeros((4, *SHAPE))
+  y = jnp.zeros(4, jnp.int32)
+  out = G.release_class_features(fm, x, y, jnp.zeros(4), num_classes=10,
+                                 noise_multiplier=2.5,
+                                 noise_key=jax.random.key(3))
+  samples = np.asarray(out).ravel()
+  assert stats.kstest(samples, "norm", args=(0, 2.5)).pvalue > 1e-3
+  assert stats.kstest(samples, "norm", args=(0, 2.5 * 2 / 3)).pvalue < 1e-6
+  assert stats.kstest(samples, "norm", args=(0, 2.5 * 1.5)).pvalue < 1e-6
+
+
+def test_noiseless_release_decodes_to_true_class_means_and_counts():
+  fm = _fmap()
+  x = _images(20)
+  y = jnp.arange(20) % 2
+  rel = G.release_class_features(fm, x, y, jnp.ones(20), num_classes=2,
+                                 noise_multiplier=0.0,
+                                 noise_key=jax.random.key(0))
+  means, counts = G.class_means_from_release(rel)
+  np.testing.assert_allclose(np.asarray(counts), [10, 10], rtol=1e-5)
+  f = np.asarray(fm.rff(x))
+  np.testing.assert_allclose(np.asarray(means[1]), f[1::2].mean(0),
+                             rtol=1e-4, atol=1e-6)
+
+
+def test_generator_event_composes_with_feature_matching_as_dp_accounting():
+  import dp_accounting
+  from dp_accounting import pld
+  ms = [A.Mechanism("generator", 2.0, 1.0, 1),
+        A.Mechanism("feature_matching", 1.1, 0.3, 6)]
+  hand = dp_accounting.ComposedDpEvent([
+      dp_accounting.GaussianDpEvent(2.0),
+      dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
+          0.3, dp_accounting.GaussianDpEvent(1.1)), 6)])
+  acc = pld.PLDAccountant(value_discretization_interval=A.PLD_DISCRETIZATION)
+  assert A.epsilon_pld(A.composed_event(ms), 1e-5) == pytest.approx(
+      acc.compose(hand).get_epsilon(1e-5), rel=1e-9)
+
+
+def test_generator_fits_released_means_and_samples_every_class():
+  fm = _fmap()
+  x = jax.random.uniform(jax.random.key(1), (40, *SHAPE))
+  y = jnp.arange(40) % 2
+  rel = G.release_class_features(fm, x, y, jnp.ones(40), num_classes=2,
+                                 noise_multiplier=0.0,
+                                 noise_key=jax.random.key(0))
+  means, _ = G.class_means_from_release(rel)
+  cfg = G.GeneratorConfig(num_features=40, steps=60, batch_per_class=16,
+                          hidden=64, learning_rate=3e-3)
+  ident = lambda a: a
+  gen, params = G.train_generator(jax.random.key(2), fm, means,
+                                  image_shape=SHAPE, normalize=ident, cfg=cfg)
+  xs, ys = G.sample(gen, params, jax.random.key(3), 5, cfg.latent_dim)
+  assert xs.shape == (10, *SHAPE) and np.all((xs >= 0) & (xs <= 1))
+  np.testing.assert_array_equal(ys, np.repeat([0, 1], 5))
+
+
+def _save(path, **arrays):
+  np.savez(path, **arrays)
+  return str(path)
+
+
+GOOD_X = np.random.default_rng(0).random((12, 8, 8, 1)).astype(np.float32)
+GOOD_Y = np.arange(12) % 3
+
+
+def test_external_generated_data_loads_when_valid(tmp_path):
+  x, y = G.load_external(_save(tmp_path / "g.npz", x=GOOD_X, y=GOOD_Y),
+                         image_shape=SHAPE, num_classes=3)
+  assert x.shape == GOOD_X.shape and list(np.bincount(y)) == [4, 4, 4]
+
+
+@pytest.mark.parametrize("arrays,message", [
+    ({"x": np.zeros((12, 4, 4, 1), np.float32), "y": GOOD_Y}, "shape"),
+    ({"x": GOOD_X, "y": np.arange(12) % 2}, "no training examples"),
+    ({"x": np.where(np.arange(12)[:, None, None, None] == 3, np.nan, GOOD_X),
+      "y": GOOD_Y}, "NaN"),
+    ({"x": GOOD_X}, "lacks"),
+    ({"x": GOOD_X, "y": np.arange(12) % 3 + 1}, "label"),
+])
+def test_bad_external_generated_data_is_refused(tmp_path, arrays, message):
+  path = _save(tmp_path / "g.npz", **arrays)
+  with pytest.raises(DataError) as e:
+    G.load_external(path, image_shape=SHAPE, num_classes=3)
+  assert message.lower() in str(e.value).lower()
