@@ -132,3 +132,41 @@ def clipped_class_means_public(embed_fn: EmbedFn, params: Any,
     return jnp.mean(clip_rows(embed_fn(params, xc), clip_norm), axis=0)
 
   return jax.vmap(one_class)(x_class_major)
+
+
+def clipped_grad_sum(loss_fn: Callable[..., jax.Array], params: Any,
+                     batch: Any, mask: jax.Array, *,
+                     clip_norm: float) -> Any:
+  """Sum over examples of per-example gradients clipped to L2 norm C.
+
+  Args:
+    loss_fn: loss_fn(params, example_batch) -> scalar, called with every
+      example as a batch of one (leading axis 1), so any Flax model that
+      expects a batch axis works unchanged. It must not mix examples.
+    params: the parameters (any pytree).
+    batch: pytree of arrays with a common leading axis n (padded).
+    mask: (n,) 1 for real examples, 0 for padding.
+    clip_norm: C; the norm is over the whole parameter pytree.
+
+  Returns:
+    A pytree like params, float32: sum_i mask_i clip_C(grad_i). Padded
+    examples contribute nothing; non-finite gradients contribute zero; the
+    L2 sensitivity under add/remove of one example is C.
+  """
+  def one(p, ex):
+    return jax.grad(loss_fn)(p, jax.tree.map(lambda a: a[None], ex))
+
+  grads = jax.vmap(one, in_axes=(None, 0))(params, batch)
+  leaves = [g.astype(jnp.float32).reshape(g.shape[0], -1)
+            for g in jax.tree.leaves(grads)]
+  flat = jnp.concatenate(leaves, axis=1)
+  finite = jnp.all(jnp.isfinite(flat), axis=1)
+  flat = jnp.where(finite[:, None], flat, 0.0)
+  norms = row_norms(flat)[:, 0]
+  scale = jnp.where(norms > clip_norm,
+                    clip_norm / jnp.where(norms > 0, norms, 1.0), 1.0)
+  weights = jnp.where(finite & (mask > 0), scale, 0.0)
+  return jax.tree.map(
+      lambda g: jnp.tensordot(weights, jnp.where(
+          jnp.isfinite(g), g, 0.0).astype(jnp.float32), axes=(0, 0)),
+      grads)

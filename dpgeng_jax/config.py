@@ -33,9 +33,8 @@ class Config:
   data_dir: str = _f("", "TFDS data directory (default: TFDS_DATA_DIR or "
                      "~/tensorflow_datasets)", "run")
   method: str = _f("ndpdc", "ndpdc: random extractors, noise init (DP); "
-                   "dpgeng: DP-generated data for init and extractors plus "
-                   "DP feature matching (the expert term is not in this "
-                   "release); generator: IPC images per class selected "
+                   "dpgeng: DP-generated data for init and extractors, DP "
+                   "feature matching and the DP expert; generator: IPC images per class selected "
                    "from the DP-generated data by k-means; dm: "
                    "distribution matching, NOT private", "run",
                    choices=METHODS)
@@ -65,6 +64,13 @@ class Config:
                               "generator's release (GDP units)", "privacy")
   share_features: float = _f(1.0, "budget share of the feature-matching "
                              "queries (GDP units)", "privacy")
+  share_expert: float = _f(1.0, "budget share of the DP expert "
+                           "(GDP units)", "privacy")
+  expert_steps: int = _f(100, "DP-SGD steps T_E of the expert", "privacy")
+  expert_sampling_rate: float = _f(0.1, "Poisson rate q_E of the expert's "
+                                   "DP-SGD", "privacy")
+  expert_clip_norm: float = _f(1.0, "per-example gradient bound C_E",
+                               "privacy")
   generated_epsilon: float = _f(0.0, "declared epsilon of external "
                                 "generated data (with --generated-delta)",
                                 "privacy")
@@ -92,6 +98,17 @@ class Config:
                              "generate")
   pool_epochs: int = _f(30, "training epochs of each pool ConvNet",
                         "generate")
+  # Expert (post-processing of its DP fine-tuning).
+  no_expert: bool = _f(False, "dpgeng without the DP expert term "
+                       "(ablation)", "distill")
+  expert_lr: float = _f(0.5, "learning rate of the expert's DP-SGD (SGD, "
+                        "momentum 0.9)", "distill")
+  expert_weight: float = _f(0.1, "weight lambda of the expert term",
+                            "distill")
+  expert_tau: float = _f(1.0, "temperature tau of the expert term",
+                         "distill")
+  expert_beta: float = _f(0.1, "weight beta of the cross-entropy in the "
+                          "expert term", "distill")
   # Distillation (post-processing).
   steps: int = _f(1000, "optimisation steps on the synthetic pixels",
                   "distill")

@@ -101,18 +101,25 @@ def init_state(images: jax.Array, opt: optax.GradientTransformation
 
 def make_step(plan: QueryPlan, opt: optax.GradientTransformation, *,
               clip_norm: float, decode: Callable[[jax.Array], jax.Array]
-              | None = None):
+              | None = None,
+              extra_loss: Callable[[jax.Array], jax.Array] | None = None):
   """Builds step(state, targets, expected_counts, public_key) -> (state, loss).
 
   targets: (Q, K, d) cached noisy sums; the step uses query
   `state.step % Q`. `decode` maps stored images (K, IPC, ...) to the images
-  the extractor sees (K, m, ...); identity by default.
+  the extractor sees (K, m, ...); identity by default. `extra_loss` (e.g.
+  the weighted expert alignment term) is added to L_FM on the decoded
+  images.
   """
   decode = decode or (lambda s: s)
 
   def loss_fn(images, params, aug_params, target, counts):
-    return feature_matching_loss(plan, params, aug_params, decode(images),
-                                 target, counts, clip_norm)
+    dec = decode(images)
+    loss = feature_matching_loss(plan, params, aug_params, dec, target,
+                                 counts, clip_norm)
+    if extra_loss is not None:
+      loss = loss + extra_loss(dec)
+    return loss
 
   def step(state: DistillState, targets, expected_counts, public_key):
     q = state.step % targets.shape[0]

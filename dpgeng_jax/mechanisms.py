@@ -24,10 +24,11 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from scipy import stats
 
 from dpgeng_jax import augment
-from dpgeng_jax.clipping import clipped_class_sums
+from dpgeng_jax.clipping import clipped_class_sums, clipped_grad_sum
 
 # Per class and per query, the probability that a Poisson batch exceeds the
 # padded capacity. An overflow raises (it is never silently truncated); the
@@ -214,3 +215,49 @@ def check_overflow(overflow) -> None:
         "a Poisson batch exceeded its padded capacity (an event of "
         f"probability <= {OVERFLOW_TAIL:g} per class and query); the "
         "release was discarded, nothing was truncated. Re-run.")
+
+
+# ---------------------------------------------------------------------------
+# M_E: DP-SGD.
+
+
+def tree_gaussian_noise(key: jax.Array, tree: Any, stddev: float) -> Any:
+  """Independent N(0, stddev^2) noise for every leaf of a pytree."""
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(key, len(leaves))
+  return jax.tree.unflatten(treedef, [
+      gaussian_noise(k, leaf.shape, stddev) for k, leaf in zip(keys, leaves)])
+
+
+def poisson_batch_indices(key: jax.Array, num_examples: int,
+                          sampling_rate: float, capacity: int):
+  """Poisson sample of range(N) packed into `capacity` slots.
+
+  Returns (idx (capacity,), mask (capacity,), overflow)."""
+  idx, mask, over = poisson_sample(key, jnp.ones((1, num_examples)),
+                                   sampling_rate, capacity)
+  return idx[0], mask[0], over
+
+
+def make_dp_sgd_step(loss_fn: Callable[..., jax.Array], optimizer, *,
+                     clip_norm: float, noise_multiplier: float,
+                     expected_batch_size: float):
+  """One DP-SGD step as a pure function.
+
+  step(params, opt_state, batch, mask, noise_key) ->
+      (params, opt_state, noisy_mean_grad)
+
+  The update direction is (sum_i clip_C(g_i) + N(0, (sigma C)^2 I)) / B
+  with B the PUBLIC expected batch size (q * N), never the realised one.
+  Batches are padded to a fixed size with `mask`, so the step compiles once.
+  """
+  stddev = noise_multiplier * clip_norm if noise_multiplier else 0.0
+
+  def step(params, opt_state, batch, mask, noise_key):
+    g = clipped_grad_sum(loss_fn, params, batch, mask, clip_norm=clip_norm)
+    noise = tree_gaussian_noise(noise_key, g, stddev)
+    g = jax.tree.map(lambda a, n: (a + n) / expected_batch_size, g, noise)
+    updates, opt_state = optimizer.update(g, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, g
+
+  return step

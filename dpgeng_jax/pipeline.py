@@ -25,12 +25,13 @@ from tqdm.auto import tqdm
 
 from dpgeng_jax import accounting, data as data_lib, distill, evaluate
 from dpgeng_jax import extractors, generator, mechanisms, models
+from dpgeng_jax import expert as expert_lib
 from dpgeng_jax import init as init_lib
 from dpgeng_jax.config import Config, METHODS
 from dpgeng_jax.errors import ConfigError
 
 OUTPUT_FILES = ("distilled.npz", "privacy.json", "config.json", "grid.png",
-                "metrics.json")
+                "init_grid.png", "generated_grid.png", "metrics.json")
 # A directory holding any of these holds a finished run.
 FINISHED_MARKERS = ("distilled.npz", "privacy.json")
 
@@ -46,6 +47,7 @@ class RunResult:
     factor: multi-formation factor f; each stored image decodes to f^2.
     x_decoded, y_decoded: the K * IPC * f^2 images models train on.
     x_generated: the DP-generated images used (None if none).
+    x_init: the stored images before distillation.
     privacy: the privacy report (privacy.json).
     metrics: evaluation results (metrics.json) or None with no_eval.
     config: the resolved configuration (config.json).
@@ -59,6 +61,7 @@ class RunResult:
   x_decoded: np.ndarray | None = None
   y_decoded: np.ndarray | None = None
   x_generated: np.ndarray | None = None
+  x_init: np.ndarray | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -100,7 +103,7 @@ def validate_config(cfg: Config, num_train: int | None = None,
       raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
   for name in ("generated_per_class", "pool_models", "pool_checkpoints",
                "pool_epochs", "generator_steps", "generator_features",
-               "generated_steps"):
+               "generated_steps", "expert_steps"):
     if getattr(cfg, name) < 1:
       raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
   if cfg.factor not in (0, 1, 2):
@@ -108,7 +111,13 @@ def validate_config(cfg: Config, num_train: int | None = None,
   if cfg.generator != "builtin" and not cfg.generator.startswith("npz:"):
     raise ConfigError(f"generator must be 'builtin' or 'npz:PATH', got "
                       f"{cfg.generator!r}")
-  if not (cfg.share_generator > 0 and cfg.share_features > 0):
+  if not 0 < cfg.expert_sampling_rate <= 1:
+    raise ConfigError(f"expert_sampling_rate must be in (0, 1], got "
+                      f"{cfg.expert_sampling_rate}")
+  if not cfg.expert_clip_norm > 0:
+    raise ConfigError("expert_clip_norm must be > 0")
+  if not (cfg.share_generator > 0 and cfg.share_features > 0
+          and cfg.share_expert > 0):
     raise ConfigError("budget shares must be > 0")
   if cfg.generated_epsilon < 0 or cfg.generated_mu < 0 or (
       cfg.generated_noise_multiplier < 0):
@@ -147,6 +156,7 @@ class Plan:
   uses_generated: bool
   builtin_generator: bool
   feature_matching: bool
+  expert: bool
   external: tuple[float, float] | None  # declared (eps, delta) of external G
   fixed: tuple  # accounting.Mechanism of external G with declared noise
   external_declared: bool
@@ -163,8 +173,9 @@ def resolve(cfg: Config, image_shape) -> Plan:
   factor = cfg.factor or init_lib.default_factor(min(image_shape[:2]))
   if cfg.method in ("generator", "dm"):
     factor = 1
+  expert = cfg.method == "dpgeng" and not cfg.no_expert
   uses_generated = (cfg.method == "generator" or init == "generated"
-                    or ext == "generated")
+                    or ext == "generated" or expert)
   builtin = uses_generated and cfg.generator == "builtin"
   external, fixed, declared = None, (), False
   if uses_generated and not builtin:
@@ -182,7 +193,8 @@ def resolve(cfg: Config, image_shape) -> Plan:
   return Plan(init=init, extractors=ext, factor=factor,
               depth=cfg.depth or models.default_depth(min(image_shape[:2])),
               uses_generated=uses_generated, builtin_generator=builtin,
-              feature_matching=cfg.method != "generator", external=external,
+              feature_matching=cfg.method != "generator", expert=expert,
+              external=external,
               fixed=fixed, external_declared=declared)
 
 
@@ -196,6 +208,11 @@ def _mechanisms(cfg: Config, plan: Plan) -> list[accounting.Mechanism]:
     mechs.append(accounting.Mechanism("feature_matching", 0.0,
                                       cfg.sampling_rate, cfg.num_queries))
     shares.append(cfg.share_features)
+  if plan.expert:
+    mechs.append(accounting.Mechanism("expert", 0.0,
+                                      cfg.expert_sampling_rate,
+                                      cfg.expert_steps))
+    shares.append(cfg.share_expert)
   if cfg.method == "dm":
     return mechs
   if not mechs:  # only external generated data
@@ -264,7 +281,7 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
       public_key, 6)
   secret = (mechanisms.deterministic_secret_key(cfg.seed)
             if cfg.deterministic else mechanisms.secret_key())
-  s_gen, s_query = jax.random.split(secret)
+  s_gen, s_query, s_expert = jax.random.split(secret, 3)
 
   # 1. Accounting (no data read).
   mechs = _mechanisms(cfg, plan)
@@ -286,9 +303,7 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
     timings["generation_s"] = time.time() - t1
     t1 = time.time()
     ecfg = _eval_config(cfg, depth)
-    n_pool = cfg.pool_models if (plan.extractors == "generated"
-                                 or plan.init == "generated"
-                                 or cfg.method == "generator") else 0
+    n_pool = cfg.pool_models
     total = (n_pool * cfg.pool_epochs
              * math.ceil(len(x_gen_n) / min(ecfg.batch_size, len(x_gen_n))))
     with tqdm(total=total, desc="extractor pool (generated data)",
@@ -322,7 +337,37 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
     targets = _answer_queries(cfg, spec, plan_q, k_query, x_train, ds.y_train,
                               k, s_query, quiet)
     timings["queries_s"] = time.time() - t1
-  del secret, s_query
+  del s_query
+
+  # 3b. The DP expert: pretrained on G (a pool member, free), fine-tuned on
+  # D with DP-SGD (M_E).
+  extra_loss, expert_info = None, None
+  if plan.expert:
+    t1 = time.time()
+    mech_e = _by_name(mechs, "expert")
+    pretrained = extractors.fixed_pool(pool)(None,
+                                             extractors.pool_size(pool) - 1)
+    with tqdm(total=cfg.expert_steps, desc="DP expert (DP-SGD)",
+              disable=quiet) as bar:
+      e_params = expert_lib.dp_finetune(
+          pretrained, extractor_model, x_train, ds.y_train,
+          cfg=_expert_config(cfg), noise_multiplier=mech_e.noise_multiplier,
+          secret=s_expert, progress=bar.update)
+    x_test_n = ds.normalize(ds.x_test)
+    expert_info = {
+        "test_accuracy_pretrained_on_generated": expert_lib.accuracy(
+            pretrained, extractor_model, x_test_n, ds.y_test),
+        "test_accuracy_after_dp_finetuning": expert_lib.accuracy(
+            e_params, extractor_model, x_test_n, ds.y_test),
+        "note": "expert test accuracy is logged for information only"}
+    p_ref = expert_lib.reference_distributions(
+        e_params, extractor_model,
+        jnp.asarray(_equal_class_major(x_gen_n, y_gen, k)), cfg.expert_tau)
+    extra_loss = lambda dec: cfg.expert_weight * expert_lib.alignment_loss(
+        e_params, extractor_model, dec, p_ref, tau=cfg.expert_tau,
+        beta=cfg.expert_beta)
+    timings["expert_s"] = time.time() - t1
+  del secret, s_expert
 
   # 4. Initialisation (post-processing, or real images for dm).
   t2 = time.time()
@@ -344,13 +389,16 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
   else:
     images = jax.random.normal(k_init, (k, m_stored, *image_shape))
 
+  x_init = np.asarray(images).reshape(k * m_stored, *image_shape)
+
   # 5. Distillation against the cached targets (post-processing).
   losses = np.zeros(0)
   if plan.feature_matching:
     opt = distill.image_optimizer(cfg.lr_img)
     state = distill.init_state(images, opt)
     step = distill.make_step(plan_q, opt, clip_norm=clip_norm,
-                             decode=lambda s: init_lib.decode(s, f))
+                             decode=lambda s: init_lib.decode(s, f),
+                             extra_loss=extra_loss)
     losses = []
     for _ in tqdm(range(cfg.steps), desc="distillation", disable=quiet):
       state, loss = step(state, targets, _expected_counts(cfg, ds), k_query)
@@ -384,6 +432,8 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
       metrics["references_note"] = (
           "references are NOT private: they train on real training images")
     timings["evaluation_s"] = time.time() - t3
+    if expert_info is not None:
+      metrics["expert"] = expert_info
     metrics.update(method=cfg.method, private=cfg.private,
                    first_loss=float(losses[0]) if len(losses) else None,
                    last_loss=float(losses[-1]) if len(losses) else None)
@@ -432,7 +482,8 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
   return RunResult(x=_denormalize(ds, stored), y=y_stored, privacy=privacy,
                    metrics=metrics, config=config, factor=f,
                    x_decoded=_denormalize(ds, decoded), y_decoded=y_decoded,
-                   x_generated=None if x_gen is None else np.asarray(x_gen))
+                   x_generated=None if x_gen is None else np.asarray(x_gen),
+                   x_init=_denormalize(ds, x_init))
 
 
 def _equal_class_major(x, y, k):
@@ -446,6 +497,13 @@ def _equal_class_major(x, y, k):
 
 def _expected_counts(cfg: Config, ds) -> jax.Array:
   return jnp.asarray(cfg.sampling_rate * ds.class_counts, jnp.float32)
+
+
+def _expert_config(cfg: Config) -> expert_lib.ExpertConfig:
+  return expert_lib.ExpertConfig(steps=cfg.expert_steps,
+                                 sampling_rate=cfg.expert_sampling_rate,
+                                 clip_norm=cfg.expert_clip_norm,
+                                 learning_rate=cfg.expert_lr)
 
 
 def _eval_config(cfg: Config, depth: int) -> evaluate.EvalConfig:
@@ -592,8 +650,14 @@ def write_outputs(result: RunResult, out: str, overwrite: bool = False
                   lambda f: grid_image(xg[:, :per].reshape(
                       -1, *xg.shape[2:]), k).save(f, format="PNG"),
                   mode="wb")
+  if result.x_init is not None:
+    _atomic_write(p("init_grid.png"),
+                  lambda f: grid_image(result.x_init, k).save(f, format="PNG"),
+                  mode="wb")
   if result.metrics is not None:
     _atomic_write(p("metrics.json"), _json(result.metrics))
-  elif os.path.exists(os.path.join(out, "metrics.json")):
-    os.remove(os.path.join(out, "metrics.json"))  # stale, from --overwrite
+  for name in OUTPUT_FILES:  # stale files of a replaced run (--overwrite)
+    path = os.path.join(out, name)
+    if path not in paths and os.path.exists(path):
+      os.remove(path)
   return paths

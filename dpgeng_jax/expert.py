@@ -1,0 +1,118 @@
+"""The DP expert (mechanism M_E) and its alignment term.
+
+The expert E is a ConvNet (instance norm, never BatchNorm) pretrained on the
+generated data G (free) and fine-tuned on the private data D with DP-SGD:
+Poisson sampling at rate q_E, per-example gradient clipping to C_E, noise
+N(0, (sigma_E C_E)^2) on the summed clipped gradients, division by the
+public expected batch size q_E N, for T_E steps. Event:
+SelfComposed(PoissonSampled(q_E, Gaussian(sigma_E)), T_E).
+
+The alignment term used in distillation (post-processing of E):
+
+    L_E(c) = mean_j [ KL(p_ref(c) || softmax(E(x_cj) / tau))
+                      + beta * CE(E(x_cj), c) ]
+
+with p_ref(c) the mean softmax(E(x_g) / tau) over generated images of
+class c.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dpgeng_jax import mechanisms
+from dpgeng_jax.models import ConvNet
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertConfig:
+  """Public hyperparameters of the expert's DP fine-tuning."""
+  steps: int = 100
+  sampling_rate: float = 0.1
+  clip_norm: float = 1.0
+  learning_rate: float = 0.5
+  momentum: float = 0.9
+
+
+def dp_finetune(params: Any, model: ConvNet, x: np.ndarray, y: np.ndarray,
+                *, cfg: ExpertConfig, noise_multiplier: float,
+                secret: jax.Array, progress=None) -> Any:
+  """DP-SGD fine-tuning of `params` on private (x, y).
+
+  Reads the private data only through Poisson batches, clipped gradient
+  sums and Gaussian noise (mechanisms.make_dp_sgd_step). Raises
+  SamplingOverflowError instead of truncating a batch.
+  """
+  n = len(x)
+  capacity = mechanisms.poisson_capacity([n], cfg.sampling_rate)
+  opt = optax.sgd(cfg.learning_rate, momentum=cfg.momentum)
+
+  def loss_fn(p, batch):
+    xb, yb = batch
+    logits = model.apply({"params": p}, xb)
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+        logits, yb))
+
+  dp_step = mechanisms.make_dp_sgd_step(
+      loss_fn, opt, clip_norm=cfg.clip_norm,
+      noise_multiplier=noise_multiplier,
+      expected_batch_size=cfg.sampling_rate * n)
+  xd, yd = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.int32)
+
+  @jax.jit
+  def step(p, s, key):
+    k_sample, k_noise = jax.random.split(key)
+    idx, mask, over = mechanisms.poisson_batch_indices(
+        k_sample, n, cfg.sampling_rate, capacity)
+    p, s, _ = dp_step(p, s, (xd[idx], yd[idx]), mask, k_noise)
+    return p, s, over
+
+  opt_state = opt.init(params)
+  for t in range(cfg.steps):
+    params, opt_state, over = step(params, opt_state,
+                                   jax.random.fold_in(secret, t))
+    mechanisms.check_overflow(over)
+    if progress is not None:
+      progress(1)
+  return params
+
+
+def reference_distributions(params: Any, model: ConvNet, x_gen_cm: jax.Array,
+                            tau: float) -> jax.Array:
+  """p_ref: (K, K) mean softmax(E(x_g) / tau) per class of generated
+  images x_gen_cm (K, m, H, W, C)."""
+  def one(xc):
+    return jnp.mean(jax.nn.softmax(model.apply({"params": params}, xc) / tau,
+                                   -1), 0)
+
+  return jax.vmap(one)(x_gen_cm)
+
+
+def alignment_loss(params: Any, model: ConvNet, syn: jax.Array,
+                   p_ref: jax.Array, *, tau: float, beta: float) -> jax.Array:
+  """Sum over classes of L_E(c) for synthetic images syn (K, m, ...)."""
+  k = syn.shape[0]
+
+  def one(xc, pc, c):
+    logits = model.apply({"params": params}, xc)
+    logq = jax.nn.log_softmax(logits / tau, -1)
+    kl = jnp.sum(pc * (jnp.log(jnp.maximum(pc, 1e-12)) - logq), -1)
+    ce = optax.softmax_cross_entropy_with_integer_labels(
+        logits, jnp.full((xc.shape[0],), c))
+    return jnp.mean(kl + beta * ce)
+
+  return jnp.sum(jax.vmap(one)(syn, p_ref, jnp.arange(k)))
+
+
+def accuracy(params: Any, model: ConvNet, x, y, batch: int = 1000) -> float:
+  """Test accuracy of the expert (for information only)."""
+  f = jax.jit(lambda xb: jnp.argmax(model.apply({"params": params}, xb), -1))
+  correct = sum(int(np.sum(np.asarray(f(x[i:i + batch])) == y[i:i + batch]))
+                for i in range(0, len(x), batch))
+  return correct / len(x)

@@ -1,0 +1,121 @@
+"""DP-SGD: clipped per-example gradient sums and the noisy step (M_E)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from scipy import stats
+
+from dpgeng_jax.clipping import clipped_grad_sum
+from dpgeng_jax.mechanisms import make_dp_sgd_step, poisson_batch_indices
+from dpgeng_jax.models import ConvNet, init_params
+
+MODEL = ConvNet(4, width=4, depth=1)
+
+
+def _loss(params, batch):
+  x, y = batch
+  logits = MODEL.apply({"params": params}, x)
+  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+
+
+def _setup(n=6, seed=0):
+  params = init_params(MODEL, jax.random.key(seed), (4, 4, 1))
+  x = 3 * jax.random.normal(jax.random.key(seed + 1), (n, 4, 4, 1))
+  y = jnp.arange(n) % 4
+  return params, (x, y)
+
+
+def _flat(tree):
+  return np.concatenate([np.asarray(a).ravel() for a in jax.tree.leaves(tree)])
+
+
+@pytest.mark.parametrize("clip_norm", [0.05, 1.0, 1e6])
+def test_equals_individually_clipped_gradients_summed_one_by_one(clip_norm):
+  params, (x, y) = _setup()
+  got = _flat(clipped_grad_sum(_loss, params, (x, y), jnp.ones(6),
+                               clip_norm=clip_norm))
+  want = 0
+  for i in range(6):
+    g = _flat(jax.grad(_loss)(params, (x[i:i + 1], y[i:i + 1])))
+    want = want + g * min(1.0, clip_norm / np.linalg.norm(g))
+  np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-6)
+
+
+def test_equals_jax_privacy_clipped_grad():
+  jp = pytest.importorskip("jax_privacy")
+  params, (x, y) = _setup()
+  theirs = jp.clipped_grad(_loss, l2_clip_norm=0.1, batch_argnums=1,
+                           keep_batch_dim=True)(params, (x, y))
+  ours = clipped_grad_sum(_loss, params, (x, y), jnp.ones(6), clip_norm=0.1)
+  np.testing.assert_allclose(_flat(ours), _flat(theirs), rtol=1e-4,
+                             atol=1e-7)
+
+
+def test_padded_examples_contribute_nothing():
+  params, (x, y) = _setup(n=8)
+  mask = jnp.asarray([1, 1, 1, 1, 1, 0, 0, 0], jnp.float32)
+  garbage = x.at[5:].set(jnp.nan)
+  a = _flat(clipped_grad_sum(_loss, params, (garbage, y), mask,
+                             clip_norm=0.5))
+  b = _flat(clipped_grad_sum(_loss, params, (x[:5], y[:5]), jnp.ones(5),
+                             clip_norm=0.5))
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_one_example_moves_the_sum_by_at_most_clip_norm():
+  params, (x, y) = _setup(n=6)
+  full = _flat(clipped_grad_sum(_loss, params, (x, y), jnp.ones(6),
+                                clip_norm=0.01))
+  for i in range(6):
+    part = _flat(clipped_grad_sum(_loss, params, (x, y),
+                                  jnp.ones(6).at[i].set(0.0), clip_norm=0.01))
+    assert np.linalg.norm(full - part) <= 0.01 * (1 + 1e-4)
+
+
+def test_jit_and_non_jit_agree():
+  params, batch = _setup()
+  f = lambda p, b: clipped_grad_sum(_loss, p, b, jnp.ones(6), clip_norm=0.3)
+  np.testing.assert_allclose(_flat(jax.jit(f)(params, batch)),
+                             _flat(f(params, batch)), rtol=1e-5, atol=1e-7)
+
+
+def test_dp_sgd_noise_std_on_the_update_is_sigma_c_over_b():
+  params, (x, y) = _setup()
+  sigma, c, b = 1.7, 0.5, 8.0
+  step = jax.jit(make_dp_sgd_step(_loss, optax.sgd(1.0), clip_norm=c,
+                                  noise_multiplier=sigma,
+                                  expected_batch_size=b))
+  opt_state = optax.sgd(1.0).init(params)
+  mask = jnp.zeros(6)  # no example: the update is pure noise
+  samples = np.concatenate([
+      _flat(step(params, opt_state, (x, y), mask, k)[2])
+      for k in jax.random.split(jax.random.key(0), 20)])
+  assert samples.size > 2000
+  std = sigma * c / b
+  assert stats.kstest(samples, "norm", args=(0, std)).pvalue > 1e-3
+  assert stats.kstest(samples, "norm", args=(0, std * 2 / 3)).pvalue < 1e-6
+  assert stats.kstest(samples, "norm", args=(0, std * 1.5)).pvalue < 1e-6
+
+
+def test_dp_sgd_without_noise_divides_by_the_public_batch_size():
+  params, batch = _setup()
+  step = make_dp_sgd_step(_loss, optax.sgd(1.0), clip_norm=0.2,
+                          noise_multiplier=0.0, expected_batch_size=4.0)
+  _, _, g = step(params, optax.sgd(1.0).init(params), batch, jnp.ones(6),
+                 jax.random.key(0))
+  want = _flat(clipped_grad_sum(_loss, params, batch, jnp.ones(6),
+                                clip_norm=0.2)) / 4.0
+  np.testing.assert_allclose(_flat(g), want, rtol=1e-6)
+
+
+def test_poisson_batch_indices_cover_each_example_at_the_rate():
+  keys = jax.random.split(jax.random.key(0), 3000)
+  idx, mask, over = jax.vmap(
+      lambda k: poisson_batch_indices(k, 20, 0.25, 20))(keys)
+  counts = np.zeros(20)
+  for i, m in zip(np.asarray(idx), np.asarray(mask)):
+    counts[i[m > 0]] += 1
+  assert not np.any(np.asarray(over))
+  assert np.all(np.abs(counts / 3000 - 0.25) < 5 * np.sqrt(0.25 * 0.75 / 3000))
