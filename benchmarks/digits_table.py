@@ -10,9 +10,9 @@ evaluation models, and the wall time of each command).
   --set foundation: ndpdc at epsilon 1 and 10 and dm (non-private, with
     --references: random real subset and full training set). About 10 min
     on 2 CPU cores.
-  --set generated: at epsilon 1 and 10, generator-only, ndpdc and M_F with
-    generated init + generated extractors (method dpgeng without the expert).
-    About 20 min on 2 CPU cores.
+  --set generated: at epsilon 1 and 10, generator-only, ndpdc, M_F with
+    generated init + generated extractors (dpgeng --no-expert) and the full
+    dpgeng (with the DP expert). About 30 min on 2 CPU cores.
 """
 
 import argparse
@@ -38,11 +38,19 @@ def main():
         ("dm (NOT private)", ["--method", "dm", "--references"]),
     ]
   else:
-    runs = [(f"{m}, eps {e}", ["--method", m, "--epsilon", e])
-            for e in ("1", "10") for m in ("generator", "ndpdc", "dpgeng")]
+    runs = []
+    for e in ("1", "10"):
+      runs += [(f"generator, eps {e}", ["--method", "generator"]),
+               (f"ndpdc, eps {e}", ["--method", "ndpdc"]),
+               (f"dpgeng-no-expert, eps {e}", ["--method", "dpgeng",
+                                               "--no-expert"]),
+               (f"dpgeng, eps {e}", ["--method", "dpgeng"])]
+      for r in runs[-4:]:
+        r[1].extend(["--epsilon", e])
   rows = []
   for name, flags in runs:
-    out = os.path.join(args.out, name.replace(", eps ", "_eps").split(" ")[0])
+    out = os.path.join(args.out,
+                       name.replace(", eps ", "_eps").split(" ")[0])
     cmd = [sys.executable, "-m", "dpgeng_jax", "distill", "--dataset",
            "digits", "--ipc", str(args.ipc), "--out", out, "--overwrite",
            "--quiet", *flags, *args.extra.split()]
