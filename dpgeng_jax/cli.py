@@ -1,6 +1,7 @@
 """The `dpgeng` command (also `python -m dpgeng_jax`).
 
     dpgeng distill --dataset digits --epsilon 10 --ipc 10 --out runs/d10
+    dpgeng plan --method dpgeng --epsilon 1     # allocation; reads no data
 
 Every option of `Config` is a flag with its default shown by --help. Bad
 input is reported as one line `dpgeng: error: ...` with exit status 2, and
@@ -50,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
       "distill", help="distill a dataset under an (epsilon, delta) budget",
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   _add_config_options(distill)
+  plan = sub.add_parser(
+      "plan", help="print the budget allocation of a configuration without "
+      "reading any data", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  _add_config_options(plan)
   return parser
 
 
@@ -89,12 +94,35 @@ def _distill(cfg: Config) -> int:
   return 0
 
 
+def _plan(cfg: Config) -> int:
+  from dpgeng_jax import pipeline
+
+  report = pipeline.plan_budget(cfg)
+  print(f"method {cfg.method}: target epsilon {cfg.epsilon:g} at delta "
+        f"{cfg.delta:g} ({report['neighbouring_relation']})")
+  print(f"{'mechanism':<20} {'noise mult.':>12} {'samp. rate':>11} "
+        f"{'steps':>7} {'eps alone':>10}")
+  for m in report["mechanisms"]:
+    e = m["epsilon_alone_pld"]
+    print(f"{m['name']:<20} {m['noise_multiplier']:>12.4f} "
+          f"{m['sampling_rate']:>11.4g} {m['steps']:>7d} "
+          f"{'inf' if e is None else format(e, '.4f'):>10}")
+  for key in ("epsilon_pld", "epsilon_rdp", "epsilon_gdp_clt"):
+    v = report[key]
+    print(f"composed {key[8:]:<8} {'inf' if v is None else format(v, '.4f')}")
+  for note in report["notes"]:
+    print("note:", note)
+  return 0
+
+
 def main(argv=None) -> int:
   parser = build_parser()
   args = parser.parse_args(argv)
   try:
     if args.command == "distill":
       return _distill(config_from_args(args))
+    if args.command == "plan":
+      return _plan(config_from_args(args))
   except DpgengError as e:
     print(f"dpgeng: error: {e}", file=sys.stderr)
     return 2

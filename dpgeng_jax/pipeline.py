@@ -162,15 +162,20 @@ class Plan:
   external_declared: bool
 
 
-def resolve(cfg: Config, image_shape) -> Plan:
-  """Resolves `auto` options and the data sources of a configuration."""
+def resolve(cfg: Config, image_shape=None) -> Plan:
+  """Resolves `auto` options and the data sources of a configuration.
+
+  Without an image shape (as in `dpgeng plan`, which reads no data) the
+  shape-dependent choices (factor, depth) are left at 0.
+  """
   init = cfg.init
   if init == "auto":
     init = {"dpgeng": "generated", "dm": "real"}.get(cfg.method, "noise")
   ext = cfg.extractors
   if ext == "auto":
     ext = "generated" if cfg.method == "dpgeng" else "random"
-  factor = cfg.factor or init_lib.default_factor(min(image_shape[:2]))
+  size = min(image_shape[:2]) if image_shape is not None else None
+  factor = cfg.factor or (init_lib.default_factor(size) if size else 0)
   if cfg.method in ("generator", "dm"):
     factor = 1
   expert = cfg.method == "dpgeng" and not cfg.no_expert
@@ -191,7 +196,7 @@ def resolve(cfg: Config, image_shape) -> Plan:
           cfg.generated_sampling_rate, cfg.generated_steps),)
       declared = True
   return Plan(init=init, extractors=ext, factor=factor,
-              depth=cfg.depth or models.default_depth(min(image_shape[:2])),
+              depth=cfg.depth or (models.default_depth(size) if size else 0),
               uses_generated=uses_generated, builtin_generator=builtin,
               feature_matching=cfg.method != "generator", expert=expert,
               external=external,
@@ -232,6 +237,20 @@ def _mechanisms(cfg: Config, plan: Plan) -> list[accounting.Mechanism]:
   return [*plan.fixed, *cal]
 
 
+def plan_budget(cfg: Config) -> dict:
+  """The budget allocation of a configuration, computed from the
+  configuration alone (no data is read): per mechanism its noise
+  multiplier, sampling rate, steps and epsilon alone, and the composed
+  figures."""
+  validate_config(cfg)
+  plan = resolve(cfg)
+  mechs = _mechanisms(cfg, plan)
+  return accounting.privacy_report(
+      mechs, target_epsilon=cfg.epsilon, delta=cfg.delta,
+      private=cfg.private, public_metadata=["computed without any data"],
+      external=plan.external)
+
+
 def _public_metadata(ds: data_lib.Dataset) -> list[str]:
   return [
       f"number of classes K = {ds.num_classes}",
@@ -268,6 +287,11 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
   plan = resolve(cfg, image_shape)
   depth, f = plan.depth, plan.factor
   m_stored = cfg.ipc  # stored images per class; f*f*ipc after decoding
+  if plan.init == "real" and m_stored * f * f > int(np.min(ds.class_counts)):
+    raise ConfigError(
+        f"real-image initialisation needs ipc * factor^2 = "
+        f"{m_stored * f * f} images of every class; the smallest class has "
+        f"{int(np.min(ds.class_counts))}")
   x_gen = y_gen = None
   if plan.uses_generated and not plan.builtin_generator:
     x_gen, y_gen = generator.load_external(

@@ -38,6 +38,7 @@ def test_epsilon_equals_dp_accounting_for_the_same_event(sigma, p, q):
 
 
 def test_composed_event_equals_dp_accounting_composition():
+  """The built-in generator's Gaussian release composed with M_F."""
   ms = [A.Mechanism("generator", 3.0, 1.0, 1),
         A.Mechanism("feature_matching", 1.5, 0.2, 5)]
   hand = dp_accounting.ComposedDpEvent([

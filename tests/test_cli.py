@@ -187,7 +187,8 @@ def test_npz_dataset_runs_end_to_end(tmp_path):
 
 GEN_TINY = ["--generator-steps", "5", "--generator-features", "20",
             "--generated-per-class", "8", "--pool-models", "1",
-            "--pool-checkpoints", "2", "--pool-epochs", "1"]
+            "--pool-checkpoints", "2", "--pool-epochs", "1",
+            "--expert-steps", "3"]
 
 
 def test_dpgeng_with_builtin_generator_and_factor_two(tmp_path):
@@ -196,8 +197,13 @@ def test_dpgeng_with_builtin_generator_and_factor_two(tmp_path):
                "--deterministic", "--epsilon", "4", *GEN_TINY, *TINY]) == 0
   priv = json.loads((out / "privacy.json").read_text())
   names = [m["name"] for m in priv["mechanisms"]]
-  assert names == ["generator", "feature_matching"]
+  assert names == ["generator", "feature_matching", "expert"]
   assert 0.98 * 4 <= priv["epsilon_pld"] <= 4
+  expert = priv["mechanisms"][2]
+  assert expert["steps"] == 3 and expert["sampling_rate"] == 0.1
+  metrics = json.loads((out / "metrics.json").read_text())
+  assert set(metrics["expert"]) >= {"test_accuracy_pretrained_on_generated",
+                                    "test_accuracy_after_dp_finetuning"}
   assert any("class counts are released" in n for n in priv["notes"])
   d = np.load(out / "distilled.npz")
   assert int(d["factor"]) == 2
@@ -207,6 +213,15 @@ def test_dpgeng_with_builtin_generator_and_factor_two(tmp_path):
   config = json.loads((out / "config.json").read_text())
   assert config["resolved"]["init"] == "generated"
   assert config["resolved"]["extractors"] == "generated"
+
+
+def test_no_expert_ablation_drops_the_expert_mechanism(tmp_path):
+  out = tmp_path / "run"
+  assert _run(["--out", str(out), "--method", "dpgeng", "--no-expert",
+               "--no-eval", "--deterministic", *GEN_TINY, *TINY]) == 0
+  priv = json.loads((out / "privacy.json").read_text())
+  assert [m["name"] for m in priv["mechanisms"]] == ["generator",
+                                                     "feature_matching"]
 
 
 def test_generator_only_baseline_spends_budget_on_generation_only(tmp_path):
@@ -267,3 +282,20 @@ def test_external_guarantee_larger_than_target_is_refused(tmp_path, capsys):
                "2", *GEN_TINY, *TINY]) == 2
   assert "leaves no budget" in capsys.readouterr().err
   assert not out.exists()
+
+
+def test_plan_reads_no_data_and_prints_the_allocation(monkeypatch, capsys):
+  from dpgeng_jax import data as data_lib
+
+  def no_data(*a, **k):
+    raise AssertionError("plan must not read any dataset")
+
+  monkeypatch.setattr(data_lib, "load_dataset", no_data)
+  assert cli.main(["plan", "--method", "dpgeng", "--epsilon", "2",
+                   "--dataset", "npz:/does/not/exist.npz", "--num-queries",
+                   "5", "--expert-steps", "10"]) == 0
+  out = capsys.readouterr().out
+  for name in ("generator", "feature_matching", "expert"):
+    assert name in out
+  pld_line = next(l for l in out.splitlines() if "composed pld" in l)
+  assert 0.98 * 2 <= float(pld_line.split()[-1]) <= 2

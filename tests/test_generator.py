@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from dpgeng_jax import accounting as A
 from dpgeng_jax import generator as G
 from dpgeng_jax.errors import DataError
 
@@ -71,20 +70,6 @@ def test_noiseless_release_decodes_to_true_class_means_and_counts():
   f = np.asarray(fm.rff(x))
   np.testing.assert_allclose(np.asarray(means[1]), f[1::2].mean(0),
                              rtol=1e-4, atol=1e-6)
-
-
-def test_generator_event_composes_with_feature_matching_as_dp_accounting():
-  import dp_accounting
-  from dp_accounting import pld
-  ms = [A.Mechanism("generator", 2.0, 1.0, 1),
-        A.Mechanism("feature_matching", 1.1, 0.3, 6)]
-  hand = dp_accounting.ComposedDpEvent([
-      dp_accounting.GaussianDpEvent(2.0),
-      dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
-          0.3, dp_accounting.GaussianDpEvent(1.1)), 6)])
-  acc = pld.PLDAccountant(value_discretization_interval=A.PLD_DISCRETIZATION)
-  assert A.epsilon_pld(A.composed_event(ms), 1e-5) == pytest.approx(
-      acc.compose(hand).get_epsilon(1e-5), rel=1e-9)
 
 
 def test_generator_fits_released_means_and_samples_every_class():

@@ -1,0 +1,78 @@
+"""The DP expert: DP fine-tuning and the alignment term."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dpgeng_jax import expert as E
+from dpgeng_jax import mechanisms
+from dpgeng_jax.models import ConvNet, init_params
+
+MODEL = ConvNet(3, width=4, depth=1)
+SHAPE = (4, 4, 1)
+
+
+def _params(seed=0):
+  return init_params(MODEL, jax.random.key(seed), SHAPE)
+
+
+def test_alignment_is_minimal_when_reference_equals_the_experts_output():
+  p = _params()
+  syn = jax.random.normal(jax.random.key(1), (3, 1, *SHAPE))
+  logits = jax.vmap(lambda x: MODEL.apply({"params": p}, x))(syn)[:, 0]
+  p_ref = jax.nn.softmax(logits / 2.0, -1)
+  loss = E.alignment_loss(p, MODEL, syn, p_ref, tau=2.0, beta=0.0)
+  assert float(loss) == pytest.approx(0.0, abs=1e-6)
+  other = jnp.roll(p_ref, 1, axis=0)
+  assert float(E.alignment_loss(p, MODEL, syn, other, tau=2.0,
+                                beta=0.0)) > 1e-4
+
+
+def test_alignment_cross_entropy_uses_each_images_own_class():
+  p = _params()
+  syn = jax.random.normal(jax.random.key(1), (3, 2, *SHAPE))
+  uniform = jnp.full((3, 3), 1 / 3)
+  ce_only = (E.alignment_loss(p, MODEL, syn, uniform, tau=1.0, beta=1.0)
+             - E.alignment_loss(p, MODEL, syn, uniform, tau=1.0, beta=0.0))
+  want = 0.0
+  for c in range(3):
+    logp = jax.nn.log_softmax(MODEL.apply({"params": p}, syn[c]), -1)
+    want += -float(jnp.mean(logp[:, c]))
+  assert float(ce_only) == pytest.approx(want, rel=1e-5)
+
+
+def test_alignment_gradient_reaches_the_pixels():
+  p = _params()
+  syn = jax.random.normal(jax.random.key(1), (3, 2, *SHAPE))
+  p_ref = jnp.eye(3) * 0.8 + 0.2 / 3
+  g = jax.grad(lambda s: E.alignment_loss(p, MODEL, s, p_ref, tau=1.0,
+                                          beta=0.1))(syn)
+  assert np.all(np.isfinite(np.asarray(g))) and float(jnp.abs(g).sum()) > 0
+
+
+def test_dp_finetune_learns_and_depends_on_the_secret_key():
+  rng = np.random.default_rng(0)
+  y = np.arange(90) % 3
+  x = (rng.normal(size=(90, *SHAPE)) + y[:, None, None, None] * 2.0).astype(
+      np.float32)
+  cfg = E.ExpertConfig(steps=30, sampling_rate=0.3, clip_norm=1.0,
+                       learning_rate=0.5)
+  p0 = _params()
+  a = E.dp_finetune(p0, MODEL, x, y, cfg=cfg, noise_multiplier=0.5,
+                    secret=jax.random.key(1))
+  b = E.dp_finetune(p0, MODEL, x, y, cfg=cfg, noise_multiplier=0.5,
+                    secret=jax.random.key(2))
+  assert E.accuracy(a, MODEL, x, y) > max(0.6, E.accuracy(p0, MODEL, x, y))
+  assert not np.allclose(np.asarray(a["head"]["kernel"]),
+                         np.asarray(b["head"]["kernel"]))
+
+
+def test_dp_finetune_raises_instead_of_truncating(monkeypatch):
+  monkeypatch.setattr(mechanisms, "poisson_capacity", lambda *a, **k: 1)
+  x = np.zeros((50, *SHAPE), np.float32)
+  y = np.arange(50) % 3
+  cfg = E.ExpertConfig(steps=2, sampling_rate=0.9)
+  with pytest.raises(mechanisms.SamplingOverflowError):
+    E.dp_finetune(_params(), MODEL, x, y, cfg=cfg, noise_multiplier=1.0,
+                  secret=jax.random.key(0))
