@@ -30,8 +30,8 @@ class Config:
   # Data and method.
   dataset: str = _f("digits", "dataset spec: digits | npz:PATH | "
                     "tfds:NAME[:TRAIN[:TEST]]", "run")
-  data_dir: str = _f("", "TFDS data directory (default: TFDS_DATA_DIR or "
-                     "~/tensorflow_datasets)", "run")
+  data_dir: str = _f("", "TFDS data directory; empty means TFDS_DATA_DIR "
+                     "or ~/tensorflow_datasets", "run")
   method: str = _f("ndpdc", "ndpdc: random extractors, noise init (DP); "
                    "dpgeng: DP-generated data for init and extractors, DP "
                    "feature matching and the DP expert; generator: IPC images per class selected "
