@@ -40,6 +40,12 @@ def row_norms(v: jax.Array) -> jax.Array:
                    0.0)
 
 
+def clip_scale(norms: jax.Array, clip_norm: float) -> jax.Array:
+  """min(1, C / norm), elementwise; 1 for zero norms (never nan)."""
+  return jnp.where(norms > clip_norm,
+                   clip_norm / jnp.where(norms > 0, norms, 1.0), 1.0)
+
+
 def clip_rows(v: jax.Array, clip_norm: float) -> jax.Array:
   """Clips every row of `v` (shape (n, d)) to L2 norm <= clip_norm.
 
@@ -51,10 +57,7 @@ def clip_rows(v: jax.Array, clip_norm: float) -> jax.Array:
   v = jnp.where(finite, v, 0.0)
   if isinstance(clip_norm, (int, float)) and math.isinf(clip_norm):
     return v
-  norms = row_norms(v)
-  scale = jnp.where(norms > clip_norm,
-                    clip_norm / jnp.where(norms > 0, norms, 1.0), 1.0)
-  return v * scale
+  return v * clip_scale(row_norms(v), clip_norm)
 
 
 def clip_vector(v: jax.Array, clip_norm: float) -> jax.Array:
@@ -119,21 +122,6 @@ class ClippedClassSum:
                               clip_norm=self.clip_norm)
 
 
-def clipped_class_means_public(embed_fn: EmbedFn, params: Any,
-                               x_class_major: jax.Array, clip_norm: float
-                               ) -> jax.Array:
-  """Mean clipped embedding of each class of a class-major batch.
-
-  For data that is not private (the synthetic set): x_class_major is
-  (K, m, H, W, C) and the result is (K, d). vmapped over classes, so one
-  compiled embedding serves all classes.
-  """
-  def one_class(xc):
-    return jnp.mean(clip_rows(embed_fn(params, xc), clip_norm), axis=0)
-
-  return jax.vmap(one_class)(x_class_major)
-
-
 def clipped_grad_sum(loss_fn: Callable[..., jax.Array], params: Any,
                      batch: Any, mask: jax.Array, *,
                      clip_norm: float) -> Any:
@@ -162,9 +150,7 @@ def clipped_grad_sum(loss_fn: Callable[..., jax.Array], params: Any,
   flat = jnp.concatenate(leaves, axis=1)
   finite = jnp.all(jnp.isfinite(flat), axis=1)
   flat = jnp.where(finite[:, None], flat, 0.0)
-  norms = row_norms(flat)[:, 0]
-  scale = jnp.where(norms > clip_norm,
-                    clip_norm / jnp.where(norms > 0, norms, 1.0), 1.0)
+  scale = clip_scale(row_norms(flat)[:, 0], clip_norm)
   weights = jnp.where(finite & (mask > 0), scale, 0.0)
   return jax.tree.map(
       lambda g: jnp.tensordot(weights, jnp.where(

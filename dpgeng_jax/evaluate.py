@@ -21,7 +21,7 @@ import numpy as np
 import optax
 
 from dpgeng_jax import augment
-from dpgeng_jax.models import ConvNet, init_params
+from dpgeng_jax.models import ConvNet, cross_entropy, init_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,11 +54,7 @@ def _train_step(num_classes: int, width: int, depth: int, norm: str,
   batch = min(cfg.batch_size, n)
   steps_per_epoch = math.ceil(n / batch)
   opt = _optimizer(cfg, total)
-
-  def loss_fn(p, xb, yb):
-    logits = model.apply({"params": p}, xb)
-    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
-        logits, yb))
+  loss_fn = functools.partial(cross_entropy, model)
 
   @jax.jit
   def step(p, s, k, x, y, step):
@@ -71,7 +67,14 @@ def _train_step(num_classes: int, width: int, depth: int, norm: str,
     updates, s = opt.update(grads, s, p)
     return optax.apply_updates(p, updates), s
 
-  return step, opt, steps_per_epoch
+  return step, opt
+
+
+def training_steps(n: int, cfg: EvalConfig, epochs: int | None = None) -> int:
+  """Optimiser steps of one model trained on n examples for `epochs`
+  (default cfg.epochs) epochs of batches of min(cfg.batch_size, n)."""
+  epochs = cfg.epochs if epochs is None else epochs
+  return epochs * math.ceil(n / min(cfg.batch_size, n))
 
 
 def train_one(key: jax.Array, x, y, *, model: ConvNet, cfg: EvalConfig,
@@ -83,10 +86,8 @@ def train_one(key: jax.Array, x, y, *, model: ConvNet, cfg: EvalConfig,
   x = jnp.asarray(x, jnp.float32)
   y = jnp.asarray(y, jnp.int32)
   n = x.shape[0]
-  epochs = cfg.epochs if epochs is None else epochs
-  batch = min(cfg.batch_size, n)
-  total = epochs * math.ceil(n / batch)
-  step_fn, opt, _ = _train_step(model.num_classes, model.width, model.depth,
+  total = training_steps(n, cfg, epochs)
+  step_fn, opt = _train_step(model.num_classes, model.width, model.depth,
                                 model.norm, cfg, n, total)
   save_at = {round(total * (i + 1) / num_checkpoints)
              for i in range(num_checkpoints)}

@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dpgeng_jax import mechanisms
-from dpgeng_jax.models import ConvNet
+from dpgeng_jax import evaluate, mechanisms
+from dpgeng_jax.models import ConvNet, cross_entropy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,10 +54,7 @@ def dp_finetune(params: Any, model: ConvNet, x: np.ndarray, y: np.ndarray,
   opt = optax.sgd(cfg.learning_rate, momentum=cfg.momentum)
 
   def loss_fn(p, batch):
-    xb, yb = batch
-    logits = model.apply({"params": p}, xb)
-    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
-        logits, yb))
+    return cross_entropy(model, p, *batch)
 
   dp_step = mechanisms.make_dp_sgd_step(
       loss_fn, opt, clip_norm=cfg.clip_norm,
@@ -110,9 +107,7 @@ def alignment_loss(params: Any, model: ConvNet, syn: jax.Array,
   return jnp.sum(jax.vmap(one)(syn, p_ref, jnp.arange(k)))
 
 
-def accuracy(params: Any, model: ConvNet, x, y, batch: int = 1000) -> float:
+def accuracy(params: Any, model: ConvNet, x, y) -> float:
   """Test accuracy of the expert (for information only)."""
-  f = jax.jit(lambda xb: jnp.argmax(model.apply({"params": params}, xb), -1))
-  correct = sum(int(np.sum(np.asarray(f(x[i:i + batch])) == y[i:i + batch]))
-                for i in range(0, len(x), batch))
-  return correct / len(x)
+  stacked = jax.tree.map(lambda a: a[None], params)
+  return float(evaluate.accuracies(stacked, model, x, y)[0])

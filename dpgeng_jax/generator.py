@@ -32,6 +32,7 @@ import numpy as np
 import optax
 
 from dpgeng_jax import mechanisms
+from dpgeng_jax.clipping import class_sums
 
 
 class FeatureMap(NamedTuple):
@@ -79,10 +80,7 @@ def release_class_features(feature_map: FeatureMap, x: jax.Array,
   x: (n, H, W, C) normalised private images, y labels, mask 1 for real rows.
   Returns the noisy (K, 2D + 1) sums.
   """
-  v = feature_map.bounded(x)
-  m = mask.astype(jnp.float32)
-  onehot = jax.nn.one_hot(y, num_classes, dtype=jnp.float32) * m[:, None]
-  sums = onehot.T @ jnp.where(m[:, None] > 0, v, 0.0)
+  sums = class_sums(feature_map.bounded(x), y, mask, num_classes)
   return sums + mechanisms.gaussian_noise(
       noise_key, sums.shape, noise_multiplier * GENERATOR_SENSITIVITY)
 

@@ -15,6 +15,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 
 NORMS = ("instance", "group", "none")
 
@@ -98,6 +99,13 @@ def logits_fn(model: ConvNet):
     return model.apply({"params": params}, x)
 
   return logits
+
+
+def cross_entropy(model: ConvNet, params: Any, x: jax.Array,
+                  y: jax.Array) -> jax.Array:
+  """Mean softmax cross-entropy of the model's logits on labelled x."""
+  logits = model.apply({"params": params}, x)
+  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
 
 
 def feature_dim(model: ConvNet, image_shape) -> int:

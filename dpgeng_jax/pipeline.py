@@ -296,6 +296,15 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
   if plan.uses_generated and not plan.builtin_generator:
     x_gen, y_gen = generator.load_external(
         cfg.generator[len("npz:"):], image_shape=image_shape, num_classes=k)
+  if plan.init == "generated" or cfg.method == "generator":
+    # Checked before any private data is touched.
+    per_class = (cfg.generated_per_class if y_gen is None
+                 else int(np.min(np.bincount(y_gen, minlength=k))))
+    if per_class < m_stored * f * f:
+      raise ConfigError(
+          f"k-means initialisation needs >= {m_stored * f * f} generated "
+          f"images per class (ipc * factor^2), the smallest class has "
+          f"{per_class}; raise --generated-per-class")
 
   # Keys: the public key governs init, extractors, augmentation and the
   # generator's network; the secret key (OS entropy) governs sampling and
@@ -313,31 +322,35 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
   clip_norm = math.inf if nonprivate else cfg.clip_norm
   timings["calibration_s"] = time.time() - t0
   x_train = ds.normalize(ds.x_train)
+  x_test = ds.normalize(ds.x_test)
 
   # 2. Generated data G: the built-in generator's one private release, then
   # post-processing; or external generated data.
   extractor_model = models.ConvNet(k, width=cfg.extractor_width, depth=depth)
-  pool = None
+  pool = trained = gen_cm = None
   if plan.uses_generated:
     t1 = time.time()
     if plan.builtin_generator:
       x_gen, y_gen = _builtin_generate(cfg, ds, x_train, k_gen, s_gen,
                                        _by_name(mechs, "generator"))
     x_gen_n = ds.normalize(x_gen)
+    gen_cm = jnp.asarray(_equal_class_major(x_gen_n, y_gen, k))
     timings["generation_s"] = time.time() - t1
     t1 = time.time()
-    ecfg = _eval_config(cfg, depth)
-    n_pool = cfg.pool_models
-    total = (n_pool * cfg.pool_epochs
-             * math.ceil(len(x_gen_n) / min(ecfg.batch_size, len(x_gen_n))))
+    pcfg = dataclasses.replace(_eval_config(cfg, depth),
+                               width=cfg.extractor_width)
+    total = cfg.pool_models * evaluate.training_steps(len(x_gen_n), pcfg,
+                                                      cfg.pool_epochs)
     with tqdm(total=total, desc="extractor pool (generated data)",
               disable=quiet) as bar:
       pool = extractors.train_generated_pool(
           k_pool, x_gen_n, y_gen, num_classes=k, model=extractor_model,
-          num_models=n_pool, epochs=cfg.pool_epochs,
-          checkpoints=cfg.pool_checkpoints,
-          cfg=dataclasses.replace(ecfg, width=cfg.extractor_width),
-          progress=bar.update)
+          num_models=cfg.pool_models, epochs=cfg.pool_epochs,
+          checkpoints=cfg.pool_checkpoints, cfg=pcfg, progress=bar.update)
+    # The last checkpoint of the last pool member: a fully trained
+    # extractor, used for k-means and as the expert's pretraining.
+    trained = extractors.fixed_pool(pool)(None,
+                                          extractors.pool_size(pool) - 1)
     timings["extractor_pool_s"] = time.time() - t1
   del s_gen
 
@@ -369,24 +382,20 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
   if plan.expert:
     t1 = time.time()
     mech_e = _by_name(mechs, "expert")
-    pretrained = extractors.fixed_pool(pool)(None,
-                                             extractors.pool_size(pool) - 1)
     with tqdm(total=cfg.expert_steps, desc="DP expert (DP-SGD)",
               disable=quiet) as bar:
       e_params = expert_lib.dp_finetune(
-          pretrained, extractor_model, x_train, ds.y_train,
+          trained, extractor_model, x_train, ds.y_train,
           cfg=_expert_config(cfg), noise_multiplier=mech_e.noise_multiplier,
           secret=s_expert, progress=bar.update)
-    x_test_n = ds.normalize(ds.x_test)
     expert_info = {
         "test_accuracy_pretrained_on_generated": expert_lib.accuracy(
-            pretrained, extractor_model, x_test_n, ds.y_test),
+            trained, extractor_model, x_test, ds.y_test),
         "test_accuracy_after_dp_finetuning": expert_lib.accuracy(
-            e_params, extractor_model, x_test_n, ds.y_test),
+            e_params, extractor_model, x_test, ds.y_test),
         "note": "expert test accuracy is logged for information only"}
-    p_ref = expert_lib.reference_distributions(
-        e_params, extractor_model,
-        jnp.asarray(_equal_class_major(x_gen_n, y_gen, k)), cfg.expert_tau)
+    p_ref = expert_lib.reference_distributions(e_params, extractor_model,
+                                               gen_cm, cfg.expert_tau)
     extra_loss = lambda dec: cfg.expert_weight * expert_lib.alignment_loss(
         e_params, extractor_model, dec, p_ref, tau=cfg.expert_tau,
         beta=cfg.expert_beta)
@@ -396,14 +405,7 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
   # 4. Initialisation (post-processing, or real images for dm).
   t2 = time.time()
   if plan.init == "generated" or cfg.method == "generator":
-    last = extractors.fixed_pool(pool)(None, extractors.pool_size(pool) - 1)
-    embed = lambda xb: plan_q.embed_fn(last, xb)
-    gen_cm = jnp.asarray(_equal_class_major(x_gen_n, y_gen, k))
-    if gen_cm.shape[1] < m_stored * f * f:
-      raise ConfigError(
-          f"k-means initialisation needs >= {m_stored * f * f} generated "
-          f"images per class (ipc * factor^2), the smallest class has "
-          f"{gen_cm.shape[1]}; raise --generated-per-class")
+    embed = lambda xb: plan_q.embed_fn(trained, xb)
     chosen = init_lib.select_per_class(k_init, embed, gen_cm, m_stored * f * f)
     images = init_lib.encode(chosen, f)
   elif plan.init == "real":  # NOT private: starts from real images
@@ -423,9 +425,10 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
     step = distill.make_step(plan_q, opt, clip_norm=clip_norm,
                              decode=lambda s: init_lib.decode(s, f),
                              extra_loss=extra_loss)
+    counts = _expected_counts(cfg, ds)
     losses = []
     for _ in tqdm(range(cfg.steps), desc="distillation", disable=quiet):
-      state, loss = step(state, targets, _expected_counts(cfg, ds), k_query)
+      state, loss = step(state, targets, counts, k_query)
       losses.append(loss)
     losses = np.asarray(jnp.stack(losses)) if losses else np.zeros(0)
     images = state.images
@@ -440,7 +443,6 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
   if not cfg.no_eval:
     t3 = time.time()
     ecfg = _eval_config(cfg, depth)
-    x_test = ds.normalize(ds.x_test)
     metrics = _evaluate(k_eval, decoded, y_decoded, x_test, ds.y_test, k,
                         ecfg, quiet, "evaluation")
     if cfg.references:
@@ -578,9 +580,7 @@ def _answer_queries(cfg, spec, plan_q, k_query, x_train, y_train, k, secret,
 
 
 def _evaluate(key, x, y, x_test, y_test, k, ecfg, quiet, desc):
-  n = len(x)
-  steps = ecfg.num_models * ecfg.epochs * math.ceil(
-      n / min(ecfg.batch_size, n))
+  steps = ecfg.num_models * evaluate.training_steps(len(x), ecfg)
   t = time.time()
   with tqdm(total=steps, desc=desc, disable=quiet) as bar:
     result = evaluate.evaluate(key, x, y, x_test, y_test, num_classes=k,

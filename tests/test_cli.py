@@ -299,3 +299,18 @@ def test_plan_reads_no_data_and_prints_the_allocation(monkeypatch, capsys):
     assert name in out
   pld_line = next(l for l in out.splitlines() if "composed pld" in l)
   assert 0.98 * 2 <= float(pld_line.split()[-1]) <= 2
+
+
+def test_too_few_generated_images_for_kmeans_fail_before_private_work(
+    tmp_path, capsys, monkeypatch):
+  from dpgeng_jax import generator as gen_lib
+
+  def no_release(*a, **k):
+    raise AssertionError("the private release must not run")
+
+  monkeypatch.setattr(gen_lib, "release_class_features", no_release)
+  out = tmp_path / "run"
+  assert _run(["--out", str(out), "--method", "dpgeng", "--ipc", "3",
+               "--generated-per-class", "2", "--quiet"]) == 2
+  assert "k-means initialisation needs >= 3" in capsys.readouterr().err
+  assert not out.exists()
