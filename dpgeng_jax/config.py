@@ -32,12 +32,12 @@ class Config:
                     "tfds:NAME[:TRAIN[:TEST]]", "run")
   data_dir: str = _f("", "TFDS data directory; empty means TFDS_DATA_DIR "
                      "or ~/tensorflow_datasets", "run")
-  method: str = _f("ndpdc", "ndpdc: random extractors, noise init (DP); "
-                   "dpgeng: DP-generated data for init and extractors, DP "
-                   "feature matching and the DP expert; generator: IPC images per class selected "
-                   "from the DP-generated data by k-means; dm: "
-                   "distribution matching, NOT private", "run",
-                   choices=METHODS)
+  method: str = _f("dpgeng", "dpgeng: DP-generated data for init and "
+                   "extractors, DP feature matching and the DP expert; "
+                   "ndpdc: random extractors, noise init (DP); generator: "
+                   "IPC images per class selected from the DP-generated "
+                   "data by k-means; dm: distribution matching, NOT "
+                   "private", "run", choices=METHODS)
   init: str = _f("auto", "initialisation of the synthetic set (auto: "
                  "generated for dpgeng, real for dm, noise for ndpdc)",
                  "distill", choices=INITS)
@@ -66,8 +66,10 @@ class Config:
                              "queries (GDP units)", "privacy")
   share_expert: float = _f(1.0, "budget share of the DP expert "
                            "(GDP units)", "privacy")
-  expert_steps: int = _f(100, "DP-SGD steps T_E of the expert", "privacy")
-  expert_sampling_rate: float = _f(0.1, "Poisson rate q_E of the expert's "
+  expert_steps: int = _f(10, "DP-SGD steps T_E of the expert (few large "
+                         "batches: see benchmarks/expert_sweep.py)",
+                         "privacy")
+  expert_sampling_rate: float = _f(0.5, "Poisson rate q_E of the expert's "
                                    "DP-SGD", "privacy")
   expert_clip_norm: float = _f(1.0, "per-example gradient bound C_E",
                                "privacy")
@@ -101,7 +103,7 @@ class Config:
   # Expert (post-processing of its DP fine-tuning).
   no_expert: bool = _f(False, "dpgeng without the DP expert term "
                        "(ablation)", "distill")
-  expert_lr: float = _f(0.5, "learning rate of the expert's DP-SGD (SGD, "
+  expert_lr: float = _f(0.2, "learning rate of the expert's DP-SGD (SGD, "
                         "momentum 0.9)", "distill")
   expert_weight: float = _f(0.1, "weight lambda of the expert term",
                             "distill")

@@ -33,10 +33,10 @@ from dpgeng_jax.models import ConvNet, cross_entropy
 @dataclasses.dataclass(frozen=True)
 class ExpertConfig:
   """Public hyperparameters of the expert's DP fine-tuning."""
-  steps: int = 100
-  sampling_rate: float = 0.1
+  steps: int = 10
+  sampling_rate: float = 0.5
   clip_norm: float = 1.0
-  learning_rate: float = 0.5
+  learning_rate: float = 0.2
   momentum: float = 0.9
 
 

@@ -273,7 +273,8 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
   """Runs the configured method.
 
   Private data is read only by the mechanisms: the built-in generator's
-  release (M_G) and the feature-matching queries (M_F).
+  release (M_G), the feature-matching queries (M_F) and the expert's
+  DP-SGD (M_E).
   """
   log = log or (lambda s: None)
   quiet = cfg.quiet

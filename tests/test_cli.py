@@ -19,8 +19,8 @@ TINY = ["--ipc", "2", "--steps", "3", "--num-queries", "2", "--eval-epochs",
 
 
 def _run(argv, capsys=None):
-  code = cli.main(["distill", *argv])
-  return code
+  # ndpdc unless the test names a method (argparse keeps the last one).
+  return cli.main(["distill", "--method", "ndpdc", *argv])
 
 
 def _npz(path, **over):
@@ -200,7 +200,8 @@ def test_dpgeng_with_builtin_generator_and_factor_two(tmp_path):
   assert names == ["generator", "feature_matching", "expert"]
   assert 0.98 * 4 <= priv["epsilon_pld"] <= 4
   expert = priv["mechanisms"][2]
-  assert expert["steps"] == 3 and expert["sampling_rate"] == 0.1
+  assert expert["steps"] == 3
+  assert expert["sampling_rate"] == Config().expert_sampling_rate
   metrics = json.loads((out / "metrics.json").read_text())
   assert set(metrics["expert"]) >= {"test_accuracy_pretrained_on_generated",
                                     "test_accuracy_after_dp_finetuning"}
@@ -282,6 +283,14 @@ def test_external_guarantee_larger_than_target_is_refused(tmp_path, capsys):
                "2", *GEN_TINY, *TINY]) == 2
   assert "leaves no budget" in capsys.readouterr().err
   assert not out.exists()
+
+
+def test_default_method_is_the_full_dpgeng(capsys):
+  assert Config().method == "dpgeng"
+  assert cli.main(["plan", "--epsilon", "1"]) == 0
+  out = capsys.readouterr().out
+  for name in ("generator", "feature_matching", "expert"):
+    assert name in out
 
 
 def test_plan_reads_no_data_and_prints_the_allocation(monkeypatch, capsys):

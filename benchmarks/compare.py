@@ -1,18 +1,19 @@
-"""Side-by-side results on the embedded digits dataset (README table).
+"""Side-by-side results of the methods in one run (README tables).
 
-    python benchmarks/digits_table.py --out runs/table [--ipc 10]
-
-    python benchmarks/digits_table.py --set generated --out runs/table_gen
+    python benchmarks/compare.py --out runs/table            # digits, all rows
+    python benchmarks/make_shapes.py --out runs/shapes32.npz
+    python benchmarks/compare.py --dataset npz:runs/shapes32.npz \
+        --out runs/table_shapes --extra "--extractor-width 32 --eval-width 32"
 
 Runs `dpgeng distill` one command after another, all with the default
 settings otherwise, and prints a markdown table (mean +- std over the
 evaluation models, and the wall time of each command).
-  --set foundation: ndpdc at epsilon 1 and 10 and dm (non-private, with
-    --references: random real subset and full training set). About 10 min
-    on 2 CPU cores.
-  --set generated: at epsilon 1 and 10, generator-only, ndpdc, M_F with
-    generated init + generated extractors (dpgeng --no-expert) and the full
-    dpgeng (with the DP expert). About 30 min on 2 CPU cores.
+  --set full (default): at each --epsilon, dpgeng and its three ablations
+    (noise init instead of generated init, random instead of generated
+    extractors, no expert), ndpdc and the generator-only baseline; then dm
+    (non-private) with --references (random real subset, full training set).
+    About 45 min for digits on 2 CPU cores.
+  --set foundation: ndpdc at epsilon 1 and 10 and dm with --references.
 """
 
 import argparse
@@ -28,31 +29,33 @@ def main():
   ap.add_argument("--out", default="runs/table")
   ap.add_argument("--ipc", type=int, default=10)
   ap.add_argument("--extra", default="", help="extra flags for every run")
-  ap.add_argument("--set", default="foundation",
-                  choices=("foundation", "generated"))
+  ap.add_argument("--dataset", default="digits")
+  ap.add_argument("--epsilon", nargs="+", default=["1", "10"])
+  ap.add_argument("--set", default="full", choices=("full", "foundation"))
   args = ap.parse_args()
   if args.set == "foundation":
-    runs = [
-        ("ndpdc, eps 1", ["--method", "ndpdc", "--epsilon", "1"]),
-        ("ndpdc, eps 10", ["--method", "ndpdc", "--epsilon", "10"]),
-        ("dm (NOT private)", ["--method", "dm", "--references"]),
-    ]
+    runs = [(f"ndpdc, eps {e}", ["--method", "ndpdc", "--epsilon", e])
+            for e in args.epsilon]
   else:
     runs = []
-    for e in ("1", "10"):
-      runs += [(f"generator, eps {e}", ["--method", "generator"]),
+    for e in args.epsilon:
+      dp = ["--method", "dpgeng"]
+      runs += [(f"dpgeng, eps {e}", [*dp]),
+               (f"dpgeng-noise-init, eps {e}", [*dp, "--init", "noise"]),
+               (f"dpgeng-random-extractors, eps {e}",
+                [*dp, "--extractors", "random"]),
+               (f"dpgeng-no-expert, eps {e}", [*dp, "--no-expert"]),
                (f"ndpdc, eps {e}", ["--method", "ndpdc"]),
-               (f"dpgeng-no-expert, eps {e}", ["--method", "dpgeng",
-                                               "--no-expert"]),
-               (f"dpgeng, eps {e}", ["--method", "dpgeng"])]
-      for r in runs[-4:]:
+               (f"generator, eps {e}", ["--method", "generator"])]
+      for r in runs[-6:]:
         r[1].extend(["--epsilon", e])
+  runs.append(("dm (NOT private)", ["--method", "dm", "--references"]))
   rows = []
   for name, flags in runs:
     out = os.path.join(args.out,
                        name.replace(", eps ", "_eps").split(" ")[0])
     cmd = [sys.executable, "-m", "dpgeng_jax", "distill", "--dataset",
-           "digits", "--ipc", str(args.ipc), "--out", out, "--overwrite",
+           args.dataset, "--ipc", str(args.ipc), "--out", out, "--overwrite",
            "--quiet", *flags, *args.extra.split()]
     t = time.time()
     subprocess.run(cmd, check=True)
@@ -84,7 +87,7 @@ def main():
       continue
     r = m[key]
     print(f"| {label} | inf | {fmt(r)} | "
-          f"{r.get('seconds', float('nan')):.0f} s (training only) |")
+          f"{r.get('seconds', float('nan')):.0f} s (training only) | |")
 
 
 if __name__ == "__main__":
