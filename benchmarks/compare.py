@@ -7,12 +7,15 @@
 
 Runs `dpgeng distill` one command after another, all with the default
 settings otherwise, and prints a markdown table (mean +- std over the
-evaluation models, and the wall time of each command).
+evaluation models, the wall time of each command, the noise multipliers
+G(enerator) / F(eature matching) / E(xpert), and the expert's test accuracy).
+`--report` prints the table again from the runs in --out.
   --set full (default): at each --epsilon, dpgeng and its three ablations
     (noise init instead of generated init, random instead of generated
     extractors, no expert), ndpdc and the generator-only baseline; then dm
     (non-private) with --references (random real subset, full training set).
     About 45 min for digits on 2 CPU cores.
+  --set main: the same without the two ablations of init and extractors.
   --set foundation: ndpdc at epsilon 1 and 10 and dm with --references.
 """
 
@@ -31,7 +34,9 @@ def main():
   ap.add_argument("--extra", default="", help="extra flags for every run")
   ap.add_argument("--dataset", default="digits")
   ap.add_argument("--epsilon", nargs="+", default=["1", "10"])
-  ap.add_argument("--set", default="full", choices=("full", "foundation"))
+  ap.add_argument("--set", default="full", choices=("full", "main", "foundation"))
+  ap.add_argument("--report", action="store_true",
+                  help="print the table from the runs already in --out")
   args = ap.parse_args()
   if args.set == "foundation":
     runs = [(f"ndpdc, eps {e}", ["--method", "ndpdc", "--epsilon", e])
@@ -47,7 +52,9 @@ def main():
                (f"dpgeng-no-expert, eps {e}", [*dp, "--no-expert"]),
                (f"ndpdc, eps {e}", ["--method", "ndpdc"]),
                (f"generator, eps {e}", ["--method", "generator"])]
-      for r in runs[-6:]:
+      if args.set == "main":  # without the init and extractor ablations
+        del runs[-5:-3]
+      for r in runs[-6 if args.set == "full" else -4:]:
         r[1].extend(["--epsilon", e])
   runs.append(("dm (NOT private)", ["--method", "dm", "--references"]))
   rows = []
@@ -57,37 +64,56 @@ def main():
     cmd = [sys.executable, "-m", "dpgeng_jax", "distill", "--dataset",
            args.dataset, "--ipc", str(args.ipc), "--out", out, "--overwrite",
            "--quiet", *flags, *args.extra.split()]
-    t = time.time()
-    subprocess.run(cmd, check=True)
-    wall = time.time() - t
-    with open(os.path.join(out, "metrics.json")) as f:
-      m = json.load(f)
-    with open(os.path.join(out, "privacy.json")) as f:
-      p = json.load(f)
+    if not args.report:
+      t = time.time()
+      subprocess.run(cmd, check=True)
+      with open(os.path.join(out, "wall_s.txt"), "w") as f:
+        f.write(f"{time.time() - t:.1f}\n")
+      print(" ".join(cmd[1:]), flush=True)
+    rows.append((name, *_load(out)))
+  _table(rows, args)
+
+
+def _load(out):
+  with open(os.path.join(out, "metrics.json")) as f:
+    m = json.load(f)
+  with open(os.path.join(out, "privacy.json")) as f:
+    p = json.load(f)
+  with open(os.path.join(out, "wall_s.txt")) as f:
+    wall = float(f.read())
+  return m, p, wall
+
+
+def _fmt(m):
+  return (f"{100 * m['test_accuracy_mean']:.1f} +- "
+          f"{100 * m['test_accuracy_std']:.1f}")
+
+
+def _table(rows, args):
+  print(f"\n| method ({args.dataset}, IPC {args.ipc}) | epsilon (PLD) | "
+        "test acc % | wall time | noise multipliers | expert test acc %: "
+        "on G -> after DP-SGD |")
+  print("|---|---|---|---|---|---|")
+  for name, m, p, wall in rows:
     eps = p["epsilon_pld"]
-    rows.append((name, m, wall, eps))
-    print(" ".join(cmd[1:]), f"-> {wall:.0f} s", flush=True)
-
-  def fmt(m):
-    return (f"{100 * m['test_accuracy_mean']:.1f} +- "
-            f"{100 * m['test_accuracy_std']:.1f}")
-
-  print(f"\n| method (digits, IPC {args.ipc}) | epsilon (PLD) | test acc % "
-        "| wall time |")
-  print("|---|---|---|---|")
-  for name, m, wall, eps in rows:
     e = "inf (not private)" if eps is None else f"{eps:.3f}"
-    print(f"| {name} | {e} | {fmt(m)} | {wall:.0f} s (whole run) |")
+    sig = ", ".join(f"{x['name'].split('_')[0][0].upper()} "
+                    f"{x['noise_multiplier']:.2f}"
+                    for x in p.get("mechanisms", []) if eps is not None)
+    ex = m.get("expert")
+    ex = (f"{100 * ex['test_accuracy_pretrained_on_generated']:.1f} -> "
+          f"{100 * ex['test_accuracy_after_dp_finetuning']:.1f}" if ex
+          else "")
+    print(f"| {name} | {e} | {_fmt(m)} | {wall:.0f} s | {sig} | {ex} |")
   _, m, _, _ = rows[-1]
   for key, label in (("reference_random_real_subset",
                       f"random real subset, {args.ipc}/class (NOT private)"),
                      ("reference_full_training_set",
                       "full training set (NOT private)")):
-    if key not in m:
-      continue
-    r = m[key]
-    print(f"| {label} | inf | {fmt(r)} | "
-          f"{r.get('seconds', float('nan')):.0f} s (training only) | |")
+    if key in m:
+      r = m[key]
+      print(f"| {label} | inf | {_fmt(r)} | {r['seconds']:.0f} s (training "
+            "only) | | |")
 
 
 if __name__ == "__main__":

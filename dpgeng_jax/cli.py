@@ -2,6 +2,7 @@
 
     dpgeng distill --dataset digits --epsilon 10 --ipc 10 --out runs/d10
     dpgeng plan --method dpgeng --epsilon 1     # allocation; reads no data
+    dpgeng audit --noise-multipliers 1 2 --out runs/audit  # privacy audit
 
 Every option of `Config` is a flag with its default shown by --help. Bad
 input is reported as one line `dpgeng: error: ...` with exit status 2, and
@@ -13,10 +14,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 from dpgeng_jax.config import Config
-from dpgeng_jax.errors import DpgengError
+from dpgeng_jax.errors import ConfigError, DpgengError
 
 
 def _flag(name: str) -> str:
@@ -55,7 +57,34 @@ def build_parser() -> argparse.ArgumentParser:
       "plan", help="print the budget allocation of a configuration without "
       "reading any data", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   _add_config_options(plan)
+  _add_audit_parser(sub)
   return parser
+
+
+def _add_audit_parser(sub) -> None:
+  audit = sub.add_parser(
+      "audit", help="empirical privacy audit: canary attacks on every "
+      "private mechanism give lower bounds on epsilon to set against the "
+      "accounted epsilon",
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  audit.add_argument("--noise-multipliers", type=float, nargs="+",
+                     default=[1.0, 2.0], help="claimed noise multipliers")
+  audit.add_argument("--trials", type=int, default=200_000,
+                     help="releases per neighbouring dataset")
+  audit.add_argument("--delta", type=float, default=1e-5,
+                     help="delta of the accounted epsilon and of the bound")
+  audit.add_argument("--sampling-rate", type=float, default=1.0,
+                     help="Poisson rate of the feature-matching query and "
+                     "the DP-SGD step (the generator reads all data)")
+  audit.add_argument("--confidence", type=float, default=0.95,
+                     help="confidence of the lower bounds")
+  audit.add_argument("--mechanisms", nargs="+", default=None,
+                     help="mechanisms to audit, some of feature_matching, "
+                     "dp_sgd, generator (default: all)")
+  audit.add_argument("--seed", type=int, default=0,
+                     help="seed of the audit's (public) randomness")
+  audit.add_argument("--out", default=None,
+                     help="directory for audit.json (default: print only)")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -115,6 +144,25 @@ def _plan(cfg: Config) -> int:
   return 0
 
 
+def _audit(args: argparse.Namespace) -> int:
+  from dpgeng_jax import audit
+
+  if args.out is not None and os.path.exists(args.out) and not os.path.isdir(
+      args.out):
+    raise ConfigError(f"--out {args.out!r} exists and is not a directory")
+  records = audit.audit_all(
+      tuple(args.noise_multipliers), trials=args.trials, delta=args.delta,
+      key=audit.seed_key(args.seed), sampling_rate=args.sampling_rate,
+      confidence=args.confidence,
+      mechanisms=tuple(args.mechanisms or audit.MECHANISMS))
+  print(audit.format_table(records))
+  print(f"each lower bound holds with probability >= {args.confidence:g}; "
+        "a lower bound above the accounted epsilon is a privacy bug")
+  if args.out is not None:
+    print("wrote " + audit.write_records(records, args.out))
+  return 0
+
+
 def main(argv=None) -> int:
   parser = build_parser()
   args = parser.parse_args(argv)
@@ -123,6 +171,8 @@ def main(argv=None) -> int:
       return _distill(config_from_args(args))
     if args.command == "plan":
       return _plan(config_from_args(args))
+    if args.command == "audit":
+      return _audit(args)
   except DpgengError as e:
     print(f"dpgeng: error: {e}", file=sys.stderr)
     return 2
