@@ -344,7 +344,8 @@ def _validate(noise_multiplier, sampling_rate, trials, delta, confidence):
   if not 0 < sampling_rate <= 1:
     raise ConfigError(f"sampling rate must be in (0, 1], got "
                       f"{sampling_rate}")
-  if not isinstance(trials, int) or trials < MIN_TRIALS:
+  if (not isinstance(trials, (int, np.integer)) or isinstance(trials, bool)
+      or trials < MIN_TRIALS):
     raise ConfigError(f"trials must be an integer >= {MIN_TRIALS}, got "
                       f"{trials}")
   if not 0 < delta < 1:
@@ -431,8 +432,8 @@ def audit_all(noise_multipliers: Sequence[float] = (1.0, 2.0), *,
               trials: int = 200_000, delta: float = 1e-5,
               key: jax.Array | None = None, sampling_rate: float = 1.0,
               confidence: float = 0.95,
-              mechanisms: Sequence[str] = MECHANISMS) -> list[AuditRecord]:
-  """Audits every mechanism at every noise multiplier.
+              names: Sequence[str] = MECHANISMS) -> list[AuditRecord]:
+  """Audits every mechanism (or those in `names`) at every noise multiplier.
 
   The feature-matching query and DP-SGD use `sampling_rate`; the generator
   always reads the whole dataset. Keys are folded from `key` per mechanism
@@ -446,8 +447,8 @@ def audit_all(noise_multipliers: Sequence[float] = (1.0, 2.0), *,
   """
   if not noise_multipliers:
     raise ConfigError("at least one noise multiplier is required")
-  unknown = [m for m in mechanisms if m not in MECHANISMS]
-  if unknown or not mechanisms:
+  unknown = [m for m in names if m not in MECHANISMS]
+  if unknown or not names:
     raise ConfigError(f"unknown mechanism(s) {unknown}; expected some of "
                       f"{MECHANISMS}")
   for s in noise_multipliers:
@@ -455,7 +456,7 @@ def audit_all(noise_multipliers: Sequence[float] = (1.0, 2.0), *,
   key = seed_key(0) if key is None else key
   records = []
   for i, name in enumerate(MECHANISMS):
-    if name not in mechanisms:
+    if name not in names:
       continue
     p = 1.0 if name == "generator" else sampling_rate
     for j, sigma in enumerate(noise_multipliers):

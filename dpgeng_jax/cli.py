@@ -79,12 +79,12 @@ def _add_audit_parser(sub) -> None:
   audit.add_argument("--confidence", type=float, default=0.95,
                      help="confidence of the lower bounds")
   audit.add_argument("--mechanisms", nargs="+", default=None,
-                     help="mechanisms to audit, some of feature_matching, "
-                     "dp_sgd, generator (default: all)")
+                     help="mechanisms to audit, any of feature_matching, "
+                     "dp_sgd, generator; None: all of them")
   audit.add_argument("--seed", type=int, default=0,
                      help="seed of the audit's (public) randomness")
   audit.add_argument("--out", default=None,
-                     help="directory for audit.json (default: print only)")
+                     help="directory for audit.json; None: print only")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -154,7 +154,7 @@ def _audit(args: argparse.Namespace) -> int:
       tuple(args.noise_multipliers), trials=args.trials, delta=args.delta,
       key=audit.seed_key(args.seed), sampling_rate=args.sampling_rate,
       confidence=args.confidence,
-      mechanisms=tuple(args.mechanisms or audit.MECHANISMS))
+      names=tuple(args.mechanisms or audit.MECHANISMS))
   print(audit.format_table(records))
   print(f"each lower bound holds with probability >= {args.confidence:g}; "
         "a lower bound above the accounted epsilon is a privacy bug")
