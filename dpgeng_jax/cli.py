@@ -3,6 +3,7 @@
     dpgeng distill --dataset digits --epsilon 10 --ipc 10 --out runs/d10
     dpgeng plan --method dpgeng --epsilon 1     # allocation; reads no data
     dpgeng audit --noise-multipliers 1 2 --out runs/audit  # privacy audit
+    dpgeng mia --method dm --shadows 8 --out runs/mia  # membership inference
 
 Every option of `Config` is a flag with its default shown by --help. Bad
 input is reported as one line `dpgeng: error: ...` with exit status 2, and
@@ -25,9 +26,12 @@ def _flag(name: str) -> str:
   return "--" + name.replace("_", "-")
 
 
-def _add_config_options(parser: argparse.ArgumentParser) -> None:
+def _add_config_options(parser: argparse.ArgumentParser,
+                        skip: tuple[str, ...] = ()) -> None:
   groups = {}
   for f in dataclasses.fields(Config):
+    if f.name in skip:
+      continue
     group = f.metadata.get("group", "run")
     if group not in groups:
       groups[group] = parser.add_argument_group(f"{group} options")
@@ -58,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
       "reading any data", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   _add_config_options(plan)
   _add_audit_parser(sub)
+  _add_mia_parser(sub)
   return parser
 
 
@@ -85,6 +90,30 @@ def _add_audit_parser(sub) -> None:
                      help="seed of the audit's (public) randomness")
   audit.add_argument("--out", default=None,
                      help="directory for audit.json; None: print only")
+
+
+def _add_mia_parser(sub) -> None:
+  from dpgeng_jax import mia  # for its method names and defaults
+
+  p = sub.add_parser(
+      "mia", help="membership inference (loss attack and LiRA with shadow "
+      "runs) against the set a method releases",
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  # The distill options, less those the attack sets itself.
+  _add_config_options(p, skip=("method", "out", "no_eval", "references"))
+  g = p.add_argument_group("membership inference options")
+  # Validated by mia.validate (one-line error), so no argparse choices.
+  g.add_argument("--method", default="dpgeng",
+                 metavar="{" + ",".join(mia.MIA_METHODS) + "}",
+                 help="the attacked method; random_real releases IPC real "
+                 "member images per class (a non-private baseline)")
+  g.add_argument("--shadows", type=int, default=mia.DEFAULT_SHADOWS,
+                 help="shadow runs of LiRA (>= 2)")
+  g.add_argument("--mia-seed", type=int, default=0,
+                 help="public seed of the member splits (target and "
+                 "shadows)")
+  g.add_argument("--out", default=None,
+                 help="directory for mia.json; None: print only")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -163,6 +192,32 @@ def _audit(args: argparse.Namespace) -> int:
   return 0
 
 
+def mia_config(args: argparse.Namespace) -> Config:
+  """The attacked run's Config from `dpgeng mia` arguments (--out is the
+  attack's directory, not the run's)."""
+  names = {f.name for f in dataclasses.fields(Config)} - {"out"}
+  return Config(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def _mia(args: argparse.Namespace) -> int:
+  from dpgeng_jax import mia
+
+  cfg = mia_config(args)
+  mia.validate(cfg, args.shadows, seed=args.mia_seed)
+  if args.out is not None:
+    mia.check_output_dir(args.out, cfg.overwrite)
+  records = mia.run(cfg, shadows=args.shadows, seed=args.mia_seed,
+                    log=None if cfg.quiet else print)
+  print(mia.format_table(records))
+  non_members = records[0].candidates - records[0].members
+  if non_members < 1000:
+    print(f"note: {non_members} non-members: the smallest non-zero FPR is "
+          f"{1 / non_members:.2g}, so TPR at 0.1% FPR is the TPR at FPR 0")
+  if args.out is not None:
+    print("wrote " + mia.write_records(records, args.out))
+  return 0
+
+
 def main(argv=None) -> int:
   parser = build_parser()
   args = parser.parse_args(argv)
@@ -173,6 +228,8 @@ def main(argv=None) -> int:
       return _plan(config_from_args(args))
     if args.command == "audit":
       return _audit(args)
+    if args.command == "mia":
+      return _mia(args)
   except DpgengError as e:
     print(f"dpgeng: error: {e}", file=sys.stderr)
     return 2
