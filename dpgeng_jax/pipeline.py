@@ -476,11 +476,17 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
          "the operating system's entropy and was never saved"),
       "Targets are sums normalised by the public expected counts p * N_c",
   ]
-  if spec is not None:
+  if spec is not None or plan.expert:
+    draws = ((cfg.num_queries * k if spec is not None else 0)
+             + (cfg.expert_steps if plan.expert else 0))
     notes.append(
-        f"Poisson batches are padded to {spec.capacity} examples per class; "
-        f"overflow (probability <= {mechanisms.OVERFLOW_TAIL:g} per class "
-        "and query) aborts the run instead of truncating")
+        "Poisson batches are padded to a fixed capacity"
+        + (f" ({spec.capacity} examples per class for the queries)"
+           if spec is not None else "")
+        + f"; overflow (probability <= {mechanisms.OVERFLOW_TAIL:g} per "
+        f"class and batch, {draws} such draws) aborts the run instead of "
+        "truncating, which adds at most (1 + e^epsilon) * draws * tail = "
+        f"{mechanisms.overflow_delta(draws, cfg.epsilon):.1e} to delta")
   if plan.builtin_generator:
     notes.append("built-in generator: class counts are released inside the "
                  "same noisy vector (constant coordinate), not assumed public")

@@ -100,6 +100,17 @@ def test_poisson_capacity_meets_the_tail_bound():
         mechanisms.OVERFLOW_TAIL)
     assert cap <= max(counts)
   assert poisson_capacity(counts, 1.0) == 5000
+  # The bound is tight: one less would exceed the tail (scipy's isf is
+  # unreliable this far out, so the search uses logsf).
+  for n, p in ((144, 0.5), (1438, 0.1)):
+    cap = poisson_capacity([n], p)
+    assert stats.binom.logsf(cap, n, p) <= np.log(mechanisms.OVERFLOW_TAIL)
+    assert stats.binom.logsf(cap - 1, n, p) > np.log(mechanisms.OVERFLOW_TAIL)
+
+
+def test_overflow_delta_is_stated_in_the_report_and_negligible():
+  assert mechanisms.overflow_delta(1000, 10.0) < 1e-17
+  assert mechanisms.overflow_delta(2, 0.0, tail=1e-3) == pytest.approx(4e-3)
 
 
 def test_secret_keys_come_from_os_entropy_and_differ():
