@@ -67,7 +67,7 @@ import optax
 from scipy import stats
 
 from dpgeng_jax import accounting, augment, generator, mechanisms
-from dpgeng_jax.errors import ConfigError
+from dpgeng_jax.errors import ConfigError, require_int
 
 MECHANISMS = ("feature_matching", "dp_sgd", "generator")
 GRID_POINTS = 40  # thresholds per tail (see the module docstring)
@@ -344,10 +344,7 @@ def _validate(noise_multiplier, sampling_rate, trials, delta, confidence):
   if not 0 < sampling_rate <= 1:
     raise ConfigError(f"sampling rate must be in (0, 1], got "
                       f"{sampling_rate}")
-  if (not isinstance(trials, (int, np.integer)) or isinstance(trials, bool)
-      or trials < MIN_TRIALS):
-    raise ConfigError(f"trials must be an integer >= {MIN_TRIALS}, got "
-                      f"{trials}")
+  require_int(trials, "trials", MIN_TRIALS)
   if not 0 < delta < 1:
     raise ConfigError(f"delta must be in (0, 1), got {delta}")
   if not 0 < confidence < 1:

@@ -17,3 +17,12 @@ class DataError(DpgengError):
 
 class ConfigError(DpgengError):
   """A configuration value (budget, IPC, output directory, ...) is invalid."""
+
+
+def require_int(value, what: str, minimum: int) -> None:
+  """Raises ConfigError unless `value` is an integer (not a bool) >=
+  `minimum`; the message names it as `what`."""
+  import numbers  # pylint: disable=import-outside-toplevel
+  if (not isinstance(value, numbers.Integral) or isinstance(value, bool)
+      or value < minimum):
+    raise ConfigError(f"{what} must be an integer >= {minimum}, got {value}")

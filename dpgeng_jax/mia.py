@@ -57,7 +57,7 @@ import numpy as np
 
 from dpgeng_jax import data as data_lib, evaluate, pipeline
 from dpgeng_jax.config import Config, METHODS
-from dpgeng_jax.errors import ConfigError
+from dpgeng_jax.errors import ConfigError, require_int
 from dpgeng_jax.models import ConvNet
 
 BASELINE = "random_real"
@@ -247,8 +247,7 @@ def member_masks(seed: int, num_candidates: int, count: int) -> np.ndarray:
   Row i is drawn by `np.random.default_rng([seed, i])` (public
   randomness): row 0 is the target's member set, rows 1.. the shadows'.
   """
-  if not isinstance(seed, (int, np.integer)) or seed < 0:
-    raise ConfigError(f"the MIA seed must be an integer >= 0, got {seed}")
+  require_int(seed, "the MIA seed", 0)
   masks = np.zeros((count, num_candidates), bool)
   for i in range(count):
     rng = np.random.default_rng([int(seed), i])
@@ -376,13 +375,8 @@ def validate(cfg: Config, shadows: int, ds: data_lib.Dataset | None = None,
   if cfg.method not in MIA_METHODS:
     raise ConfigError(f"unknown method {cfg.method!r}; expected one of "
                       f"{MIA_METHODS}")
-  if (not isinstance(shadows, (int, np.integer)) or isinstance(shadows, bool)
-      or shadows < MIN_SHADOWS):
-    raise ConfigError(f"shadows must be an integer >= {MIN_SHADOWS}, got "
-                      f"{shadows}")
-  if (not isinstance(seed, (int, np.integer)) or isinstance(seed, bool)
-      or seed < 0):
-    raise ConfigError(f"the MIA seed must be an integer >= 0, got {seed}")
+  require_int(shadows, "shadows", MIN_SHADOWS)
+  require_int(seed, "the MIA seed", 0)
   pipeline.validate_config(_as_distill(cfg))
   if ds is None or masks is None:
     return
