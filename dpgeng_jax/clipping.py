@@ -81,7 +81,8 @@ def class_sums(values: jax.Array, y: jax.Array, mask: jax.Array,
 
 def clipped_class_sums(embed_fn: EmbedFn, params: Any, x: jax.Array,
                        y: jax.Array, mask: jax.Array, *, num_classes: int,
-                       clip_norm: float) -> jax.Array:
+                       clip_norm: float,
+                       chunk_size: int | None = None) -> jax.Array:
   """Sums of per-example clipped embeddings per class.
 
   Args:
@@ -93,12 +94,40 @@ def clipped_class_sums(embed_fn: EmbedFn, params: Any, x: jax.Array,
     mask: (n,) 1 for real rows, 0 for padding.
     num_classes: K.
     clip_norm: C, the per-example L2 bound (inf disables clipping).
+    chunk_size: if set and smaller than n, the rows are embedded in chunks
+      of this many (the last one padded with mask-0 rows) by a `lax.scan`
+      that accumulates the sums. A performance option only: the result is
+      the same up to float summation order. On CPU, chunks whose
+      activations fit the cache run faster than one large batch.
 
   Returns:
     (K, d) float32 sums; L2 sensitivity C under add/remove of one row.
   """
-  emb = embed_fn(params, x)
-  return class_sums(clip_rows(emb, clip_norm), y, mask, num_classes)
+  def sums(xs, ys, ms):
+    return class_sums(clip_rows(embed_fn(params, xs), clip_norm), ys, ms,
+                      num_classes)
+
+  n = x.shape[0]
+  if chunk_size is None or chunk_size >= n:
+    return sums(x, y, mask)
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+  chunks = -(-n // chunk_size)
+  extra = chunks * chunk_size - n
+
+  def split(a):
+    a = jnp.pad(a, [(0, extra)] + [(0, 0)] * (a.ndim - 1))
+    return a.reshape((chunks, chunk_size, *a.shape[1:]))
+
+  def body(total, chunk):
+    return total + sums(*chunk), None
+
+  xs, ys, ms = split(x), split(y), split(mask)
+  # The first chunk seeds the carry, so the carry has the body's type also
+  # inside shard_map (device-varying params make the sums varying).
+  total, _ = jax.lax.scan(body, sums(xs[0], ys[0], ms[0]),
+                          (xs[1:], ys[1:], ms[1:]))
+  return total
 
 
 @dataclasses.dataclass(frozen=True)

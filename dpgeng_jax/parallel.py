@@ -1,0 +1,359 @@
+"""Data parallelism for the private passes: a device mesh with a `data` axis,
+`jax.shard_map` sums reduced with `psum`, and multi-host start-up.
+
+Every private release here has the same shape: each device computes clipped
+per-example contributions of ITS examples, sums them locally, the local sums
+are added across devices with `psum`, and Gaussian noise is added ONCE to
+the replicated total, from one key that is the same on every device. The
+result equals the unsharded computation on the same examples (up to float
+summation order), so the guarantee does not depend on the device count.
+
+Sharp edge (DESIGN.md): inside `shard_map`, the gradient with respect to a
+replicated (device-invariant) parameter is summed over devices, so
+per-example gradients of replicated parameters silently become sums of one
+example per device, and clipping them bounds the wrong thing. `sharded_sum`
+therefore makes the parameters device-varying with `jax.lax.pcast(...,
+to='varying')` before the per-example function runs; `vary_params=False`
+keeps the naive behaviour only so that a test can show the difference.
+
+Poisson sampling with sharded data (`sharded_noisy_targets`,
+`sharded_dp_sgd_batch`): each device samples its own examples with a key
+folded with its device index, so every example is still included
+independently with probability p. Each device's batch is padded to a fixed
+capacity whose overflow probability is OVERFLOW_TAIL / devices per class, so
+the union over devices keeps the per-class tail (and the delta the report
+adds for it) unchanged.
+
+Multi-host: `initialize` starts JAX's distributed runtime (flags or the
+standard JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID
+variables; gloo collectives on CPU); `global_rows` assembles a globally
+sharded array from each process's local rows; only process 0 writes
+outputs (`is_writer`).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from dpgeng_jax import augment, mechanisms
+from dpgeng_jax.clipping import clipped_class_sums
+
+DATA = "data"
+
+
+# ---------------------------------------------------------------------------
+# Mesh and layout.
+
+
+def data_mesh(devices: Sequence[jax.Device] | int | None = None) -> Mesh:
+  """A 1-D mesh over `devices` (default: every device of every process)
+  with the axis name 'data'. An int n takes the first n global devices."""
+  if devices is None:
+    devices = jax.devices()
+  elif isinstance(devices, int):
+    all_devices = jax.devices()
+    if not 1 <= devices <= len(all_devices):
+      raise ValueError(f"devices={devices}: this run sees "
+                       f"{len(all_devices)} device(s)")
+    devices = all_devices[:devices]
+  return Mesh(np.asarray(list(devices)), (DATA,))
+
+
+def num_shards(mesh: Mesh) -> int:
+  return int(mesh.shape[DATA])
+
+
+def round_up(n: int, multiple: int) -> int:
+  return -(-int(n) // multiple) * multiple
+
+
+def pad_rows(tree: Any, mask: jax.Array, multiple: int):
+  """Pads the leading axis of every array in `tree` and of `mask` with
+  zero rows (mask 0) up to a multiple of `multiple`; padded rows
+  contribute nothing to any masked sum."""
+  n = mask.shape[0]
+  extra = round_up(n, multiple) - n
+  if extra == 0:
+    return tree, mask
+
+  def pad(a):
+    return jnp.pad(a, [(0, extra)] + [(0, 0)] * (a.ndim - 1))
+
+  return jax.tree.map(pad, tree), pad(mask)
+
+
+def sharded_class_major(x: np.ndarray, y: np.ndarray, num_classes: int,
+                        shards: int, rows_per_shard: int | None = None,
+                        as_numpy: bool = False) -> mechanisms.ClassMajorData:
+  """Class-major layout (K, shards * n_loc, ...) for `shards` devices.
+
+  Example j of class c goes to shard j % shards, so every shard holds
+  nearly the same number of examples of every class; padding has valid 0.
+  Splitting axis 1 into `shards` equal blocks gives each device its part.
+  rows_per_shard fixes n_loc (multi-host: every process must use the same
+  one); by default it is the smallest that fits. as_numpy keeps the arrays
+  on the host (for `global_rows`).
+  """
+  counts = np.bincount(y, minlength=num_classes)
+  n_loc = max(1, -(-int(counts.max()) // shards))
+  if rows_per_shard is not None:
+    if rows_per_shard < n_loc:
+      raise ValueError(f"rows_per_shard={rows_per_shard} < {n_loc} needed")
+    n_loc = rows_per_shard
+  xs = np.zeros((num_classes, n_loc, shards, *x.shape[1:]), x.dtype)
+  valid = np.zeros((num_classes, n_loc, shards), np.float32)
+  for c in range(num_classes):  # host-side layout, once per run
+    idx = np.flatnonzero(y == c)
+    j = np.arange(len(idx))
+    xs[c, j // shards, j % shards] = x[idx]
+    valid[c, j // shards, j % shards] = 1.0
+  xs = np.moveaxis(xs, 2, 1).reshape(num_classes, shards * n_loc,
+                                     *x.shape[1:])
+  valid = np.moveaxis(valid, 2, 1).reshape(num_classes, shards * n_loc)
+  if as_numpy:
+    return mechanisms.ClassMajorData(xs, valid)
+  return mechanisms.ClassMajorData(jnp.asarray(xs), jnp.asarray(valid))
+
+
+def shard_capacity(valid: np.ndarray, shards: int, sampling_rate: float,
+                   tail: float = mechanisms.OVERFLOW_TAIL) -> int:
+  """Per-device, per-class capacity for Poisson batches of a sharded
+  (K, shards * n_loc) valid table: overflow probability <= tail / shards
+  for each device and class, so <= tail per class over all devices."""
+  valid = np.asarray(valid)
+  k = valid.shape[0]
+  counts = valid.reshape(k, shards, -1).sum(-1).reshape(-1).astype(int)
+  return mechanisms.poisson_capacity(counts, sampling_rate, tail / shards)
+
+
+# ---------------------------------------------------------------------------
+# Sums across devices.
+
+
+def sharded_sum(fn: Callable[..., Any], mesh: Mesh, *,
+                vary_params: bool = True) -> Callable[..., Any]:
+  """Data-parallel version of a per-example sum.
+
+  fn(params, *rows) must return a pytree of sums over the leading axis of
+  `rows` (for example clipped class sums or clipped gradient sums). The
+  returned g(params, *rows) splits the rows over the mesh's data axis
+  (their length must be a multiple of the device count; see `pad_rows`),
+  runs fn on each device with params made device-varying, and adds the
+  local sums with psum. The result is replicated.
+  """
+
+  def local(params, *rows):
+    if vary_params:
+      params = jax.lax.pcast(params, DATA, to="varying")
+    return jax.lax.psum(fn(params, *rows), DATA)
+
+  def call(params, *rows):
+    n = jax.tree.leaves(rows)[0].shape[0]
+    if n % num_shards(mesh):
+      raise ValueError(f"{n} rows do not split over {num_shards(mesh)} "
+                       "devices; pad them with parallel.pad_rows")
+    return jax.shard_map(
+        local, mesh=mesh,
+        in_specs=(P(),) + tuple(P(DATA) for _ in rows),
+        out_specs=P())(params, *rows)
+
+  return call
+
+
+def sharded_clipped_class_sums(embed_fn, params, x, y, mask, *,
+                               num_classes: int, clip_norm: float,
+                               mesh: Mesh, chunk_size: int | None = None):
+  """`clipping.clipped_class_sums` with the rows split over `mesh`
+  (padded to a multiple of the device count). Same (K, d) result, same
+  L2 sensitivity C."""
+  (x, y), mask = pad_rows((x, y), mask, num_shards(mesh))
+  fn = functools.partial(_class_sums_rows, embed_fn, num_classes, clip_norm,
+                         chunk_size)
+  return sharded_sum(fn, mesh)(params, x, y, mask)
+
+
+def _class_sums_rows(embed_fn, num_classes, clip_norm, chunk_size, params,
+                     x, y, mask):
+  return clipped_class_sums(embed_fn, params, x, y, mask,
+                            num_classes=num_classes, clip_norm=clip_norm,
+                            chunk_size=chunk_size)
+
+
+def sharded_grad_sum(grad_sum_fn: Callable[..., Any], params, batch, mask, *,
+                     mesh: Mesh, vary_params: bool = True):
+  """grad_sum_fn(params, batch, mask) -> clipped gradient sum (for example
+  `functools.partial(clipping.clipped_grad_sum, loss_fn, clip_norm=C)`),
+  with the batch split over `mesh` and the local sums added by psum.
+
+  With vary_params=False the per-example gradients of the replicated
+  parameters are summed over devices BEFORE clipping (the sharp edge this
+  module exists to avoid); only tests use it.
+  """
+  batch, mask = pad_rows(batch, mask, num_shards(mesh))
+  return sharded_sum(grad_sum_fn, mesh, vary_params=vary_params)(
+      params, batch, mask)
+
+
+# ---------------------------------------------------------------------------
+# Sharded mechanisms (sampling on each device, noise once).
+
+
+def _device_key(key: jax.Array) -> jax.Array:
+  return jax.random.fold_in(key, jax.lax.axis_index(DATA))
+
+
+def sharded_noisy_targets(spec: mechanisms.QuerySpec,
+                          data: mechanisms.ClassMajorData, params: Any,
+                          aug_params: augment.AugmentParams,
+                          secret: jax.Array, *, mesh: Mesh,
+                          chunk_size: int | None = None):
+  """The M_F query of `mechanisms.noisy_targets` with the private table
+  split over `mesh` along its example axis (`sharded_class_major`).
+
+  spec.capacity is the PER-DEVICE capacity (`shard_capacity`). Each device
+  Poisson-samples its own examples (key folded with the device index),
+  augments them with the shared public parameters, clips and sums them per
+  class; the sums are added across devices and noise N(0, (sigma C)^2) is
+  added once. Returns (noisy sums (K, d), overflow flag).
+  """
+  k_sample, k_noise = jax.random.split(secret)
+
+  def local(p, x, valid, aug, key):
+    p = jax.lax.pcast(p, DATA, to="varying")
+    idx, mask, over = mechanisms.poisson_sample(
+        _device_key(key), valid, spec.sampling_rate, spec.capacity)
+    xb = jax.vmap(lambda xc, ic: xc[ic])(x, idx)
+    xb = mechanisms.augment_class_major(xb.astype(jnp.float32), aug,
+                                        spec.strategy)
+    k, cap = idx.shape
+    y = jnp.repeat(jnp.arange(k, dtype=jnp.int32), cap)
+    sums = clipped_class_sums(spec.embed_fn, p,
+                              xb.reshape((k * cap, *xb.shape[2:])), y,
+                              mask.reshape(-1), num_classes=spec.num_classes,
+                              clip_norm=spec.clip_norm, chunk_size=chunk_size)
+    return jax.lax.psum(sums, DATA), jax.lax.psum(over.astype(jnp.int32),
+                                                  DATA) > 0
+
+  sums, overflow = jax.shard_map(
+      local, mesh=mesh,
+      in_specs=(P(), P(None, DATA), P(None, DATA), P(), P()),
+      out_specs=(P(), P()))(params, data.x, data.valid, aug_params, k_sample)
+  return sums + mechanisms.gaussian_noise(k_noise, sums.shape,
+                                          spec.noise_stddev), overflow
+
+
+def sharded_dp_sgd_grad(grad_sum_fn: Callable[..., Any], params: Any,
+                        x: jax.Array, y: jax.Array, valid: jax.Array,
+                        secret: jax.Array, *, sampling_rate: float,
+                        capacity: int, noise_stddev: float, mesh: Mesh):
+  """Noisy clipped gradient SUM of one DP-SGD step on sharded data.
+
+  x, y, valid: (N_pad, ...) private rows split over `mesh` (valid 0 on
+  padding). Each device Poisson-samples its rows into `capacity` slots,
+  calls grad_sum_fn(params, (x_b, y_b), mask) with device-varying params,
+  the sums are added across devices, and noise N(0, stddev^2) is added
+  once per coordinate. Returns (noisy gradient sum, overflow flag); the
+  caller divides by the public expected batch size.
+  """
+  k_sample, k_noise = jax.random.split(secret)
+
+  def local(p, xs, ys, vs, key):
+    p = jax.lax.pcast(p, DATA, to="varying")
+    idx, mask, over = mechanisms.poisson_sample(
+        _device_key(key), vs[None], sampling_rate, capacity)
+    g = grad_sum_fn(p, (xs[idx[0]], ys[idx[0]]), mask[0])
+    return jax.lax.psum(g, DATA), jax.lax.psum(over.astype(jnp.int32),
+                                               DATA) > 0
+
+  g, overflow = jax.shard_map(
+      local, mesh=mesh, in_specs=(P(), P(DATA), P(DATA), P(DATA), P()),
+      out_specs=(P(), P()))(params, x, y, valid, k_sample)
+  noise = mechanisms.tree_gaussian_noise(k_noise, g, noise_stddev)
+  return jax.tree.map(jnp.add, g, noise), overflow
+
+
+# ---------------------------------------------------------------------------
+# Multi-host.
+
+
+def initialize(coordinator_address: str | None = None,
+               num_processes: int | None = None,
+               process_id: int | None = None,
+               local_device_ids: Sequence[int] | None = None,
+               timeout_s: int = 300) -> bool:
+  """Starts JAX's distributed runtime when there is more than one process.
+
+  Arguments override the standard variables JAX_COORDINATOR_ADDRESS,
+  JAX_NUM_PROCESSES and JAX_PROCESS_ID; with none of them set (and no
+  cluster that JAX detects by itself, such as SLURM or a TPU pod) this is a
+  single-process run and nothing happens. On CPU the cross-process
+  collectives use gloo. Returns whether a distributed runtime is running.
+  Must run before anything touches a device.
+  """
+  address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+  procs = num_processes or _env_int("JAX_NUM_PROCESSES")
+  pid = process_id if process_id is not None else _env_int("JAX_PROCESS_ID")
+  if address is None and procs is None:
+    return False
+  if procs is not None and procs < 1:
+    raise ValueError(f"num_processes={procs} must be >= 1")
+  if procs is not None and pid is not None and not 0 <= pid < procs:
+    raise ValueError(f"process_id={pid} is outside [0, {procs})")
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(
+      coordinator_address=address, num_processes=procs, process_id=pid,
+      local_device_ids=local_device_ids, initialization_timeout=timeout_s)
+  return True
+
+
+def _env_int(name: str) -> int | None:
+  value = os.environ.get(name)
+  return None if value in (None, "") else int(value)
+
+
+def is_writer() -> bool:
+  """Only process 0 writes outputs."""
+  return jax.process_index() == 0
+
+
+def process_rows(n: int) -> slice:
+  """The contiguous block of rows [0, n) that this process loads: the rows
+  are split into process_count nearly equal blocks."""
+  p, i = jax.process_count(), jax.process_index()
+  bounds = np.linspace(0, n, p + 1).round().astype(int)
+  return slice(int(bounds[i]), int(bounds[i + 1]))
+
+
+def global_rows(mesh: Mesh, local: np.ndarray, axis: int = 0) -> jax.Array:
+  """A global array split over the mesh's data axis along `axis`, built
+  from this process's rows (every process passes a block of equal shape;
+  the global length along `axis` is the sum)."""
+  spec = [None] * local.ndim
+  spec[axis] = DATA
+  return jax.make_array_from_process_local_data(
+      NamedSharding(mesh, P(*spec)), local)
+
+
+def broadcast_key(key: jax.Array) -> jax.Array:
+  """Process 0's key on every process (multi-host: the secret key must be
+  the same everywhere so that noise is added once, with one value)."""
+  if jax.process_count() == 1:
+    return key
+  from jax.experimental import multihost_utils
+  data = multihost_utils.broadcast_one_to_all(jax.random.key_data(key))
+  return jax.random.wrap_key_data(jnp.asarray(data),
+                                  impl=jax.random.key_impl(key))
+
+
+def device_note(mesh: Mesh) -> str:
+  d = mesh.devices.reshape(-1)[0]
+  return (f"{num_shards(mesh)} x {d.device_kind} over "
+          f"{jax.process_count()} process(es)")
+

@@ -1,0 +1,232 @@
+"""Sharded private passes agree with the unsharded ones on fake CPU devices.
+
+These tests need 8 devices. tests/test_parallel.py runs this file in a
+subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8 (the
+main test process has one device, so here they are skipped).
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from dpgeng_jax import augment, mechanisms, parallel, pergrad
+from dpgeng_jax.clipping import clipped_class_sums, clipped_grad_sum
+from dpgeng_jax.models import ConvNet, cross_entropy, init_params
+
+pytestmark = pytest.mark.skipif(
+    jax.device_count() < 8, reason="needs 8 devices (tests/test_parallel.py "
+    "runs this file with 8 fake CPU devices)")
+
+K = 3
+
+
+def _linear(params, x):
+  return x.reshape(x.shape[0], -1) @ params
+
+
+def _rows(n=37, seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n, 4, 4, 1)).astype(np.float32) * 3
+  y = rng.integers(0, K, n).astype(np.int32)
+  mask = (rng.random(n) < 0.8).astype(np.float32)
+  return jnp.asarray(x), jnp.asarray(y), jnp.asarray(mask)
+
+
+@pytest.mark.parametrize("devices", [4, 8])
+def test_sharded_clipped_class_sums_equal_unsharded(devices):
+  x, y, mask = _rows()
+  params = jnp.asarray(np.random.default_rng(1).normal(size=(16, 5)),
+                       jnp.float32)
+  want = clipped_class_sums(_linear, params, x, y, mask, num_classes=K,
+                            clip_norm=1.0)
+  got = jax.jit(functools.partial(
+      parallel.sharded_clipped_class_sums, _linear, num_classes=K,
+      clip_norm=1.0, mesh=parallel.data_mesh(devices)))(params, x, y, mask)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
+                             atol=1e-5)
+
+
+@functools.cache
+def _convnet():
+  model = ConvNet(num_classes=K, width=8, depth=2)
+  params = init_params(model, jax.random.key(0), (8, 8, 1))
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=(24, 8, 8, 1)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, K, 24), jnp.int32)
+  mask = jnp.asarray((rng.random(24) < 0.9), jnp.float32)
+  return model, params, x, y, mask
+
+
+@functools.cache
+def _reference_grad_sum(all_rows=False):
+  """Unsharded clipped gradient sum (jitted once for the whole file)."""
+  model, params, x, y, mask = _convnet()
+  mask = jnp.ones_like(mask) if all_rows else mask
+  loss = lambda p, b: cross_entropy(model, p, *b)
+  return jax.jit(functools.partial(clipped_grad_sum, loss, clip_norm=0.5))(
+      params, (x, y), mask)
+
+
+def _max_rel_diff(a, b):
+  """Largest difference relative to b's largest entry (some leaves, such
+  as conv biases followed by instance norm, have gradients of ~0)."""
+  scale = max(float(jnp.max(jnp.abs(v))) for v in jax.tree.leaves(b))
+  return max(float(jnp.max(jnp.abs(u - v)))
+             for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b))) / scale
+
+
+@pytest.mark.parametrize("devices", [4, 8])
+@pytest.mark.parametrize("path", ["vmap", "pergrad"])
+def test_sharded_clipped_grad_sums_equal_unsharded(devices, path):
+  model, params, x, y, mask = _convnet()
+  loss = lambda p, b: cross_entropy(model, p, *b)
+  want = _reference_grad_sum()
+  fn = (functools.partial(clipped_grad_sum, loss, clip_norm=0.5)
+        if path == "vmap" else pergrad.make_grad_sum_fn(model, clip_norm=0.5))
+  got = jax.jit(lambda p, b, m: parallel.sharded_grad_sum(
+      fn, p, b, m, mesh=parallel.data_mesh(devices)))(params, (x, y), mask)
+  assert _max_rel_diff(got, want) < 1e-4
+
+
+def test_naive_shard_map_without_pcast_breaks_per_example_clipping():
+  """Without making the parameters device-varying, shard_map sums each
+  per-example gradient over devices before it is clipped."""
+  model, params, x, y, mask = _convnet()
+  loss = lambda p, b: cross_entropy(model, p, *b)
+  fn = functools.partial(clipped_grad_sum, loss, clip_norm=0.5)
+  want = _reference_grad_sum()
+  naive = jax.jit(lambda p, b, m: parallel.sharded_grad_sum(
+      fn, p, b, m, mesh=parallel.data_mesh(8), vary_params=False))(
+          params, (x, y), mask)
+  assert _max_rel_diff(naive, want) > 0.1
+
+
+def _query_setup(n=40, seed=3):
+  rng = np.random.default_rng(seed)
+  x = rng.random((n, 4, 4, 1)).astype(np.float32)
+  y = np.arange(n) % K
+  params = jnp.asarray(rng.normal(size=(16, 6)), jnp.float32)
+  aug = augment.sample_params(jax.random.key(5), "flip_crop",
+                              batch_shape=(K,))
+  return x, y, params, aug
+
+
+def _spec(sigma, p, cap, clip=1.0):
+  return mechanisms.QuerySpec(embed_fn=_linear, num_classes=K,
+                              clip_norm=clip, noise_multiplier=sigma,
+                              sampling_rate=p, capacity=cap,
+                              strategy="flip_crop")
+
+
+@pytest.mark.parametrize("devices", [2, 8])
+def test_sharded_query_without_noise_or_sampling_equals_unsharded(devices):
+  x, y, params, aug = _query_setup()
+  full = mechanisms.class_major(x, y, K)
+  want, _ = mechanisms.noisy_targets(_spec(0.0, 1.0, 14), full, params, aug,
+                                     jax.random.key(0))
+  data = parallel.sharded_class_major(x, y, K, devices)
+  cap = parallel.shard_capacity(data.valid, devices, 1.0)
+  got, over = jax.jit(functools.partial(
+      parallel.sharded_noisy_targets, _spec(0.0, 1.0, cap),
+      mesh=parallel.data_mesh(devices)))(data, params, aug,
+                                         jax.random.key(1))
+  assert not bool(over)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
+                             atol=1e-5)
+
+
+@pytest.mark.parametrize("devices", [1, 2, 8])
+def test_noise_is_added_once_whatever_the_device_count(devices):
+  """The residual std is sigma * C on any mesh (not sqrt(devices) times)."""
+  x, y, _, _ = _query_setup()
+  params = jnp.asarray(np.random.default_rng(4).normal(size=(16, 24)),
+                       jnp.float32)
+  aug = augment.identity_params((K,))
+  data = parallel.sharded_class_major(x, y, K, devices)
+  cap = parallel.shard_capacity(data.valid, devices, 1.0)
+  mesh = parallel.data_mesh(devices)
+
+  def spec(sigma):
+    return dataclasses.replace(_spec(sigma, 1.0, cap), strategy="none")
+
+  clean = parallel.sharded_noisy_targets(spec(0.0), data, params, aug,
+                                         jax.random.key(0), mesh=mesh)[0]
+  f = jax.jit(jax.vmap(lambda s: parallel.sharded_noisy_targets(
+      spec(2.0), data, params, aug, s, mesh=mesh)[0]))
+  outs = f(jax.random.split(jax.random.key(7), 300))
+  resid = np.asarray(outs - clean).ravel()  # 300 x 72 draws
+  assert stats.kstest(resid, "norm", args=(0, 2.0)).pvalue > 1e-3
+  assert abs(resid.std() / 2.0 - 1) < 0.03
+
+
+def test_devices_sample_independently_with_rate_p():
+  """Batch sizes over many keys have mean N p and variance N p (1 - p): a
+  shared key on every device would correlate the shards and inflate it."""
+  devices, p = 8, 0.3
+  x = np.zeros((800, 2, 2, 1), np.float32)
+  y = np.zeros(800, np.int64)
+  data = parallel.sharded_class_major(x, y, 1, devices)
+  cap = parallel.shard_capacity(data.valid, devices, p)
+  mesh = parallel.data_mesh(devices)
+  ones = lambda params, xb: jnp.ones((xb.shape[0], 1))
+  spec = mechanisms.QuerySpec(embed_fn=ones, num_classes=1, clip_norm=1.0,
+                              noise_multiplier=0.0, sampling_rate=p,
+                              capacity=cap, strategy="none")
+  f = jax.jit(jax.vmap(lambda s: parallel.sharded_noisy_targets(
+      spec, data, None, augment.identity_params((1,)), s, mesh=mesh)[0]))
+  sizes = np.asarray(f(jax.random.split(jax.random.key(3), 2000))).ravel()
+  assert abs(sizes.mean() / (800 * p) - 1) < 0.01
+  assert abs(sizes.var() / (800 * p * (1 - p)) - 1) < 0.15
+
+
+def test_sharded_layout_holds_every_example_once():
+  x = np.arange(23, dtype=np.float32).reshape(23, 1, 1, 1)
+  y = np.arange(23) % K
+  data = parallel.sharded_class_major(x, y, K, 4)
+  v = np.asarray(data.valid) > 0
+  got = sorted(np.asarray(data.x)[v].ravel().tolist())
+  assert got == list(range(23))
+  for c in range(K):  # each class's values sit in its own row
+    assert set(np.asarray(data.x)[c][v[c]].ravel() % K) == {c}
+
+
+def test_shard_capacity_keeps_the_per_class_tail():
+  valid = np.ones((2, 8 * 50))
+  cap = parallel.shard_capacity(valid, 8, 0.5)
+  tail = stats.binom.sf(cap, 50, 0.5)
+  assert 8 * tail <= mechanisms.OVERFLOW_TAIL
+  assert 8 * stats.binom.sf(cap - 1, 50, 0.5) > mechanisms.OVERFLOW_TAIL
+
+
+def test_sharded_dp_sgd_gradient_without_noise_equals_unsharded(devices=8):
+  model, params, x, y, mask = _convnet()
+  mask = jnp.ones_like(mask)
+  want = _reference_grad_sum(all_rows=True)
+  fn = pergrad.make_grad_sum_fn(model, clip_norm=0.5)
+  (xs, ys), valid = parallel.pad_rows((x, y), mask, devices)
+  got, over = jax.jit(functools.partial(
+      parallel.sharded_dp_sgd_grad, fn, sampling_rate=1.0,
+      capacity=xs.shape[0] // devices, noise_stddev=0.0,
+      mesh=parallel.data_mesh(devices)))(params, xs, ys, valid,
+                                         jax.random.key(0))
+  assert not bool(over)
+  assert _max_rel_diff(got, want) < 1e-4
+
+
+def test_chunked_sharded_class_sums_equal_unsharded():
+  x, y, mask = _rows(n=30)
+  params = jnp.asarray(np.random.default_rng(1).normal(size=(16, 5)),
+                       jnp.float32)
+  want = clipped_class_sums(_linear, params, x, y, mask, num_classes=K,
+                            clip_norm=1.0)
+  got = jax.jit(functools.partial(
+      parallel.sharded_clipped_class_sums, _linear, num_classes=K,
+      clip_norm=1.0, mesh=parallel.data_mesh(4), chunk_size=3))(
+          params, x, y, mask)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
+                             atol=1e-5)

@@ -1,0 +1,92 @@
+"""The batched-matmul per-example gradients equal jax.grad per example."""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dpgeng_jax import pergrad
+from dpgeng_jax.clipping import clipped_class_sums, clipped_grad_sum
+from dpgeng_jax.models import ConvNet, cross_entropy, embed_fn, init_params
+
+
+@functools.cache
+def _case(norm):
+  model = ConvNet(num_classes=4, width=8, depth=2, norm=norm)
+  params = init_params(model, jax.random.key(1), (8, 8, 3))
+  x = jax.random.normal(jax.random.key(2), (6, 8, 8, 3)) * 2
+  y = jnp.arange(6) % 4
+  return model, params, x, y
+
+
+def _rel(a, b):
+  scale = max(float(jnp.max(jnp.abs(v))) for v in jax.tree.leaves(b))
+  return max(float(jnp.max(jnp.abs(u - v))) for u, v in
+             zip(jax.tree.leaves(a), jax.tree.leaves(b))) / scale
+
+
+@pytest.mark.parametrize("norm", ["instance", "group", "none"])
+def test_per_example_grads_equal_jax_grad_of_each_example(norm):
+  model, params, x, y = _case(norm)
+  got = jax.jit(functools.partial(pergrad.per_example_grads, model))(
+      params, x, y)
+  one = jax.jit(lambda p, xi, yi: jax.grad(
+      lambda q: cross_entropy(model, q, xi, yi))(p))
+  for i in (0, 5):
+    want = one(params, x[i:i + 1], y[i:i + 1])
+    assert _rel(jax.tree.map(lambda g: g[i], got), want) < 1e-5
+
+
+@pytest.mark.parametrize("clip_norm", [0.05, 1e9, math.inf])
+def test_clipped_grad_sum_equals_the_generic_path(clip_norm):
+  """Clipping active (0.05), inactive (1e9) and off (inf); padded rows."""
+  model, params, x, y = _case("instance")
+  mask = jnp.array([1, 1, 0, 1, 1, 1.0])
+  loss = lambda p, b: cross_entropy(model, p, *b)
+  want = clipped_grad_sum(loss, params, (x, y), mask, clip_norm=clip_norm)
+  got = jax.jit(functools.partial(pergrad.convnet_clipped_grad_sum, model,
+                                  clip_norm=clip_norm))(params, x, y, mask)
+  assert _rel(got, want) < 1e-5
+
+
+def test_each_clipped_contribution_has_norm_at_most_c():
+  """One real row at a time: the sum is that row's clipped gradient."""
+  model, params, x, y = _case("instance")
+  f = jax.jit(functools.partial(pergrad.convnet_clipped_grad_sum, model,
+                                clip_norm=0.05))
+  for i in range(6):
+    g = f(params, x, y, jnp.zeros(6).at[i].set(1.0))
+    norm = math.sqrt(sum(float(jnp.sum(jnp.square(a)))
+                         for a in jax.tree.leaves(g)))
+    assert norm <= 0.05 * (1 + 1e-5)
+    assert norm > 0.049  # the raw gradients are far longer than 0.05
+
+
+def test_padded_and_non_finite_rows_contribute_nothing():
+  model, params, x, y = _case("instance")
+  f = jax.jit(functools.partial(pergrad.convnet_clipped_grad_sum, model,
+                                clip_norm=1.0))
+  base = f(params, x[:3], y[:3], jnp.ones(3))
+  xp = jnp.concatenate([x[:3], jnp.full((2, 8, 8, 3), 1e30),
+                        x[:1].at[0, 0, 0, 0].set(jnp.nan)])
+  yp = jnp.concatenate([y[:3], y[:3]])
+  got = f(params, xp, yp, jnp.array([1, 1, 1, 0, 0, 1.0]))
+  assert _rel(got, base) < 1e-6
+
+
+def test_chunked_class_sums_equal_one_batch():
+  model, params, x, y = _case("instance")
+  x = jnp.concatenate([x, x[::-1]])[:11]
+  y = jnp.concatenate([y, y])[:11]
+  mask = jnp.ones(11).at[4].set(0.0)
+  want = clipped_class_sums(embed_fn(model), params, x, y, mask,
+                            num_classes=4, clip_norm=0.5)
+  for chunk in (4, 20):
+    got = jax.jit(functools.partial(
+        clipped_class_sums, embed_fn(model), num_classes=4, clip_norm=0.5,
+        chunk_size=chunk))(params, x, y, mask)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
+                               atol=1e-6)
