@@ -185,3 +185,40 @@ def clipped_grad_sum(loss_fn: Callable[..., jax.Array], params: Any,
       lambda g: jnp.tensordot(weights, jnp.where(
           jnp.isfinite(g), g, 0.0).astype(jnp.float32), axes=(0, 0)),
       grads)
+
+
+def microbatched(grad_sum_fn: Callable[..., Any],
+                 microbatch: int | None) -> Callable[..., Any]:
+  """grad_sum_fn(params, batch, mask) evaluated on chunks of `microbatch`
+  examples (the last one padded with mask-0 rows) whose sums are added by
+  a `lax.scan`: the per-example gradients of one chunk at a time are in
+  memory. Same result up to float summation order; None or 0 returns
+  grad_sum_fn unchanged."""
+  if not microbatch:
+    return grad_sum_fn
+  if microbatch < 1:
+    raise ValueError(f"microbatch={microbatch} must be >= 1")
+
+  def chunked(params, batch, mask):
+    n = mask.shape[0]
+    if microbatch >= n:
+      return grad_sum_fn(params, batch, mask)
+    chunks = -(-n // microbatch)
+    extra = chunks * microbatch - n
+
+    def split(a):
+      a = jnp.pad(a, [(0, extra)] + [(0, 0)] * (a.ndim - 1))
+      return a.reshape((chunks, microbatch, *a.shape[1:]))
+
+    batch_c, mask_c = jax.tree.map(split, batch), split(mask)
+    first = grad_sum_fn(params, jax.tree.map(lambda a: a[0], batch_c),
+                        mask_c[0])
+
+    def body(total, chunk):
+      return jax.tree.map(jnp.add, total, grad_sum_fn(params, *chunk)), None
+
+    total, _ = jax.lax.scan(body, first, (jax.tree.map(lambda a: a[1:],
+                                                       batch_c), mask_c[1:]))
+    return total
+
+  return chunked

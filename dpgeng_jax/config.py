@@ -132,6 +132,20 @@ class Config:
   references: bool = _f(False, "also evaluate the non-private references "
                         "(random real subset of IPC per class, full "
                         "training set)", "eval")
+  # Parallelism and memory (performance only: the guarantee is the same).
+  devices: int = _f(0, "devices of the data-parallel mesh for the private "
+                    "passes (0: every device of every process)", "parallel")
+  microbatch: int = _f(0, "examples whose per-example embeddings or "
+                       "gradients are held at once in the private passes "
+                       "(0: a whole batch); bounds memory, same result",
+                       "parallel")
+  coordinator_address: str = _f("", "multi-host: HOST:PORT of process 0 "
+                                "(empty: JAX_COORDINATOR_ADDRESS, or a "
+                                "single process)", "parallel")
+  num_processes: int = _f(0, "multi-host: number of processes (0: "
+                          "JAX_NUM_PROCESSES or auto-detected)", "parallel")
+  process_id: int = _f(-1, "multi-host: this process's index (-1: "
+                       "JAX_PROCESS_ID or auto-detected)", "parallel")
   # Run.
   seed: int = _f(0, "seed of the PUBLIC randomness only (init, "
                  "augmentation, extractors); noise and sampling use OS "

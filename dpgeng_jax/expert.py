@@ -19,6 +19,7 @@ class c.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dpgeng_jax import evaluate, mechanisms
+from dpgeng_jax import clipping, evaluate, mechanisms, parallel, pergrad
 from dpgeng_jax.models import ConvNet, cross_entropy
 
 
@@ -42,42 +43,81 @@ class ExpertConfig:
 
 def dp_finetune(params: Any, model: ConvNet, x: np.ndarray, y: np.ndarray,
                 *, cfg: ExpertConfig, noise_multiplier: float,
-                secret: jax.Array, progress=None) -> Any:
+                secret: jax.Array, progress=None, mesh=None,
+                microbatch: int = 0) -> Any:
   """DP-SGD fine-tuning of `params` on private (x, y).
 
   Reads the private data only through Poisson batches, clipped gradient
-  sums and Gaussian noise (mechanisms.make_dp_sgd_step). Raises
+  sums (per-example gradients as batched matmuls, `pergrad`) and Gaussian
+  noise. With a `mesh` of several devices (or processes) each device
+  samples and clips its own rows (`parallel.sharded_dp_sgd_grad`); every
+  process passes the same full (x, y) and keeps its `process_rows`.
+  microbatch bounds the per-example gradients held at once. Raises
   SamplingOverflowError instead of truncating a batch.
   """
   n = len(x)
-  capacity = mechanisms.poisson_capacity([n], cfg.sampling_rate)
   opt = optax.sgd(cfg.learning_rate, momentum=cfg.momentum)
-
-  def loss_fn(p, batch):
-    return cross_entropy(model, p, *batch)
-
-  dp_step = mechanisms.make_dp_sgd_step(
-      loss_fn, opt, clip_norm=cfg.clip_norm,
-      noise_multiplier=noise_multiplier,
-      expected_batch_size=cfg.sampling_rate * n)
-  xd, yd = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.int32)
-
-  @jax.jit
-  def step(p, s, key):
-    k_sample, k_noise = jax.random.split(key)
-    idx, mask, over = mechanisms.poisson_batch_indices(
-        k_sample, n, cfg.sampling_rate, capacity)
-    p, s, _ = dp_step(p, s, (xd[idx], yd[idx]), mask, k_noise)
-    return p, s, over
+  grad_sum = clipping.microbatched(
+      pergrad.make_grad_sum_fn(model, clip_norm=cfg.clip_norm), microbatch)
+  expected = cfg.sampling_rate * n
+  if mesh is None or (parallel.num_shards(mesh) == 1
+                      and jax.process_count() == 1):
+    step = _local_step(grad_sum, cfg, noise_multiplier, x, y)
+  else:
+    step = _sharded_step(grad_sum, cfg, noise_multiplier, x, y, mesh)
 
   opt_state = opt.init(params)
   for t in range(cfg.steps):
-    params, opt_state, over = step(params, opt_state,
-                                   jax.random.fold_in(secret, t))
+    g, over = step(params, jax.random.fold_in(secret, t))
     mechanisms.check_overflow(over)
+    updates, opt_state = opt.update(
+        jax.tree.map(lambda a: a / expected, g), opt_state, params)
+    params = optax.apply_updates(params, updates)
     if progress is not None:
       progress(1)
   return params
+
+
+def _local_step(grad_sum, cfg, noise_multiplier, x, y):
+  """key -> (noisy clipped gradient sum, overflow) on one device."""
+  n = len(x)
+  capacity = mechanisms.poisson_capacity([n], cfg.sampling_rate)
+  stddev = noise_multiplier * cfg.clip_norm if noise_multiplier else 0.0
+  xd, yd = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.int32)
+
+  @jax.jit
+  def step(p, key):
+    k_sample, k_noise = jax.random.split(key)
+    idx, mask, over = mechanisms.poisson_batch_indices(
+        k_sample, n, cfg.sampling_rate, capacity)
+    g = grad_sum(p, (xd[idx], yd[idx]), mask)
+    noise = mechanisms.tree_gaussian_noise(k_noise, g, stddev)
+    return jax.tree.map(jnp.add, g, noise), over
+
+  return step
+
+
+def _sharded_step(grad_sum, cfg, noise_multiplier, x, y, mesh):
+  """The same on a mesh: this process's rows, padded to a public size."""
+  n = len(x)
+  rows = parallel.process_rows(n)
+  per_device = parallel.rows_per_device(n)
+  local = jax.local_device_count()
+  shards = parallel.num_shards(mesh)
+  capacity = mechanisms.poisson_capacity(
+      [per_device], cfg.sampling_rate, mechanisms.OVERFLOW_TAIL / shards)
+  pad = local * per_device - len(rows)
+  xl = np.concatenate([np.asarray(x, np.float32)[rows],
+                       np.zeros((pad, *x.shape[1:]), np.float32)])
+  yl = np.concatenate([np.asarray(y, np.int32)[rows], np.zeros(pad, np.int32)])
+  valid = np.concatenate([np.ones(len(rows), np.float32),
+                          np.zeros(pad, np.float32)])
+  xs, ys, vs = (parallel.global_rows(mesh, a) for a in (xl, yl, valid))
+  stddev = noise_multiplier * cfg.clip_norm if noise_multiplier else 0.0
+  sharded = jax.jit(functools.partial(
+      parallel.sharded_dp_sgd_grad, grad_sum, sampling_rate=cfg.sampling_rate,
+      capacity=capacity, noise_stddev=stddev, mesh=mesh))
+  return lambda p, key: sharded(p, xs, ys, vs, key)
 
 
 def reference_distributions(params: Any, model: ConvNet, x_gen_cm: jax.Array,

@@ -74,13 +74,22 @@ GENERATOR_SENSITIVITY = 1.0  # L2, add/remove one example (module docstring)
 def release_class_features(feature_map: FeatureMap, x: jax.Array,
                            y: jax.Array, mask: jax.Array, *,
                            num_classes: int, noise_multiplier: float,
-                           noise_key: jax.Array) -> jax.Array:
+                           noise_key: jax.Array, mesh=None) -> jax.Array:
   """M_G: per-class sums of v(x) plus N(0, sigma_G^2) per coordinate.
 
   x: (n, H, W, C) normalised private images, y labels, mask 1 for real rows.
-  Returns the noisy (K, 2D + 1) sums.
+  With a `mesh` the rows are split over its devices and the local sums
+  added with psum before the noise (added once). Returns the noisy
+  (K, 2D + 1) sums.
   """
-  sums = class_sums(feature_map.bounded(x), y, mask, num_classes)
+  def sums_of(fmap, xs, ys, ms):
+    return class_sums(fmap.bounded(xs), ys, ms, num_classes)
+
+  if mesh is None:
+    sums = sums_of(feature_map, x, y, mask)
+  else:
+    from dpgeng_jax import parallel  # parallel imports mechanisms
+    sums = parallel.sharded_sum(sums_of, mesh)(feature_map, x, y, mask)
   return sums + mechanisms.gaussian_noise(
       noise_key, sums.shape, noise_multiplier * GENERATOR_SENSITIVITY)
 

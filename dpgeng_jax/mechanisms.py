@@ -188,19 +188,20 @@ def augment_class_major(x: jax.Array, aug_params: augment.AugmentParams,
 
 def noisy_class_sums(spec: QuerySpec, params: Any, x: jax.Array,
                      y: jax.Array, mask: jax.Array,
-                     noise_key: jax.Array) -> jax.Array:
+                     noise_key: jax.Array,
+                     chunk_size: int | None = None) -> jax.Array:
   """Clipped class sums plus N(0, (sigma C)^2) on every coordinate."""
   sums = clipped_class_sums(spec.embed_fn, params, x, y, mask,
                             num_classes=spec.num_classes,
-                            clip_norm=spec.clip_norm)
+                            clip_norm=spec.clip_norm, chunk_size=chunk_size)
   return sums + gaussian_noise(noise_key, sums.shape, spec.noise_stddev)
 
 
 def noisy_targets(spec: QuerySpec, data: ClassMajorData, params: Any,
                   aug_params: augment.AugmentParams,
-                  secret: jax.Array):
+                  secret: jax.Array, chunk_size: int | None = None):
   """One M_F query: Poisson batch, siamese augmentation, clipped class sums,
-  Gaussian noise.
+  Gaussian noise. chunk_size: see `clipped_class_sums` (speed only).
 
   Args:
     spec: the public description of the query.
@@ -222,7 +223,8 @@ def noisy_targets(spec: QuerySpec, data: ClassMajorData, params: Any,
   k, cap = idx.shape
   y = jnp.repeat(jnp.arange(k, dtype=jnp.int32), cap)
   flat = xb.reshape((k * cap, *xb.shape[2:]))
-  sums = noisy_class_sums(spec, params, flat, y, mask.reshape(-1), k_noise)
+  sums = noisy_class_sums(spec, params, flat, y, mask.reshape(-1), k_noise,
+                          chunk_size)
   return sums, overflow
 
 
@@ -257,9 +259,10 @@ def poisson_batch_indices(key: jax.Array, num_examples: int,
   return idx[0], mask[0], over
 
 
-def make_dp_sgd_step(loss_fn: Callable[..., jax.Array], optimizer, *,
+def make_dp_sgd_step(loss_fn: Callable[..., jax.Array] | None, optimizer, *,
                      clip_norm: float, noise_multiplier: float,
-                     expected_batch_size: float):
+                     expected_batch_size: float,
+                     grad_sum_fn: Callable[..., Any] | None = None):
   """One DP-SGD step as a pure function.
 
   step(params, opt_state, batch, mask, noise_key) ->
@@ -268,11 +271,17 @@ def make_dp_sgd_step(loss_fn: Callable[..., jax.Array], optimizer, *,
   The update direction is (sum_i clip_C(g_i) + N(0, (sigma C)^2 I)) / B
   with B the PUBLIC expected batch size (q * N), never the realised one.
   Batches are padded to a fixed size with `mask`, so the step compiles once.
+  The clipped sum is `clipped_grad_sum(loss_fn, ...)` unless grad_sum_fn
+  (params, batch, mask) is given, which must clip to the same clip_norm
+  (e.g. `pergrad.make_grad_sum_fn`, possibly `clipping.microbatched`).
   """
   stddev = noise_multiplier * clip_norm if noise_multiplier else 0.0
+  if grad_sum_fn is None:
+    grad_sum_fn = lambda p, b, m: clipped_grad_sum(loss_fn, p, b, m,
+                                                   clip_norm=clip_norm)
 
   def step(params, opt_state, batch, mask, noise_key):
-    g = clipped_grad_sum(loss_fn, params, batch, mask, clip_norm=clip_norm)
+    g = grad_sum_fn(params, batch, mask)
     noise = tree_gaussian_noise(noise_key, g, stddev)
     g = jax.tree.map(lambda a, n: (a + n) / expected_batch_size, g, noise)
     updates, opt_state = optimizer.update(g, opt_state, params)

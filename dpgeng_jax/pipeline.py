@@ -24,7 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dpgeng_jax import accounting, data as data_lib, distill, evaluate
-from dpgeng_jax import extractors, generator, mechanisms, models
+from dpgeng_jax import extractors, generator, mechanisms, models, parallel
 from dpgeng_jax import expert as expert_lib
 from dpgeng_jax import init as init_lib
 from dpgeng_jax.config import Config, METHODS
@@ -129,6 +129,14 @@ def validate_config(cfg: Config, num_train: int | None = None,
     raise ConfigError("generated_sampling_rate must be in (0, 1]")
   if cfg.depth < 0:
     raise ConfigError(f"depth must be >= 0 (0 = automatic), got {cfg.depth}")
+  if cfg.devices < 0 or cfg.microbatch < 0:
+    raise ConfigError(f"devices and microbatch must be >= 0, got "
+                      f"{cfg.devices} and {cfg.microbatch}")
+  if cfg.devices > jax.device_count():
+    raise ConfigError(f"devices={cfg.devices} but this run sees "
+                      f"{jax.device_count()} device(s)")
+  if cfg.devices not in (0, jax.device_count()) and jax.process_count() > 1:
+    raise ConfigError("a multi-process run uses every device (devices=0)")
 
 
 def check_output_dir(out: str, overwrite: bool) -> None:
@@ -315,6 +323,11 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
       public_key, 6)
   secret = (mechanisms.deterministic_secret_key(cfg.seed)
             if cfg.deterministic else mechanisms.secret_key())
+  # One secret for all processes (noise is added once, with one value).
+  secret = parallel.broadcast_key(secret)
+  mesh = parallel.data_mesh(cfg.devices or None)
+  if parallel.num_shards(mesh) == 1 and jax.process_count() == 1:
+    mesh = None  # the unsharded code path
   s_gen, s_query, s_expert = jax.random.split(secret, 3)
 
   # 1. Accounting (no data read).
@@ -333,7 +346,7 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
     t1 = time.time()
     if plan.builtin_generator:
       x_gen, y_gen = _builtin_generate(cfg, ds, x_train, k_gen, s_gen,
-                                       _by_name(mechs, "generator"))
+                                       _by_name(mechs, "generator"), mesh)
     x_gen_n = ds.normalize(x_gen)
     gen_cm = jnp.asarray(_equal_class_major(x_gen_n, y_gen, k))
     timings["generation_s"] = time.time() - t1
@@ -372,8 +385,8 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
         capacity=mechanisms.poisson_capacity(ds.class_counts,
                                              cfg.sampling_rate),
         strategy=cfg.strategy)
-    targets = _answer_queries(cfg, spec, plan_q, k_query, x_train, ds.y_train,
-                              k, s_query, quiet)
+    targets = _answer_queries(cfg, spec, plan_q, k_query, x_train, ds,
+                              s_query, mesh)
     timings["queries_s"] = time.time() - t1
   del s_query
 
@@ -388,7 +401,8 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
       e_params = expert_lib.dp_finetune(
           trained, extractor_model, x_train, ds.y_train,
           cfg=_expert_config(cfg), noise_multiplier=mech_e.noise_multiplier,
-          secret=s_expert, progress=bar.update)
+          secret=s_expert, progress=bar.update, mesh=mesh,
+          microbatch=cfg.microbatch)
     expert_info = {
         "test_accuracy_pretrained_on_generated": expert_lib.accuracy(
             trained, extractor_model, x_test, ds.y_test),
@@ -545,16 +559,16 @@ def _eval_config(cfg: Config, depth: int) -> evaluate.EvalConfig:
                              depth=depth, strategy=cfg.strategy)
 
 
-def _builtin_generate(cfg, ds, x_train, k_gen, secret, mech):
+def _builtin_generate(cfg, ds, x_train, k_gen, secret, mech, mesh):
   """M_G: one noisy release of class feature sums, then post-processing."""
   k_map, k_fit, k_sample = jax.random.split(k_gen, 3)
   fmap = generator.FeatureMap.create(
       k_map, int(np.prod(ds.image_shape)), cfg.generator_features)
+  rows = _private_rows(mesh, x_train, ds.y_train)
   release = jax.jit(functools.partial(
       generator.release_class_features, num_classes=ds.num_classes,
-      noise_multiplier=mech.noise_multiplier))(
-          fmap, jnp.asarray(x_train), jnp.asarray(ds.y_train),
-          jnp.ones(len(x_train)), noise_key=secret)
+      noise_multiplier=mech.noise_multiplier, mesh=mesh))(
+          fmap, *rows, noise_key=secret)
   means, _ = generator.class_means_from_release(release)
   gcfg = generator.GeneratorConfig(num_features=cfg.generator_features,
                                    steps=cfg.generator_steps)
@@ -567,19 +581,54 @@ def _builtin_generate(cfg, ds, x_train, k_gen, secret, mech):
                           gcfg.latent_dim)
 
 
-def _answer_queries(cfg, spec, plan_q, k_query, x_train, y_train, k, secret,
-                    quiet):
+def _private_rows(mesh, x, y):
+  """(x, y, mask) as arrays: on a mesh, this process's `process_rows`
+  padded to a public length and split over the devices."""
+  if mesh is None:
+    return jnp.asarray(x), jnp.asarray(y), jnp.ones(len(x))
+  rows = parallel.process_rows(len(x))
+  size = jax.local_device_count() * parallel.rows_per_device(len(x))
+  pad = size - len(rows)
+  xl = np.concatenate([np.asarray(x)[rows],
+                       np.zeros((pad, *x.shape[1:]), x.dtype)])
+  yl = np.concatenate([np.asarray(y)[rows], np.zeros(pad, y.dtype)])
+  ml = np.concatenate([np.ones(len(rows), np.float32),
+                       np.zeros(pad, np.float32)])
+  return tuple(parallel.global_rows(mesh, a) for a in (xl, yl, ml))
+
+
+def _answer_queries(cfg, spec, plan_q, k_query, x_train, ds, secret, mesh):
   """M_F: the Q noisy class sums, computed once."""
-  private_data = mechanisms.class_major(x_train, y_train, k)
+  k = ds.num_classes
+  if mesh is None:
+    private_data = mechanisms.class_major(x_train, ds.y_train, k)
+    answer = functools.partial(mechanisms.noisy_targets, spec,
+                               chunk_size=cfg.microbatch or None)
+  else:
+    # This process's rows, in a layout whose size follows from the
+    # public class sizes; the capacity is per device.
+    rows = parallel.process_rows(len(x_train))
+    per_device = parallel.rows_per_device(int(np.max(ds.class_counts)))
+    local = parallel.sharded_class_major(
+        x_train[rows], ds.y_train[rows], k, jax.local_device_count(),
+        rows_per_shard=per_device, as_numpy=True)
+    private_data = mechanisms.ClassMajorData(
+        parallel.global_rows(mesh, local.x, 1),
+        parallel.global_rows(mesh, local.valid, 1))
+    spec = dataclasses.replace(spec, capacity=mechanisms.poisson_capacity(
+        [per_device], spec.sampling_rate,
+        mechanisms.OVERFLOW_TAIL / parallel.num_shards(mesh)))
+    answer = functools.partial(parallel.sharded_noisy_targets, spec,
+                               mesh=mesh, chunk_size=cfg.microbatch or None)
 
   @jax.jit
   def query(data, secret_q, q):
     params, aug_params = plan_q.params(k_query, q)
-    return mechanisms.noisy_targets(spec, data, params, aug_params, secret_q)
+    return answer(data, params, aug_params, secret_q)
 
   targets = []
   for q in tqdm(range(cfg.num_queries), desc="private queries",
-                disable=quiet):
+                disable=cfg.quiet):
     sums, overflow = query(private_data, jax.random.fold_in(secret, q), q)
     mechanisms.check_overflow(overflow)
     targets.append(sums)
