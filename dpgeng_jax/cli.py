@@ -123,14 +123,23 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 def _distill(cfg: Config) -> int:
   # Imported here so that `--help` and argument errors are instant.
-  from dpgeng_jax import pipeline
+  from dpgeng_jax import parallel, pipeline
 
+  # Multi-host: start JAX's distributed runtime before any device is used
+  # (a no-op for a single process).
+  parallel.initialize(cfg.coordinator_address or None,
+                      cfg.num_processes or None,
+                      None if cfg.process_id < 0 else cfg.process_id)
+  writer = parallel.is_writer()
   pipeline.validate_config(cfg)
-  pipeline.check_output_dir(cfg.out, cfg.overwrite)
-  if not cfg.quiet:
+  if writer:
+    pipeline.check_output_dir(cfg.out, cfg.overwrite)
+  if not cfg.quiet and writer:
     print("resolved config:\n" + json.dumps(cfg.to_dict(), indent=2),
           flush=True)
   result = pipeline.run(cfg)
+  if not writer:  # one set of outputs, written by process 0
+    return 0
   paths = pipeline.write_outputs(result, cfg.out, overwrite=cfg.overwrite)
   pr = result.privacy
   eps = pr["epsilon_pld"]
