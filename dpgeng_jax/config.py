@@ -137,8 +137,9 @@ class Config:
                     "passes (0: every device of every process)", "parallel")
   microbatch: int = _f(0, "examples whose per-example embeddings or "
                        "gradients are held at once in the private passes "
-                       "(0: a whole batch); bounds memory, same result",
-                       "parallel")
+                       "(0: automatic: cache-sized chunks on CPU, whole "
+                       "batches on accelerators); bounds memory, same "
+                       "result", "parallel")
   coordinator_address: str = _f("", "multi-host: HOST:PORT of process 0 "
                                 "(empty: JAX_COORDINATOR_ADDRESS, or a "
                                 "single process)", "parallel")

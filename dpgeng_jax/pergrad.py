@@ -176,7 +176,8 @@ def _leaf_norms(leaves, finite) -> jax.Array:
 
 def convnet_clipped_grad_sum(model: ConvNet, params: Any, x: jax.Array,
                              y: jax.Array, mask: jax.Array, *,
-                             clip_norm: float, chunk: int = 8) -> Any:
+                             clip_norm: float, chunk: int | None = None
+                             ) -> Any:
   """sum_i mask_i clip_C(grad_i) of the per-example cross-entropy of a
   ConvNet, float32, shaped like params (see module docstring).
 
@@ -189,6 +190,8 @@ def convnet_clipped_grad_sum(model: ConvNet, params: Any, x: jax.Array,
   reused, instead of one (n, 9 Cin, Cout) array per layer: on CPU the
   latter is dominated by memory traffic). Each chunk's examples get their
   full norms (all layers), clip weights and weighted kernel sums at once.
+  chunk=None picks by backend (`default_chunk`); any chunk gives the same
+  result up to float summation order.
   """
   n = x.shape[0]
   g, inputs, xhats, feat = _backprop(model, params, x, y)
@@ -197,7 +200,7 @@ def convnet_clipped_grad_sum(model: ConvNet, params: Any, x: jax.Array,
   finite_small = _finite_rows(small_leaves, n)
   small_norms = _leaf_norms(small_leaves, finite_small)
 
-  chunk = max(1, min(chunk, n))
+  chunk = max(1, min(chunk or default_chunk() or n, n))
   chunks = -(-n // chunk)
   pad = chunks * chunk - n
 
@@ -234,6 +237,13 @@ def convnet_clipped_grad_sum(model: ConvNet, params: Any, x: jax.Array,
   for i in range(model.depth):
     out[f"conv{i}"]["kernel"] = kernel_sums[i]
   return out
+
+
+def default_chunk() -> int | None:
+  """Examples per chunk of per-example kernel gradients: 8 on CPU (cache
+  sized; measured in benchmarks/RESULTS.md), the whole batch (None) on
+  accelerators."""
+  return 8 if jax.default_backend() == "cpu" else None
 
 
 def make_grad_sum_fn(model: ConvNet, *, clip_norm: float):

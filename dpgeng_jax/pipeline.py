@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from dpgeng_jax import accounting, data as data_lib, distill, evaluate
+from dpgeng_jax import accounting, clipping, data as data_lib, distill
+from dpgeng_jax import evaluate
 from dpgeng_jax import extractors, generator, mechanisms, models, parallel
 from dpgeng_jax import expert as expert_lib
 from dpgeng_jax import init as init_lib
@@ -600,10 +601,11 @@ def _private_rows(mesh, x, y):
 def _answer_queries(cfg, spec, plan_q, k_query, x_train, ds, secret, mesh):
   """M_F: the Q noisy class sums, computed once."""
   k = ds.num_classes
+  query_chunk = cfg.microbatch or clipping.default_query_chunk()
   if mesh is None:
     private_data = mechanisms.class_major(x_train, ds.y_train, k)
     answer = functools.partial(mechanisms.noisy_targets, spec,
-                               chunk_size=cfg.microbatch or None)
+                               chunk_size=query_chunk)
   else:
     # This process's rows, in a layout whose size follows from the
     # public class sizes; the capacity is per device.
@@ -619,7 +621,7 @@ def _answer_queries(cfg, spec, plan_q, k_query, x_train, ds, secret, mesh):
         [per_device], spec.sampling_rate,
         mechanisms.OVERFLOW_TAIL / parallel.num_shards(mesh)))
     answer = functools.partial(parallel.sharded_noisy_targets, spec,
-                               mesh=mesh, chunk_size=cfg.microbatch or None)
+                               mesh=mesh, chunk_size=query_chunk)
 
   @jax.jit
   def query(data, secret_q, q):

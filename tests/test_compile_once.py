@@ -1,0 +1,59 @@
+"""Each private step is traced (so compiled) once, whatever the number of
+calls: queries and DP-SGD steps take keys and indices as traced values."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dpgeng_jax import distill, expert, extractors, mechanisms, models
+from dpgeng_jax import pergrad, pipeline
+from dpgeng_jax.config import Config
+from dpgeng_jax.data import load_dataset
+
+
+def _counting(monkeypatch, module, name):
+  calls = []
+  original = getattr(module, name)
+
+  def wrapped(*args, **kwargs):
+    calls.append(1)
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(module, name, wrapped)
+  return calls
+
+
+def test_dp_sgd_step_is_traced_once_for_all_steps(monkeypatch):
+  traces = _counting(monkeypatch, pergrad, "convnet_clipped_grad_sum")
+  model = models.ConvNet(num_classes=3, width=4, depth=2)
+  params = models.init_params(model, jax.random.key(0), (8, 8, 1))
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(30, 8, 8, 1)).astype(np.float32)
+  y = np.arange(30) % 3
+  out = expert.dp_finetune(
+      params, model, x, y, cfg=expert.ExpertConfig(steps=4),
+      noise_multiplier=1.0, secret=jax.random.key(1))
+  assert len(traces) == 1
+  assert all(np.all(np.isfinite(np.asarray(a))) for a in jax.tree.leaves(out))
+
+
+def test_queries_are_traced_once_for_all_queries(monkeypatch):
+  traces = _counting(monkeypatch, mechanisms, "noisy_targets")
+  ds = load_dataset("digits")
+  cfg = Config(num_queries=3, extractor_width=4, quiet=True)
+  plan = pipeline.resolve(cfg, tuple(ds.image_shape))
+  model = models.ConvNet(ds.num_classes, width=4, depth=plan.depth)
+  plan_q = distill.QueryPlan(
+      extractor=extractors.random_pool(model, tuple(ds.image_shape)),
+      embed_fn=models.embed_fn(model), num_classes=ds.num_classes,
+      strategy=cfg.strategy)
+  spec = mechanisms.QuerySpec(
+      embed_fn=plan_q.embed_fn, num_classes=ds.num_classes, clip_norm=1.0,
+      noise_multiplier=1.0, sampling_rate=0.5,
+      capacity=mechanisms.poisson_capacity(ds.class_counts, 0.5),
+      strategy=cfg.strategy)
+  targets = pipeline._answer_queries(cfg, spec, plan_q, jax.random.key(0),
+                                     ds.normalize(ds.x_train), ds,
+                                     jax.random.key(1), None)
+  assert len(traces) == 1
+  assert targets.shape[0] == 3 and bool(jnp.all(jnp.isfinite(targets)))
