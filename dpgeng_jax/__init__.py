@@ -7,7 +7,8 @@ pipeline). See README.md and the module docstrings.
 from dpgeng_jax import accounting
 from dpgeng_jax import augment
 from dpgeng_jax.clipping import (ClippedClassSum, class_sums, clip_rows,
-                                 clip_vector, clipped_class_sums)
+                                 clip_vector, clipped_class_sums,
+                                 clipped_grad_sum, microbatched)
 from dpgeng_jax.config import Config
 from dpgeng_jax.data import Dataset, from_arrays, load_dataset
 from dpgeng_jax.distill import (DistillState, QueryPlan,
@@ -23,6 +24,9 @@ from dpgeng_jax.mechanisms import (ClassMajorData, QuerySpec,
                                    poisson_capacity, poisson_sample,
                                    secret_key)
 from dpgeng_jax.models import ConvNet
+from dpgeng_jax import parallel
+from dpgeng_jax import pergrad
+from dpgeng_jax.pergrad import convnet_clipped_grad_sum
 from dpgeng_jax.pipeline import RunResult, run, write_outputs
 
 __version__ = "0.1.0"
@@ -32,9 +36,11 @@ __all__ = [
     "DataError", "Dataset", "DistillState", "DpgengError", "EvalConfig",
     "QueryPlan", "QuerySpec", "RunResult", "SamplingOverflowError",
     "accounting", "augment", "class_major", "class_sums", "clip_rows",
-    "clip_vector", "clipped_class_sums", "deterministic_secret_key",
+    "clip_vector", "clipped_class_sums", "clipped_grad_sum",
+    "convnet_clipped_grad_sum", "deterministic_secret_key",
     "evaluate", "feature_matching_loss", "from_arrays", "gaussian_noise",
-    "load_dataset", "make_step", "noisy_class_sums", "noisy_targets",
-    "poisson_capacity", "poisson_sample", "run", "secret_key",
+    "load_dataset", "make_step", "microbatched", "noisy_class_sums",
+    "noisy_targets", "parallel", "pergrad", "poisson_capacity",
+    "poisson_sample", "run", "secret_key",
     "synthetic_class_means", "write_outputs",
 ]
