@@ -40,6 +40,32 @@ def _check_norm(norm: str) -> None:
     raise ValueError(f"unknown norm {norm!r}; expected one of {NORMS}")
 
 
+class InstanceNorm(nn.Module):
+  """Per-example, per-channel normalisation over H and W with a learned
+  scale and bias (the parameters of nn.GroupNorm(group_size=1), same names
+  and shapes). Two-pass variance, the scale folded into the rsqrt: on
+  XLA:CPU this ran the ConvNet forward ~1.2x faster than nn.GroupNorm
+  (benchmarks/RESULTS.md)."""
+  epsilon: float = 1e-5
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    return instance_norm(x, scale, bias, self.epsilon).astype(self.dtype)
+
+
+def instance_norm(x: jax.Array, scale: jax.Array, bias: jax.Array,
+                  epsilon: float = 1e-5) -> jax.Array:
+  """(x - mean) / sqrt(var + eps) * scale + bias over axes (1, 2), f32."""
+  x = x.astype(jnp.float32)
+  mean = jnp.mean(x, axis=(1, 2), keepdims=True)
+  var = jnp.mean(jnp.square(x - mean), axis=(1, 2), keepdims=True)
+  return (x - mean) * (jax.lax.rsqrt(var + epsilon) * scale) + bias
+
+
 class ConvNet(nn.Module):
   """ConvNet-D with width W; see module docstring."""
   num_classes: int
@@ -60,8 +86,7 @@ class ConvNet(nn.Module):
       x = nn.Conv(self.width, (3, 3), padding="SAME", dtype=self.dtype,
                   name=f"conv{i}")(x)
       if self.norm == "instance":
-        x = nn.GroupNorm(num_groups=None, group_size=1, epsilon=1e-5,
-                         dtype=self.dtype, name=f"norm{i}")(x)
+        x = InstanceNorm(epsilon=1e-5, dtype=self.dtype, name=f"norm{i}")(x)
       elif self.norm == "group":
         x = nn.GroupNorm(num_groups=min(32, self.width), epsilon=1e-5,
                          dtype=self.dtype, name=f"norm{i}")(x)

@@ -36,14 +36,17 @@ import jax.numpy as jnp
 import optax
 
 from dpgeng_jax.clipping import clip_scale, row_norms
-from dpgeng_jax.models import ConvNet, _check_norm
+from dpgeng_jax.models import ConvNet, _check_norm, instance_norm
 
 _EPS = 1e-5  # models.ConvNet's GroupNorm epsilon
 
 
 def _normalise(u: jax.Array, groups: int) -> jax.Array:
-  """Flax GroupNorm's normalisation (fast variance) without scale/bias."""
+  """The model's normalisation without scale/bias: models.instance_norm
+  for one channel per group, Flax GroupNorm's (fast variance) otherwise."""
   n, h, w, c = u.shape
+  if groups == c:
+    return instance_norm(u, 1.0, 0.0, _EPS)
   g = u.reshape(n, h, w, groups, c // groups)
   mean = jnp.mean(g, axis=(1, 2, 4), keepdims=True)
   var = jnp.maximum(jnp.mean(jnp.square(g), axis=(1, 2, 4), keepdims=True)

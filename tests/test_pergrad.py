@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from dpgeng_jax import pergrad
-from dpgeng_jax.clipping import clipped_class_sums, clipped_grad_sum
+from dpgeng_jax.clipping import (clipped_class_sums, clipped_grad_sum,
+                                 microbatched)
 from dpgeng_jax.models import ConvNet, cross_entropy, embed_fn, init_params
 
 
@@ -84,9 +85,21 @@ def test_chunked_class_sums_equal_one_batch():
   mask = jnp.ones(11).at[4].set(0.0)
   want = clipped_class_sums(embed_fn(model), params, x, y, mask,
                             num_classes=4, clip_norm=0.5)
-  for chunk in (4, 20):
+  for chunk in (4, 6, 20):  # 3 chunks (scan), 2 (no scan), 1
     got = jax.jit(functools.partial(
         clipped_class_sums, embed_fn(model), num_classes=4, clip_norm=0.5,
         chunk_size=chunk))(params, x, y, mask)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
                                atol=1e-6)
+
+
+@pytest.mark.parametrize("microbatch", [2, 4])
+def test_microbatched_grad_sum_equals_one_batch(microbatch):
+  """3 chunks (scan) and 2 chunks (no scan) of the generic path."""
+  model, params, x, y = _case("instance")
+  mask = jnp.array([1, 0, 1, 1, 1, 1.0])
+  loss = lambda p, b: cross_entropy(model, p, *b)
+  fn = lambda p, b, m: clipped_grad_sum(loss, p, b, m, clip_norm=0.05)
+  want = jax.jit(fn)(params, (x, y), mask)
+  got = jax.jit(microbatched(fn, microbatch))(params, (x, y), mask)
+  assert _rel(got, want) < 1e-5
