@@ -332,10 +332,22 @@ def process_rows(n: int) -> np.ndarray:
   return np.arange(jax.process_index(), n, jax.process_count())
 
 
+def process_rows_by_class(y: np.ndarray, num_classes: int) -> np.ndarray:
+  """Indices of this process's rows for a per-class layout: every
+  process_count-th example OF EACH CLASS, so a process holds at most
+  ceil(N_c / process_count) examples of class c whatever the data order
+  (the bound `rows_per_device` relies on)."""
+  p, i = jax.process_count(), jax.process_index()
+  y = np.asarray(y)
+  return np.sort(np.concatenate([np.flatnonzero(y == c)[i::p]
+                                 for c in range(num_classes)]))
+
+
 def rows_per_device(class_size: int) -> int:
   """A public bound on the examples of one class that one device holds
-  when rows are split by `process_rows` and then `sharded_class_major`
-  (or on all examples, for the expert's flat layout with class_size N)."""
+  when rows are split by `process_rows_by_class` and then
+  `sharded_class_major` (or on all rows, for the flat layouts of the
+  generator and the expert split by `process_rows`, with class_size N)."""
   per_process = -(-int(class_size) // jax.process_count())
   return max(1, -(-per_process // jax.local_device_count()))
 

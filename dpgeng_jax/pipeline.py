@@ -609,7 +609,7 @@ def _answer_queries(cfg, spec, plan_q, k_query, x_train, ds, secret, mesh):
   else:
     # This process's rows, in a layout whose size follows from the
     # public class sizes; the capacity is per device.
-    rows = parallel.process_rows(len(x_train))
+    rows = parallel.process_rows_by_class(ds.y_train, k)
     per_device = parallel.rows_per_device(int(np.max(ds.class_counts)))
     local = parallel.sharded_class_major(
         x_train[rows], ds.y_train[rows], k, jax.local_device_count(),

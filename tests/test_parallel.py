@@ -99,6 +99,10 @@ def test_single_process_initialize_is_a_no_op(monkeypatch):
   assert parallel.initialize() is False
   assert parallel.is_writer()
   np.testing.assert_array_equal(parallel.process_rows(10), np.arange(10))
+  y = np.array([2, 0, 2, 1, 0])
+  np.testing.assert_array_equal(parallel.process_rows_by_class(y, 3),
+                                np.arange(5))
+  assert parallel.rows_per_device(7) == -(-7 // jax.local_device_count())
 
 
 def test_one_device_mesh_reproduces_the_unsharded_query():
@@ -120,3 +124,23 @@ def test_one_device_mesh_reproduces_the_unsharded_query():
   assert not bool(over)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
                              atol=1e-5)
+
+
+def test_process_rows_split_every_class_evenly_whatever_the_order(
+    monkeypatch):
+  """Labels aligned with the process stride would put a whole class on
+  one process under a plain stride; the per-class split never exceeds
+  ceil(N_c / P), and the processes' rows partition the data."""
+  procs = 3
+  y = np.arange(30) % procs
+  monkeypatch.setattr(jax, "process_count", lambda: procs)
+  seen = []
+  for i in range(procs):
+    monkeypatch.setattr(jax, "process_index", lambda i=i: i)
+    rows = parallel.process_rows_by_class(y, procs)
+    counts = np.bincount(y[rows], minlength=procs)
+    assert counts.max() <= -(-10 // procs)
+    seen.append(rows)
+    flat = parallel.process_rows(30)
+    assert np.bincount(y[flat], minlength=procs).max() == 10  # the trap
+  np.testing.assert_array_equal(np.sort(np.concatenate(seen)), np.arange(30))

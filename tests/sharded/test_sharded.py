@@ -80,8 +80,8 @@ def _max_rel_diff(a, b):
              for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b))) / scale
 
 
-@pytest.mark.parametrize("devices", [4, 8])
-@pytest.mark.parametrize("path", ["vmap", "pergrad"])
+@pytest.mark.parametrize("devices,path", [(4, "vmap"), (8, "pergrad"),
+                                          (4, "pergrad")])
 def test_sharded_clipped_grad_sums_equal_unsharded(devices, path):
   model, params, x, y, mask = _convnet()
   loss = lambda p, b: cross_entropy(model, p, *b)
@@ -123,7 +123,7 @@ def _spec(sigma, p, cap, clip=1.0):
                               strategy="flip_crop")
 
 
-@pytest.mark.parametrize("devices", [2, 8])
+@pytest.mark.parametrize("devices", [8])
 def test_sharded_query_without_noise_or_sampling_equals_unsharded(devices):
   x, y, params, aug = _query_setup()
   full = mechanisms.class_major(x, y, K)
@@ -140,7 +140,7 @@ def test_sharded_query_without_noise_or_sampling_equals_unsharded(devices):
                              atol=1e-5)
 
 
-@pytest.mark.parametrize("devices", [1, 2, 8])
+@pytest.mark.parametrize("devices", [1, 8])
 def test_noise_is_added_once_whatever_the_device_count(devices):
   """The residual std is sigma * C on any mesh (not sqrt(devices) times)."""
   x, y, _, _ = _query_setup()
