@@ -103,34 +103,15 @@ def clipped_class_sums(embed_fn: EmbedFn, params: Any, x: jax.Array,
   Returns:
     (K, d) float32 sums; L2 sensitivity C under add/remove of one row.
   """
-  def sums(xs, ys, ms):
-    return class_sums(clip_rows(embed_fn(params, xs), clip_norm), ys, ms,
+  if chunk_size is not None and chunk_size < 1:
+    raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+
+  def sums(p, batch, ms):
+    xs, ys = batch
+    return class_sums(clip_rows(embed_fn(p, xs), clip_norm), ys, ms,
                       num_classes)
 
-  n = x.shape[0]
-  if chunk_size is None or chunk_size >= n:
-    return sums(x, y, mask)
-  if chunk_size < 1:
-    raise ValueError(f"chunk_size={chunk_size} must be >= 1")
-  chunks = -(-n // chunk_size)
-  extra = chunks * chunk_size - n
-
-  def split(a):
-    a = jnp.pad(a, [(0, extra)] + [(0, 0)] * (a.ndim - 1))
-    return a.reshape((chunks, chunk_size, *a.shape[1:]))
-
-  def body(total, chunk):
-    return total + sums(*chunk), None
-
-  xs, ys, ms = split(x), split(y), split(mask)
-  # The first chunk seeds the carry, so the carry has the body's type also
-  # inside shard_map (device-varying params make the sums varying).
-  total = sums(xs[0], ys[0], ms[0])
-  if chunks == 2:  # a scan of length 1 ran ~2x slower on XLA:CPU
-    return total + sums(xs[1], ys[1], ms[1])
-  total, _ = jax.lax.scan(body, total, (xs[1:], ys[1:], ms[1:]))
-  return total
-
+  return microbatched(sums, chunk_size)(params, (x, y), mask)
 
 @dataclasses.dataclass(frozen=True)
 class ClippedClassSum:

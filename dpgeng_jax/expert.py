@@ -99,20 +99,12 @@ def _local_step(grad_sum, cfg, noise_multiplier, x, y):
 
 def _sharded_step(grad_sum, cfg, noise_multiplier, x, y, mesh):
   """The same on a mesh: this process's rows, padded to a public size."""
-  n = len(x)
-  rows = parallel.process_rows(n)
-  per_device = parallel.rows_per_device(n)
-  local = jax.local_device_count()
   shards = parallel.num_shards(mesh)
   capacity = mechanisms.poisson_capacity(
-      [per_device], cfg.sampling_rate, mechanisms.OVERFLOW_TAIL / shards)
-  pad = local * per_device - len(rows)
-  xl = np.concatenate([np.asarray(x, np.float32)[rows],
-                       np.zeros((pad, *x.shape[1:]), np.float32)])
-  yl = np.concatenate([np.asarray(y, np.int32)[rows], np.zeros(pad, np.int32)])
-  valid = np.concatenate([np.ones(len(rows), np.float32),
-                          np.zeros(pad, np.float32)])
-  xs, ys, vs = (parallel.global_rows(mesh, a) for a in (xl, yl, valid))
+      [parallel.rows_per_device(len(x))], cfg.sampling_rate,
+      mechanisms.OVERFLOW_TAIL / shards)
+  xs, ys, vs = parallel.local_rows(mesh, np.asarray(x, np.float32),
+                                   np.asarray(y, np.int32))
   stddev = noise_multiplier * cfg.clip_norm if noise_multiplier else 0.0
   sharded = jax.jit(functools.partial(
       parallel.sharded_dp_sgd_grad, grad_sum, sampling_rate=cfg.sampling_rate,

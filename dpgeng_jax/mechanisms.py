@@ -216,15 +216,28 @@ def noisy_targets(spec: QuerySpec, data: ClassMajorData, params: Any,
     overflow (`check_overflow`); the sums are then not to be used.
   """
   k_sample, k_noise = jax.random.split(secret)
-  idx, mask, overflow = poisson_sample(k_sample, data.valid,
+  sums, overflow = sampled_class_sums(spec, data, params, aug_params,
+                                      k_sample, chunk_size)
+  return sums + gaussian_noise(k_noise, sums.shape,
+                               spec.noise_stddev), overflow
+
+
+def sampled_class_sums(spec: QuerySpec, data: ClassMajorData, params: Any,
+                       aug_params: augment.AugmentParams,
+                       sample_key: jax.Array,
+                       chunk_size: int | None = None):
+  """The noiseless part of one M_F query: Poisson batch, siamese
+  augmentation, clipped class sums. Returns ((K, d) sums, overflow)."""
+  idx, mask, overflow = poisson_sample(sample_key, data.valid,
                                        spec.sampling_rate, spec.capacity)
   xb = jax.vmap(lambda xc, ic: xc[ic])(data.x, idx)  # (K, cap, ...)
   xb = augment_class_major(xb.astype(jnp.float32), aug_params, spec.strategy)
   k, cap = idx.shape
   y = jnp.repeat(jnp.arange(k, dtype=jnp.int32), cap)
   flat = xb.reshape((k * cap, *xb.shape[2:]))
-  sums = noisy_class_sums(spec, params, flat, y, mask.reshape(-1), k_noise,
-                          chunk_size)
+  sums = clipped_class_sums(spec.embed_fn, params, flat, y, mask.reshape(-1),
+                            num_classes=spec.num_classes,
+                            clip_norm=spec.clip_norm, chunk_size=chunk_size)
   return sums, overflow
 
 

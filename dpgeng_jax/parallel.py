@@ -227,17 +227,9 @@ def sharded_noisy_targets(spec: mechanisms.QuerySpec,
 
   def local(p, x, valid, aug, key):
     p = jax.lax.pcast(p, DATA, to="varying")
-    idx, mask, over = mechanisms.poisson_sample(
-        _device_key(key), valid, spec.sampling_rate, spec.capacity)
-    xb = jax.vmap(lambda xc, ic: xc[ic])(x, idx)
-    xb = mechanisms.augment_class_major(xb.astype(jnp.float32), aug,
-                                        spec.strategy)
-    k, cap = idx.shape
-    y = jnp.repeat(jnp.arange(k, dtype=jnp.int32), cap)
-    sums = clipped_class_sums(spec.embed_fn, p,
-                              xb.reshape((k * cap, *xb.shape[2:])), y,
-                              mask.reshape(-1), num_classes=spec.num_classes,
-                              clip_norm=spec.clip_norm, chunk_size=chunk_size)
+    sums, over = mechanisms.sampled_class_sums(
+        spec, mechanisms.ClassMajorData(x, valid), p, aug, _device_key(key),
+        chunk_size)
     return jax.lax.psum(sums, DATA), jax.lax.psum(over.astype(jnp.int32),
                                                   DATA) > 0
 
@@ -341,6 +333,23 @@ def process_rows_by_class(y: np.ndarray, num_classes: int) -> np.ndarray:
   y = np.asarray(y)
   return np.sort(np.concatenate([np.flatnonzero(y == c)[i::p]
                                  for c in range(num_classes)]))
+
+
+def local_rows(mesh: Mesh, *arrays: np.ndarray):
+  """This process's `process_rows` of each (N, ...) array, padded to the
+  public length local devices x rows_per_device(N) and split over the
+  mesh; returns the global arrays and a valid mask (0 on padding)."""
+  n = len(arrays[0])
+  rows = process_rows(n)
+  pad = jax.local_device_count() * rows_per_device(n) - len(rows)
+
+  def padded(a):
+    a = np.asarray(a)[rows]
+    return np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)])
+
+  valid = np.concatenate([np.ones(len(rows), np.float32),
+                          np.zeros(pad, np.float32)])
+  return tuple(global_rows(mesh, a) for a in (*map(padded, arrays), valid))
 
 
 def rows_per_device(class_size: int) -> int:

@@ -587,15 +587,7 @@ def _private_rows(mesh, x, y):
   padded to a public length and split over the devices."""
   if mesh is None:
     return jnp.asarray(x), jnp.asarray(y), jnp.ones(len(x))
-  rows = parallel.process_rows(len(x))
-  size = jax.local_device_count() * parallel.rows_per_device(len(x))
-  pad = size - len(rows)
-  xl = np.concatenate([np.asarray(x)[rows],
-                       np.zeros((pad, *x.shape[1:]), x.dtype)])
-  yl = np.concatenate([np.asarray(y)[rows], np.zeros(pad, y.dtype)])
-  ml = np.concatenate([np.ones(len(rows), np.float32),
-                       np.zeros(pad, np.float32)])
-  return tuple(parallel.global_rows(mesh, a) for a in (xl, yl, ml))
+  return parallel.local_rows(mesh, x, y)
 
 
 def _answer_queries(cfg, spec, plan_q, k_query, x_train, ds, secret, mesh):
