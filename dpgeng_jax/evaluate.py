@@ -6,6 +6,13 @@ a labelled set with DSA augmentation (per-image parameters), SGD momentum
 reports the test accuracy of each model on the real test split. Used for the
 distilled set and, for context, for non-private references (a random real
 subset of IPC images per class, and the full training set).
+
+With `mesh` (a `parallel.data_mesh` of this process's devices), each
+training step is data-parallel: the augmented batch is split over the
+devices (padded with zero-weight rows to a multiple of the device count),
+each device computes the gradient of its rows' summed loss, the local
+gradients are added with psum and divided by the batch size. The same
+step as on one device, up to float summation order (tests/sharded).
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dpgeng_jax import augment
+from dpgeng_jax import augment, parallel
 from dpgeng_jax.models import ConvNet, cross_entropy, init_params
 
 
@@ -48,13 +55,16 @@ def _optimizer(cfg: EvalConfig, total_steps: int):
 
 @functools.lru_cache(maxsize=32)
 def _train_step(num_classes: int, width: int, depth: int, norm: str,
-                cfg: EvalConfig, n: int, total: int):
+                cfg: EvalConfig, n: int, total: int, mesh=None):
   """One jitted training step, shared by every model of the same shape."""
   model = ConvNet(num_classes, width=width, depth=depth, norm=norm)
   batch = min(cfg.batch_size, n)
   steps_per_epoch = math.ceil(n / batch)
   opt = _optimizer(cfg, total)
   loss_fn = functools.partial(cross_entropy, model)
+  if mesh is not None:
+    summed = parallel.sharded_sum(
+        jax.grad(functools.partial(_loss_sum, model)), mesh)
 
   @jax.jit
   def step(p, s, k, x, y, step):
@@ -63,11 +73,24 @@ def _train_step(num_classes: int, width: int, depth: int, norm: str,
     idx = jnp.take(perm, (b * batch + jnp.arange(batch)) % n)
     xb = augment.augment(jax.random.fold_in(k, -1 - step), x[idx],
                          cfg.strategy, per_image=True)
-    grads = jax.grad(loss_fn)(p, xb, y[idx])
+    if mesh is None:
+      grads = jax.grad(loss_fn)(p, xb, y[idx])
+    else:  # mean gradient = (sum over devices of local sums) / batch
+      rows, w = parallel.pad_rows((xb, y[idx]), jnp.ones((batch,)),
+                                  parallel.num_shards(mesh))
+      grads = jax.tree.map(lambda g: g / batch, summed(p, *rows, w))
     updates, s = opt.update(grads, s, p)
     return optax.apply_updates(p, updates), s
 
   return step, opt
+
+
+def _loss_sum(model: ConvNet, params: Any, x: jax.Array, y: jax.Array,
+              weight: jax.Array) -> jax.Array:
+  """Sum over rows of weight x softmax cross-entropy (0 on padding)."""
+  logits = model.apply({"params": params}, x)
+  return jnp.sum(weight * optax.softmax_cross_entropy_with_integer_labels(
+      logits, y))
 
 
 def training_steps(n: int, cfg: EvalConfig, epochs: int | None = None) -> int:
@@ -79,16 +102,17 @@ def training_steps(n: int, cfg: EvalConfig, epochs: int | None = None) -> int:
 
 def train_one(key: jax.Array, x, y, *, model: ConvNet, cfg: EvalConfig,
               epochs: int | None = None, num_checkpoints: int = 1,
-              progress=None) -> list:
+              progress=None, mesh=None) -> list:
   """Trains one ConvNet on (x, y) with DSA; returns `num_checkpoints`
   parameter snapshots taken at evenly spaced epochs (the last one at the
-  end of training)."""
+  end of training). With `mesh`, each step is data-parallel (module
+  docstring)."""
   x = jnp.asarray(x, jnp.float32)
   y = jnp.asarray(y, jnp.int32)
   n = x.shape[0]
   total = training_steps(n, cfg, epochs)
   step_fn, opt = _train_step(model.num_classes, model.width, model.depth,
-                                model.norm, cfg, n, total)
+                                model.norm, cfg, n, total, mesh)
   save_at = {round(total * (i + 1) / num_checkpoints)
              for i in range(num_checkpoints)}
   params = init_params(model, key, x.shape[1:])
@@ -105,7 +129,8 @@ def train_one(key: jax.Array, x, y, *, model: ConvNet, cfg: EvalConfig,
 
 
 def train_models(key: jax.Array, x: jax.Array, y: jax.Array, *,
-                 num_classes: int, cfg: EvalConfig, progress=None) -> Any:
+                 num_classes: int, cfg: EvalConfig, progress=None,
+                 mesh=None) -> Any:
   """Trains cfg.num_models ConvNets on (x, y); returns (stacked params,
   model).
 
@@ -115,7 +140,8 @@ def train_models(key: jax.Array, x: jax.Array, y: jax.Array, *,
   """
   model = ConvNet(num_classes, width=cfg.width, depth=cfg.depth,
                   norm=cfg.norm)
-  trained = [train_one(k, x, y, model=model, cfg=cfg, progress=progress)[-1]
+  trained = [train_one(k, x, y, model=model, cfg=cfg, progress=progress,
+                       mesh=mesh)[-1]
              for k in jax.random.split(key, cfg.num_models)]
   return jax.tree.map(lambda *a: jnp.stack(a), *trained), model
 
@@ -140,8 +166,10 @@ def accuracies(params: Any, model: ConvNet, x_test, y_test,
 
 
 def evaluate(key: jax.Array, x_train, y_train, x_test, y_test, *,
-             num_classes: int, cfg: EvalConfig, progress=None) -> dict:
-  """Trains fresh models on (x_train, y_train) and tests them.
+             num_classes: int, cfg: EvalConfig, progress=None,
+             mesh=None) -> dict:
+  """Trains fresh models on (x_train, y_train) and tests them (training
+  data-parallel over `mesh` if given).
 
   Returns:
     {test_accuracy_mean, test_accuracy_std, num_eval_models,
@@ -149,7 +177,7 @@ def evaluate(key: jax.Array, x_train, y_train, x_test, y_test, *,
   """
   params, model = train_models(key, x_train, y_train,
                                num_classes=num_classes, cfg=cfg,
-                               progress=progress)
+                               progress=progress, mesh=mesh)
   acc = accuracies(params, model, x_test, y_test)
   return {
       "test_accuracy_mean": float(np.mean(acc)),

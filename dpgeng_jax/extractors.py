@@ -53,9 +53,10 @@ def pool_size(stacked: Any) -> int:
 def train_generated_pool(key: jax.Array, x_gen, y_gen, *, num_classes: int,
                          model: ConvNet, num_models: int, epochs: int,
                          checkpoints: int, cfg: evaluate.EvalConfig,
-                         progress=None) -> Any:
+                         progress=None, mesh=None) -> Any:
   """Trains `num_models` ConvNets on generated data, keeping `checkpoints`
-  evenly spaced checkpoints of each (the last at the end of training).
+  evenly spaced checkpoints of each (the last at the end of training);
+  each training step data-parallel over `mesh` if given.
 
   Returns stacked params with leading axis num_models * checkpoints.
   """
@@ -63,5 +64,5 @@ def train_generated_pool(key: jax.Array, x_gen, y_gen, *, num_classes: int,
   for k in jax.random.split(key, num_models):
     members.extend(evaluate.train_one(
         k, x_gen, y_gen, model=model, cfg=cfg, epochs=epochs,
-        num_checkpoints=checkpoints, progress=progress))
+        num_checkpoints=checkpoints, progress=progress, mesh=mesh))
   return jax.tree.map(lambda *a: jnp.stack(a), *members)

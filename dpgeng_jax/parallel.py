@@ -66,6 +66,19 @@ def data_mesh(devices: Sequence[jax.Device] | int | None = None) -> Mesh:
   return Mesh(np.asarray(list(devices)), (DATA,))
 
 
+def local_mesh(mesh: Mesh | None) -> Mesh | None:
+  """The devices of `mesh` that belong to this process, as a data mesh
+  (None if that is one device or `mesh` is None). Non-private training
+  (evaluation models, the extractor pool) runs on it: its data are
+  replicated on every process, so each process trains without cross-host
+  collectives."""
+  if mesh is None:
+    return None
+  mine = [d for d in mesh.devices.reshape(-1)
+          if d.process_index == jax.process_index()]
+  return data_mesh(mine) if len(mine) > 1 else None
+
+
 def num_shards(mesh: Mesh) -> int:
   return int(mesh.shape[DATA])
 

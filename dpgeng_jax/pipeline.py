@@ -329,6 +329,9 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
   mesh = parallel.data_mesh(cfg.devices or None)
   if parallel.num_shards(mesh) == 1 and jax.process_count() == 1:
     mesh = None  # the unsharded code path
+  # Non-private training (extractor pool, evaluation) on this process's
+  # devices of the mesh.
+  train_mesh = parallel.local_mesh(mesh)
   s_gen, s_query, s_expert = jax.random.split(secret, 3)
 
   # 1. Accounting (no data read).
@@ -361,7 +364,8 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
       pool = extractors.train_generated_pool(
           k_pool, x_gen_n, y_gen, num_classes=k, model=extractor_model,
           num_models=cfg.pool_models, epochs=cfg.pool_epochs,
-          checkpoints=cfg.pool_checkpoints, cfg=pcfg, progress=bar.update)
+          checkpoints=cfg.pool_checkpoints, cfg=pcfg, progress=bar.update,
+          mesh=train_mesh)
     # The last checkpoint of the last pool member: a fully trained
     # extractor, used for k-means and as the expert's pretraining.
     trained = extractors.fixed_pool(pool)(None,
@@ -460,17 +464,17 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
     t3 = time.time()
     ecfg = _eval_config(cfg, depth)
     metrics = _evaluate(k_eval, decoded, y_decoded, x_test, ds.y_test, k,
-                        ecfg, quiet, "evaluation")
+                        ecfg, quiet, "evaluation", train_mesh)
     if cfg.references:
       xr, yr = evaluate.random_real_subset(k_ref, x_train, ds.y_train,
                                            cfg.ipc, k)
       metrics["reference_random_real_subset"] = _evaluate(
           k_eval, xr, yr, x_test, ds.y_test, k, ecfg, quiet,
-          "reference: random real subset")
+          "reference: random real subset", train_mesh)
       metrics["reference_full_training_set"] = _evaluate(
           k_eval, x_train, ds.y_train, x_test, ds.y_test, k,
           dataclasses.replace(ecfg, epochs=max(1, cfg.eval_epochs // 10)),
-          quiet, "reference: full training set")
+          quiet, "reference: full training set", train_mesh)
       metrics["references_note"] = (
           "references are NOT private: they train on real training images")
     timings["evaluation_s"] = time.time() - t3
@@ -629,12 +633,12 @@ def _answer_queries(cfg, spec, plan_q, k_query, x_train, ds, secret, mesh):
   return jnp.stack(targets)
 
 
-def _evaluate(key, x, y, x_test, y_test, k, ecfg, quiet, desc):
+def _evaluate(key, x, y, x_test, y_test, k, ecfg, quiet, desc, mesh):
   steps = ecfg.num_models * evaluate.training_steps(len(x), ecfg)
   t = time.time()
   with tqdm(total=steps, desc=desc, disable=quiet) as bar:
     result = evaluate.evaluate(key, x, y, x_test, y_test, num_classes=k,
-                               cfg=ecfg, progress=bar.update)
+                               cfg=ecfg, progress=bar.update, mesh=mesh)
   result["seconds"] = time.time() - t
   return result
 

@@ -103,6 +103,9 @@ def test_single_process_initialize_is_a_no_op(monkeypatch):
   np.testing.assert_array_equal(parallel.process_rows_by_class(y, 3),
                                 np.arange(5))
   assert parallel.rows_per_device(7) == -(-7 // jax.local_device_count())
+  # One device (or no mesh): training takes the unsharded path.
+  assert parallel.local_mesh(None) is None
+  assert parallel.local_mesh(parallel.data_mesh(1)) is None
 
 
 def test_one_device_mesh_reproduces_the_unsharded_query():
