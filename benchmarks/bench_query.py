@@ -50,7 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _bench  # noqa: E402  pylint: disable=wrong-import-position
 
 FULL = dict(per_class=50, width=128, depth=3, image_size=32, rounds=5,
-            warmup=1, chunks="50,100", jp_microbatch="50", matmul_n=2048)
+            warmup=1, chunks="50,100", jp_microbatch="50,100", matmul_n=2048)
 QUICK = dict(per_class=10, width=64, depth=3, image_size=32, rounds=2,
              warmup=1, chunks="10,50", jp_microbatch="10", matmul_n=1024)
 
@@ -70,7 +70,7 @@ def main(argv=None):
                        "'10,50'; '' for none)")
   ap.add_argument("--jp-microbatch", default=None,
                   help="jax-privacy microbatch sizes besides None "
-                       "(default '50'; --quick '10'; '' for none)")
+                       "(default '50,100'; --quick '10'; '' for none)")
   _bench.add_common_args(ap)
   args = ap.parse_args(argv)
   _bench.resolve(args, FULL, QUICK)
