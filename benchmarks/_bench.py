@@ -34,6 +34,7 @@ import gc
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -200,6 +201,7 @@ def measure(impls: list[Impl], *, rounds: int, warmup: int,
 
   active = [im for im in impls if im.name not in dropped]
   times = {im.name: [] for im in active}
+  faults = {im.name: [] for im in active}
   gc_was_enabled = gc.isenabled()
   try:
     for r in range(rounds):
@@ -210,9 +212,11 @@ def measure(impls: list[Impl], *, rounds: int, warmup: int,
       for im in order:
         if im.pre is not None:
           im.pre()
+        f0 = _minor_faults()
         t0 = time.perf_counter()
         im.run()
         times[im.name].append(time.perf_counter() - t0)
+        faults[im.name].append(_minor_faults() - f0)
       if gc_was_enabled:
         gc.enable()
       log(f"  round {r + 1}/{rounds} done")
@@ -230,8 +234,16 @@ def measure(impls: list[Impl], *, rounds: int, warmup: int,
         "max_s": max(ts),
         "n": len(ts),
         "dropped_too_slow": im.name in dropped,
+        "minor_faults_per_call": (statistics.median(faults[im.name])
+                                  if faults.get(im.name) else None),
     }
   return out
+
+
+def _minor_faults() -> int:
+  """Minor page faults of this process so far (a freshly mapped buffer
+  costs one per 4 KiB page when first touched)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 # ---------------------------------------------------------------------------
@@ -371,6 +383,7 @@ def summarize(impls: list[Impl], stats: dict, *, baseline: str | None,
         "n_timed": s["n"],
         "samples_s": s["samples_s"],
         "dropped_too_slow": s["dropped_too_slow"],
+        "minor_faults_per_call": s.get("minor_faults_per_call"),
         "speedup_vs_baseline": (base["median_s"] / s["median_s"]
                                 if base else None),
         "first_call_s": im.first_call_s,
@@ -396,8 +409,8 @@ def markdown(summary: dict, *, items_label: str) -> str:
   lines = [
       f"| impl | {items_label}/s | median s | min s | max s | "
       f"speed vs {base} | first call s | compile s | XLA mem MiB | "
-      "GFLOP/s | % of matmul |",
-      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+      "GFLOP/s | % of matmul | faults/call |",
+      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
   ]
   for r in summary["rows"]:
     name = r["name"] + (" (too slow, not in rounds)" if r["dropped_too_slow"]
@@ -410,7 +423,8 @@ def markdown(summary: dict, *, items_label: str) -> str:
         f"{_f(r['first_call_s'], '.2f')} | {_f(r['compile_s'], '.2f')} | "
         f"{_f(r['memory_total_mib'], '.1f')} | "
         f"{_f(r['gflops_per_s'], '.1f')} | "
-        f"{_f(frac * 100 if frac is not None else None, '.1f')} |")
+        f"{_f(frac * 100 if frac is not None else None, '.1f')} | "
+        f"{_f(r['minor_faults_per_call'], '.0f')} |")
   lines.append("")
   lines.append("| matmul | median s | min s | max s | GFLOP/s |")
   lines.append("|---|---:|---:|---:|---:|")

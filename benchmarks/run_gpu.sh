@@ -16,7 +16,7 @@
 #      ONLY if jax does not already see a GPU (guard:
 #      jax.default_backend() == 'gpu'), and stop if it still does not.
 #   2. ${OUT}/device.txt: nvidia-smi name and memory, jax devices.
-#   3. bench_query.py, bench_dpsgd.py, bench_scaling.py, bench_distill.py at
+#   3. bench_query.py, bench_dpsgd.py, bench_layers.py, bench_scaling.py, bench_distill.py at
 #      full size: JSON to ${OUT}/<name>.json, stdout+stderr to
 #      ${OUT}/<name>.log.
 #   4. device.txt printed again at the end.
@@ -115,6 +115,7 @@ run query "${PY}" benchmarks/bench_query.py ${TORCH_FLAG[@]+"${TORCH_FLAG[@]}"} 
   --out "${OUT}/query.json"
 run dpsgd "${PY}" benchmarks/bench_dpsgd.py ${TORCH_FLAG[@]+"${TORCH_FLAG[@]}"} \
   --out "${OUT}/dpsgd.json"
+run layers "${PY}" benchmarks/bench_layers.py --out "${OUT}/layers.json"
 run scaling "${PY}" benchmarks/bench_scaling.py --out "${OUT}/scaling.json"
 run distill "${PY}" benchmarks/bench_distill.py --out "${OUT}/distill.json"
 
