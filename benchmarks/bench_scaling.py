@@ -1,6 +1,6 @@
 """How the private query, the distillation step and the sharded sums scale.
 
-    python benchmarks/bench_scaling.py --out runs/bench/scaling.json               # not run here (2-core VM: tens of minutes, estimate)
+    python benchmarks/bench_scaling.py --out runs/bench/scaling.json               # ~6.5 min on the 2-core VM (load 1-1.7)
     python benchmarks/bench_scaling.py --quick --out runs/bench/scaling_quick.json  # ~85-110 s on the 2-core VM (load 2-4)
 
 (On the 2-core VM most of --quick is XLA:CPU compilation: ~8 s per
