@@ -1,6 +1,6 @@
 """`python -m dpgeng_jax` is the `dpgeng` command."""
 import sys
 
-from dpgeng_jax.cli import main
+from dpgeng_jax.cli import entry_point
 
-sys.exit(main())
+sys.exit(entry_point())

@@ -121,7 +121,18 @@ def config_from_args(args: argparse.Namespace) -> Config:
   return Config(**{k: v for k, v in vars(args).items() if k in names})
 
 
-def _distill(cfg: Config) -> int:
+def _retain_host_memory(cfg: Config) -> None:
+  """On the CPU backend, keep freed host memory mapped (hostmem) unless
+  --no-retain-host-memory. Only the command does this: it changes the
+  whole process."""
+  import jax
+  from dpgeng_jax import hostmem
+
+  if not cfg.no_retain_host_memory and jax.default_backend() == "cpu":
+    hostmem.retain_freed_memory()
+
+
+def _distill(cfg: Config, retain_host_memory: bool = False) -> int:
   # Imported here so that `--help` and argument errors are instant.
   from dpgeng_jax import parallel, pipeline
 
@@ -130,6 +141,8 @@ def _distill(cfg: Config) -> int:
   parallel.initialize(cfg.coordinator_address or None,
                       cfg.num_processes or None,
                       None if cfg.process_id < 0 else cfg.process_id)
+  if retain_host_memory:
+    _retain_host_memory(cfg)
   writer = parallel.is_writer()
   pipeline.validate_config(cfg)
   if writer:
@@ -208,10 +221,12 @@ def mia_config(args: argparse.Namespace) -> Config:
   return Config(**{k: v for k, v in vars(args).items() if k in names})
 
 
-def _mia(args: argparse.Namespace) -> int:
+def _mia(args: argparse.Namespace, retain_host_memory: bool = False) -> int:
   from dpgeng_jax import mia
 
   cfg = mia_config(args)
+  if retain_host_memory:
+    _retain_host_memory(cfg)
   mia.validate(cfg, args.shadows, seed=args.mia_seed)
   if args.out is not None:
     mia.check_output_dir(args.out, cfg.overwrite)
@@ -227,18 +242,31 @@ def _mia(args: argparse.Namespace) -> int:
   return 0
 
 
-def main(argv=None) -> int:
+def entry_point() -> int:
+  """The `dpgeng` console command (and `python -m dpgeng_jax`): `main` on
+  the command line, with freed host memory kept mapped on CPU (hostmem;
+  `--no-retain-host-memory` turns it off)."""
+  return main(None, retain_host_memory=True)
+
+
+def main(argv=None, retain_host_memory: bool = False) -> int:
+  """Runs one `dpgeng` command with `argv` (default: the command line).
+
+  retain_host_memory: let distill and mia call
+  `hostmem.retain_freed_memory` on the CPU backend (process-wide; the
+  console command sets it, in-process callers such as tests do not).
+  """
   parser = build_parser()
   args = parser.parse_args(argv)
   try:
     if args.command == "distill":
-      return _distill(config_from_args(args))
+      return _distill(config_from_args(args), retain_host_memory)
     if args.command == "plan":
       return _plan(config_from_args(args))
     if args.command == "audit":
       return _audit(args)
     if args.command == "mia":
-      return _mia(args)
+      return _mia(args, retain_host_memory)
   except DpgengError as e:
     print(f"dpgeng: error: {e}", file=sys.stderr)
     return 2
