@@ -467,6 +467,11 @@ def resolve(args, full: dict, quick: dict) -> None:
       raise RuntimeError("--xla-flags must be applied before importing jax")
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " "
                                + args.xla_flags).strip()
+  # After XLA_FLAGS: importing dpgeng_jax imports jax.
+  if getattr(args, "retain_host_memory", False):
+    from dpgeng_jax import hostmem  # pylint: disable=import-outside-toplevel
+    if not hostmem.retain_freed_memory():
+      raise RuntimeError("--retain-host-memory needs glibc's mallopt")
 
 
 def add_shape_args(ap, out_default: str) -> None:
@@ -507,6 +512,10 @@ def add_common_args(ap) -> None:
                   help="skip all torch/opacus rows")
   ap.add_argument("--seed", type=int, default=0,
                   help="parameter and data seed (default %(default)s)")
+  ap.add_argument("--retain-host-memory", action="store_true",
+                  help="keep freed host memory mapped for the whole process "
+                       "(dpgeng_jax.hostmem, as the dpgeng command does on "
+                       "CPU): applies to every row alike")
 
 
 def torch_thread_rows(spec: str) -> list[int]:

@@ -23,6 +23,7 @@ from dpgeng_jax.mechanisms import (ClassMajorData, QuerySpec,
                                    noisy_class_sums, noisy_targets,
                                    poisson_capacity, poisson_sample,
                                    secret_key)
+from dpgeng_jax import hostmem
 from dpgeng_jax.models import ConvNet
 from dpgeng_jax import parallel
 from dpgeng_jax import pergrad
@@ -39,6 +40,7 @@ __all__ = [
     "clip_vector", "clipped_class_sums", "clipped_grad_sum",
     "convnet_clipped_grad_sum", "deterministic_secret_key",
     "evaluate", "feature_matching_loss", "from_arrays", "gaussian_noise",
+    "hostmem",
     "load_dataset", "make_step", "microbatched", "noisy_class_sums",
     "noisy_targets", "parallel", "pergrad", "poisson_capacity",
     "poisson_sample", "run", "secret_key",
