@@ -122,13 +122,13 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def _retain_host_memory(cfg: Config) -> None:
-  """On the CPU backend, keep freed host memory mapped (hostmem) unless
-  --no-retain-host-memory. Only the command does this: it changes the
-  whole process."""
-  import jax
+  """Keep freed host memory mapped (hostmem) unless
+  --no-retain-host-memory; before any device is used, so that JAX's
+  worker threads share the kept heap. Only the command does this: it
+  changes the whole process."""
   from dpgeng_jax import hostmem
 
-  if not cfg.no_retain_host_memory and jax.default_backend() == "cpu":
+  if not cfg.no_retain_host_memory:
     hostmem.retain_freed_memory()
 
 
@@ -138,11 +138,11 @@ def _distill(cfg: Config, retain_host_memory: bool = False) -> int:
 
   # Multi-host: start JAX's distributed runtime before any device is used
   # (a no-op for a single process).
+  if retain_host_memory:
+    _retain_host_memory(cfg)
   parallel.initialize(cfg.coordinator_address or None,
                       cfg.num_processes or None,
                       None if cfg.process_id < 0 else cfg.process_id)
-  if retain_host_memory:
-    _retain_host_memory(cfg)
   writer = parallel.is_writer()
   pipeline.validate_config(cfg)
   if writer:
@@ -244,7 +244,7 @@ def _mia(args: argparse.Namespace, retain_host_memory: bool = False) -> int:
 
 def entry_point() -> int:
   """The `dpgeng` console command (and `python -m dpgeng_jax`): `main` on
-  the command line, with freed host memory kept mapped on CPU (hostmem;
+  the command line, with freed host memory kept mapped (hostmem;
   `--no-retain-host-memory` turns it off)."""
   return main(None, retain_host_memory=True)
 
@@ -253,8 +253,8 @@ def main(argv=None, retain_host_memory: bool = False) -> int:
   """Runs one `dpgeng` command with `argv` (default: the command line).
 
   retain_host_memory: let distill and mia call
-  `hostmem.retain_freed_memory` on the CPU backend (process-wide; the
-  console command sets it, in-process callers such as tests do not).
+  `hostmem.retain_freed_memory` (process-wide; the console command sets
+  it, in-process callers such as tests do not).
   """
   parser = build_parser()
   args = parser.parse_args(argv)

@@ -148,8 +148,8 @@ class Config:
   process_id: int = _f(-1, "multi-host: this process's index (-1: "
                        "JAX_PROCESS_ID or auto-detected)", "parallel")
   no_retain_host_memory: bool = _f(
-      False, "the dpgeng command on CPU keeps freed host memory mapped "
-      "(glibc; dpgeng_jax.hostmem) so that XLA's per-call buffers are not "
+      False, "the dpgeng command keeps freed host memory mapped (glibc; "
+      "dpgeng_jax.hostmem) so that XLA:CPU's per-call buffers are not "
       "page-faulted in again; this flag turns that off (the process then "
       "returns memory to the system after large steps)", "parallel")
   # Run.

@@ -10,12 +10,17 @@ call of the query's forward on 100 32x32x3 images, which on the 2-core
 development VM cost as much as the first convolution itself
 (benchmarks/RESULTS.md, `bench_layers.py`). `retain_freed_memory` tells
 glibc to serve large blocks from its heap and never to trim it, so freed
-buffers are reused without faults. The price: the process keeps its peak
-heap (its resident memory no longer shrinks after a large step).
+buffers are reused without faults. It also limits glibc to one arena:
+the heaps of the extra arenas that XLA's worker threads would get hold at
+most 64 MiB, and larger blocks from those threads are always fresh mmaps.
+The price: the process keeps its peak heap (its resident memory no longer
+shrinks after a large step), and threads share one malloc arena.
 
-Process-wide and irreversible, so the library never calls it by itself:
-the `dpgeng` command does on the CPU backend (`--no-retain-host-memory`
-to opt out), and users can call it in their own driver.
+Process-wide and irreversible, and it must run before JAX starts its
+worker threads (before the first computation: threads that already have
+an arena keep it), so the library never calls it by itself: the `dpgeng`
+command does (`--no-retain-host-memory` to opt out), and users can call it
+at the top of their own driver.
 """
 
 from __future__ import annotations
@@ -26,12 +31,14 @@ import ctypes.util
 # mallopt parameters (glibc malloc.h).
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
+M_ARENA_MAX = -8
 _INT_MAX = 2 ** 31 - 1
 
 
 def retain_freed_memory() -> bool:
   """Sets glibc's M_MMAP_MAX to 0 (large blocks from the heap, not from
-  mmap) and M_TRIM_THRESHOLD to the largest int (never give the heap back).
+  mmap), M_TRIM_THRESHOLD to the largest int (never give the heap back)
+  and M_ARENA_MAX to 1 (every thread allocates from the main heap).
 
   Returns True if glibc accepted both; False where there is no glibc
   mallopt (musl, macOS, Windows), in which case nothing changed.
@@ -44,5 +51,5 @@ def retain_freed_memory() -> bool:
     return False
   mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
   mallopt.restype = ctypes.c_int
-  return (mallopt(M_MMAP_MAX, 0) == 1
+  return (mallopt(M_ARENA_MAX, 1) == 1 and mallopt(M_MMAP_MAX, 0) == 1
           and mallopt(M_TRIM_THRESHOLD, _INT_MAX) == 1)
