@@ -647,12 +647,17 @@ def feat_hw(image_hw, depth):
 
 
 def time_and_report(args, impls, notes, *, baseline: str, items_label: str,
-                    record: dict) -> None:
+                    record: dict,
+                    derive: Callable[[dict], dict] | None = None) -> None:
   """Runs the interleaved rounds, prints the table and the notes, and
-  writes the JSON (record plus the summary) to args.out."""
+  writes the JSON (record plus the summary) to args.out. derive(stats), if
+  given, runs on the timings before the report: it may append to `notes`
+  and returns extra fields for the JSON."""
   print(f"timing: {args.rounds} rounds, warm-up {args.warmup}", flush=True)
   stats = measure(impls, rounds=args.rounds, warmup=args.warmup,
                   max_slowdown=args.max_slowdown)
+  if derive is not None:
+    record = {**record, **derive(stats)}
   summary = summarize(impls, stats, baseline=baseline,
                       items_label=items_label)
   table = markdown(summary, items_label=items_label)

@@ -117,30 +117,20 @@ def main(argv=None):
         p, xx, yy, is_padding_example=mm == 0), (params, x, y, mask), flops)
   impls += _bench.matmul_impls(args.matmul_n, with_torch=False)
 
-  print(f"timing: {args.rounds} rounds, warm-up {args.warmup}", flush=True)
-  stats = _bench.measure(impls, rounds=args.rounds, warmup=args.warmup,
-                         max_slowdown=args.max_slowdown)
-  summary = _bench.summarize(impls, stats, baseline="forward",
-                             items_label="images")
-  floor = sum(stats[r]["median_s"] for r in conv_rows)
-  post = sum(stats[f"post{i}"]["median_s"] for i in range(args.depth))
-  notes.append(f"sum of the conv rows (the convolution floor): "
-               f"{floor:.4f} s; sum of the post rows: {post:.4f} s")
-  for name in ("forward", "ours", "jaxprivacy_mbNone"):
-    if name in stats:
-      notes.append(f"{name}: {stats[name]['median_s'] / floor:.2f}x the "
-                   "convolution floor")
-  table = _bench.markdown(summary, items_label="images")
-  print()
-  print(table)
-  for nt in notes:
-    print("NOTE:", nt)
-  _bench.write_json(args.out, {"benchmark": "layers",
-                               "environment": _bench.environment(),
-                               "config": vars(args), "notes": notes,
-                               "conv_floor_s": floor, "post_s": post,
-                               **summary, "table_markdown": table})
-  print(f"wrote {args.out}")
+  def floor_notes(stats):
+    floor = sum(stats[r]["median_s"] for r in conv_rows)
+    post = sum(stats[f"post{i}"]["median_s"] for i in range(args.depth))
+    notes.append(f"sum of the conv rows (the convolution floor): "
+                 f"{floor:.4f} s; sum of the post rows: {post:.4f} s")
+    for name in ("forward", "ours", "jaxprivacy_mbNone"):
+      if name in stats:
+        notes.append(f"{name}: {stats[name]['median_s'] / floor:.2f}x the "
+                     "convolution floor")
+    return {"conv_floor_s": floor, "post_s": post}
+
+  _bench.time_and_report(args, impls, notes, baseline="forward",
+                         items_label="images", derive=floor_notes, record={
+      "benchmark": "layers", "environment": _bench.environment()})
 
 
 if __name__ == "__main__":
