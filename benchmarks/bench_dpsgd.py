@@ -12,14 +12,23 @@ batch of 128 random 32x32x3 images, ConvNet width 128 depth 3 (instance norm),
 10 classes, cross-entropy. Rows, timed side by side in one process
 (interleaved rounds after warm-up, median over rounds):
 
-  jax_nonprivate      jitted plain gradient step (mean loss), optax.sgd
+  jax_nonprivate      jitted plain gradient step (mean loss), optax.sgd, on
+                      dpgeng_jax's ConvNet (conv_impl='auto': on CPU its
+                      wide layers are Winograd F(2x2, 3x3) batched matmuls,
+                      dpgeng_jax/winograd.py)
+  jax_nonprivate_xlaconv  the same with XLA's convolution (conv_impl='xla',
+                      what flax.linen.Conv runs)
   ours_vmap           dpgeng_jax.mechanisms.make_dp_sgd_step (vmap of
                       jax.grad over examples), jitted
   ours_fast           dpgeng_jax.pergrad.convnet_clipped_grad_sum inside a
                       jitted step (skipped with a note if it does not import)
+  ours_fast_xlaconv   ours_fast with XLA's convolution
   jaxprivacy_mb*      jax_privacy.clipping.clipped_grad, microbatch_size None
                       and 32 (a lax.fori_loop over microbatches), same noise
-                      and update code as ours
+                      and update code as ours, on the ConvNet with XLA's
+                      convolution (as a jax-privacy user writes it with
+                      flax.linen.Conv)
+  jaxprivacy_mbNone_winograd  the same on dpgeng_jax's ConvNet
   opacus_hooks        Opacus 1.x make_private (hooks), no Poisson sampling
   opacus_ghost        Opacus grad_sample_mode="ghost" (for Conv2d/GroupNorm it
                       falls back to per-sample gradients; only Linear and
@@ -96,6 +105,9 @@ def main(argv=None):
   hw = (args.image_size, args.image_size)
   stddev = sigma * c_clip
   model = models.ConvNet(num_classes=k, width=args.width, depth=args.depth)
+  # The same parameters run by XLA's convolution (flax.linen.Conv's).
+  model_xla = models.ConvNet(num_classes=k, width=args.width,
+                             depth=args.depth, conv_impl="xla")
   kp, kx, ky, kn = jax.random.split(jax.random.key(args.seed), 4)
   params = models.init_params(model, kp, (*hw, 3))
   x = jax.random.normal(kx, (b, *hw, 3), jnp.float32)
@@ -130,11 +142,16 @@ def main(argv=None):
     xx, yy = batch
     return models.cross_entropy(model, p, xx, yy)
 
-  def nonprivate_step(p, s, xx, yy):
-    g = jax.grad(loss_fn)(p, (xx, yy))
-    u, s = opt.update(g, s, p)
-    return optax.apply_updates(p, u), s
-  add_jax("jax_nonprivate", nonprivate_step, (params, opt_state, x, y))
+  def nonprivate_step_fn(net):
+    def nonprivate_step(p, s, xx, yy):
+      g = jax.grad(lambda pp: models.cross_entropy(net, pp, xx, yy))(p)
+      u, s = opt.update(g, s, p)
+      return optax.apply_updates(p, u), s
+    return nonprivate_step
+  add_jax("jax_nonprivate", nonprivate_step_fn(model),
+          (params, opt_state, x, y))
+  add_jax("jax_nonprivate_xlaconv", nonprivate_step_fn(model_xla),
+          (params, opt_state, x, y))
 
   ours_step = mechanisms.make_dp_sgd_step(
       loss_fn, opt, clip_norm=c_clip, noise_multiplier=sigma,
@@ -167,6 +184,11 @@ def main(argv=None):
   else:
     private["ours_fast"] = add_jax("ours_fast", make_step(fast_sum),
                                    (params, opt_state, x, y, mask, kn))
+    fast_xla = lambda p, xx, yy, mm: pergrad.convnet_clipped_grad_sum(
+        model_xla, p, xx, yy, mm, clip_norm=c_clip)
+    private["ours_fast_xlaconv"] = add_jax(
+        "ours_fast_xlaconv", make_step(fast_xla),
+        (params, opt_state, x, y, mask, kn))
 
   # jax-privacy.
   try:
@@ -176,21 +198,27 @@ def main(argv=None):
     notes.append(f"jax_privacy rows skipped: {e}")
     print("NOTE:", notes[-1])
   if jp_clipping is not None:
+    def jp_step(net, mb):
+      cg = jp_clipping.clipped_grad(
+          lambda p, xx, yy: models.cross_entropy(net, p, xx, yy),
+          argnums=0, l2_clip_norm=c_clip, batch_argnums=(1, 2),
+          microbatch_size=mb)
+      return make_step(lambda p, xx, yy, mm: cg(p, xx, yy,
+                                                is_padding_example=mm == 0))
+
     for mb in [None] + _bench.parse_ints(args.jp_microbatch):
       if mb is not None and b % mb:
         notes.append(f"jaxprivacy_mb{mb} skipped: {mb} does not divide {b}")
         print("NOTE:", notes[-1])
         continue
-      cg = jp_clipping.clipped_grad(
-          lambda p, xx, yy: models.cross_entropy(model, p, xx, yy),
-          argnums=0, l2_clip_norm=c_clip, batch_argnums=(1, 2),
-          microbatch_size=mb)
-
-      def jp_sum(p, xx, yy, mm, cg=cg):
-        return cg(p, xx, yy, is_padding_example=mm == 0)
       name = f"jaxprivacy_mb{mb if mb else 'None'}"
-      private[name] = add_jax(name, make_step(jp_sum),
-                              (params, opt_state, x, y, mask, kn))
+      private[name] = add_jax(name, jp_step(model_xla, mb),
+                              (params, opt_state, x, y, mask, kn),
+                              note="XLA convolution")
+    private["jaxprivacy_mbNone_winograd"] = add_jax(
+        "jaxprivacy_mbNone_winograd", jp_step(model, None),
+        (params, opt_state, x, y, mask, kn),
+        note="dpgeng_jax's ConvNet (conv_impl auto)")
 
   # PyTorch and Opacus.
   torch_checks = {}

@@ -7,18 +7,25 @@ On one chunk of --chunk images (default 100, the CPU query chunk; ConvNet-3
 width 128, 32x32x3, instance norm, K = 10, C = 1), timed side by side in
 interleaved rounds (`_bench.measure`):
 
-  conv<i>          layer i's 3x3 convolution (+ bias) alone, on a random
-                   input of that layer's shape
+  conv<i>_xla      layer i's 3x3 convolution (+ bias) alone by XLA, on a
+                   random input of that layer's shape
+  conv<i>_winograd the same by dpgeng_jax.winograd.conv3x3 (F(2x2, 3x3))
   post<i>          layer i's instance norm + ReLU + 2x2 average pool alone
-  forward          the jitted embedding of the chunk (all layers)
+  forward          the jitted embedding of the chunk (all layers) by
+                   dpgeng_jax's ConvNet (conv_impl 'auto': per layer, as
+                   winograd.use_winograd picks)
+  forward_xlaconv  the same with XLA's convolution in every layer
   ours             `clipping.clipped_class_sums` of the chunk (one batch)
-  jaxprivacy_mbN   jax-privacy's clipped_fun of x -> onehot(y) (x) embed(x),
-                   no microbatching (the same chunk is its microbatch)
+  jaxprivacy_mbNone[_winograd]
+                   jax-privacy's clipped_fun of x -> onehot(y) (x) embed(x),
+                   no microbatching (the same chunk is its microbatch), on
+                   the XLA-convolution network [on dpgeng_jax's]
 
-plus the n x n float32 matmul. The sum of the conv rows is the floor that
-any implementation calling XLA's convolutions pays; the table's notes give
-it and each row's time as a multiple of it. Per-row GFLOP/s counts the
-convolution FLOPs only (post rows: none).
+plus the n x n float32 matmul. The sum of a network's conv rows is the
+floor that any implementation of that network pays; the table's notes
+give the XLA floor and the 'auto' floor and each row's time as a multiple
+of its own. Per-row GFLOP/s counts the direct convolution's FLOPs only
+(post rows: none), whatever the algorithm does.
 """
 
 from __future__ import annotations
@@ -54,7 +61,7 @@ def main(argv=None):
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from dpgeng_jax import clipping, models  # pylint: disable=import-outside-toplevel
+  from dpgeng_jax import clipping, models, winograd  # pylint: disable=import-outside-toplevel
 
   k, n, c_clip, wd = args.num_classes, args.chunk, args.clip_norm, args.width
   hw = args.image_size
@@ -62,6 +69,8 @@ def main(argv=None):
   key = jax.random.key(args.seed)
   params = models.init_params(model, key, (hw, hw, 3))
   embed = models.embed_fn(model)
+  embed_xla = models.embed_fn(models.ConvNet(
+      num_classes=k, width=wd, depth=args.depth, conv_impl="xla"))
   x = jax.random.normal(jax.random.fold_in(key, 1), (n, hw, hw, 3))
   y = jnp.arange(n, dtype=jnp.int32) % k
   mask = jnp.ones((n,), jnp.float32)
@@ -72,20 +81,21 @@ def main(argv=None):
     impls.append(im)
     print(f"{name}: first call {im.first_call_s:.2f} s", flush=True)
 
-  conv_rows = []
+  floors = {"xla": [], "auto": []}  # conv rows of each network
   size, cin = hw, 3
   for i in range(args.depth):
     p = params[f"conv{i}"]
     xi = jax.random.normal(jax.random.fold_in(key, 10 + i),
                            (n, size, size, cin))
-
-    def conv(kern, bias, a):
-      return jax.lax.conv_general_dilated(
-          a, kern, (1, 1), "SAME",
-          dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
     flops = 2.0 * n * size * size * cin * 9 * wd
-    add(f"conv{i}", conv, (p["kernel"], p["bias"], xi), flops)
-    conv_rows.append(f"conv{i}")
+    for impl in ("xla", "winograd"):
+      def conv(kern, bias, a, impl=impl):
+        return winograd.conv_3x3_same(a, kern, impl) + bias
+      add(f"conv{i}_{impl}", conv, (p["kernel"], p["bias"], xi), flops)
+    floors["xla"].append(f"conv{i}_xla")
+    floors["auto"].append(
+        f"conv{i}_winograd" if winograd.use_winograd("auto", cin)
+        else f"conv{i}_xla")
     s = params[f"norm{i}"]
     ai = jax.random.normal(jax.random.fold_in(key, 20 + i),
                            (n, size, size, wd))
@@ -98,6 +108,7 @@ def main(argv=None):
 
   flops = n * _bench.convnet_forward_flops((hw, hw), 3, wd, args.depth, None)
   add("forward", embed, (params, x), flops)
+  add("forward_xlaconv", embed_xla, (params, x), flops)
 
   def ours(p, xx, yy, mm):
     return clipping.clipped_class_sums(embed, p, xx, yy, mm, num_classes=k,
@@ -108,25 +119,32 @@ def main(argv=None):
   except Exception as e:  # pylint: disable=broad-except
     notes.append(f"jax_privacy row skipped: {e}")
   else:
-    def per_example(p, xe, ye):
-      e = embed(p, xe)[0]
-      return jax.nn.one_hot(ye[0], k, dtype=e.dtype)[:, None] * e[None, :]
-    cf = jp_clipping.clipped_fun(per_example, batch_argnums=(1, 2),
-                                 l2_clip_norm=c_clip)
-    add("jaxprivacy_mbNone", lambda p, xx, yy, mm: cf(
-        p, xx, yy, is_padding_example=mm == 0), (params, x, y, mask), flops)
+    for suffix, emb in (("", embed_xla), ("_winograd", embed)):
+      def per_example(p, xe, ye, emb=emb):
+        e = emb(p, xe)[0]
+        return jax.nn.one_hot(ye[0], k, dtype=e.dtype)[:, None] * e[None, :]
+      cf = jp_clipping.clipped_fun(per_example, batch_argnums=(1, 2),
+                                   l2_clip_norm=c_clip)
+      add(f"jaxprivacy_mbNone{suffix}", lambda p, xx, yy, mm, cf=cf: cf(
+          p, xx, yy, is_padding_example=mm == 0), (params, x, y, mask), flops)
   impls += _bench.matmul_impls(args.matmul_n, with_torch=False)
 
   def floor_notes(stats):
-    floor = sum(stats[r]["median_s"] for r in conv_rows)
+    floor = {impl: sum(stats[r]["median_s"] for r in rows)
+             for impl, rows in floors.items()}
     post = sum(stats[f"post{i}"]["median_s"] for i in range(args.depth))
-    notes.append(f"sum of the conv rows (the convolution floor): "
-                 f"{floor:.4f} s; sum of the post rows: {post:.4f} s")
-    for name in ("forward", "ours", "jaxprivacy_mbNone"):
+    notes.append(f"convolution floors (sum of the conv rows): XLA "
+                 f"{floor['xla']:.4f} s, auto ({' + '.join(floors['auto'])})"
+                 f" {floor['auto']:.4f} s ({floor['xla'] / floor['auto']:.2f}"
+                 f"x faster); sum of the post rows: {post:.4f} s")
+    for name, impl in (("forward", "auto"), ("forward_xlaconv", "xla"),
+                       ("ours", "auto"), ("jaxprivacy_mbNone", "xla"),
+                       ("jaxprivacy_mbNone_winograd", "auto")):
       if name in stats:
-        notes.append(f"{name}: {stats[name]['median_s'] / floor:.2f}x the "
-                     "convolution floor")
-    return {"conv_floor_s": floor, "post_s": post}
+        notes.append(f"{name}: {stats[name]['median_s'] / floor[impl]:.2f}x "
+                     f"the {impl} convolution floor")
+    return {"conv_floor_s": floor["xla"], "conv_floor_auto_s": floor["auto"],
+            "post_s": post}
 
   _bench.time_and_report(args, impls, notes, baseline="forward",
                          items_label="images", derive=floor_notes, record={

@@ -12,16 +12,27 @@ figures across runs), the query on the standard ConvNet (width 128, depth 3,
 clip norm C = 1:
 
   jax_forward            non-private jitted embedding of all images (floor)
+                         by dpgeng_jax's ConvNet (conv_impl='auto': on CPU
+                         its wide layers are Winograd F(2x2, 3x3) batched
+                         matmuls, dpgeng_jax/winograd.py)
+  jax_forward_xlaconv    the same network with XLA's convolution
+                         (conv_impl='xla'; what flax.linen.Conv runs)
   ours                   jitted dpgeng_jax.clipping.clipped_class_sums
   ours_chunk<c>          the same with chunk_size=c (skipped if the keyword
                          does not exist yet)
+  ours_xlaconv_chunk<c>  ours_chunk<c> on the XLA-convolution network
   jaxprivacy_onehot_mb*  jax_privacy.clipping.clipped_fun of the per-example
                          function x -> onehot(y) (x) embed(x) (a (K, d) output
                          whose norm is the embedding's), summed over the
-                         batch; microbatch_size None and 50
+                         batch; microbatch_size None and 50; on the standard
+                         ConvNet with XLA's convolution, as a jax-privacy
+                         user writes it with flax.linen.Conv
   jaxprivacy_classvmap   clipped_fun(embed) summed within a class, vmapped
                          over the 10 classes of the class-major (K, n, ...)
-                         layout
+                         layout (XLA convolution)
+  jaxprivacy_onehot_mb*_winograd
+                         the same on dpgeng_jax's ConvNet: how much of the
+                         gap is the convolution algorithm
   torch_forward          no-grad eager forward of all images (torch floor)
   torch_eager_class_loop PyTorch eager in the NDPDC reference style: a Python
                          loop over classes, embed the class's images under
@@ -93,6 +104,9 @@ def main(argv=None):
   kp, kx = jax.random.split(key)
   params = models.init_params(model, kp, (*hw, 3))
   embed = models.embed_fn(model)
+  # The same parameters run by XLA's convolution (flax.linen.Conv's).
+  embed_xla = models.embed_fn(models.ConvNet(
+      num_classes=k, width=args.width, depth=args.depth, conv_impl="xla"))
   x = jax.random.normal(kx, (n, *hw, 3), jnp.float32)
   y = jnp.repeat(jnp.arange(k, dtype=jnp.int32), n_c)  # class-major
   mask = jnp.ones((n,), jnp.float32)
@@ -119,6 +133,7 @@ def main(argv=None):
     return im
 
   add_jax("jax_forward", embed, (params, x))
+  add_jax("jax_forward_xlaconv", embed_xla, (params, x))
 
   def ours(p, xx, yy, mm):
     return clipping.clipped_class_sums(embed, p, xx, yy, mm, num_classes=k,
@@ -144,6 +159,15 @@ def main(argv=None):
       continue
     outputs[f"ours_chunk{c}"] = add_jax(f"ours_chunk{c}", ours_c,
                                         (params, x, y, mask))
+  if args.chunks:
+    c = max(_bench.parse_ints(args.chunks))
+
+    def ours_xla(p, xx, yy, mm):
+      return clipping.clipped_class_sums(embed_xla, p, xx, yy, mm,
+                                         num_classes=k, clip_norm=c_clip,
+                                         chunk_size=c)
+    outputs[f"ours_xlaconv_chunk{c}"] = add_jax(
+        f"ours_xlaconv_chunk{c}", ours_xla, (params, x, y, mask))
 
   # jax-privacy.
   try:
@@ -153,26 +177,35 @@ def main(argv=None):
     notes.append(f"jax_privacy rows skipped: {e}")
     print("NOTE:", notes[-1])
   if jp_clipping is not None:
-    def per_example_onehot(p, xe, ye):
-      # xe: (1, H, W, 3), ye: (1,) (clipped_fun keeps a batch axis of 1).
-      e = embed(p, xe)[0]
-      return jax.nn.one_hot(ye[0], k, dtype=e.dtype)[:, None] * e[None, :]
+    def jp_onehot_fn(emb, mb):
+      def per_example_onehot(p, xe, ye):
+        # xe: (1, H, W, 3), ye: (1,) (clipped_fun keeps a batch axis of 1).
+        e = emb(p, xe)[0]
+        return jax.nn.one_hot(ye[0], k, dtype=e.dtype)[:, None] * e[None, :]
+      cf = jp_clipping.clipped_fun(per_example_onehot, batch_argnums=(1, 2),
+                                   l2_clip_norm=c_clip, microbatch_size=mb)
 
+      def jp_onehot(p, xx, yy, mm):
+        return cf(p, xx, yy, is_padding_example=mm == 0)
+      return jp_onehot
+
+    mbs = []
     for mb in [None] + _bench.parse_ints(args.jp_microbatch):
       if mb is not None and n % mb:
         notes.append(f"jaxprivacy_onehot_mb{mb} skipped: {mb} does not "
                      f"divide {n}")
         print("NOTE:", notes[-1])
         continue
-      cf = jp_clipping.clipped_fun(per_example_onehot, batch_argnums=(1, 2),
-                                   l2_clip_norm=c_clip, microbatch_size=mb)
+      mbs.append(mb)
+    for suffix, emb, note in (
+        ("", embed_xla, "XLA convolution"),
+        ("_winograd", embed, "dpgeng_jax's ConvNet (conv_impl auto)")):
+      for mb in mbs:
+        name = f"jaxprivacy_onehot_mb{mb if mb else 'None'}{suffix}"
+        outputs[name] = add_jax(name, jp_onehot_fn(emb, mb),
+                                (params, x, y, mask), note=note)
 
-      def jp_onehot(p, xx, yy, mm, cf=cf):
-        return cf(p, xx, yy, is_padding_example=mm == 0)
-      name = f"jaxprivacy_onehot_mb{mb if mb else 'None'}"
-      outputs[name] = add_jax(name, jp_onehot, (params, x, y, mask))
-
-    cf_emb = jp_clipping.clipped_fun(lambda p, xe: embed(p, xe)[0],
+    cf_emb = jp_clipping.clipped_fun(lambda p, xe: embed_xla(p, xe)[0],
                                      batch_argnums=1, l2_clip_norm=c_clip)
     xk = x.reshape(k, n_c, *x.shape[1:])
     mk = mask.reshape(k, n_c)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from dpgeng_jax.winograd import IMPLS as CONV_IMPLS
+
 METHODS = ("ndpdc", "dpgeng", "generator", "dm")
 INITS = ("auto", "noise", "real", "generated")
 EXTRACTORS = ("auto", "random", "generated")
@@ -147,6 +149,12 @@ class Config:
                           "JAX_NUM_PROCESSES or auto-detected)", "parallel")
   process_id: int = _f(-1, "multi-host: this process's index (-1: "
                        "JAX_PROCESS_ID or auto-detected)", "parallel")
+  conv_impl: str = _f(
+      "auto", "algorithm of the ConvNets' 3x3 convolutions: winograd "
+      "(F(2x2,3x3) as batched matmuls), xla (XLA's convolution) or auto "
+      "(winograd on CPU for layers with >= 16 input channels, xla on "
+      "GPU/TPU); same function up to float rounding", "parallel",
+      choices=CONV_IMPLS)
   no_retain_host_memory: bool = _f(
       False, "the dpgeng command keeps freed host memory mapped (glibc; "
       "dpgeng_jax.hostmem) so that XLA:CPU's per-call buffers are not "

@@ -44,6 +44,7 @@ class EvalConfig:
   depth: int = 3
   norm: str = "instance"
   strategy: str = augment.DEFAULT_STRATEGY
+  conv_impl: str = "auto"
 
 
 def _optimizer(cfg: EvalConfig, total_steps: int):
@@ -55,9 +56,11 @@ def _optimizer(cfg: EvalConfig, total_steps: int):
 
 @functools.lru_cache(maxsize=32)
 def _train_step(num_classes: int, width: int, depth: int, norm: str,
-                cfg: EvalConfig, n: int, total: int, mesh=None):
+                conv_impl: str, cfg: EvalConfig, n: int, total: int,
+                mesh=None):
   """One jitted training step, shared by every model of the same shape."""
-  model = ConvNet(num_classes, width=width, depth=depth, norm=norm)
+  model = ConvNet(num_classes, width=width, depth=depth, norm=norm,
+                  conv_impl=conv_impl)
   batch = min(cfg.batch_size, n)
   steps_per_epoch = math.ceil(n / batch)
   opt = _optimizer(cfg, total)
@@ -112,7 +115,8 @@ def train_one(key: jax.Array, x, y, *, model: ConvNet, cfg: EvalConfig,
   n = x.shape[0]
   total = training_steps(n, cfg, epochs)
   step_fn, opt = _train_step(model.num_classes, model.width, model.depth,
-                                model.norm, cfg, n, total, mesh)
+                             model.norm, model.conv_impl, cfg, n, total,
+                             mesh)
   save_at = {round(total * (i + 1) / num_checkpoints)
              for i in range(num_checkpoints)}
   params = init_params(model, key, x.shape[1:])
@@ -139,7 +143,7 @@ def train_models(key: jax.Array, x: jax.Array, y: jax.Array, *,
   ran 3-4x slower than this loop (ConvNet-2, 8x8, width 128).
   """
   model = ConvNet(num_classes, width=cfg.width, depth=cfg.depth,
-                  norm=cfg.norm)
+                  norm=cfg.norm, conv_impl=cfg.conv_impl)
   trained = [train_one(k, x, y, model=model, cfg=cfg, progress=progress,
                        mesh=mesh)[-1]
              for k in jax.random.split(key, cfg.num_models)]

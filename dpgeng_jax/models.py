@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dpgeng_jax import winograd
+
 NORMS = ("instance", "group", "none")
 
 
@@ -66,13 +68,38 @@ def instance_norm(x: jax.Array, scale: jax.Array, bias: jax.Array,
   return (x - mean) * (jax.lax.rsqrt(var + epsilon) * scale) + bias
 
 
+class Conv3x3(nn.Module):
+  """3x3 stride-1 'SAME' convolution with the parameters of
+  nn.Conv(features, (3, 3), padding='SAME') (same names, shapes and
+  initialisers, so parameter trees and seeds carry over), computed by
+  `winograd.conv_3x3_same` with `impl` ('auto': Winograd F(2x2, 3x3) on
+  CPU for wide layers, XLA's convolution elsewhere)."""
+  features: int
+  impl: str = "auto"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cin = x.shape[-1]
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (3, 3, cin, self.features), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros_init(),
+                      (self.features,), jnp.float32)
+    y = winograd.conv_3x3_same(x.astype(self.dtype),
+                               kernel.astype(self.dtype), self.impl)
+    return y + bias.astype(self.dtype)
+
+
 class ConvNet(nn.Module):
-  """ConvNet-D with width W; see module docstring."""
+  """ConvNet-D with width W; see module docstring. `conv_impl` picks the
+  convolution algorithm (winograd.IMPLS); every choice computes the same
+  function up to float rounding."""
   num_classes: int
   width: int = 128
   depth: int = 3
   norm: str = "instance"
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   def setup(self):
     _check_norm(self.norm)
@@ -83,7 +110,7 @@ class ConvNet(nn.Module):
     _check_norm(self.norm)
     x = x.astype(self.dtype)
     for i in range(self.depth):
-      x = nn.Conv(self.width, (3, 3), padding="SAME", dtype=self.dtype,
+      x = Conv3x3(self.width, impl=self.conv_impl, dtype=self.dtype,
                   name=f"conv{i}")(x)
       if self.norm == "instance":
         x = InstanceNorm(epsilon=1e-5, dtype=self.dtype, name=f"norm{i}")(x)

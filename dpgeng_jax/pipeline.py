@@ -344,7 +344,8 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
 
   # 2. Generated data G: the built-in generator's one private release, then
   # post-processing; or external generated data.
-  extractor_model = models.ConvNet(k, width=cfg.extractor_width, depth=depth)
+  extractor_model = models.ConvNet(k, width=cfg.extractor_width, depth=depth,
+                                   conv_impl=cfg.conv_impl)
   pool = trained = gen_cm = None
   if plan.uses_generated:
     t1 = time.time()
@@ -561,7 +562,8 @@ def _expert_config(cfg: Config) -> expert_lib.ExpertConfig:
 def _eval_config(cfg: Config, depth: int) -> evaluate.EvalConfig:
   return evaluate.EvalConfig(num_models=cfg.eval_models,
                              epochs=cfg.eval_epochs, width=cfg.eval_width,
-                             depth=depth, strategy=cfg.strategy)
+                             depth=depth, strategy=cfg.strategy,
+                             conv_impl=cfg.conv_impl)
 
 
 def _builtin_generate(cfg, ds, x_train, k_gen, secret, mech, mesh):
