@@ -94,7 +94,8 @@ def main(argv=None):
       add(f"conv{i}_{impl}", conv, (p["kernel"], p["bias"], xi), flops)
     floors["xla"].append(f"conv{i}_xla")
     floors["auto"].append(
-        f"conv{i}_winograd" if winograd.use_winograd("auto", cin)
+        f"conv{i}_winograd" if winograd.use_winograd("auto", cin,
+                                                        (size, size))
         else f"conv{i}_xla")
     s = params[f"norm{i}"]
     ai = jax.random.normal(jax.random.fold_in(key, 20 + i),

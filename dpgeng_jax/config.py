@@ -152,8 +152,9 @@ class Config:
   conv_impl: str = _f(
       "auto", "algorithm of the ConvNets' 3x3 convolutions: winograd "
       "(F(2x2,3x3) as batched matmuls), xla (XLA's convolution) or auto "
-      "(winograd on CPU for layers with >= 16 input channels, xla on "
-      "GPU/TPU); same function up to float rounding", "parallel",
+      "(winograd on CPU for layers with >= 32 input channels on maps of "
+      ">= 64 pixels, xla otherwise and on GPU/TPU); same function up to "
+      "float rounding", "parallel",
       choices=CONV_IMPLS)
   no_retain_host_memory: bool = _f(
       False, "the dpgeng command keeps freed host memory mapped (glibc; "

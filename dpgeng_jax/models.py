@@ -73,7 +73,8 @@ class Conv3x3(nn.Module):
   nn.Conv(features, (3, 3), padding='SAME') (same names, shapes and
   initialisers, so parameter trees and seeds carry over), computed by
   `winograd.conv_3x3_same` with `impl` ('auto': Winograd F(2x2, 3x3) on
-  CPU for wide layers, XLA's convolution elsewhere)."""
+  CPU for wide layers on maps of 8x8 or more, XLA's convolution elsewhere;
+  winograd.use_winograd)."""
   features: int
   impl: str = "auto"
   dtype: Any = jnp.float32

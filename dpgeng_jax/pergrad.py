@@ -76,7 +76,7 @@ def _kernel_grads(a: jax.Array, g: jax.Array, impl: str) -> jax.Array:
   Winograd's per-tile products where the layer runs Winograd (impl, as
   models.ConvNet's conv_impl), else patches(a)^T g."""
   m, cin, cout = a.shape[0], a.shape[-1], g.shape[-1]
-  if winograd.use_winograd(impl, cin):
+  if winograd.use_winograd(impl, cin, a.shape[1:3]):
     return winograd.per_example_kernel_grads(a, g)
   k = jnp.einsum("npf,npc->nfc", _patches(a), g.reshape(m, -1, cout))
   return k.reshape(m, 3, 3, cin, cout)

@@ -18,9 +18,9 @@ gradients are the transposes of the same linear maps (jax.grad of this
 function), again batched matmuls.
 
 `conv3x3` is the algorithm; `models.ConvNet` picks it or XLA's
-convolution per backend (`use_winograd`): on CPU for layers with at least
-`MIN_CHANNELS` input channels, never on GPU/TPU, where XLA calls cuDNN or
-the TPU's convolution units.
+convolution per layer (`use_winograd`): on CPU for layers with at least
+`MIN_CHANNELS` input channels and `MIN_PIXELS` pixels, never on GPU/TPU,
+where XLA calls cuDNN or the TPU's convolution units.
 """
 
 from __future__ import annotations
@@ -29,9 +29,14 @@ import jax
 import jax.numpy as jnp
 
 # Below this many input channels the 16 products are too thin (K = Cin)
-# to beat XLA's direct convolution; the ConvNet's first layer (3 or 1
-# channels) stays on XLA (benchmarks/RESULTS.md, bench_layers.py).
+# to beat XLA's direct convolution's forward pass; the ConvNet's first
+# layer (3 or 1 channels) stays on XLA (benchmarks/RESULTS.md).
 MIN_CHANNELS = 32
+# On maps smaller than 8x8 (digits' 4x4 layer) the convolution is cheap
+# and Winograd's extra compile time (about 0.5 s forward, 1.5-2.5 s with
+# the gradient, per layer and jitted function) is not repaid: a whole
+# digits run took 181 s with it against 149 s without.
+MIN_PIXELS = 64
 
 IMPLS = ("auto", "xla", "winograd")
 
@@ -183,19 +188,21 @@ def conv_3x3_same(x: jax.Array, kernel: jax.Array,
                   impl: str = "auto") -> jax.Array:
   """The 3x3 stride-1 'SAME' NHWC/HWIO convolution by `impl` ('auto',
   'xla' or 'winograd'; see use_winograd)."""
-  if use_winograd(impl, x.shape[-1]):
+  if use_winograd(impl, x.shape[-1], x.shape[1:3]):
     return conv3x3(x, kernel)
   return jax.lax.conv_general_dilated(
       x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def use_winograd(impl: str, in_channels: int) -> bool:
-  """Whether a 3x3 'SAME' layer with `in_channels` inputs runs conv3x3:
-  'winograd' always, 'xla' never, 'auto' on the CPU backend for at least
-  MIN_CHANNELS input channels. Decided at trace time from
-  jax.default_backend()."""
+def use_winograd(impl: str, in_channels: int,
+                 spatial: tuple[int, int]) -> bool:
+  """Whether a 3x3 'SAME' layer with `in_channels` inputs on (H, W) maps
+  runs conv3x3: 'winograd' always, 'xla' never, 'auto' on the CPU backend
+  for at least MIN_CHANNELS input channels and MIN_PIXELS pixels. Decided
+  at trace time from jax.default_backend()."""
   if impl not in IMPLS:
     raise ValueError(f"unknown conv_impl {impl!r}; expected one of {IMPLS}")
   if impl == "auto":
-    return jax.default_backend() == "cpu" and in_channels >= MIN_CHANNELS
+    return (jax.default_backend() == "cpu" and in_channels >= MIN_CHANNELS
+            and spatial[0] * spatial[1] >= MIN_PIXELS)
   return impl == "winograd"

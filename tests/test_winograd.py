@@ -117,15 +117,18 @@ def test_rows_do_not_mix():
 
 
 def test_dispatch(monkeypatch):
-  assert winograd.use_winograd("winograd", 3)
-  assert not winograd.use_winograd("xla", 128)
+  assert winograd.use_winograd("winograd", 3, (4, 4))
+  assert not winograd.use_winograd("xla", 128, (16, 16))
   assert jax.default_backend() == "cpu"
-  assert winograd.use_winograd("auto", winograd.MIN_CHANNELS)
-  assert not winograd.use_winograd("auto", winograd.MIN_CHANNELS - 1)
+  assert winograd.use_winograd("auto", winograd.MIN_CHANNELS, (8, 8))
+  assert not winograd.use_winograd("auto", winograd.MIN_CHANNELS - 1, (8, 8))
+  # digits' second layer (4x4 maps): XLA.
+  assert not winograd.use_winograd("auto", 128, (4, 4))
+  assert winograd.use_winograd("auto", 128, (7, 10))
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  assert not winograd.use_winograd("auto", 128)
+  assert not winograd.use_winograd("auto", 128, (16, 16))
   with pytest.raises(ValueError, match="conv_impl"):
-    winograd.use_winograd("fft", 128)
+    winograd.use_winograd("fft", 128, (16, 16))
   with pytest.raises(ValueError, match="kernel"):
     winograd.conv3x3(jnp.zeros((1, 4, 4, 3)), jnp.zeros((5, 5, 3, 2)))
 
