@@ -29,6 +29,7 @@ from dpgeng_jax import parallel
 from dpgeng_jax import pergrad
 from dpgeng_jax.pergrad import convnet_clipped_grad_sum
 from dpgeng_jax.pipeline import RunResult, run, write_outputs
+from dpgeng_jax import winograd
 
 __version__ = "0.1.0"
 
@@ -44,5 +45,5 @@ __all__ = [
     "load_dataset", "make_step", "microbatched", "noisy_class_sums",
     "noisy_targets", "parallel", "pergrad", "poisson_capacity",
     "poisson_sample", "run", "secret_key",
-    "synthetic_class_means", "write_outputs",
+    "synthetic_class_means", "winograd", "write_outputs",
 ]

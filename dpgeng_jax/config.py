@@ -152,7 +152,7 @@ class Config:
   conv_impl: str = _f(
       "auto", "algorithm of the ConvNets' 3x3 convolutions: winograd "
       "(F(2x2,3x3) as batched matmuls), xla (XLA's convolution) or auto "
-      "(winograd on CPU for layers with >= 32 input channels on maps of "
+      "(winograd on CPU for layers with >= 64 input channels on maps of "
       ">= 64 pixels, xla otherwise and on GPU/TPU); same function up to "
       "float rounding", "parallel",
       choices=CONV_IMPLS)

@@ -14,8 +14,9 @@ direct convolution (tests/test_winograd.py checks both against float64).
 
 Rows never mix: the matmul's rows are (example, tile) pairs, so output
 row i depends on input row i alone, as per-example clipping requires. The
-gradients are the transposes of the same linear maps (jax.grad of this
-function), again batched matmuls.
+gradients (a custom VJP, see conv3x3) are Winograd products too; autodiff
+of the forward gave the same values but compiled 2-3x slower and ran
+about 1.2x slower.
 
 `conv3x3` is the algorithm; `models.ConvNet` picks it or XLA's
 convolution per layer (`use_winograd`): on CPU for layers with at least
@@ -28,10 +29,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-# Below this many input channels the 16 products are too thin (K = Cin)
-# to beat XLA's direct convolution's forward pass; the ConvNet's first
-# layer (3 or 1 channels) stays on XLA (benchmarks/RESULTS.md).
-MIN_CHANNELS = 32
+# With fewer input channels the 16 products are thin (K = Cin): in
+# one-off probes (memory kept, 4x4 to 16x16 maps) 16 and 32 channels lost
+# 10-15 % on the forward pass and won 1.1-2x on the gradients; 64 and 128
+# won both (forward 1.5-2.3x). The ConvNet's first layer (3 or 1
+# channels) stays on XLA (bench_layers.py: Winograd took 2x its time).
+MIN_CHANNELS = 64
 # On maps smaller than 8x8 (digits' 4x4 layer) the convolution is cheap
 # and Winograd's extra compile time (about 0.5 s forward, 1.5-2.5 s with
 # the gradient, per layer and jitted function) is not repaid: a whole
