@@ -16,7 +16,7 @@ from scipy import stats
 
 from dpgeng_jax import augment, mechanisms, parallel, pergrad
 from dpgeng_jax.clipping import clipped_class_sums, clipped_grad_sum
-from dpgeng_jax.models import ConvNet, cross_entropy, init_params
+from dpgeng_jax.models import ConvNet, cross_entropy, embed_fn, init_params
 
 pytestmark = pytest.mark.skipif(
     jax.device_count() < 8, reason="needs 8 devices (tests/test_parallel.py "
@@ -277,3 +277,29 @@ def test_sharded_evaluation_training_equals_one_device(n):
   for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4,
                                atol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["query", "vmap", "pergrad"])
+def test_winograd_convnet_sharded_equals_unsharded(path):
+  """The Winograd convolution (custom VJP) under shard_map with
+  device-varying parameters: same sums as one device."""
+  model = ConvNet(num_classes=K, width=8, depth=2, conv_impl="winograd")
+  params = init_params(model, jax.random.key(3), (8, 8, 1))
+  _, _, x, y, mask = _convnet()
+  mesh = parallel.data_mesh(4)
+  if path == "query":
+    embed = embed_fn(model)
+    want = clipped_class_sums(embed, params, x, y, mask, num_classes=K,
+                              clip_norm=0.5)
+    got = jax.jit(functools.partial(
+        parallel.sharded_clipped_class_sums, embed, num_classes=K,
+        clip_norm=0.5, mesh=mesh))(params, x, y, mask)
+  else:
+    loss = lambda p, b: cross_entropy(model, p, *b)
+    fn = (functools.partial(clipped_grad_sum, loss, clip_norm=0.5)
+          if path == "vmap" else pergrad.make_grad_sum_fn(model,
+                                                          clip_norm=0.5))
+    want = jax.jit(fn)(params, (x, y), mask)
+    got = jax.jit(lambda p, b, m: parallel.sharded_grad_sum(
+        fn, p, b, m, mesh=mesh))(params, (x, y), mask)
+  assert _max_rel_diff(got, want) < 1e-4
