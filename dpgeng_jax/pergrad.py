@@ -15,8 +15,9 @@ written as batched matrix products:
   example i's gradient;
 * per-example parameter gradients follow in closed form: conv kernel
   patches(a_l)^T g_l (a batched matmul; for layers that run Winograd,
-  winograd.per_example_kernel_grads, 2.25x fewer products), conv bias sum(g_l), norm scale
-  sum(xhat_l * g_l'), norm bias sum(g_l'), head kernel h^T g_z;
+  winograd.per_example_kernel_grads, 2.25x fewer products), conv bias
+  sum(g_l), norm scale sum(xhat_l * g_l'), norm bias sum(g_l'), head
+  kernel h^T g_z;
 * per-example norms, clip factors min(1, C / norm) and the mask give one
   weight per example, and the clipped sum is the weighted sum of the
   per-example gradients.
