@@ -474,11 +474,15 @@ def resolve(args, full: dict, quick: dict) -> None:
       raise RuntimeError("--retain-host-memory needs glibc's mallopt")
 
 
-def add_shape_args(ap, out_default: str) -> None:
-  """Output, size and timing options shared by bench_query and
-  bench_dpsgd (each script adds its own width and batch options)."""
+def add_shape_args(ap, out_default: str, quick_width: int) -> None:
+  """Output, size and timing options shared by bench_query, bench_dpsgd
+  and bench_layers (each script adds its own batch options); the ConvNet
+  width defaults to 128, or `quick_width` with --quick (the scripts'
+  FULL / QUICK dicts, applied by `resolve`)."""
   ap.add_argument("--out", default=out_default,
                   help="JSON file for all figures (default %(default)s)")
+  ap.add_argument("--width", type=int, default=None,
+                  help=f"ConvNet width (default 128; --quick {quick_width})")
   ap.add_argument("--quick", action="store_true",
                   help="small sizes, 2 rounds, correctness checks (< 60 s)")
   ap.add_argument("--num-classes", type=int, default=10,

@@ -71,11 +71,10 @@ QUICK = dict(batch=16, width=32, depth=3, image_size=32, rounds=2, warmup=1,
 def main(argv=None):
   ap = argparse.ArgumentParser(
       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  _bench.add_shape_args(ap, "runs/bench/dpsgd.json")
+  _bench.add_shape_args(ap, "runs/bench/dpsgd.json",
+                        quick_width=QUICK["width"])
   ap.add_argument("--batch", type=int, default=None,
                   help="examples per step (default 128; --quick 16)")
-  ap.add_argument("--width", type=int, default=None,
-                  help="ConvNet width (default 128; --quick 32)")
   ap.add_argument("--noise-multiplier", type=float, default=1.0,
                   help="sigma (default %(default)s)")
   ap.add_argument("--lr", type=float, default=0.1,

@@ -47,11 +47,10 @@ QUICK = dict(chunk=20, width=32, depth=3, image_size=32, rounds=2, warmup=1,
 def main(argv=None):
   ap = argparse.ArgumentParser(
       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  _bench.add_shape_args(ap, "runs/bench/layers.json")
+  _bench.add_shape_args(ap, "runs/bench/layers.json",
+                        quick_width=QUICK["width"])
   ap.add_argument("--chunk", type=int, default=None,
                   help="images per call (default 100; --quick 20)")
-  ap.add_argument("--width", type=int, default=None,
-                  help="ConvNet width (default 128; --quick 32)")
   _bench.add_common_args(ap)
   ap.set_defaults(max_slowdown=0)  # every row is one chunk: keep them all
   args = ap.parse_args(argv)

@@ -69,11 +69,10 @@ QUICK = dict(per_class=10, width=64, depth=3, image_size=32, rounds=2,
 def main(argv=None):
   ap = argparse.ArgumentParser(
       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  _bench.add_shape_args(ap, "runs/bench/query.json")
+  _bench.add_shape_args(ap, "runs/bench/query.json",
+                        quick_width=QUICK["width"])
   ap.add_argument("--per-class", type=int, default=None,
                   help="images per class (default 50; --quick 10)")
-  ap.add_argument("--width", type=int, default=None,
-                  help="ConvNet width (default 128; --quick 64)")
   ap.add_argument("--noise-multiplier", type=float, default=1.0,
                   help="torch loop's noise (default %(default)s)")
   ap.add_argument("--chunks", default=None,

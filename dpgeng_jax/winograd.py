@@ -168,6 +168,8 @@ def _conv3x3_fwd(x, kernel):
 
 def _conv3x3_bwd(res, g):
   x, kernel = res
+  # V (input_tiles(x)) is recomputed rather than saved by the forward: it
+  # is 4x the layer's input, and its transforms are additions.
   gx = _conv(g, kernel[::-1, ::-1].swapaxes(2, 3))
   cin, cout = kernel.shape[2:]
   du = jnp.einsum("bpc,bpo->bco", input_tiles(x).reshape(16, -1, cin),
