@@ -162,9 +162,9 @@ def main(argv=None):
     """A DP-SGD step around any clipped-gradient-sum function: the same
     noise and update code for every JAX row that is not ours_vmap."""
     def step(p, s, xx, yy, mm, key):
-      g = grad_sum(p, xx, yy, mm)
-      noise = mechanisms.tree_gaussian_noise(key, g, stddev)
-      g = jax.tree.map(lambda a, z: (a + z) / b, g, noise)
+      g = mechanisms.tree_add_gaussian_noise(key, grad_sum(p, xx, yy, mm),
+                                             stddev)
+      g = jax.tree.map(lambda a: a / b, g)
       u, s = opt.update(g, s, p)
       return optax.apply_updates(p, u), s
     return step
@@ -343,7 +343,8 @@ def main(argv=None):
       print(f"  {name} vs ours_vmap: params after one step, max abs diff "
             f"{diff:.3g}")
       assert diff < 1e-5, (name, diff)
-    noise = mechanisms.tree_gaussian_noise(kn, noisy_mean, stddev)
+    noise = mechanisms.tree_add_gaussian_noise(
+        kn, jax.tree.map(jnp.zeros_like, noisy_mean), stddev)
     ref = jax.tree.map(lambda g, z: g * b - z, noisy_mean, noise)
     scale = max(float(jnp.max(jnp.abs(a))) for a in jax.tree.leaves(ref))
     if "torch_func_sum" in torch_checks:

@@ -19,10 +19,14 @@ from dpgeng_jax import evaluate
 from dpgeng_jax.evaluate import EvalConfig
 from dpgeng_jax.mechanisms import (ClassMajorData, QuerySpec,
                                    SamplingOverflowError, class_major,
-                                   deterministic_secret_key, gaussian_noise,
                                    noisy_class_sums, noisy_targets,
-                                   poisson_capacity, poisson_sample,
-                                   secret_key)
+                                   poisson_capacity, poisson_sample)
+from dpgeng_jax import counts
+from dpgeng_jax.counts import ClassSizes, release_class_counts
+from dpgeng_jax import noise
+from dpgeng_jax.noise import (add_gaussian_noise, deterministic_secret_key,
+                              gaussian_noise, secret_key,
+                              tree_add_gaussian_noise)
 from dpgeng_jax import hostmem
 from dpgeng_jax.models import ConvNet
 from dpgeng_jax import parallel
@@ -34,7 +38,9 @@ from dpgeng_jax import winograd
 __version__ = "0.1.0"
 
 __all__ = [
-    "ClassMajorData", "ClippedClassSum", "Config", "ConfigError", "ConvNet",
+    "ClassMajorData", "ClassSizes", "ClippedClassSum", "Config",
+    "ConfigError", "ConvNet", "add_gaussian_noise", "counts", "noise",
+    "release_class_counts", "tree_add_gaussian_noise",
     "DataError", "Dataset", "DistillState", "DpgengError", "EvalConfig",
     "QueryPlan", "QuerySpec", "RunResult", "SamplingOverflowError",
     "accounting", "augment", "class_major", "class_sums", "clip_rows",

@@ -18,6 +18,7 @@ noise multiplier.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Sequence
 
@@ -25,13 +26,23 @@ import dp_accounting
 from absl import logging as absl_logging
 import numpy as np
 from dp_accounting import pld, rdp
-from scipy import optimize, stats
+from scipy import optimize, special
 
 ADJACENCY = "add-or-remove-one"
+# PLD discretisation at epsilon <= 10; above, it grows with epsilon (the
+# loss range grows with it, and the relative error stays below 1e-4 *
+# steps per mechanism). PLD figures are pessimistic at any discretisation.
 PLD_DISCRETIZATION = 1e-4
 # Calibration is accepted once the composed epsilon is within this fraction
 # of the target (never above it).
 CALIBRATION_UTILISATION = 0.995
+# Largest target epsilon the calibration accepts (beyond it the guarantee
+# says nothing and the noise multipliers are below 0.05).
+MAX_EPSILON = 1000.0
+# Share of the target delta reserved for abort events (a Poisson batch over
+# its padded capacity, a class above its released upper bound); the
+# mechanisms are accounted at the rest. See `failure_log_tail`.
+FAILURE_FRACTION = 1e-3
 
 
 # ---------------------------------------------------------------------------
@@ -68,6 +79,10 @@ class Mechanism:
   noise_multiplier: float
   sampling_rate: float
   steps: int
+  # What one example can change, in the units the noise multiplier scales
+  # (for the report): "C" for clipped sums, "1" for counts and the norm-1
+  # generator features.
+  sensitivity: str = "C"
 
   def event(self) -> dp_accounting.DpEvent:
     if self.noise_multiplier <= 0:
@@ -90,10 +105,97 @@ def composed_event(mechanisms: Sequence[Mechanism]) -> dp_accounting.DpEvent:
 # Epsilon under each accountant.
 
 
-def epsilon_pld(event: dp_accounting.DpEvent, delta: float) -> float:
-  acc = pld.PLDAccountant(dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
-                          value_discretization_interval=PLD_DISCRETIZATION)
-  return float(acc.compose(event).get_epsilon(delta))
+# Below this delta the PLD figure is not trusted: dp_accounting composes
+# PLDs by FFT, whose rounding (~1e-16 of the total mass per bin) and
+# default truncations (1e-15) swamp probabilities this small (measured:
+# composed epsilons at delta 1e-30 that are not monotone in the noise).
+# There the run is accounted, and calibrated, with the RDP accountant,
+# a valid (looser) bound at any delta.
+PLD_MIN_DELTA = 1e-12
+
+
+def pld_interval(epsilon: float = 1.0) -> float:
+  """PLD discretisation for a target epsilon: PLD_DISCRETIZATION up to
+  epsilon 10, proportionally coarser above (the privacy-loss range grows
+  with epsilon; the figures stay pessimistic)."""
+  return PLD_DISCRETIZATION * max(1.0, float(epsilon) / 10.0)
+
+
+def accountant_for(delta: float) -> str:
+  """'pld' (tight) for delta >= PLD_MIN_DELTA, else 'rdp'."""
+  return "pld" if delta >= PLD_MIN_DELTA else "rdp"
+
+
+def epsilon_of(event: dp_accounting.DpEvent, delta: float,
+               interval: float = PLD_DISCRETIZATION) -> float:
+  """Epsilon under the accountant `accountant_for(delta)` picks."""
+  if accountant_for(delta) == "pld":
+    return epsilon_pld(event, delta, interval)
+  return epsilon_rdp(event, delta)
+
+
+def _pld_of(event: dp_accounting.DpEvent, interval: float, count: int = 1):
+  """The PLD of `count` compositions of `event` (None: no privacy loss),
+  as dp_accounting's PLDAccountant builds it (same constructors and
+  defaults), for the events the library emits; raises _NonPrivate."""
+  gaussian = functools.partial(
+      pld.privacy_loss_distribution.from_gaussian_mechanism,
+      value_discretization_interval=interval,
+      neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+  if isinstance(event, dp_accounting.NoOpDpEvent):
+    return None
+  if isinstance(event, dp_accounting.SelfComposedDpEvent):
+    return _pld_of(event.event, interval, event.count * count)
+  if isinstance(event, dp_accounting.ComposedDpEvent):
+    parts = [p for p in (_pld_of(e, interval, count) for e in event.events)
+             if p is not None]
+    return functools.reduce(lambda a, b: a.compose(b), parts) if parts else (
+        None)
+  if isinstance(event, dp_accounting.GaussianDpEvent):
+    if event.noise_multiplier == 0:
+      raise _NonPrivate()
+    return gaussian(event.noise_multiplier / math.sqrt(count))
+  if (isinstance(event, dp_accounting.PoissonSampledDpEvent)
+      and isinstance(event.event, dp_accounting.GaussianDpEvent)):
+    if event.sampling_probability == 0:
+      return None
+    if event.event.noise_multiplier == 0:
+      raise _NonPrivate()
+    return gaussian(event.event.noise_multiplier,
+                    sampling_prob=event.sampling_probability
+                    ).self_compose(count)
+  if isinstance(event, dp_accounting.NonPrivateDpEvent):
+    raise _NonPrivate()
+  raise ValueError(f"unsupported event {event}")
+
+
+class _NonPrivate(Exception):
+  pass
+
+
+def epsilon_pld(event: dp_accounting.DpEvent, delta: float,
+                interval: float = PLD_DISCRETIZATION) -> float:
+  """PLD epsilon of `event` at `delta` (inf for a non-private event),
+  equal to dp_accounting's PLDAccountant(value_discretization_interval=
+  interval). The PLD of each distinct event is built once (the calibration
+  and the report ask for the same ones many times)."""
+  key = (repr(event), float(interval))
+  if key not in _PLD_CACHE:
+    if len(_PLD_CACHE) > 256:
+      _PLD_CACHE.clear()
+    try:
+      _PLD_CACHE[key] = _pld_of(event, interval)
+    except _NonPrivate:
+      _PLD_CACHE[key] = _NonPrivate
+  dist = _PLD_CACHE[key]
+  if dist is _NonPrivate:
+    return math.inf
+  if dist is None:
+    return 0.0
+  return float(dist.get_epsilon_for_delta(delta))
+
+
+_PLD_CACHE: dict = {}
 
 
 def epsilon_rdp(event: dp_accounting.DpEvent, delta: float) -> float:
@@ -121,9 +223,14 @@ def gdp_mu(mechanism: Mechanism) -> float:
 
 
 def gdp_delta(mu: float, epsilon: float) -> float:
-  """delta(epsilon) of mu-GDP (Dong, Roth and Su)."""
-  return float(stats.norm.cdf(-epsilon / mu + mu / 2)
-               - math.exp(epsilon) * stats.norm.cdf(-epsilon / mu - mu / 2))
+  """delta(epsilon) of mu-GDP (Dong, Roth and Su), computed in log space:
+  Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2) cancels catastrophically
+  below delta ~ 1e-16 when evaluated directly."""
+  a = special.log_ndtr(-epsilon / mu + mu / 2)
+  b = epsilon + special.log_ndtr(-epsilon / mu - mu / 2)
+  if b >= a:
+    return 0.0
+  return float(math.exp(a) * -math.expm1(b - a))
 
 
 def gdp_epsilon(mu: float, delta: float) -> float:
@@ -135,8 +242,9 @@ def gdp_epsilon(mu: float, delta: float) -> float:
   hi = 1.0
   while gdp_delta(mu, hi) > delta:
     hi *= 2
-  return float(optimize.brentq(lambda e: gdp_delta(mu, e) - delta, 0.0, hi,
-                               xtol=1e-10))
+  return float(optimize.brentq(
+      lambda e: math.log(max(gdp_delta(mu, e), 1e-320)) - math.log(delta),
+      0.0, hi, xtol=1e-10))
 
 
 def epsilon_gdp_clt(mechanisms: Sequence[Mechanism], delta: float) -> float:
@@ -167,6 +275,17 @@ def allocate(mechanisms: Sequence[Mechanism], shares: Sequence[float],
   return out
 
 
+def validate_target(epsilon: float, delta: float) -> None:
+  """Raises ValueError unless 0 < epsilon <= MAX_EPSILON and 0 < delta < 1
+  (both finite numbers)."""
+  if not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon)
+          and 0 < epsilon <= MAX_EPSILON):
+    raise ValueError(f"epsilon must be a number in (0, {MAX_EPSILON:g}], got "
+                     f"{epsilon}")
+  if not (isinstance(delta, (int, float)) and 0 < delta < 1):
+    raise ValueError(f"delta must be in (0, 1), got {delta}")
+
+
 def calibrate(mechanisms: Sequence[Mechanism], epsilon: float, delta: float,
               shares: Sequence[float] | None = None,
               fixed: Sequence[Mechanism] = ()) -> list[Mechanism]:
@@ -175,62 +294,84 @@ def calibrate(mechanisms: Sequence[Mechanism], epsilon: float, delta: float,
 
   Args:
     mechanisms: the run's mechanisms (their noise_multiplier is ignored).
-    epsilon, delta: the target guarantee for the composition.
+    epsilon, delta: the target guarantee for the composition (checked by
+      `validate_target`).
     shares: public budget weights, one per mechanism (default equal).
     fixed: mechanisms whose noise is given (e.g. external generated data
       with a declared Gaussian guarantee); composed in, not calibrated.
 
   Returns:
-    The mechanisms with calibrated noise multipliers.
+    The mechanisms with calibrated noise multipliers, checked with the
+    accountant `accountant_for(delta)` (PLD at `pld_interval(epsilon)`).
+
+  The PLD search runs on a PLD ten times coarser (pessimistic, so its
+  epsilon is an upper bound of the fine one), then moves the aim by the
+  miss of the fine figure at the coarse root; every accepted result is
+  checked at the fine discretisation.
   """
-  if epsilon <= 0 or not 0 < delta < 1:
-    raise ValueError(f"need epsilon > 0 and 0 < delta < 1, got {epsilon}, "
-                     f"{delta}")
-  if fixed and epsilon_pld(composed_event(fixed), delta) >= epsilon:
+  validate_target(epsilon, delta)
+  interval = pld_interval(epsilon)
+  if accountant_for(delta) == "pld":
+    coarse = functools.partial(epsilon_pld, delta=delta,
+                               interval=10 * interval)
+    fine = functools.partial(epsilon_pld, delta=delta, interval=interval)
+  else:  # RDP is analytic: search on it directly
+    coarse = fine = functools.partial(epsilon_rdp, delta=delta)
+  if fixed and fine(composed_event(fixed)) >= epsilon:
     raise ValueError("the fixed mechanisms alone already exceed epsilon "
                      f"{epsilon} at delta {delta}")
   shares = [1.0] * len(mechanisms) if shares is None else list(shares)
   if len(shares) != len(mechanisms) or min(shares) <= 0:
     raise ValueError("one positive share per mechanism is required")
 
-  cache = {}
+  def at(accountant):
+    return functools.lru_cache(None)(lambda t: accountant(composed_event(
+        [*fixed, *allocate(mechanisms, shares, math.exp(t))])))
 
-  def eps_at(log_scale: float) -> float:
-    if log_scale not in cache:
-      cache[log_scale] = epsilon_pld(composed_event(
-          [*fixed, *allocate(mechanisms, shares, math.exp(log_scale))]),
-          delta)
-    return cache[log_scale]
-
-  # Epsilon grows with the GDP scale. Start from the GDP-CLT guess, bracket
-  # in log space, then Brent towards the middle of the accepted band
-  # [CALIBRATION_UTILISATION * epsilon, epsilon]; keep the feasible end.
+  coarse_eps, fine_eps = at(coarse), at(fine)
+  low_ok = CALIBRATION_UTILISATION * epsilon
   aim = epsilon * (1 + CALIBRATION_UTILISATION) / 2
-  guess = math.log(_gdp_mu_for_epsilon(epsilon, delta))
-  lo, hi = guess - 0.2, guess + 0.2
-  while eps_at(hi) <= aim:
+  root = math.log(_gdp_mu_for_epsilon(epsilon, delta))
+  target = aim
+  for _ in range(4):
+    lo, hi = _bracket(coarse_eps, target, root)
+    root = optimize.brentq(lambda t: coarse_eps(t) - target, lo, hi,
+                           xtol=1e-5, maxiter=100)
+    got = fine_eps(root)
+    if low_ok <= got <= epsilon:
+      return allocate(mechanisms, shares, math.exp(root))
+    # Near the root fine = coarse - bias: move the coarse aim by the miss.
+    target = min(max(target + (aim - got), 0.5 * aim), 2 * aim)
+  # Fallback: bisection on the fine figure itself.
+  lo, hi = _bracket(fine_eps, aim, root)
+  for _ in range(100):
+    mid = (lo + hi) / 2
+    if fine_eps(mid) <= epsilon:
+      lo = mid
+      if fine_eps(mid) >= low_ok:
+        break
+    else:
+      hi = mid
+  if not fine_eps(lo) <= epsilon:
+    raise ValueError(f"calibration to epsilon {epsilon} at delta {delta} "
+                     "failed")
+  return allocate(mechanisms, shares, math.exp(lo))
+
+
+def _bracket(eps_of, target: float, guess: float) -> tuple[float, float]:
+  """(lo, hi) in log GDP scale with eps_of(lo) <= target < eps_of(hi)
+  (epsilon increases with the scale)."""
+  lo, hi = guess - 0.1, guess + 0.1
+  while eps_of(hi) <= target:
     lo, hi = hi, hi + 0.5
     if hi > math.log(1e4):
-      raise ValueError(f"epsilon {epsilon} needs no noise at all here")
-  while eps_at(lo) > aim:
+      raise ValueError(f"epsilon {target:g} needs no noise at all here")
+  while eps_of(lo) > target:
     lo, hi = lo - 0.5, lo
-  if eps_at(lo) < CALIBRATION_UTILISATION * epsilon:
-    root = optimize.brentq(lambda t: eps_at(t) - aim, lo, hi, xtol=1e-4,
-                           maxiter=50)
-    if eps_at(root) <= epsilon:
-      lo = root
-    else:  # Brent's last iterate can sit just above: bisect to feasibility.
-      hi = root
-      for _ in range(60):
-        mid = (lo + hi) / 2
-        if eps_at(mid) <= epsilon:
-          lo = mid
-          if eps_at(mid) >= CALIBRATION_UTILISATION * epsilon:
-            break
-        else:
-          hi = mid
-  assert eps_at(lo) <= epsilon
-  return allocate(mechanisms, shares, math.exp(lo))
+    if lo < math.log(1e-8):
+      raise ValueError(f"epsilon {target:g} is out of reach: even "
+                       "negligible noise-to-signal ratios exceed it")
+  return lo, hi
 
 
 def _gdp_mu_for_epsilon(epsilon: float, delta: float) -> float:
@@ -242,64 +383,148 @@ def _gdp_mu_for_epsilon(epsilon: float, delta: float) -> float:
                                1e-6, hi, xtol=1e-6))
 
 
+def failure_log_tail(delta: float, epsilon: float, events: int) -> float:
+  """log of the per-event probability bound tau of the run's abort events
+  (Poisson overflow per class and batch, class above its released bound).
+
+  The run equals a never-aborting mechanism except on the union of the
+  abort events, of probability <= events * tau on every dataset, so an
+  (epsilon, delta_m)-DP guarantee of the latter gives (epsilon, delta_m +
+  (1 + e^epsilon) events tau) for the run. tau is chosen so that this
+  addition is FAILURE_FRACTION * delta; computed in logs (e^epsilon
+  overflows a float beyond epsilon ~ 709).
+  """
+  return (math.log(FAILURE_FRACTION * delta) - np.logaddexp(0.0, epsilon)
+          - math.log(max(1, events)))
+
+
+def failure_delta(epsilon: float, events: int, log_tail: float) -> float:
+  """(1 + e^epsilon) * events * tau: what the abort events add to delta."""
+  if events == 0:
+    return 0.0
+  return float(math.exp(np.logaddexp(0.0, epsilon) + math.log(events)
+                        + log_tail))
+
+
 # ---------------------------------------------------------------------------
 # The report.
+
+
+@dataclasses.dataclass(frozen=True)
+class DeltaSplit:
+  """How the target delta is spent.
+
+  total = external + abort + mechanisms, where `external` is the declared
+  delta of external generated data (basic composition), `abort` the
+  FAILURE_FRACTION * total reserved for abort events when the run has any
+  (`failure_log_tail`), and `mechanisms` the delta at which the run's own
+  composed event is accounted.
+  """
+  total: float
+  external: float = 0.0
+  reserve: bool = True
+
+  @property
+  def abort(self) -> float:
+    return FAILURE_FRACTION * self.total if self.reserve else 0.0
+
+  @property
+  def mechanisms(self) -> float:
+    return self.total - self.external - self.abort
+
+  def log_tail(self, epsilon: float, events: int) -> float:
+    """log tau for `events` abort events (see `failure_log_tail`)."""
+    if not self.reserve:
+      raise ValueError("no delta is reserved for abort events")
+    return failure_log_tail(self.total, epsilon, events)
 
 
 def privacy_report(mechanisms: Sequence[Mechanism], *, target_epsilon: float,
                    delta: float, private: bool, public_metadata: Sequence[str],
                    notes: Sequence[str] = (),
-                   external: tuple[float, float] | None = None) -> dict:
+                   external: tuple[float, float] | None = None,
+                   split: DeltaSplit | None = None,
+                   abort_events: dict | None = None,
+                   nonprivate_reasons: Sequence[str] = ()) -> dict:
   """privacy.json content (see DESIGN.md).
 
   `external` is an (epsilon, delta) guarantee declared for data made
   outside this run (external generated data); it is added by basic
-  composition: the run's mechanisms are accounted at delta - delta_ext and
-  their epsilon is increased by epsilon_ext.
+  composition: the run's mechanisms are accounted at `split.mechanisms`
+  (which excludes the external delta and the abort reserve) and their
+  epsilon is increased by epsilon_ext. `abort_events` describes the abort
+  events (counts and tail) covered by `split.abort`. Any
+  `nonprivate_reasons` make the run "private": false, each reason listed.
   """
   notes = list(notes)
   eps_ext, delta_ext = external if external else (0.0, 0.0)
-  d = delta - delta_ext
+  split = split or DeltaSplit(delta, delta_ext, reserve=False)
+  d = split.mechanisms
+  interval = pld_interval(target_epsilon)
+  accountant = accountant_for(d) if d > 0 else "pld"
   event = composed_event(mechanisms)
-  nonprivate = any(m.noise_multiplier <= 0 for m in mechanisms)
-  if nonprivate or d <= 0:
+  reasons = list(nonprivate_reasons)
+  unbounded = any(m.noise_multiplier <= 0 for m in mechanisms) or d <= 0
+  if any(m.noise_multiplier <= 0 for m in mechanisms):
+    reasons.append("a mechanism has no noise")
+  if d <= 0:
+    reasons.append("no delta is left for the mechanisms")
+  # The epsilon figures account the mechanisms as configured; "private"
+  # says whether the outputs are protected by them.
+  if unbounded:
     eps_pld = eps_rdp = eps_clt = math.inf
+  elif not mechanisms:
+    eps_pld = eps_rdp = eps_clt = eps_ext
   else:
-    eps_pld = epsilon_pld(event, d) + eps_ext
+    eps_pld = (epsilon_pld(event, d, interval) + eps_ext
+               if accountant == "pld" else None)
     eps_rdp = epsilon_rdp(event, d) + eps_ext
     eps_clt = epsilon_gdp_clt(mechanisms, d) + eps_ext
+  if eps_pld is None:
+    notes.append(f"delta {d:g} is below {PLD_MIN_DELTA:g}, where the PLD "
+                 "figure is not reliable: the run is accounted (and was "
+                 "calibrated) with the RDP accountant")
+  headline = eps_rdp if eps_pld is None else eps_pld
   if external:
     notes.append(
         f"external generated data declared ({eps_ext:g}, {delta_ext:g})-DP, "
         "added by basic composition to the other mechanisms accounted at "
         f"delta {d:g}")
-  if eps_clt < eps_pld:
+  if eps_pld is not None and math.isfinite(eps_pld) and eps_clt < eps_pld:
     notes.append(
         f"The GDP-CLT figure ({eps_clt:.4g}) is below the PLD figure "
         f"({eps_pld:.4g}): the CLT approximation understates epsilon here; "
         "the guarantee is the PLD figure.")
   per = []
   for m in mechanisms:
-    e = math.inf if m.noise_multiplier <= 0 else epsilon_pld(m.event(), delta)
+    e = (math.inf if m.noise_multiplier <= 0 or d <= 0
+         else epsilon_of(m.event(), d, interval))
     per.append({
         "name": m.name,
         "noise_multiplier": m.noise_multiplier,
         "sampling_rate": m.sampling_rate,
         "steps": m.steps,
-        "epsilon_alone_pld": _finite_or_none(e),
+        "l2_sensitivity": m.sensitivity,
+        "epsilon_alone": _finite_or_none(e),
     })
-  private = bool(private) and not nonprivate
+  private = bool(private) and not reasons
+  notes = [f"NOT private: {r}" for r in reasons] + notes
   return {
       "private": private,
+      "not_private_because": reasons,
       "target_epsilon": target_epsilon,
-      "delta": delta,
+      "delta": split.total,
+      "delta_mechanisms": d,
+      "delta_abort_events": split.abort,
+      "delta_external": split.external,
+      "abort_events": abort_events,
       "neighbouring_relation": ADJACENCY,
-      "accountant": "pld",
-      "epsilon": _finite_or_none(eps_pld),
+      "accountant": accountant,
+      "epsilon": _finite_or_none(headline),
       "epsilon_pld": _finite_or_none(eps_pld),
       "epsilon_rdp": _finite_or_none(eps_rdp),
       "epsilon_gdp_clt": _finite_or_none(eps_clt),
-      "pld_discretization": PLD_DISCRETIZATION,
+      "pld_discretization": interval,
       "mechanisms": per,
       "external_generated_data": (
           {"epsilon": eps_ext, "delta": delta_ext} if external else None),
@@ -309,5 +534,5 @@ def privacy_report(mechanisms: Sequence[Mechanism], *, target_epsilon: float,
   }
 
 
-def _finite_or_none(x: float):
-  return float(x) if np.isfinite(x) else None
+def _finite_or_none(x):
+  return float(x) if x is not None and np.isfinite(x) else None

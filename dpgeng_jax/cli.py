@@ -183,7 +183,7 @@ def _plan(cfg: Config) -> int:
   print(f"{'mechanism':<20} {'noise mult.':>12} {'samp. rate':>11} "
         f"{'steps':>7} {'eps alone':>10}")
   for m in report["mechanisms"]:
-    e = m["epsilon_alone_pld"]
+    e = m["epsilon_alone"]
     print(f"{m['name']:<20} {m['noise_multiplier']:>12.4f} "
           f"{m['sampling_rate']:>11.4g} {m['steps']:>7d} "
           f"{'inf' if e is None else format(e, '.4f'):>10}")

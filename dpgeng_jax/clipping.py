@@ -71,6 +71,7 @@ def class_sums(values: jax.Array, y: jax.Array, mask: jax.Array,
 
   Rows with mask 0 contribute exactly nothing (they are multiplied by an
   exact zero and also zeroed before the product, so inf/nan cannot leak).
+  Precision.HIGHEST for the reason given in `weighted_sum`.
   """
   mask = mask.astype(jnp.float32)
   values = jnp.where(mask[:, None] > 0, values.astype(jnp.float32), 0.0)
@@ -165,9 +166,22 @@ def clipped_grad_sum(loss_fn: Callable[..., jax.Array], params: Any,
   scale = clip_scale(row_norms(flat)[:, 0], clip_norm)
   weights = jnp.where(finite & (mask > 0), scale, 0.0)
   return jax.tree.map(
-      lambda g: jnp.tensordot(weights, jnp.where(
-          jnp.isfinite(g), g, 0.0).astype(jnp.float32), axes=(0, 0)),
+      lambda g: weighted_sum(weights, jnp.where(jnp.isfinite(g), g, 0.0)),
       grads)
+
+
+def weighted_sum(weights: jax.Array, values: jax.Array) -> jax.Array:
+  """sum_i weights_i values_i over the leading axis, float32-exact.
+
+  Every sum that a sensitivity bound covers (clip weight times per-example
+  value) goes through here or `class_sums`: Precision.HIGHEST, because the
+  default precision of a float32 contraction is TF32 on recent GPUs and
+  bf16 on TPUs, whose input rounding lets one clipped contribution exceed C
+  by up to ~2^-11 (GPU) or ~2^-8 (TPU) relatively.
+  """
+  return jnp.tensordot(weights.astype(jnp.float32),
+                       values.astype(jnp.float32), axes=(0, 0),
+                       precision=jax.lax.Precision.HIGHEST)
 
 
 def default_query_chunk() -> int | None:

@@ -34,6 +34,10 @@ class Config:
                     "tfds:NAME[:TRAIN[:TEST]]", "run")
   data_dir: str = _f("", "TFDS data directory; empty means TFDS_DATA_DIR "
                      "or ~/tensorflow_datasets", "run")
+  num_classes: int = _f(0, "number of classes K, public metadata (0: from "
+                        "the dataset: 10 for digits, the TFDS label "
+                        "feature, for npz the largest training label + 1; "
+                        "the report says which)", "run")
   method: str = _f("dpgeng", "dpgeng: DP-generated data for init and "
                    "extractors, DP feature matching and the DP expert; "
                    "ndpdc: random extractors, noise init (DP); generator: "
@@ -68,6 +72,13 @@ class Config:
                              "queries (GDP units)", "privacy")
   share_expert: float = _f(1.0, "budget share of the DP expert "
                            "(GDP units)", "privacy")
+  share_counts: float = _f(0.1, "budget share of the class-count release "
+                           "(GDP units); not used with "
+                           "--public-class-sizes", "privacy")
+  public_class_sizes: bool = _f(
+      False, "declare the class sizes public knowledge (a published "
+      "benchmark split): use them exactly instead of releasing them with "
+      "noise; privacy.json says so", "privacy")
   expert_steps: int = _f(10, "DP-SGD steps T_E of the expert (few large "
                          "batches: see benchmarks/expert_sweep.py)",
                          "privacy")
@@ -173,12 +184,6 @@ class Config:
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
-
-  @property
-  def private(self) -> bool:
-    """Whether the run's output is claimed to be differentially private."""
-    return self.method != "dm" and not self.deterministic
-
 
 def privacy_fields() -> list[str]:
   return [f.name for f in dataclasses.fields(Config)

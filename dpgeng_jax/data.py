@@ -76,6 +76,7 @@ class Dataset:
     mean: Public per-channel normalisation means (length C).
     std: Public per-channel normalisation standard deviations (length C).
     normalisation_source: Where `mean` and `std` come from.
+    num_classes_source: Where K comes from (public metadata).
   """
 
   name: str
@@ -87,6 +88,8 @@ class Dataset:
   mean: tuple[float, ...]
   std: tuple[float, ...]
   normalisation_source: str = dataclasses.field(repr=False)
+  num_classes_source: str = dataclasses.field(
+      default="given", repr=False)
 
   @property
   def image_shape(self) -> tuple[int, int, int]:
@@ -125,6 +128,7 @@ def from_arrays(
     *,
     name: str = "arrays",
     num_classes: int | None = None,
+    num_classes_source: str | None = None,
 ) -> Dataset:
   """Validates arrays and returns them as a `Dataset`.
 
@@ -145,6 +149,7 @@ def from_arrays(
     y_test: Test labels.
     name: Dataset name, also the key into the public normalisation table.
     num_classes: Number of classes K, or None to infer it from y_train.
+    num_classes_source: Where a given K comes from, for the report.
 
   Returns:
     The validated dataset (float32 images, int32 labels, read-only arrays).
@@ -160,6 +165,10 @@ def from_arrays(
         f"but x_test images are {x_test.shape[1:]}")
   y_train = _labels(y_train, "y_train", len(x_train))
   y_test = _labels(y_test, "y_test", len(x_test))
+  k_source = num_classes_source or (
+      "given" if num_classes is not None else
+      "inferred from the training labels (largest label + 1): public only "
+      "if the label set is; declare it with --num-classes")
   num_classes = _num_classes(y_train, num_classes)
   if y_test.max() >= num_classes:
     raise DataError(
@@ -175,10 +184,11 @@ def from_arrays(
   for a in arrays:
     a.setflags(write=False)
   return Dataset(name, *arrays, num_classes=num_classes, mean=mean, std=std,
-                 normalisation_source=source)
+                 normalisation_source=source, num_classes_source=k_source)
 
 
-def load_dataset(spec: str, *, data_dir: str | None = None) -> Dataset:
+def load_dataset(spec: str, *, data_dir: str | None = None,
+                 num_classes: int | None = None) -> Dataset:
   """Loads a dataset from a spec string (see `DATASET_SPECS_HELP`).
 
   * 'digits': scikit-learn's bundled 8x8 digits, 1797 images, shape (8, 8, 1),
@@ -199,6 +209,9 @@ def load_dataset(spec: str, *, data_dir: str | None = None) -> Dataset:
     spec: The dataset spec.
     data_dir: TFDS data directory (default: TFDS_DATA_DIR or
       ~/tensorflow_datasets); ignored by the other specs.
+    num_classes: K declared by the user (public metadata); it must match
+      the dataset's own K for digits and TFDS; for npz it replaces the
+      inference from the labels.
 
   Returns:
     The validated dataset.
@@ -208,14 +221,20 @@ def load_dataset(spec: str, *, data_dir: str | None = None) -> Dataset:
       is not prepared (raised at once, without any network access).
   """
   if spec == "digits":
-    return _load_digits()
-  if spec.startswith("npz:"):
-    return _load_npz(spec[len("npz:"):])
-  if spec.startswith("tfds:"):
-    return _load_tfds(spec[len("tfds:"):], data_dir)
-  raise DataError(
-      f"unknown dataset spec {spec!r}; valid forms are 'digits', 'npz:PATH' "
-      "and 'tfds:NAME[:TRAIN_SPLIT[:TEST_SPLIT]]'")
+    ds = _load_digits()
+  elif spec.startswith("npz:"):
+    return _load_npz(spec[len("npz:"):], num_classes)
+  elif spec.startswith("tfds:"):
+    ds = _load_tfds(spec[len("tfds:"):], data_dir)
+  else:
+    raise DataError(
+        f"unknown dataset spec {spec!r}; valid forms are 'digits', 'npz:PATH' "
+        "and 'tfds:NAME[:TRAIN_SPLIT[:TEST_SPLIT]]'")
+  if num_classes is not None and num_classes != ds.num_classes:
+    raise DataError(f"--num-classes {num_classes} differs from the "
+                    f"{ds.num_classes} classes of {spec} "
+                    f"({ds.num_classes_source})")
+  return ds
 
 
 def _images(x: Any, what: str) -> np.ndarray:
@@ -309,10 +328,11 @@ def _load_digits() -> Dataset:
   is_test = np.zeros(len(y), dtype=bool)
   is_test[np.concatenate(test)] = True
   return from_arrays(x[~is_test], y[~is_test], x[is_test], y[is_test],
-                     name="digits", num_classes=10)
+                     name="digits", num_classes=10,
+                     num_classes_source="fixed by the dataset (10 digits)")
 
 
-def _load_npz(path: str) -> Dataset:
+def _load_npz(path: str, num_classes: int | None = None) -> Dataset:
   """Arrays x_train, y_train, x_test, y_test from a .npz file."""
   if not path:
     raise DataError("npz spec needs a path: 'npz:PATH'")
@@ -331,7 +351,10 @@ def _load_npz(path: str) -> Dataset:
     raise
   except (OSError, ValueError) as e:
     raise DataError(f"cannot read {path} as an .npz of plain arrays: {e}") from e
-  return from_arrays(*arrays, name=f"npz:{path}")
+  return from_arrays(*arrays, name=f"npz:{path}", num_classes=num_classes,
+                     num_classes_source=(
+                         "declared by the user (--num-classes)"
+                         if num_classes is not None else None))
 
 
 def _split_fields(text: str) -> list[str]:
@@ -381,7 +404,10 @@ def _load_tfds(rest: str, data_dir: str | None) -> Dataset:
   x_train, y_train = _read_all(train, f"{name} {train_split}")
   x_test, y_test = _read_all(test, f"{name} {test_split}")
   return from_arrays(x_train, y_train, x_test, y_test, name=name,
-                     num_classes=num_classes)
+                     num_classes=num_classes,
+                     num_classes_source=(
+                         "the TFDS label feature (ClassLabel)"
+                         if num_classes is not None else None))
 
 
 def _read_all(source: Sequence[Any], what: str) -> tuple[np.ndarray, np.ndarray]:

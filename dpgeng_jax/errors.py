@@ -26,3 +26,9 @@ def require_int(value, what: str, minimum: int) -> None:
   if (not isinstance(value, numbers.Integral) or isinstance(value, bool)
       or value < minimum):
     raise ConfigError(f"{what} must be an integer >= {minimum}, got {value}")
+
+
+class PrivacyAbort(RuntimeError):
+  """A run aborted on a rare event whose probability is accounted in delta
+  (a Poisson batch above its padded capacity, a class above its released
+  upper bound). Nothing is released; re-running is safe."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -44,7 +45,9 @@ class ExpertConfig:
 def dp_finetune(params: Any, model: ConvNet, x: np.ndarray, y: np.ndarray,
                 *, cfg: ExpertConfig, noise_multiplier: float,
                 secret: jax.Array, progress=None, mesh=None,
-                microbatch: int = 0) -> Any:
+                microbatch: int = 0, num_rows: int | None = None,
+                expected_size: float | None = None,
+                log_tail: float | None = None) -> Any:
   """DP-SGD fine-tuning of `params` on private (x, y).
 
   Reads the private data only through Poisson batches, clipped gradient
@@ -54,21 +57,36 @@ def dp_finetune(params: Any, model: ConvNet, x: np.ndarray, y: np.ndarray,
   process passes the same full (x, y) and keeps its `process_rows`.
   microbatch bounds the per-example gradients held at once. Raises
   SamplingOverflowError instead of truncating a batch.
+
+  The private rows are padded to `num_rows` (a PUBLIC bound on N, e.g.
+  counts.ClassSizes.total_bound) and passed to the compiled step as
+  arguments (never captured as constants); updates are divided by the
+  public `q * expected_size` (e.g. ClassSizes.total_estimate). Both
+  default to len(x), for callers to whom N is public. log_tail sets the
+  overflow probability per step (default mechanisms.OVERFLOW_TAIL).
   """
   n = len(x)
+  num_rows = n if num_rows is None else int(num_rows)
+  if num_rows < n:
+    raise ValueError(f"num_rows={num_rows} is below the {n} examples")
+  expected = cfg.sampling_rate * (n if expected_size is None
+                                  else expected_size)
+  log_tail = math.log(mechanisms.OVERFLOW_TAIL) if log_tail is None else (
+      log_tail)
   opt = optax.sgd(cfg.learning_rate, momentum=cfg.momentum)
   grad_sum = clipping.microbatched(
       pergrad.make_grad_sum_fn(model, clip_norm=cfg.clip_norm), microbatch)
-  expected = cfg.sampling_rate * n
   if mesh is None or (parallel.num_shards(mesh) == 1
                       and jax.process_count() == 1):
-    step = _local_step(grad_sum, cfg, noise_multiplier, x, y)
+    step, rows = private_step(grad_sum, cfg, noise_multiplier, x, y,
+                              num_rows, log_tail)
   else:
-    step = _sharded_step(grad_sum, cfg, noise_multiplier, x, y, mesh)
+    step, rows = _sharded_step(grad_sum, cfg, noise_multiplier, x, y, mesh,
+                               num_rows, log_tail)
 
   opt_state = opt.init(params)
   for t in range(cfg.steps):
-    g, over = step(params, jax.random.fold_in(secret, t))
+    g, over = step(params, *rows, jax.random.fold_in(secret, t))
     mechanisms.check_overflow(over)
     updates, opt_state = opt.update(
         jax.tree.map(lambda a: a / expected, g), opt_state, params)
@@ -78,38 +96,48 @@ def dp_finetune(params: Any, model: ConvNet, x: np.ndarray, y: np.ndarray,
   return params
 
 
-def _local_step(grad_sum, cfg, noise_multiplier, x, y):
-  """key -> (noisy clipped gradient sum, overflow) on one device."""
-  n = len(x)
-  capacity = mechanisms.poisson_capacity([n], cfg.sampling_rate)
+def private_step(grad_sum, cfg: ExpertConfig, noise_multiplier: float,
+                 x: np.ndarray, y: np.ndarray, num_rows: int,
+                 log_tail: float):
+  """One device: (jitted step(params, x, y, valid, key) -> (noisy clipped
+  gradient sum, overflow), the padded private rows (x, y, valid))."""
+  capacity = mechanisms.poisson_capacity([num_rows], cfg.sampling_rate,
+                                         log_tail=log_tail)
   stddev = noise_multiplier * cfg.clip_norm if noise_multiplier else 0.0
-  xd, yd = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.int32)
+  pad = num_rows - len(x)
+  rows = (jnp.asarray(np.concatenate([
+      np.asarray(x, np.float32),
+      np.zeros((pad, *np.shape(x)[1:]), np.float32)])),
+          jnp.asarray(np.concatenate([np.asarray(y, np.int32),
+                                      np.zeros(pad, np.int32)])),
+          jnp.asarray(np.concatenate([np.ones(len(x), np.float32),
+                                      np.zeros(pad, np.float32)])))
 
   @jax.jit
-  def step(p, key):
+  def step(p, xd, yd, valid, key):
     k_sample, k_noise = jax.random.split(key)
-    idx, mask, over = mechanisms.poisson_batch_indices(
-        k_sample, n, cfg.sampling_rate, capacity)
-    g = grad_sum(p, (xd[idx], yd[idx]), mask)
-    noise = mechanisms.tree_gaussian_noise(k_noise, g, stddev)
-    return jax.tree.map(jnp.add, g, noise), over
+    idx, mask, over = mechanisms.poisson_sample(
+        k_sample, valid[None], cfg.sampling_rate, capacity)
+    g = grad_sum(p, (xd[idx[0]], yd[idx[0]]), mask[0])
+    return mechanisms.tree_add_gaussian_noise(k_noise, g, stddev), over
 
-  return step
+  return step, rows
 
 
-def _sharded_step(grad_sum, cfg, noise_multiplier, x, y, mesh):
+def _sharded_step(grad_sum, cfg, noise_multiplier, x, y, mesh, num_rows,
+                  log_tail):
   """The same on a mesh: this process's rows, padded to a public size."""
   shards = parallel.num_shards(mesh)
   capacity = mechanisms.poisson_capacity(
-      [parallel.rows_per_device(len(x))], cfg.sampling_rate,
-      mechanisms.OVERFLOW_TAIL / shards)
-  xs, ys, vs = parallel.local_rows(mesh, np.asarray(x, np.float32),
-                                   np.asarray(y, np.int32))
+      [parallel.rows_per_device(num_rows, mesh)], cfg.sampling_rate,
+      log_tail=log_tail - math.log(shards))
+  rows = parallel.local_rows(mesh, np.asarray(x, np.float32),
+                             np.asarray(y, np.int32), num_rows=num_rows)
   stddev = noise_multiplier * cfg.clip_norm if noise_multiplier else 0.0
   sharded = jax.jit(functools.partial(
       parallel.sharded_dp_sgd_grad, grad_sum, sampling_rate=cfg.sampling_rate,
       capacity=capacity, noise_stddev=stddev, mesh=mesh))
-  return lambda p, key: sharded(p, xs, ys, vs, key)
+  return sharded, rows
 
 
 def reference_distributions(params: Any, model: ConvNet, x_gen_cm: jax.Array,

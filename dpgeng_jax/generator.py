@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dpgeng_jax import mechanisms
+from dpgeng_jax import noise
 from dpgeng_jax.clipping import class_sums
 
 
@@ -90,8 +90,8 @@ def release_class_features(feature_map: FeatureMap, x: jax.Array,
   else:
     from dpgeng_jax import parallel  # parallel imports mechanisms
     sums = parallel.sharded_sum(sums_of, mesh)(feature_map, x, y, mask)
-  return sums + mechanisms.gaussian_noise(
-      noise_key, sums.shape, noise_multiplier * GENERATOR_SENSITIVITY)
+  return noise.add_gaussian_noise(
+      noise_key, sums, noise_multiplier * GENERATOR_SENSITIVITY)
 
 
 def class_means_from_release(release: jax.Array, min_count: float = 1.0):

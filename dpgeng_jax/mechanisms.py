@@ -2,24 +2,29 @@
 the M_F feature-matching query (ALGORITHM.md).
 
 Privacy-relevant invariants, each tested in tests/test_mechanisms.py:
-* Sampling and noise keys come from `secret_key()` (OS entropy) unless the
-  caller asks for the deterministic test mode; they are never returned to
-  the caller or written anywhere by this library.
+* Sampling and noise keys come from `secret_key()` (128 bits of OS entropy,
+  noise.py) unless the caller asks for the deterministic test mode; they
+  are never returned to the caller or written anywhere by this library.
 * Poisson sampling includes each private example independently with
-  probability p. Batches are padded to a fixed per-class capacity so that
-  each query compiles once; the capacity is chosen so that overflow has
-  probability <= `OVERFLOW_TAIL` per class and query, and an overflow raises
+  probability p' <= p (`noise.bernoulli`: p' = floor(p 2^32) / 2^32).
+  Batches are padded to a fixed per-class capacity so that each query
+  compiles once; the capacity is chosen so that overflow has probability
+  <= tau per class and query (tau from the run's delta, see
+  accounting.failure_log_tail), and an overflow raises
   `SamplingOverflowError` instead of dropping examples.
 * Noise N(0, (sigma * C)^2) is added once to the (K, d) clipped class sums,
-  whose L2 sensitivity is C (see clipping.py). Sums are released; callers
-  normalise by public constants only.
+  whose L2 sensitivity is C (see clipping.py), with the atom-free sampler
+  (noise.add_gaussian_noise: float64 draw, float64 sum, one rounding).
+  Sums are released; callers normalise by public constants only.
+* Private arrays are arguments of the compiled programs, never constants
+  captured by a closure (a persistent compilation cache or an XLA dump
+  would otherwise write them to disk).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -28,38 +33,22 @@ import numpy as np
 import optax
 from scipy import stats
 
-from dpgeng_jax import augment
+from dpgeng_jax import augment, noise
 from dpgeng_jax.clipping import clipped_class_sums, clipped_grad_sum
+from dpgeng_jax.errors import PrivacyAbort
+from dpgeng_jax.noise import (add_gaussian_noise, deterministic_secret_key,
+                              gaussian_noise, secret_key,
+                              tree_add_gaussian_noise)
 
-# Per class and per batch, the probability that a Poisson batch exceeds the
-# padded capacity. An overflow raises (it is never silently truncated); that
-# abort adds `overflow_delta` to delta, which the report states. At 1e-25 it
-# is negligible (< 1e-17 at epsilon 10 with 1000 batches) while the capacity
-# grows only by about 15 % over a 1e-12 tail.
+# Default per-class, per-batch overflow probability of a Poisson batch when
+# the caller gives none (library use). A run derives its tail from its delta
+# (accounting.failure_log_tail); an overflow raises, it never truncates.
 OVERFLOW_TAIL = 1e-25
 
 
-class SamplingOverflowError(RuntimeError):
-  """A Poisson batch exceeded its padded capacity (probability <= 1e-25)."""
-
-
-def secret_key() -> jax.Array:
-  """A PRNG key seeded from the operating system's entropy (64 bits).
-
-  Used for Poisson sampling and Gaussian noise. It does not depend on any
-  user seed, so publishing the seed reveals nothing about the noise.
-  """
-  words = np.frombuffer(os.urandom(8), dtype=np.uint32)
-  return jax.random.wrap_key_data(jnp.asarray(words), impl="threefry2x32")
-
-
-def deterministic_secret_key(seed: int) -> jax.Array:
-  """Test mode only: a 'secret' key derived from a public seed.
-
-  A run that uses it is NOT private (anyone with the seed can subtract the
-  noise); the privacy report must say so.
-  """
-  return jax.random.fold_in(jax.random.key(seed), 0x5EC7E7)
+class SamplingOverflowError(PrivacyAbort):
+  """A Poisson batch exceeded its padded capacity (an event of accounted,
+  negligible probability)."""
 
 
 # ---------------------------------------------------------------------------
@@ -73,11 +62,20 @@ class ClassMajorData(NamedTuple):
   valid: jax.Array
 
 
-def class_major(x: np.ndarray, y: np.ndarray, num_classes: int
-                ) -> ClassMajorData:
-  """Groups (N, ...) examples into a padded (K, n_max, ...) layout."""
+def class_major(x: np.ndarray, y: np.ndarray, num_classes: int,
+                rows: int | None = None) -> ClassMajorData:
+  """Groups (N, ...) examples into a padded (K, rows, ...) layout.
+
+  rows: the padded length of every class, a PUBLIC bound on the class
+  sizes (ClassSizes.bound.max()), so that no shape depends on the private
+  counts; default (library use) the largest class. A class larger than
+  `rows` is an error (the run checks its bounds first, ClassSizes.check).
+  """
   counts = np.bincount(y, minlength=num_classes)
-  n_max = int(counts.max())
+  n_max = int(counts.max()) if rows is None else int(rows)
+  if counts.max() > n_max:
+    raise ValueError(f"a class has {counts.max()} examples, above the "
+                     f"padded length {n_max}")
   xs = np.zeros((num_classes, n_max, *x.shape[1:]), dtype=x.dtype)
   valid = np.zeros((num_classes, n_max), dtype=np.float32)
   for c in range(num_classes):  # host-side data layout, once per run
@@ -88,17 +86,21 @@ def class_major(x: np.ndarray, y: np.ndarray, num_classes: int
 
 
 def poisson_capacity(class_counts, sampling_rate: float,
-                     tail: float = OVERFLOW_TAIL) -> int:
+                     tail: float = OVERFLOW_TAIL, *,
+                     log_tail: float | None = None) -> int:
   """Smallest per-class capacity m with P(Binomial(N_c, p) > m) <= tail for
-  every class c (never more than the largest class)."""
+  every class c (never more than the largest class). class_counts are
+  PUBLIC upper bounds of the class sizes (the tail bound holds for every
+  smaller class too); log_tail, if given, replaces log(tail)."""
   class_counts = np.asarray(class_counts)
   if sampling_rate >= 1.0:
     return int(class_counts.max())
+  log_tail = math.log(tail) if log_tail is None else log_tail
   # logsf stays accurate far below 1e-16, where binom.isf breaks down.
   caps = []
-  for n in class_counts:
+  for n in np.unique(class_counts):
     log_sf = stats.binom.logsf(np.arange(n + 1), n, sampling_rate)
-    caps.append(int(np.argmax(log_sf <= math.log(tail))))  # sf(n) = 0
+    caps.append(int(np.argmax(log_sf <= log_tail)))  # sf(n) = 0
   return int(min(max(caps), class_counts.max()))
 
 
@@ -109,9 +111,13 @@ def overflow_delta(batches: int, epsilon: float,
   The run equals the never-aborting mechanism except on the abort event,
   of probability <= batches * tail on either neighbour, so an
   (epsilon, delta)-DP guarantee of the latter gives (epsilon, delta +
-  (1 + e^epsilon) * batches * tail) for the run.
+  (1 + e^epsilon) * batches * tail) for the run (in logs: no overflow of
+  e^epsilon).
   """
-  return (1.0 + math.exp(epsilon)) * batches * tail
+  if batches == 0 or tail == 0:
+    return 0.0
+  return float(math.exp(np.logaddexp(0.0, epsilon) + math.log(batches)
+                        + math.log(tail)))
 
 
 def poisson_sample(key: jax.Array, valid: jax.Array, sampling_rate: float,
@@ -125,7 +131,7 @@ def poisson_sample(key: jax.Array, valid: jax.Array, sampling_rate: float,
     (idx (K, capacity) int32, mask (K, capacity) float32,
      overflow bool scalar: some class had more than `capacity` examples).
   """
-  take = jax.random.bernoulli(key, sampling_rate, valid.shape) & (valid > 0)
+  take = noise.bernoulli(key, sampling_rate, valid.shape) & (valid > 0)
 
   def pack(row):
     (idx,) = jnp.nonzero(row, size=capacity, fill_value=0)
@@ -135,11 +141,6 @@ def poisson_sample(key: jax.Array, valid: jax.Array, sampling_rate: float,
 
   idx, mask, over = jax.vmap(pack)(take)
   return idx, mask, jnp.any(over)
-
-
-def gaussian_noise(key: jax.Array, shape, stddev) -> jax.Array:
-  """float32 Gaussian noise with standard deviation `stddev`."""
-  return stddev * jax.random.normal(key, shape, jnp.float32)
 
 
 # ---------------------------------------------------------------------------
@@ -194,7 +195,7 @@ def noisy_class_sums(spec: QuerySpec, params: Any, x: jax.Array,
   sums = clipped_class_sums(spec.embed_fn, params, x, y, mask,
                             num_classes=spec.num_classes,
                             clip_norm=spec.clip_norm, chunk_size=chunk_size)
-  return sums + gaussian_noise(noise_key, sums.shape, spec.noise_stddev)
+  return add_gaussian_noise(noise_key, sums, spec.noise_stddev)
 
 
 def noisy_targets(spec: QuerySpec, data: ClassMajorData, params: Any,
@@ -218,8 +219,7 @@ def noisy_targets(spec: QuerySpec, data: ClassMajorData, params: Any,
   k_sample, k_noise = jax.random.split(secret)
   sums, overflow = sampled_class_sums(spec, data, params, aug_params,
                                       k_sample, chunk_size)
-  return sums + gaussian_noise(k_noise, sums.shape,
-                               spec.noise_stddev), overflow
+  return add_gaussian_noise(k_noise, sums, spec.noise_stddev), overflow
 
 
 def sampled_class_sums(spec: QuerySpec, data: ClassMajorData, params: Any,
@@ -246,20 +246,12 @@ def check_overflow(overflow) -> None:
   if bool(overflow):
     raise SamplingOverflowError(
         "a Poisson batch exceeded its padded capacity (an event of "
-        f"probability <= {OVERFLOW_TAIL:g} per class and query); the "
-        "release was discarded, nothing was truncated. Re-run.")
+        "negligible probability, accounted in delta); the release was "
+        "discarded, nothing was truncated. Re-run.")
 
 
 # ---------------------------------------------------------------------------
 # M_E: DP-SGD.
-
-
-def tree_gaussian_noise(key: jax.Array, tree: Any, stddev: float) -> Any:
-  """Independent N(0, stddev^2) noise for every leaf of a pytree."""
-  leaves, treedef = jax.tree.flatten(tree)
-  keys = jax.random.split(key, len(leaves))
-  return jax.tree.unflatten(treedef, [
-      gaussian_noise(k, leaf.shape, stddev) for k, leaf in zip(keys, leaves)])
 
 
 def poisson_batch_indices(key: jax.Array, num_examples: int,
@@ -294,9 +286,9 @@ def make_dp_sgd_step(loss_fn: Callable[..., jax.Array] | None, optimizer, *,
                                                    clip_norm=clip_norm)
 
   def step(params, opt_state, batch, mask, noise_key):
-    g = grad_sum_fn(params, batch, mask)
-    noise = tree_gaussian_noise(noise_key, g, stddev)
-    g = jax.tree.map(lambda a, n: (a + n) / expected_batch_size, g, noise)
+    g = tree_add_gaussian_noise(noise_key, grad_sum_fn(params, batch, mask),
+                                stddev)
+    g = jax.tree.map(lambda a: a / expected_batch_size, g)
     updates, opt_state = optimizer.update(g, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, g
 

@@ -389,7 +389,13 @@ def validate(cfg: Config, shadows: int, ds: data_lib.Dataset | None = None,
       raise ConfigError(
           f"a random half of the training split misses class "
           f"{int(np.argmin(counts))}; the dataset is too small for MIA")
-    pipeline.validate_config(_as_distill(cfg), int(mask.sum()), counts)
+    # The attack's own set-up (not a release): exact member counts.
+    if cfg.delta >= 1.0 / int(mask.sum()):
+      raise ConfigError(f"delta must be < 1/N = {1.0 / int(mask.sum()):.3g}"
+                        f" for the {int(mask.sum())} members of a run")
+    if cfg.method in ("dm", "random_real") and cfg.ipc > counts.min():
+      raise ConfigError(f"ipc {cfg.ipc} exceeds the smallest class of a "
+                        f"member set ({int(counts.min())} examples)")
 
 
 def run(cfg: Config, *, shadows: int = DEFAULT_SHADOWS, seed: int = 0,

@@ -83,6 +83,16 @@ def num_shards(mesh: Mesh) -> int:
   return int(mesh.shape[DATA])
 
 
+def local_shards(mesh: Mesh | None) -> int:
+  """Devices of `mesh` that belong to this process (1 without a mesh):
+  the layouts and per-device capacities follow the mesh actually used,
+  which may hold fewer devices than the process has (--devices)."""
+  if mesh is None:
+    return 1
+  return sum(d.process_index == jax.process_index()
+             for d in mesh.devices.reshape(-1))
+
+
 def round_up(n: int, multiple: int) -> int:
   return -(-int(n) // multiple) * multiple
 
@@ -250,8 +260,8 @@ def sharded_noisy_targets(spec: mechanisms.QuerySpec,
       local, mesh=mesh,
       in_specs=(P(), P(None, DATA), P(None, DATA), P(), P()),
       out_specs=(P(), P()))(params, data.x, data.valid, aug_params, k_sample)
-  return sums + mechanisms.gaussian_noise(k_noise, sums.shape,
-                                          spec.noise_stddev), overflow
+  return mechanisms.add_gaussian_noise(k_noise, sums,
+                                       spec.noise_stddev), overflow
 
 
 def sharded_dp_sgd_grad(grad_sum_fn: Callable[..., Any], params: Any,
@@ -280,8 +290,8 @@ def sharded_dp_sgd_grad(grad_sum_fn: Callable[..., Any], params: Any,
   g, overflow = jax.shard_map(
       local, mesh=mesh, in_specs=(P(), P(DATA), P(DATA), P(DATA), P()),
       out_specs=(P(), P()))(params, x, y, valid, k_sample)
-  noise = mechanisms.tree_gaussian_noise(k_noise, g, noise_stddev)
-  return jax.tree.map(jnp.add, g, noise), overflow
+  return mechanisms.tree_add_gaussian_noise(k_noise, g,
+                                            noise_stddev), overflow
 
 
 # ---------------------------------------------------------------------------
@@ -348,13 +358,18 @@ def process_rows_by_class(y: np.ndarray, num_classes: int) -> np.ndarray:
                                  for c in range(num_classes)]))
 
 
-def local_rows(mesh: Mesh, *arrays: np.ndarray):
+def local_rows(mesh: Mesh, *arrays: np.ndarray, num_rows: int | None = None):
   """This process's `process_rows` of each (N, ...) array, padded to the
-  public length local devices x rows_per_device(N) and split over the
-  mesh; returns the global arrays and a valid mask (0 on padding)."""
+  public length (mesh devices of this process) x rows_per_device(num_rows)
+  and split over the mesh; returns the global arrays and a valid mask (0
+  on padding). num_rows is a PUBLIC bound on N (default N itself, for
+  callers to whom N is public)."""
   n = len(arrays[0])
+  num_rows = n if num_rows is None else int(num_rows)
   rows = process_rows(n)
-  pad = jax.local_device_count() * rows_per_device(n) - len(rows)
+  pad = local_shards(mesh) * rows_per_device(num_rows, mesh) - len(rows)
+  if pad < 0:
+    raise ValueError(f"{n} rows exceed the bound num_rows={num_rows}")
 
   def padded(a):
     a = np.asarray(a)[rows]
@@ -365,13 +380,16 @@ def local_rows(mesh: Mesh, *arrays: np.ndarray):
   return tuple(global_rows(mesh, a) for a in (*map(padded, arrays), valid))
 
 
-def rows_per_device(class_size: int) -> int:
-  """A public bound on the examples of one class that one device holds
-  when rows are split by `process_rows_by_class` and then
+def rows_per_device(class_size: int, mesh: Mesh | None = None) -> int:
+  """A public bound on the examples of one class that one device of `mesh`
+  holds when rows are split by `process_rows_by_class` and then
   `sharded_class_major` (or on all rows, for the flat layouts of the
-  generator and the expert split by `process_rows`, with class_size N)."""
+  generator and the expert split by `process_rows`, with class_size N).
+  class_size is itself a public bound; without a mesh, every local device
+  is assumed to take part."""
   per_process = -(-int(class_size) // jax.process_count())
-  return max(1, -(-per_process // jax.local_device_count()))
+  devices = jax.local_device_count() if mesh is None else local_shards(mesh)
+  return max(1, -(-per_process // devices))
 
 
 def global_rows(mesh: Mesh, local: np.ndarray, axis: int = 0) -> jax.Array:

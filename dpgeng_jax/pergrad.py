@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import optax
 
 from dpgeng_jax import winograd
-from dpgeng_jax.clipping import clip_scale, row_norms
+from dpgeng_jax.clipping import clip_scale, row_norms, weighted_sum
 from dpgeng_jax.models import ConvNet, _check_norm, instance_norm
 
 _EPS = 1e-5  # models.ConvNet's GroupNorm epsilon
@@ -233,15 +233,14 @@ def convnet_clipped_grad_sum(model: ConvNet, params: Any, x: jax.Array,
     else:
       scale = clip_scale(row_norms(norms)[:, 0], clip_norm)
     w = jnp.where(fin & ok_c, scale, 0.0)
-    acc = tuple(s + jnp.tensordot(w, _clean(k, fin), axes=(0, 0))
+    acc = tuple(s + weighted_sum(w, _clean(k, fin))
                 for s, k in zip(acc, kernels))
     return acc, w
 
   kernel_sums, w = jax.lax.scan(body, init, xs)
   w = w.reshape(-1)[:n]
-  out = jax.tree.map(
-      lambda a: jnp.tensordot(w, _clean(a, finite_small), axes=(0, 0)),
-      small)
+  out = jax.tree.map(lambda a: weighted_sum(w, _clean(a, finite_small)),
+                     small)
   for i in range(model.depth):
     out[f"conv{i}"]["kernel"] = kernel_sums[i]
   return out

@@ -24,6 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dpgeng_jax import accounting, clipping, data as data_lib, distill
+from dpgeng_jax import counts as counts_lib
 from dpgeng_jax import evaluate
 from dpgeng_jax import extractors, generator, mechanisms, models, parallel
 from dpgeng_jax import expert as expert_lib
@@ -69,35 +70,28 @@ class RunResult:
 # Validation (before anything is computed or written).
 
 
-def validate_config(cfg: Config, num_train: int | None = None,
-                    class_counts=None) -> None:
-  """Raises ConfigError naming the first invalid value."""
+def validate_config(cfg: Config) -> None:
+  """Raises ConfigError naming the first invalid value (reads no data)."""
   if cfg.method not in METHODS:
     raise ConfigError(f"unknown method {cfg.method!r}; expected one of "
                       f"{METHODS}")
-  if not (isinstance(cfg.epsilon, (int, float)) and cfg.epsilon > 0
-          and math.isfinite(cfg.epsilon)):
-    raise ConfigError(f"epsilon must be a finite number > 0, got "
-                      f"{cfg.epsilon}")
-  if not 0 < cfg.delta < 1:
-    raise ConfigError(f"delta must be in (0, 1), got {cfg.delta}")
-  if num_train is not None and cfg.delta >= 1.0 / num_train:
-    raise ConfigError(
-        f"delta must be < 1/N = {1.0 / num_train:.3g} for N = {num_train} "
-        f"training examples, got {cfg.delta} (a larger delta allows "
-        "releasing an example outright)")
+  try:
+    accounting.validate_target(cfg.epsilon, cfg.delta)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
   if cfg.ipc < 1:
     raise ConfigError(f"ipc must be >= 1, got {cfg.ipc}")
-  if class_counts is not None and cfg.method == "dm" and (
-      cfg.ipc > int(np.min(class_counts))):
-    raise ConfigError(f"ipc {cfg.ipc} exceeds the smallest class "
-                      f"({int(np.min(class_counts))} examples), needed for "
-                      "real-image initialisation")
   if not 0 < cfg.sampling_rate <= 1:
     raise ConfigError(f"sampling_rate must be in (0, 1], got "
                       f"{cfg.sampling_rate}")
-  if not cfg.clip_norm > 0:
-    raise ConfigError(f"clip_norm must be > 0, got {cfg.clip_norm}")
+  private = cfg.method != "dm"
+  for name in ("clip_norm", "expert_clip_norm"):
+    value = getattr(cfg, name)
+    if not value > 0 or (private and not math.isfinite(value)):
+      raise ConfigError(
+          f"{name} must be a finite number > 0, got {value} (an infinite "
+          "clip norm has unbounded sensitivity: no noise can make it "
+          "private)")
   for name in ("num_queries", "steps", "extractor_width", "eval_models",
                "eval_epochs", "eval_width"):
     if getattr(cfg, name) < 1:
@@ -115,14 +109,17 @@ def validate_config(cfg: Config, num_train: int | None = None,
   if not 0 < cfg.expert_sampling_rate <= 1:
     raise ConfigError(f"expert_sampling_rate must be in (0, 1], got "
                       f"{cfg.expert_sampling_rate}")
-  if not cfg.expert_clip_norm > 0:
-    raise ConfigError("expert_clip_norm must be > 0")
-  if not (cfg.share_generator > 0 and cfg.share_features > 0
-          and cfg.share_expert > 0):
-    raise ConfigError("budget shares must be > 0")
-  if cfg.generated_epsilon < 0 or cfg.generated_mu < 0 or (
-      cfg.generated_noise_multiplier < 0):
-    raise ConfigError("declared guarantees of generated data must be >= 0")
+  for name in ("share_generator", "share_features", "share_expert",
+               "share_counts"):
+    value = getattr(cfg, name)
+    if not (value > 0 and math.isfinite(value)):
+      raise ConfigError(f"budget shares must be finite and > 0, got "
+                        f"{name} = {value}")
+  declared = (cfg.generated_epsilon, cfg.generated_delta, cfg.generated_mu,
+              cfg.generated_noise_multiplier)
+  if any(not (v >= 0 and math.isfinite(v)) for v in declared):
+    raise ConfigError("declared guarantees of generated data must be "
+                      "finite and >= 0")
   if cfg.generated_epsilon > 0 and not 0 <= cfg.generated_delta < cfg.delta:
     raise ConfigError(f"generated_delta must be in [0, delta = {cfg.delta})"
                       f", got {cfg.generated_delta}")
@@ -130,6 +127,9 @@ def validate_config(cfg: Config, num_train: int | None = None,
     raise ConfigError("generated_sampling_rate must be in (0, 1]")
   if cfg.depth < 0:
     raise ConfigError(f"depth must be >= 0 (0 = automatic), got {cfg.depth}")
+  if cfg.num_classes < 0 or cfg.num_classes == 1:
+    raise ConfigError(f"num_classes must be 0 (from the dataset) or >= 2, "
+                      f"got {cfg.num_classes}")
   if cfg.devices < 0 or cfg.microbatch < 0:
     raise ConfigError(f"devices and microbatch must be >= 0, got "
                       f"{cfg.devices} and {cfg.microbatch}")
@@ -138,6 +138,17 @@ def validate_config(cfg: Config, num_train: int | None = None,
                       f"{jax.device_count()} device(s)")
   if cfg.devices not in (0, jax.device_count()) and jax.process_count() > 1:
     raise ConfigError("a multi-process run uses every device (devices=0)")
+
+
+def _check_delta(cfg: Config, sizes: counts_lib.ClassSizes) -> None:
+  """delta < 1/N, with N from the public class sizes (the released
+  estimate by default)."""
+  n = sizes.total_estimate
+  if cfg.delta >= 1.0 / n:
+    raise ConfigError(
+        f"delta must be < 1/N = {1.0 / n:.3g} for N ~ {n:.0f} training "
+        f"examples ({sizes.policy} class sizes), got {cfg.delta} (a larger "
+        "delta allows releasing an example outright)")
 
 
 def check_output_dir(out: str, overwrite: bool) -> None:
@@ -169,6 +180,12 @@ class Plan:
   external: tuple[float, float] | None  # declared (eps, delta) of external G
   fixed: tuple  # accounting.Mechanism of external G with declared noise
   external_declared: bool
+  count_release: bool  # the class sizes are released (M_N)
+
+  @property
+  def reads_private(self) -> bool:
+    """Whether any mechanism of this run reads the private training set."""
+    return self.builtin_generator or self.feature_matching or self.expert
 
 
 def resolve(cfg: Config, image_shape=None) -> Plan:
@@ -204,19 +221,56 @@ def resolve(cfg: Config, image_shape=None) -> Plan:
           "external_generator", cfg.generated_noise_multiplier,
           cfg.generated_sampling_rate, cfg.generated_steps),)
       declared = True
+  feature_matching = cfg.method != "generator"
+  reads = builtin or feature_matching or expert
   return Plan(init=init, extractors=ext, factor=factor,
               depth=cfg.depth or (models.default_depth(size) if size else 0),
               uses_generated=uses_generated, builtin_generator=builtin,
-              feature_matching=cfg.method != "generator", expert=expert,
-              external=external,
-              fixed=fixed, external_declared=declared)
+              feature_matching=feature_matching, expert=expert,
+              external=external, fixed=fixed, external_declared=declared,
+              count_release=(reads and cfg.method != "dm"
+                             and not cfg.public_class_sizes))
+
+
+def abort_events(cfg: Config, plan: Plan, num_classes: int) -> int:
+  """The run's abort events (each of probability <= tau): a class above
+  its released bound (K classes and the total), a Poisson batch above its
+  capacity (K classes x Q queries at p < 1; T_E expert steps at q_E < 1).
+  Public: a function of the configuration and K."""
+  if cfg.method == "dm":
+    return 0
+  events = num_classes + 1 if plan.count_release else 0
+  if plan.feature_matching and cfg.sampling_rate < 1:
+    events += cfg.num_queries * num_classes
+  if plan.expert and cfg.expert_sampling_rate < 1:
+    events += cfg.expert_steps
+  return events
+
+
+def delta_split(cfg: Config, plan: Plan) -> accounting.DeltaSplit:
+  """How the run spends its delta (reads no data): a reserve for abort
+  events whenever it has any (their count does not change the split, only
+  the per-event tail)."""
+  reserve = cfg.method != "dm" and (
+      plan.count_release
+      or (plan.feature_matching and cfg.sampling_rate < 1)
+      or (plan.expert and cfg.expert_sampling_rate < 1))
+  return accounting.DeltaSplit(cfg.delta,
+                               plan.external[1] if plan.external else 0.0,
+                               reserve=reserve)
 
 
 def _mechanisms(cfg: Config, plan: Plan) -> list[accounting.Mechanism]:
-  """The run's private mechanisms with calibrated noise (reads no data)."""
+  """The run's private mechanisms with calibrated noise (reads no data);
+  checks every declared external guarantee against the target."""
   mechs, shares = [], []
+  if plan.count_release:
+    mechs.append(accounting.Mechanism("class_counts", 0.0, 1.0, 1,
+                                      sensitivity="1"))
+    shares.append(cfg.share_counts)
   if plan.builtin_generator:
-    mechs.append(accounting.Mechanism("generator", 0.0, 1.0, 1))
+    mechs.append(accounting.Mechanism("generator", 0.0, 1.0, 1,
+                                      sensitivity="1"))
     shares.append(cfg.share_generator)
   if plan.feature_matching:
     mechs.append(accounting.Mechanism("feature_matching", 0.0,
@@ -229,21 +283,52 @@ def _mechanisms(cfg: Config, plan: Plan) -> list[accounting.Mechanism]:
     shares.append(cfg.share_expert)
   if cfg.method == "dm":
     return mechs
-  if not mechs:  # only external generated data
-    return list(plan.fixed)
-  eps, delta = cfg.epsilon, cfg.delta
+  split = delta_split(cfg, plan)
+  eps, delta = cfg.epsilon, split.mechanisms
   if plan.external:
-    eps, delta = eps - plan.external[0], delta - plan.external[1]
+    eps = eps - plan.external[0]
     if eps <= 0 or delta <= 0:
       raise ConfigError(
           f"the declared guarantee of the generated data ({plan.external}) "
           f"leaves no budget of the target ({cfg.epsilon}, {cfg.delta})")
+  if not mechs:  # only external generated data
+    if plan.fixed:
+      got = accounting.epsilon_of(accounting.composed_event(plan.fixed),
+                                  delta, accounting.pld_interval(eps))
+      if got > eps:
+        raise ConfigError(
+            f"the declared guarantee of the generated data alone is "
+            f"epsilon {got:.4g} at delta {delta:g}, above the target "
+            f"epsilon {cfg.epsilon}")
+    return list(plan.fixed)
   try:
     cal = accounting.calibrate(mechs, eps, delta, shares=shares,
                                fixed=plan.fixed)
   except ValueError as e:
     raise ConfigError(str(e)) from e
   return [*plan.fixed, *cal]
+
+
+def nonprivate_reasons(cfg: Config, plan: Plan) -> list[str]:
+  """Why a run's outputs are NOT differentially private (empty: they are).
+  Anything non-private that touches an output makes the run non-private."""
+  reasons = []
+  if cfg.method == "dm":
+    reasons.append("method dm: no clipping, no noise, initialised from "
+                   "real images")
+  elif plan.init == "real":
+    reasons.append("initialised from real training images (--init real)")
+  if cfg.deterministic:
+    reasons.append("deterministic test mode: the noise and sampling keys "
+                   "derive from the public --seed")
+  if plan.uses_generated and not plan.builtin_generator and (
+      not plan.external_declared):
+    reasons.append("external generated data came with no declared "
+                   "guarantee")
+  if cfg.references and not cfg.no_eval:
+    reasons.append("--references: metrics.json holds models trained on "
+                   "real training images")
+  return reasons
 
 
 def plan_budget(cfg: Config) -> dict:
@@ -256,48 +341,99 @@ def plan_budget(cfg: Config) -> dict:
   mechs = _mechanisms(cfg, plan)
   return accounting.privacy_report(
       mechs, target_epsilon=cfg.epsilon, delta=cfg.delta,
-      private=cfg.private, public_metadata=["computed without any data"],
-      external=plan.external)
+      private=not nonprivate_reasons(cfg, plan),
+      public_metadata=["computed without any data"],
+      external=plan.external, split=delta_split(cfg, plan),
+      nonprivate_reasons=nonprivate_reasons(cfg, plan))
 
 
-def _public_metadata(ds: data_lib.Dataset) -> list[str]:
-  return [
-      f"number of classes K = {ds.num_classes}",
+def _public_metadata(ds: data_lib.Dataset,
+                     sizes: counts_lib.ClassSizes | None) -> list[str]:
+  out = [
+      f"number of classes K = {ds.num_classes} ({ds.num_classes_source})",
       f"image shape {tuple(ds.image_shape)}",
-      f"training set size N = {ds.num_train} (checks delta < 1/N)",
-      "class sizes N_c = " + ", ".join(str(int(c)) for c in ds.class_counts)
-      + " (used for the public expected batch sizes p * N_c and the padded "
-      "Poisson capacity)",
+  ]
+  if sizes is None:
+    out.append("class sizes: not used (no mechanism of this run reads the "
+               "private training set)")
+  elif sizes.policy == "released":
+    out.append(
+        "class sizes: NOT public; released once with Gaussian noise "
+        "(mechanism class_counts, L2 sensitivity 1); every later use "
+        "(normalisation p * n~_c, padded layouts and Poisson capacities "
+        "from upper confidence bounds, the expert's q * N~, the delta < 1/N "
+        "check) reads only that release (class_sizes)")
+  elif sizes.policy == "declared public":
+    out.append(
+        "class sizes N_c = " + ", ".join(str(int(c)) for c in sizes.bound)
+        + f" (N = {sizes.total_bound}) DECLARED PUBLIC by the user "
+        "(--public-class-sizes): used exactly for normalisation, layouts "
+        "and capacities")
+  else:
+    out.append("class sizes: exact (the run is not private)")
+  out += [
       f"normalisation constants: {ds.normalisation_source}",
       "all hyperparameters in config.json",
+      "the test split is not protected: metrics.json and the expert's test "
+      "accuracy are non-private functions of it, for information",
   ]
+  return out
 
 
 def _by_name(mechs, name):
   return next((m for m in mechs if m.name == name), None)
 
 
+def _class_sizes(cfg: Config, plan: Plan, ds: data_lib.Dataset, mechs,
+                 secret: jax.Array, log_tail: float | None
+                 ) -> counts_lib.ClassSizes | None:
+  """The class sizes the run may use: M_N's release (default), the exact
+  sizes when declared public or the run is not private, None when no
+  mechanism reads the private data."""
+  if cfg.method == "dm":
+    return counts_lib.exact_sizes(ds.y_train, ds.num_classes)
+  if not plan.reads_private:
+    return None
+  if not plan.count_release:
+    return counts_lib.public_sizes(ds.y_train, ds.num_classes)
+  mech = _by_name(mechs, "class_counts")
+  noisy = counts_lib.release_class_counts(
+      secret, ds.y_train, num_classes=ds.num_classes,
+      noise_multiplier=mech.noise_multiplier)
+  sizes = counts_lib.released_sizes(np.asarray(noisy), mech.noise_multiplier,
+                                    log_tail)
+  sizes.check(ds.y_train)
+  return sizes
+
+
 def run(cfg: Config, dataset: data_lib.Dataset | None = None,
         log: Callable[[str], Any] | None = print) -> RunResult:
   """Runs the configured method.
 
-  Private data is read only by the mechanisms: the built-in generator's
-  release (M_G), the feature-matching queries (M_F) and the expert's
-  DP-SGD (M_E).
+  Private data is read only by the mechanisms: the class-count release
+  (M_N), the built-in generator's release (M_G), the feature-matching
+  queries (M_F) and the expert's DP-SGD (M_E). Every later use of the
+  class sizes reads M_N's release (or sizes the user declared public).
   """
   log = log or (lambda s: None)
   quiet = cfg.quiet
   validate_config(cfg)
-  ds = dataset or data_lib.load_dataset(cfg.dataset,
-                                        data_dir=cfg.data_dir or None)
-  validate_config(cfg, ds.num_train, ds.class_counts)
+  ds = dataset or data_lib.load_dataset(
+      cfg.dataset, data_dir=cfg.data_dir or None,
+      num_classes=cfg.num_classes or None)
+  if cfg.num_classes and dataset is not None and (
+      ds.num_classes != cfg.num_classes):
+    raise ConfigError(f"num_classes={cfg.num_classes} but the dataset has "
+                      f"{ds.num_classes} classes")
   timings = {}
   t0 = time.time()
   k, image_shape = ds.num_classes, tuple(ds.image_shape)
   plan = resolve(cfg, image_shape)
   depth, f = plan.depth, plan.factor
   m_stored = cfg.ipc  # stored images per class; f*f*ipc after decoding
-  if plan.init == "real" and m_stored * f * f > int(np.min(ds.class_counts)):
+  if (cfg.method == "dm" or plan.init == "real") and (
+      m_stored * f * f > int(np.min(ds.class_counts))):
+    # Only in runs that are not private (real images are released).
     raise ConfigError(
         f"real-image initialisation needs ipc * factor^2 = "
         f"{m_stored * f * f} images of every class; the smallest class has "
@@ -332,13 +468,24 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
   # Non-private training (extractor pool, evaluation) on this process's
   # devices of the mesh.
   train_mesh = parallel.local_mesh(mesh)
-  s_gen, s_query, s_expert = jax.random.split(secret, 3)
+  s_counts, s_gen, s_query, s_expert = jax.random.split(secret, 4)
 
   # 1. Accounting (no data read).
   mechs = _mechanisms(cfg, plan)
+  split = delta_split(cfg, plan)
+  events = abort_events(cfg, plan, k)
+  log_tail = split.log_tail(cfg.epsilon, events) if events else None
   nonprivate = cfg.method == "dm"
   clip_norm = math.inf if nonprivate else cfg.clip_norm
   timings["calibration_s"] = time.time() - t0
+
+  # 1b. The class sizes (M_N), before any other private release.
+  t1 = time.time()
+  sizes = _class_sizes(cfg, plan, ds, mechs, s_counts, log_tail)
+  del s_counts
+  if sizes is not None:
+    _check_delta(cfg, sizes)
+  timings["class_sizes_s"] = time.time() - t1
   x_train = ds.normalize(ds.x_train)
   x_test = ds.normalize(ds.x_test)
 
@@ -351,7 +498,8 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
     t1 = time.time()
     if plan.builtin_generator:
       x_gen, y_gen = _builtin_generate(cfg, ds, x_train, k_gen, s_gen,
-                                       _by_name(mechs, "generator"), mesh)
+                                       _by_name(mechs, "generator"), mesh,
+                                       sizes)
     x_gen_n = ds.normalize(x_gen)
     gen_cm = jnp.asarray(_equal_class_major(x_gen_n, y_gen, k))
     timings["generation_s"] = time.time() - t1
@@ -388,11 +536,11 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
         embed_fn=plan_q.embed_fn, num_classes=k, clip_norm=clip_norm,
         noise_multiplier=fm.noise_multiplier,
         sampling_rate=cfg.sampling_rate,
-        capacity=mechanisms.poisson_capacity(ds.class_counts,
-                                             cfg.sampling_rate),
+        capacity=mechanisms.poisson_capacity(sizes.bound, cfg.sampling_rate,
+                                             log_tail=_tail(log_tail)),
         strategy=cfg.strategy)
-    targets = _answer_queries(cfg, spec, plan_q, k_query, x_train, ds,
-                              s_query, mesh)
+    targets, spec = _answer_queries(cfg, spec, plan_q, k_query, x_train, ds,
+                                    s_query, mesh, sizes, log_tail)
     timings["queries_s"] = time.time() - t1
   del s_query
 
@@ -408,7 +556,8 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
           trained, extractor_model, x_train, ds.y_train,
           cfg=_expert_config(cfg), noise_multiplier=mech_e.noise_multiplier,
           secret=s_expert, progress=bar.update, mesh=mesh,
-          microbatch=cfg.microbatch)
+          microbatch=cfg.microbatch, num_rows=sizes.total_bound,
+          expected_size=sizes.total_estimate, log_tail=_tail(log_tail))
     expert_info = {
         "test_accuracy_pretrained_on_generated": expert_lib.accuracy(
             trained, extractor_model, x_test, ds.y_test),
@@ -446,7 +595,8 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
     step = distill.make_step(plan_q, opt, clip_norm=clip_norm,
                              decode=lambda s: init_lib.decode(s, f),
                              extra_loss=extra_loss)
-    counts = _expected_counts(cfg, ds)
+    counts = jnp.asarray(sizes.expected_counts(cfg.sampling_rate),
+                         jnp.float32)
     losses = []
     for _ in tqdm(range(cfg.steps), desc="distillation", disable=quiet):
       state, loss = step(state, targets, counts, k_query)
@@ -460,6 +610,7 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
   timings["distillation_s"] = time.time() - t2
 
   # 6. Evaluation on the real test split.
+  reasons = nonprivate_reasons(cfg, plan)
   metrics = None
   if not cfg.no_eval:
     t3 = time.time()
@@ -481,50 +632,44 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
     timings["evaluation_s"] = time.time() - t3
     if expert_info is not None:
       metrics["expert"] = expert_info
-    metrics.update(method=cfg.method, private=cfg.private,
+    metrics.update(method=cfg.method,
                    first_loss=float(losses[0]) if len(losses) else None,
                    last_loss=float(losses[-1]) if len(losses) else None)
   timings["total_s"] = time.time() - t0
 
-  private = (cfg.private and plan.init != "real"
-             and (not plan.uses_generated or plan.builtin_generator
-                  or plan.external_declared))
   notes = [
       "Noise and sampling randomness came from "
       + ("the public seed (deterministic TEST mode): this run is NOT private"
          if cfg.deterministic else
-         "the operating system's entropy and was never saved"),
-      "Targets are sums normalised by the public expected counts p * N_c",
+         "128 bits of the operating system's entropy and was never saved")
+      + "; Gaussian noise from the atom-free float64 sampler "
+      "(dpgeng_jax/noise.py), added to float64 sums and rounded once",
   ]
-  if spec is not None or plan.expert:
-    draws = ((cfg.num_queries * k if spec is not None else 0)
-             + (cfg.expert_steps if plan.expert else 0))
-    notes.append(
-        "Poisson batches are padded to a fixed capacity"
-        + (f" ({spec.capacity} examples per class for the queries)"
-           if spec is not None else "")
-        + f"; overflow (probability <= {mechanisms.OVERFLOW_TAIL:g} per "
-        f"class and batch, {draws} such draws) aborts the run instead of "
-        "truncating, which adds at most (1 + e^epsilon) * draws * tail = "
-        f"{mechanisms.overflow_delta(draws, cfg.epsilon):.1e} to delta")
+  if sizes is not None and plan.feature_matching:
+    notes.append("Targets are sums normalised by the public expected counts "
+                 f"p * n~_c ({sizes.policy} class sizes)")
+  abort = None
+  if events:
+    abort = {"events": events, "probability_per_event": math.exp(log_tail),
+             "what": "a class above its released upper bound (K + 1 bounds)"
+             " and a Poisson batch above its padded capacity (per class and"
+             " query, per expert step); each aborts the run before anything"
+             " is released",
+             "delta_added": accounting.failure_delta(cfg.epsilon, events,
+                                                     log_tail)}
+    if spec is not None:
+      abort["query_capacity_per_class"] = spec.capacity
   if plan.builtin_generator:
-    notes.append("built-in generator: class counts are released inside the "
-                 "same noisy vector (constant coordinate), not assumed public")
-  if plan.uses_generated and not plan.builtin_generator and (
-      not plan.external_declared):
-    notes.insert(0, "external generated data came with no declared "
-                 "guarantee: this run is NOT private")
-  if plan.init == "real" and not nonprivate:
-    notes.insert(0, "initialised from real training images: NOT private")
-  if nonprivate:
-    notes.insert(0, "method dm is NOT private: no clipping, no noise, "
-                 "initialised from real images")
+    notes.append("built-in generator: its normalising class counts are read "
+                 "from the same noisy release (constant coordinate)")
   privacy = accounting.privacy_report(
       mechs, target_epsilon=cfg.epsilon, delta=cfg.delta,
-      private=private, public_metadata=_public_metadata(ds),
-      notes=notes, external=plan.external)
+      private=not reasons, public_metadata=_public_metadata(ds, sizes),
+      notes=notes, external=plan.external, split=split, abort_events=abort,
+      nonprivate_reasons=reasons)
   privacy["method"] = cfg.method
   privacy["clip_norm"] = None if nonprivate else cfg.clip_norm
+  privacy["class_sizes"] = None if sizes is None else sizes.report()
   if metrics is not None:
     metrics["timings_s"] = timings
     metrics["private"] = privacy["private"]
@@ -539,6 +684,12 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
                    x_init=_denormalize(ds, x_init))
 
 
+def _tail(log_tail: float | None) -> float:
+  """The log tail of the run's abort events (the library default for runs
+  that have none, such as dm)."""
+  return math.log(mechanisms.OVERFLOW_TAIL) if log_tail is None else log_tail
+
+
 def _equal_class_major(x, y, k):
   """(K, m, ...) with the first m images of every class, m the smallest
   class count (public data: generated images)."""
@@ -546,10 +697,6 @@ def _equal_class_major(x, y, k):
   m = min(int(np.sum(y == c)) for c in range(k))
   return np.stack([np.asarray(x)[np.flatnonzero(y == c)[:m]]
                    for c in range(k)])
-
-
-def _expected_counts(cfg: Config, ds) -> jax.Array:
-  return jnp.asarray(cfg.sampling_rate * ds.class_counts, jnp.float32)
 
 
 def _expert_config(cfg: Config) -> expert_lib.ExpertConfig:
@@ -566,12 +713,12 @@ def _eval_config(cfg: Config, depth: int) -> evaluate.EvalConfig:
                              conv_impl=cfg.conv_impl)
 
 
-def _builtin_generate(cfg, ds, x_train, k_gen, secret, mech, mesh):
+def _builtin_generate(cfg, ds, x_train, k_gen, secret, mech, mesh, sizes):
   """M_G: one noisy release of class feature sums, then post-processing."""
   k_map, k_fit, k_sample = jax.random.split(k_gen, 3)
   fmap = generator.FeatureMap.create(
       k_map, int(np.prod(ds.image_shape)), cfg.generator_features)
-  rows = _private_rows(mesh, x_train, ds.y_train)
+  rows = _private_rows(mesh, x_train, ds.y_train, sizes.total_bound)
   release = jax.jit(functools.partial(
       generator.release_class_features, num_classes=ds.num_classes,
       noise_multiplier=mech.noise_multiplier, mesh=mesh))(
@@ -588,36 +735,43 @@ def _builtin_generate(cfg, ds, x_train, k_gen, secret, mech, mesh):
                           gcfg.latent_dim)
 
 
-def _private_rows(mesh, x, y):
-  """(x, y, mask) as arrays: on a mesh, this process's `process_rows`
-  padded to a public length and split over the devices."""
+def _private_rows(mesh, x, y, num_rows: int):
+  """(x, y, mask) padded to the public `num_rows` (mask 0 on padding): on
+  a mesh, this process's `process_rows`, split over the devices."""
   if mesh is None:
-    return jnp.asarray(x), jnp.asarray(y), jnp.ones(len(x))
-  return parallel.local_rows(mesh, x, y)
+    pad = num_rows - len(x)
+    return (jnp.asarray(np.concatenate(
+        [x, np.zeros((pad, *x.shape[1:]), x.dtype)])),
+            jnp.asarray(np.concatenate([y, np.zeros(pad, y.dtype)])),
+            jnp.asarray(np.r_[np.ones(len(x)), np.zeros(pad)], jnp.float32))
+  return parallel.local_rows(mesh, x, y, num_rows=num_rows)
 
 
-def _answer_queries(cfg, spec, plan_q, k_query, x_train, ds, secret, mesh):
-  """M_F: the Q noisy class sums, computed once."""
+def _answer_queries(cfg, spec, plan_q, k_query, x_train, ds, secret, mesh,
+                    sizes, log_tail):
+  """M_F: the Q noisy class sums, computed once. The private table is
+  padded to the public class bound; returns (targets, the spec used)."""
   k = ds.num_classes
   query_chunk = cfg.microbatch or clipping.default_query_chunk()
+  bound = int(np.max(sizes.bound))
   if mesh is None:
-    private_data = mechanisms.class_major(x_train, ds.y_train, k)
+    private_data = mechanisms.class_major(x_train, ds.y_train, k, rows=bound)
     answer = functools.partial(mechanisms.noisy_targets, spec,
                                chunk_size=query_chunk)
   else:
     # This process's rows, in a layout whose size follows from the
-    # public class sizes; the capacity is per device.
+    # public class bound; the capacity is per device of the mesh.
     rows = parallel.process_rows_by_class(ds.y_train, k)
-    per_device = parallel.rows_per_device(int(np.max(ds.class_counts)))
+    per_device = parallel.rows_per_device(bound, mesh)
     local = parallel.sharded_class_major(
-        x_train[rows], ds.y_train[rows], k, jax.local_device_count(),
+        x_train[rows], ds.y_train[rows], k, parallel.local_shards(mesh),
         rows_per_shard=per_device, as_numpy=True)
     private_data = mechanisms.ClassMajorData(
         parallel.global_rows(mesh, local.x, 1),
         parallel.global_rows(mesh, local.valid, 1))
     spec = dataclasses.replace(spec, capacity=mechanisms.poisson_capacity(
         [per_device], spec.sampling_rate,
-        mechanisms.OVERFLOW_TAIL / parallel.num_shards(mesh)))
+        log_tail=_tail(log_tail) - math.log(parallel.num_shards(mesh))))
     answer = functools.partial(parallel.sharded_noisy_targets, spec,
                                mesh=mesh, chunk_size=query_chunk)
 
@@ -632,7 +786,7 @@ def _answer_queries(cfg, spec, plan_q, k_query, x_train, ds, secret, mesh):
     sums, overflow = query(private_data, jax.random.fold_in(secret, q), q)
     mechanisms.check_overflow(overflow)
     targets.append(sums)
-  return jnp.stack(targets)
+  return jnp.stack(targets), spec
 
 
 def _evaluate(key, x, y, x_test, y_test, k, ecfg, quiet, desc, mesh):

@@ -23,6 +23,10 @@ def _run(argv, capsys=None):
   return cli.main(["distill", "--method", "ndpdc", *argv])
 
 
+def _mechanism(priv, name):
+  return next(m for m in priv["mechanisms"] if m["name"] == name)
+
+
 def _npz(path, **over):
   rng = np.random.default_rng(0)
   arrays = dict(
@@ -59,8 +63,8 @@ def test_deterministic_run_writes_all_outputs_and_says_not_private(tmp_path):
   assert priv["private"] is False
   assert any("NOT private" in n for n in priv["notes"])
   assert 0.98 * 5 <= priv["epsilon_pld"] <= 5
-  assert priv["mechanisms"][0]["steps"] == 2
-  assert priv["mechanisms"][0]["sampling_rate"] == 0.5
+  fm = _mechanism(priv, "feature_matching")
+  assert fm["steps"] == 2 and fm["sampling_rate"] == 0.5
   assert priv["epsilon_rdp"] is not None and priv["epsilon_gdp_clt"]
   metrics = json.loads((out / "metrics.json").read_text())
   assert metrics["num_eval_models"] == 2
@@ -197,15 +201,16 @@ def test_dpgeng_with_builtin_generator_and_factor_two(tmp_path):
                "--deterministic", "--epsilon", "4", *GEN_TINY, *TINY]) == 0
   priv = json.loads((out / "privacy.json").read_text())
   names = [m["name"] for m in priv["mechanisms"]]
-  assert names == ["generator", "feature_matching", "expert"]
+  assert names == ["class_counts", "generator", "feature_matching", "expert"]
   assert 0.98 * 4 <= priv["epsilon_pld"] <= 4
-  expert = priv["mechanisms"][2]
+  expert = _mechanism(priv, "expert")
   assert expert["steps"] == 3
   assert expert["sampling_rate"] == Config().expert_sampling_rate
   metrics = json.loads((out / "metrics.json").read_text())
   assert set(metrics["expert"]) >= {"test_accuracy_pretrained_on_generated",
                                     "test_accuracy_after_dp_finetuning"}
-  assert any("class counts are released" in n for n in priv["notes"])
+  assert any("class counts are read from the same noisy release" in n
+             for n in priv["notes"])
   d = np.load(out / "distilled.npz")
   assert int(d["factor"]) == 2
   assert d["x"].shape == (20, 8, 8, 1)          # stored: IPC 2 per class
@@ -221,8 +226,8 @@ def test_no_expert_ablation_drops_the_expert_mechanism(tmp_path):
   assert _run(["--out", str(out), "--method", "dpgeng", "--no-expert",
                "--no-eval", "--deterministic", *GEN_TINY, *TINY]) == 0
   priv = json.loads((out / "privacy.json").read_text())
-  assert [m["name"] for m in priv["mechanisms"]] == ["generator",
-                                                     "feature_matching"]
+  assert [m["name"] for m in priv["mechanisms"]] == [
+      "class_counts", "generator", "feature_matching"]
 
 
 def test_generator_only_baseline_spends_budget_on_generation_only(tmp_path):
@@ -230,7 +235,8 @@ def test_generator_only_baseline_spends_budget_on_generation_only(tmp_path):
   assert _run(["--out", str(out), "--method", "generator",
                "--deterministic", *GEN_TINY, *TINY]) == 0
   priv = json.loads((out / "privacy.json").read_text())
-  assert [m["name"] for m in priv["mechanisms"]] == ["generator"]
+  assert [m["name"] for m in priv["mechanisms"]] == ["class_counts",
+                                                     "generator"]
   assert np.load(out / "distilled.npz")["x"].shape == (20, 8, 8, 1)
 
 
@@ -253,6 +259,8 @@ def test_external_generated_data_without_guarantee_is_not_private(tmp_path):
   priv = json.loads((out / "privacy.json").read_text())
   assert priv["private"] is False
   assert "no declared guarantee" in priv["notes"][0]
+  assert any("no declared guarantee" in r
+             for r in priv["not_private_because"])
 
 
 @pytest.mark.parametrize("declared", [
@@ -273,7 +281,7 @@ def test_external_generated_guarantee_is_composed_into_the_budget(
     assert priv["external_generated_data"] == {"epsilon": 0.5,
                                                "delta": 1e-6}
   else:
-    assert priv["mechanisms"][0]["name"] == "external_generator"
+    assert _mechanism(priv, "external_generator")
 
 
 def test_external_guarantee_larger_than_target_is_refused(tmp_path, capsys):

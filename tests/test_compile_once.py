@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpgeng_jax import distill, expert, extractors, mechanisms, models
+from dpgeng_jax import counts, distill, expert, extractors, mechanisms, models
 from dpgeng_jax import pergrad, pipeline
 from dpgeng_jax.config import Config
 from dpgeng_jax.data import load_dataset
@@ -52,8 +52,9 @@ def test_queries_are_traced_once_for_all_queries(monkeypatch):
       noise_multiplier=1.0, sampling_rate=0.5,
       capacity=mechanisms.poisson_capacity(ds.class_counts, 0.5),
       strategy=cfg.strategy)
-  targets = pipeline._answer_queries(cfg, spec, plan_q, jax.random.key(0),
-                                     ds.normalize(ds.x_train), ds,
-                                     jax.random.key(1), None)
+  sizes = counts.public_sizes(ds.y_train, ds.num_classes)
+  targets, _ = pipeline._answer_queries(
+      cfg, spec, plan_q, jax.random.key(0), ds.normalize(ds.x_train), ds,
+      jax.random.key(1), None, sizes, None)
   assert len(traces) == 1
   assert targets.shape[0] == 3 and bool(jnp.all(jnp.isfinite(targets)))

@@ -1,0 +1,159 @@
+"""Class sizes as public metadata: the count release M_N and its bounds.
+
+Under add-or-remove-one adjacency the class sizes N_c (and N) change with
+one example, so they are not public unless the user says they are. The
+default policy releases them once,
+
+    n~ = (N_1, ..., N_K) + N(0, sigma_N^2 I),     L2 sensitivity 1,
+
+as its own GaussianDpEvent in the run's composition, and every later use
+reads only `ClassSizes` built from that release:
+
+* normalisation constants and expected batch sizes: p * max(n~_c, 1);
+* padded layouts and Poisson capacities: the upper confidence bound
+  U_c = ceil(n~_c + z sigma_N) with P(N(0, 1) > z) = tau; a class above
+  its bound aborts the run (`check`), an event of probability <= tau per
+  class, whose cost joins delta (accounting.failure_log_tail);
+* the delta < 1/N check and the report: sum of n~_c.
+
+`--public-class-sizes` declares the exact sizes public knowledge (a
+published benchmark split): then `public_sizes` holds them, nothing is
+released, and the report says the user declared them public. Non-private
+runs (dm) use `exact_sizes`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy import special
+
+from dpgeng_jax import noise
+from dpgeng_jax.errors import PrivacyAbort
+
+COUNT_SENSITIVITY = 1.0  # L2, add/remove one example (one count moves by 1)
+
+
+class CountBoundError(PrivacyAbort):
+  """A class holds more examples than its released upper bound (an event
+  of probability <= tau per class, accounted in delta)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassSizes:
+  """What the run may use about the class sizes.
+
+  Attributes:
+    estimate: (K,) float64: the released noisy counts n~_c, or the exact
+      counts where they are public or the run is not private.
+    bound: (K,) int64: U_c with N_c <= U_c (checked by `check`).
+    policy: "released", "declared public" or "exact (not private)".
+    noise_multiplier: sigma_N of the release (0 if none).
+    log_tail: log tau, the per-class probability that N_c > U_c
+      (-inf if the bound is exact); also that of N > total_upper.
+    total_upper: an upper bound on N from the noisy total (tighter than
+      the sum of the class bounds); None: the sum.
+  """
+  estimate: np.ndarray
+  bound: np.ndarray
+  policy: str
+  noise_multiplier: float = 0.0
+  log_tail: float = -math.inf
+  total_upper: int | None = None
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.estimate)
+
+  @property
+  def total_estimate(self) -> float:
+    """The estimate of N used after the release (at least 1)."""
+    return float(max(1.0, np.sum(self.estimate)))
+
+  @property
+  def total_bound(self) -> int:
+    """A public bound on N (the padded length of flat layouts)."""
+    total = int(np.sum(self.bound))
+    return total if self.total_upper is None else min(total,
+                                                      self.total_upper)
+
+  def expected_counts(self, rate: float) -> np.ndarray:
+    """Public expected Poisson batch sizes rate * max(n~_c, 1), (K,)."""
+    return rate * np.maximum(self.estimate, 1.0)
+
+  def check(self, y: np.ndarray) -> None:
+    """Aborts when a class exceeds its bound (probability <= K tau).
+
+    Reads the exact counts; only the abort itself is observable, and its
+    probability is accounted (accounting.DeltaSplit)."""
+    exact = np.bincount(np.asarray(y), minlength=self.num_classes)
+    if np.any(exact > self.bound) or exact.sum() > self.total_bound:
+      raise CountBoundError(
+          "a class holds more examples than the upper bound derived from "
+          f"the released counts (an event of probability <= "
+          f"{math.exp(self.log_tail):.1e} per class); the run was aborted "
+          "before any other release. Re-run.")
+
+  def report(self) -> dict:
+    """privacy.json's view: released values only (never exact private
+    counts unless declared public or the run is not private)."""
+    out = {"policy": self.policy,
+           "estimate": [float(v) for v in self.estimate],
+           "upper_bound": [int(v) for v in self.bound],
+           "total_estimate": self.total_estimate}
+    if self.policy == "released":
+      out.update(noise_multiplier=self.noise_multiplier,
+                 bound_failure_probability_per_class=math.exp(self.log_tail))
+    return out
+
+
+def release_class_counts(key: jax.Array, y: np.ndarray, *, num_classes: int,
+                         noise_multiplier: float) -> jax.Array:
+  """M_N: exact class counts plus N(0, sigma_N^2) per class, (K,) float32.
+
+  y holds ALL training labels (every process loads them; multi-host runs
+  then keep their own rows for the other mechanisms), so every process
+  computes the same release from the same secret key. The counts are
+  tallied on the host, so no compiled program has the private N in its
+  shapes; the noise is added once with the atom-free sampler.
+  """
+  counts = np.bincount(np.asarray(y), minlength=num_classes)
+  return _noisy(key, jnp.asarray(counts, jnp.float32),
+                float(noise_multiplier * COUNT_SENSITIVITY))
+
+
+_noisy = jax.jit(noise.add_gaussian_noise, static_argnums=2)
+
+
+def released_sizes(noisy_counts, noise_multiplier: float,
+                   log_tail: float) -> ClassSizes:
+  """Post-processing of the count release: estimates and upper bounds.
+
+  U_c = ceil(n~_c + z sigma_N) and, for the total, ceil(sum n~ + z sigma_N
+  sqrt(K)) (the noise of the sum has std sigma_N sqrt(K)), with
+  P(N(0, 1) > z) = tau = exp(log_tail): each bound fails with probability
+  tau, K + 1 abort events in all.
+  """
+  est = np.asarray(noisy_counts, np.float64)
+  z = float(-special.ndtri_exp(log_tail))  # P(N(0, 1) > z) = tau
+  bound = np.maximum(np.ceil(est + z * noise_multiplier), 1).astype(np.int64)
+  total = int(max(1, math.ceil(est.sum() + z * noise_multiplier
+                               * math.sqrt(len(est)))))
+  return ClassSizes(est, bound, "released", float(noise_multiplier),
+                    float(log_tail), total)
+
+
+def public_sizes(y: np.ndarray, num_classes: int,
+                 policy: str = "declared public") -> ClassSizes:
+  """Exact class sizes, for data whose sizes are public knowledge (or a
+  non-private run: policy 'exact (not private)')."""
+  exact = np.bincount(np.asarray(y), minlength=num_classes)
+  return ClassSizes(exact.astype(np.float64), exact.astype(np.int64), policy)
+
+
+def exact_sizes(y: np.ndarray, num_classes: int) -> ClassSizes:
+  return public_sizes(y, num_classes, "exact (not private)")

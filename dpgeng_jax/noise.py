@@ -1,0 +1,202 @@
+"""Secret randomness: 128-bit secret keys and atom-free Gaussian noise.
+
+Why not `jax.random.normal`. In float32 it maps 23 random bits through
+erfinv, so it takes about 2^23 values in [-5.42, 5.22] with point masses at
+the ends and wide gaps between neighbouring values in the tails. A release
+s + z of a sum s whose neighbour is s' = s + Delta then falls, with
+probability of order d * 2^-23 over its d coordinates, on a value that
+s' + z cannot produce: the two datasets are told apart with certainty
+whatever the noise multiplier (Mironov 2012 describes the same failure for
+Laplace noise). That probability (1.6e-4 measured on one generator release)
+is far above the delta the accountant reports.
+
+The sampler here (`standard_normal`, `add_gaussian_noise`):
+
+* draws, per coordinate, six 32-bit words from the (secret) key: one sign
+  bit, a 52-bit mantissa and a 128-bit stream whose leading zeros give a
+  geometric binary exponent, so u = (1 + m) 2^-(e+1) is uniform on (0, 1)
+  with RELATIVE precision 2^-52 everywhere, including its smallest values;
+* computes |z| = -ndtri(u / 2) and the sign in float64 (under
+  `jax.enable_x64` inside the traced function, so it works in jit, vmap and
+  shard_map on CPU and GPU), which makes z an exact N(0, 1) draw up to the
+  float64 evaluation of ndtri (relative error ~1e-15) and the 2^-52
+  resolution of u: neighbouring attainable values of z are ~2^-52 / |z|
+  apart, far below the float32 spacing of any release, out to |z| ~ 13;
+* adds sigma * z to the float64 value of the sum and rounds to float32
+  ONCE. Rounding the exact-Gaussian release is post-processing.
+
+Residual caveat: with probability 2^-128 per coordinate (all 128 exponent
+bits zero) u is capped at 2^-129, i.e. |z| at about 13.4 sigma; the float64
+ndtri and the 2^-52 grid of u deform the law by ~1e-15 relatively. Neither
+is accounted; both are far below any delta the library accepts.
+
+Secret keys (`secret_key`) hold 128 bits of OS entropy: they use the
+`threefry2x32x2` PRNG defined here, two independent Threefry-2x32 streams
+whose bits are XORed, so recovering the noise needs both 64-bit halves.
+Every jax.random function (split, fold_in, bernoulli, bits) accepts them.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import random as jex_random
+
+_HALF = "threefry2x32"
+WORDS_PER_NORMAL = 6  # sign + mantissa (2 words), exponent stream (4 words)
+EXPONENT_BITS = 128
+
+
+# ---------------------------------------------------------------------------
+# 128-bit keys: two Threefry-2x32 streams, XORed.
+
+
+def _halves(key: jax.Array):
+  return (jax.random.wrap_key_data(key[..., :2], impl=_HALF),
+          jax.random.wrap_key_data(key[..., 2:], impl=_HALF))
+
+
+def _join(a: jax.Array, b: jax.Array) -> jax.Array:
+  return jnp.concatenate([jax.random.key_data(a), jax.random.key_data(b)], -1)
+
+
+def _seed(seed: jax.Array) -> jax.Array:
+  a = jax.random.key(seed, impl=_HALF)
+  return _join(a, jax.random.fold_in(a, 0x128B17))
+
+
+def _split(key: jax.Array, shape) -> jax.Array:
+  a, b = _halves(key)
+  return _join(jax.random.split(a, shape), jax.random.split(b, shape))
+
+
+def _fold_in(key: jax.Array, data: jax.Array) -> jax.Array:
+  a, b = _halves(key)
+  return _join(jax.random.fold_in(a, data), jax.random.fold_in(b, data))
+
+
+def _random_bits(key: jax.Array, bit_width: int, shape) -> jax.Array:
+  a, b = _halves(key)
+  dtype = {8: jnp.uint8, 16: jnp.uint16, 32: jnp.uint32,
+           64: jnp.uint64}[bit_width]
+  return jax.random.bits(a, shape, dtype) ^ jax.random.bits(b, shape, dtype)
+
+
+SECRET_IMPL = jex_random.define_prng_impl(
+    key_shape=(4,), seed=_seed, split=_split, random_bits=_random_bits,
+    fold_in=_fold_in, name="threefry2x32x2", tag="tf2x2")
+
+
+def secret_key() -> jax.Array:
+  """A PRNG key holding 128 bits of the operating system's entropy.
+
+  Used for Poisson sampling and Gaussian noise. It does not depend on any
+  user seed, so publishing the seed reveals nothing about the noise.
+  """
+  words = np.frombuffer(os.urandom(16), dtype=np.uint32)
+  return jax.random.wrap_key_data(jnp.asarray(words), impl=SECRET_IMPL)
+
+
+def deterministic_secret_key(seed: int) -> jax.Array:
+  """Test mode only: a 'secret' key derived from a public seed.
+
+  A run that uses it is NOT private (anyone with the seed can subtract the
+  noise); the privacy report must say so.
+  """
+  return jax.random.fold_in(jax.random.key(seed, impl=SECRET_IMPL), 0x5EC7E7)
+
+
+# ---------------------------------------------------------------------------
+# Atom-free standard normals.
+
+
+def _leading_zeros(words: jax.Array) -> jax.Array:
+  """Leading zero bits of the concatenation words[0], words[1], ...
+  (uint32, leading axis), as int32; all-zero gives 32 * len(words)."""
+  total = jnp.zeros(words.shape[1:], jnp.int32)
+  still_zero = jnp.ones(words.shape[1:], bool)
+  for w in words:
+    total = total + jnp.where(still_zero, jax.lax.clz(w).astype(jnp.int32), 0)
+    still_zero = still_zero & (w == 0)
+  return total
+
+
+def standard_normal_from_bits(words: jax.Array) -> jax.Array:
+  """Exact-law N(0, 1) draws from random words, as float64.
+
+  Args:
+    words: uint32 (WORDS_PER_NORMAL, *shape) independent uniform words.
+
+  Returns:
+    float64 (*shape) standard normals (see the module docstring). Call it
+    inside `jax.enable_x64(True)`; `standard_normal` does.
+  """
+  w0, w1, exp_words = words[0], words[1], words[2:]
+  sign = jnp.where((w0 >> 31) == 1, -1.0, 1.0)
+  e = _leading_zeros(exp_words)  # P(e = k) = 2^-(k+1)
+  hi = (w0 & jnp.uint32(0xFFFFF)).astype(jnp.float64)
+  mantissa = (hi * 2.0**32 + w1.astype(jnp.float64) + 0.5) * 2.0**-52
+  # u uniform on [2^-(e+1), 2^-e) given e: uniform on (0, 1) overall.
+  u = jnp.ldexp(1.0 + mantissa, -(e + 2))  # = u / 2, P(|Z| > z) = u
+  return sign * -jax.scipy.special.ndtri(u)
+
+
+def standard_normal(key: jax.Array, shape) -> jax.Array:
+  """float64 N(0, 1) draws of `shape` from `key` (works inside jit, vmap and
+  shard_map; the caller's arrays keep their dtypes)."""
+  words = jax.random.bits(key, (WORDS_PER_NORMAL, *tuple(shape)), jnp.uint32)
+  with jax.enable_x64(True):
+    return standard_normal_from_bits(words)
+
+
+def add_gaussian_noise(key: jax.Array, value: jax.Array,
+                       stddev: float) -> jax.Array:
+  """value + N(0, stddev^2) per coordinate, as float32, rounded once.
+
+  The value (a clipped sum, float32) is widened to float64, the float64
+  normal draw scaled by stddev is added, and the result is rounded to
+  float32 once. stddev = 0 returns the value unchanged (as float32): the
+  non-private path.
+  """
+  value = jnp.asarray(value)
+  if isinstance(stddev, (int, float)) and stddev == 0:
+    return value.astype(jnp.float32)
+  words = jax.random.bits(key, (WORDS_PER_NORMAL, *value.shape), jnp.uint32)
+  with jax.enable_x64(True):
+    z = standard_normal_from_bits(words)
+    out = value.astype(jnp.float64) + jnp.asarray(stddev, jnp.float64) * z
+    return out.astype(jnp.float32)
+
+
+def tree_add_gaussian_noise(key: jax.Array, tree: Any, stddev: float) -> Any:
+  """`add_gaussian_noise` on every leaf of a pytree, independent keys."""
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(key, len(leaves))
+  return jax.tree.unflatten(treedef, [
+      add_gaussian_noise(k, leaf, stddev) for k, leaf in zip(keys, leaves)])
+
+
+def gaussian_noise(key: jax.Array, shape, stddev: float) -> jax.Array:
+  """float32 N(0, stddev^2) noise from the atom-free sampler.
+
+  Prefer `add_gaussian_noise`: adding this float32 noise to a float32 sum
+  rounds twice, which re-introduces a (small) dependence of the rounding
+  pattern on the sum.
+  """
+  return add_gaussian_noise(key, jnp.zeros(tuple(shape), jnp.float32),
+                            stddev)
+
+
+def bernoulli(key: jax.Array, p: float, shape) -> jax.Array:
+  """Independent Bernoulli(p') draws with p' = floor(p 2^32) / 2^32 <= p
+  (p' = 1 for p >= 1): integer comparison of 32-bit words, so the rate is
+  never above the accounted p (jax.random.bernoulli compares a float32
+  uniform on a 2^-23 grid, which can exceed p by up to 2^-23)."""
+  if p >= 1.0:
+    return jnp.ones(tuple(shape), bool)
+  threshold = np.uint32(int(np.floor(float(p) * 2.0**32)))
+  return jax.random.bits(key, tuple(shape), jnp.uint32) < threshold

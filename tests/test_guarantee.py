@@ -1,0 +1,272 @@
+"""The stated (epsilon, delta) holds for a whole run: class sizes are
+released (or declared public), every non-private ingredient marks the run
+"private": false, declared external guarantees are checked against the
+target, the target range is handled or refused, and no private array is a
+constant of a compiled program."""
+
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from dpgeng_jax import cli, counts, pipeline
+from dpgeng_jax.config import Config
+from dpgeng_jax.data import from_arrays
+
+TINY = ["--ipc", "2", "--steps", "3", "--num-queries", "2", "--eval-epochs",
+        "1", "--eval-models", "1", "--extractor-width", "8", "--eval-width",
+        "8", "--quiet"]
+GEN_TINY = ["--generator-steps", "5", "--generator-features", "20",
+            "--generated-per-class", "8", "--pool-models", "1",
+            "--pool-checkpoints", "2", "--pool-epochs", "1",
+            "--expert-steps", "2"]
+# Distinctive class sizes: none of them (nor N) is a hyperparameter value.
+SIZES = (97, 113, 89, 131)
+
+
+def _sized_npz(tmp_path, sizes=SIZES):
+  rng = np.random.default_rng(5)
+  y = np.concatenate([np.full(n, c) for c, n in enumerate(sizes)])
+  rng.shuffle(y)
+  path = tmp_path / "sized.npz"
+  np.savez(path, x_train=rng.integers(0, 256, (len(y), 8, 8), np.uint8),
+           y_train=y, x_test=rng.integers(0, 256, (20, 8, 8), np.uint8),
+           y_test=np.arange(20) % len(sizes))
+  return f"npz:{path}"
+
+
+def _numbers(obj):
+  """Every number in a JSON document."""
+  if isinstance(obj, dict):
+    for v in obj.values():
+      yield from _numbers(v)
+  elif isinstance(obj, list):
+    for v in obj:
+      yield from _numbers(v)
+  elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+    yield obj
+
+
+def _distill(argv):
+  return cli.main(["distill", *argv])
+
+
+def test_no_exact_private_count_appears_in_any_output(tmp_path):
+  out = tmp_path / "run"
+  assert _distill(["--dataset", _sized_npz(tmp_path), "--out", str(out),
+                   "--deterministic", *GEN_TINY, *TINY]) == 0
+  exact = set(SIZES) | {sum(SIZES)}
+  for name in ("privacy.json", "config.json", "metrics.json"):
+    doc = json.loads((out / name).read_text())
+    found = exact & {v for v in _numbers(doc) if float(v).is_integer()}
+    assert not found, (name, found)
+    text = (out / name).read_text()
+    for n in exact:
+      assert f" {n}," not in text and f"= {n}" not in text, (name, n)
+  priv = json.loads((out / "privacy.json").read_text())
+  assert priv["class_sizes"]["policy"] == "released"
+  counts_mech = next(m for m in priv["mechanisms"]
+                     if m["name"] == "class_counts")
+  assert counts_mech["sampling_rate"] == 1.0 and counts_mech["steps"] == 1
+  assert counts_mech["l2_sensitivity"] == "1"
+  assert any("NOT public" in line for line in priv["public_metadata"])
+  assert all(u >= n for u, n in zip(priv["class_sizes"]["upper_bound"],
+                                    SIZES))
+
+
+def test_public_class_sizes_are_used_exactly_and_declared(tmp_path):
+  out = tmp_path / "run"
+  assert _distill(["--dataset", _sized_npz(tmp_path), "--out", str(out),
+                   "--deterministic", "--method", "ndpdc", "--no-eval",
+                   "--public-class-sizes", *TINY]) == 0
+  priv = json.loads((out / "privacy.json").read_text())
+  assert [m["name"] for m in priv["mechanisms"]] == ["feature_matching"]
+  assert priv["class_sizes"]["policy"] == "declared public"
+  assert priv["class_sizes"]["upper_bound"] == list(SIZES)
+  assert any("DECLARED PUBLIC" in line for line in priv["public_metadata"])
+
+
+def test_number_of_classes_source_is_reported(tmp_path):
+  out = tmp_path / "run"
+  assert _distill(["--dataset", _sized_npz(tmp_path), "--out", str(out),
+                   "--method", "ndpdc", "--no-eval", "--num-classes", "4",
+                   *TINY]) == 0
+  priv = json.loads((out / "privacy.json").read_text())
+  assert any("K = 4 (declared by the user" in line
+             for line in priv["public_metadata"])
+  out2 = tmp_path / "inferred"
+  assert _distill(["--dataset", _sized_npz(tmp_path), "--out", str(out2),
+                   "--method", "ndpdc", "--no-eval", *TINY]) == 0
+  priv = json.loads((out2 / "privacy.json").read_text())
+  assert any("K = 4 (inferred from the training labels" in line
+             for line in priv["public_metadata"])
+
+
+def test_count_release_is_sized_counts_plus_gaussian_noise():
+  y = np.repeat(np.arange(3), [40, 7, 19])
+  keys = jax.random.split(jax.random.key(0), 400)
+  from dpgeng_jax import noise
+  keys = [noise.deterministic_secret_key(i) for i in range(400)]
+  rel = np.stack([np.asarray(counts.release_class_counts(
+      k, y, num_classes=3, noise_multiplier=2.5)) for k in keys])
+  resid = (rel - np.array([40, 7, 19])).ravel()
+  assert stats.kstest(resid, "norm", args=(0, 2.5)).pvalue > 1e-3
+
+
+def test_released_bounds_hold_and_a_violation_aborts():
+  noisy = np.array([40.3, 6.1, 19.7])
+  sizes = counts.released_sizes(noisy, 2.5, math.log(1e-12))
+  z = -stats.norm.isf(1e-12) * -1
+  assert np.all(sizes.bound >= noisy + z * 2.5)
+  assert sizes.total_bound <= sizes.bound.sum()
+  np.testing.assert_allclose(sizes.expected_counts(0.5), 0.5 * noisy)
+  sizes.check(np.repeat(np.arange(3), [40, 7, 19]))
+  with pytest.raises(counts.CountBoundError):
+    sizes.check(np.repeat(np.arange(3), [40, sizes.bound[1] + 1, 19]))
+  # A negative or tiny noisy count never becomes a zero normaliser.
+  low = counts.released_sizes(np.array([-3.0, 0.2]), 2.5, math.log(1e-12))
+  assert np.all(low.expected_counts(0.5) >= 0.5)
+
+
+@pytest.mark.parametrize("flags,reason", [
+    (["--references"], "references"),
+    (["--init", "real"], "real training images"),
+    (["--method", "dm"], "method dm"),
+])
+def test_anything_non_private_in_the_outputs_marks_the_run(tmp_path, flags,
+                                                           reason):
+  out = tmp_path / "run"
+  assert _distill(["--method", "ndpdc", "--out", str(out), *TINY,
+                   *flags]) == 0
+  priv = json.loads((out / "privacy.json").read_text())
+  assert priv["private"] is False
+  assert any(reason in r for r in priv["not_private_because"]), priv
+  assert json.loads((out / "metrics.json").read_text())["private"] is False
+
+
+def _gen_npz(tmp_path):
+  rng = np.random.default_rng(1)
+  path = tmp_path / "gen.npz"
+  np.savez(path, x=rng.random((40, 8, 8, 1)).astype(np.float32),
+           y=np.arange(40) % 10)
+  return f"npz:{path}"
+
+
+@pytest.mark.parametrize("declared", [
+    ["--generated-mu", "2"],                   # GDP mu 2: epsilon ~ 10
+    ["--generated-epsilon", "2", "--generated-delta", "1e-6"],
+    ["--generated-noise-multiplier", "0.3"],
+])
+def test_external_guarantee_alone_above_the_target_is_refused(
+    tmp_path, capsys, declared):
+  out = tmp_path / "run"
+  assert _distill(["--method", "generator", "--generator",
+                   _gen_npz(tmp_path), "--epsilon", "1", "--out", str(out),
+                   *declared, *TINY]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("dpgeng: error:") and "target" in err
+  assert not out.exists()
+
+
+def test_external_declared_epsilon_delta_alone_is_reported(tmp_path):
+  out = tmp_path / "run"
+  assert _distill(["--method", "generator", "--generator",
+                   _gen_npz(tmp_path), "--epsilon", "1", "--out", str(out),
+                   "--generated-epsilon", "0.5", "--generated-delta", "1e-6",
+                   *TINY]) == 0
+  priv = json.loads((out / "privacy.json").read_text())
+  assert priv["private"] is True and priv["mechanisms"] == []
+  assert priv["epsilon"] == 0.5 and priv["delta"] == 1e-5
+  assert priv["class_sizes"] is None  # nothing read the private data
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--clip-norm", "inf"], "clip_norm must be a finite number"),
+    (["--clip-norm", "nan"], "clip_norm must be a finite number"),
+    (["--expert-clip-norm", "inf"], "expert_clip_norm must be a finite"),
+    (["--epsilon", "1e6"], "epsilon must be a number in (0, 1000]"),
+    (["--epsilon", "inf"], "epsilon must be a number"),
+    (["--share-counts", "inf"], "budget shares must be finite"),
+])
+def test_unsupported_privacy_settings_are_refused(tmp_path, capsys, flags,
+                                                  message):
+  out = tmp_path / "run"
+  assert _distill(["--out", str(out), *flags, *TINY]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("dpgeng: error:") and message in err, err
+  assert not out.exists()
+
+
+@pytest.mark.parametrize("epsilon,delta", [("1", "1e-16"), ("1", "1e-30"),
+                                           ("100", "1e-5"),
+                                           ("1000", "1e-5")])
+def test_plan_is_right_across_the_range(capsys, epsilon, delta):
+  assert cli.main(["plan", "--epsilon", epsilon, "--delta", delta]) == 0
+  report = pipeline.plan_budget(Config(epsilon=float(epsilon),
+                                       delta=float(delta)))
+  assert 0.995 * float(epsilon) <= report["epsilon"] <= float(epsilon)
+  for m in report["mechanisms"]:
+    assert 0 < m["noise_multiplier"] < 1e3, m
+  # The headline delta holds the abort events' share.
+  assert report["delta"] == float(delta)
+  assert 0 < report["delta_abort_events"] < report["delta"]
+  assert report["delta_mechanisms"] + report["delta_abort_events"] == (
+      pytest.approx(float(delta), rel=1e-12))
+
+
+def test_plan_refuses_an_epsilon_it_cannot_calibrate(capsys):
+  assert cli.main(["plan", "--epsilon", "1e6"]) == 2
+  assert "dpgeng: error: epsilon must be" in capsys.readouterr().err
+
+
+# --- No private array is a compile-time constant (a persistent compilation
+# cache or an XLA dump would write it to disk).
+
+
+def test_private_data_is_never_a_constant_of_a_compiled_program(
+    tmp_path, monkeypatch):
+  from jax.experimental import serialize_executable
+  rng = np.random.default_rng(9)
+  x = rng.random((60, 8, 8, 1)).astype(np.float32)
+  y = (np.arange(60) % 3).astype(np.int32)
+  ds = from_arrays(x, y, x[:6], y[:6], name="marker", num_classes=3)
+  secrets = [ds.normalize(ds.x_train), ds.x_train]
+  markers = [a[i:i + 1].tobytes() for a in secrets for i in (7, 31)]
+  markers.append(y[:32].tobytes())
+  # Serialized executables hold raw bytes; StableHLO text prints dense
+  # constants as hex.
+  markers += [m.hex().upper().encode() for m in markers]
+  blobs, real_jit = [], jax.jit
+
+  def recording_jit(fn=None, **kw):
+    if fn is None:
+      return lambda f: recording_jit(f, **kw)
+    jitted = real_jit(fn, **kw)
+    seen = []
+
+    def call(*a, **k):
+      if not seen:  # the first call of each compiled program
+        seen.append(True)
+        lowered = jitted.lower(*a, **k)
+        blobs.append(lowered.as_text().encode())
+        blobs.append(serialize_executable.serialize(lowered.compile())[0])
+      return jitted(*a, **k)
+
+    return call
+
+  monkeypatch.setattr(jax, "jit", recording_jit)
+  cfg = Config(method="dpgeng", ipc=2, steps=2, num_queries=2,
+               extractor_width=8, eval_width=8, generator_steps=3,
+               generator_features=8, generated_per_class=8, pool_models=1,
+               pool_checkpoints=2, pool_epochs=1, expert_steps=2,
+               no_eval=True, quiet=True)
+  pipeline.run(cfg, dataset=ds)
+  assert len(blobs) > 10
+  for blob in blobs:
+    for marker in markers:
+      assert marker not in blob

@@ -1,0 +1,227 @@
+"""The atom-free Gaussian sampler and the 128-bit secret keys (noise.py).
+
+What broke before: jax.random.normal in float32 takes ~2^23 values in
+[-5.42, 5.22] sigma, so a shifted release lands, with probability ~ d 2^-23,
+where its neighbour's cannot (1.6e-4 measured on one generator release).
+These tests check the law of the new sampler (KS, tail frequencies, the
+conditional far tail through its bits), its resolution, that a float32
+sampler fails the same checks, and that every release uses it.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import special, stats
+
+from dpgeng_jax import counts, generator, mechanisms, noise, parallel
+
+KEY = noise.deterministic_secret_key(11)
+
+
+def _draws(n, stddev=1.0, key=KEY):
+  f = jax.jit(noise.add_gaussian_noise, static_argnums=2)
+  return np.asarray(f(key, jnp.zeros(n, jnp.float32), stddev), np.float64)
+
+
+@pytest.fixture(scope="module")
+def ten_million():
+  return _draws(10_000_000)
+
+
+def test_ks_accepts_sigma_and_rejects_two_thirds_and_three_halves():
+  z = _draws(200_000, stddev=3.0)
+  assert stats.kstest(z, "norm", args=(0, 3.0)).pvalue > 1e-3
+  for factor in (2 / 3, 3 / 2):
+    assert stats.kstest(z, "norm", args=(0, 3.0 * factor)).pvalue < 1e-6
+
+
+def test_tail_frequencies_match_the_normal(ten_million):
+  z = np.abs(ten_million)
+  n = len(z)
+  for t in (2.0, 3.0, 4.0, 4.5, 5.0):
+    p = 2 * stats.norm.sf(t)
+    got = np.sum(z > t)
+    assert abs(got - n * p) < 5 * np.sqrt(n * p) + 1, (t, got, n * p)
+
+
+def _numpy_normal_from_bits(words):
+  """An independent float64 reimplementation of the bits -> z map."""
+  w = words.astype(np.uint64)
+  sign = np.where((w[0] >> 31) == 1, -1.0, 1.0)
+  e = np.zeros(w.shape[1:], np.int64)
+  still = np.ones(w.shape[1:], bool)
+  for word in w[2:]:
+    lz = np.where(word == 0, 32, 31 - np.floor(np.log2(np.maximum(word, 1))))
+    e += np.where(still, lz.astype(np.int64), 0)
+    still &= word == 0
+  m = ((w[0] & 0xFFFFF).astype(np.float64) * 2.0**32 + w[1] + 0.5) * 2.0**-52
+  return sign * -special.ndtri(np.ldexp(1.0 + m, -(e + 2)))
+
+
+def test_bits_to_normal_map_equals_an_independent_float64_computation():
+  words = np.array(jax.random.bits(jax.random.key(0), (6, 100_000),
+                                     jnp.uint32))
+  words[2:, :1000] = 0  # exercise the exponent stream deep into the tail
+  words[3, :500] = np.arange(1, 501)
+  with jax.enable_x64(True):
+    got = np.asarray(noise.standard_normal_from_bits(jnp.asarray(words)))
+  want = _numpy_normal_from_bits(words)
+  np.testing.assert_allclose(got, want, rtol=1e-12, atol=0)
+  assert np.abs(got[:500]).min() > 8.4  # u < 2^-55
+  assert np.abs(got[500:1000]).min() > 13.0  # u < 2^-129: the cap
+
+
+def _conditional_tail_words(exponent_zeros: int, n: int, seed: int):
+  """Random words with the first `exponent_zeros` words of the exponent
+  stream forced to zero: u < 2^-(32 k), i.e. |Z| beyond Phi^-1."""
+  words = np.array(jax.random.bits(jax.random.key(seed), (6, n),
+                                     jnp.uint32))
+  words[2:2 + exponent_zeros] = 0
+  return words
+
+
+def _fast_normal(words):
+  """The broken variant: a float32 sampler of jax.random.normal's kind
+  (23-bit uniform through the inverse CDF in float32)."""
+  u = ((words[0] >> 9).astype(np.float32) + 0.5) * np.float32(2.0**-23)
+  return special.ndtri(u.astype(np.float32)).astype(np.float32)
+
+
+@pytest.mark.parametrize("zeros", [1, 2])
+def test_far_tail_has_the_normal_conditional_law(zeros):
+  # Given u < 2^-32k, |Z| has P(|Z| > t | |Z| > t0) = sf(t) / sf(t0).
+  words = _conditional_tail_words(zeros, 50_000, seed=zeros)
+  with jax.enable_x64(True):
+    z = np.abs(np.asarray(noise.standard_normal_from_bits(
+        jnp.asarray(words))))
+  t0 = -special.ndtri(2.0**(-32 * zeros) / 2)
+  assert z.min() > t0
+  cdf = lambda t: 1 - stats.norm.sf(t) / stats.norm.sf(t0)
+  assert stats.kstest(z, cdf).pvalue > 1e-3
+  # The float32 sampler cannot produce the tail at all.
+  broken = np.abs(_fast_normal(words))
+  assert broken.max() < 5.5 < t0
+
+
+def test_attainable_values_are_far_denser_than_float32_releases():
+  # Mantissas 2^12 apart (of 2^52) give |z| values ~2^-40 / |z| apart out
+  # to |z| ~ 13 (neighbouring ones coincide in float64), far below the
+  # float32 spacing of any release (2^-24 relative); the float32 sampler's
+  # last two values are 0.2 sigma apart.
+  for e_words in ([1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0]):
+    words = np.zeros((6, 2), np.uint32)
+    words[1] = [7, 7 + 2**12]
+    words[2:, :] = np.asarray(e_words, np.uint32)[:, None]
+    with jax.enable_x64(True):
+      z = np.asarray(noise.standard_normal_from_bits(jnp.asarray(words)))
+    assert 0 < abs(z[1] - z[0]) < 1e-12 * abs(z[0])
+  top = np.array([[2**32 - 1, 2**32 - 2**9 - 1]], np.uint32).T
+  fast = _fast_normal(np.repeat(top, 6, axis=1).T.reshape(6, 2))
+  assert abs(fast[1] - fast[0]) > 0.05
+
+
+def test_release_is_the_float64_sum_rounded_once():
+  v = jnp.asarray(np.random.default_rng(0).normal(size=1000) * 1e3,
+                  jnp.float32)
+  got = noise.add_gaussian_noise(KEY, v, 2.5)
+  words = np.asarray(jax.random.bits(KEY, (6, 1000), jnp.uint32))
+  want = (np.asarray(v, np.float64) + 2.5 * _numpy_normal_from_bits(words)
+          ).astype(np.float32)
+  np.testing.assert_array_equal(np.asarray(got), want)
+  assert got.dtype == jnp.float32
+  # No noise: the value itself (the non-private path), exactly.
+  np.testing.assert_array_equal(noise.add_gaussian_noise(KEY, v, 0.0), v)
+
+
+def test_sampler_works_under_jit_vmap_and_shard_map():
+  v = jnp.zeros((4, 3))
+  eager = noise.add_gaussian_noise(KEY, v, 1.0)
+  jitted = jax.jit(noise.add_gaussian_noise, static_argnums=2)(KEY, v, 1.0)
+  np.testing.assert_array_equal(eager, jitted)
+  keys = jax.random.split(KEY, 3)
+  batched = jax.vmap(lambda k: noise.add_gaussian_noise(k, v, 1.0))(keys)
+  np.testing.assert_array_equal(batched[1],
+                                noise.add_gaussian_noise(keys[1], v, 1.0))
+  mesh = parallel.data_mesh(1)
+  sharded = jax.shard_map(lambda x: noise.add_gaussian_noise(KEY, x, 1.0),
+                          mesh=mesh, in_specs=jax.P(), out_specs=jax.P())(v)
+  np.testing.assert_array_equal(sharded, eager)
+
+
+def test_secret_keys_hold_128_bits_and_every_half_matters():
+  data = np.asarray(jax.random.key_data(noise.secret_key()))
+  assert data.dtype == np.uint32 and data.size == 4
+  other = np.asarray(jax.random.key_data(noise.secret_key()))
+  assert not np.array_equal(data, other)
+  for word in (0, 3):  # a bit of either Threefry half changes the draws
+    flipped = data.copy()
+    flipped[word] ^= 1
+    a = noise.add_gaussian_noise(
+        jax.random.wrap_key_data(jnp.asarray(data), impl=noise.SECRET_IMPL),
+        jnp.zeros(8), 1.0)
+    b = noise.add_gaussian_noise(
+        jax.random.wrap_key_data(jnp.asarray(flipped),
+                                 impl=noise.SECRET_IMPL),
+        jnp.zeros(8), 1.0)
+    assert not np.any(np.asarray(a) == np.asarray(b))
+
+
+def test_bernoulli_rate_never_exceeds_p():
+  for p in (0.3, 0.5, 1 / 3):
+    take = np.asarray(noise.bernoulli(KEY, p, (2_000_000,)))
+    rate = take.mean()
+    assert abs(rate - p) < 5 * np.sqrt(p * (1 - p) / take.size)
+    assert np.floor(p * 2.0**32) / 2.0**32 <= p
+  assert np.all(np.asarray(noise.bernoulli(KEY, 1.0, (10,))))
+
+
+# --- Every release draws its noise from the sampler (today's main used
+# float32 jax.random.normal in each of these).
+
+
+def _noise_only(release, *, shape, stddev, key):
+  """release(key) on data that contributes nothing must be exactly the
+  sampler's noise from the key the mechanism derives."""
+  np.testing.assert_array_equal(
+      np.asarray(release), np.asarray(noise.add_gaussian_noise(
+          key, jnp.zeros(shape, jnp.float32), stddev)))
+
+
+def test_query_release_uses_the_sampler():
+  spec = mechanisms.QuerySpec(
+      embed_fn=lambda p, x: x.reshape(x.shape[0], -1), num_classes=2,
+      clip_norm=1.0, noise_multiplier=2.0, sampling_rate=0.5, capacity=3,
+      strategy="none")
+  data = mechanisms.ClassMajorData(jnp.zeros((2, 3, 2, 2, 1)),
+                                   jnp.zeros((2, 3)))
+  from dpgeng_jax import augment
+  sums, _ = mechanisms.noisy_targets(spec, data, None,
+                                     augment.identity_params((2,)), KEY)
+  _noise_only(sums, shape=(2, 4), stddev=2.0,
+              key=jax.random.split(KEY)[1])
+
+
+def test_generator_and_count_releases_use_the_sampler():
+  fmap = generator.FeatureMap.create(jax.random.key(0), 4, 3)
+  rel = generator.release_class_features(
+      fmap, jnp.zeros((2, 2, 2, 1)), jnp.zeros(2, jnp.int32), jnp.zeros(2),
+      num_classes=2, noise_multiplier=1.5, noise_key=KEY)
+  _noise_only(rel, shape=(2, 7), stddev=1.5, key=KEY)
+  got = counts.release_class_counts(KEY, np.array([0, 1, 1]), num_classes=2,
+                                    noise_multiplier=3.0)
+  np.testing.assert_array_equal(
+      np.asarray(got), np.asarray(noise.add_gaussian_noise(
+          KEY, jnp.asarray([1.0, 2.0]), 3.0)))
+
+
+def test_dp_sgd_step_uses_the_sampler():
+  import optax
+  step = mechanisms.make_dp_sgd_step(
+      lambda p, x: jnp.sum(x @ p["w"]), optax.sgd(1.0), clip_norm=1.0,
+      noise_multiplier=2.0, expected_batch_size=1.0)
+  params = {"w": jnp.zeros(3)}
+  _, _, g = step(params, optax.sgd(1.0).init(params), jnp.zeros((2, 3)),
+                 jnp.zeros(2), KEY)
+  want = noise.tree_add_gaussian_noise(KEY, {"w": jnp.zeros(3)}, 2.0)
+  np.testing.assert_array_equal(g["w"], want["w"])
