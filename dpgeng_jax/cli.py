@@ -74,20 +74,27 @@ def _add_audit_parser(sub) -> None:
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   audit.add_argument("--noise-multipliers", type=float, nargs="+",
                      default=[1.0, 2.0], help="claimed noise multipliers")
-  audit.add_argument("--trials", type=int, default=200_000,
+  audit.add_argument("--trials", type=int, default=100_000,
                      help="releases per neighbouring dataset")
   audit.add_argument("--delta", type=float, default=1e-5,
                      help="delta of the accounted epsilon and of the bound")
-  audit.add_argument("--sampling-rate", type=float, default=1.0,
+  audit.add_argument("--sampling-rate", type=float, default=0.5,
                      help="Poisson rate of the feature-matching query and "
-                     "the DP-SGD step (the generator reads all data)")
+                     "the DP-SGD step (the generator and the class counts "
+                     "read all data)")
   audit.add_argument("--confidence", type=float, default=0.95,
                      help="confidence of the lower bounds")
   audit.add_argument("--mechanisms", nargs="+", default=None,
-                     help="mechanisms to audit, any of feature_matching, "
-                     "dp_sgd, generator; None: all of them")
+                     help="mechanisms to audit, any of "
+                     "feature_matching, feature_matching_sharded, dp_sgd, "
+                     "generator, class_counts; None: all of them")
   audit.add_argument("--seed", type=int, default=0,
                      help="seed of the audit's (public) randomness")
+  audit.add_argument("--faults", action="store_true",
+                     help="also audit the broken variants of each "
+                     "mechanism (0.8x noise, a double-counted example, "
+                     "2x sampling rate, no clipping) at the first noise "
+                     "multiplier: each must FAIL")
   audit.add_argument("--out", default=None,
                      help="directory for audit.json; None: print only")
 
@@ -206,12 +213,27 @@ def _audit(args: argparse.Namespace) -> int:
       key=audit.seed_key(args.seed), sampling_rate=args.sampling_rate,
       confidence=args.confidence,
       names=tuple(args.mechanisms or audit.MECHANISMS))
+  faults = audit.audit_faults(
+      args.noise_multipliers[0], trials=args.trials, delta=args.delta,
+      key=audit.seed_key(args.seed), sampling_rate=args.sampling_rate,
+      confidence=args.confidence,
+      names=tuple(args.mechanisms or audit.MECHANISMS)) if args.faults else []
+  sampler = audit.sampler_check(key=audit.seed_key(args.seed))
   print(audit.format_table(records))
+  if faults:
+    print("broken variants (each must FAIL):")
+    print(audit.format_table(faults))
   print(f"each lower bound holds with probability >= {args.confidence:g}; "
         "a lower bound above the accounted epsilon is a privacy bug")
+  print(f"noise sampler: KS p = {sampler.ks_pvalue:.3g}; far tail "
+        + ", ".join(f"|z| > {t:.2f}: KS p = {p:.3g}" for t, p in zip(
+            sampler.tail_starts, sampler.tail_ks_pvalues))
+        + f" ({'ok' if sampler.passed else 'FAIL'})")
   if args.out is not None:
-    print("wrote " + audit.write_records(records, args.out))
-  return 0
+    print("wrote " + audit.write_records(records, args.out, sampler, faults))
+  ok = (sampler.passed and all(r.passed for r in records)
+        and not any(r.passed for r in faults))
+  return 0 if ok else 1
 
 
 def mia_config(args: argparse.Namespace) -> Config:

@@ -111,6 +111,19 @@ class ClassSizes:
     return out
 
 
+def class_tally(y: np.ndarray, num_classes: int) -> np.ndarray:
+  """Exact class counts, tallied on the host: (K,) float32 (exact for
+  counts below 2^24)."""
+  return np.bincount(np.asarray(y), minlength=num_classes).astype(np.float32)
+
+
+def noisy_counts(key: jax.Array, tally: jax.Array,
+                 noise_multiplier: float) -> jax.Array:
+  """tally + N(0, sigma_N^2) per class (atom-free sampler); jittable."""
+  return noise.add_gaussian_noise(key, tally,
+                                  noise_multiplier * COUNT_SENSITIVITY)
+
+
 def release_class_counts(key: jax.Array, y: np.ndarray, *, num_classes: int,
                          noise_multiplier: float) -> jax.Array:
   """M_N: exact class counts plus N(0, sigma_N^2) per class, (K,) float32.
@@ -121,12 +134,11 @@ def release_class_counts(key: jax.Array, y: np.ndarray, *, num_classes: int,
   tallied on the host, so no compiled program has the private N in its
   shapes; the noise is added once with the atom-free sampler.
   """
-  counts = np.bincount(np.asarray(y), minlength=num_classes)
-  return _noisy(key, jnp.asarray(counts, jnp.float32),
-                float(noise_multiplier * COUNT_SENSITIVITY))
+  return _noisy(key, jnp.asarray(class_tally(y, num_classes)),
+                float(noise_multiplier))
 
 
-_noisy = jax.jit(noise.add_gaussian_noise, static_argnums=2)
+_noisy = jax.jit(noisy_counts, static_argnums=2)
 
 
 def released_sizes(noisy_counts, noise_multiplier: float,

@@ -287,7 +287,7 @@ def _mechanisms(cfg: Config, plan: Plan) -> list[accounting.Mechanism]:
   eps, delta = cfg.epsilon, split.mechanisms
   if plan.external:
     eps = eps - plan.external[0]
-    if eps <= 0 or delta <= 0:
+    if eps < 0 or (eps == 0 and mechs) or delta <= 0:
       raise ConfigError(
           f"the declared guarantee of the generated data ({plan.external}) "
           f"leaves no budget of the target ({cfg.epsilon}, {cfg.delta})")

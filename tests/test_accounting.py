@@ -212,3 +212,32 @@ def test_headline_delta_is_the_sum_of_its_parts():
   want = A.epsilon_pld(A.Mechanism("fm", 2.0, 0.5, 4).event(),
                        split.mechanisms) + 0.5
   assert r["epsilon"] == pytest.approx(want, rel=1e-12)
+
+
+def _events_from_report(report):
+  """The run's DpEvent rebuilt from privacy.json's mechanism list alone."""
+  events = []
+  for m in report["mechanisms"]:
+    inner = dp_accounting.GaussianDpEvent(m["noise_multiplier"])
+    if m["sampling_rate"] < 1:
+      inner = dp_accounting.PoissonSampledDpEvent(m["sampling_rate"], inner)
+    events.append(inner if m["steps"] == 1 and m["sampling_rate"] >= 1
+                  else dp_accounting.SelfComposedDpEvent(inner, m["steps"]))
+  return dp_accounting.ComposedDpEvent(events)
+
+
+def test_report_figures_rederive_with_dp_accounting_from_the_report_alone():
+  mechs = A.calibrate([A.Mechanism("class_counts", 0.0, 1.0, 1, "1"), *THREE],
+                      1.0, 0.999e-5, shares=[0.1, 1, 1, 1])
+  r = A.privacy_report(mechs, target_epsilon=1.0, delta=1e-5, private=True,
+                       public_metadata=[], split=A.DeltaSplit(1e-5))
+  acc = pld.PLDAccountant(dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
+                          value_discretization_interval=r["pld_discretization"])
+  got = acc.compose(_events_from_report(r)).get_epsilon(r["delta_mechanisms"])
+  assert got == pytest.approx(r["epsilon"], rel=1e-9)
+  counts = next(m for m in r["mechanisms"] if m["name"] == "class_counts")
+  alone = pld.PLDAccountant(
+      value_discretization_interval=r["pld_discretization"]).compose(
+          dp_accounting.GaussianDpEvent(counts["noise_multiplier"])
+      ).get_epsilon(r["delta_mechanisms"])
+  assert alone == pytest.approx(counts["epsilon_alone"], rel=1e-9)

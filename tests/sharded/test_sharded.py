@@ -195,7 +195,7 @@ def test_sharded_layout_holds_every_example_once():
     assert set(np.asarray(data.x)[c][v[c]].ravel() % K) == {c}
 
 
-def test_shard_capacity_keeps_the_per_class_tail():
+def test_shard_capacity_keeps_the_per_class_tail():  # library default
   valid = np.ones((2, 8 * 50))
   cap = parallel.shard_capacity(valid, 8, 0.5)
   tail = stats.binom.sf(cap, 50, 0.5)
@@ -234,11 +234,14 @@ def test_chunked_sharded_class_sums_equal_unsharded():
 
 def test_whole_dpgeng_run_on_8_devices_matches_one_device(tmp_path):
   """Deterministic test mode with p = q_E = 1: sampling includes every
-  example and the noise keys are the same, so the sharded run (generator
-  release, queries, expert DP-SGD) must give the one-device result up to
-  float summation order."""
+  example and the noise keys are the same, so the sharded run (count and
+  generator releases, queries with generated extractors, expert DP-SGD)
+  must give the one-device result up to float summation order. Noise
+  initialisation: k-means on the 5-step generator's near-identical samples
+  flips its picks on 1-ulp differences of the generated images."""
   from dpgeng_jax import cli
   tiny = ["distill", "--method", "dpgeng", "--deterministic", "--no-eval",
+          "--init", "noise",
           "--epsilon", "4", "--sampling-rate", "1", "--expert-sampling-rate",
           "1", "--ipc", "2", "--steps", "3", "--num-queries", "2",
           "--extractor-width", "8", "--generator-steps", "5",
@@ -246,12 +249,35 @@ def test_whole_dpgeng_run_on_8_devices_matches_one_device(tmp_path):
           "--pool-models", "1", "--pool-checkpoints", "2", "--pool-epochs",
           "1", "--expert-steps", "2", "--quiet"]
   outs = {}
-  for devices in (1, 8):
+  for devices in (1, 2, 8):
     out = tmp_path / f"d{devices}"
     assert cli.main([*tiny, "--devices", str(devices), "--microbatch",
                      "16" if devices == 8 else "0", "--out", str(out)]) == 0
     outs[devices] = np.load(out / "distilled.npz")["x"]
-  assert np.max(np.abs(outs[8] - outs[1])) < 1e-2 * np.max(np.abs(outs[1]))
+  for devices in (2, 8):
+    assert np.max(np.abs(outs[devices] - outs[1])) < 1e-2 * np.max(
+        np.abs(outs[1]))
+
+
+def test_fewer_devices_than_the_process_has_sample_without_overflow(
+    tmp_path):
+  """--devices 2 of 8: layouts and per-device capacities follow the mesh
+  actually used (they were sized for all 8 local devices, so every such
+  run aborted with SamplingOverflowError), with Poisson sampling on."""
+  from dpgeng_jax import cli
+  out = tmp_path / "two"
+  assert cli.main(["distill", "--method", "dpgeng", "--no-eval",
+                   "--devices", "2", "--ipc", "2", "--steps", "2",
+                   "--num-queries", "2", "--extractor-width", "8",
+                   "--generator-steps", "3", "--generator-features", "8",
+                   "--generated-per-class", "8", "--pool-models", "1",
+                   "--pool-checkpoints", "2", "--pool-epochs", "1",
+                   "--expert-steps", "2", "--quiet", "--out", str(out)]) == 0
+  import json
+  priv = json.loads((out / "privacy.json").read_text())
+  assert priv["private"] is True
+  assert parallel.local_shards(parallel.data_mesh(2)) == 2
+  assert parallel.rows_per_device(100, parallel.data_mesh(2)) == 50
 
 
 @pytest.mark.parametrize("n", [16, 30])

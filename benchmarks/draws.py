@@ -1,0 +1,105 @@
+"""Independent private draws of one configuration, side by side.
+
+    python benchmarks/draws.py --draws 3 --epsilon 1 10 --out runs/draws \
+        --checkout now=. --checkout before=/tmp/before
+
+A private run draws fresh noise, so one run says little: repeated runs of
+one configuration differ by more than the std over evaluation models. This
+runs `python -m dpgeng_jax distill --dataset DATASET --epsilon E --quiet`
+(plus --extra) `--draws` times per epsilon and per checkout (a source tree
+put first on PYTHONPATH; compare two versions of the code on one machine),
+interleaved (draw, epsilon, checkout) so that machine load hits every row
+alike, and prints per row the test accuracy of each draw and their mean
++- std over draws, with the wall time. --report reprints from --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+
+def _run(checkout: str, eps: str, out: str, args) -> dict:
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.path.abspath(checkout) + os.pathsep + env.get(
+      "PYTHONPATH", "")
+  cmd = [sys.executable, "-m", "dpgeng_jax", "distill", "--dataset",
+         args.dataset, "--epsilon", eps, "--out", out, "--quiet",
+         "--overwrite", *args.extra.split()]
+  t = time.time()
+  proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+  wall = time.time() - t
+  if proc.returncode != 0:
+    raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+  metrics = json.load(open(os.path.join(out, "metrics.json")))
+  privacy = json.load(open(os.path.join(out, "privacy.json")))
+  record = {"checkout": checkout, "epsilon": eps, "wall_s": wall,
+            "test_accuracy_mean": metrics["test_accuracy_mean"],
+            "test_accuracy_std": metrics["test_accuracy_std"],
+            "epsilon_reported": privacy.get("epsilon_pld"),
+            "noise_multipliers": {m["name"]: m["noise_multiplier"]
+                                  for m in privacy["mechanisms"]}}
+  with open(os.path.join(out, "draw.json"), "w") as f:
+    json.dump(record, f, indent=2)
+  return record
+
+
+def _table(records: list[dict]) -> str:
+  rows = {}
+  for r in records:
+    rows.setdefault((r["checkout"], r["epsilon"]), []).append(r)
+  lines = ["| checkout | epsilon | draws: test acc % | mean +- std over "
+           "draws | wall s (mean) | noise multipliers (last draw) |",
+           "|---|---|---|---|---|---|"]
+  for (name, eps), rs in sorted(rows.items(), key=lambda kv: (
+      float(kv[0][1]), kv[0][0])):
+    accs = [100 * r["test_accuracy_mean"] for r in rs]
+    std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+    nm = ", ".join(f"{k} {v:.3g}" for k, v in rs[-1]["noise_multipliers"]
+                   .items())
+    lines.append(f"| {name} | {eps} | {', '.join(f'{a:.1f}' for a in accs)}"
+                 f" | {statistics.mean(accs):.1f} +- {std:.1f} | "
+                 f"{statistics.mean(r['wall_s'] for r in rs):.0f} | {nm} |")
+  return "\n".join(lines)
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap.add_argument("--out", default="runs/draws")
+  ap.add_argument("--dataset", default="digits")
+  ap.add_argument("--epsilon", nargs="+", default=["1", "10"])
+  ap.add_argument("--draws", type=int, default=3)
+  ap.add_argument("--checkout", action="append", default=None,
+                  help="NAME=PATH of a source tree (repeatable; default "
+                  "now=.)")
+  ap.add_argument("--extra", default="", help="extra distill flags")
+  ap.add_argument("--report", action="store_true")
+  args = ap.parse_args()
+  checkouts = dict(c.split("=", 1) for c in (args.checkout or ["now=."]))
+  records = []
+  if args.report:
+    for root, _, files in os.walk(args.out):
+      if "draw.json" in files:
+        records.append(json.load(open(os.path.join(root, "draw.json"))))
+  else:
+    for d in range(args.draws):
+      for eps in args.epsilon:
+        for name, path in checkouts.items():
+          out = os.path.join(args.out, f"{name}_eps{eps}_draw{d}")
+          r = _run(path, eps, out, args)
+          r["checkout"] = name
+          json.dump(r, open(os.path.join(out, "draw.json"), "w"), indent=2)
+          records.append(r)
+          print(f"{name} eps {eps} draw {d}: "
+                f"{100 * r['test_accuracy_mean']:.1f} % in "
+                f"{r['wall_s']:.0f} s", flush=True)
+  print(_table(records))
+
+
+if __name__ == "__main__":
+  main()
