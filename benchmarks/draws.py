@@ -28,17 +28,22 @@ def _run(checkout: str, eps: str, out: str, args) -> dict:
   env = dict(os.environ)
   env["PYTHONPATH"] = os.path.abspath(checkout) + os.pathsep + env.get(
       "PYTHONPATH", "")
+  out = os.path.abspath(out)
   cmd = [sys.executable, "-m", "dpgeng_jax", "distill", "--dataset",
          args.dataset, "--epsilon", eps, "--out", out, "--quiet",
          "--overwrite", *args.extra.split()]
   t = time.time()
-  proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+  # cwd = the checkout: `python -m` puts the working directory first on
+  # sys.path, ahead of PYTHONPATH.
+  proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                        cwd=os.path.abspath(checkout))
   wall = time.time() - t
   if proc.returncode != 0:
     raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
   metrics = json.load(open(os.path.join(out, "metrics.json")))
   privacy = json.load(open(os.path.join(out, "privacy.json")))
   record = {"checkout": checkout, "epsilon": eps, "wall_s": wall,
+            "dpgeng_jax": proc_module(checkout),
             "test_accuracy_mean": metrics["test_accuracy_mean"],
             "test_accuracy_std": metrics["test_accuracy_std"],
             "epsilon_reported": privacy.get("epsilon_pld"),
@@ -47,6 +52,16 @@ def _run(checkout: str, eps: str, out: str, args) -> dict:
   with open(os.path.join(out, "draw.json"), "w") as f:
     json.dump(record, f, indent=2)
   return record
+
+
+def proc_module(checkout: str) -> str:
+  """Where the subprocess imports dpgeng_jax from (checked, not assumed)."""
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.path.abspath(checkout)
+  return subprocess.run(
+      [sys.executable, "-c", "import dpgeng_jax; print(dpgeng_jax.__file__)"],
+      env=env, cwd=os.path.abspath(checkout), capture_output=True,
+      text=True).stdout.strip()
 
 
 def _table(records: list[dict]) -> str:

@@ -436,13 +436,9 @@ def _generator_setup(sigma, clip, p, copies) -> _Setup:
   v = fmap.bounded(jnp.asarray(canary))[0]  # the canary's feature: u
   rows = 6 + copies  # the public padded length, the same for D and D'
 
-  def padded(x):
-    n = len(x)
-    y = np.r_[[0, 0, 0, 1, 1, 1], np.zeros(n - 6, np.int32)]
-    x = np.concatenate([x, np.zeros((rows - n, *_IMAGE_SHAPE), np.float32)])
-    y = np.r_[y, np.zeros(rows - n, np.int32)]
-    return (jnp.asarray(x), jnp.asarray(y, jnp.int32),
-            jnp.asarray(np.r_[np.ones(n), np.zeros(rows - n)], jnp.float32))
+  def padded(x):  # canaries are of class 0
+    y = np.r_[[0, 0, 0, 1, 1, 1], np.zeros(len(x) - 6)].astype(np.int32)
+    return tuple(map(jnp.asarray, parallel.padded_rows(rows, x, y)))
 
   with_canary = padded(np.concatenate([others, np.repeat(canary, copies, 0)]))
   without_canary = padded(others)

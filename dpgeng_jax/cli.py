@@ -197,6 +197,13 @@ def _plan(cfg: Config) -> int:
   for key in ("epsilon_pld", "epsilon_rdp", "epsilon_gdp_clt"):
     v = report[key]
     print(f"composed {key[8:]:<8} {'inf' if v is None else format(v, '.4f')}")
+  eps = report["epsilon"]
+  print(f"guarantee: epsilon {'inf' if eps is None else format(eps, '.4f')} "
+        f"({report['accountant']}) at "
+        f"delta {report['delta']:g} = {report['delta_mechanisms']:.6g} "
+        f"(mechanisms) + {report['delta_abort_events']:.3g} (abort events)"
+        + (f" + {report['delta_external']:.3g} (external)"
+           if report["delta_external"] else ""))
   for note in report["notes"]:
     print("note:", note)
   return 0

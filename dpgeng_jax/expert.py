@@ -104,14 +104,8 @@ def private_step(grad_sum, cfg: ExpertConfig, noise_multiplier: float,
   capacity = mechanisms.poisson_capacity([num_rows], cfg.sampling_rate,
                                          log_tail=log_tail)
   stddev = noise_multiplier * cfg.clip_norm if noise_multiplier else 0.0
-  pad = num_rows - len(x)
-  rows = (jnp.asarray(np.concatenate([
-      np.asarray(x, np.float32),
-      np.zeros((pad, *np.shape(x)[1:]), np.float32)])),
-          jnp.asarray(np.concatenate([np.asarray(y, np.int32),
-                                      np.zeros(pad, np.int32)])),
-          jnp.asarray(np.concatenate([np.ones(len(x), np.float32),
-                                      np.zeros(pad, np.float32)])))
+  rows = tuple(map(jnp.asarray, parallel.padded_rows(
+      num_rows, np.asarray(x, np.float32), np.asarray(y, np.int32))))
 
   @jax.jit
   def step(p, xd, yd, valid, key):

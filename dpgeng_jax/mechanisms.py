@@ -36,9 +36,10 @@ from scipy import stats
 from dpgeng_jax import augment, noise
 from dpgeng_jax.clipping import clipped_class_sums, clipped_grad_sum
 from dpgeng_jax.errors import PrivacyAbort
-from dpgeng_jax.noise import (add_gaussian_noise, deterministic_secret_key,
-                              gaussian_noise, secret_key,
-                              tree_add_gaussian_noise)
+# Re-exported: the secret keys and the sampler, where callers found them.
+from dpgeng_jax.noise import (  # noqa: F401
+    add_gaussian_noise, deterministic_secret_key, gaussian_noise, secret_key,
+    tree_add_gaussian_noise)
 
 # Default per-class, per-batch overflow probability of a Poisson batch when
 # the caller gives none (library use). A run derives its tail from its delta
@@ -102,22 +103,6 @@ def poisson_capacity(class_counts, sampling_rate: float,
     log_sf = stats.binom.logsf(np.arange(n + 1), n, sampling_rate)
     caps.append(int(np.argmax(log_sf <= log_tail)))  # sf(n) = 0
   return int(min(max(caps), class_counts.max()))
-
-
-def overflow_delta(batches: int, epsilon: float,
-                   tail: float = OVERFLOW_TAIL) -> float:
-  """What aborting on an overflow adds to delta.
-
-  The run equals the never-aborting mechanism except on the abort event,
-  of probability <= batches * tail on either neighbour, so an
-  (epsilon, delta)-DP guarantee of the latter gives (epsilon, delta +
-  (1 + e^epsilon) * batches * tail) for the run (in logs: no overflow of
-  e^epsilon).
-  """
-  if batches == 0 or tail == 0:
-    return 0.0
-  return float(math.exp(np.logaddexp(0.0, epsilon) + math.log(batches)
-                        + math.log(tail)))
 
 
 def poisson_sample(key: jax.Array, valid: jax.Array, sampling_rate: float,

@@ -26,7 +26,7 @@ The sampler here (`standard_normal`, `add_gaussian_noise`):
   ONCE. Rounding the exact-Gaussian release is post-processing.
 
 Residual caveat: with probability 2^-128 per coordinate (all 128 exponent
-bits zero) u is capped at 2^-129, i.e. |z| at about 13.4 sigma; the float64
+bits zero) u is capped at 2^-129, i.e. |z| at about 13.2 sigma; the float64
 ndtri and the 2^-52 grid of u deform the law by ~1e-15 relatively. Neither
 is accounted; both are far below any delta the library accepts.
 

@@ -358,6 +358,23 @@ def process_rows_by_class(y: np.ndarray, num_classes: int) -> np.ndarray:
                                  for c in range(num_classes)]))
 
 
+def padded_rows(num_rows: int, *arrays: np.ndarray) -> tuple:
+  """Each (n, ...) array padded with zero rows to `num_rows` (a PUBLIC
+  length), and a float32 valid mask (1 on the n real rows, 0 on padding),
+  as numpy arrays: the fixed-shape layout of the private data."""
+  n = len(arrays[0])
+  if num_rows < n:
+    raise ValueError(f"{n} rows exceed the bound num_rows={num_rows}")
+
+  def pad(a):
+    a = np.asarray(a)
+    return np.concatenate([a, np.zeros((num_rows - n, *a.shape[1:]),
+                                       a.dtype)])
+
+  valid = np.r_[np.ones(n, np.float32), np.zeros(num_rows - n, np.float32)]
+  return (*map(pad, arrays), valid)
+
+
 def local_rows(mesh: Mesh, *arrays: np.ndarray, num_rows: int | None = None):
   """This process's `process_rows` of each (N, ...) array, padded to the
   public length (mesh devices of this process) x rows_per_device(num_rows)
@@ -366,18 +383,12 @@ def local_rows(mesh: Mesh, *arrays: np.ndarray, num_rows: int | None = None):
   callers to whom N is public)."""
   n = len(arrays[0])
   num_rows = n if num_rows is None else int(num_rows)
-  rows = process_rows(n)
-  pad = local_shards(mesh) * rows_per_device(num_rows, mesh) - len(rows)
-  if pad < 0:
+  if n > num_rows:
     raise ValueError(f"{n} rows exceed the bound num_rows={num_rows}")
-
-  def padded(a):
-    a = np.asarray(a)[rows]
-    return np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)])
-
-  valid = np.concatenate([np.ones(len(rows), np.float32),
-                          np.zeros(pad, np.float32)])
-  return tuple(global_rows(mesh, a) for a in (*map(padded, arrays), valid))
+  rows = process_rows(n)
+  local = padded_rows(local_shards(mesh) * rows_per_device(num_rows, mesh),
+                      *(np.asarray(a)[rows] for a in arrays))
+  return tuple(global_rows(mesh, a) for a in local)
 
 
 def rows_per_device(class_size: int, mesh: Mesh | None = None) -> int:

@@ -251,13 +251,9 @@ def delta_split(cfg: Config, plan: Plan) -> accounting.DeltaSplit:
   """How the run spends its delta (reads no data): a reserve for abort
   events whenever it has any (their count does not change the split, only
   the per-event tail)."""
-  reserve = cfg.method != "dm" and (
-      plan.count_release
-      or (plan.feature_matching and cfg.sampling_rate < 1)
-      or (plan.expert and cfg.expert_sampling_rate < 1))
   return accounting.DeltaSplit(cfg.delta,
                                plan.external[1] if plan.external else 0.0,
-                               reserve=reserve)
+                               reserve=abort_events(cfg, plan, 1) > 0)
 
 
 def _mechanisms(cfg: Config, plan: Plan) -> list[accounting.Mechanism]:
@@ -431,8 +427,7 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
   plan = resolve(cfg, image_shape)
   depth, f = plan.depth, plan.factor
   m_stored = cfg.ipc  # stored images per class; f*f*ipc after decoding
-  if (cfg.method == "dm" or plan.init == "real") and (
-      m_stored * f * f > int(np.min(ds.class_counts))):
+  if plan.init == "real" and m_stored * f * f > int(np.min(ds.class_counts)):
     # Only in runs that are not private (real images are released).
     raise ConfigError(
         f"real-image initialisation needs ipc * factor^2 = "
@@ -739,11 +734,7 @@ def _private_rows(mesh, x, y, num_rows: int):
   """(x, y, mask) padded to the public `num_rows` (mask 0 on padding): on
   a mesh, this process's `process_rows`, split over the devices."""
   if mesh is None:
-    pad = num_rows - len(x)
-    return (jnp.asarray(np.concatenate(
-        [x, np.zeros((pad, *x.shape[1:]), x.dtype)])),
-            jnp.asarray(np.concatenate([y, np.zeros(pad, y.dtype)])),
-            jnp.asarray(np.r_[np.ones(len(x)), np.zeros(pad)], jnp.float32))
+    return tuple(map(jnp.asarray, parallel.padded_rows(num_rows, x, y)))
   return parallel.local_rows(mesh, x, y, num_rows=num_rows)
 
 

@@ -108,11 +108,6 @@ def test_poisson_capacity_meets_the_tail_bound():
     assert stats.binom.logsf(cap - 1, n, p) > np.log(mechanisms.OVERFLOW_TAIL)
 
 
-def test_overflow_delta_is_stated_in_the_report_and_negligible():
-  assert mechanisms.overflow_delta(1000, 10.0) < 1e-17
-  assert mechanisms.overflow_delta(2, 0.0, tail=1e-3) == pytest.approx(4e-3)
-
-
 def test_secret_keys_come_from_os_entropy_and_differ():
   a = jax.random.key_data(mechanisms.secret_key())
   b = jax.random.key_data(mechanisms.secret_key())

@@ -25,8 +25,8 @@ def _draws(n, stddev=1.0, key=KEY):
 
 
 @pytest.fixture(scope="module")
-def ten_million():
-  return _draws(10_000_000)
+def four_million():
+  return _draws(4_000_000)
 
 
 def test_ks_accepts_sigma_and_rejects_two_thirds_and_three_halves():
@@ -36,10 +36,10 @@ def test_ks_accepts_sigma_and_rejects_two_thirds_and_three_halves():
     assert stats.kstest(z, "norm", args=(0, 3.0 * factor)).pvalue < 1e-6
 
 
-def test_tail_frequencies_match_the_normal(ten_million):
-  z = np.abs(ten_million)
+def test_tail_frequencies_match_the_normal(four_million):
+  z = np.abs(four_million)
   n = len(z)
-  for t in (2.0, 3.0, 4.0, 4.5, 5.0):
+  for t in (2.0, 3.0, 4.0, 4.5):
     p = 2 * stats.norm.sf(t)
     got = np.sum(z > t)
     assert abs(got - n * p) < 5 * np.sqrt(n * p) + 1, (t, got, n * p)

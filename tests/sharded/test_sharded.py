@@ -249,14 +249,12 @@ def test_whole_dpgeng_run_on_8_devices_matches_one_device(tmp_path):
           "--pool-models", "1", "--pool-checkpoints", "2", "--pool-epochs",
           "1", "--expert-steps", "2", "--quiet"]
   outs = {}
-  for devices in (1, 2, 8):
+  for devices in (1, 8):
     out = tmp_path / f"d{devices}"
     assert cli.main([*tiny, "--devices", str(devices), "--microbatch",
                      "16" if devices == 8 else "0", "--out", str(out)]) == 0
     outs[devices] = np.load(out / "distilled.npz")["x"]
-  for devices in (2, 8):
-    assert np.max(np.abs(outs[devices] - outs[1])) < 1e-2 * np.max(
-        np.abs(outs[1]))
+  assert np.max(np.abs(outs[8] - outs[1])) < 1e-2 * np.max(np.abs(outs[1]))
 
 
 def test_fewer_devices_than_the_process_has_sample_without_overflow(
