@@ -2,15 +2,19 @@
 
     python benchmarks/draws.py --draws 3 --epsilon 1 10 --out runs/draws \
         --checkout now=. --checkout before=/tmp/before
+    python benchmarks/draws.py --draws 3 --epsilon 1 --out runs/draws_sizes \
+        --variant default= --variant public="--public-class-sizes"
 
 A private run draws fresh noise, so one run says little: repeated runs of
 one configuration differ by more than the std over evaluation models. This
 runs `python -m dpgeng_jax distill --dataset DATASET --epsilon E --quiet`
 (plus --extra) `--draws` times per epsilon and per checkout (a source tree
-put first on PYTHONPATH; compare two versions of the code on one machine),
-interleaved (draw, epsilon, checkout) so that machine load hits every row
-alike, and prints per row the test accuracy of each draw and their mean
-+- std over draws, with the wall time. --report reprints from --out.
+put first on PYTHONPATH; compare two versions of the code on one machine)
+and per --variant (extra flags of its own), interleaved (draw, epsilon,
+checkout, variant) so that machine load hits every row alike, and prints
+per row the test accuracy of each draw and their mean +- std over draws,
+with the wall time. --report reprints from --out. Flags that start with
+'--' go in as --extra="--flag" (argparse reads a bare "--flag" as its own).
 """
 
 from __future__ import annotations
@@ -24,14 +28,14 @@ import sys
 import time
 
 
-def _run(checkout: str, eps: str, out: str, args) -> dict:
+def _run(checkout: str, eps: str, out: str, args, flags: str = "") -> dict:
   env = dict(os.environ)
   env["PYTHONPATH"] = os.path.abspath(checkout) + os.pathsep + env.get(
       "PYTHONPATH", "")
   out = os.path.abspath(out)
   cmd = [sys.executable, "-m", "dpgeng_jax", "distill", "--dataset",
          args.dataset, "--epsilon", eps, "--out", out, "--quiet",
-         "--overwrite", *args.extra.split()]
+         "--overwrite", *args.extra.split(), *flags.split()]
   t = time.time()
   # cwd = the checkout: `python -m` puts the working directory first on
   # sys.path, ahead of PYTHONPATH.
@@ -93,9 +97,13 @@ def main():
                   help="NAME=PATH of a source tree (repeatable; default "
                   "now=.)")
   ap.add_argument("--extra", default="", help="extra distill flags")
+  ap.add_argument("--variant", action="append", default=None,
+                  help="NAME=FLAGS: a row with these extra flags "
+                  "(repeatable; default one row without)")
   ap.add_argument("--report", action="store_true")
   args = ap.parse_args()
   checkouts = dict(c.split("=", 1) for c in (args.checkout or ["now=."]))
+  variants = dict(v.split("=", 1) for v in (args.variant or ["="]))
   records = []
   if args.report:
     for root, _, files in os.walk(args.out):
@@ -104,13 +112,16 @@ def main():
   else:
     for d in range(args.draws):
       for eps in args.epsilon:
-        for name, path in checkouts.items():
-          out = os.path.join(args.out, f"{name}_eps{eps}_draw{d}")
-          r = _run(path, eps, out, args)
-          r["checkout"] = name
+        for (name, path), (vname, flags) in (
+            (c, v) for c in checkouts.items() for v in variants.items()):
+          label = name + (f" {vname}" if vname else "")
+          out = os.path.join(args.out,
+                             f"{label.replace(' ', '_')}_eps{eps}_draw{d}")
+          r = _run(path, eps, out, args, flags)
+          r["checkout"] = label
           json.dump(r, open(os.path.join(out, "draw.json"), "w"), indent=2)
           records.append(r)
-          print(f"{name} eps {eps} draw {d}: "
+          print(f"{label} eps {eps} draw {d}: "
                 f"{100 * r['test_accuracy_mean']:.1f} % in "
                 f"{r['wall_s']:.0f} s", flush=True)
   print(_table(records))

@@ -64,6 +64,10 @@ class ClassSizes:
   noise_multiplier: float = 0.0
   log_tail: float = -math.inf
   total_upper: int | None = None
+  # Standard deviation of `estimate` (sigma_N after the release; smaller
+  # after `refined`), and where it came from.
+  estimate_std: float = 0.0
+  estimate_source: str = ""
 
   @property
   def num_classes(self) -> int:
@@ -98,6 +102,20 @@ class ClassSizes:
           f"{math.exp(self.log_tail):.1e} per class); the run was aborted "
           "before any other release. Re-run.")
 
+  def refined(self, other_estimate, other_std: float,
+              source: str) -> "ClassSizes":
+    """Post-processing: the inverse-variance combination of the released
+    estimate with another independent unbiased release of the same counts
+    (the generator's count coordinate); the bounds stay those of M_N."""
+    if self.policy != "released" or not other_std > 0:
+      return self
+    w1, w2 = 1.0 / self.estimate_std**2, 1.0 / other_std**2
+    est = (w1 * self.estimate + w2 * np.asarray(other_estimate,
+                                                np.float64)) / (w1 + w2)
+    return dataclasses.replace(
+        self, estimate=est, estimate_std=float((w1 + w2) ** -0.5),
+        estimate_source=f"{self.estimate_source} combined with {source}")
+
   def report(self) -> dict:
     """privacy.json's view: released values only (never exact private
     counts unless declared public or the run is not private)."""
@@ -107,7 +125,9 @@ class ClassSizes:
            "total_estimate": self.total_estimate}
     if self.policy == "released":
       out.update(noise_multiplier=self.noise_multiplier,
-                 bound_failure_probability_per_class=math.exp(self.log_tail))
+                 bound_failure_probability_per_class=math.exp(self.log_tail),
+                 estimate_std=self.estimate_std,
+                 estimate_source=self.estimate_source)
     return out
 
 
@@ -156,7 +176,9 @@ def released_sizes(noisy_counts, noise_multiplier: float,
   total = int(max(1, math.ceil(est.sum() + z * noise_multiplier
                                * math.sqrt(len(est)))))
   return ClassSizes(est, bound, "released", float(noise_multiplier),
-                    float(log_tail), total)
+                    float(log_tail), total,
+                    estimate_std=float(noise_multiplier * COUNT_SENSITIVITY),
+                    estimate_source="the count release (class_counts)")
 
 
 def public_sizes(y: np.ndarray, num_classes: int,

@@ -94,6 +94,12 @@ def release_class_features(feature_map: FeatureMap, x: jax.Array,
       noise_key, sums, noise_multiplier * GENERATOR_SENSITIVITY)
 
 
+def count_stddev(noise_multiplier: float) -> float:
+  """Std of the noisy class counts read from a release (the constant
+  coordinate 1/sqrt(2) per example, noise sigma_G, scaled by sqrt(2))."""
+  return math.sqrt(2.0) * noise_multiplier * GENERATOR_SENSITIVITY
+
+
 def class_means_from_release(release: jax.Array, min_count: float = 1.0):
   """Post-processing: (noisy rff class means (K, 2D), noisy counts (K,))."""
   counts = release[:, -1] * math.sqrt(2.0)

@@ -267,3 +267,16 @@ def test_private_data_is_never_a_constant_of_a_compiled_program(
   for blob in blobs:
     for marker in markers:
       assert marker not in blob
+
+
+def test_refined_estimate_is_the_inverse_variance_combination():
+  sizes = counts.released_sizes(np.array([100.0, 50.0]), 20.0,
+                                math.log(1e-12))
+  fine = sizes.refined(np.array([110.0, 40.0]), 10.0, "another release")
+  np.testing.assert_allclose(fine.estimate, [108.0, 42.0])
+  assert fine.estimate_std == pytest.approx((1 / 400 + 1 / 100) ** -0.5)
+  np.testing.assert_array_equal(fine.bound, sizes.bound)  # from M_N only
+  assert fine.total_bound == sizes.total_bound
+  # Sizes the user declared public are exact: nothing to refine.
+  public = counts.public_sizes(np.array([0, 1, 1]), 2)
+  assert public.refined(np.array([5.0, 5.0]), 1.0, "x") is public
