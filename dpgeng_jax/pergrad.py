@@ -83,6 +83,14 @@ def _kernel_grads(a: jax.Array, g: jax.Array, impl: str) -> jax.Array:
   return k.reshape(m, 3, 3, cin, cout)
 
 
+def _avg_pool_2x2(h: jax.Array) -> jax.Array:
+  """2x2 average pooling with stride 2 and VALID padding, as the model's
+  nn.avg_pool: an odd map drops its last row or column (7x7 -> 3x3)."""
+  n, hh, ww, c = h.shape
+  h = h[:, :hh // 2 * 2, :ww // 2 * 2]
+  return h.reshape(n, hh // 2, 2, ww // 2, 2, c).mean(axis=(2, 4))
+
+
 def _forward(model: ConvNet, params: Any, x: jax.Array, taps: dict):
   """Logits with zero taps added; also the recorded activations."""
   h = x.astype(jnp.float32)
@@ -98,8 +106,7 @@ def _forward(model: ConvNet, params: Any, x: jax.Array, taps: dict):
       xhats.append(xhat)
       u = xhat * norm["scale"] + norm["bias"] + taps["v"][i]
     h = jax.nn.relu(u)
-    n, hh, ww, c = h.shape
-    h = h.reshape(n, hh // 2, 2, ww // 2, 2, c).mean(axis=(2, 4))
+    h = _avg_pool_2x2(h)
   feat = h.reshape(h.shape[0], -1)
   logits = feat @ params["head"]["kernel"] + params["head"]["bias"]
   return logits + taps["z"], (inputs, xhats, feat)

@@ -41,6 +41,23 @@ def test_per_example_grads_equal_jax_grad_of_each_example(norm):
     assert _rel(jax.tree.map(lambda g: g[i], got), want) < 1e-5
 
 
+@pytest.mark.parametrize("size,depth", [(7, 2), (5, 2), (3, 1), (28, 3)])
+def test_per_example_grads_equal_jax_grad_on_odd_maps(size, depth):
+  """Odd maps (28 -> 14 -> 7 -> 3 at depth 3) pool as the model does:
+  VALID 2x2 pooling drops the last row and column."""
+  model = ConvNet(num_classes=3, width=4, depth=depth)
+  params = init_params(model, jax.random.key(1), (size, size, 1))
+  x = jax.random.normal(jax.random.key(2), (3, size, size, 1))
+  y = jnp.arange(3)
+  got = jax.jit(functools.partial(pergrad.per_example_grads, model))(
+      params, x, y)
+  one = jax.jit(lambda p, xi, yi: jax.grad(
+      lambda q: cross_entropy(model, q, xi, yi))(p))
+  for i in range(3):
+    want = one(params, x[i:i + 1], y[i:i + 1])
+    assert _rel(jax.tree.map(lambda g: g[i], got), want) < 1e-5
+
+
 @pytest.mark.parametrize("clip_norm", [0.05, 1e9, math.inf])
 def test_clipped_grad_sum_equals_the_generic_path(clip_norm):
   """Clipping active (0.05), inactive (1e9) and off (inf); padded rows."""
