@@ -20,6 +20,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import zipfile
+import zlib
 from typing import Any, Sequence
 
 import numpy as np
@@ -251,6 +253,10 @@ def _images(x: Any, what: str) -> np.ndarray:
         "3 (RGB) channels are supported, with channels last")
   if 0 in x.shape:
     raise DataError(f"{what} is empty (shape {x.shape}); both splits need examples")
+  if min(x.shape[1:3]) < 2:
+    raise DataError(
+        f"{what} images are {x.shape[1]}x{x.shape[2]}; the ConvNet pools "
+        "each block's map 2x2, so images need at least 2 pixels per side")
   if x.dtype == np.uint8:
     return x.astype(np.float32) / np.float32(255.0)
   if not np.issubdtype(x.dtype, np.floating):
@@ -285,11 +291,16 @@ def _labels(y: Any, what: str, num_images: int) -> np.ndarray:
 def _num_classes(y_train: np.ndarray, num_classes: int | None) -> int:
   """Returns K, checking the given value against the training labels."""
   if num_classes is None:
+    if y_train.max() < 1:
+      raise DataError(
+          "y_train has a single class (every label is "
+          f"{int(y_train.max())}); a classifier needs at least two classes")
     return int(y_train.max()) + 1
   if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
     raise DataError(f"num_classes must be an integer, got {num_classes!r}")
-  if num_classes < 1:
-    raise DataError(f"num_classes must be >= 1, got {num_classes}")
+  if num_classes < 2:
+    raise DataError(f"num_classes must be >= 2 (a classifier needs two "
+                    f"classes), got {num_classes}")
   if y_train.max() >= num_classes:
     raise DataError(
         f"y_train has labels >= num_classes={num_classes} (max {y_train.max()})")
@@ -332,12 +343,41 @@ def _load_digits() -> Dataset:
                      num_classes_source="fixed by the dataset (10 digits)")
 
 
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a member, an empty archive
+_NPY_MAGIC = b"\x93NUMPY"
+_NPZ_HOW = ("an npz dataset is a zip archive of the arrays x_train, y_train, "
+            "x_test and y_test: np.savez(PATH, x_train=..., y_train=..., "
+            "x_test=..., y_test=...)")
+
+
+def _check_npz_file(path: str) -> None:
+  """Refuses, by its first bytes, anything that is not a zip archive."""
+  if os.path.isdir(path):
+    raise DataError(f"{path} is a directory, not an npz file; {_NPZ_HOW}")
+  if not os.path.exists(path):
+    raise DataError(f"npz file not found: {path}")
+  try:
+    with open(path, "rb") as f:
+      head = f.read(8)
+  except OSError as e:
+    raise DataError(f"cannot read {path}: {e.strerror or e}") from e
+  if not head:
+    raise DataError(f"{path} is empty (0 bytes); {_NPZ_HOW}")
+  if head.startswith(_NPY_MAGIC):
+    raise DataError(f"{path} is a .npy file (a single array), not an npz "
+                    f"archive; {_NPZ_HOW}")
+  if not head.startswith(_ZIP_MAGIC):
+    raise DataError(f"{path} is not an npz file (not a zip archive: it "
+                    f"starts with {head[:4]!r}); {_NPZ_HOW}")
+
+
 def _load_npz(path: str, num_classes: int | None = None) -> Dataset:
-  """Arrays x_train, y_train, x_test, y_test from a .npz file."""
+  """Arrays x_train, y_train, x_test, y_test from a .npz file. Every
+  problem with the file (not a zip archive, empty, truncated, corrupt, a
+  .npy, a directory, pickled objects) is a DataError naming the file."""
   if not path:
     raise DataError("npz spec needs a path: 'npz:PATH'")
-  if not os.path.isfile(path):
-    raise DataError(f"npz file not found: {path}")
+  _check_npz_file(path)
   try:
     with np.load(path, allow_pickle=False) as npz:
       required = ("x_train", "y_train", "x_test", "y_test")
@@ -346,11 +386,25 @@ def _load_npz(path: str, num_classes: int | None = None) -> Dataset:
         raise DataError(
             f"{path} lacks the arrays {missing} (it has {sorted(npz.files)}); an npz "
             "dataset needs x_train, y_train, x_test and y_test")
-      arrays = [npz[k] for k in required]
+      arrays = []
+      for k in required:
+        try:
+          arrays.append(npz[k])
+        except ValueError as e:
+          if "pickle" not in str(e):
+            raise
+          raise DataError(
+              f"{path}: array {k} holds Python objects (pickled), which are "
+              "refused because unpickling can run code; store plain numeric "
+              "arrays (uint8 or float images, integer labels)") from None
   except DataError:
     raise
-  except (OSError, ValueError) as e:
-    raise DataError(f"cannot read {path} as an .npz of plain arrays: {e}") from e
+  except (zipfile.BadZipFile, EOFError, zlib.error) as e:
+    raise DataError(f"{path} is truncated or corrupt ({type(e).__name__}: "
+                    f"{e}); write it again") from e
+  except (OSError, ValueError, KeyError) as e:
+    raise DataError(f"cannot read {path} as an npz of plain arrays "
+                    f"({type(e).__name__}: {e}); {_NPZ_HOW}") from e
   return from_arrays(*arrays, name=f"npz:{path}", num_classes=num_classes,
                      num_classes_source=(
                          "declared by the user (--num-classes)"

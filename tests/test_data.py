@@ -155,8 +155,54 @@ def test_npz_with_object_arrays_is_refused(tmp_path):
   path = tmp_path / "objects.npz"
   np.savez(path, x_train=np.array([None, 1], dtype=object), y_train=[0, 1],
            x_test=np.zeros((1, 2, 2)), y_test=[0])
-  with pytest.raises(DataError, match="cannot read"):
+  with pytest.raises(DataError, match="Python objects") as info:
     data.load_dataset(f"npz:{path}")
+  assert "allow_pickle" not in str(info.value)
+
+
+def _good_npz_bytes(tmp_path) -> bytes:
+  path = tmp_path / "good.npz"
+  rng = np.random.default_rng(0)
+  np.savez(path, x_train=rng.integers(0, 256, (20, 4, 4), dtype=np.uint8),
+           y_train=np.arange(20) % 2,
+           x_test=rng.integers(0, 256, (4, 4, 4), dtype=np.uint8),
+           y_test=np.arange(4) % 2)
+  return path.read_bytes()
+
+
+def _corrupt(raw: bytes) -> bytes:
+  """Flips bytes inside the first stored member's data (CRC mismatch)."""
+  start = raw.index(b"\x93NUMPY") + 200
+  return raw[:start] + bytes(b ^ 0xFF for b in raw[start:start + 16]) + (
+      raw[start + 16:])
+
+
+FILE_PROBLEMS = {
+    "truncated": (lambda raw: raw[:len(raw) // 2], "truncated or corrupt"),
+    "corrupted_bytes": (_corrupt, "truncated or corrupt"),
+    "empty_file": (lambda raw: b"", r"is empty \(0 bytes\)"),
+    "npy_renamed": (None, r"is a \.npy file"),
+    "text_file": (lambda raw: b"x_train,y_train\n1,2\n", "not a zip archive"),
+    "directory": (None, "is a directory"),
+}
+
+
+@pytest.mark.parametrize("kind", FILE_PROBLEMS)
+def test_every_npz_file_problem_is_a_data_error_naming_the_file(tmp_path,
+                                                                  kind):
+  make, message = FILE_PROBLEMS[kind]
+  path = tmp_path / "data.npz"
+  if kind == "npy_renamed":
+    np.save(tmp_path / "a.npy", np.zeros((3, 4, 4), np.uint8))
+    os.rename(tmp_path / "a.npy", path)
+  elif kind == "directory":
+    path.mkdir()
+  else:
+    path.write_bytes(make(_good_npz_bytes(tmp_path)))
+  with pytest.raises(DataError, match=message) as info:
+    data.load_dataset(f"npz:{path}")
+  assert str(path) in str(info.value)
+  assert "allow_pickle" not in str(info.value)
 
 
 def _valid() -> dict[str, Any]:
@@ -203,6 +249,14 @@ BAD_INPUTS = {
     "num_classes_beyond_present_classes": (_with(num_classes=5),
                                            r"no training examples: \[3, 4\]"),
     "bool_num_classes": (_with(num_classes=True), "num_classes must be an integer"),
+    "single_class": (_with(y_train=np.zeros(6, np.int64),
+                           y_test=np.zeros(3, np.int64)), "single class"),
+    "one_declared_class": (_with(y_train=np.zeros(6, np.int64),
+                                 y_test=np.zeros(3, np.int64), num_classes=1),
+                           "two classes"),
+    "one_pixel_images": (_with(x_train=np.zeros((6, 1, 1, 1), np.float32),
+                               x_test=np.zeros((3, 1, 1, 1), np.float32)),
+                         "at least 2 pixels per side"),
     "fewer_labels_than_images": (_with(y_train=np.array([0, 1, 2])), "mismatched lengths"),
     "empty_train_split": (_with(x_train=np.zeros((0, 4, 4, 1), np.float32),
                                 y_train=np.zeros((0,), np.int64)), "x_train is empty"),
