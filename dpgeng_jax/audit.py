@@ -87,7 +87,7 @@ import numpy as np
 from scipy import special, stats
 
 from dpgeng_jax import (accounting, augment, counts, expert, generator,
-                        mechanisms, models, noise, parallel, pergrad)
+                        mechanisms, models, noise, outputs, parallel, pergrad)
 from dpgeng_jax.errors import ConfigError, require_int
 
 MECHANISMS = ("feature_matching", "feature_matching_sharded", "dp_sgd",
@@ -737,7 +737,7 @@ def write_records(records: Sequence[AuditRecord], out: str,
     doc = {"records": doc, "sampler": sampler.to_dict(),
            "faults": [r.to_dict() for r in faults]}
   # pylint: disable-next=protected-access
-  pipeline._atomic_write(path, pipeline._json(doc))
+  outputs.atomic_write(path, pipeline._json(doc))
   return path
 
 

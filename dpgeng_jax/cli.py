@@ -152,15 +152,16 @@ def _distill(cfg: Config, retain_host_memory: bool = False) -> int:
                       None if cfg.process_id < 0 else cfg.process_id)
   writer = parallel.is_writer()
   pipeline.validate_config(cfg)
-  if writer:
-    pipeline.check_output_dir(cfg.out, cfg.overwrite)
-  if not cfg.quiet and writer:
-    print("resolved config:\n" + json.dumps(cfg.to_dict(), indent=2),
-          flush=True)
-  result = pipeline.run(cfg)
   if not writer:  # one set of outputs, written by process 0
+    pipeline.run(cfg)
     return 0
-  paths = pipeline.write_outputs(result, cfg.out, overwrite=cfg.overwrite)
+  # --out is created, locked and checked before any data is read.
+  with pipeline.output_dir(cfg.out, cfg.overwrite) as run_dir:
+    if not cfg.quiet:
+      print("resolved config:\n" + json.dumps(cfg.to_dict(), indent=2),
+            flush=True)
+    result = pipeline.run(cfg)
+    paths = pipeline.write_outputs(result, cfg.out, run_dir=run_dir)
   pr = result.privacy
   eps = pr["epsilon_pld"]
   print(f"privacy: {'private' if pr['private'] else 'NOT PRIVATE'}; "

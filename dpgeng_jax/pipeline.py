@@ -4,7 +4,7 @@ Stages (ALGORITHM.md): calibrate the noise for the target budget (reads no
 data), answer the Q private feature-matching queries once (the only stage
 that reads private examples), initialise and optimise the synthetic set
 against the cached targets (post-processing), evaluate on the real test
-split. `write_outputs` saves everything atomically.
+split. `write_outputs` publishes the files as one set (outputs.py).
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
-import tempfile
 import time
 from typing import Any, Callable
 
@@ -29,13 +27,12 @@ from dpgeng_jax import evaluate
 from dpgeng_jax import extractors, generator, mechanisms, models, parallel
 from dpgeng_jax import expert as expert_lib
 from dpgeng_jax import init as init_lib
+from dpgeng_jax import outputs
 from dpgeng_jax.config import Config, METHODS
 from dpgeng_jax.errors import ConfigError
 
 OUTPUT_FILES = ("distilled.npz", "privacy.json", "config.json", "grid.png",
                 "init_grid.png", "generated_grid.png", "metrics.json")
-# A directory holding any of these holds a finished run.
-FINISHED_MARKERS = ("distilled.npz", "privacy.json")
 
 
 @dataclasses.dataclass
@@ -151,14 +148,10 @@ def _check_delta(cfg: Config, sizes: counts_lib.ClassSizes) -> None:
         "delta allows releasing an example outright)")
 
 
-def check_output_dir(out: str, overwrite: bool) -> None:
-  """Refuses to replace a finished run unless `overwrite`."""
-  if os.path.exists(out) and not os.path.isdir(out):
-    raise ConfigError(f"--out {out!r} exists and is not a directory")
-  if not overwrite and os.path.isdir(out) and any(
-      os.path.exists(os.path.join(out, f)) for f in FINISHED_MARKERS):
-    raise ConfigError(f"--out {out!r} already holds a finished run; choose "
-                      "another directory or pass --overwrite")
+def output_dir(out: str, overwrite: bool) -> outputs.RunDirectory:
+  """--out as a RunDirectory for this run's output names (not yet open:
+  `open()` or `with` creates, locks and checks it)."""
+  return outputs.RunDirectory(out, overwrite=overwrite, names=OUTPUT_FILES)
 
 
 # ---------------------------------------------------------------------------
@@ -819,20 +812,6 @@ def _versions() -> dict:
 # Outputs.
 
 
-def _atomic_write(path: str, write: Callable[[Any], None], mode="w") -> None:
-  d = os.path.dirname(path) or "."
-  fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path),
-                             suffix=".tmp")
-  try:
-    with os.fdopen(fd, mode) as f:
-      write(f)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def _json(obj) -> Callable[[Any], None]:
   return lambda f: json.dump(obj, f, indent=2, sort_keys=False, default=str)
 
@@ -853,44 +832,35 @@ def grid_image(x: np.ndarray, num_classes: int, cell: int = 32):
                                    Image.NEAREST)
 
 
-def write_outputs(result: RunResult, out: str, overwrite: bool = False
-                  ) -> list[str]:
-  """Writes the run's files into `out`, each atomically."""
-  check_output_dir(out, overwrite)
-  os.makedirs(out, exist_ok=True)
+def write_outputs(result: RunResult, out: str, overwrite: bool = False,
+                  run_dir: outputs.RunDirectory | None = None) -> list[str]:
+  """Writes the run's files as one published set (outputs.RunDirectory):
+  staged, then moved into `out` with manifest.json last. `run_dir`: a
+  directory opened (and locked) before the run; otherwise one is opened
+  here."""
+  if run_dir is None:
+    with output_dir(out, overwrite) as rd:
+      return write_outputs(result, out, overwrite, rd)
   k = int(result.y.max()) + 1
-  paths = []
-
-  def p(name):
-    paths.append(os.path.join(out, name))
-    return paths[-1]
-
   decoded = {} if result.x_decoded is None else {
       "x_decoded": result.x_decoded, "y_decoded": result.y_decoded}
-  _atomic_write(p("distilled.npz"),
-                lambda f: np.savez(f, x=result.x, y=result.y,
-                                   factor=np.int32(result.factor), **decoded),
-                mode="wb")
-  _atomic_write(p("privacy.json"), _json(result.privacy))
-  _atomic_write(p("config.json"), _json(result.config))
-  _atomic_write(p("grid.png"),
-                lambda f: grid_image(result.x, k).save(f, format="PNG"),
-                mode="wb")
+  w = run_dir.write
+  w("distilled.npz", lambda f: np.savez(f, x=result.x, y=result.y,
+                                        factor=np.int32(result.factor),
+                                        **decoded), mode="wb")
+  w("privacy.json", _json(result.privacy))
+  w("config.json", _json(result.config))
+  w("grid.png", lambda f: grid_image(result.x, k).save(f, format="PNG"),
+    mode="wb")
   if result.x_generated is not None:
     per = min(10, len(result.x_generated) // k)
     xg = result.x_generated.reshape(k, -1, *result.x_generated.shape[1:])
-    _atomic_write(p("generated_grid.png"),
-                  lambda f: grid_image(xg[:, :per].reshape(
-                      -1, *xg.shape[2:]), k).save(f, format="PNG"),
-                  mode="wb")
+    w("generated_grid.png", lambda f: grid_image(xg[:, :per].reshape(
+        -1, *xg.shape[2:]), k).save(f, format="PNG"), mode="wb")
   if result.x_init is not None:
-    _atomic_write(p("init_grid.png"),
-                  lambda f: grid_image(result.x_init, k).save(f, format="PNG"),
-                  mode="wb")
+    w("init_grid.png",
+      lambda f: grid_image(result.x_init, k).save(f, format="PNG"), mode="wb")
   if result.metrics is not None:
-    _atomic_write(p("metrics.json"), _json(result.metrics))
-  for name in OUTPUT_FILES:  # stale files of a replaced run (--overwrite)
-    path = os.path.join(out, name)
-    if path not in paths and os.path.exists(path):
-      os.remove(path)
-  return paths
+    w("metrics.json", _json(result.metrics))
+  return run_dir.publish({"tool": "dpgeng_jax", "private":
+                          bool(result.privacy.get("private"))})

@@ -110,20 +110,6 @@ def test_dm_is_marked_non_private_everywhere(tmp_path):
   assert json.loads((out / "metrics.json").read_text())["private"] is False
 
 
-def test_finished_run_is_not_overwritten_without_flag(tmp_path, capsys):
-  out = tmp_path / "run"
-  assert _run(["--out", str(out), "--deterministic", "--no-eval",
-               *TINY]) == 0
-  before = (out / "distilled.npz").read_bytes()
-  assert _run(["--out", str(out), "--deterministic", "--no-eval",
-               "--seed", "1", *TINY]) == 2
-  assert "already holds a finished run" in capsys.readouterr().err
-  assert (out / "distilled.npz").read_bytes() == before
-  assert _run(["--out", str(out), "--deterministic", "--no-eval",
-               "--seed", "1", "--overwrite", *TINY]) == 0
-  assert (out / "distilled.npz").read_bytes() != before
-
-
 BAD_FLAGS = [
     (["--epsilon", "0"], "epsilon"),
     (["--epsilon", "-1"], "epsilon"),

@@ -1,0 +1,244 @@
+"""The run directory: one locked set of outputs, published all at once.
+
+A run writes nothing into --out until it has finished. At the start
+(before any data is read) `RunDirectory.open`:
+
+* creates --out and the staging directory `--out/.dpgeng-staging` (so an
+  unwritable --out fails at once, not after the run),
+* takes `--out/.dpgeng.lock` with an exclusive `flock` and writes its pid
+  into it: a second run into the same --out is refused before any work;
+  the kernel releases the lock when its process dies, so the lock file of
+  a killed run is recognised as stale and taken over (the file is removed
+  when the run ends),
+* refuses (unless --overwrite) a directory that holds a finished run, an
+  unfinished one (a staging directory left by a killed run), or any file
+  with one of this tool's output names that it did not write.
+
+Files are written into the staging directory (each atomically, with the
+permissions of the process's umask). `publish` then moves them into --out
+and writes `manifest.json` LAST: a run directory holds a finished run if
+and only if manifest.json exists, and the files it lists are that run's
+whole set. With --overwrite the previous manifest is removed first (its set
+is no longer marked finished) and only this tool's own output names are
+replaced or removed; other files in --out are never touched.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Callable, Iterable
+
+from dpgeng_jax.errors import ConfigError
+
+MANIFEST = "manifest.json"
+LOCK = ".dpgeng.lock"
+STAGING = ".dpgeng-staging"
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+def atomic_write(path: str, write: Callable[[Any], None], mode: str = "w"
+                 ) -> None:
+  """Writes `path` through a temporary file in its directory and one
+  rename; the file gets the permissions the umask gives a new file."""
+  d = os.path.dirname(path) or "."
+  fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path),
+                             suffix=".tmp")
+  try:
+    os.fchmod(fd, 0o666 & ~_umask())
+    with os.fdopen(fd, mode) as f:
+      write(f)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def _reason(e: OSError) -> str:
+  return e.strerror or str(e)
+
+
+def read_manifest(out: str) -> dict | None:
+  """The finished run's manifest in `out`, or None when there is none."""
+  try:
+    with open(os.path.join(out, MANIFEST)) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    return None
+  except (OSError, ValueError):
+    return {"files": []}  # unreadable: treated as a finished run of ours
+
+
+class RunDirectory:
+  """--out for one run: staged writes, a lock, one publish (see module
+  docstring). Use as a context manager, or `open()` ... `close()`."""
+
+  def __init__(self, out: str, *, overwrite: bool, names: Iterable[str],
+               what: str = "run"):
+    self.out = out
+    self.overwrite = overwrite
+    self.names = tuple(names)
+    self.what = what
+    self.staging = os.path.join(out, STAGING)
+    self._lock_fd: int | None = None
+    self._created = False
+    self._written: list[str] = []
+
+  # -- start -------------------------------------------------------------
+
+  def open(self) -> "RunDirectory":
+    out = self.out
+    if os.path.exists(out) and not os.path.isdir(out):
+      raise ConfigError(f"--out {out!r} exists and is not a directory")
+    self._created = not os.path.exists(out)
+    try:
+      os.makedirs(out, exist_ok=True)
+    except OSError as e:
+      raise ConfigError(f"cannot create --out {out!r}: {_reason(e)}") from e
+    self._lock()
+    try:
+      self._check_conflicts()
+      if os.path.isdir(self.staging):  # ours, left by a killed run
+        shutil.rmtree(self.staging)
+      os.mkdir(self.staging)
+      probe = os.path.join(self.staging, ".write-test")
+      with open(probe, "w") as f:
+        f.write("ok")
+      os.remove(probe)
+    except OSError as e:
+      self.close()
+      raise ConfigError(f"--out {out!r} is not writable: {_reason(e)}") from e
+    except BaseException:
+      self.close()
+      raise
+    return self
+
+  def _lock(self) -> None:
+    path = os.path.join(self.out, LOCK)
+    for _ in range(10):
+      try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+      except OSError as e:
+        raise ConfigError(f"--out {self.out!r} is not writable: "
+                          f"{_reason(e)}") from e
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except OSError as e:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
+          raise ConfigError(
+              f"--out {self.out!r} is in use by another run (pid "
+              f"{holder or '?'}; lock {path}); wait for it or choose "
+              "another directory") from None
+        raise ConfigError(f"cannot lock {path}: {_reason(e)}") from e
+      # The holder may have removed the file between our open and flock:
+      # then we hold a deleted file's lock; try again on the new one.
+      try:
+        same = os.fstat(fd).st_ino == os.stat(path).st_ino
+      except FileNotFoundError:
+        same = False
+      if same:
+        break
+      os.close(fd)
+    else:
+      raise ConfigError(f"cannot lock {path}: it keeps being replaced")
+    # A lock file whose flock was free belonged to a finished or killed
+    # process (stale): it is taken over.
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    self._lock_fd = fd
+
+  def _check_conflicts(self) -> None:
+    if self.overwrite:
+      return
+    out = self.out
+    if read_manifest(out) is not None:
+      raise ConfigError(f"--out {out!r} already holds a finished "
+                        f"{self.what}; choose another directory or pass "
+                        "--overwrite")
+    if os.path.isdir(self.staging) and os.listdir(self.staging):
+      raise ConfigError(
+          f"--out {out!r} holds an unfinished {self.what} (killed before "
+          f"it was published; its files are in {self.staging}); pass "
+          "--overwrite to discard it, or choose another directory")
+    foreign = [n for n in self.names if os.path.lexists(os.path.join(out, n))]
+    if foreign:
+      raise ConfigError(
+          f"--out {out!r} holds files with this tool's output names that "
+          f"no finished {self.what} of it lists: {', '.join(foreign)}; "
+          "choose another directory, or pass --overwrite to replace them "
+          "(only these names are ever replaced)")
+
+  # -- writing -----------------------------------------------------------
+
+  def write(self, name: str, write: Callable[[Any], None],
+            mode: str = "w") -> str:
+    """Writes one output into the staging directory; its final path."""
+    if name not in self.names:
+      raise ValueError(f"{name!r} is not one of the output names "
+                       f"{self.names}")
+    atomic_write(os.path.join(self.staging, name), write, mode)
+    if name not in self._written:
+      self._written.append(name)
+    return os.path.join(self.out, name)
+
+  def publish(self, info: dict | None = None) -> list[str]:
+    """Moves the staged files into --out and writes the manifest last."""
+    out = self.out
+    manifest = {"files": list(self._written), **(info or {})}
+    atomic_write(os.path.join(self.staging, MANIFEST),
+                 lambda f: json.dump(manifest, f, indent=2))
+    old = os.path.join(out, MANIFEST)
+    if os.path.lexists(old):
+      os.remove(old)  # the old set is no longer marked finished
+    for name in self._written:
+      os.replace(os.path.join(self.staging, name), os.path.join(out, name))
+    for name in self.names:  # our names a replaced run left behind
+      path = os.path.join(out, name)
+      if name not in self._written and os.path.lexists(path):
+        os.remove(path)
+    os.replace(os.path.join(self.staging, MANIFEST), old)
+    shutil.rmtree(self.staging, ignore_errors=True)
+    return [os.path.join(out, n) for n in self._written]
+
+  # -- end ---------------------------------------------------------------
+
+  def close(self) -> None:
+    """Releases and removes the lock; an empty staging directory is
+    removed (one with files is kept: an unfinished run, refused later
+    without --overwrite), and so is an --out this run created and left
+    empty (a run that failed before writing anything)."""
+    try:
+      if os.path.isdir(self.staging) and not os.listdir(self.staging):
+        os.rmdir(self.staging)
+    except OSError:
+      pass
+    if self._lock_fd is not None:
+      try:
+        os.remove(os.path.join(self.out, LOCK))
+      except OSError:
+        pass
+      os.close(self._lock_fd)
+      self._lock_fd = None
+    if self._created:
+      try:
+        os.rmdir(self.out)  # only if empty
+      except OSError:
+        pass
+
+  def __enter__(self) -> "RunDirectory":
+    return self.open()
+
+  def __exit__(self, *exc) -> None:
+    self.close()

@@ -1,0 +1,178 @@
+"""--out as one locked, atomically published set that never touches a
+user's files (outputs.RunDirectory and the `dpgeng distill` command)."""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from dpgeng_jax import cli, data, outputs, pipeline
+
+TINY = ["--method", "ndpdc", "--ipc", "2", "--steps", "2", "--num-queries",
+        "2", "--extractor-width", "8", "--deterministic", "--no-eval",
+        "--quiet"]
+USER_FILES = {"metrics.json": b'{"mine": 1}', "generated_grid.png": b"png?",
+              "config.json": b'{"lr": 3}', "grid.png": b"mine",
+              "notes.txt": b"my notes"}
+
+
+def _distill(out, *flags):
+  return cli.main(["distill", "--out", str(out), *TINY, *flags])
+
+
+def _user_dir(tmp_path):
+  out = tmp_path / "out"
+  out.mkdir()
+  for name, raw in USER_FILES.items():
+    (out / name).write_bytes(raw)
+  return out
+
+
+def _no_data_read(monkeypatch):
+  def refuse(*a, **k):
+    raise AssertionError("the dataset was read before --out was checked")
+  monkeypatch.setattr(data, "load_dataset", refuse)
+
+
+def test_users_files_are_never_touched_without_overwrite(tmp_path, capsys,
+                                                         monkeypatch):
+  out = _user_dir(tmp_path)
+  _no_data_read(monkeypatch)
+  assert _distill(out) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("dpgeng: error:") and "metrics.json" in err
+  assert {p.name: p.read_bytes() for p in out.iterdir()} == USER_FILES
+
+
+def test_overwrite_replaces_only_the_tools_own_names(tmp_path):
+  out = _user_dir(tmp_path)
+  assert _distill(out, "--overwrite") == 0
+  assert (out / "notes.txt").read_bytes() == b"my notes"
+  # --no-eval writes no metrics.json: the user's file of that name is one
+  # of our names, so --overwrite removes it; generated_grid.png likewise.
+  assert not (out / "metrics.json").exists()
+  assert not (out / "generated_grid.png").exists()
+  manifest = json.loads((out / outputs.MANIFEST).read_text())
+  assert set(manifest["files"]) == {"distilled.npz", "privacy.json",
+                                    "config.json", "grid.png", "init_grid.png"}
+  assert sorted(p.name for p in out.iterdir()) == sorted(
+      manifest["files"] + [outputs.MANIFEST, "notes.txt"])
+
+
+def test_finished_run_is_refused_and_replaced_with_overwrite(tmp_path,
+                                                             capsys):
+  out = tmp_path / "run"
+  assert _distill(out) == 0
+  before = (out / "distilled.npz").read_bytes()
+  assert _distill(out, "--seed", "1") == 2
+  assert "already holds a finished run" in capsys.readouterr().err
+  assert (out / "distilled.npz").read_bytes() == before
+  assert _distill(out, "--seed", "1", "--overwrite") == 0
+  assert (out / "distilled.npz").read_bytes() != before
+
+
+def test_second_run_into_a_locked_out_is_refused_before_any_work(
+    tmp_path, capsys, monkeypatch):
+  out = tmp_path / "run"
+  with pipeline.output_dir(str(out), False):
+    _no_data_read(monkeypatch)
+    assert _distill(out) == 2
+    err = capsys.readouterr().err
+    assert "in use by another run" in err and str(os.getpid()) in err
+  assert not out.exists()  # the holder wrote nothing and cleaned up
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
+  out = tmp_path / "run"
+  out.mkdir()
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True, check=True).stdout
+  (out / outputs.LOCK).write_text(dead)
+  assert _distill(out) == 0
+  assert not (out / outputs.LOCK).exists()
+
+
+def test_interrupted_publish_leaves_no_finished_looking_set(tmp_path,
+                                                           monkeypatch,
+                                                           capsys):
+  """A kill between the renames of the publish: the manifest (written
+  last) is absent, so no reader takes the partial set for a run, and a
+  later run neither protects it as finished nor overwrites it silently."""
+  out = tmp_path / "run"
+  real_replace, moved = os.replace, []
+
+  def replace_then_die(src, dst):
+    if os.path.basename(os.path.dirname(src)) == outputs.STAGING and (
+        os.path.dirname(dst) == str(out)):
+      if moved:
+        raise KeyboardInterrupt
+      moved.append(dst)
+    return real_replace(src, dst)
+
+  monkeypatch.setattr(outputs.os, "replace", replace_then_die)
+  with pytest.raises(KeyboardInterrupt):
+    _distill(out)
+  monkeypatch.setattr(outputs.os, "replace", real_replace)
+  assert len(moved) == 1 and os.path.exists(moved[0])
+  assert outputs.read_manifest(str(out)) is None
+  assert _distill(out) == 2
+  err = capsys.readouterr().err
+  assert "unfinished run" in err and "finished run;" not in err
+  assert _distill(out, "--overwrite") == 0
+  assert outputs.read_manifest(str(out)) is not None
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "proc", "read_only"])
+def test_unwritable_out_fails_before_the_data_is_read(tmp_path, capsys,
+                                                      monkeypatch, where):
+  if where == "under_a_file":
+    (tmp_path / "f").write_text("x")
+    out = tmp_path / "f" / "run"
+  elif where == "proc":
+    out = "/proc/dpgeng_run"
+  else:
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    os.chmod(ro, 0o555)
+    if os.access(ro, os.W_OK):  # root ignores the mode bits
+      pytest.skip("running as a user who can write any directory")
+    out = ro / "run"
+  _no_data_read(monkeypatch)
+  assert _distill(out) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("dpgeng: error:") and "--out" in err
+
+
+def test_read_only_mount_fails_before_the_data_is_read(tmp_path, capsys,
+                                                       monkeypatch):
+  """A directory that exists but refuses writes (EROFS/EACCES): simulated
+  by making the lock file's creation fail as on a read-only mount."""
+  out = tmp_path / "mounted"
+  out.mkdir()
+  real_open = os.open
+
+  def erofs(path, flags, *a):
+    if str(path).startswith(str(out)) and flags & os.O_CREAT:
+      raise OSError(30, "Read-only file system", str(path))
+    return real_open(path, flags, *a)
+
+  monkeypatch.setattr(outputs.os, "open", erofs)
+  _no_data_read(monkeypatch)
+  assert _distill(out) == 2
+  assert "Read-only file system" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_output_files_follow_the_umask(tmp_path, umask):
+  old = os.umask(umask)
+  try:
+    with pipeline.output_dir(str(tmp_path / "run"), False) as rd:
+      rd.write("privacy.json", lambda f: f.write("{}"))
+      paths = rd.publish()
+  finally:
+    os.umask(old)
+  for path in paths + [str(tmp_path / "run" / outputs.MANIFEST)]:
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask, path
