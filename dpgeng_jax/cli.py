@@ -27,7 +27,8 @@ def _flag(name: str) -> str:
 
 
 def _add_config_options(parser: argparse.ArgumentParser,
-                        skip: tuple[str, ...] = ()) -> None:
+                        skip: tuple[str, ...] = (),
+                        defaults: bool = True) -> None:
   groups = {}
   for f in dataclasses.fields(Config):
     if f.name in skip:
@@ -37,12 +38,13 @@ def _add_config_options(parser: argparse.ArgumentParser,
       groups[group] = parser.add_argument_group(f"{group} options")
     g = groups[group]
     help_text = f.metadata.get("help", "")
+    default = f.default if defaults else argparse.SUPPRESS
     if f.type in ("bool", bool):
       g.add_argument(_flag(f.name), dest=f.name, action="store_true",
-                     default=f.default, help=help_text)
+                     default=default, help=help_text)
       continue
     typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-    g.add_argument(_flag(f.name), dest=f.name, type=typ, default=f.default,
+    g.add_argument(_flag(f.name), dest=f.name, type=typ, default=default,
                    choices=f.metadata.get("choices"),
                    help=f"{help_text} (default: %(default)s)")
 
@@ -107,7 +109,8 @@ def _add_mia_parser(sub) -> None:
       "runs) against the set a method releases",
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   # The distill options, less those the attack sets itself.
-  _add_config_options(p, skip=("method", "out", "no_eval", "references"))
+  _add_config_options(p, skip=("method", "out", "no_eval", "references",
+                               "resume", "checkpoint_every"))
   g = p.add_argument_group("membership inference options")
   # Validated by mia.validate (one-line error), so no argparse choices.
   g.add_argument("--method", default="dpgeng",
@@ -121,6 +124,37 @@ def _add_mia_parser(sub) -> None:
                  "shadows)")
   g.add_argument("--out", default=None,
                  help="directory for mia.json; None: print only")
+
+
+def _given_options(argv) -> dict:
+  """The distill options given on the command line (not defaulted)."""
+  parser = argparse.ArgumentParser(add_help=False)
+  _add_config_options(parser, defaults=False)
+  given, _ = parser.parse_known_args(argv)
+  return vars(given)
+
+
+def resume_config(cfg: Config, argv) -> Config:
+  """--resume DIR: the saved run's configuration, with the options given
+  now on top (those that change the guarantee or a release must equal the
+  saved ones; stages.StageStore.check says which differ)."""
+  from dpgeng_jax import outputs, pipeline, stages
+
+  store = stages.StageStore(os.path.join(cfg.resume, outputs.STAGING,
+                                         pipeline.STAGES_DIR))
+  if not store.exists():
+    if outputs.read_manifest(cfg.resume) is not None:
+      raise ConfigError(f"--resume {cfg.resume!r}: that run has finished; "
+                        "there is nothing to resume")
+    raise ConfigError(f"--resume {cfg.resume!r}: no unfinished run there "
+                      f"(no {store.path})")
+  saved = store.config()
+  given = _given_options(argv)
+  merged = {**saved, **given, "resume": cfg.resume, "out": cfg.resume}
+  names = {f.name for f in dataclasses.fields(Config)}
+  new = Config(**{k: v for k, v in merged.items() if k in names})
+  store.check(json.loads(json.dumps(new.to_dict())))
+  return new
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -156,12 +190,18 @@ def _distill(cfg: Config, retain_host_memory: bool = False) -> int:
     pipeline.run(cfg)
     return 0
   # --out is created, locked and checked before any data is read.
-  with pipeline.output_dir(cfg.out, cfg.overwrite) as run_dir:
+  with pipeline.output_dir(cfg.out, cfg.overwrite,
+                           resume=bool(cfg.resume)) as run_dir:
+    store = pipeline.stage_store(run_dir)
     if not cfg.quiet:
       print("resolved config:\n" + json.dumps(cfg.to_dict(), indent=2),
             flush=True)
-    result = pipeline.run(cfg)
-    paths = pipeline.write_outputs(result, cfg.out, run_dir=run_dir)
+      if cfg.resume:
+        print("resuming after the stages " + ", ".join(
+            store.state()["finished"]), flush=True)
+    result = pipeline.run(cfg, store=store)
+    paths = pipeline.write_outputs(result, cfg.out, run_dir=run_dir,
+                                   store=store)
   pr = result.privacy
   eps = pr["epsilon_pld"]
   print(f"privacy: {'private' if pr['private'] else 'NOT PRIVATE'}; "
@@ -290,7 +330,10 @@ def main(argv=None, retain_host_memory: bool = False) -> int:
   args = parser.parse_args(argv)
   try:
     if args.command == "distill":
-      return _distill(config_from_args(args), retain_host_memory)
+      cfg = config_from_args(args)
+      if cfg.resume:
+        cfg = resume_config(cfg, sys.argv[1:] if argv is None else argv)
+      return _distill(cfg, retain_host_memory)
     if args.command == "plan":
       return _plan(config_from_args(args))
     if args.command == "audit":

@@ -180,6 +180,14 @@ class Config:
                            "from --seed; the run is then NOT private",
                            "run")
   overwrite: bool = _f(False, "replace a finished run in --out", "run")
+  resume: str = _f("", "continue the unfinished run in DIR (its --out) "
+                   "after its last finished stage, without running again "
+                   "any private mechanism whose release is saved; options "
+                   "not given are the saved run's, and options that change "
+                   "the guarantee or a release must not differ", "run")
+  checkpoint_every: int = _f(200, "save the distillation state every N "
+                             "steps (a killed run resumes mid-way; 0: only "
+                             "at the end)", "run")
   quiet: bool = _f(False, "no progress bars or config print", "run")
 
   def to_dict(self) -> dict[str, Any]:

@@ -84,9 +84,10 @@ class RunDirectory:
   docstring). Use as a context manager, or `open()` ... `close()`."""
 
   def __init__(self, out: str, *, overwrite: bool, names: Iterable[str],
-               what: str = "run"):
+               what: str = "run", resume: bool = False):
     self.out = out
     self.overwrite = overwrite
+    self.resume = resume
     self.names = tuple(names)
     self.what = what
     self.staging = os.path.join(out, STAGING)
@@ -107,10 +108,13 @@ class RunDirectory:
       raise ConfigError(f"cannot create --out {out!r}: {_reason(e)}") from e
     self._lock()
     try:
-      self._check_conflicts()
-      if os.path.isdir(self.staging):  # ours, left by a killed run
-        shutil.rmtree(self.staging)
-      os.mkdir(self.staging)
+      if self.resume:
+        self._check_resumable()
+      else:
+        self._check_conflicts()
+        if os.path.isdir(self.staging):  # ours, left by a killed run
+          shutil.rmtree(self.staging)
+        os.mkdir(self.staging)
       probe = os.path.join(self.staging, ".write-test")
       with open(probe, "w") as f:
         f.write("ok")
@@ -159,6 +163,14 @@ class RunDirectory:
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     self._lock_fd = fd
 
+  def _check_resumable(self) -> None:
+    if read_manifest(self.out) is not None:
+      raise ConfigError(f"--resume {self.out!r}: that {self.what} has "
+                        "finished; there is nothing to resume")
+    if not (os.path.isdir(self.staging) and os.listdir(self.staging)):
+      raise ConfigError(f"--resume {self.out!r}: no unfinished {self.what} "
+                        f"there (no saved stages in {self.staging})")
+
   def _check_conflicts(self) -> None:
     if self.overwrite:
       return
@@ -193,6 +205,16 @@ class RunDirectory:
       self._written.append(name)
     return os.path.join(self.out, name)
 
+  def adopt(self, name: str) -> None:
+    """Publishes `name`, a file or directory already in the staging
+    directory (such as the saved stages)."""
+    if name not in self.names:
+      raise ValueError(f"{name!r} is not one of the output names")
+    if not os.path.lexists(os.path.join(self.staging, name)):
+      raise FileNotFoundError(os.path.join(self.staging, name))
+    if name not in self._written:
+      self._written.append(name)
+
   def publish(self, info: dict | None = None) -> list[str]:
     """Moves the staged files into --out and writes the manifest last."""
     out = self.out
@@ -203,11 +225,17 @@ class RunDirectory:
     if os.path.lexists(old):
       os.remove(old)  # the old set is no longer marked finished
     for name in self._written:
-      os.replace(os.path.join(self.staging, name), os.path.join(out, name))
+      dst = os.path.join(out, name)
+      if os.path.isdir(dst) and not os.path.islink(dst):
+        shutil.rmtree(dst)  # our name (refused without --overwrite)
+      os.replace(os.path.join(self.staging, name), dst)
     for name in self.names:  # our names a replaced run left behind
       path = os.path.join(out, name)
       if name not in self._written and os.path.lexists(path):
-        os.remove(path)
+        if os.path.isdir(path) and not os.path.islink(path):
+          shutil.rmtree(path)
+        else:
+          os.remove(path)
     os.replace(os.path.join(self.staging, MANIFEST), old)
     shutil.rmtree(self.staging, ignore_errors=True)
     return [os.path.join(out, n) for n in self._written]

@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import time
 from typing import Any, Callable
 
@@ -28,11 +29,14 @@ from dpgeng_jax import extractors, generator, mechanisms, models, parallel
 from dpgeng_jax import expert as expert_lib
 from dpgeng_jax import init as init_lib
 from dpgeng_jax import outputs
+from dpgeng_jax import stages
 from dpgeng_jax.config import Config, METHODS
 from dpgeng_jax.errors import ConfigError
 
+STAGES_DIR = "stages"  # the saved stage results (stages.py), published too
 OUTPUT_FILES = ("distilled.npz", "privacy.json", "config.json", "grid.png",
-                "init_grid.png", "generated_grid.png", "metrics.json")
+                "init_grid.png", "generated_grid.png", "metrics.json",
+                STAGES_DIR)
 
 
 @dataclasses.dataclass
@@ -135,6 +139,9 @@ def validate_config(cfg: Config) -> None:
                       f"{jax.device_count()} device(s)")
   if cfg.devices not in (0, jax.device_count()) and jax.process_count() > 1:
     raise ConfigError("a multi-process run uses every device (devices=0)")
+  if cfg.checkpoint_every < 0:
+    raise ConfigError(f"checkpoint_every must be >= 0, got "
+                      f"{cfg.checkpoint_every}")
 
 
 def _check_delta(cfg: Config, sizes: counts_lib.ClassSizes) -> None:
@@ -148,10 +155,18 @@ def _check_delta(cfg: Config, sizes: counts_lib.ClassSizes) -> None:
         "delta allows releasing an example outright)")
 
 
-def output_dir(out: str, overwrite: bool) -> outputs.RunDirectory:
+def output_dir(out: str, overwrite: bool, resume: bool = False
+               ) -> outputs.RunDirectory:
   """--out as a RunDirectory for this run's output names (not yet open:
-  `open()` or `with` creates, locks and checks it)."""
-  return outputs.RunDirectory(out, overwrite=overwrite, names=OUTPUT_FILES)
+  `open()` or `with` creates, locks and checks it). `resume`: continue the
+  unfinished run staged there."""
+  return outputs.RunDirectory(out, overwrite=overwrite, names=OUTPUT_FILES,
+                              resume=resume)
+
+
+def stage_store(run_dir: outputs.RunDirectory) -> stages.StageStore:
+  """Where a run's stages are saved: inside its staging directory."""
+  return stages.StageStore(os.path.join(run_dir.staging, STAGES_DIR))
 
 
 # ---------------------------------------------------------------------------
@@ -396,13 +411,19 @@ def _class_sizes(cfg: Config, plan: Plan, ds: data_lib.Dataset, mechs,
 
 
 def run(cfg: Config, dataset: data_lib.Dataset | None = None,
-        log: Callable[[str], Any] | None = print) -> RunResult:
+        log: Callable[[str], Any] | None = print,
+        store: stages.StageStore | None = None) -> RunResult:
   """Runs the configured method.
 
   Private data is read only by the mechanisms: the class-count release
   (M_N), the built-in generator's release (M_G), the feature-matching
   queries (M_F) and the expert's DP-SGD (M_E). Every later use of the
   class sizes reads M_N's release (or sizes the user declared public).
+
+  With a `store` (stages.StageStore) every stage's result is saved as soon
+  as it is done; a store that already holds stages (a killed run, checked
+  against this configuration and dataset) is resumed: finished stages are
+  loaded, not run, so no saved release is drawn again.
   """
   log = log or (lambda s: None)
   quiet = cfg.quiet
@@ -414,6 +435,15 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
       ds.num_classes != cfg.num_classes):
     raise ConfigError(f"num_classes={cfg.num_classes} but the dataset has "
                       f"{ds.num_classes} classes")
+  if jax.process_count() > 1:
+    store = None  # stages are saved by single-process runs only
+  if store is not None:
+    data_id = stages.fingerprint(ds.x_train, ds.y_train, ds.num_classes)
+    if store.exists():
+      store.check(_resume_view(cfg), data_id)
+    else:
+      store.start(_resume_view(cfg), data_id)
+  done = (lambda name: store is not None and store.finished(name))
   timings = {}
   t0 = time.time()
   k, image_shape = ds.num_classes, tuple(ds.image_shape)
@@ -459,7 +489,12 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
   s_counts, s_gen, s_query, s_expert = jax.random.split(secret, 4)
 
   # 1. Accounting (no data read).
-  mechs = _mechanisms(cfg, plan)
+  if done("calibrate"):  # the noise the saved releases were drawn with
+    mechs = [accounting.Mechanism(**m) for m in store.load("calibrate")[2]]
+  else:
+    mechs = _mechanisms(cfg, plan)
+    if store is not None:
+      store.save("calibrate", info=[dataclasses.asdict(m) for m in mechs])
   split = delta_split(cfg, plan)
   events = abort_events(cfg, plan, k)
   log_tail = split.log_tail(cfg.epsilon, events) if events else None
@@ -469,7 +504,14 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
 
   # 1b. The class sizes (M_N), before any other private release.
   t1 = time.time()
-  sizes = _class_sizes(cfg, plan, ds, mechs, s_counts, log_tail)
+  if plan.count_release and done("class_sizes"):
+    noisy = store.load("class_sizes")[0]["noisy_counts"]
+    sizes = counts_lib.released_sizes(
+        noisy, _by_name(mechs, "class_counts").noise_multiplier, log_tail)
+  else:
+    sizes = _class_sizes(cfg, plan, ds, mechs, s_counts, log_tail)
+    if store is not None and plan.count_release:
+      store.save("class_sizes", arrays={"noisy_counts": sizes.estimate})
   del s_counts
   if sizes is not None:
     _check_delta(cfg, sizes)
@@ -484,10 +526,18 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
   pool = trained = gen_cm = None
   if plan.uses_generated:
     t1 = time.time()
-    if plan.builtin_generator:
+    if plan.builtin_generator and done("generate"):
+      saved = store.load("generate")[0]
+      x_gen, y_gen, gen_counts = (saved["x_gen"], saved["y_gen"],
+                                  saved["noisy_counts"])
+    elif plan.builtin_generator:
       x_gen, y_gen, gen_counts = _builtin_generate(
           cfg, ds, x_train, k_gen, s_gen, _by_name(mechs, "generator"), mesh,
           sizes)
+      if store is not None:
+        store.save("generate", arrays={"x_gen": x_gen, "y_gen": y_gen,
+                                       "noisy_counts": gen_counts})
+    if plan.builtin_generator:
       # Post-processing: the generator's release carries its own noisy
       # class counts (std sqrt(2) sigma_G); combined with M_N's they give
       # the normalisation constants a smaller error.
@@ -503,13 +553,18 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
                                width=cfg.extractor_width)
     total = cfg.pool_models * evaluate.training_steps(len(x_gen_n), pcfg,
                                                       cfg.pool_epochs)
-    with tqdm(total=total, desc="extractor pool (generated data)",
-              disable=quiet) as bar:
-      pool = extractors.train_generated_pool(
-          k_pool, x_gen_n, y_gen, num_classes=k, model=extractor_model,
-          num_models=cfg.pool_models, epochs=cfg.pool_epochs,
-          checkpoints=cfg.pool_checkpoints, cfg=pcfg, progress=bar.update,
-          mesh=train_mesh)
+    if done("pool"):
+      pool = store.load("pool")[1]["pool"]
+    else:
+      with tqdm(total=total, desc="extractor pool (generated data)",
+                disable=quiet) as bar:
+        pool = extractors.train_generated_pool(
+            k_pool, x_gen_n, y_gen, num_classes=k, model=extractor_model,
+            num_models=cfg.pool_models, epochs=cfg.pool_epochs,
+            checkpoints=cfg.pool_checkpoints, cfg=pcfg, progress=bar.update,
+            mesh=train_mesh)
+      if store is not None:
+        store.save("pool", trees={"pool": pool})
     # The last checkpoint of the last pool member: a fully trained
     # extractor, used for k-means and as the expert's pretraining.
     trained = extractors.fixed_pool(pool)(None,
@@ -534,8 +589,15 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
         capacity=mechanisms.poisson_capacity(sizes.bound, cfg.sampling_rate,
                                              log_tail=_tail(log_tail)),
         strategy=cfg.strategy)
-    targets, spec = _answer_queries(cfg, spec, plan_q, k_query, x_train, ds,
-                                    s_query, mesh, sizes, log_tail)
+    if done("query"):
+      saved, _, capacity = store.load("query")
+      targets = jnp.asarray(saved["targets"])
+      spec = dataclasses.replace(spec, capacity=capacity)
+    else:
+      targets, spec = _answer_queries(cfg, spec, plan_q, k_query, x_train,
+                                      ds, s_query, mesh, sizes, log_tail)
+      if store is not None:
+        store.save("query", arrays={"targets": targets}, info=spec.capacity)
     timings["queries_s"] = time.time() - t1
   del s_query
 
@@ -545,20 +607,27 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
   if plan.expert:
     t1 = time.time()
     mech_e = _by_name(mechs, "expert")
-    with tqdm(total=cfg.expert_steps, desc="DP expert (DP-SGD)",
-              disable=quiet) as bar:
-      e_params = expert_lib.dp_finetune(
-          trained, extractor_model, x_train, ds.y_train,
-          cfg=_expert_config(cfg), noise_multiplier=mech_e.noise_multiplier,
-          secret=s_expert, progress=bar.update, mesh=mesh,
-          microbatch=cfg.microbatch, num_rows=sizes.total_bound,
-          expected_size=sizes.total_estimate, log_tail=_tail(log_tail))
-    expert_info = {
-        "test_accuracy_pretrained_on_generated": expert_lib.accuracy(
-            trained, extractor_model, x_test, ds.y_test),
-        "test_accuracy_after_dp_finetuning": expert_lib.accuracy(
-            e_params, extractor_model, x_test, ds.y_test),
-        "note": "expert test accuracy is logged for information only"}
+    if done("expert"):
+      _, trees, expert_info = store.load("expert")
+      e_params = trees["params"]
+    else:
+      with tqdm(total=cfg.expert_steps, desc="DP expert (DP-SGD)",
+                disable=quiet) as bar:
+        e_params = expert_lib.dp_finetune(
+            trained, extractor_model, x_train, ds.y_train,
+            cfg=_expert_config(cfg),
+            noise_multiplier=mech_e.noise_multiplier, secret=s_expert,
+            progress=bar.update, mesh=mesh, microbatch=cfg.microbatch,
+            num_rows=sizes.total_bound, expected_size=sizes.total_estimate,
+            log_tail=_tail(log_tail))
+      expert_info = {
+          "test_accuracy_pretrained_on_generated": expert_lib.accuracy(
+              trained, extractor_model, x_test, ds.y_test),
+          "test_accuracy_after_dp_finetuning": expert_lib.accuracy(
+              e_params, extractor_model, x_test, ds.y_test),
+          "note": "expert test accuracy is logged for information only"}
+      if store is not None:
+        store.save("expert", trees={"params": e_params}, info=expert_info)
     p_ref = expert_lib.reference_distributions(e_params, extractor_model,
                                                gen_cm, cfg.expert_tau)
     extra_loss = lambda dec: cfg.expert_weight * expert_lib.alignment_loss(
@@ -569,7 +638,9 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
 
   # 4. Initialisation (post-processing, or real images for dm).
   t2 = time.time()
-  if plan.init == "generated" or cfg.method == "generator":
+  if done("init"):
+    images = jnp.asarray(store.load("init")[0]["images"])
+  elif plan.init == "generated" or cfg.method == "generator":
     embed = lambda xb: plan_q.embed_fn(trained, xb)
     chosen = init_lib.select_per_class(k_init, embed, gen_cm, m_stored * f * f)
     images = init_lib.encode(chosen, f)
@@ -579,6 +650,8 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
     images = init_lib.encode(jnp.asarray(xs.reshape(k, -1, *image_shape)), f)
   else:
     images = jax.random.normal(k_init, (k, m_stored, *image_shape))
+  if store is not None and not done("init"):
+    store.save("init", arrays={"images": images})
 
   x_init = np.asarray(images).reshape(k * m_stored, *image_shape)
 
@@ -592,11 +665,8 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
                              extra_loss=extra_loss)
     counts = jnp.asarray(sizes.expected_counts(cfg.sampling_rate),
                          jnp.float32)
-    losses = []
-    for _ in tqdm(range(cfg.steps), desc="distillation", disable=quiet):
-      state, loss = step(state, targets, counts, k_query)
-      losses.append(loss)
-    losses = np.asarray(jnp.stack(losses)) if losses else np.zeros(0)
+    state, losses = _distill_loop(cfg, store, state, step, targets, counts,
+                                  k_query)
     images = state.images
   stored = np.asarray(images).reshape(k * m_stored, *image_shape)
   decoded = np.asarray(init_lib.decode(images, f)).reshape(-1, *image_shape)
@@ -607,7 +677,9 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
   # 6. Evaluation on the real test split.
   reasons = nonprivate_reasons(cfg, plan)
   metrics = None
-  if not cfg.no_eval:
+  if not cfg.no_eval and done("evaluate"):
+    metrics = store.load("evaluate")[2]
+  elif not cfg.no_eval:
     t3 = time.time()
     ecfg = _eval_config(cfg, depth)
     metrics = _evaluate(k_eval, decoded, y_decoded, x_test, ds.y_test, k,
@@ -625,6 +697,9 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
       metrics["references_note"] = (
           "references are NOT private: they train on real training images")
     timings["evaluation_s"] = time.time() - t3
+    if store is not None:
+      store.save("evaluate", info=metrics)
+  if metrics is not None:
     if expert_info is not None:
       metrics["expert"] = expert_info
     metrics.update(method=cfg.method,
@@ -677,6 +752,36 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
                    x_decoded=_denormalize(ds, decoded), y_decoded=y_decoded,
                    x_generated=None if x_gen is None else np.asarray(x_gen),
                    x_init=_denormalize(ds, x_init))
+
+
+def _resume_view(cfg: Config) -> dict:
+  """The configuration a resumed run is checked against (stages.check)."""
+  return json.loads(json.dumps(cfg.to_dict()))
+
+
+def _distill_loop(cfg: Config, store, state, step, targets, counts, key):
+  """cfg.steps image updates from `state`; with a store, the state is
+  saved every cfg.checkpoint_every steps and at the end, and a saved one
+  is resumed from. Returns (state, the loss of every step)."""
+  name = "distill"
+  losses: list = []
+  if store is not None and store.finished(name):
+    arrays, trees, _ = store.load(name, targets={"state": state})
+    state, losses = trees["state"], list(arrays["losses"])
+  with tqdm(total=cfg.steps, initial=len(losses), desc="distillation",
+            disable=cfg.quiet) as bar:
+    while len(losses) < cfg.steps:
+      state, loss = step(state, targets, counts, key)
+      losses.append(loss)
+      bar.update(1)
+      n = len(losses)
+      if store is not None and (n == cfg.steps or (
+          cfg.checkpoint_every and n % cfg.checkpoint_every == 0)):
+        store.save(name, arrays={"losses": np.asarray(
+            jnp.stack(losses) if n else np.zeros(0))},
+                   trees={"state": state}, info={"step": n})
+  losses = np.asarray(jnp.stack(losses)) if losses else np.zeros(0)
+  return state, losses
 
 
 def _tail(log_tail: float | None) -> float:
@@ -833,14 +938,19 @@ def grid_image(x: np.ndarray, num_classes: int, cell: int = 32):
 
 
 def write_outputs(result: RunResult, out: str, overwrite: bool = False,
-                  run_dir: outputs.RunDirectory | None = None) -> list[str]:
+                  run_dir: outputs.RunDirectory | None = None,
+                  store: stages.StageStore | None = None) -> list[str]:
   """Writes the run's files as one published set (outputs.RunDirectory):
   staged, then moved into `out` with manifest.json last. `run_dir`: a
   directory opened (and locked) before the run; otherwise one is opened
-  here."""
+  here. `store`: the run's saved stages, published as out/stages."""
   if run_dir is None:
     with output_dir(out, overwrite) as rd:
       return write_outputs(result, out, overwrite, rd)
+  if store is not None and store.exists():
+    state = store.published_state()
+    outputs.atomic_write(store.path, lambda f: json.dump(state, f, indent=2))
+    run_dir.adopt(STAGES_DIR)
   k = int(result.y.max()) + 1
   decoded = {} if result.x_decoded is None else {
       "x_decoded": result.x_decoded, "y_decoded": result.y_decoded}

@@ -1,0 +1,219 @@
+"""Killed runs resume from their saved stages (stages.py, --resume) without
+running a private mechanism whose release is saved, and end with the
+outputs of an uninterrupted run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from dpgeng_jax import (cli, counts, expert, outputs, pipeline, stages)
+
+FLAGS = ["--method", "dpgeng", "--ipc", "1", "--steps", "6",
+         "--checkpoint-every", "3", "--num-queries", "2",
+         "--extractor-width", "8", "--eval-width", "8", "--eval-models", "1",
+         "--eval-epochs", "1", "--generator-steps", "3",
+         "--generator-features", "16", "--generated-per-class", "4",
+         "--pool-models", "1", "--pool-checkpoints", "1", "--pool-epochs",
+         "1", "--expert-steps", "2", "--deterministic", "--quiet"]
+MECHANISMS = ("class_counts", "generator", "queries", "expert")
+
+
+class Killed(BaseException):
+  """Stands for SIGKILL in-process: no `except Exception` sees it."""
+
+
+@pytest.fixture
+def calls(monkeypatch):
+  """Counts the calls of each private mechanism."""
+  seen = {m: 0 for m in MECHANISMS}
+  _count_again(monkeypatch, seen)
+  return seen
+
+
+def _kill_after(monkeypatch, nth_save: int):
+  """The run dies right after its nth stage save (a stage boundary)."""
+  real = stages.StageStore.save
+  count = [0]
+
+  def save(self, name, *a, **k):
+    real(self, name, *a, **k)
+    count[0] += 1
+    if count[0] == nth_save:
+      raise Killed(name)
+
+  monkeypatch.setattr(stages.StageStore, "save", save)
+
+
+def _visible(out):
+  return sorted(p for p in os.listdir(out) if not p.startswith("."))
+
+
+def _outputs(out):
+  priv = json.loads((out / "privacy.json").read_text())
+  with np.load(out / "distilled.npz") as d:
+    x = d["x"]
+  return priv, x
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  out = tmp_path_factory.mktemp("whole") / "run"
+  assert cli.main(["distill", "--out", str(out), *FLAGS]) == 0
+  return _outputs(out)
+
+
+def test_killed_at_every_stage_boundary_resumes_to_the_same_run(
+    tmp_path, monkeypatch, calls, uninterrupted):
+  """Killed after each save in turn (calibrate, class sizes, generator,
+  pool, queries, expert, init, distillation at step 3 of 6, distillation
+  done, evaluation), resumed each time: every private mechanism ran once,
+  nothing was ever visible in --out before the end, and the outputs equal
+  an uninterrupted run's (deterministic test mode: same noise)."""
+  out = tmp_path / "run"
+  seen_stages = []
+  with pytest.raises(Killed) as info:
+    _kill_after(monkeypatch, 1)
+    cli.main(["distill", "--out", str(out), *FLAGS])
+  seen_stages.append(str(info.value))
+  for _ in range(9):
+    assert _visible(out) == []  # no partial set, no manifest
+    monkeypatch.undo()  # a fresh process: patch the counters again
+    _count_again(monkeypatch, calls)
+    _kill_after(monkeypatch, 1)
+    with pytest.raises(Killed) as info:
+      cli.main(["distill", "--resume", str(out), "--quiet"])
+    seen_stages.append(str(info.value))
+  assert seen_stages == ["calibrate", "class_sizes", "generate", "pool",
+                         "query", "expert", "init", "distill", "distill",
+                         "evaluate"]
+  monkeypatch.undo()
+  _count_again(monkeypatch, calls)
+  assert cli.main(["distill", "--resume", str(out), "--quiet"]) == 0
+  assert calls == {m: 1 for m in MECHANISMS}
+  priv, x = _outputs(out)
+  want_priv, want_x = uninterrupted
+  assert priv == want_priv
+  np.testing.assert_array_equal(x, want_x)
+  assert outputs.read_manifest(str(out)) is not None
+  published = json.loads((out / "stages" / stages.STATE).read_text())
+  assert "train_sha256" not in published["data"]
+
+
+def _count_again(monkeypatch, seen):
+  def counting(name, fn):
+    def wrapped(*a, **k):
+      seen[name] += 1
+      return fn(*a, **k)
+    return wrapped
+  monkeypatch.setattr(counts, "release_class_counts", counting(
+      "class_counts", counts.release_class_counts))
+  monkeypatch.setattr(pipeline, "_builtin_generate", counting(
+      "generator", pipeline._builtin_generate))
+  monkeypatch.setattr(pipeline, "_answer_queries", counting(
+      "queries", pipeline._answer_queries))
+  monkeypatch.setattr(expert, "dp_finetune", counting(
+      "expert", expert.dp_finetune))
+
+
+def _killed_run(tmp_path, monkeypatch, after="query"):
+  out = tmp_path / "run"
+  _kill_after(monkeypatch, list(stages.STAGES).index(after) + 1)
+  with pytest.raises(Killed):
+    cli.main(["distill", "--out", str(out), *FLAGS])
+  monkeypatch.undo()
+  return out
+
+
+@pytest.mark.parametrize("flags,what", [
+    (["--epsilon", "2"], "epsilon"),
+    (["--num-queries", "3"], "num_queries"),
+    (["--seed", "1"], "seed"),
+])
+def test_resume_refuses_options_that_change_the_guarantee_or_a_release(
+    tmp_path, monkeypatch, capsys, flags, what):
+  out = _killed_run(tmp_path, monkeypatch)
+  assert cli.main(["distill", "--resume", str(out), "--quiet", *flags]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("dpgeng: error: --resume") and what in err
+  assert _visible(out) == []
+
+
+def test_resume_refuses_other_training_data(tmp_path, monkeypatch, capsys):
+  path = tmp_path / "d.npz"
+
+  def save(seed):
+    rng = np.random.default_rng(seed)
+    np.savez(path, x_train=rng.integers(0, 256, (60, 8, 8), dtype=np.uint8),
+             y_train=np.arange(60) % 3,
+             x_test=rng.integers(0, 256, (9, 8, 8), dtype=np.uint8),
+             y_test=np.arange(9) % 3)
+
+  save(0)
+  out = tmp_path / "run"
+  _kill_after(monkeypatch, 3)
+  with pytest.raises(Killed):
+    cli.main(["distill", "--out", str(out), "--dataset", f"npz:{path}",
+              "--delta", "1e-3", *FLAGS])
+  monkeypatch.undo()
+  save(1)  # same spec, shapes and sizes; other pixels
+  assert cli.main(["distill", "--resume", str(out), "--quiet"]) == 2
+  assert "training data differ" in capsys.readouterr().err
+
+
+def test_resume_may_change_performance_and_evaluation_options(
+    tmp_path, monkeypatch, calls):
+  out = _killed_run(tmp_path, monkeypatch, after="expert")
+  calls.update({m: 0 for m in MECHANISMS})  # count the resumption only
+  _count_again(monkeypatch, calls)
+  assert cli.main(["distill", "--resume", str(out), "--quiet",
+                   "--eval-models", "2", "--microbatch", "16"]) == 0
+  metrics = json.loads((out / "metrics.json").read_text())
+  assert metrics["num_eval_models"] == 2
+  assert calls == {m: 0 for m in MECHANISMS}  # all ran before the kill
+
+
+def test_without_resume_an_unfinished_run_is_refused(tmp_path, monkeypatch,
+                                                     capsys):
+  out = _killed_run(tmp_path, monkeypatch, after="class_sizes")
+  assert cli.main(["distill", "--out", str(out), *FLAGS]) == 2
+  assert "unfinished run" in capsys.readouterr().err
+  assert cli.main(["distill", "--resume", str(tmp_path / "elsewhere"),
+                   "--quiet"]) == 2
+  assert "no unfinished run" in capsys.readouterr().err
+
+
+def test_sigkill_mid_run_then_resume_skips_the_saved_releases(
+    tmp_path, monkeypatch, calls):
+  """A real SIGKILL of the command once its queries are saved."""
+  out = tmp_path / "run"
+  state = out / outputs.STAGING / pipeline.STAGES_DIR / stages.STATE
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "dpgeng_jax", "distill", "--out", str(out),
+       *FLAGS], cwd=os.path.dirname(os.path.dirname(__file__)),
+      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  finished = []
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    try:
+      finished = json.loads(state.read_text())["finished"]
+    except (OSError, ValueError):
+      finished = []
+    if "query" in finished:
+      proc.send_signal(signal.SIGKILL)
+      break
+    time.sleep(0.05)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL, "the run ended before the kill"
+  finished = json.loads(state.read_text())["finished"]
+  assert _visible(out) == []
+  assert cli.main(["distill", "--resume", str(out), "--quiet"]) == 0
+  assert calls["class_counts"] == 0 and calls["generator"] == 0
+  assert calls["queries"] == 0
+  assert calls["expert"] == (0 if "expert" in finished else 1)
+  assert outputs.read_manifest(str(out)) is not None
