@@ -33,7 +33,7 @@ def _add_config_options(parser: argparse.ArgumentParser,
   for f in dataclasses.fields(Config):
     if f.name in skip:
       continue
-    group = f.metadata.get("group", "run")
+    group = f.metadata.get("group", "method")
     if group not in groups:
       groups[group] = parser.add_argument_group(f"{group} options")
     g = groups[group]
@@ -199,7 +199,12 @@ def _distill(cfg: Config, retain_host_memory: bool = False) -> int:
       if cfg.resume:
         print("resuming after the stages " + ", ".join(
             store.state()["finished"]), flush=True)
-    result = pipeline.run(cfg, store=store)
+    try:
+      result = pipeline.run(cfg, store=store)
+    except DpgengError:
+      if not cfg.resume:  # bad input: nothing to resume, nothing written
+        run_dir.discard()
+      raise
     paths = pipeline.write_outputs(result, cfg.out, run_dir=run_dir,
                                    store=store)
   pr = result.privacy

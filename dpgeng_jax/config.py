@@ -2,9 +2,21 @@
 help string for every field. The command line is generated from it, and the
 resolved values are saved as config.json.
 
-Fields are grouped. `privacy` fields change the guarantee (they enter the
-accountant); `distill`, `eval` and `run` fields do not: they only change
-post-processing, speed or logging.
+Fields are grouped by what they touch (as jax_privacy keeps privacy and
+performance configuration apart):
+
+* `privacy`: change the guarantee (they enter the accountant, or make the
+  run not private);
+* `method`: the data, the method and its post-processing: they change the
+  releases or what is computed from them, not the accountant;
+* `performance`: how the same computation runs (devices, memory, kernels):
+  they must not change the guarantee or any release;
+* `evaluation`: how the result is tested (never part of a release;
+  `references` makes the run not private);
+* `output`: where and how results are written.
+
+A resumed run (--resume) may change `performance`, `evaluation` (except
+`references`) and `output` options only: `resume_free_fields`.
 """
 
 from __future__ import annotations
@@ -31,32 +43,32 @@ class Config:
   """Every option of `dpgeng distill` (and of `dpgeng_jax.run`)."""
   # Data and method.
   dataset: str = _f("digits", "dataset spec: digits | npz:PATH | "
-                    "tfds:NAME[:TRAIN[:TEST]]", "run")
+                    "tfds:NAME[:TRAIN[:TEST]]", "method")
   data_dir: str = _f("", "TFDS data directory; empty means TFDS_DATA_DIR "
-                     "or ~/tensorflow_datasets", "run")
+                     "or ~/tensorflow_datasets", "output")
   num_classes: int = _f(0, "number of classes K, public metadata (0: from "
                         "the dataset: 10 for digits, the TFDS label "
                         "feature, for npz the largest training label + 1; "
-                        "the report says which)", "run")
+                        "the report says which)", "method")
   method: str = _f("dpgeng", "dpgeng: DP-generated data for init and "
                    "extractors, DP feature matching and the DP expert; "
                    "ndpdc: random extractors, noise init (DP); generator: "
                    "IPC images per class selected from the DP-generated "
                    "data by k-means; dm: distribution matching, NOT "
-                   "private", "run", choices=METHODS)
+                   "private", "method", choices=METHODS)
   init: str = _f("auto", "initialisation of the synthetic set (auto: "
                  "generated for dpgeng, real for dm, noise for ndpdc)",
-                 "distill", choices=INITS)
+                 "method", choices=INITS)
   extractors: str = _f("auto", "extractor pool of the queries (auto: "
-                       "generated for dpgeng, random otherwise)", "distill",
+                       "generated for dpgeng, random otherwise)", "method",
                        choices=EXTRACTORS)
   factor: int = _f(0, "multi-formation factor f in {1, 2} (0: 2 for images "
-                   ">= 16 px, else 1)", "distill")
+                   ">= 16 px, else 1)", "method")
   generator: str = _f("builtin", "source of DP-generated data: builtin "
                       "(DP-MERF style, spends budget) or npz:PATH (arrays x, "
-                      "y made by any DP generator)", "run")
-  ipc: int = _f(10, "synthetic images per class", "distill")
-  out: str = _f("dpgeng_out", "output directory", "run")
+                      "y made by any DP generator)", "method")
+  ipc: int = _f(10, "synthetic images per class", "method")
+  out: str = _f("dpgeng_out", "output directory", "output")
   # Privacy.
   epsilon: float = _f(1.0, "target epsilon of the whole run", "privacy")
   delta: float = _f(1e-5, "target delta (must be < 1/N)", "privacy")
@@ -102,96 +114,104 @@ class Config:
                             "generated data", "privacy")
   # Generated data and extractors (post-processing).
   generator_features: int = _f(500, "random Fourier features D of the "
-                               "built-in generator", "generate")
+                               "built-in generator", "method")
   generator_steps: int = _f(2000, "training steps of the built-in "
-                            "generator", "generate")
+                            "generator", "method")
   generated_per_class: int = _f(200, "generated images per class to "
-                                "sample (k-means pool)", "generate")
+                                "sample (k-means pool)", "method")
   pool_models: int = _f(2, "ConvNets trained on generated data for the "
-                        "extractor pool", "generate")
+                        "extractor pool", "method")
   pool_checkpoints: int = _f(2, "checkpoints kept per pool ConvNet",
-                             "generate")
+                             "method")
   pool_epochs: int = _f(30, "training epochs of each pool ConvNet",
-                        "generate")
+                        "method")
   # Expert (post-processing of its DP fine-tuning).
   no_expert: bool = _f(False, "dpgeng without the DP expert term "
-                       "(ablation)", "distill")
+                       "(ablation)", "method")
   expert_lr: float = _f(0.2, "learning rate of the expert's DP-SGD (SGD, "
-                        "momentum 0.9)", "distill")
+                        "momentum 0.9)", "method")
   expert_weight: float = _f(0.1, "weight lambda of the expert term",
-                            "distill")
+                            "method")
   expert_tau: float = _f(1.0, "temperature tau of the expert term",
-                         "distill")
+                         "method")
   expert_beta: float = _f(0.1, "weight beta of the cross-entropy in the "
-                          "expert term", "distill")
+                          "expert term", "method")
   # Distillation (post-processing).
   steps: int = _f(1000, "optimisation steps on the synthetic pixels",
-                  "distill")
+                  "method")
   lr_img: float = _f(0.05, "learning rate of the synthetic pixels (Adam)",
-                     "distill")
+                     "method")
   extractor_width: int = _f(128, "width of the extractor ConvNets",
-                            "distill")
+                            "method")
   depth: int = _f(0, "ConvNet depth (0: 3 for >= 16 px images, 2 for 8 px)",
-                  "distill")
+                  "method")
   strategy: str = _f("color_crop_cutout_flip_scale_rotate",
                      "DSA augmentation strategy ('none' disables)",
-                     "distill")
+                     "method")
   # Evaluation.
-  no_eval: bool = _f(False, "skip evaluation (no metrics.json)", "eval")
-  eval_models: int = _f(5, "number of evaluation models", "eval")
+  no_eval: bool = _f(False, "skip evaluation (no metrics.json)", "evaluation")
+  eval_models: int = _f(5, "number of evaluation models", "evaluation")
   eval_epochs: int = _f(300, "training epochs of each evaluation model",
-                        "eval")
-  eval_width: int = _f(128, "width of the evaluation ConvNets", "eval")
+                        "evaluation")
+  eval_width: int = _f(128, "width of the evaluation ConvNets", "evaluation")
   references: bool = _f(False, "also evaluate the non-private references "
                         "(random real subset of IPC per class, full "
-                        "training set)", "eval")
+                        "training set)", "evaluation")
   # Parallelism and memory (performance only: the guarantee is the same).
   devices: int = _f(0, "devices of the data-parallel mesh for the private "
-                    "passes (0: every device of every process)", "parallel")
+                    "passes (0: every device of every process)", "performance")
   microbatch: int = _f(0, "examples whose per-example embeddings or "
                        "gradients are held at once in the private passes "
                        "(0: automatic: cache-sized chunks on CPU, whole "
                        "batches on accelerators); bounds memory, same "
-                       "result", "parallel")
+                       "result", "performance")
   coordinator_address: str = _f("", "multi-host: HOST:PORT of process 0 "
                                 "(empty: JAX_COORDINATOR_ADDRESS, or a "
-                                "single process)", "parallel")
+                                "single process)", "performance")
   num_processes: int = _f(0, "multi-host: number of processes (0: "
-                          "JAX_NUM_PROCESSES or auto-detected)", "parallel")
+                          "JAX_NUM_PROCESSES or auto-detected)", "performance")
   process_id: int = _f(-1, "multi-host: this process's index (-1: "
-                       "JAX_PROCESS_ID or auto-detected)", "parallel")
+                       "JAX_PROCESS_ID or auto-detected)", "performance")
   conv_impl: str = _f(
       "auto", "algorithm of the ConvNets' 3x3 convolutions: winograd "
       "(F(2x2,3x3) as batched matmuls), xla (XLA's convolution) or auto "
       "(winograd on CPU for layers with >= 64 input channels on maps of "
       ">= 64 pixels, xla otherwise and on GPU/TPU); same function up to "
-      "float rounding", "parallel",
+      "float rounding", "performance",
       choices=CONV_IMPLS)
   no_retain_host_memory: bool = _f(
       False, "the dpgeng command keeps freed host memory mapped (glibc; "
       "dpgeng_jax.hostmem) so that XLA:CPU's per-call buffers are not "
       "page-faulted in again; this flag turns that off (the process then "
-      "returns memory to the system after large steps)", "parallel")
+      "returns memory to the system after large steps)", "performance")
   # Run.
   seed: int = _f(0, "seed of the PUBLIC randomness only (init, "
                  "augmentation, extractors); noise and sampling use OS "
-                 "entropy", "run")
+                 "entropy", "method")
   deterministic: bool = _f(False, "TEST MODE: derive noise and sampling "
                            "from --seed; the run is then NOT private",
-                           "run")
-  overwrite: bool = _f(False, "replace a finished run in --out", "run")
+                           "privacy")
+  overwrite: bool = _f(False, "replace a finished run in --out", "output")
   resume: str = _f("", "continue the unfinished run in DIR (its --out) "
                    "after its last finished stage, without running again "
                    "any private mechanism whose release is saved; options "
                    "not given are the saved run's, and options that change "
-                   "the guarantee or a release must not differ", "run")
+                   "the guarantee or a release must not differ", "output")
   checkpoint_every: int = _f(200, "save the distillation state every N "
                              "steps (a killed run resumes mid-way; 0: only "
-                             "at the end)", "run")
-  quiet: bool = _f(False, "no progress bars or config print", "run")
+                             "at the end)", "output")
+  quiet: bool = _f(False, "no progress bars or config print", "output")
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
+
+def resume_free_fields() -> frozenset[str]:
+  """Options that change neither the guarantee nor any release."""
+  return frozenset(
+      f.name for f in dataclasses.fields(Config)
+      if f.metadata.get("group") in ("performance", "evaluation", "output")
+      and f.name != "references")
+
 
 def privacy_fields() -> list[str]:
   return [f.name for f in dataclasses.fields(Config)

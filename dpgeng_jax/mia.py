@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpgeng_jax import data as data_lib, evaluate, pipeline
+from dpgeng_jax import data as data_lib, evaluate, outputs, pipeline
 from dpgeng_jax.config import Config, METHODS
 from dpgeng_jax.errors import ConfigError, require_int
 from dpgeng_jax.models import ConvNet
@@ -471,7 +471,7 @@ def write_records(records: Sequence[MiaRecord], out: str) -> str:
   os.makedirs(out, exist_ok=True)
   path = os.path.join(out, OUTPUT_FILE)
   # pylint: disable-next=protected-access
-  pipeline._atomic_write(path, pipeline._json([r.to_dict() for r in records]))
+  outputs.atomic_write(path, pipeline._json([r.to_dict() for r in records]))
   return path
 
 

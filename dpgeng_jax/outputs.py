@@ -242,6 +242,11 @@ class RunDirectory:
 
   # -- end ---------------------------------------------------------------
 
+  def discard(self) -> None:
+    """Drops everything staged (a run refused for bad input: nothing in it
+    can be resumed under a corrected configuration)."""
+    shutil.rmtree(self.staging, ignore_errors=True)
+
   def close(self) -> None:
     """Releases and removes the lock; an empty staging directory is
     removed (one with files is kept: an unfinished run, refused later

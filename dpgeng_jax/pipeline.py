@@ -677,8 +677,12 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
   # 6. Evaluation on the real test split.
   reasons = nonprivate_reasons(cfg, plan)
   metrics = None
-  if not cfg.no_eval and done("evaluate"):
-    metrics = store.load("evaluate")[2]
+  eval_options = {n: getattr(cfg, n) for n in (
+      "eval_models", "eval_epochs", "eval_width", "references")}
+  saved_eval = store.load("evaluate")[2] if done("evaluate") else None
+  if not cfg.no_eval and saved_eval and (
+      saved_eval["options"] == eval_options):
+    metrics = saved_eval["metrics"]
   elif not cfg.no_eval:
     t3 = time.time()
     ecfg = _eval_config(cfg, depth)
@@ -698,7 +702,8 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
           "references are NOT private: they train on real training images")
     timings["evaluation_s"] = time.time() - t3
     if store is not None:
-      store.save("evaluate", info=metrics)
+      store.save("evaluate", info={"options": eval_options,
+                                   "metrics": metrics})
   if metrics is not None:
     if expert_info is not None:
       metrics["expert"] = expert_info

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from dpgeng_jax import outputs
+from dpgeng_jax.config import resume_free_fields
 from dpgeng_jax.errors import ConfigError
 
 FORMAT = 1
@@ -41,14 +42,8 @@ STATE = "state.json"
 STAGES = ("calibrate", "class_sizes", "generate", "pool", "query", "expert",
           "init", "distill", "evaluate", "report")
 # Options that change neither the guarantee nor any release: they may
-# differ between a run and its resumption.
-RESUME_FREE = frozenset({
-    "devices", "microbatch", "coordinator_address", "num_processes",
-    "process_id", "conv_impl", "no_retain_host_memory",       # performance
-    "no_eval", "eval_models", "eval_epochs", "eval_width",
-    "references",                                            # evaluation
-    "out", "overwrite", "quiet", "resume", "data_dir",       # output
-    "checkpoint_every"})
+# differ between a run and its resumption (config.py's groups).
+RESUME_FREE = resume_free_fields()
 
 
 def fingerprint(x_train, y_train, num_classes: int) -> dict:

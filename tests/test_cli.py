@@ -76,10 +76,13 @@ def test_deterministic_run_writes_all_outputs_and_says_not_private(tmp_path):
   # The test-mode "secret" key must not appear in any output either.
   words = np.asarray(jax.random.key_data(
       mechanisms.deterministic_secret_key(0))).astype(np.uint32)
-  for name in os.listdir(out):
-    blob = (out / name).read_bytes()
-    assert words.tobytes() not in blob
-    assert str(int(words[0])) not in blob.decode("latin-1")
+  files = [os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs]
+  assert any("stages" in f for f in files)  # the saved stages too
+  for name in files:
+    with open(name, "rb") as fh:
+      blob = fh.read()
+    assert words.tobytes() not in blob, name
+    assert str(int(words[0])) not in blob.decode("latin-1"), name
   # Same seed, same outputs (the whole run is a function of the seed here).
   out2 = tmp_path / "run2"
   assert _run(["--out", str(out2), "--deterministic", "--epsilon", "5",

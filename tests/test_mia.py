@@ -294,7 +294,7 @@ def test_mia_options_are_the_distill_options_plus_its_own():
   assert (args.ipc, args.method, args.shadows, args.out) == (3, "dm", 8,
                                                             None)
   for f in dataclasses.fields(Config):
-    assert hasattr(args, f.name) == (f.name not in ("no_eval",
-                                                    "references")), f.name
+    assert hasattr(args, f.name) == (f.name not in (
+        "no_eval", "references", "resume", "checkpoint_every")), f.name
   assert cli.mia_config(args) == dataclasses.replace(Config(), ipc=3,
                                                      method="dm")

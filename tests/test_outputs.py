@@ -57,7 +57,8 @@ def test_overwrite_replaces_only_the_tools_own_names(tmp_path):
   assert not (out / "generated_grid.png").exists()
   manifest = json.loads((out / outputs.MANIFEST).read_text())
   assert set(manifest["files"]) == {"distilled.npz", "privacy.json",
-                                    "config.json", "grid.png", "init_grid.png"}
+                                    "config.json", "grid.png", "init_grid.png",
+                                    "stages"}
   assert sorted(p.name for p in out.iterdir()) == sorted(
       manifest["files"] + [outputs.MANIFEST, "notes.txt"])
 

@@ -134,6 +134,7 @@ def _killed_run(tmp_path, monkeypatch, after="query"):
     (["--epsilon", "2"], "epsilon"),
     (["--num-queries", "3"], "num_queries"),
     (["--seed", "1"], "seed"),
+    (["--references"], "references"),   # would make the run not private
 ])
 def test_resume_refuses_options_that_change_the_guarantee_or_a_release(
     tmp_path, monkeypatch, capsys, flags, what):
@@ -164,6 +165,18 @@ def test_resume_refuses_other_training_data(tmp_path, monkeypatch, capsys):
   save(1)  # same spec, shapes and sizes; other pixels
   assert cli.main(["distill", "--resume", str(out), "--quiet"]) == 2
   assert "training data differ" in capsys.readouterr().err
+
+
+def test_only_performance_evaluation_and_output_options_may_change():
+  from dpgeng_jax.config import Config
+  import dataclasses
+  groups = {f.name: f.metadata["group"] for f in dataclasses.fields(Config)}
+  assert stages.RESUME_FREE == {
+      n for n, g in groups.items()
+      if g in ("performance", "evaluation", "output")} - {"references"}
+  assert {"epsilon", "delta", "seed", "dataset", "steps", "num_queries",
+          "deterministic", "public_class_sizes"}.isdisjoint(
+              stages.RESUME_FREE)
 
 
 def test_resume_may_change_performance_and_evaluation_options(
