@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from dpgeng_jax import Config, data, expert, extractors, mechanisms, models
-from dpgeng_jax import pipeline
+from dpgeng_jax import counts, pipeline, stages
 
 SETTINGS = (  # (steps, sampling rate, learning rate)
     (100, 0.1, 0.5), (100, 0.1, 0.05), (20, 0.3, 0.5), (20, 0.3, 0.1),
@@ -40,15 +40,17 @@ def main():
     base = Config(method="dpgeng", epsilon=eps, quiet=True,
                   share_expert=args.share_expert)
     plan = pipeline.resolve(base, ds.image_shape)
-    mechs = pipeline._mechanisms(base, plan)  # pylint: disable=protected-access
+    mechs = pipeline.mechanisms_for(base, plan)
     k_gen, k_pool = jax.random.split(jax.random.key(0))
-    x_gen, y_gen = pipeline._builtin_generate(  # pylint: disable=protected-access
+    # A tuning tool (not private): the exact class sizes size the layout.
+    x_gen, y_gen, _ = stages.builtin_generate(
         base, ds, x_train, k_gen, mechanisms.secret_key(),
-        pipeline._by_name(mechs, "generator"))  # pylint: disable=protected-access
+        stages.by_name(mechs, "generator"), None,
+        counts.exact_sizes(ds.y_train, ds.num_classes))
     model = models.ConvNet(ds.num_classes, width=base.extractor_width,
                            depth=plan.depth)
     pcfg = dataclasses.replace(
-        pipeline._eval_config(base, plan.depth),  # pylint: disable=protected-access
+        stages.eval_config(base, plan.depth),
         width=base.extractor_width)
     pool = extractors.train_generated_pool(
         k_pool, ds.normalize(x_gen), y_gen, num_classes=ds.num_classes,
@@ -60,13 +62,13 @@ def main():
     for steps, q, lr in SETTINGS:
       cfg = dataclasses.replace(base, expert_steps=steps,
                                 expert_sampling_rate=q, expert_lr=lr)
-      sigma = pipeline._by_name(  # pylint: disable=protected-access
-          pipeline._mechanisms(cfg, plan), "expert").noise_multiplier  # pylint: disable=protected-access
+      sigma = stages.by_name(pipeline.mechanisms_for(cfg, plan),
+                             "expert").noise_multiplier
       accs, t = [], time.time()
       for _ in range(args.draws):
         p = expert.dp_finetune(
             trained, model, x_train, ds.y_train,
-            cfg=pipeline._expert_config(cfg),  # pylint: disable=protected-access
+            cfg=stages.expert_config(cfg),
             noise_multiplier=sigma, secret=mechanisms.secret_key())
         accs.append(expert.accuracy(p, model, x_test, ds.y_test))
       row = (eps, steps, q, lr, sigma, acc0, np.mean(accs), np.std(accs),

@@ -1,6 +1,8 @@
 """Builds `shapes28`: a procedural 28x28 grey-scale, 10-class image dataset.
 
     python benchmarks/make_shapes.py --out runs/shapes28.npz [--train 2000]
+    python benchmarks/make_shapes.py --out runs/shapes32rgb.npz --size 32 --rgb
+
 
 Used for the second dataset shape of the benchmarks (`--dataset
 npz:runs/shapes28.npz`; MNIST's image shape), since this machine reaches no
@@ -10,7 +12,9 @@ a random position (+-3 px), size, small rotation (+-15 degrees), foreground
 averaged), plus Gaussian pixel noise (std 0.08). Classes: 0 disc,
 1 ring, 2 square, 3 square outline, 4 triangle, 5 plus, 6 diamond,
 7 ellipse, 8 two dots, 9 bar pair. Balanced classes; the train and test
-splits use different seeds. Deterministic for a --seed.
+splits use different seeds. Deterministic for a --seed. --size sets the
+side (the shapes keep their pixel sizes); --rgb gives each image a random
+foreground and background colour (32x32x3, CIFAR-10's shape).
 """
 
 import argparse
@@ -70,15 +74,30 @@ def make(n: int, seed: int, size: int = 28) -> tuple[np.ndarray, np.ndarray]:
   return (np.clip(x, 0, 1) * 255).round().astype(np.uint8), y.astype(np.int32)
 
 
+def colourise(x: np.ndarray, seed: int) -> np.ndarray:
+  """(n, H, W) uint8 grey -> (n, H, W, 3): each image's dark and light
+  levels mapped to two random colours."""
+  rng = np.random.default_rng(seed)
+  lo = rng.uniform(0.0, 0.4, (len(x), 1, 1, 3))
+  hi = rng.uniform(0.5, 1.0, (len(x), 1, 1, 3))
+  t = x[..., None].astype(np.float32) / 255
+  return (np.clip(lo + t * (hi - lo), 0, 1) * 255).round().astype(np.uint8)
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", default="runs/shapes28.npz")
   ap.add_argument("--train", type=int, default=2000)
   ap.add_argument("--test", type=int, default=1000)
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--size", type=int, default=28)
+  ap.add_argument("--rgb", action="store_true")
   args = ap.parse_args()
-  x_train, y_train = make(args.train, args.seed)
-  x_test, y_test = make(args.test, args.seed + 1)
+  x_train, y_train = make(args.train, args.seed, args.size)
+  x_test, y_test = make(args.test, args.seed + 1, args.size)
+  if args.rgb:
+    x_train = colourise(x_train, args.seed + 2)
+    x_test = colourise(x_test, args.seed + 3)
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   np.savez_compressed(args.out, x_train=x_train, y_train=y_train,
                       x_test=x_test, y_test=y_test)

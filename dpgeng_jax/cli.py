@@ -137,10 +137,10 @@ def _given_options(argv) -> dict:
 def resume_config(cfg: Config, argv) -> Config:
   """--resume DIR: the saved run's configuration, with the options given
   now on top (those that change the guarantee or a release must equal the
-  saved ones; stages.StageStore.check says which differ)."""
-  from dpgeng_jax import outputs, pipeline, stages
+  saved ones; store.StageStore.check says which differ)."""
+  from dpgeng_jax import outputs, pipeline, store as store_lib
 
-  store = stages.StageStore(os.path.join(cfg.resume, outputs.STAGING,
+  store = store_lib.StageStore(os.path.join(cfg.resume, outputs.STAGING,
                                          pipeline.STAGES_DIR))
   if not store.exists():
     if outputs.read_manifest(cfg.resume) is not None:

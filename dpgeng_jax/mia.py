@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpgeng_jax import data as data_lib, evaluate, outputs, pipeline
+from dpgeng_jax import data as data_lib, evaluate, outputs, pipeline, stages
 from dpgeng_jax.config import Config, METHODS
 from dpgeng_jax.errors import ConfigError, require_int
 from dpgeng_jax.models import ConvNet
@@ -277,7 +277,7 @@ def _as_distill(cfg: Config) -> Config:
 def eval_config(cfg: Config, image_shape) -> evaluate.EvalConfig:
   """The evaluation models' hyperparameters, as `dpgeng distill` uses."""
   depth = pipeline.resolve(_as_distill(cfg), tuple(image_shape)).depth
-  return pipeline._eval_config(cfg, depth)  # pylint: disable=protected-access
+  return stages.eval_config(cfg, depth)
 
 
 def released_set(cfg: Config, ds: data_lib.Dataset, members,

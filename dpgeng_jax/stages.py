@@ -1,202 +1,695 @@
-"""Saved stage results, so that a killed run resumes without spending its
-budget again.
+"""The stages of a run, each a function with explicit inputs and outputs.
 
-A run (pipeline.run) is a sequence of named stages, `STAGES`. As soon as a
-stage is done its result is saved in the run directory's staging area
-(`--out/.dpgeng-staging/stages/`): arrays as .npz, pytrees (extractor pool,
-expert parameters, the distillation state) with orbax, small records as
-JSON. What is saved is a release of a private mechanism (the noisy class
-counts, the generated set, the noisy query targets, the expert's DP-SGD
-parameters) or post-processing of releases: safe to keep. No key is ever
-saved; the secret key is drawn afresh on resume and only mechanisms whose
-release is not saved use it.
+    calibrate -> class_sizes -> generate -> pool -> query -> expert
+              -> init -> distill -> evaluate -> report
 
-`dpgeng distill --resume DIR` opens DIR's store, checks that nothing that
-changes the guarantee or the releases differs (`check`: the configuration
-outside `RESUME_FREE` and the dataset's fingerprint), and the run skips
-every finished stage: no private mechanism whose release is saved runs
-again, and the privacy report is the one planned at the start.
+`pipeline.run` composes them. The private stages are the only readers of
+the private training set, each through one mechanism, and the only ones
+given a secret key: `class_sizes` (M_N), `generate` (M_G, the built-in
+generator), `query` (M_F) and `expert` (M_E). Every other stage is
+post-processing of their releases and of public data.
 
-The fingerprint of the training data (a SHA-256 of its pixels and labels)
-never leaves the staging area: the published `stages/` copy of the record
-drops it.
-
-Single-process runs only: a multi-process run does not save stages.
+Every stage saves its result in the run's `store.StageStore` (when it has
+one) as soon as it is done, and a stage the store already holds is loaded
+instead of run: that is how `--resume` continues a killed run without
+drawing any saved release again. `Run` carries what every stage may read:
+the configuration, the resolved plan, the data, the device meshes, the
+PUBLIC keys and the store; never a secret key.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-from typing import Any
+import dataclasses
+import functools
+import math
+import time
+from typing import Any, Callable, NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
-from dpgeng_jax import outputs
-from dpgeng_jax.config import resume_free_fields
+from dpgeng_jax import accounting, clipping, data as data_lib, distill
+from dpgeng_jax import counts as counts_lib
+from dpgeng_jax import evaluate, extractors, generator, mechanisms, models
+from dpgeng_jax import expert as expert_lib
+from dpgeng_jax import init as init_lib
+from dpgeng_jax import parallel, planning
+from dpgeng_jax import store as store_lib
+from dpgeng_jax.config import Config
 from dpgeng_jax.errors import ConfigError
 
-FORMAT = 1
-STATE = "state.json"
-STAGES = ("calibrate", "class_sizes", "generate", "pool", "query", "expert",
-          "init", "distill", "evaluate", "report")
-# Options that change neither the guarantee nor any release: they may
-# differ between a run and its resumption (config.py's groups).
-RESUME_FREE = resume_free_fields()
+STAGES = store_lib.STAGES
 
 
-def fingerprint(x_train, y_train, num_classes: int) -> dict:
-  """What identifies the private data on resume (kept in staging only)."""
-  h = hashlib.sha256()
-  for a in (x_train, y_train):
-    a = np.ascontiguousarray(a)
-    h.update(str((a.dtype.str, a.shape)).encode())
-    h.update(a.tobytes())
-  return {"train_sha256": h.hexdigest(), "num_train": int(len(y_train)),
-          "image_shape": list(np.shape(x_train)[1:]),
-          "num_classes": int(num_classes)}
+class PublicKeys(NamedTuple):
+  """Keys of the public randomness (from --seed): extractors and query
+  augmentation, initialisation, evaluation, references, the generator's
+  network, the extractor pool."""
+  query: jax.Array
+  init: jax.Array
+  eval: jax.Array
+  ref: jax.Array
+  gen: jax.Array
+  pool: jax.Array
 
 
-class StageStore:
-  """The saved stages of one run, in `root` (see module docstring)."""
+class Secrets(NamedTuple):
+  """One independent secret key per private mechanism (OS entropy)."""
+  counts: jax.Array
+  gen: jax.Array
+  query: jax.Array
+  expert: jax.Array
 
-  def __init__(self, root: str):
-    self.root = root
-    self._state: dict | None = None
+
+@dataclasses.dataclass
+class Run:
+  """What every stage may read (see module docstring)."""
+  cfg: Config
+  plan: planning.Plan
+  ds: data_lib.Dataset
+  x_train: jax.Array   # normalised private images: mechanisms only
+  x_test: jax.Array    # normalised test images
+  mesh: Any            # data mesh of the private passes (None: one device)
+  train_mesh: Any      # this process's devices, for non-private training
+  keys: PublicKeys
+  store: store_lib.StageStore | None = None
+  timings: dict = dataclasses.field(default_factory=dict)
 
   @property
-  def path(self) -> str:
-    return os.path.join(self.root, STATE)
+  def num_classes(self) -> int:
+    return self.ds.num_classes
 
-  def exists(self) -> bool:
-    return os.path.isfile(self.path)
+  @property
+  def image_shape(self) -> tuple:
+    return tuple(self.ds.image_shape)
 
-  # -- the record --------------------------------------------------------
+  def done(self, name: str) -> bool:
+    return self.store is not None and self.store.finished(name)
 
-  def state(self) -> dict:
-    if self._state is None:
-      try:
-        with open(self.path) as f:
-          self._state = json.load(f)
-      except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot read the saved stages {self.path}: "
-                          f"{e}") from e
-      if self._state.get("format") != FORMAT:
-        raise ConfigError(f"{self.path} has format "
-                          f"{self._state.get('format')}; expected {FORMAT}")
-    return self._state
+  def save(self, name: str, **what) -> None:
+    if self.store is not None:
+      self.store.save(name, **what)
 
-  def _write_state(self) -> None:
-    os.makedirs(self.root, exist_ok=True)
-    outputs.atomic_write(self.path, lambda f: json.dump(
-        self._state, f, indent=2, default=_plain))
+  def load(self, name: str, **kw):
+    return self.store.load(name, **kw)
 
-  def start(self, config: dict, data: dict) -> None:
-    """A new run: records its configuration and data fingerprint."""
-    self._state = {"format": FORMAT, "config": config, "data": data,
-                   "finished": [], "info": {}}
-    self._write_state()
-
-  def check(self, config: dict, data: dict | None = None) -> None:
-    """Refuses a resumption whose configuration (outside RESUME_FREE) or
-    data differ from the saved run's."""
-    saved = self.state()
-    diff = sorted(k for k in set(saved["config"]) | set(config)
-                  if k not in RESUME_FREE
-                  and saved["config"].get(k) != config.get(k))
-    if diff:
-      raise ConfigError(
-          "--resume: these options differ from the saved run's and would "
-          "change its guarantee or its releases: " + ", ".join(
-              f"{k} (saved {saved['config'].get(k)!r}, now "
-              f"{config.get(k)!r})" for k in diff))
-    if data is not None and data != saved["data"]:
-      raise ConfigError(
-          "--resume: the training data differ from the saved run's "
-          f"(saved {saved['data']['num_train']} examples of shape "
-          f"{saved['data']['image_shape']}, {saved['data']['num_classes']} "
-          f"classes; now {data['num_train']}, {data['image_shape']}, "
-          f"{data['num_classes']}; or the same sizes with other contents)")
-
-  def config(self) -> dict:
-    return dict(self.state()["config"])
-
-  # -- stages ------------------------------------------------------------
-
-  def finished(self, name: str) -> bool:
-    return self._state is not None and name in self._state["finished"]
-
-  def save(self, name: str, arrays: dict | None = None,
-           trees: dict | None = None, info: Any = None) -> None:
-    """Saves one stage's result and then marks it finished (a kill in
-    between leaves it unfinished: it runs again on resume)."""
-    assert name in STAGES or name.startswith("distill@"), name
-    d = os.path.join(self.root, name)
-    os.makedirs(d, exist_ok=True)
-    if arrays:
-      outputs.atomic_write(os.path.join(d, "arrays.npz"), lambda f: np.savez(
-          f, **{k: np.asarray(v) for k, v in arrays.items()}), mode="wb")
-    for key, tree in (trees or {}).items():
-      _save_tree(os.path.join(d, key), tree)
-    state = self.state()
-    state["info"][name] = info
-    if name not in state["finished"]:
-      state["finished"].append(name)
-    self._write_state()
-
-  def load(self, name: str, targets: dict | None = None):
-    """(arrays, trees, info) of a finished stage; `targets` gives the
-    structure of trees that are not plain nested dicts."""
-    d = os.path.join(self.root, name)
-    arrays = {}
-    if os.path.exists(os.path.join(d, "arrays.npz")):
-      with np.load(os.path.join(d, "arrays.npz"), allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
-    trees = {}
-    for key in sorted(os.listdir(d)) if os.path.isdir(d) else ():
-      if os.path.isdir(os.path.join(d, key)):
-        trees[key] = _restore_tree(os.path.join(d, key),
-                                   (targets or {}).get(key))
-    return arrays, trees, self.state()["info"].get(name)
-
-  def forget(self, name: str) -> None:
-    """Marks a stage unfinished (a superseded distillation checkpoint)."""
-    state = self.state()
-    if name in state["finished"]:
-      state["finished"].remove(name)
-      self._write_state()
-
-  def published_state(self) -> dict:
-    """The record as published with the run: without the data's hash."""
-    state = json.loads(json.dumps(self.state()))
-    state["data"].pop("train_sha256", None)
-    return state
+  def timed(self, key: str, t0: float) -> None:
+    self.timings[key] = self.timings.get(key, 0.0) + time.time() - t0
 
 
-def _plain(obj):
-  """JSON for numpy and JAX scalars and arrays."""
-  if hasattr(obj, "tolist"):
-    return np.asarray(obj).tolist()
-  return str(obj)
+def by_name(mechs, name):
+  """The mechanism called `name` of a list, or None."""
+  return next((m for m in mechs if m.name == name), None)
 
 
-def _save_tree(path: str, tree: Any) -> None:
-  import jax  # pylint: disable=import-outside-toplevel
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  tree = jax.tree.map(np.asarray, tree)
-  ckpt = ocp.StandardCheckpointer()
-  ckpt.save(os.path.abspath(path), tree, force=True)
-  ckpt.wait_until_finished()
-  ckpt.close()
+def expert_config(cfg: Config) -> expert_lib.ExpertConfig:
+  return expert_lib.ExpertConfig(steps=cfg.expert_steps,
+                                 sampling_rate=cfg.expert_sampling_rate,
+                                 clip_norm=cfg.expert_clip_norm,
+                                 learning_rate=cfg.expert_lr)
 
 
-def _restore_tree(path: str, target: Any = None) -> Any:
-  import jax  # pylint: disable=import-outside-toplevel
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  ckpt = ocp.StandardCheckpointer()
-  if target is not None:
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-  tree = ckpt.restore(os.path.abspath(path), target)
-  ckpt.close()
-  return jax.tree.map(jax.numpy.asarray, tree)  # device arrays, as saved
+def eval_config(cfg: Config, depth: int) -> evaluate.EvalConfig:
+  return evaluate.EvalConfig(num_models=cfg.eval_models,
+                             epochs=cfg.eval_epochs, width=cfg.eval_width,
+                             depth=depth, strategy=cfg.strategy,
+                             conv_impl=cfg.conv_impl)
+
+
+def extractor_model(run: Run) -> models.ConvNet:
+  return models.ConvNet(run.num_classes, width=run.cfg.extractor_width,
+                        depth=run.plan.depth, conv_impl=run.cfg.conv_impl)
+
+
+def _tail(log_tail: float | None) -> float:
+  """The log tail of the run's abort events (the library default for runs
+  that have none, such as dm)."""
+  return math.log(mechanisms.OVERFLOW_TAIL) if log_tail is None else log_tail
+
+
+# ---------------------------------------------------------------------------
+# 1. calibrate: the mechanisms' noise (reads no data).
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+  mechs: list            # accounting.Mechanism, calibrated
+  split: accounting.DeltaSplit
+  events: int            # abort events
+  log_tail: float | None  # log probability of each abort event
+
+  def mechanism(self, name: str):
+    return by_name(self.mechs, name)
+
+
+def calibrate(run: Run) -> Budget:
+  cfg, plan, t0 = run.cfg, run.plan, time.time()
+  if run.done("calibrate"):  # the noise the saved releases were drawn with
+    mechs = [accounting.Mechanism(**m) for m in run.load("calibrate")[2]]
+  else:
+    mechs = planning.mechanisms_for(cfg, plan)
+    run.save("calibrate", info=[dataclasses.asdict(m) for m in mechs])
+  split = planning.delta_split(cfg, plan)
+  events = planning.abort_events(cfg, plan, run.num_classes)
+  log_tail = split.log_tail(cfg.epsilon, events) if events else None
+  run.timed("calibration_s", t0)
+  return Budget(mechs, split, events, log_tail)
+
+
+# ---------------------------------------------------------------------------
+# 2. class_sizes: M_N, before any other release.
+
+
+def _check_delta(cfg: Config, sizes: counts_lib.ClassSizes) -> None:
+  """delta < 1/N, with N from the public class sizes (the released
+  estimate by default)."""
+  n = sizes.total_estimate
+  if cfg.delta >= 1.0 / n:
+    raise ConfigError(
+        f"delta must be < 1/N = {1.0 / n:.3g} for N ~ {n:.0f} training "
+        f"examples ({sizes.policy} class sizes), got {cfg.delta} (a larger "
+        "delta allows releasing an example outright)")
+
+
+def class_sizes(run: Run, budget: Budget, secret: jax.Array
+                ) -> counts_lib.ClassSizes | None:
+  """The class sizes the run may use: M_N's release (default), the exact
+  sizes when declared public or the run is not private, None when no
+  mechanism reads the private data."""
+  cfg, plan, ds, t0 = run.cfg, run.plan, run.ds, time.time()
+  if cfg.method == "dm":
+    sizes = counts_lib.exact_sizes(ds.y_train, ds.num_classes)
+  elif not plan.reads_private:
+    sizes = None
+  elif not plan.count_release:
+    sizes = counts_lib.public_sizes(ds.y_train, ds.num_classes)
+  else:
+    sigma = budget.mechanism("class_counts").noise_multiplier
+    if run.done("class_sizes"):
+      noisy = run.load("class_sizes")[0]["noisy_counts"]
+    else:
+      noisy = np.asarray(counts_lib.release_class_counts(
+          secret, ds.y_train, num_classes=ds.num_classes,
+          noise_multiplier=sigma))
+    sizes = counts_lib.released_sizes(noisy, sigma, budget.log_tail)
+    sizes.check(ds.y_train)
+    if not run.done("class_sizes"):
+      run.save("class_sizes", arrays={"noisy_counts": noisy})
+  if sizes is not None:
+    _check_delta(cfg, sizes)
+  run.timed("class_sizes_s", t0)
+  return sizes
+
+
+# ---------------------------------------------------------------------------
+# 3. generate: M_G (the built-in generator) or external generated data.
+
+
+@dataclasses.dataclass(frozen=True)
+class Generated:
+  x: np.ndarray           # generated images, pixel space
+  y: np.ndarray
+  x_norm: jax.Array       # normalised
+  class_major: jax.Array  # (K, m, H, W, C) normalised, m per class
+
+
+def _equal_class_major(x, y, k):
+  """(K, m, ...) with the first m images of every class, m the smallest
+  class count (public data: generated images)."""
+  y = np.asarray(y)
+  m = min(int(np.sum(y == c)) for c in range(k))
+  return np.stack([np.asarray(x)[np.flatnonzero(y == c)[:m]]
+                   for c in range(k)])
+
+
+def _private_rows(mesh, x, y, num_rows: int):
+  """(x, y, mask) padded to the public `num_rows` (mask 0 on padding): on
+  a mesh, this process's `process_rows`, split over the devices."""
+  if mesh is None:
+    return tuple(map(jnp.asarray, parallel.padded_rows(num_rows, x, y)))
+  return parallel.local_rows(mesh, x, y, num_rows=num_rows)
+
+
+def builtin_generate(cfg, ds, x_train, k_gen, secret, mech, mesh, sizes):
+  """M_G: one noisy release of class feature sums, then post-processing.
+  Returns (x_gen, y_gen, the release's noisy class counts)."""
+  k_map, k_fit, k_sample = jax.random.split(k_gen, 3)
+  fmap = generator.FeatureMap.create(
+      k_map, int(np.prod(ds.image_shape)), cfg.generator_features)
+  rows = _private_rows(mesh, x_train, ds.y_train, sizes.total_bound)
+  release = jax.jit(functools.partial(
+      generator.release_class_features, num_classes=ds.num_classes,
+      noise_multiplier=mech.noise_multiplier, mesh=mesh))(
+          fmap, *rows, noise_key=secret)
+  means, noisy_counts = generator.class_means_from_release(release)
+  gcfg = generator.GeneratorConfig(num_features=cfg.generator_features,
+                                   steps=cfg.generator_steps)
+  with tqdm(total=gcfg.steps, desc="generator (post-processing)",
+            disable=cfg.quiet) as bar:
+    gen, params = generator.train_generator(
+        k_fit, fmap, means, image_shape=ds.image_shape,
+        normalize=ds.normalize, cfg=gcfg, progress=bar.update)
+  x_gen, y_gen = generator.sample(gen, params, k_sample,
+                                  cfg.generated_per_class, gcfg.latent_dim)
+  return x_gen, y_gen, np.asarray(noisy_counts, np.float64)
+
+
+def external_generated(run: Run):
+  """External generated data (npz:PATH), checked against the dataset."""
+  return generator.load_external(run.cfg.generator[len("npz:"):],
+                                 image_shape=run.image_shape,
+                                 num_classes=run.num_classes)
+
+
+def generate(run: Run, budget: Budget, sizes, secret: jax.Array,
+             external=None):
+  """(Generated or None, the class sizes refined by the release's own noisy
+  counts). `external`: (x, y) of external generated data, if any."""
+  cfg, plan, ds, t0 = run.cfg, run.plan, run.ds, time.time()
+  if not plan.uses_generated:
+    return None, sizes
+  if plan.builtin_generator:
+    mech = budget.mechanism("generator")
+    if run.done("generate"):
+      saved = run.load("generate")[0]
+      x_gen, y_gen, counts = (saved["x_gen"], saved["y_gen"],
+                              saved["noisy_counts"])
+    else:
+      x_gen, y_gen, counts = builtin_generate(
+          cfg, ds, run.x_train, run.keys.gen, secret, mech, run.mesh, sizes)
+      run.save("generate", arrays={"x_gen": x_gen, "y_gen": y_gen,
+                                   "noisy_counts": counts})
+    # Post-processing: the generator's release carries its own noisy class
+    # counts (std sqrt(2) sigma_G); combined with M_N's they give the
+    # normalisation constants a smaller error.
+    sizes = sizes.refined(counts, generator.count_stddev(
+        mech.noise_multiplier), "the generator release's count coordinate")
+  else:
+    x_gen, y_gen = external
+  x_norm = ds.normalize(x_gen)
+  out = Generated(np.asarray(x_gen), np.asarray(y_gen), x_norm, jnp.asarray(
+      _equal_class_major(x_norm, y_gen, run.num_classes)))
+  run.timed("generation_s", t0)
+  return out, sizes
+
+
+# ---------------------------------------------------------------------------
+# 4. pool: extractors trained on generated data (post-processing).
+
+
+@dataclasses.dataclass(frozen=True)
+class Pool:
+  params: Any    # stacked parameters (leading axis: members)
+  trained: Any   # the last member: k-means embedding, expert pretraining
+
+
+def pool(run: Run, gen: Generated | None) -> Pool | None:
+  if gen is None:
+    return None
+  cfg, t0 = run.cfg, time.time()
+  if run.done("pool"):
+    params = run.load("pool")[1]["pool"]
+  else:
+    pcfg = dataclasses.replace(eval_config(cfg, run.plan.depth),
+                               width=cfg.extractor_width)
+    total = cfg.pool_models * evaluate.training_steps(len(gen.x_norm), pcfg,
+                                                      cfg.pool_epochs)
+    with tqdm(total=total, desc="extractor pool (generated data)",
+              disable=cfg.quiet) as bar:
+      params = extractors.train_generated_pool(
+          run.keys.pool, gen.x_norm, gen.y, num_classes=run.num_classes,
+          model=extractor_model(run), num_models=cfg.pool_models,
+          epochs=cfg.pool_epochs, checkpoints=cfg.pool_checkpoints,
+          cfg=pcfg, progress=bar.update, mesh=run.train_mesh)
+    run.save("pool", trees={"pool": params})
+  trained = extractors.fixed_pool(params)(None,
+                                          extractors.pool_size(params) - 1)
+  run.timed("extractor_pool_s", t0)
+  return Pool(params, trained)
+
+
+# ---------------------------------------------------------------------------
+# 5. query: M_F, the Q noisy class sums, computed once.
+
+
+def query_plan(run: Run, pool_: Pool | None) -> distill.QueryPlan:
+  """The extractors and augmentation of the queries (both sides)."""
+  model = extractor_model(run)
+  ext = (extractors.fixed_pool(pool_.params)
+         if run.plan.extractors == "generated"
+         else extractors.random_pool(model, run.image_shape))
+  return distill.QueryPlan(extractor=ext, embed_fn=models.embed_fn(model),
+                           num_classes=run.num_classes,
+                           strategy=run.cfg.strategy)
+
+
+@dataclasses.dataclass(frozen=True)
+class Queries:
+  targets: jax.Array   # (Q, K, d) noisy sums
+  spec: mechanisms.QuerySpec
+
+
+def answer_queries(cfg, spec, plan_q, k_query, x_train, ds, secret, mesh,
+                   sizes, log_tail):
+  """M_F: the Q noisy class sums, computed once. The private table is
+  padded to the public class bound; returns (targets, the spec used)."""
+  k = ds.num_classes
+  query_chunk = cfg.microbatch or clipping.default_query_chunk()
+  bound = int(np.max(sizes.bound))
+  if mesh is None:
+    private_data = mechanisms.class_major(x_train, ds.y_train, k, rows=bound)
+    answer = functools.partial(mechanisms.noisy_targets, spec,
+                               chunk_size=query_chunk)
+  else:
+    # This process's rows, in a layout whose size follows from the
+    # public class bound; the capacity is per device of the mesh.
+    rows = parallel.process_rows_by_class(ds.y_train, k)
+    per_device = parallel.rows_per_device(bound, mesh)
+    local = parallel.sharded_class_major(
+        x_train[rows], ds.y_train[rows], k, parallel.local_shards(mesh),
+        rows_per_shard=per_device, as_numpy=True)
+    private_data = mechanisms.ClassMajorData(
+        parallel.global_rows(mesh, local.x, 1),
+        parallel.global_rows(mesh, local.valid, 1))
+    spec = dataclasses.replace(spec, capacity=mechanisms.poisson_capacity(
+        [per_device], spec.sampling_rate,
+        log_tail=_tail(log_tail) - math.log(parallel.num_shards(mesh))))
+    answer = functools.partial(parallel.sharded_noisy_targets, spec,
+                               mesh=mesh, chunk_size=query_chunk)
+
+  @jax.jit
+  def query_fn(data, secret_q, q):
+    params, aug_params = plan_q.params(k_query, q)
+    return answer(data, params, aug_params, secret_q)
+
+  targets = []
+  for q in tqdm(range(cfg.num_queries), desc="private queries",
+                disable=cfg.quiet):
+    sums, overflow = query_fn(private_data, jax.random.fold_in(secret, q), q)
+    mechanisms.check_overflow(overflow)
+    targets.append(sums)
+  return jnp.stack(targets), spec
+
+
+def query(run: Run, budget: Budget, sizes, plan_q: distill.QueryPlan,
+          secret: jax.Array) -> Queries | None:
+  cfg, t0 = run.cfg, time.time()
+  if not run.plan.feature_matching:
+    return None
+  spec = mechanisms.QuerySpec(
+      embed_fn=plan_q.embed_fn, num_classes=run.num_classes,
+      clip_norm=clip_norm(cfg),
+      noise_multiplier=budget.mechanism("feature_matching").noise_multiplier,
+      sampling_rate=cfg.sampling_rate,
+      capacity=mechanisms.poisson_capacity(sizes.bound, cfg.sampling_rate,
+                                           log_tail=_tail(budget.log_tail)),
+      strategy=cfg.strategy)
+  if run.done("query"):
+    saved, _, capacity = run.load("query")
+    targets = jnp.asarray(saved["targets"])
+    spec = dataclasses.replace(spec, capacity=capacity)
+  else:
+    targets, spec = answer_queries(cfg, spec, plan_q, run.keys.query,
+                                   run.x_train, run.ds, secret, run.mesh,
+                                   sizes, budget.log_tail)
+    run.save("query", arrays={"targets": targets}, info=spec.capacity)
+  run.timed("queries_s", t0)
+  return Queries(targets, spec)
+
+
+def clip_norm(cfg: Config) -> float:
+  """C of the queries and of the synthetic side (inf for dm)."""
+  return math.inf if cfg.method == "dm" else cfg.clip_norm
+
+
+# ---------------------------------------------------------------------------
+# 6. expert: pretrained on G (a pool member, free), fine-tuned with DP-SGD.
+
+
+@dataclasses.dataclass(frozen=True)
+class Expert:
+  params: Any
+  info: dict   # test accuracies, for information
+  loss: Callable  # the alignment term of the distillation loss
+
+
+def expert(run: Run, budget: Budget, sizes, pool_: Pool, gen: Generated,
+           secret: jax.Array) -> Expert | None:
+  cfg, ds, t0 = run.cfg, run.ds, time.time()
+  if not run.plan.expert:
+    return None
+  model = extractor_model(run)
+  if run.done("expert"):
+    _, trees, info = run.load("expert")
+    params = trees["params"]
+  else:
+    with tqdm(total=cfg.expert_steps, desc="DP expert (DP-SGD)",
+              disable=cfg.quiet) as bar:
+      params = expert_lib.dp_finetune(
+          pool_.trained, model, run.x_train, ds.y_train,
+          cfg=expert_config(cfg),
+          noise_multiplier=budget.mechanism("expert").noise_multiplier,
+          secret=secret, progress=bar.update, mesh=run.mesh,
+          microbatch=cfg.microbatch, num_rows=sizes.total_bound,
+          expected_size=sizes.total_estimate,
+          log_tail=_tail(budget.log_tail))
+    info = {
+        "test_accuracy_pretrained_on_generated": expert_lib.accuracy(
+            pool_.trained, model, run.x_test, ds.y_test),
+        "test_accuracy_after_dp_finetuning": expert_lib.accuracy(
+            params, model, run.x_test, ds.y_test),
+        "note": "expert test accuracy is logged for information only"}
+    run.save("expert", trees={"params": params}, info=info)
+  p_ref = expert_lib.reference_distributions(params, model, gen.class_major,
+                                             cfg.expert_tau)
+  loss = lambda dec: cfg.expert_weight * expert_lib.alignment_loss(
+      params, model, dec, p_ref, tau=cfg.expert_tau, beta=cfg.expert_beta)
+  run.timed("expert_s", t0)
+  return Expert(params, info, loss)
+
+
+# ---------------------------------------------------------------------------
+# 7. init: the synthetic set's starting images (K, IPC, H, W, C).
+
+
+def init(run: Run, gen: Generated | None, pool_: Pool | None,
+         plan_q: distill.QueryPlan) -> jax.Array:
+  cfg, plan, ds, t0 = run.cfg, run.plan, run.ds, time.time()
+  k, f, m = run.num_classes, plan.factor, cfg.ipc
+  if run.done("init"):
+    images = jnp.asarray(run.load("init")[0]["images"])
+  else:
+    if plan.init == "generated" or cfg.method == "generator":
+      embed = lambda xb: plan_q.embed_fn(pool_.trained, xb)
+      chosen = init_lib.select_per_class(run.keys.init, embed,
+                                         gen.class_major, m * f * f)
+      images = init_lib.encode(chosen, f)
+    elif plan.init == "real":  # NOT private: starts from real images
+      xs, _ = evaluate.random_real_subset(run.keys.init, run.x_train,
+                                          ds.y_train, m * f * f, k)
+      images = init_lib.encode(
+          jnp.asarray(xs.reshape(k, -1, *run.image_shape)), f)
+    else:
+      images = jax.random.normal(run.keys.init, (k, m, *run.image_shape))
+    run.save("init", arrays={"images": images})
+  run.timed("init_s", t0)
+  return images
+
+
+# ---------------------------------------------------------------------------
+# 8. distill: the pixels against the cached targets (post-processing).
+
+
+@dataclasses.dataclass(frozen=True)
+class Distilled:
+  stored: np.ndarray    # (K * IPC, H, W, C) normalised
+  decoded: np.ndarray   # (K * IPC * f^2, H, W, C) normalised
+  y_stored: np.ndarray
+  y_decoded: np.ndarray
+  losses: np.ndarray
+
+
+def distill_loop(cfg: Config, store, state, step, targets, counts, key):
+  """cfg.steps image updates from `state`; with a store, the state is
+  saved every cfg.checkpoint_every steps and at the end, and a saved one
+  is resumed from. Returns (state, the loss of every step)."""
+  name = "distill"
+  losses: list = []
+  if store is not None and store.finished(name):
+    arrays, trees, _ = store.load(name, targets={"state": state})
+    state, losses = trees["state"], list(arrays["losses"])
+  with tqdm(total=cfg.steps, initial=len(losses), desc="distillation",
+            disable=cfg.quiet) as bar:
+    while len(losses) < cfg.steps:
+      state, loss = step(state, targets, counts, key)
+      losses.append(loss)
+      bar.update(1)
+      n = len(losses)
+      if store is not None and (n == cfg.steps or (
+          cfg.checkpoint_every and n % cfg.checkpoint_every == 0)):
+        store.save(name, arrays={"losses": np.asarray(jnp.stack(losses))},
+                   trees={"state": state}, info={"step": n})
+  losses = np.asarray(jnp.stack(losses)) if losses else np.zeros(0)
+  return state, losses
+
+
+def distill_images(run: Run, plan_q: distill.QueryPlan,
+                   queries: Queries | None, expert_: Expert | None,
+                   images: jax.Array, sizes) -> Distilled:
+  cfg, t0 = run.cfg, time.time()
+  k, f, m = run.num_classes, run.plan.factor, cfg.ipc
+  losses = np.zeros(0)
+  if queries is not None:
+    opt = distill.image_optimizer(cfg.lr_img)
+    step = distill.make_step(
+        plan_q, opt, clip_norm=clip_norm(cfg),
+        decode=lambda s: init_lib.decode(s, f),
+        extra_loss=None if expert_ is None else expert_.loss)
+    counts = jnp.asarray(sizes.expected_counts(cfg.sampling_rate),
+                         jnp.float32)
+    state, losses = distill_loop(cfg, run.store,
+                                 distill.init_state(images, opt), step,
+                                 queries.targets, counts, run.keys.query)
+    images = state.images
+  shape = run.image_shape
+  out = Distilled(
+      stored=np.asarray(images).reshape(k * m, *shape),
+      decoded=np.asarray(init_lib.decode(images, f)).reshape(-1, *shape),
+      y_stored=np.repeat(np.arange(k, dtype=np.int32), m),
+      y_decoded=np.repeat(np.arange(k, dtype=np.int32), m * f * f),
+      losses=losses)
+  run.timed("distillation_s", t0)
+  return out
+
+
+# ---------------------------------------------------------------------------
+# 9. evaluate: models trained on the distilled set, tested on real data.
+
+
+def _evaluate(key, x, y, x_test, y_test, k, ecfg, quiet, desc, mesh):
+  steps = ecfg.num_models * evaluate.training_steps(len(x), ecfg)
+  t = time.time()
+  with tqdm(total=steps, desc=desc, disable=quiet) as bar:
+    result = evaluate.evaluate(key, x, y, x_test, y_test, num_classes=k,
+                               cfg=ecfg, progress=bar.update, mesh=mesh)
+  result["seconds"] = time.time() - t
+  return result
+
+
+def evaluate_set(run: Run, distilled: Distilled,
+                 expert_: Expert | None) -> dict | None:
+  cfg, ds, t0 = run.cfg, run.ds, time.time()
+  if cfg.no_eval:
+    return None
+  k, quiet, mesh = run.num_classes, cfg.quiet, run.train_mesh
+  options = {n: getattr(cfg, n) for n in (
+      "eval_models", "eval_epochs", "eval_width", "references")}
+  saved = run.load("evaluate")[2] if run.done("evaluate") else None
+  if saved and saved["options"] == options:
+    metrics = saved["metrics"]
+  else:
+    ecfg = eval_config(cfg, run.plan.depth)
+    metrics = _evaluate(run.keys.eval, distilled.decoded, distilled.y_decoded,
+                        run.x_test, ds.y_test, k, ecfg, quiet, "evaluation",
+                        mesh)
+    if cfg.references:
+      xr, yr = evaluate.random_real_subset(run.keys.ref, run.x_train,
+                                           ds.y_train, cfg.ipc, k)
+      metrics["reference_random_real_subset"] = _evaluate(
+          run.keys.eval, xr, yr, run.x_test, ds.y_test, k, ecfg, quiet,
+          "reference: random real subset", mesh)
+      metrics["reference_full_training_set"] = _evaluate(
+          run.keys.eval, run.x_train, ds.y_train, run.x_test, ds.y_test, k,
+          dataclasses.replace(ecfg, epochs=max(1, cfg.eval_epochs // 10)),
+          quiet, "reference: full training set", mesh)
+      metrics["references_note"] = (
+          "references are NOT private: they train on real training images")
+    run.save("evaluate", info={"options": options, "metrics": metrics})
+    run.timed("evaluation_s", t0)
+  if expert_ is not None:
+    metrics["expert"] = expert_.info
+  losses = distilled.losses
+  metrics.update(method=cfg.method,
+                 first_loss=float(losses[0]) if len(losses) else None,
+                 last_loss=float(losses[-1]) if len(losses) else None)
+  return metrics
+
+
+# ---------------------------------------------------------------------------
+# 10. report: privacy.json's content.
+
+
+def public_metadata(ds: data_lib.Dataset,
+                    sizes: counts_lib.ClassSizes | None) -> list[str]:
+  out = [
+      f"number of classes K = {ds.num_classes} ({ds.num_classes_source})",
+      f"image shape {tuple(ds.image_shape)}",
+  ]
+  if sizes is None:
+    out.append("class sizes: not used (no mechanism of this run reads the "
+               "private training set)")
+  elif sizes.policy == "released":
+    out.append(
+        "class sizes: NOT public; released once with Gaussian noise "
+        "(mechanism class_counts, L2 sensitivity 1); every later use "
+        "(normalisation p * n~_c, padded layouts and Poisson capacities "
+        "from upper confidence bounds, the expert's q * N~, the delta < 1/N "
+        "check) reads only that release (class_sizes)")
+  elif sizes.policy == "declared public":
+    out.append(
+        "class sizes N_c = " + ", ".join(str(int(c)) for c in sizes.bound)
+        + f" (N = {sizes.total_bound}) DECLARED PUBLIC by the user "
+        "(--public-class-sizes): used exactly for normalisation, layouts "
+        "and capacities")
+  else:
+    out.append("class sizes: exact (the run is not private)")
+  out += [
+      f"normalisation constants: {ds.normalisation_source}",
+      "all hyperparameters in config.json",
+      "the test split is not protected: metrics.json and the expert's test "
+      "accuracy are non-private functions of it, for information",
+  ]
+  return out
+
+
+def report(run: Run, budget: Budget, sizes,
+           queries: Queries | None) -> dict:
+  cfg, plan = run.cfg, run.plan
+  reasons = planning.nonprivate_reasons(cfg, plan)
+  notes = [
+      "Noise and sampling randomness came from "
+      + ("the public seed (deterministic TEST mode): this run is NOT private"
+         if cfg.deterministic else
+         "128 bits of the operating system's entropy and was never saved")
+      + "; Gaussian noise from the atom-free float64 sampler "
+      "(dpgeng_jax/noise.py), added to float64 sums and rounded once",
+  ]
+  if sizes is not None and plan.feature_matching:
+    notes.append("Targets are sums normalised by the public expected counts "
+                 f"p * n~_c ({sizes.policy} class sizes)")
+  abort = None
+  if budget.events:
+    abort = {"events": budget.events,
+             "probability_per_event": math.exp(budget.log_tail),
+             "what": "a class above its released upper bound (K + 1 bounds)"
+             " and a Poisson batch above its padded capacity (per class and"
+             " query, per expert step); each aborts the run before anything"
+             " is released",
+             "delta_added": accounting.failure_delta(
+                 cfg.epsilon, budget.events, budget.log_tail)}
+    if queries is not None:
+      abort["query_capacity_per_class"] = queries.spec.capacity
+  if plan.builtin_generator:
+    notes.append("built-in generator: its normalising class counts are read "
+                 "from the same noisy release (constant coordinate)")
+  privacy = accounting.privacy_report(
+      budget.mechs, target_epsilon=cfg.epsilon, delta=cfg.delta,
+      private=not reasons, public_metadata=public_metadata(run.ds, sizes),
+      notes=notes, external=plan.external, split=budget.split,
+      abort_events=abort, nonprivate_reasons=reasons)
+  privacy["method"] = cfg.method
+  privacy["clip_norm"] = None if cfg.method == "dm" else cfg.clip_norm
+  privacy["class_sizes"] = None if sizes is None else sizes.report()
+  return privacy

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpgeng_jax import counts, distill, expert, extractors, mechanisms, models
-from dpgeng_jax import pergrad, pipeline
+from dpgeng_jax import pergrad, pipeline, stages
 from dpgeng_jax.config import Config
 from dpgeng_jax.data import load_dataset
 
@@ -53,7 +53,7 @@ def test_queries_are_traced_once_for_all_queries(monkeypatch):
       capacity=mechanisms.poisson_capacity(ds.class_counts, 0.5),
       strategy=cfg.strategy)
   sizes = counts.public_sizes(ds.y_train, ds.num_classes)
-  targets, _ = pipeline._answer_queries(
+  targets, _ = stages.answer_queries(
       cfg, spec, plan_q, jax.random.key(0), ds.normalize(ds.x_train), ds,
       jax.random.key(1), None, sizes, None)
   assert len(traces) == 1

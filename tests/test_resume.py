@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from dpgeng_jax import (cli, counts, expert, outputs, pipeline, stages)
+from dpgeng_jax import cli, counts, expert, outputs, pipeline, stages, store
 
 FLAGS = ["--method", "dpgeng", "--ipc", "1", "--steps", "6",
          "--checkpoint-every", "3", "--num-queries", "2",
@@ -38,7 +38,7 @@ def calls(monkeypatch):
 
 def _kill_after(monkeypatch, nth_save: int):
   """The run dies right after its nth stage save (a stage boundary)."""
-  real = stages.StageStore.save
+  real = store.StageStore.save
   count = [0]
 
   def save(self, name, *a, **k):
@@ -47,7 +47,7 @@ def _kill_after(monkeypatch, nth_save: int):
     if count[0] == nth_save:
       raise Killed(name)
 
-  monkeypatch.setattr(stages.StageStore, "save", save)
+  monkeypatch.setattr(store.StageStore, "save", save)
 
 
 def _visible(out):
@@ -101,7 +101,7 @@ def test_killed_at_every_stage_boundary_resumes_to_the_same_run(
   assert priv == want_priv
   np.testing.assert_array_equal(x, want_x)
   assert outputs.read_manifest(str(out)) is not None
-  published = json.loads((out / "stages" / stages.STATE).read_text())
+  published = json.loads((out / "stages" / store.STATE).read_text())
   assert "train_sha256" not in published["data"]
 
 
@@ -113,17 +113,17 @@ def _count_again(monkeypatch, seen):
     return wrapped
   monkeypatch.setattr(counts, "release_class_counts", counting(
       "class_counts", counts.release_class_counts))
-  monkeypatch.setattr(pipeline, "_builtin_generate", counting(
-      "generator", pipeline._builtin_generate))
-  monkeypatch.setattr(pipeline, "_answer_queries", counting(
-      "queries", pipeline._answer_queries))
+  monkeypatch.setattr(stages, "builtin_generate", counting(
+      "generator", stages.builtin_generate))
+  monkeypatch.setattr(stages, "answer_queries", counting(
+      "queries", stages.answer_queries))
   monkeypatch.setattr(expert, "dp_finetune", counting(
       "expert", expert.dp_finetune))
 
 
 def _killed_run(tmp_path, monkeypatch, after="query"):
   out = tmp_path / "run"
-  _kill_after(monkeypatch, list(stages.STAGES).index(after) + 1)
+  _kill_after(monkeypatch, list(store.STAGES).index(after) + 1)
   with pytest.raises(Killed):
     cli.main(["distill", "--out", str(out), *FLAGS])
   monkeypatch.undo()
@@ -171,12 +171,12 @@ def test_only_performance_evaluation_and_output_options_may_change():
   from dpgeng_jax.config import Config
   import dataclasses
   groups = {f.name: f.metadata["group"] for f in dataclasses.fields(Config)}
-  assert stages.RESUME_FREE == {
+  assert store.RESUME_FREE == {
       n for n, g in groups.items()
       if g in ("performance", "evaluation", "output")} - {"references"}
   assert {"epsilon", "delta", "seed", "dataset", "steps", "num_queries",
           "deterministic", "public_class_sizes"}.isdisjoint(
-              stages.RESUME_FREE)
+              store.RESUME_FREE)
 
 
 def test_resume_may_change_performance_and_evaluation_options(
@@ -205,7 +205,7 @@ def test_sigkill_mid_run_then_resume_skips_the_saved_releases(
     tmp_path, monkeypatch, calls):
   """A real SIGKILL of the command once its queries are saved."""
   out = tmp_path / "run"
-  state = out / outputs.STAGING / pipeline.STAGES_DIR / stages.STATE
+  state = out / outputs.STAGING / pipeline.STAGES_DIR / store.STATE
   proc = subprocess.Popen(
       [sys.executable, "-m", "dpgeng_jax", "distill", "--out", str(out),
        *FLAGS], cwd=os.path.dirname(os.path.dirname(__file__)),

@@ -1,0 +1,273 @@
+"""What a configuration means before any data is read: validation, the
+resolved plan (which stages run, with what), the private mechanisms with
+their calibrated noise, the delta split and abort events, and the reasons a
+run would not be private. `dpgeng plan` is this module alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+
+from dpgeng_jax import accounting, models
+from dpgeng_jax import init as init_lib
+from dpgeng_jax.config import Config, METHODS
+from dpgeng_jax.errors import ConfigError
+
+
+def validate_config(cfg: Config) -> None:
+  """Raises ConfigError naming the first invalid value (reads no data)."""
+  if cfg.method not in METHODS:
+    raise ConfigError(f"unknown method {cfg.method!r}; expected one of "
+                      f"{METHODS}")
+  try:
+    accounting.validate_target(cfg.epsilon, cfg.delta)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  if cfg.ipc < 1:
+    raise ConfigError(f"ipc must be >= 1, got {cfg.ipc}")
+  if not 0 < cfg.sampling_rate <= 1:
+    raise ConfigError(f"sampling_rate must be in (0, 1], got "
+                      f"{cfg.sampling_rate}")
+  private = cfg.method != "dm"
+  for name in ("clip_norm", "expert_clip_norm"):
+    value = getattr(cfg, name)
+    if not value > 0 or (private and not math.isfinite(value)):
+      raise ConfigError(
+          f"{name} must be a finite number > 0, got {value} (an infinite "
+          "clip norm has unbounded sensitivity: no noise can make it "
+          "private)")
+  for name in ("num_queries", "steps", "extractor_width", "eval_models",
+               "eval_epochs", "eval_width"):
+    if getattr(cfg, name) < 1:
+      raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+  for name in ("generated_per_class", "pool_models", "pool_checkpoints",
+               "pool_epochs", "generator_steps", "generator_features",
+               "generated_steps", "expert_steps"):
+    if getattr(cfg, name) < 1:
+      raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+  if cfg.factor not in (0, 1, 2):
+    raise ConfigError(f"factor must be 0 (auto), 1 or 2, got {cfg.factor}")
+  if cfg.generator != "builtin" and not cfg.generator.startswith("npz:"):
+    raise ConfigError(f"generator must be 'builtin' or 'npz:PATH', got "
+                      f"{cfg.generator!r}")
+  if not 0 < cfg.expert_sampling_rate <= 1:
+    raise ConfigError(f"expert_sampling_rate must be in (0, 1], got "
+                      f"{cfg.expert_sampling_rate}")
+  for name in ("share_generator", "share_features", "share_expert",
+               "share_counts"):
+    value = getattr(cfg, name)
+    if not (value > 0 and math.isfinite(value)):
+      raise ConfigError(f"budget shares must be finite and > 0, got "
+                        f"{name} = {value}")
+  declared = (cfg.generated_epsilon, cfg.generated_delta, cfg.generated_mu,
+              cfg.generated_noise_multiplier)
+  if any(not (v >= 0 and math.isfinite(v)) for v in declared):
+    raise ConfigError("declared guarantees of generated data must be "
+                      "finite and >= 0")
+  if cfg.generated_epsilon > 0 and not 0 <= cfg.generated_delta < cfg.delta:
+    raise ConfigError(f"generated_delta must be in [0, delta = {cfg.delta})"
+                      f", got {cfg.generated_delta}")
+  if not 0 < cfg.generated_sampling_rate <= 1:
+    raise ConfigError("generated_sampling_rate must be in (0, 1]")
+  if cfg.depth < 0:
+    raise ConfigError(f"depth must be >= 0 (0 = automatic), got {cfg.depth}")
+  if cfg.num_classes < 0 or cfg.num_classes == 1:
+    raise ConfigError(f"num_classes must be 0 (from the dataset) or >= 2, "
+                      f"got {cfg.num_classes}")
+  if cfg.devices < 0 or cfg.microbatch < 0:
+    raise ConfigError(f"devices and microbatch must be >= 0, got "
+                      f"{cfg.devices} and {cfg.microbatch}")
+  if cfg.devices > jax.device_count():
+    raise ConfigError(f"devices={cfg.devices} but this run sees "
+                      f"{jax.device_count()} device(s)")
+  if cfg.devices not in (0, jax.device_count()) and jax.process_count() > 1:
+    raise ConfigError("a multi-process run uses every device (devices=0)")
+  if cfg.checkpoint_every < 0:
+    raise ConfigError(f"checkpoint_every must be >= 0, got "
+                      f"{cfg.checkpoint_every}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What a configuration resolves to (public; computed before any data is
+  read)."""
+  init: str
+  extractors: str
+  factor: int
+  depth: int
+  uses_generated: bool
+  builtin_generator: bool
+  feature_matching: bool
+  expert: bool
+  external: tuple[float, float] | None  # declared (eps, delta) of external G
+  fixed: tuple  # accounting.Mechanism of external G with declared noise
+  external_declared: bool
+  count_release: bool  # the class sizes are released (M_N)
+
+  @property
+  def reads_private(self) -> bool:
+    """Whether any mechanism of this run reads the private training set."""
+    return self.builtin_generator or self.feature_matching or self.expert
+
+
+def resolve(cfg: Config, image_shape=None) -> Plan:
+  """Resolves `auto` options and the data sources of a configuration.
+
+  Without an image shape (as in `dpgeng plan`, which reads no data) the
+  shape-dependent choices (factor, depth) are left at 0.
+  """
+  init = cfg.init
+  if init == "auto":
+    init = {"dpgeng": "generated", "dm": "real"}.get(cfg.method, "noise")
+  ext = cfg.extractors
+  if ext == "auto":
+    ext = "generated" if cfg.method == "dpgeng" else "random"
+  size = min(image_shape[:2]) if image_shape is not None else None
+  factor = cfg.factor or (init_lib.default_factor(size) if size else 0)
+  if cfg.method in ("generator", "dm"):
+    factor = 1
+  expert = cfg.method == "dpgeng" and not cfg.no_expert
+  uses_generated = (cfg.method == "generator" or init == "generated"
+                    or ext == "generated" or expert)
+  builtin = uses_generated and cfg.generator == "builtin"
+  external, fixed, declared = None, (), False
+  if uses_generated and not builtin:
+    if cfg.generated_epsilon > 0:
+      external, declared = (cfg.generated_epsilon, cfg.generated_delta), True
+    elif cfg.generated_mu > 0:
+      fixed = (accounting.Mechanism("external_generator", 1.0 /
+                                    cfg.generated_mu, 1.0, 1),)
+      declared = True
+    elif cfg.generated_noise_multiplier > 0:
+      fixed = (accounting.Mechanism(
+          "external_generator", cfg.generated_noise_multiplier,
+          cfg.generated_sampling_rate, cfg.generated_steps),)
+      declared = True
+  feature_matching = cfg.method != "generator"
+  reads = builtin or feature_matching or expert
+  depth = cfg.depth or (models.default_depth(size) if size else 0)
+  if size and 2 ** depth > size:
+    raise ConfigError(
+        f"images of {image_shape[0]}x{image_shape[1]} pixels are too small "
+        f"for a depth-{depth} ConvNet (each block halves the map; it needs "
+        f"at least {2 ** depth} pixels per side): lower --depth")
+  return Plan(init=init, extractors=ext, factor=factor, depth=depth,
+              uses_generated=uses_generated, builtin_generator=builtin,
+              feature_matching=feature_matching, expert=expert,
+              external=external, fixed=fixed, external_declared=declared,
+              count_release=(reads and cfg.method != "dm"
+                             and not cfg.public_class_sizes))
+
+
+def abort_events(cfg: Config, plan: Plan, num_classes: int) -> int:
+  """The run's abort events (each of probability <= tau): a class above
+  its released bound (K classes and the total), a Poisson batch above its
+  capacity (K classes x Q queries at p < 1; T_E expert steps at q_E < 1).
+  Public: a function of the configuration and K."""
+  if cfg.method == "dm":
+    return 0
+  events = num_classes + 1 if plan.count_release else 0
+  if plan.feature_matching and cfg.sampling_rate < 1:
+    events += cfg.num_queries * num_classes
+  if plan.expert and cfg.expert_sampling_rate < 1:
+    events += cfg.expert_steps
+  return events
+
+
+def delta_split(cfg: Config, plan: Plan) -> accounting.DeltaSplit:
+  """How the run spends its delta (reads no data): a reserve for abort
+  events whenever it has any (their count does not change the split, only
+  the per-event tail)."""
+  return accounting.DeltaSplit(cfg.delta,
+                               plan.external[1] if plan.external else 0.0,
+                               reserve=abort_events(cfg, plan, 1) > 0)
+
+
+def mechanisms_for(cfg: Config, plan: Plan) -> list[accounting.Mechanism]:
+  """The run's private mechanisms with calibrated noise (reads no data);
+  checks every declared external guarantee against the target."""
+  mechs, shares = [], []
+  if plan.count_release:
+    mechs.append(accounting.Mechanism("class_counts", 0.0, 1.0, 1,
+                                      sensitivity="1"))
+    shares.append(cfg.share_counts)
+  if plan.builtin_generator:
+    mechs.append(accounting.Mechanism("generator", 0.0, 1.0, 1,
+                                      sensitivity="1"))
+    shares.append(cfg.share_generator)
+  if plan.feature_matching:
+    mechs.append(accounting.Mechanism("feature_matching", 0.0,
+                                      cfg.sampling_rate, cfg.num_queries))
+    shares.append(cfg.share_features)
+  if plan.expert:
+    mechs.append(accounting.Mechanism("expert", 0.0,
+                                      cfg.expert_sampling_rate,
+                                      cfg.expert_steps))
+    shares.append(cfg.share_expert)
+  if cfg.method == "dm":
+    return mechs
+  split = delta_split(cfg, plan)
+  eps, delta = cfg.epsilon, split.mechanisms
+  if plan.external:
+    eps = eps - plan.external[0]
+    if eps < 0 or (eps == 0 and mechs) or delta <= 0:
+      raise ConfigError(
+          f"the declared guarantee of the generated data ({plan.external}) "
+          f"leaves no budget of the target ({cfg.epsilon}, {cfg.delta})")
+  if not mechs:  # only external generated data
+    if plan.fixed:
+      got = accounting.epsilon_of(accounting.composed_event(plan.fixed),
+                                  delta, accounting.pld_interval(eps))
+      if got > eps:
+        raise ConfigError(
+            f"the declared guarantee of the generated data alone is "
+            f"epsilon {got:.4g} at delta {delta:g}, above the target "
+            f"epsilon {cfg.epsilon}")
+    return list(plan.fixed)
+  try:
+    cal = accounting.calibrate(mechs, eps, delta, shares=shares,
+                               fixed=plan.fixed)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  return [*plan.fixed, *cal]
+
+
+def nonprivate_reasons(cfg: Config, plan: Plan) -> list[str]:
+  """Why a run's outputs are NOT differentially private (empty: they are).
+  Anything non-private that touches an output makes the run non-private."""
+  reasons = []
+  if cfg.method == "dm":
+    reasons.append("method dm: no clipping, no noise, initialised from "
+                   "real images")
+  elif plan.init == "real":
+    reasons.append("initialised from real training images (--init real)")
+  if cfg.deterministic:
+    reasons.append("deterministic test mode: the noise and sampling keys "
+                   "derive from the public --seed")
+  if plan.uses_generated and not plan.builtin_generator and (
+      not plan.external_declared):
+    reasons.append("external generated data came with no declared "
+                   "guarantee")
+  if cfg.references and not cfg.no_eval:
+    reasons.append("--references: metrics.json holds models trained on "
+                   "real training images")
+  return reasons
+
+
+def plan_budget(cfg: Config) -> dict:
+  """The budget allocation of a configuration, computed from the
+  configuration alone (no data is read): per mechanism its noise
+  multiplier, sampling rate, steps and epsilon alone, and the composed
+  figures."""
+  validate_config(cfg)
+  plan = resolve(cfg)
+  mechs = mechanisms_for(cfg, plan)
+  return accounting.privacy_report(
+      mechs, target_epsilon=cfg.epsilon, delta=cfg.delta,
+      private=not nonprivate_reasons(cfg, plan),
+      public_metadata=["computed without any data"],
+      external=plan.external, split=delta_split(cfg, plan),
+      nonprivate_reasons=nonprivate_reasons(cfg, plan))

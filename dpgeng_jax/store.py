@@ -1,0 +1,202 @@
+"""Saved stage results, so that a killed run resumes without spending its
+budget again.
+
+A run (pipeline.run) is a sequence of named stages, `STAGES` (stages.py).
+As soon as a stage is done its result is saved in the run directory's staging area
+(`--out/.dpgeng-staging/stages/`): arrays as .npz, pytrees (extractor pool,
+expert parameters, the distillation state) with orbax, small records as
+JSON. What is saved is a release of a private mechanism (the noisy class
+counts, the generated set, the noisy query targets, the expert's DP-SGD
+parameters) or post-processing of releases: safe to keep. No key is ever
+saved; the secret key is drawn afresh on resume and only mechanisms whose
+release is not saved use it.
+
+`dpgeng distill --resume DIR` opens DIR's store, checks that nothing that
+changes the guarantee or the releases differs (`check`: the configuration
+outside `RESUME_FREE` and the dataset's fingerprint), and the run skips
+every finished stage: no private mechanism whose release is saved runs
+again, and the privacy report is the one planned at the start.
+
+The fingerprint of the training data (a SHA-256 of its pixels and labels)
+never leaves the staging area: the published `stages/` copy of the record
+drops it.
+
+Single-process runs only: a multi-process run does not save stages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from dpgeng_jax import outputs
+from dpgeng_jax.config import resume_free_fields
+from dpgeng_jax.errors import ConfigError
+
+FORMAT = 1
+STATE = "state.json"
+STAGES = ("calibrate", "class_sizes", "generate", "pool", "query", "expert",
+          "init", "distill", "evaluate", "report")
+# Options that change neither the guarantee nor any release: they may
+# differ between a run and its resumption (config.py's groups).
+RESUME_FREE = resume_free_fields()
+
+
+def fingerprint(x_train, y_train, num_classes: int) -> dict:
+  """What identifies the private data on resume (kept in staging only)."""
+  h = hashlib.sha256()
+  for a in (x_train, y_train):
+    a = np.ascontiguousarray(a)
+    h.update(str((a.dtype.str, a.shape)).encode())
+    h.update(a.tobytes())
+  return {"train_sha256": h.hexdigest(), "num_train": int(len(y_train)),
+          "image_shape": list(np.shape(x_train)[1:]),
+          "num_classes": int(num_classes)}
+
+
+class StageStore:
+  """The saved stages of one run, in `root` (see module docstring)."""
+
+  def __init__(self, root: str):
+    self.root = root
+    self._state: dict | None = None
+
+  @property
+  def path(self) -> str:
+    return os.path.join(self.root, STATE)
+
+  def exists(self) -> bool:
+    return os.path.isfile(self.path)
+
+  # -- the record --------------------------------------------------------
+
+  def state(self) -> dict:
+    if self._state is None:
+      try:
+        with open(self.path) as f:
+          self._state = json.load(f)
+      except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read the saved stages {self.path}: "
+                          f"{e}") from e
+      if self._state.get("format") != FORMAT:
+        raise ConfigError(f"{self.path} has format "
+                          f"{self._state.get('format')}; expected {FORMAT}")
+    return self._state
+
+  def _write_state(self) -> None:
+    os.makedirs(self.root, exist_ok=True)
+    outputs.atomic_write(self.path, lambda f: json.dump(
+        self._state, f, indent=2, default=_plain))
+
+  def start(self, config: dict, data: dict) -> None:
+    """A new run: records its configuration and data fingerprint."""
+    self._state = {"format": FORMAT, "config": config, "data": data,
+                   "finished": [], "info": {}}
+    self._write_state()
+
+  def check(self, config: dict, data: dict | None = None) -> None:
+    """Refuses a resumption whose configuration (outside RESUME_FREE) or
+    data differ from the saved run's."""
+    saved = self.state()
+    diff = sorted(k for k in set(saved["config"]) | set(config)
+                  if k not in RESUME_FREE
+                  and saved["config"].get(k) != config.get(k))
+    if diff:
+      raise ConfigError(
+          "--resume: these options differ from the saved run's and would "
+          "change its guarantee or its releases: " + ", ".join(
+              f"{k} (saved {saved['config'].get(k)!r}, now "
+              f"{config.get(k)!r})" for k in diff))
+    if data is not None and data != saved["data"]:
+      raise ConfigError(
+          "--resume: the training data differ from the saved run's "
+          f"(saved {saved['data']['num_train']} examples of shape "
+          f"{saved['data']['image_shape']}, {saved['data']['num_classes']} "
+          f"classes; now {data['num_train']}, {data['image_shape']}, "
+          f"{data['num_classes']}; or the same sizes with other contents)")
+
+  def config(self) -> dict:
+    return dict(self.state()["config"])
+
+  # -- stages ------------------------------------------------------------
+
+  def finished(self, name: str) -> bool:
+    return self._state is not None and name in self._state["finished"]
+
+  def save(self, name: str, arrays: dict | None = None,
+           trees: dict | None = None, info: Any = None) -> None:
+    """Saves one stage's result and then marks it finished (a kill in
+    between leaves it unfinished: it runs again on resume)."""
+    assert name in STAGES or name.startswith("distill@"), name
+    d = os.path.join(self.root, name)
+    os.makedirs(d, exist_ok=True)
+    if arrays:
+      outputs.atomic_write(os.path.join(d, "arrays.npz"), lambda f: np.savez(
+          f, **{k: np.asarray(v) for k, v in arrays.items()}), mode="wb")
+    for key, tree in (trees or {}).items():
+      _save_tree(os.path.join(d, key), tree)
+    state = self.state()
+    state["info"][name] = info
+    if name not in state["finished"]:
+      state["finished"].append(name)
+    self._write_state()
+
+  def load(self, name: str, targets: dict | None = None):
+    """(arrays, trees, info) of a finished stage; `targets` gives the
+    structure of trees that are not plain nested dicts."""
+    d = os.path.join(self.root, name)
+    arrays = {}
+    if os.path.exists(os.path.join(d, "arrays.npz")):
+      with np.load(os.path.join(d, "arrays.npz"), allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    trees = {}
+    for key in sorted(os.listdir(d)) if os.path.isdir(d) else ():
+      if os.path.isdir(os.path.join(d, key)):
+        trees[key] = _restore_tree(os.path.join(d, key),
+                                   (targets or {}).get(key))
+    return arrays, trees, self.state()["info"].get(name)
+
+  def forget(self, name: str) -> None:
+    """Marks a stage unfinished (a superseded distillation checkpoint)."""
+    state = self.state()
+    if name in state["finished"]:
+      state["finished"].remove(name)
+      self._write_state()
+
+  def published_state(self) -> dict:
+    """The record as published with the run: without the data's hash."""
+    state = json.loads(json.dumps(self.state()))
+    state["data"].pop("train_sha256", None)
+    return state
+
+
+def _plain(obj):
+  """JSON for numpy and JAX scalars and arrays."""
+  if hasattr(obj, "tolist"):
+    return np.asarray(obj).tolist()
+  return str(obj)
+
+
+def _save_tree(path: str, tree: Any) -> None:
+  import jax  # pylint: disable=import-outside-toplevel
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  tree = jax.tree.map(np.asarray, tree)
+  ckpt = ocp.StandardCheckpointer()
+  ckpt.save(os.path.abspath(path), tree, force=True)
+  ckpt.wait_until_finished()
+  ckpt.close()
+
+
+def _restore_tree(path: str, target: Any = None) -> Any:
+  import jax  # pylint: disable=import-outside-toplevel
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  ckpt = ocp.StandardCheckpointer()
+  if target is not None:
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  tree = ckpt.restore(os.path.abspath(path), target)
+  ckpt.close()
+  return jax.tree.map(jax.numpy.asarray, tree)  # device arrays, as saved
