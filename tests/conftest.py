@@ -1,6 +1,7 @@
 """Suite-wide settings: a persistent XLA compilation cache shared by the
 tests and the subprocesses they start (the suite compiles many identical
-programs from fresh closures; compile time dominates it on 2 cores)."""
+programs from fresh closures; compile time dominates it on 2 cores), and
+XLA:CPU's backend optimisation level 0 (below)."""
 
 import os
 import tempfile
@@ -9,6 +10,16 @@ _CACHE = os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR",
     os.path.join(tempfile.gettempdir(), "dpgeng_jax_test_xla_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# Compile for compile speed: the suite's programs are many and small, so
+# XLA:CPU's LLVM optimisation (level 2 by default) costs more than it saves
+# (level 0 ran a compile-heavy subset, test_shapes plus the dpgeng runs of
+# test_cli, in 160 s against 276 s from an empty cache). It changes code
+# generation only: the HLO passes and float semantics (no fast math) stay.
+# Subprocesses the tests start inherit it.
+_OPT = "--xla_backend_optimization_level=0"
+if _OPT not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " "
+                             + _OPT).strip()
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402  (after the variables above)

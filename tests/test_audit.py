@@ -240,7 +240,11 @@ def test_private_distill_run_writes_no_key_material(tmp_path, monkeypatch,
   words = [np.asarray(jax.random.key_data(k)).astype(np.uint32).ravel()
            for k in keys]
   printed = capsys.readouterr().out
-  blobs = {name: (out / name).read_bytes() for name in os.listdir(out)}
+  blobs = {}
+  for d, _, files in os.walk(out):  # the saved stages too
+    for name in files:
+      with open(os.path.join(d, name), "rb") as f:
+        blobs[os.path.relpath(os.path.join(d, name), out)] = f.read()
   assert "privacy.json" in blobs and "distilled.npz" in blobs
   blobs["<stdout>"] = printed.encode()
   for name, blob in blobs.items():

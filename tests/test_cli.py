@@ -252,18 +252,14 @@ def test_external_generated_data_without_guarantee_is_not_private(tmp_path):
              for r in priv["not_private_because"])
 
 
-@pytest.mark.parametrize("declared", [
+DECLARED = [
     ["--generated-epsilon", "0.5", "--generated-delta", "1e-6"],
     ["--generated-mu", "0.5"],
     ["--generated-noise-multiplier", "3.0"],
-])
-def test_external_generated_guarantee_is_composed_into_the_budget(
-    tmp_path, declared):
-  out = tmp_path / "run"
-  assert _run(["--out", str(out), "--method", "dpgeng", "--generator",
-               _gen_npz(tmp_path), "--no-eval", "--epsilon", "2", *declared,
-               *GEN_TINY, *TINY]) == 0
-  priv = json.loads((out / "privacy.json").read_text())
+]
+
+
+def _check_composed(priv, declared):
   assert priv["private"] is True
   assert 0.98 * 2 <= priv["epsilon_pld"] <= 2
   if "--generated-epsilon" in declared:
@@ -271,6 +267,24 @@ def test_external_generated_guarantee_is_composed_into_the_budget(
                                                "delta": 1e-6}
   else:
     assert _mechanism(priv, "external_generator")
+
+
+def test_external_generated_guarantee_is_composed_into_the_budget(tmp_path):
+  """A whole run with a declared (epsilon, delta); the other declarations
+  through the plan (the run's report comes from the same accounting)."""
+  out = tmp_path / "run"
+  assert _run(["--out", str(out), "--method", "dpgeng", "--generator",
+               _gen_npz(tmp_path), "--no-eval", "--epsilon", "2",
+               *DECLARED[0], *GEN_TINY, *TINY]) == 0
+  _check_composed(json.loads((out / "privacy.json").read_text()),
+                  DECLARED[0])
+  for declared in DECLARED:
+    args = cli.build_parser().parse_args(
+        ["plan", "--method", "dpgeng", "--generator", _gen_npz(tmp_path),
+         "--epsilon", "2", *declared])
+    from dpgeng_jax import pipeline  # pylint: disable=import-outside-toplevel
+    _check_composed(pipeline.plan_budget(cli.config_from_args(args)),
+                    declared)
 
 
 def test_external_guarantee_larger_than_target_is_refused(tmp_path, capsys):

@@ -35,7 +35,8 @@ def test_sharded_suite_passes_on_8_fake_cpu_devices():
   proc = subprocess.run(
       [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
        os.path.join(HERE, "sharded")],
-      env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+      env=_env(XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_force_"
+                          "host_platform_device_count=8").strip()),
       capture_output=True, text=True, timeout=900, cwd=ROOT)
   out = proc.stdout + proc.stderr
   assert proc.returncode == 0, out[-6000:]

@@ -9,7 +9,8 @@ import os
 import sys
 
 if __name__ == "__main__":  # not when the test imports dataset() and K
-  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_"
+                             "force_host_platform_device_count=2").strip()
 
 import functools  # noqa: E402
 
