@@ -19,7 +19,7 @@ import os
 import sys
 
 from dpgeng_jax.config import Config
-from dpgeng_jax.errors import ConfigError, DpgengError
+from dpgeng_jax.errors import ConfigError, DpgengError, PrivacyAbort
 
 
 def _flag(name: str) -> str:
@@ -338,7 +338,14 @@ def main(argv=None, retain_host_memory: bool = False) -> int:
       cfg = config_from_args(args)
       if cfg.resume:
         cfg = resume_config(cfg, sys.argv[1:] if argv is None else argv)
-      return _distill(cfg, retain_host_memory)
+      try:
+        return _distill(cfg, retain_host_memory)
+      except PrivacyAbort as e:
+        # A rare event paid for in delta: nothing of the aborted mechanism
+        # was released; the releases saved before it are reused.
+        print(f"dpgeng: aborted: {e}\ncontinue with: dpgeng distill "
+              f"--resume {cfg.out}", file=sys.stderr)
+        return 3
     if args.command == "plan":
       return _plan(config_from_args(args))
     if args.command == "audit":

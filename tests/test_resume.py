@@ -230,3 +230,26 @@ def test_sigkill_mid_run_then_resume_skips_the_saved_releases(
   assert calls["queries"] == 0
   assert calls["expert"] == (0 if "expert" in finished else 1)
   assert outputs.read_manifest(str(out)) is not None
+
+
+def test_a_privacy_abort_exits_3_and_the_run_resumes(tmp_path, monkeypatch,
+                                                     capsys, calls):
+  """A Poisson batch above its capacity (a rare event paid for in delta)
+  aborts the queries: exit 3 with the resume command; the class sizes and
+  the generator's release already saved are not drawn again."""
+  from dpgeng_jax import mechanisms
+
+  def overflow(*a, **k):
+    raise mechanisms.SamplingOverflowError("a Poisson batch overflowed")
+
+  out = tmp_path / "run"
+  with monkeypatch.context() as m:
+    m.setattr(stages, "answer_queries", overflow)
+    assert cli.main(["distill", "--out", str(out), *FLAGS]) == 3
+  err = capsys.readouterr().err
+  assert "aborted" in err and f"--resume {out}" in err
+  assert _visible(out) == []
+  calls.update({k: 0 for k in MECHANISMS})
+  assert cli.main(["distill", "--resume", str(out), "--quiet"]) == 0
+  assert calls == {"class_counts": 0, "generator": 0, "queries": 1,
+                   "expert": 1}
