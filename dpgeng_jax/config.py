@@ -64,9 +64,12 @@ class Config:
                        choices=EXTRACTORS)
   factor: int = _f(0, "multi-formation factor f in {1, 2} (0: 2 for images "
                    ">= 16 px, else 1)", "method")
-  generator: str = _f("builtin", "source of DP-generated data: builtin "
-                      "(DP-MERF style, spends budget) or npz:PATH (arrays x, "
-                      "y made by any DP generator)", "method")
+  generator: str = _f("pe:text", "DP generator: pe:text (Private "
+                      "Evolution over the text simulator), pe:nearest:PATH "
+                      "(PE over a public labelled image collection, npz x, "
+                      "y), merf (DP-MERF, no public prior; 'builtin' is an "
+                      "alias) or npz:PATH (images x, y made by any DP "
+                      "generator, with a declared guarantee)", "method")
   ipc: int = _f(10, "synthetic images per class", "method")
   out: str = _f("dpgeng_out", "output directory", "output")
   # Privacy.
@@ -78,8 +81,8 @@ class Config:
                             "feature-matching query", "privacy")
   num_queries: int = _f(20, "number Q of cached noisy feature-matching "
                         "queries", "privacy")
-  share_generator: float = _f(1.0, "budget share of the built-in "
-                              "generator's release (GDP units)", "privacy")
+  share_generator: float = _f(1.0, "budget share of the generator's "
+                              "releases (GDP units)", "privacy")
   share_features: float = _f(1.0, "budget share of the feature-matching "
                              "queries (GDP units)", "privacy")
   share_expert: float = _f(1.0, "budget share of the DP expert "
@@ -112,11 +115,40 @@ class Config:
                                       "external generated data", "privacy")
   generated_steps: int = _f(1, "declared number of noisy steps of external "
                             "generated data", "privacy")
+  # Private Evolution (--generator pe:...).
+  pe_iterations: int = _f(4, "PE iterations T: T noisy histogram releases "
+                          "(the accountant composes T Gaussians)", "privacy")
+  pe_population: int = _f(50, "PE population N_s per class (the images "
+                          "voted on in each iteration)", "method")
+  pe_threshold: float = _f(1.0, "PE threshold H in noise standard "
+                           "deviations: counts max(h~ - H sigma, 0)",
+                           "method")
+  pe_k: int = _f(1, "PE votes per private example (its k nearest, weight "
+                 "1/sqrt(k) each)", "method")
+  pe_lookahead: int = _f(0, "PE lookahead L: a candidate's embedding is "
+                         "the mean over L of its variations (0: off)",
+                         "method")
+  pe_embedding: str = _f("pixels", "PE's public embedding for the votes: "
+                         "pixels, random (a random ConvNet's features) or "
+                         "trained (a ConvNet trained on the API's samples)",
+                         "method", choices=("pixels", "random", "trained"))
+  pe_width: int = _f(64, "width of PE's embedding ConvNet (random or "
+                     "trained)", "method")
+  pe_texts: str = _f("", "text API: comma-separated text of every class "
+                     "(default the class index as a digit)", "method")
+  pe_font_dir: str = _f("", "text API: a directory of extra .ttf/.otf fonts "
+                        "(besides matplotlib's)", "method")
+  pe_polarity: str = _f("light", "text API: light ink on a dark ground, "
+                        "dark on light, or both", "method",
+                        choices=("light", "dark", "both"))
+  pe_nearest_k: int = _f(10, "nearest API: neighbours of the first "
+                         "variation (k shrinks to 1 over the iterations)",
+                         "method")
   # Generated data and extractors (post-processing).
-  generator_features: int = _f(500, "random Fourier features D of the "
-                               "built-in generator", "method")
-  generator_steps: int = _f(2000, "training steps of the built-in "
-                            "generator", "method")
+  generator_features: int = _f(500, "random Fourier features D of "
+                               "DP-MERF", "method")
+  generator_steps: int = _f(2000, "training steps of DP-MERF's generator",
+                            "method")
   generated_per_class: int = _f(200, "generated images per class to "
                                 "sample (k-means pool)", "method")
   pool_models: int = _f(2, "ConvNets trained on generated data for the "

@@ -20,7 +20,8 @@ import jax
 import numpy as np
 
 from dpgeng_jax import data as data_lib
-from dpgeng_jax import generator, mechanisms, outputs, parallel, stages
+from dpgeng_jax import generators, mechanisms, outputs, parallel, stages
+from dpgeng_jax.generators.external import External
 from dpgeng_jax import store as store_lib
 from dpgeng_jax.config import Config
 from dpgeng_jax.errors import ConfigError
@@ -37,8 +38,8 @@ __all__ = ["OUTPUT_FILES", "Plan", "RunResult", "abort_events",
 
 STAGES_DIR = "stages"  # the saved stage results (store.py), published too
 OUTPUT_FILES = ("distilled.npz", "privacy.json", "config.json", "grid.png",
-                "init_grid.png", "generated_grid.png", "metrics.json",
-                STAGES_DIR)
+                "init_grid.png", "generated_grid.png",
+                "generator_iterations.png", "metrics.json", STAGES_DIR)
 
 
 @dataclasses.dataclass
@@ -52,6 +53,9 @@ class RunResult:
     factor: multi-formation factor f; each stored image decodes to f^2.
     x_decoded, y_decoded: the K * IPC * f^2 images models train on.
     x_generated: the DP-generated images used (None if none).
+    generator_history: (T + 1, K, m, H, W, C) images of PE's population
+      before the first and after every iteration (None for other
+      generators).
     x_init: the stored images before distillation.
     privacy: the privacy report (privacy.json).
     metrics: evaluation results (metrics.json) or None with no_eval.
@@ -66,6 +70,7 @@ class RunResult:
   x_decoded: np.ndarray | None = None
   y_decoded: np.ndarray | None = None
   x_generated: np.ndarray | None = None
+  generator_history: np.ndarray | None = None
   x_init: np.ndarray | None = None
 
 
@@ -93,11 +98,12 @@ def stage_store(run_dir: outputs.RunDirectory) -> store_lib.StageStore:
 
 def run(cfg: Config, dataset: data_lib.Dataset | None = None,
         log: Callable[[str], Any] | None = print,
-        store: store_lib.StageStore | None = None) -> RunResult:
+        store: store_lib.StageStore | None = None,
+        generator: generators.DPGenerator | None = None) -> RunResult:
   """Runs the configured method: the stages of stages.py in order.
 
   Private data is read only by the mechanisms: the class-count release
-  (M_N), the built-in generator's release (M_G), the feature-matching
+  (M_N), the generator's releases (M_G), the feature-matching
   queries (M_F) and the expert's DP-SGD (M_E). Every later use of the
   class sizes reads M_N's release (or sizes the user declared public).
 
@@ -105,6 +111,10 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
   as it is done; a store that already holds stages (a killed run, checked
   against this configuration and dataset) is resumed: finished stages are
   loaded, not run, so no saved release is drawn again.
+
+  `generator`: a generator plug-in (`generators.DPGenerator`, for example
+  `generators.pe.PrivateEvolution(my_api)` over the user's own image API)
+  instead of the one `cfg.generator` names.
   """
   del log  # progress goes through tqdm (disabled by cfg.quiet)
   t0 = time.time()
@@ -116,8 +126,10 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
       ds.num_classes != cfg.num_classes):
     raise ConfigError(f"num_classes={cfg.num_classes} but the dataset has "
                       f"{ds.num_classes} classes")
-  plan = resolve(cfg, tuple(ds.image_shape))
-  external = _check_before_private_work(cfg, plan, ds)
+  if generator is None and resolve(cfg).uses_generated:
+    generator = generators.for_config(cfg)
+  plan = resolve(cfg, tuple(ds.image_shape), generator)
+  _check_before_private_work(cfg, plan, ds, generator)
   if jax.process_count() > 1:
     store = None  # stages are saved by single-process runs only
   if store is not None:
@@ -146,7 +158,7 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
 
   budget = stages.calibrate(r)
   sizes = stages.class_sizes(r, budget, secrets.counts)
-  gen, sizes = stages.generate(r, budget, sizes, secrets.gen, external)
+  gen, sizes = stages.generate(r, budget, sizes, secrets.gen, generator)
   pool = stages.pool(r, gen)
   plan_q = stages.query_plan(r, pool)
   queries = stages.query(r, budget, sizes, plan_q, secrets.query)
@@ -173,12 +185,14 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
       x_decoded=_denormalize(ds, distilled.decoded),
       y_decoded=distilled.y_decoded,
       x_generated=None if gen is None else gen.x,
+      generator_history=None if gen is None else gen.extra.get("history"),
       x_init=_denormalize(ds, x_init))
 
 
-def _check_before_private_work(cfg: Config, plan, ds: data_lib.Dataset):
-  """Checks that need the data's public shape, before any private stage;
-  returns external generated data (x, y) or None."""
+def _check_before_private_work(cfg: Config, plan, ds: data_lib.Dataset,
+                               generator) -> None:
+  """Checks that need the data's public shape, before any private stage
+  (external generated data is read and checked here)."""
   k, f, m = ds.num_classes, plan.factor, cfg.ipc
   if plan.init == "real" and m * f * f > int(np.min(ds.class_counts)):
     # Only in runs that are not private (real images are released).
@@ -186,20 +200,16 @@ def _check_before_private_work(cfg: Config, plan, ds: data_lib.Dataset):
         f"real-image initialisation needs ipc * factor^2 = {m * f * f} "
         f"images of every class; the smallest class has "
         f"{int(np.min(ds.class_counts))}")
-  external = None
-  if plan.uses_generated and not plan.builtin_generator:
-    external = generator.load_external(
-        cfg.generator[len("npz:"):], image_shape=tuple(ds.image_shape),
-        num_classes=k)
+  per_class = cfg.generated_per_class
+  if isinstance(generator, External):
+    y_ext = generator.load(tuple(ds.image_shape), k)[1]
+    per_class = int(np.min(np.bincount(y_ext, minlength=k)))
   if plan.init == "generated" or cfg.method == "generator":
-    per_class = (cfg.generated_per_class if external is None
-                 else int(np.min(np.bincount(external[1], minlength=k))))
     if per_class < m * f * f:
       raise ConfigError(
           f"k-means initialisation needs >= {m * f * f} generated images "
           f"per class (ipc * factor^2), the smallest class has "
           f"{per_class}; raise --generated-per-class")
-  return external
 
 
 def _resume_view(cfg: Config) -> dict:
@@ -248,6 +258,21 @@ def grid_image(x: np.ndarray, num_classes: int, cell: int = 32):
                                    Image.NEAREST)
 
 
+def iterations_image(history: np.ndarray, cell: int = 32, gap: int = 6):
+  """PE's populations side by side: one block per iteration (the first
+  before any vote), one row per class, blocks separated by white gaps."""
+  from PIL import Image
+  t, k, m = history.shape[:3]
+  blocks = [np.asarray(grid_image(history[i].reshape(-1, *history.shape[3:]),
+                                  k, cell)) for i in range(t)]
+  h = blocks[0].shape[0]
+  white = np.full((h, gap, 3), 255, np.uint8)
+  row = [blocks[0]]
+  for b in blocks[1:]:
+    row += [white, b]
+  return Image.fromarray(np.concatenate(row, 1))
+
+
 def write_outputs(result: RunResult, out: str, overwrite: bool = False,
                   run_dir: outputs.RunDirectory | None = None,
                   store: store_lib.StageStore | None = None) -> list[str]:
@@ -278,6 +303,9 @@ def write_outputs(result: RunResult, out: str, overwrite: bool = False,
     xg = result.x_generated.reshape(k, -1, *result.x_generated.shape[1:])
     w("generated_grid.png", lambda f: grid_image(xg[:, :per].reshape(
         -1, *xg.shape[2:]), k).save(f, format="PNG"), mode="wb")
+  if result.generator_history is not None:
+    w("generator_iterations.png", lambda f: iterations_image(
+        result.generator_history).save(f, format="PNG"), mode="wb")
   if result.x_init is not None:
     w("init_grid.png",
       lambda f: grid_image(result.x_init, k).save(f, format="PNG"), mode="wb")

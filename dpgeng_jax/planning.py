@@ -11,10 +11,11 @@ import math
 
 import jax
 
-from dpgeng_jax import accounting, models
+from dpgeng_jax import accounting, generators, models
 from dpgeng_jax import init as init_lib
 from dpgeng_jax.config import Config, METHODS
 from dpgeng_jax.errors import ConfigError
+from dpgeng_jax.generators.embeddings import EMBEDDINGS
 
 
 def validate_config(cfg: Config) -> None:
@@ -50,9 +51,11 @@ def validate_config(cfg: Config) -> None:
       raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
   if cfg.factor not in (0, 1, 2):
     raise ConfigError(f"factor must be 0 (auto), 1 or 2, got {cfg.factor}")
-  if cfg.generator != "builtin" and not cfg.generator.startswith("npz:"):
-    raise ConfigError(f"generator must be 'builtin' or 'npz:PATH', got "
-                      f"{cfg.generator!r}")
+  try:
+    generators.check_spec(cfg.generator)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  _validate_pe(cfg)
   if not 0 < cfg.expert_sampling_rate <= 1:
     raise ConfigError(f"expert_sampling_rate must be in (0, 1], got "
                       f"{cfg.expert_sampling_rate}")
@@ -90,6 +93,26 @@ def validate_config(cfg: Config) -> None:
                       f"{cfg.checkpoint_every}")
 
 
+def _validate_pe(cfg: Config) -> None:
+  for name in ("pe_iterations", "pe_population", "pe_k", "pe_nearest_k"):
+    if getattr(cfg, name) < 1:
+      raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+  if cfg.pe_k > cfg.pe_population:
+    raise ConfigError(f"pe_k = {cfg.pe_k} votes per example need "
+                      f"pe_population >= {cfg.pe_k}")
+  if cfg.pe_lookahead < 0:
+    raise ConfigError(f"pe_lookahead must be >= 0, got {cfg.pe_lookahead}")
+  if not (cfg.pe_threshold >= 0 and math.isfinite(cfg.pe_threshold)):
+    raise ConfigError(f"pe_threshold must be finite and >= 0, got "
+                      f"{cfg.pe_threshold}")
+  if cfg.pe_embedding not in EMBEDDINGS:
+    raise ConfigError(f"pe_embedding must be one of {EMBEDDINGS}, got "
+                      f"{cfg.pe_embedding!r}")
+  if cfg.pe_texts and any(not t.strip() for t in cfg.pe_texts.split(",")):
+    raise ConfigError("pe_texts: every class text (comma-separated) needs "
+                      "a visible character")
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """What a configuration resolves to (public; computed before any data is
@@ -99,7 +122,9 @@ class Plan:
   factor: int
   depth: int
   uses_generated: bool
-  builtin_generator: bool
+  generator: str | None          # the generator's name, if any
+  generator_mechanisms: tuple    # its mechanisms (noise 0: templates)
+  generator_reads_private: bool
   feature_matching: bool
   expert: bool
   external: tuple[float, float] | None  # declared (eps, delta) of external G
@@ -110,14 +135,17 @@ class Plan:
   @property
   def reads_private(self) -> bool:
     """Whether any mechanism of this run reads the private training set."""
-    return self.builtin_generator or self.feature_matching or self.expert
+    return (self.generator_reads_private or self.feature_matching
+            or self.expert)
 
 
-def resolve(cfg: Config, image_shape=None) -> Plan:
+def resolve(cfg: Config, image_shape=None,
+            generator: generators.DPGenerator | None = None) -> Plan:
   """Resolves `auto` options and the data sources of a configuration.
 
   Without an image shape (as in `dpgeng plan`, which reads no data) the
-  shape-dependent choices (factor, depth) are left at 0.
+  shape-dependent choices (factor, depth) are left at 0. `generator`: a
+  plug-in given from Python (default: the one cfg.generator names).
   """
   init = cfg.init
   if init == "auto":
@@ -132,22 +160,14 @@ def resolve(cfg: Config, image_shape=None) -> Plan:
   expert = cfg.method == "dpgeng" and not cfg.no_expert
   uses_generated = (cfg.method == "generator" or init == "generated"
                     or ext == "generated" or expert)
-  builtin = uses_generated and cfg.generator == "builtin"
-  external, fixed, declared = None, (), False
-  if uses_generated and not builtin:
-    if cfg.generated_epsilon > 0:
-      external, declared = (cfg.generated_epsilon, cfg.generated_delta), True
-    elif cfg.generated_mu > 0:
-      fixed = (accounting.Mechanism("external_generator", 1.0 /
-                                    cfg.generated_mu, 1.0, 1),)
-      declared = True
-    elif cfg.generated_noise_multiplier > 0:
-      fixed = (accounting.Mechanism(
-          "external_generator", cfg.generated_noise_multiplier,
-          cfg.generated_sampling_rate, cfg.generated_steps),)
-      declared = True
+  gen = None
+  if uses_generated:
+    gen = generator or generators.for_config(cfg)
+  external = gen.declared if gen else None
+  fixed = tuple(gen.fixed()) if gen else ()
+  gen_reads = bool(gen and gen.reads_private)
   feature_matching = cfg.method != "generator"
-  reads = builtin or feature_matching or expert
+  reads = gen_reads or feature_matching or expert
   depth = cfg.depth or (models.default_depth(size) if size else 0)
   if size and 2 ** depth > size:
     raise ConfigError(
@@ -155,9 +175,13 @@ def resolve(cfg: Config, image_shape=None) -> Plan:
         f"for a depth-{depth} ConvNet (each block halves the map; it needs "
         f"at least {2 ** depth} pixels per side): lower --depth")
   return Plan(init=init, extractors=ext, factor=factor, depth=depth,
-              uses_generated=uses_generated, builtin_generator=builtin,
+              uses_generated=uses_generated,
+              generator=gen.name if gen else None,
+              generator_mechanisms=tuple(gen.mechanisms()) if gen else (),
+              generator_reads_private=gen_reads,
               feature_matching=feature_matching, expert=expert,
-              external=external, fixed=fixed, external_declared=declared,
+              external=external, fixed=fixed,
+              external_declared=bool(gen) and gen.nonprivate_reason is None,
               count_release=(reads and cfg.method != "dm"
                              and not cfg.public_class_sizes))
 
@@ -194,9 +218,8 @@ def mechanisms_for(cfg: Config, plan: Plan) -> list[accounting.Mechanism]:
     mechs.append(accounting.Mechanism("class_counts", 0.0, 1.0, 1,
                                       sensitivity="1"))
     shares.append(cfg.share_counts)
-  if plan.builtin_generator:
-    mechs.append(accounting.Mechanism("generator", 0.0, 1.0, 1,
-                                      sensitivity="1"))
+  for m in plan.generator_mechanisms:
+    mechs.append(m)
     shares.append(cfg.share_generator)
   if plan.feature_matching:
     mechs.append(accounting.Mechanism("feature_matching", 0.0,
@@ -247,8 +270,7 @@ def nonprivate_reasons(cfg: Config, plan: Plan) -> list[str]:
   if cfg.deterministic:
     reasons.append("deterministic test mode: the noise and sampling keys "
                    "derive from the public --seed")
-  if plan.uses_generated and not plan.builtin_generator and (
-      not plan.external_declared):
+  if plan.uses_generated and not plan.external_declared:
     reasons.append("external generated data came with no declared "
                    "guarantee")
   if cfg.references and not cfg.no_eval:

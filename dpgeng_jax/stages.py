@@ -32,13 +32,13 @@ from tqdm.auto import tqdm
 
 from dpgeng_jax import accounting, clipping, data as data_lib, distill
 from dpgeng_jax import counts as counts_lib
-from dpgeng_jax import evaluate, extractors, generator, mechanisms, models
+from dpgeng_jax import evaluate, extractors, generators, mechanisms, models
 from dpgeng_jax import expert as expert_lib
 from dpgeng_jax import init as init_lib
 from dpgeng_jax import parallel, planning
 from dpgeng_jax import store as store_lib
 from dpgeng_jax.config import Config
-from dpgeng_jax.errors import ConfigError
+from dpgeng_jax.errors import ConfigError, DataError
 
 STAGES = store_lib.STAGES
 
@@ -204,7 +204,7 @@ def class_sizes(run: Run, budget: Budget, secret: jax.Array
 
 
 # ---------------------------------------------------------------------------
-# 3. generate: M_G (the built-in generator) or external generated data.
+# 3. generate: M_G, through the run's generator plug-in.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,6 +213,7 @@ class Generated:
   y: np.ndarray
   x_norm: jax.Array       # normalised
   class_major: jax.Array  # (K, m, H, W, C) normalised, m per class
+  extra: dict = dataclasses.field(default_factory=dict)  # e.g. PE history
 
 
 def _equal_class_major(x, y, k):
@@ -232,67 +233,61 @@ def _private_rows(mesh, x, y, num_rows: int):
   return parallel.local_rows(mesh, x, y, num_rows=num_rows)
 
 
-def builtin_generate(cfg, ds, x_train, k_gen, secret, mech, mesh, sizes):
-  """M_G: one noisy release of class feature sums, then post-processing.
-  Returns (x_gen, y_gen, the release's noisy class counts)."""
-  k_map, k_fit, k_sample = jax.random.split(k_gen, 3)
-  fmap = generator.FeatureMap.create(
-      k_map, int(np.prod(ds.image_shape)), cfg.generator_features)
-  rows = _private_rows(mesh, x_train, ds.y_train, sizes.total_bound)
-  release = jax.jit(functools.partial(
-      generator.release_class_features, num_classes=ds.num_classes,
-      noise_multiplier=mech.noise_multiplier, mesh=mesh))(
-          fmap, *rows, noise_key=secret)
-  means, noisy_counts = generator.class_means_from_release(release)
-  gcfg = generator.GeneratorConfig(num_features=cfg.generator_features,
-                                   steps=cfg.generator_steps)
-  with tqdm(total=gcfg.steps, desc="generator (post-processing)",
-            disable=cfg.quiet) as bar:
-    gen, params = generator.train_generator(
-        k_fit, fmap, means, image_shape=ds.image_shape,
-        normalize=ds.normalize, cfg=gcfg, progress=bar.update)
-  x_gen, y_gen = generator.sample(gen, params, k_sample,
-                                  cfg.generated_per_class, gcfg.latent_dim)
-  return x_gen, y_gen, np.asarray(noisy_counts, np.float64)
-
-
-def external_generated(run: Run):
-  """External generated data (npz:PATH), checked against the dataset."""
-  return generator.load_external(run.cfg.generator[len("npz:"):],
-                                 image_shape=run.image_shape,
-                                 num_classes=run.num_classes)
+def generator_context(run: Run, sizes) -> generators.Context:
+  """What a generator plug-in may read (its mechanisms read the private
+  rows, padded to the released bound on N)."""
+  ds = run.ds
+  if sizes is None:  # a generator that reads no private data
+    rows = (None, None, None)
+  else:
+    rows = _private_rows(run.mesh, run.x_train, ds.y_train,
+                         sizes.total_bound)
+  return generators.Context(
+      *rows, mesh=run.mesh, image_shape=run.image_shape,
+      num_classes=ds.num_classes, normalize=ds.normalize, key=run.keys.gen,
+      per_class=run.cfg.generated_per_class,
+      model=models.ConvNet(ds.num_classes, width=run.cfg.pe_width,
+                           depth=run.plan.depth,
+                           conv_impl=run.cfg.conv_impl),
+      quiet=run.cfg.quiet)
 
 
 def generate(run: Run, budget: Budget, sizes, secret: jax.Array,
-             external=None):
-  """(Generated or None, the class sizes refined by the release's own noisy
-  counts). `external`: (x, y) of external generated data, if any."""
+             generator: generators.DPGenerator):
+  """M_G through the run's generator plug-in: (Generated or None, the
+  class sizes refined by the noisy counts its release carries, if any)."""
   cfg, plan, ds, t0 = run.cfg, run.plan, run.ds, time.time()
   if not plan.uses_generated:
     return None, sizes
-  if plan.builtin_generator:
-    mech = budget.mechanism("generator")
-    if run.done("generate"):
-      saved = run.load("generate")[0]
-      x_gen, y_gen, counts = (saved["x_gen"], saved["y_gen"],
-                              saved["noisy_counts"])
-    else:
-      x_gen, y_gen, counts = builtin_generate(
-          cfg, ds, run.x_train, run.keys.gen, secret, mech, run.mesh, sizes)
-      run.save("generate", arrays={"x_gen": x_gen, "y_gen": y_gen,
-                                   "noisy_counts": counts})
-    # Post-processing: the generator's release carries its own noisy class
-    # counts (std sqrt(2) sigma_G); combined with M_N's they give the
-    # normalisation constants a smaller error.
-    sizes = sizes.refined(counts, generator.count_stddev(
-        mech.noise_multiplier), "the generator release's count coordinate")
+  mechs = [budget.mechanism(m.name) for m in plan.generator_mechanisms]
+  if run.done("generate"):
+    saved = run.load("generate")
+    arrays, info = saved[0], saved[2] or {}
+    out = generators.Output(
+        arrays.pop("x_gen"), arrays.pop("y_gen"),
+        arrays.pop("noisy_counts", None), info.get("count_std"), arrays)
   else:
-    x_gen, y_gen = external
-  x_norm = ds.normalize(x_gen)
-  out = Generated(np.asarray(x_gen), np.asarray(y_gen), x_norm, jnp.asarray(
-      _equal_class_major(x_norm, y_gen, run.num_classes)))
+    try:
+      out = generator.generate(generator_context(run, sizes), secret, mechs)
+    except (ValueError, OSError) as e:  # API options (fonts, texts, files)
+      if isinstance(e, DataError):
+        raise
+      raise ConfigError(f"generator {plan.generator}: {e}") from e
+    arrays = {"x_gen": out.x, "y_gen": out.y, **out.arrays}
+    if out.counts is not None:
+      arrays["noisy_counts"] = out.counts
+    run.save("generate", arrays=arrays, info={"count_std": out.count_std})
+  if out.counts is not None and sizes is not None:
+    # Post-processing: a generator release that carries noisy class counts
+    # refines M_N's estimate (inverse-variance combination).
+    sizes = sizes.refined(out.counts, out.count_std,
+                          f"the {plan.generator} release's class counts")
+  x_norm = ds.normalize(out.x)
+  gen = Generated(np.asarray(out.x), np.asarray(out.y), x_norm, jnp.asarray(
+      _equal_class_major(x_norm, out.y, run.num_classes)),
+      {k: v for k, v in out.arrays.items() if k == "history"})
   run.timed("generation_s", t0)
-  return out, sizes
+  return gen, sizes
 
 
 # ---------------------------------------------------------------------------
@@ -681,9 +676,9 @@ def report(run: Run, budget: Budget, sizes,
                  cfg.epsilon, budget.events, budget.log_tail)}
     if queries is not None:
       abort["query_capacity_per_class"] = queries.spec.capacity
-  if plan.builtin_generator:
-    notes.append("built-in generator: its normalising class counts are read "
-                 "from the same noisy release (constant coordinate)")
+  if plan.generator_mechanisms:
+    notes.append(f"generator {plan.generator}: its own release's noisy "
+                 "class counts refine the normalising class sizes")
   privacy = accounting.privacy_report(
       budget.mechs, target_epsilon=cfg.epsilon, delta=cfg.delta,
       private=not reasons, public_metadata=public_metadata(run.ds, sizes),

@@ -1,4 +1,4 @@
-"""Built-in DP generator (DP-MERF style) and external generated data.
+"""DP-MERF: a DP generator with no public prior (plug-in `merf`).
 
 The private step (mechanism M_G) is ONE Gaussian release:
 
@@ -22,6 +22,7 @@ needed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -30,9 +31,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm.auto import tqdm
 
-from dpgeng_jax import noise
+from dpgeng_jax import accounting, noise
 from dpgeng_jax.clipping import class_sums
+from dpgeng_jax.generators import Output
 
 
 class FeatureMap(NamedTuple):
@@ -182,37 +185,50 @@ def sample(gen: Generator, params: Any, key: jax.Array, per_class: int,
 
 
 # ---------------------------------------------------------------------------
-# External generated data.
+# The plug-in.
 
 
-def load_external(path: str, *, image_shape, num_classes: int):
-  """Generated images and labels made by any DP generator, validated.
+@dataclasses.dataclass
+class Merf:
+  """DP-MERF as a generator plug-in: one Gaussian release of the class
+  sums of norm-1 random features, a generator fitted to it."""
+  num_features: int = 500
+  steps: int = 2000
+  name = "merf"
+  declared = None
+  nonprivate_reason = None
+  reads_private = True
 
-  The .npz holds `x` (uint8 or float in [0, 1], NHWC or NHW) and `y`
-  (integer labels). Refused with DataError: a missing file or key, another
-  image shape than the private data, non-finite or out-of-range pixels,
-  labels out of range, a class with no generated image.
-  """
-  from dpgeng_jax.data import from_arrays  # validation shared with D
-  from dpgeng_jax.errors import DataError
-  try:
-    with np.load(path) as f:
-      missing = [k for k in ("x", "y") if k not in f.files]
-      if missing:
-        raise DataError(f"generated data {path!r} lacks array(s) {missing} "
-                        f"(found {sorted(f.files)})")
-      x, y = f["x"], f["y"]
-  except (OSError, ValueError) as e:
-    if isinstance(e, DataError):
-      raise
-    raise DataError(f"cannot read generated data {path!r}: {e}") from e
-  try:
-    g = from_arrays(x, y, x[:1], y[:1], name=f"generated:{path}",
-                    num_classes=num_classes)
-  except DataError as e:
-    raise DataError(f"generated data {path!r}: {e}") from e
-  if tuple(g.image_shape) != tuple(image_shape):
-    raise DataError(f"generated data {path!r} has images of shape "
-                    f"{tuple(g.image_shape)}, the private data "
-                    f"{tuple(image_shape)}")
-  return g.x_train, g.y_train
+  @classmethod
+  def from_config(cls, cfg) -> "Merf":
+    return cls(cfg.generator_features, cfg.generator_steps)
+
+  def mechanisms(self) -> tuple:
+    return (accounting.Mechanism("generator", 0.0, 1.0, 1,
+                                 sensitivity="1"),)
+
+  def fixed(self) -> tuple:
+    return ()
+
+  def generate(self, ctx, secret, mechanisms):
+    (mech,) = mechanisms
+    k_map, k_fit, k_sample = jax.random.split(ctx.key, 3)
+    fmap = FeatureMap.create(k_map, int(np.prod(ctx.image_shape)),
+                             self.num_features)
+    release = jax.jit(functools.partial(
+        release_class_features, num_classes=ctx.num_classes,
+        noise_multiplier=mech.noise_multiplier, mesh=ctx.mesh))(
+            fmap, ctx.x_private, ctx.y_private, ctx.mask, noise_key=secret)
+    means, noisy_counts = class_means_from_release(release)
+    gcfg = GeneratorConfig(num_features=self.num_features, steps=self.steps)
+    with tqdm(total=gcfg.steps, desc="generator (post-processing)",
+              disable=ctx.quiet) as bar:
+      gen, params = train_generator(
+          k_fit, fmap, means, image_shape=ctx.image_shape,
+          normalize=ctx.normalize, cfg=gcfg, progress=bar.update)
+    x_gen, y_gen = sample(gen, params, k_sample, ctx.per_class,
+                          gcfg.latent_dim)
+    # The release's constant coordinate carries the noisy class counts.
+    return Output(x_gen, y_gen, np.asarray(noisy_counts, np.float64),
+                  count_stddev(mech.noise_multiplier),
+                  {"release": np.asarray(release)})

@@ -1,0 +1,231 @@
+"""`text`: a simulator that renders each class as a glyph string.
+
+Sim-PE's DrawText (Lin et al. 2025, arXiv 2502.05505) as a PE image API:
+class c is drawn as its text (default the class index as a digit) in a
+font shipped with a pip package (matplotlib's TTF files; a user directory
+adds more), with a random size, rotation, stroke width, position, shear,
+elastic distortion, blur and ink/background levels, rendered at 2-4x the
+data's resolution and area-averaged down to it, with the data's channel
+count. Every image is a function of its parameters (`Samples.state`), so
+a variation perturbs the parameters by a scale that shrinks with the
+degree (DrawText's schedule: new-font probability degree, size +-(2 + 4
+degree)/28 of the canvas, rotation +-(3 + 8 degree) degrees, stroke +-degree
+pixel at 28 px).
+
+Everything here is public: no private data is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import glob
+import math
+import os
+
+import jax
+import numpy as np
+
+from dpgeng_jax.generators.apis import Samples, numpy_rng
+
+# matplotlib fonts that have digit glyphs but draw something else for them
+# (a code-point placeholder, TeX symbol and extension encodings).
+_NOT_TEXT = ("LastResort", "cmex10", "cmsy10")
+POLARITIES = ("light", "dark", "both")
+
+
+def shipped_font_files() -> list[str]:
+  """The TTF files of matplotlib (installed with the package)."""
+  import matplotlib
+  return sorted(glob.glob(os.path.join(matplotlib.get_data_path(),
+                                       "fonts", "ttf", "*.ttf")))
+
+
+def usable_fonts(texts, font_dir: str = "") -> list[str]:
+  """Font files that have a glyph for every character of `texts`: the
+  shipped ones and any .ttf/.otf under `font_dir`."""
+  from matplotlib.ft2font import FT2Font
+  files = [f for f in shipped_font_files()
+           if not any(s in os.path.basename(f) for s in _NOT_TEXT)]
+  if font_dir:
+    if not os.path.isdir(font_dir):
+      raise ValueError(f"font directory {font_dir!r} does not exist")
+    for ext in ("ttf", "otf", "TTF", "OTF"):
+      files += sorted(glob.glob(os.path.join(font_dir, "**", f"*.{ext}"),
+                                recursive=True))
+  chars = sorted(set("".join(texts)) - {" "})
+  usable = []
+  for f in files:
+    try:
+      font = FT2Font(f)
+    except (OSError, RuntimeError):
+      continue
+    if all(font.get_char_index(ord(ch)) != 0 for ch in chars):
+      usable.append(f)
+  if not usable:
+    raise ValueError(f"no font has glyphs for all of {''.join(chars)!r}; "
+                     "give a --pe-font-dir with suitable fonts")
+  return usable
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+  """Ranges of `random` (public hyperparameters)."""
+  texts: tuple = ()              # per class; () means str(class index)
+  font_dir: str = ""
+  size: tuple = (0.7, 1.05)       # font size / canvas height
+  rotation: float = 15.0         # +- degrees
+  stroke: tuple = (0.0, 0.06)    # stroke width / canvas
+  shift: float = 0.08            # +- position / canvas
+  shear: float = 0.25            # +- horizontal shear
+  elastic: tuple = (0.0, 0.06)   # displacement amplitude / canvas
+  blur: tuple = (0.0, 0.03)      # Gaussian sigma / canvas
+  polarity: str = "light"        # light ink on dark, dark on light, both
+
+
+class TextAPI:
+  """The text simulator for images of `image_shape` and `num_classes`."""
+
+  def __init__(self, image_shape, num_classes: int,
+               cfg: TextConfig = TextConfig()):
+    self.image_shape = tuple(image_shape)
+    h, w, c = self.image_shape
+    if c not in (1, 3):
+      raise ValueError(f"the text API renders 1 or 3 channels, not {c}")
+    texts = tuple(cfg.texts) or tuple(str(i) for i in range(num_classes))
+    if len(texts) != num_classes:
+      raise ValueError(f"{len(texts)} class texts for {num_classes} "
+                       "classes")
+    if any(not t.strip() for t in texts):
+      raise ValueError("every class text must have a visible character")
+    if cfg.polarity not in POLARITIES:
+      raise ValueError(f"polarity must be one of {POLARITIES}")
+    self.cfg, self.texts = cfg, texts
+    self.fonts = usable_fonts(texts, cfg.font_dir)
+    # Rendered at 2-4x the data's resolution, at least 32 px.
+    self.scale = max(2, math.ceil(32 / max(h, w)))
+    self.canvas = (h * self.scale, w * self.scale)
+
+  # Parameters ----------------------------------------------------------
+
+  def random(self, key: jax.Array, labels) -> Samples:
+    labels = np.asarray(labels, np.int32)
+    rng, n, c = numpy_rng(key), len(labels), self.cfg
+    channels = self.image_shape[-1]
+    light = {"light": np.ones(n, bool), "dark": np.zeros(n, bool),
+             "both": rng.random(n) < 0.5}[c.polarity]
+    ink = rng.uniform(0.8, 1.0, (n, channels))
+    bg = rng.uniform(0.0, 0.2, (n, channels))
+    if channels == 3:  # colours: any pair with enough contrast
+      ink = rng.uniform(0.0, 1.0, (n, 3))
+      bg = np.clip(ink + rng.choice([-1, 1], (n, 1)) * rng.uniform(
+          0.4, 0.8, (n, 3)), 0, 1)
+    else:
+      ink, bg = np.where(light[:, None], ink, bg), np.where(
+          light[:, None], bg, ink)
+    state = {
+        "font": rng.integers(0, len(self.fonts), n),
+        "size": rng.uniform(*c.size, n),
+        "rotation": rng.uniform(-c.rotation, c.rotation, n),
+        "stroke": rng.uniform(*c.stroke, n),
+        "shift": rng.uniform(-c.shift, c.shift, (n, 2)),
+        "shear": rng.uniform(-c.shear, c.shear, n),
+        "elastic": rng.uniform(*c.elastic, n),
+        "elastic_seed": rng.integers(0, 2 ** 31, n),
+        "blur": rng.uniform(*c.blur, n),
+        "ink": ink, "bg": bg,
+    }
+    return Samples(self.render(labels, state), labels, state)
+
+  def variation(self, key: jax.Array, samples: Samples,
+                degree: float) -> Samples:
+    rng, d, c = numpy_rng(key), float(np.clip(degree, 0.0, 1.0)), self.cfg
+    s = {k: np.array(v, copy=True) for k, v in samples.state.items()}
+    n = len(samples.labels)
+
+    def jitter(name, scale, lo=None, hi=None):
+      v = s[name] + rng.uniform(-scale, scale, s[name].shape)
+      s[name] = np.clip(v, lo, hi) if lo is not None else v
+
+    new_font = rng.random(n) < d
+    s["font"] = np.where(new_font, rng.integers(0, len(self.fonts), n),
+                         s["font"])
+    jitter("size", (2 + 4 * d) / 28, 0.4, 1.3)
+    jitter("rotation", 3 + 8 * d, -3 * c.rotation, 3 * c.rotation)
+    jitter("stroke", d / 28, 0.0, 0.12)
+    jitter("shift", 0.02 + 0.04 * d, -0.2, 0.2)
+    jitter("shear", 0.05 + 0.1 * d, -0.6, 0.6)
+    jitter("elastic", 0.01 + 0.02 * d, 0.0, 0.12)
+    reseed = rng.random(n) < d
+    s["elastic_seed"] = np.where(reseed, rng.integers(0, 2 ** 31, n),
+                                 s["elastic_seed"])
+    jitter("blur", 0.01 * (0.5 + d), 0.0, 0.06)
+    jitter("ink", 0.1 * d, 0.0, 1.0)
+    jitter("bg", 0.1 * d, 0.0, 1.0)
+    return Samples(self.render(samples.labels, s), samples.labels, s)
+
+  # Rendering -----------------------------------------------------------
+
+  @functools.lru_cache(maxsize=512)
+  def _font(self, index: int, size: int):
+    from PIL import ImageFont
+    return ImageFont.truetype(self.fonts[index], size)
+
+  def render(self, labels, state) -> np.ndarray:
+    """(n, H, W, C) float32 in [0, 1] from the parameters."""
+    h, w, _ = self.image_shape
+    masks = np.stack([self._mask(int(y), {k: v[i] for k, v in state.items()})
+                      for i, y in enumerate(labels)])
+    ink = np.asarray(state["ink"], np.float32)[:, None, None, :]
+    bg = np.asarray(state["bg"], np.float32)[:, None, None, :]
+    out = bg + (ink - bg) * masks[..., None]
+    return np.clip(out, 0.0, 1.0).astype(np.float32).reshape(
+        len(labels), h, w, -1)
+
+  def _mask(self, label: int, p: dict) -> np.ndarray:
+    """The glyph coverage of one image in [0, 1], at the data's size."""
+    from PIL import Image, ImageDraw
+    from scipy import ndimage
+    ch, cw = self.canvas
+    text = self.texts[label]
+    size = max(4, int(round(float(p["size"]) * ch)))
+    font = self._font(int(p["font"]), size)
+    stroke = int(round(float(p["stroke"]) * ch))
+    l, t, r, b = ImageDraw.Draw(Image.new("L", (1, 1))).textbbox(
+        (0, 0), text, font=font, stroke_width=stroke)
+    gw, gh = max(1, r - l), max(1, b - t)
+    glyph = Image.new("L", (gw + 4, gh + 4), 0)
+    ImageDraw.Draw(glyph).text((2 - l, 2 - t), text, fill=255, font=font,
+                               stroke_width=stroke, stroke_fill=255)
+    # Output -> glyph coordinates: the inverse of shift . rotate . shear .
+    # fit (wide strings are shrunk to the canvas width).
+    fit = min(1.0, 0.92 * cw / gw, 0.92 * ch / gh * 1.15)
+    th = math.radians(float(p["rotation"]))
+    rot = np.array([[math.cos(th), -math.sin(th)],
+                    [math.sin(th), math.cos(th)]])
+    shear = np.array([[1.0, float(p["shear"])], [0.0, 1.0]])
+    inv = np.linalg.inv(fit * rot @ shear)
+    centre_out = np.array([cw / 2, ch / 2]) + np.asarray(
+        p["shift"], float) * np.array([cw, ch])
+    centre_in = np.array([(gw + 4) / 2, (gh + 4) / 2])
+    off = centre_in - inv @ centre_out
+    img = glyph.transform((cw, ch), Image.AFFINE,
+                          (inv[0, 0], inv[0, 1], off[0],
+                           inv[1, 0], inv[1, 1], off[1]),
+                          resample=Image.BILINEAR)
+    m = np.asarray(img, np.float32) / 255.0
+    amp = float(p["elastic"]) * ch
+    if amp > 0:
+      grid = np.random.default_rng(int(p["elastic_seed"])).uniform(
+          -1, 1, (2, 4, 4)) * amp
+      disp = [ndimage.zoom(g, (ch / 4, cw / 4), order=3)[:ch, :cw]
+              for g in grid]
+      yy, xx = np.mgrid[0:ch, 0:cw].astype(np.float32)
+      m = ndimage.map_coordinates(m, [yy + disp[0], xx + disp[1]], order=1,
+                                  mode="constant")
+    sigma = float(p["blur"]) * ch
+    if sigma > 0.05:
+      m = ndimage.gaussian_filter(m, sigma)
+    small = Image.fromarray(m.astype(np.float32), mode="F").resize(
+        (self.image_shape[1], self.image_shape[0]), Image.BOX)
+    return np.clip(np.asarray(small, np.float32), 0.0, 1.0)

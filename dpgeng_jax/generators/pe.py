@@ -1,0 +1,298 @@
+"""Private Evolution (PE) as a DP generator: the mechanism M_PE.
+
+A population of N_s images per class from an image API's `random`; for
+t = 1..T:
+
+1. embed the private images (once: the embedding is fixed) and the
+   population with a public embedding (`embeddings`);
+2. every private example (x_i, y_i) votes for its k nearest population
+   images OF ITS OWN CLASS with weight 1/sqrt(k) each: one example adds
+   k distinct bins of 1/sqrt(k), so the K x N_s histogram has L2
+   sensitivity exactly 1 under add/remove of one example;
+3. the histogram (summed over the data mesh with psum) gets N(0, sigma^2)
+   noise on every bin ONCE, from the secret key, through the atom-free
+   float64 sampler (`noise.add_gaussian_noise`);
+4. post-processing: the counts are thresholded, max(h~ - H, 0), and the
+   next population is drawn per class in proportion to them (uniformly
+   where a class has no count left), then perturbed by the API's
+   `variation` at the iteration's degree.
+
+The event is SelfComposed(Gaussian(sigma), T) (`accounting.Mechanism`
+with sampling rate 1 and T steps), calibrated with the run's other
+mechanisms. The last draw returns `per_class` images per class (the
+generated set). Lookahead (optional): a candidate's embedding is the mean
+embedding of L of its variations.
+
+The released noisy histograms also estimate the class sizes (a class's
+bins sum to sqrt(k) N_c plus noise): free refinement of the normalisation
+constants (`Output.counts`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from dpgeng_jax import accounting, noise
+from dpgeng_jax.generators import Context, Output, apis, embeddings
+
+SENSITIVITY = 1.0  # L2, add/remove one example (module docstring)
+APIS = ("text", "nearest")
+
+
+@dataclasses.dataclass(frozen=True)
+class PEConfig:
+  """Public hyperparameters of PE (the iterations also enter the
+  accountant)."""
+  iterations: int = 4         # T
+  population: int = 50        # N_s per class voted on
+  threshold: float = 1.0      # H in noise standard deviations
+  k: int = 1                  # votes per private example
+  lookahead: int = 0          # L variations averaged per candidate
+  embedding: str = "pixels"
+  chunk: int = 1024           # private rows per distance block
+  history: int = 8            # images per class kept per iteration
+
+
+# ---------------------------------------------------------------------------
+# The histogram (pure, jittable).
+
+
+def vote_histogram(pop_emb: jax.Array, priv_emb: jax.Array, y: jax.Array,
+                   mask: jax.Array, *, k: int = 1,
+                   chunk: int = 1024) -> jax.Array:
+  """The votes of the private rows: (K, N_s) float32.
+
+  pop_emb: (K, N_s, d) embeddings of the population, class-major;
+  priv_emb: (n, d) of the private rows, y their labels, mask 1 for real
+  rows (0 on padding: such a row votes nothing). Each row gives weight
+  1/sqrt(k) to each of its k nearest (squared L2) population images of its
+  class. Distances are one matmul per chunk of rows (a (chunk, K N_s)
+  block), votes are added with a scatter-add.
+  """
+  num_classes, pop, d = pop_emb.shape
+  if not 1 <= k <= pop:
+    raise ValueError(f"k = {k} votes need a population of >= k per class "
+                     f"(got {pop})")
+  n = priv_emb.shape[0]
+  chunk = max(1, min(chunk, n))
+  pad = (-n) % chunk
+  priv = jnp.pad(priv_emb.astype(jnp.float32), ((0, pad), (0, 0)))
+  y = jnp.pad(jnp.asarray(y, jnp.int32), (0, pad))
+  mask = jnp.pad(jnp.asarray(mask, jnp.float32), (0, pad))
+  flat = pop_emb.reshape(num_classes * pop, d).astype(jnp.float32)
+  sq_pop = jnp.sum(flat * flat, 1).reshape(num_classes, pop)
+  weight = 1.0 / math.sqrt(k)
+
+  def block(hist, rows):
+    e, yb, mb = rows
+    cross = (e @ flat.T).reshape(-1, num_classes, pop)
+    # ||e||^2 is the same for all candidates of a row: omitted.
+    dist = sq_pop[yb] - 2.0 * jnp.take_along_axis(
+        cross, yb[:, None, None], axis=1)[:, 0]
+    _, near = jax.lax.top_k(-dist, k)                 # (chunk, k) distinct
+    bins = (yb[:, None] * pop + near).reshape(-1)
+    votes = jnp.repeat(mb * weight, k)
+    return hist.at[bins].add(votes), None
+
+  rows = (priv.reshape(-1, chunk, d), y.reshape(-1, chunk),
+          mask.reshape(-1, chunk))
+  hist, _ = jax.lax.scan(block, jnp.zeros(num_classes * pop, jnp.float32),
+                         rows)
+  return hist.reshape(num_classes, pop)
+
+
+def private_histogram(pop_emb, priv_emb, y, mask, *, k: int = 1,
+                      chunk: int = 1024, mesh=None) -> jax.Array:
+  """`vote_histogram`, with a mesh summed over its devices (psum)."""
+  fn = functools.partial(vote_histogram, k=k, chunk=chunk)
+  if mesh is None:
+    return fn(pop_emb, priv_emb, y, mask)
+  from dpgeng_jax import parallel
+  return parallel.sharded_sum(lambda p, *r: fn(p, *r), mesh,
+                              vary_params=False)(pop_emb, priv_emb, y, mask)
+
+
+def release_histogram(key: jax.Array, hist: jax.Array,
+                      noise_multiplier: float) -> jax.Array:
+  """h + N(0, sigma^2) on every bin (sensitivity 1), rounded once."""
+  return noise.add_gaussian_noise(key, hist, noise_multiplier * SENSITIVITY)
+
+
+def count_estimates(noisy: np.ndarray, k: int):
+  """Class-size estimates from one noisy histogram (K, N_s) and the std of
+  the estimate per unit noise multiplier: sum_j h~[c, j] / sqrt(k)."""
+  pop = noisy.shape[1]
+  return np.asarray(noisy, np.float64).sum(1) / math.sqrt(k), math.sqrt(
+      pop / k)
+
+
+def draw(key: jax.Array, weights: np.ndarray, n: int) -> np.ndarray:
+  """(K, n) indices into each class's population, drawn with replacement
+  in proportion to `weights` (K, N_s) >= 0; uniformly for a class whose
+  weights are all 0."""
+  w = np.asarray(weights, np.float64)
+  w = np.where(w.sum(1, keepdims=True) > 0, w, 1.0)
+  logits = jnp.log(jnp.asarray(w / w.sum(1, keepdims=True), jnp.float32))
+  return np.asarray(jax.random.categorical(key, logits[:, None, :], axis=-1,
+                                           shape=(w.shape[0], n)))
+
+
+# ---------------------------------------------------------------------------
+# The loop.
+
+
+def _class_major(num_classes: int, per_class: int) -> np.ndarray:
+  return np.repeat(np.arange(num_classes, dtype=np.int32), per_class)
+
+
+def evolve(api, embed, priv_emb, y, mask, *, key: jax.Array,
+           secret: jax.Array, noise_multiplier: float, cfg: PEConfig,
+           num_classes: int, normalize, per_class: int, mesh=None,
+           progress=None):
+  """PE's T iterations (module docstring). Returns (final Samples with
+  `per_class` images per class, class-major; noisy histograms (T, K, N_s);
+  history (T + 1, K, m, H, W, C): the first m images per class of the
+  initial and of every later population)."""
+  pop_n, t_max = cfg.population, cfg.iterations
+  k_random, k_loop = jax.random.split(key)
+  samples = api.random(k_random, _class_major(num_classes, pop_n))
+  schedule = apis.degrees(t_max)
+  history = [samples.images.reshape(num_classes, pop_n,
+                                    *samples.images.shape[1:])[:,
+                                                              :cfg.history]]
+  hist_fn = jax.jit(functools.partial(private_histogram, k=cfg.k,
+                                      chunk=cfg.chunk, mesh=mesh))
+  released = []
+  for t in range(t_max):
+    k_look, k_draw, k_var = jax.random.split(jax.random.fold_in(k_loop, t),
+                                             3)
+    degree = schedule[t]
+    cand = _candidate_embeddings(api, embed, samples, k_look, degree,
+                                 cfg.lookahead, normalize)
+    hist = hist_fn(cand.reshape(num_classes, pop_n, -1), priv_emb, y, mask)
+    noisy = np.asarray(release_histogram(
+        jax.random.fold_in(secret, t), hist, noise_multiplier))
+    released.append(noisy)
+    h = cfg.threshold * noise_multiplier * SENSITIVITY
+    weights = np.maximum(noisy - h, 0.0)
+    n_next = per_class if t == t_max - 1 else pop_n
+    index = draw(k_draw, weights, n_next)
+    index = index + (np.arange(num_classes) * pop_n)[:, None]
+    chosen = samples.take(index.reshape(-1))
+    samples = api.variation(k_var, chosen, degree)
+    history.append(samples.images.reshape(num_classes, n_next,
+                                          *samples.images.shape[1:])[
+                                              :, :cfg.history])
+    if progress is not None:
+      progress(1)
+  m = min(h.shape[1] for h in history)
+  return samples, np.stack(released), np.stack([h[:, :m] for h in history])
+
+
+def _candidate_embeddings(api, embed, samples, key, degree, lookahead,
+                          normalize):
+  if lookahead <= 0:
+    return embeddings.apply(embed, normalize(samples.images))
+  total = 0.0
+  for i in range(lookahead):
+    v = api.variation(jax.random.fold_in(key, i), samples, degree)
+    total = total + embeddings.apply(embed, normalize(v.images))
+  return total / lookahead
+
+
+# ---------------------------------------------------------------------------
+# The plug-in.
+
+
+def _api_options(cfg) -> dict:
+  texts = tuple(t for t in cfg.pe_texts.split(",")) if cfg.pe_texts else ()
+  return {"texts": texts, "font_dir": cfg.pe_font_dir,
+          "polarity": cfg.pe_polarity, "nearest_k": cfg.pe_nearest_k}
+
+
+@dataclasses.dataclass
+class PrivateEvolution:
+  """The PE generator over an image API: `api` is "text", "nearest:PATH"
+  or an `apis.ImageAPI` object (a user's, from Python)."""
+  api: object
+  cfg: PEConfig = PEConfig()
+  api_options: dict = dataclasses.field(default_factory=dict)
+  seed_embedding_epochs: int = 20
+  declared = None
+  nonprivate_reason = None
+  reads_private = True
+
+  @classmethod
+  def from_config(cls, cfg) -> "PrivateEvolution":
+    api = cfg.generator[len("pe:"):]
+    return cls(api, PEConfig(iterations=cfg.pe_iterations,
+                             population=cfg.pe_population,
+                             threshold=cfg.pe_threshold, k=cfg.pe_k,
+                             lookahead=cfg.pe_lookahead,
+                             embedding=cfg.pe_embedding),
+               _api_options(cfg))
+
+  @property
+  def name(self) -> str:
+    return ("pe:" + self.api) if isinstance(self.api, str) else "pe:user"
+
+  def mechanisms(self) -> tuple:
+    return (accounting.Mechanism("generator", 0.0, 1.0, self.cfg.iterations,
+                                 sensitivity="1"),)
+
+  def fixed(self) -> tuple:
+    return ()
+
+  def image_api(self, image_shape, num_classes: int, key=None):
+    """The API object (built from its name for the built-in ones)."""
+    if not isinstance(self.api, str):
+      return self.api
+    o = self.api_options
+    if self.api == "text":
+      from dpgeng_jax.generators.apis.text import TextAPI, TextConfig
+      return TextAPI(image_shape, num_classes, TextConfig(
+          texts=o.get("texts", ()), font_dir=o.get("font_dir", ""),
+          polarity=o.get("polarity", "light")))
+    if self.api.startswith("nearest:"):
+      from dpgeng_jax.generators.apis import nearest
+      x, y = nearest.load_collection(self.api[len("nearest:"):],
+                                     image_shape=image_shape,
+                                     num_classes=num_classes)
+      return nearest.NearestAPI(x, y, num_classes,
+                                k_max=o.get("nearest_k", 10))
+    raise ValueError(f"unknown PE API {self.api!r}; expected text, "
+                     "nearest:PATH or an ImageAPI object")
+
+  def generate(self, ctx: Context, secret: jax.Array, mechanisms) -> Output:
+    (mech,) = mechanisms
+    k_api, k_embed, k_evolve = jax.random.split(ctx.key, 3)
+    api = self.image_api(ctx.image_shape, ctx.num_classes, k_api)
+    embed = embeddings.make(self.cfg.embedding, key=k_embed, api=api,
+                            model=ctx.model, image_shape=ctx.image_shape,
+                            num_classes=ctx.num_classes,
+                            normalize=ctx.normalize,
+                            epochs=self.seed_embedding_epochs)
+    priv_emb = jax.jit(embed)(ctx.x_private) if ctx.mesh is not None else (
+        embeddings.apply(embed, ctx.x_private))
+    with tqdm(total=self.cfg.iterations, desc="private evolution",
+              disable=ctx.quiet) as bar:
+      final, noisy, history = evolve(
+          api, embed, priv_emb, ctx.y_private, ctx.mask, key=k_evolve,
+          secret=secret, noise_multiplier=mech.noise_multiplier,
+          cfg=self.cfg, num_classes=ctx.num_classes,
+          normalize=ctx.normalize, per_class=ctx.per_class, mesh=ctx.mesh,
+          progress=bar.update)
+    # Post-processing of the T releases: inverse-variance mean of the T
+    # class-size estimates (equal variances: the plain mean).
+    counts = np.mean([count_estimates(h, self.cfg.k)[0] for h in noisy], 0)
+    unit = count_estimates(noisy[0], self.cfg.k)[1]
+    std = unit * mech.noise_multiplier * SENSITIVITY / math.sqrt(len(noisy))
+    return Output(final.images, final.labels, counts, std,
+                  {"noisy_histograms": noisy, "history": history})
