@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from dpgeng_jax import data, generator
+from dpgeng_jax import data
+from dpgeng_jax.generators import merf as generator
 
 
 def main():

@@ -31,9 +31,13 @@ Mechanisms (`MECHANISMS`), one release per trial:
   0, so the gradient of every class-0 example is exactly zero; the canary
   is of class 1, its clipped gradient (computed by the same step without
   noise) gives u.
-* ``generator``: `generator.release_class_features` (norm-1 features,
+* ``generator``: `generators.merf.release_class_features` (norm-1 features,
   class sums, noise sigma); u is the canary's feature vector, and the
   noiseless release of D' is subtracted (the others are not orthogonal).
+* ``pe_histogram``: Private Evolution's vote histogram
+  (`generators.pe.private_histogram` with k = 2 votes of weight 1/sqrt 2,
+  then `pe.release_histogram`): u is the canary's vote vector (norm 1),
+  and the noiseless histogram of D' is subtracted.
 * ``class_counts``: `counts.noisy_counts`, the count release M_N (sigma on
   each count, sensitivity 1); s is the canary class's noisy count minus its
   count in D'.
@@ -86,13 +90,15 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import special, stats
 
-from dpgeng_jax import (accounting, augment, counts, expert, generator,
+from dpgeng_jax import (accounting, augment, counts, expert,
                         mechanisms, models, noise, outputs, parallel, pergrad)
 from dpgeng_jax.errors import ConfigError, require_int
+from dpgeng_jax.generators import merf, pe
 
 MECHANISMS = ("feature_matching", "feature_matching_sharded", "dp_sgd",
-              "generator", "class_counts")
-UNSAMPLED = ("generator", "class_counts")  # they read the whole dataset
+              "generator", "pe_histogram", "class_counts")
+# They read the whole dataset.
+UNSAMPLED = ("generator", "pe_histogram", "class_counts")
 GRID_POINTS = 40  # thresholds (see the module docstring)
 CANARY_NORM = 10.0  # the canary's norm before clipping, in units of C
 CHUNK = 2**15  # trials per vmapped chunk (bounds memory)
@@ -428,7 +434,7 @@ def _flat(tree) -> jax.Array:
 def _generator_setup(sigma, clip, p, copies) -> _Setup:
   del clip, p  # norm-1 features; the whole dataset
   d = int(np.prod(_IMAGE_SHAPE))
-  fmap = generator.FeatureMap.create(jax.random.key(0), d,
+  fmap = merf.FeatureMap.create(jax.random.key(0), d,
                                      _GENERATOR_FEATURES)
   rng = np.random.default_rng(0)
   others = rng.normal(size=(6, *_IMAGE_SHAPE)).astype(np.float32)
@@ -444,7 +450,7 @@ def _generator_setup(sigma, clip, p, copies) -> _Setup:
   without_canary = padded(others)
 
   def release(data, sigma_, key):
-    return generator.release_class_features(
+    return merf.release_class_features(
         fmap, *data, num_classes=_NUM_CLASSES, noise_multiplier=sigma_,
         noise_key=key)
 
@@ -455,7 +461,43 @@ def _generator_setup(sigma, clip, p, copies) -> _Setup:
     return release(data, sigma, key)[0] @ v - base
 
   return _setup(trial, with_canary, without_canary,
-                generator.GENERATOR_SENSITIVITY)
+                merf.GENERATOR_SENSITIVITY)
+
+
+_PE_VOTES = 2  # k of the audited histogram
+
+
+def _pe_setup(sigma, clip, p, copies) -> _Setup:
+  del clip, p  # votes, not clipped sums; the whole dataset
+  rng = np.random.default_rng(0)
+  pop = jnp.asarray(rng.normal(size=(_NUM_CLASSES, 4, 4)), jnp.float32)
+  others = rng.normal(size=(6, 4)).astype(np.float32)
+  canary = rng.normal(size=(1, 4)).astype(np.float32)
+  rows = 6 + copies  # the public padded length, the same for D and D'
+
+  def padded(x):  # canaries are of class 0
+    y = np.r_[[0, 0, 0, 1, 1, 1], np.zeros(len(x) - 6)].astype(np.int32)
+    return tuple(map(jnp.asarray, parallel.padded_rows(rows, x, y)))
+
+  with_canary = padded(np.concatenate([others, np.repeat(canary, copies, 0)]))
+  without_canary = padded(others)
+
+  def release(data, sigma_, key):
+    hist = pe.private_histogram(pop, *data, k=_PE_VOTES)
+    return pe.release_histogram(key, hist, sigma_).reshape(-1)
+
+  # The canary's own votes (a one-row histogram) give u; the noiseless
+  # histogram of D' centres s.
+  alone = pe.private_histogram(pop, jnp.asarray(canary), jnp.zeros(1,
+                                                                  jnp.int32),
+                               jnp.ones(1), k=_PE_VOTES).reshape(-1)
+  u = alone / jnp.linalg.norm(alone)
+  base = release(without_canary, 0.0, jax.random.key(0)) @ u
+
+  def trial(key, data):
+    return release(data, sigma, key) @ u - base
+
+  return _setup(trial, with_canary, without_canary, pe.SENSITIVITY)
 
 
 def _count_setup(sigma, clip, p, copies) -> _Setup:
@@ -476,7 +518,7 @@ _SETUPS = {
     "feature_matching_sharded": functools.partial(_query_setup,
                                                   sharded=True),
     "dp_sgd": _dp_sgd_setup, "generator": _generator_setup,
-    "class_counts": _count_setup}
+    "pe_histogram": _pe_setup, "class_counts": _count_setup}
 
 
 @functools.lru_cache(maxsize=64)

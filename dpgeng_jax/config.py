@@ -118,6 +118,10 @@ class Config:
   # Private Evolution (--generator pe:...).
   pe_iterations: int = _f(4, "PE iterations T: T noisy histogram releases "
                           "(the accountant composes T Gaussians)", "privacy")
+  pe_public_only: bool = _f(
+      False, "PE without votes (the public-only ablation): the same loop "
+      "with uniform draws; reads no private data and spends no budget",
+      "privacy")
   pe_population: int = _f(50, "PE population N_s per class (the images "
                           "voted on in each iteration)", "method")
   pe_threshold: float = _f(1.0, "PE threshold H in noise standard "

@@ -178,16 +178,18 @@ def test_npz_dataset_runs_end_to_end(tmp_path):
   assert d["x"].shape == (8, 8, 8, 1)
 
 
-GEN_TINY = ["--generator-steps", "5", "--generator-features", "20",
+GEN_TINY = ["--pe-iterations", "1", "--pe-population", "4",
+            "--generator-steps", "5", "--generator-features", "20",
             "--generated-per-class", "8", "--pool-models", "1",
             "--pool-checkpoints", "2", "--pool-epochs", "1",
             "--expert-steps", "3"]
 
 
-def test_dpgeng_with_builtin_generator_and_factor_two(tmp_path):
+def test_dpgeng_with_merf_generator_and_factor_two(tmp_path):
   out = tmp_path / "run"
   assert _run(["--out", str(out), "--method", "dpgeng", "--factor", "2",
-               "--deterministic", "--epsilon", "4", *GEN_TINY, *TINY]) == 0
+               "--generator", "merf", "--deterministic", "--epsilon", "4",
+               *GEN_TINY, *TINY]) == 0
   priv = json.loads((out / "privacy.json").read_text())
   names = [m["name"] for m in priv["mechanisms"]]
   assert names == ["class_counts", "generator", "feature_matching", "expert"]
@@ -198,7 +200,7 @@ def test_dpgeng_with_builtin_generator_and_factor_two(tmp_path):
   metrics = json.loads((out / "metrics.json").read_text())
   assert set(metrics["expert"]) >= {"test_accuracy_pretrained_on_generated",
                                     "test_accuracy_after_dp_finetuning"}
-  assert any("class counts are read from the same noisy release" in n
+  assert any("release's noisy class counts refine" in n
              for n in priv["notes"])
   d = np.load(out / "distilled.npz")
   assert int(d["factor"]) == 2
@@ -323,12 +325,13 @@ def test_plan_reads_no_data_and_prints_the_allocation(monkeypatch, capsys):
 
 def test_too_few_generated_images_for_kmeans_fail_before_private_work(
     tmp_path, capsys, monkeypatch):
-  from dpgeng_jax import generator as gen_lib
+  from dpgeng_jax.generators import merf, pe
 
   def no_release(*a, **k):
     raise AssertionError("the private release must not run")
 
-  monkeypatch.setattr(gen_lib, "release_class_features", no_release)
+  monkeypatch.setattr(merf, "release_class_features", no_release)
+  monkeypatch.setattr(pe, "release_histogram", no_release)
   out = tmp_path / "run"
   assert _run(["--out", str(out), "--method", "dpgeng", "--ipc", "3",
                "--generated-per-class", "2", "--quiet"]) == 2

@@ -1,4 +1,4 @@
-"""The built-in DP generator's release and external generated data."""
+"""DP-MERF's release (generators/merf.py) and external generated data."""
 
 import math
 
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from dpgeng_jax import generator as G
+from dpgeng_jax.generators import merf as G
+from dpgeng_jax.generators.external import load_external
 from dpgeng_jax.errors import DataError
 
 SHAPE = (8, 8, 1)
@@ -100,7 +101,7 @@ GOOD_Y = np.arange(12) % 3
 
 
 def test_external_generated_data_loads_when_valid(tmp_path):
-  x, y = G.load_external(_save(tmp_path / "g.npz", x=GOOD_X, y=GOOD_Y),
+  x, y = load_external(_save(tmp_path / "g.npz", x=GOOD_X, y=GOOD_Y),
                          image_shape=SHAPE, num_classes=3)
   assert x.shape == GOOD_X.shape and list(np.bincount(y)) == [4, 4, 4]
 
@@ -116,5 +117,5 @@ def test_external_generated_data_loads_when_valid(tmp_path):
 def test_bad_external_generated_data_is_refused(tmp_path, arrays, message):
   path = _save(tmp_path / "g.npz", **arrays)
   with pytest.raises(DataError) as e:
-    G.load_external(path, image_shape=SHAPE, num_classes=3)
+    load_external(path, image_shape=SHAPE, num_classes=3)
   assert message.lower() in str(e.value).lower()

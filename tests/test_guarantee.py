@@ -19,7 +19,8 @@ from dpgeng_jax.data import from_arrays
 TINY = ["--ipc", "2", "--steps", "3", "--num-queries", "2", "--eval-epochs",
         "1", "--eval-models", "1", "--extractor-width", "8", "--eval-width",
         "8", "--quiet"]
-GEN_TINY = ["--generator-steps", "5", "--generator-features", "20",
+GEN_TINY = ["--pe-iterations", "1", "--pe-population", "4",
+            "--generator-steps", "5", "--generator-features", "20",
             "--generated-per-class", "8", "--pool-models", "1",
             "--pool-checkpoints", "2", "--pool-epochs", "1",
             "--expert-steps", "2"]
@@ -260,6 +261,7 @@ def test_private_data_is_never_a_constant_of_a_compiled_program(
   cfg = Config(method="dpgeng", ipc=2, steps=2, num_queries=2,
                extractor_width=8, eval_width=8, generator_steps=3,
                generator_features=8, generated_per_class=8, pool_models=1,
+               pe_iterations=1, pe_population=4,
                pool_checkpoints=2, pool_epochs=1, expert_steps=2,
                no_eval=True, quiet=True)
   pipeline.run(cfg, dataset=ds)

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from scipy import special, stats
 
-from dpgeng_jax import counts, generator, mechanisms, noise, parallel
+from dpgeng_jax import counts, mechanisms, noise, parallel
+from dpgeng_jax.generators import merf as generator
 
 KEY = noise.deterministic_secret_key(11)
 

@@ -17,7 +17,8 @@ from dpgeng_jax import cli, counts, expert, outputs, pipeline, stages, store
 FLAGS = ["--method", "dpgeng", "--ipc", "1", "--steps", "6",
          "--checkpoint-every", "3", "--num-queries", "2",
          "--extractor-width", "8", "--eval-width", "8", "--eval-models", "1",
-         "--eval-epochs", "1", "--generator-steps", "3",
+         "--eval-epochs", "1", "--pe-iterations", "2", "--pe-population",
+         "4", "--generator-steps", "3",
          "--generator-features", "16", "--generated-per-class", "4",
          "--pool-models", "1", "--pool-checkpoints", "1", "--pool-epochs",
          "1", "--expert-steps", "2", "--deterministic", "--quiet"]
@@ -113,8 +114,9 @@ def _count_again(monkeypatch, seen):
     return wrapped
   monkeypatch.setattr(counts, "release_class_counts", counting(
       "class_counts", counts.release_class_counts))
-  monkeypatch.setattr(stages, "builtin_generate", counting(
-      "generator", stages.builtin_generate))
+  for plugin in (pe.PrivateEvolution, merf.Merf):
+    monkeypatch.setattr(plugin, "generate", counting(
+        "generator", plugin.generate))
   monkeypatch.setattr(stages, "answer_queries", counting(
       "queries", stages.answer_queries))
   monkeypatch.setattr(expert, "dp_finetune", counting(

@@ -13,7 +13,8 @@ from dpgeng_jax.config import Config
 
 SMALL = ["--ipc", "1", "--steps", "2", "--num-queries", "2",
          "--extractor-width", "4", "--eval-width", "4", "--eval-models", "1",
-         "--eval-epochs", "1", "--generator-steps", "2",
+         "--eval-epochs", "1", "--pe-iterations", "1", "--pe-population",
+         "4", "--generator-steps", "2",
          "--generator-features", "16", "--generated-per-class", "4",
          "--pool-models", "1", "--pool-checkpoints", "1", "--pool-epochs",
          "1", "--expert-steps", "2", "--quiet"]

@@ -58,6 +58,7 @@ class PEConfig:
   embedding: str = "pixels"
   chunk: int = 1024           # private rows per distance block
   history: int = 8            # images per class kept per iteration
+  public_only: bool = False   # no votes: uniform draws, no private data
 
 
 # ---------------------------------------------------------------------------
@@ -174,14 +175,18 @@ def evolve(api, embed, priv_emb, y, mask, *, key: jax.Array,
     k_look, k_draw, k_var = jax.random.split(jax.random.fold_in(k_loop, t),
                                              3)
     degree = schedule[t]
-    cand = _candidate_embeddings(api, embed, samples, k_look, degree,
-                                 cfg.lookahead, normalize)
-    hist = hist_fn(cand.reshape(num_classes, pop_n, -1), priv_emb, y, mask)
-    noisy = np.asarray(release_histogram(
-        jax.random.fold_in(secret, t), hist, noise_multiplier))
-    released.append(noisy)
-    h = cfg.threshold * noise_multiplier * SENSITIVITY
-    weights = np.maximum(noisy - h, 0.0)
+    if cfg.public_only:  # the same loop without votes: uniform draws
+      weights = np.ones((num_classes, pop_n))
+    else:
+      cand = _candidate_embeddings(api, embed, samples, k_look, degree,
+                                   cfg.lookahead, normalize)
+      hist = hist_fn(cand.reshape(num_classes, pop_n, -1), priv_emb, y,
+                     mask)
+      noisy = np.asarray(release_histogram(
+          jax.random.fold_in(secret, t), hist, noise_multiplier))
+      released.append(noisy)
+      h = cfg.threshold * noise_multiplier * SENSITIVITY
+      weights = np.maximum(noisy - h, 0.0)
     n_next = per_class if t == t_max - 1 else pop_n
     index = draw(k_draw, weights, n_next)
     index = index + (np.arange(num_classes) * pop_n)[:, None]
@@ -193,7 +198,9 @@ def evolve(api, embed, priv_emb, y, mask, *, key: jax.Array,
     if progress is not None:
       progress(1)
   m = min(h.shape[1] for h in history)
-  return samples, np.stack(released), np.stack([h[:, :m] for h in history])
+  released = np.stack(released) if released else np.zeros(
+      (0, num_classes, pop_n), np.float32)
+  return samples, released, np.stack([h[:, :m] for h in history])
 
 
 def _candidate_embeddings(api, embed, samples, key, degree, lookahead,
@@ -227,7 +234,10 @@ class PrivateEvolution:
   seed_embedding_epochs: int = 20
   declared = None
   nonprivate_reason = None
-  reads_private = True
+
+  @property
+  def reads_private(self) -> bool:
+    return not self.cfg.public_only
 
   @classmethod
   def from_config(cls, cfg) -> "PrivateEvolution":
@@ -236,14 +246,18 @@ class PrivateEvolution:
                              population=cfg.pe_population,
                              threshold=cfg.pe_threshold, k=cfg.pe_k,
                              lookahead=cfg.pe_lookahead,
-                             embedding=cfg.pe_embedding),
+                             embedding=cfg.pe_embedding,
+                             public_only=cfg.pe_public_only),
                _api_options(cfg))
 
   @property
   def name(self) -> str:
-    return ("pe:" + self.api) if isinstance(self.api, str) else "pe:user"
+    name = ("pe:" + self.api) if isinstance(self.api, str) else "pe:user"
+    return name + (" (public only)" if self.cfg.public_only else "")
 
   def mechanisms(self) -> tuple:
+    if self.cfg.public_only:
+      return ()
     return (accounting.Mechanism("generator", 0.0, 1.0, self.cfg.iterations,
                                  sensitivity="1"),)
 
@@ -271,7 +285,7 @@ class PrivateEvolution:
                      "nearest:PATH or an ImageAPI object")
 
   def generate(self, ctx: Context, secret: jax.Array, mechanisms) -> Output:
-    (mech,) = mechanisms
+    sigma = 0.0 if self.cfg.public_only else mechanisms[0].noise_multiplier
     k_api, k_embed, k_evolve = jax.random.split(ctx.key, 3)
     api = self.image_api(ctx.image_shape, ctx.num_classes, k_api)
     embed = embeddings.make(self.cfg.embedding, key=k_embed, api=api,
@@ -279,20 +293,27 @@ class PrivateEvolution:
                             num_classes=ctx.num_classes,
                             normalize=ctx.normalize,
                             epochs=self.seed_embedding_epochs)
-    priv_emb = jax.jit(embed)(ctx.x_private) if ctx.mesh is not None else (
-        embeddings.apply(embed, ctx.x_private))
+    if self.cfg.public_only:
+      priv_emb = None
+    elif ctx.mesh is not None:
+      priv_emb = jax.jit(embed)(ctx.x_private)
+    else:
+      priv_emb = embeddings.apply(embed, ctx.x_private)
     with tqdm(total=self.cfg.iterations, desc="private evolution",
               disable=ctx.quiet) as bar:
       final, noisy, history = evolve(
           api, embed, priv_emb, ctx.y_private, ctx.mask, key=k_evolve,
-          secret=secret, noise_multiplier=mech.noise_multiplier,
+          secret=secret, noise_multiplier=sigma,
           cfg=self.cfg, num_classes=ctx.num_classes,
           normalize=ctx.normalize, per_class=ctx.per_class, mesh=ctx.mesh,
           progress=bar.update)
+    arrays = {"history": history}
+    if self.cfg.public_only:
+      return Output(final.images, final.labels, arrays=arrays)
     # Post-processing of the T releases: inverse-variance mean of the T
     # class-size estimates (equal variances: the plain mean).
     counts = np.mean([count_estimates(h, self.cfg.k)[0] for h in noisy], 0)
     unit = count_estimates(noisy[0], self.cfg.k)[1]
-    std = unit * mech.noise_multiplier * SENSITIVITY / math.sqrt(len(noisy))
+    std = unit * sigma * SENSITIVITY / math.sqrt(len(noisy))
     return Output(final.images, final.labels, counts, std,
-                  {"noisy_histograms": noisy, "history": history})
+                  {"noisy_histograms": noisy, **arrays})

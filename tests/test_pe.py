@@ -1,0 +1,279 @@
+"""Private Evolution (generators/pe.py) and its image APIs."""
+
+import math
+
+import dp_accounting
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from dpgeng_jax import accounting, noise
+from dpgeng_jax.generators import apis, pe
+from dpgeng_jax.generators.apis.nearest import NearestAPI
+from dpgeng_jax.generators.apis.text import TextAPI, TextConfig
+
+K, POP, D = 3, 6, 5
+
+
+def _toy(n=40, seed=0):
+  rng = np.random.default_rng(seed)
+  pop = jnp.asarray(rng.normal(size=(K, POP, D)), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(n, D)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, K, n), jnp.int32)
+  return pop, x, y, jnp.ones(n, jnp.float32)
+
+
+def _double_vote_histogram(pop, x, y, mask, *, k=1, chunk=1024):
+  """A broken histogram: every vote counted twice."""
+  return 2.0 * pe.vote_histogram(pop, x, y, mask, k=k, chunk=chunk)
+
+
+def _max_sensitivity(hist_fn, k, trials=20):
+  """The largest L2 change of the histogram when one example is removed,
+  over random datasets and each example of them."""
+  worst = 0.0
+  for t in range(trials):
+    pop, x, y, mask = _toy(12, seed=t)
+    full = hist_fn(pop, x, y, mask, k=k)
+    for i in range(len(y)):
+      drop = mask.at[i].set(0.0)  # the padded layout of D minus x_i
+      worst = max(worst, float(jnp.linalg.norm(
+          full - hist_fn(pop, x, y, drop, k=k))))
+  return worst
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_one_example_changes_the_histogram_by_exactly_one(k):
+  assert _max_sensitivity(pe.vote_histogram, k) == pytest.approx(1.0,
+                                                                 abs=1e-6)
+
+
+def test_a_histogram_that_counts_a_vote_twice_is_caught():
+  assert _max_sensitivity(_double_vote_histogram, 1, trials=2) > 1.5
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_votes_go_to_the_nearest_images_of_the_own_class(k):
+  pop, x, y, mask = _toy(30)
+  h = np.asarray(pe.vote_histogram(pop, x, y, mask, k=k, chunk=7))
+  want = np.zeros((K, POP))
+  for xi, yi in zip(np.asarray(x), np.asarray(y)):
+    d = np.sum((np.asarray(pop[yi]) - xi) ** 2, 1)
+    want[yi, np.argsort(d)[:k]] += 1 / math.sqrt(k)
+  np.testing.assert_allclose(h, want, atol=1e-5)
+  # Class sums: sqrt(k) per example of the class.
+  np.testing.assert_allclose(h.sum(1), np.bincount(np.asarray(y),
+                                                   minlength=K) * math.sqrt(k),
+                             rtol=1e-5)
+
+
+def test_padded_rows_vote_nothing():
+  pop, x, y, mask = _toy(10)
+  padded = jnp.concatenate([x, 100 * jnp.ones((5, D))])
+  yp = jnp.concatenate([y, jnp.zeros(5, jnp.int32)])
+  mp = jnp.concatenate([mask, jnp.zeros(5)])
+  np.testing.assert_array_equal(pe.vote_histogram(pop, padded, yp, mp),
+                                pe.vote_histogram(pop, x, y, mask))
+
+
+def test_jit_equals_eager_and_chunking_does_not_change_votes():
+  pop, x, y, mask = _toy(50)
+  eager = pe.vote_histogram(pop, x, y, mask, k=2, chunk=50)
+  jitted = jax.jit(lambda *a: pe.vote_histogram(*a, k=2, chunk=8))(
+      pop, x, y, mask)
+  np.testing.assert_allclose(eager, jitted, atol=1e-6)
+
+
+def test_the_noise_has_the_claimed_std():
+  sigma = 3.0
+  z = np.asarray(pe.release_histogram(noise.deterministic_secret_key(1),
+                                      jnp.zeros((100, 200)), sigma)).ravel()
+  assert stats.kstest(z / sigma, "norm").pvalue > 1e-3
+  for wrong in (2 / 3, 3 / 2):
+    assert stats.kstest(z / (wrong * sigma), "norm").pvalue < 1e-6
+
+
+def test_noise_zero_releases_the_histogram():
+  pop, x, y, mask = _toy()
+  h = pe.vote_histogram(pop, x, y, mask)
+  np.testing.assert_array_equal(pe.release_histogram(
+      jax.random.key(0), h, 0.0), h)
+
+
+@pytest.mark.parametrize("sigma,steps", [(4.0, 4), (12.0, 10)])
+def test_the_event_is_t_gaussian_releases(sigma, steps):
+  gen = pe.PrivateEvolution("text", pe.PEConfig(iterations=steps))
+  (mech,) = gen.mechanisms()
+  ours = accounting.epsilon_pld(mech.with_noise(sigma).event(), 1e-5)
+  acc = dp_accounting.pld.PLDAccountant()
+  acc.compose(dp_accounting.SelfComposedDpEvent(
+      dp_accounting.GaussianDpEvent(sigma), steps))
+  assert ours == pytest.approx(acc.get_epsilon(1e-5), rel=1e-3)
+
+
+def test_public_only_spends_nothing_and_reads_nothing():
+  gen = pe.PrivateEvolution("text", pe.PEConfig(public_only=True))
+  assert gen.mechanisms() == () and not gen.reads_private
+
+
+def test_draws_follow_the_weights_and_empty_classes_draw_uniformly():
+  w = np.zeros((2, 4))
+  w[0, 2] = 5.0
+  idx = pe.draw(jax.random.key(0), w, 1000)
+  assert np.all(idx[0] == 2)
+  counts = np.bincount(idx[1], minlength=4)
+  assert counts.min() > 150
+
+
+def _toy_api(shape=(4, 4, 1)):
+  """A user API from two functions: uniform noise images; a variation
+  mixes an image with fresh noise in proportion to the degree."""
+  def random_fn(key, labels):
+    return np.asarray(jax.random.uniform(key, (len(labels), *shape)))
+
+  def variation_fn(key, images, labels, degree):
+    fresh = np.asarray(jax.random.uniform(key, images.shape))
+    w = 0.5 * degree + 0.05
+    return (1 - w) * images + w * fresh
+
+  return apis.FunctionAPI(random_fn, variation_fn, shape)
+
+
+def _mean_nearest(priv, y, images, labels):
+  d = [np.min(np.sum((images[labels == c] - p) ** 2, axis=(1, 2, 3)))
+       for p, c in zip(priv, y)]
+  return float(np.mean(d))
+
+
+def test_without_noise_the_population_approaches_the_private_set():
+  api = _toy_api()
+  rng = np.random.default_rng(0)
+  priv = np.clip(rng.normal(0.5, 0.1, (60, 4, 4, 1)), 0, 1).astype(
+      np.float32)
+  priv[30:] = 1.0 - priv[30:] * 0.3  # class 1: bright images
+  y = np.r_[np.zeros(30), np.ones(30)].astype(np.int32)
+  flat = lambda x: x.reshape(x.shape[0], -1)
+  gaps = []
+  for t in (1, 3, 6):
+    final, _, _ = pe.evolve(
+        api, flat, jnp.asarray(flat(priv)), jnp.asarray(y), jnp.ones(60),
+        key=jax.random.key(1), secret=jax.random.key(2),
+        noise_multiplier=0.0,
+        cfg=pe.PEConfig(iterations=t, population=20, threshold=0.0),
+        num_classes=2, normalize=lambda x: x, per_class=20)
+    gaps.append(_mean_nearest(priv, y, final.images, final.labels))
+  start = api.random(jax.random.key(1), np.repeat([0, 1], 20))
+  gaps.insert(0, _mean_nearest(priv, y, start.images, start.labels))
+  assert gaps[-1] < 0.5 * gaps[0], gaps
+  assert all(b < a for a, b in zip(gaps, gaps[1:])), gaps
+
+
+def test_lookahead_and_k_votes_run_and_return_the_shape():
+  api = _toy_api()
+  flat = lambda x: x.reshape(x.shape[0], -1)
+  priv = np.random.default_rng(0).random((20, 4, 4, 1)).astype(np.float32)
+  final, noisy, hist = pe.evolve(
+      api, flat, jnp.asarray(flat(priv)), jnp.zeros(20, jnp.int32) + (
+          jnp.arange(20) % 2), jnp.ones(20), key=jax.random.key(0),
+      secret=jax.random.key(1), noise_multiplier=1.0,
+      cfg=pe.PEConfig(iterations=2, population=5, k=2, lookahead=3,
+                      history=4), num_classes=2, normalize=lambda x: x,
+      per_class=7)
+  assert final.images.shape == (14, 4, 4, 1)
+  assert noisy.shape == (2, 2, 5) and hist.shape == (3, 2, 4, 4, 4, 1)
+  np.testing.assert_array_equal(final.labels, np.repeat([0, 1], 7))
+
+
+def test_a_user_api_returning_the_wrong_shape_is_refused():
+  api = apis.FunctionAPI(lambda k, l: np.zeros((len(l), 3, 3, 1)),
+                         lambda k, x, l, d: x, (4, 4, 1))
+  with pytest.raises(ValueError, match="shape"):
+    api.random(jax.random.key(0), np.zeros(2, np.int32))
+
+
+# ---------------------------------------------------------------------------
+# The text API.
+
+
+@pytest.mark.parametrize("shape", [(8, 8, 1), (28, 28, 1), (32, 32, 3)])
+def test_text_api_is_deterministic_and_has_the_data_shape(shape):
+  api = TextAPI(shape, 10)
+  labels = np.arange(10, dtype=np.int32)
+  a = api.random(jax.random.key(3), labels)
+  b = api.random(jax.random.key(3), labels)
+  np.testing.assert_array_equal(a.images, b.images)
+  assert a.images.shape == (10, *shape) and a.images.dtype == np.float32
+  assert a.images.min() >= 0 and a.images.max() <= 1
+  assert a.images.std() > 0.1  # not blank
+  va = api.variation(jax.random.key(4), a, 0.5)
+  vb = api.variation(jax.random.key(4), b, 0.5)
+  np.testing.assert_array_equal(va.images, vb.images)
+  assert va.images.shape == a.images.shape
+  c = api.random(jax.random.key(5), labels)
+  assert not np.array_equal(a.images, c.images)
+
+
+def test_text_api_renders_the_class_glyph():
+  # A classifier trained on one key's samples recognises another key's.
+  # (An RBF SVM on pixels; chance is 0.1.)
+  from sklearn.svm import SVC
+  api = TextAPI((16, 16, 1), 10)
+  labels = np.repeat(np.arange(10, dtype=np.int32), 100)
+  train = api.random(jax.random.key(0), labels)
+  test = api.random(jax.random.key(1), labels)
+  clf = SVC(C=10.0).fit(train.images.reshape(len(labels), -1), labels)
+  assert clf.score(test.images.reshape(len(labels), -1), labels) > 0.7
+
+
+def test_small_variations_stay_close_and_large_ones_move():
+  api = TextAPI((16, 16, 1), 10)
+  s = api.random(jax.random.key(0), np.repeat(np.arange(10), 10))
+  near = api.variation(jax.random.key(1), s, 0.0)
+  far = api.variation(jax.random.key(1), s, 1.0)
+  d_near = np.mean((near.images - s.images) ** 2)
+  d_far = np.mean((far.images - s.images) ** 2)
+  assert d_near < 0.5 * d_far
+
+
+def test_text_api_uses_given_class_texts_and_refuses_bad_ones():
+  api = TextAPI((16, 16, 1), 2, TextConfig(texts=("A", "xy")))
+  assert api.texts == ("A", "xy")
+  with pytest.raises(ValueError, match="class texts"):
+    TextAPI((16, 16, 1), 3, TextConfig(texts=("A", "B")))
+  with pytest.raises(ValueError, match="font directory"):
+    TextAPI((16, 16, 1), 2, TextConfig(font_dir="/nonexistent/fonts"))
+
+
+def test_text_api_polarity():
+  dark = TextAPI((16, 16, 1), 2, TextConfig(polarity="dark"))
+  light = TextAPI((16, 16, 1), 2)
+  lab = np.zeros(20, np.int32)
+  assert (dark.random(jax.random.key(0), lab).images.mean()
+          > light.random(jax.random.key(0), lab).images.mean() + 0.3)
+
+
+# ---------------------------------------------------------------------------
+# The nearest API.
+
+
+def test_nearest_api_draws_from_the_class_and_hops_to_neighbours():
+  rng = np.random.default_rng(0)
+  x = rng.random((40, 4, 4, 1)).astype(np.float32)
+  y = np.repeat([0, 1], 20).astype(np.int32)
+  api = NearestAPI(x, y, 2, k_max=3)
+  s = api.random(jax.random.key(0), np.array([0, 1, 1, 0]))
+  assert np.all(y[s.state["index"]] == s.labels)
+  stay = api.variation(jax.random.key(1), s, 0.0)
+  np.testing.assert_array_equal(stay.state["index"], s.state["index"])
+  hop = api.variation(jax.random.key(2), s, 1.0)
+  assert np.all(y[hop.state["index"]] == s.labels)
+  for i, j in zip(s.state["index"], hop.state["index"]):
+    assert j in api.neighbours[i]
+  flat = x.reshape(40, -1)
+  i = int(s.state["index"][0])
+  same = np.flatnonzero(y == y[i])
+  d = np.sum((flat[same] - flat[i]) ** 2, 1)
+  np.testing.assert_array_equal(np.sort(api.neighbours[i]),
+                                np.sort(same[np.argsort(d)[:3]]))
