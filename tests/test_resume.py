@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from dpgeng_jax import cli, counts, expert, outputs, pipeline, stages, store
+from dpgeng_jax.generators import merf, pe
 
 FLAGS = ["--method", "dpgeng", "--ipc", "1", "--steps", "6",
          "--checkpoint-every", "3", "--num-queries", "2",

@@ -246,6 +246,7 @@ def test_whole_dpgeng_run_on_8_devices_matches_one_device(tmp_path):
           "1", "--ipc", "2", "--steps", "3", "--num-queries", "2",
           "--extractor-width", "8", "--generator-steps", "5",
           "--generator-features", "20", "--generated-per-class", "8",
+          "--pe-iterations", "2", "--pe-population", "6",
           "--pool-models", "1", "--pool-checkpoints", "2", "--pool-epochs",
           "1", "--expert-steps", "2", "--quiet"]
   outs = {}
@@ -255,6 +256,26 @@ def test_whole_dpgeng_run_on_8_devices_matches_one_device(tmp_path):
                      "16" if devices == 8 else "0", "--out", str(out)]) == 0
     outs[devices] = np.load(out / "distilled.npz")["x"]
   assert np.max(np.abs(outs[8] - outs[1])) < 1e-2 * np.max(np.abs(outs[1]))
+
+
+@pytest.mark.parametrize("devices,k", [(4, 1), (8, 3)])
+def test_sharded_pe_histogram_equals_unsharded(devices, k):
+  from dpgeng_jax.generators import pe
+  rng = np.random.default_rng(5)
+  pop = jnp.asarray(rng.normal(size=(K, 7, 6)), jnp.float32)
+  n = 40  # a multiple of both device counts
+  x = jnp.asarray(rng.normal(size=(n, 6)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, K, n), jnp.int32)
+  mask = jnp.asarray((rng.random(n) < 0.8).astype(np.float32))
+  want = pe.private_histogram(pop, x, y, mask, k=k)
+  got = jax.jit(functools.partial(
+      pe.private_histogram, k=k, chunk=4,
+      mesh=parallel.data_mesh(devices)))(pop, x, y, mask)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+  # The noise is added once, after the sum: the release's noise std is
+  # sigma whatever the device count.
+  z = pe.release_histogram(jax.random.key(0), jnp.zeros((50, 40)), 2.0)
+  assert abs(float(jnp.std(z)) - 2.0) < 0.1
 
 
 def test_fewer_devices_than_the_process_has_sample_without_overflow(

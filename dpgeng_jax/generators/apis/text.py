@@ -3,10 +3,10 @@
 Sim-PE's DrawText (Lin et al. 2025, arXiv 2502.05505) as a PE image API:
 class c is drawn as its text (default the class index as a digit) in a
 font shipped with a pip package (matplotlib's TTF files; a user directory
-adds more), with a random size, rotation, stroke width, position, shear,
-elastic distortion, blur and ink/background levels, rendered at 2-4x the
-data's resolution and area-averaged down to it, with the data's channel
-count. Every image is a function of its parameters (`Samples.state`), so
+adds more), with a random size, aspect ratio, rotation, stroke width,
+position, shear, elastic distortion, blur and ink/background levels,
+rendered at 2-4x the data's resolution and area-averaged down to it, with
+the data's channel count. Every image is a function of its parameters (`Samples.state`), so
 a variation perturbs the parameters by a scale that shrinks with the
 degree (DrawText's schedule: new-font probability degree, size +-(2 + 4
 degree)/28 of the canvas, rotation +-(3 + 8 degree) degrees, stroke +-degree
@@ -74,6 +74,7 @@ class TextConfig:
   texts: tuple = ()              # per class; () means str(class index)
   font_dir: str = ""
   size: tuple = (0.7, 1.05)       # font size / canvas height
+  aspect: tuple = (0.6, 1.3)     # horizontal / vertical scale
   rotation: float = 15.0         # +- degrees
   stroke: tuple = (0.0, 0.06)    # stroke width / canvas
   shift: float = 0.08            # +- position / canvas
@@ -126,6 +127,7 @@ class TextAPI:
     state = {
         "font": rng.integers(0, len(self.fonts), n),
         "size": rng.uniform(*c.size, n),
+        "aspect": np.exp(rng.uniform(*np.log(c.aspect), n)),
         "rotation": rng.uniform(-c.rotation, c.rotation, n),
         "stroke": rng.uniform(*c.stroke, n),
         "shift": rng.uniform(-c.shift, c.shift, (n, 2)),
@@ -151,6 +153,8 @@ class TextAPI:
     s["font"] = np.where(new_font, rng.integers(0, len(self.fonts), n),
                          s["font"])
     jitter("size", (2 + 4 * d) / 28, 0.4, 1.3)
+    s["aspect"] = np.clip(s["aspect"] * np.exp(rng.uniform(
+        -1, 1, n) * (0.03 + 0.1 * d)), 0.4, 2.0)
     jitter("rotation", 3 + 8 * d, -3 * c.rotation, 3 * c.rotation)
     jitter("stroke", d / 28, 0.0, 0.12)
     jitter("shift", 0.02 + 0.04 * d, -0.2, 0.2)
@@ -199,12 +203,14 @@ class TextAPI:
                                stroke_width=stroke, stroke_fill=255)
     # Output -> glyph coordinates: the inverse of shift . rotate . shear .
     # fit (wide strings are shrunk to the canvas width).
-    fit = min(1.0, 0.92 * cw / gw, 0.92 * ch / gh * 1.15)
+    aspect = float(p.get("aspect", 1.0))
+    fit = min(1.0, 0.92 * cw / (gw * aspect), 0.92 * ch / gh * 1.15)
     th = math.radians(float(p["rotation"]))
     rot = np.array([[math.cos(th), -math.sin(th)],
                     [math.sin(th), math.cos(th)]])
     shear = np.array([[1.0, float(p["shear"])], [0.0, 1.0]])
-    inv = np.linalg.inv(fit * rot @ shear)
+    stretch = np.diag([aspect, 1.0])
+    inv = np.linalg.inv(fit * rot @ shear @ stretch)
     centre_out = np.array([cw / 2, ch / 2]) + np.asarray(
         p["shift"], float) * np.array([cw, ch])
     centre_in = np.array([(gw + 4) / 2, (gh + 4) / 2])
