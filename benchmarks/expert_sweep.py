@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from dpgeng_jax import Config, data, expert, extractors, mechanisms, models
-from dpgeng_jax import counts, pipeline, stages
+from dpgeng_jax import generators, pipeline, stages
 
 SETTINGS = (  # (steps, sampling rate, learning rate)
     (100, 0.1, 0.5), (100, 0.1, 0.05), (20, 0.3, 0.5), (20, 0.3, 0.1),
@@ -43,10 +43,16 @@ def main():
     mechs = pipeline.mechanisms_for(base, plan)
     k_gen, k_pool = jax.random.split(jax.random.key(0))
     # A tuning tool (not private): the exact class sizes size the layout.
-    x_gen, y_gen, _ = stages.builtin_generate(
-        base, ds, x_train, k_gen, mechanisms.secret_key(),
-        stages.by_name(mechs, "generator"), None,
-        counts.exact_sizes(ds.y_train, ds.num_classes))
+    model = models.ConvNet(ds.num_classes, width=base.pe_width,
+                           depth=plan.depth)
+    n = len(ds.y_train)
+    out = generators.for_config(base).generate(
+        generators.Context(x_train, ds.y_train, np.ones(n, np.float32),
+                           None, tuple(ds.image_shape), ds.num_classes,
+                           ds.normalize, k_gen, base.generated_per_class,
+                           model, True),
+        mechanisms.secret_key(), [stages.by_name(mechs, "generator")])
+    x_gen, y_gen = out.x, out.y
     model = models.ConvNet(ds.num_classes, width=base.extractor_width,
                            depth=plan.depth)
     pcfg = dataclasses.replace(
