@@ -101,6 +101,8 @@ def main():
                   help="NAME=FLAGS: a row with these extra flags "
                   "(repeatable; default one row without)")
   ap.add_argument("--report", action="store_true")
+  ap.add_argument("--skip-done", action="store_true",
+                  help="reuse the draws already in --out (draw.json)")
   args = ap.parse_args()
   checkouts = dict(c.split("=", 1) for c in (args.checkout or ["now=."]))
   variants = dict(v.split("=", 1) for v in (args.variant or ["="]))
@@ -117,6 +119,10 @@ def main():
           label = name + (f" {vname}" if vname else "")
           out = os.path.join(args.out,
                              f"{label.replace(' ', '_')}_eps{eps}_draw{d}")
+          done = os.path.join(out, "draw.json")
+          if args.skip_done and os.path.exists(done):
+            records.append(json.load(open(done)))
+            continue
           r = _run(path, eps, out, args, flags)
           r["checkout"] = label
           json.dump(r, open(os.path.join(out, "draw.json"), "w"), indent=2)

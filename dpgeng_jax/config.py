@@ -116,23 +116,23 @@ class Config:
   generated_steps: int = _f(1, "declared number of noisy steps of external "
                             "generated data", "privacy")
   # Private Evolution (--generator pe:...).
-  pe_iterations: int = _f(4, "PE iterations T: T noisy histogram releases "
+  pe_iterations: int = _f(10, "PE iterations T: T noisy histogram releases "
                           "(the accountant composes T Gaussians)", "privacy")
   pe_public_only: bool = _f(
       False, "PE without votes (the public-only ablation): the same loop "
       "with uniform draws; reads no private data and spends no budget",
       "privacy")
-  pe_population: int = _f(50, "PE population N_s per class (the images "
+  pe_population: int = _f(100, "PE population N_s per class (the images "
                           "voted on in each iteration)", "method")
   pe_threshold: float = _f(1.0, "PE threshold H in noise standard "
                            "deviations: counts max(h~ - H sigma, 0)",
                            "method")
-  pe_k: int = _f(1, "PE votes per private example (its k nearest, weight "
+  pe_k: int = _f(4, "PE votes per private example (its k nearest, weight "
                  "1/sqrt(k) each)", "method")
   pe_lookahead: int = _f(0, "PE lookahead L: a candidate's embedding is "
                          "the mean over L of its variations (0: off)",
                          "method")
-  pe_embedding: str = _f("pixels", "PE's public embedding for the votes: "
+  pe_embedding: str = _f("random", "PE's public embedding for the votes: "
                          "pixels, random (a random ConvNet's features) or "
                          "trained (a ConvNet trained on the API's samples)",
                          "method", choices=("pixels", "random", "trained"))

@@ -50,12 +50,12 @@ APIS = ("text", "nearest")
 class PEConfig:
   """Public hyperparameters of PE (the iterations also enter the
   accountant)."""
-  iterations: int = 4         # T
-  population: int = 50        # N_s per class voted on
+  iterations: int = 10        # T
+  population: int = 100       # N_s per class voted on
   threshold: float = 1.0      # H in noise standard deviations
-  k: int = 1                  # votes per private example
+  k: int = 4                  # votes per private example
   lookahead: int = 0          # L variations averaged per candidate
-  embedding: str = "pixels"
+  embedding: str = "random"
   chunk: int = 1024           # private rows per distance block
   history: int = 8            # images per class kept per iteration
   public_only: bool = False   # no votes: uniform draws, no private data
