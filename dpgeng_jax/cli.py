@@ -82,14 +82,15 @@ def _add_audit_parser(sub) -> None:
                      help="delta of the accounted epsilon and of the bound")
   audit.add_argument("--sampling-rate", type=float, default=0.5,
                      help="Poisson rate of the feature-matching query and "
-                     "the DP-SGD step (the generator and the class counts "
-                     "read all data)")
+                     "the DP-SGD step (the generators and the class "
+                     "counts read all data)")
   audit.add_argument("--confidence", type=float, default=0.95,
                      help="confidence of the lower bounds")
   audit.add_argument("--mechanisms", nargs="+", default=None,
                      help="mechanisms to audit, any of "
                      "feature_matching, feature_matching_sharded, dp_sgd, "
-                     "generator, class_counts; None: all of them")
+                     "generator (DP-MERF), pe_histogram (Private "
+                     "Evolution), class_counts; None: all of them")
   audit.add_argument("--seed", type=int, default=0,
                      help="seed of the audit's (public) randomness")
   audit.add_argument("--faults", action="store_true",
