@@ -125,11 +125,11 @@ class Plan:
   generator: str | None          # the generator's name, if any
   generator_mechanisms: tuple    # its mechanisms (noise 0: templates)
   generator_reads_private: bool
+  generator_nonprivate: str | None  # why its output is not private
   feature_matching: bool
   expert: bool
   external: tuple[float, float] | None  # declared (eps, delta) of external G
   fixed: tuple  # accounting.Mechanism of external G with declared noise
-  external_declared: bool
   count_release: bool  # the class sizes are released (M_N)
 
   @property
@@ -179,9 +179,9 @@ def resolve(cfg: Config, image_shape=None,
               generator=gen.name if gen else None,
               generator_mechanisms=tuple(gen.mechanisms()) if gen else (),
               generator_reads_private=gen_reads,
+              generator_nonprivate=gen.nonprivate_reason if gen else None,
               feature_matching=feature_matching, expert=expert,
               external=external, fixed=fixed,
-              external_declared=bool(gen) and gen.nonprivate_reason is None,
               count_release=(reads and cfg.method != "dm"
                              and not cfg.public_class_sizes))
 
@@ -270,9 +270,8 @@ def nonprivate_reasons(cfg: Config, plan: Plan) -> list[str]:
   if cfg.deterministic:
     reasons.append("deterministic test mode: the noise and sampling keys "
                    "derive from the public --seed")
-  if plan.uses_generated and not plan.external_declared:
-    reasons.append("external generated data came with no declared "
-                   "guarantee")
+  if plan.generator_nonprivate:
+    reasons.append(plan.generator_nonprivate)
   if cfg.references and not cfg.no_eval:
     reasons.append("--references: metrics.json holds models trained on "
                    "real training images")

@@ -233,11 +233,12 @@ def _private_rows(mesh, x, y, num_rows: int):
   return parallel.local_rows(mesh, x, y, num_rows=num_rows)
 
 
-def generator_context(run: Run, sizes) -> generators.Context:
-  """What a generator plug-in may read (its mechanisms read the private
-  rows, padded to the released bound on N)."""
+def generator_context(run: Run, sizes, generator) -> generators.Context:
+  """What a generator plug-in may read: the private rows (padded to the
+  released bound on N) only if it reads private data, through its
+  mechanisms."""
   ds = run.ds
-  if sizes is None:  # a generator that reads no private data
+  if sizes is None or not generator.reads_private:
     rows = (None, None, None)
   else:
     rows = _private_rows(run.mesh, run.x_train, ds.y_train,
@@ -256,7 +257,7 @@ def generate(run: Run, budget: Budget, sizes, secret: jax.Array,
              generator: generators.DPGenerator):
   """M_G through the run's generator plug-in: (Generated or None, the
   class sizes refined by the noisy counts its release carries, if any)."""
-  cfg, plan, ds, t0 = run.cfg, run.plan, run.ds, time.time()
+  plan, ds, t0 = run.plan, run.ds, time.time()
   if not plan.uses_generated:
     return None, sizes
   mechs = [budget.mechanism(m.name) for m in plan.generator_mechanisms]
@@ -268,7 +269,8 @@ def generate(run: Run, budget: Budget, sizes, secret: jax.Array,
         arrays.pop("noisy_counts", None), info.get("count_std"), arrays)
   else:
     try:
-      out = generator.generate(generator_context(run, sizes), secret, mechs)
+      out = generator.generate(generator_context(run, sizes, generator),
+                               secret, mechs)
     except (ValueError, OSError) as e:  # API options (fonts, texts, files)
       if isinstance(e, DataError):
         raise

@@ -12,7 +12,6 @@ the private set).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
