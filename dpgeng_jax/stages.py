@@ -279,7 +279,7 @@ def generate(run: Run, budget: Budget, sizes, secret: jax.Array,
     if out.counts is not None:
       arrays["noisy_counts"] = out.counts
     run.save("generate", arrays=arrays, info={"count_std": out.count_std})
-  if out.counts is not None and sizes is not None:
+  if out.counts is not None and out.count_std and sizes is not None:
     # Post-processing: a generator release that carries noisy class counts
     # refines M_N's estimate (inverse-variance combination).
     sizes = sizes.refined(out.counts, out.count_std,

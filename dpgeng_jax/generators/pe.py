@@ -91,7 +91,7 @@ def vote_histogram(pop_emb: jax.Array, priv_emb: jax.Array, y: jax.Array,
   sq_pop = jnp.sum(flat * flat, 1).reshape(num_classes, pop)
   weight = 1.0 / math.sqrt(k)
 
-  def block(hist, rows):
+  def block(rows):
     e, yb, mb = rows
     cross = (e @ flat.T).reshape(-1, num_classes, pop)
     # ||e||^2 is the same for all candidates of a row: omitted.
@@ -100,12 +100,13 @@ def vote_histogram(pop_emb: jax.Array, priv_emb: jax.Array, y: jax.Array,
     _, near = jax.lax.top_k(-dist, k)                 # (chunk, k) distinct
     bins = (yb[:, None] * pop + near).reshape(-1)
     votes = jnp.repeat(mb * weight, k)
-    return hist.at[bins].add(votes), None
+    return jnp.zeros(num_classes * pop, jnp.float32).at[bins].add(votes)
 
+  # One histogram per chunk, then their sum (no loop carry: the same code
+  # runs inside shard_map, where the rows are device-varying).
   rows = (priv.reshape(-1, chunk, d), y.reshape(-1, chunk),
           mask.reshape(-1, chunk))
-  hist, _ = jax.lax.scan(block, jnp.zeros(num_classes * pop, jnp.float32),
-                         rows)
+  hist = jax.lax.map(block, rows).sum(0)
   return hist.reshape(num_classes, pop)
 
 
