@@ -174,14 +174,37 @@ def _retain_host_memory(cfg: Config) -> None:
     hostmem.retain_freed_memory()
 
 
-def _distill(cfg: Config, retain_host_memory: bool = False) -> int:
+def compile_cache_dir() -> str:
+  """Where the dpgeng command keeps compiled programs."""
+  if os.environ.get("DPGENG_CACHE_DIR"):
+    return os.environ["DPGENG_CACHE_DIR"]
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(
+      os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "dpgeng_jax", "xla")
+
+
+def _use_compile_cache(cfg: Config) -> None:
+  """The persistent XLA compilation cache (before anything compiles).
+  Safe because no private array is a constant of a compiled program
+  (tests/test_guarantee.py, tests/test_compile_cache.py): a cache entry
+  holds code and public constants only."""
+  if cfg.no_compile_cache:
+    return
+  import jax
+  jax.config.update("jax_compilation_cache_dir", compile_cache_dir())
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def _distill(cfg: Config, console: bool = False) -> int:
   # Imported here so that `--help` and argument errors are instant.
   from dpgeng_jax import parallel, pipeline
 
   # Multi-host: start JAX's distributed runtime before any device is used
   # (a no-op for a single process).
-  if retain_host_memory:
+  if console:
     _retain_host_memory(cfg)
+    _use_compile_cache(cfg)
   parallel.initialize(cfg.coordinator_address or None,
                       cfg.num_processes or None,
                       None if cfg.process_id < 0 else cfg.process_id)
@@ -297,11 +320,11 @@ def mia_config(args: argparse.Namespace) -> Config:
   return Config(**{k: v for k, v in vars(args).items() if k in names})
 
 
-def _mia(args: argparse.Namespace, retain_host_memory: bool = False) -> int:
+def _mia(args: argparse.Namespace, console: bool = False) -> int:
   from dpgeng_jax import mia
 
   cfg = mia_config(args)
-  if retain_host_memory:
+  if console:
     _retain_host_memory(cfg)
   mia.validate(cfg, args.shadows, seed=args.mia_seed)
   if args.out is not None:
@@ -321,16 +344,17 @@ def _mia(args: argparse.Namespace, retain_host_memory: bool = False) -> int:
 def entry_point() -> int:
   """The `dpgeng` console command (and `python -m dpgeng_jax`): `main` on
   the command line, with freed host memory kept mapped (hostmem;
-  `--no-retain-host-memory` turns it off)."""
-  return main(None, retain_host_memory=True)
+  `--no-retain-host-memory` turns it off) and the persistent compilation
+  cache (`--no-compile-cache` turns it off)."""
+  return main(None, console=True)
 
 
-def main(argv=None, retain_host_memory: bool = False) -> int:
+def main(argv=None, console: bool = False) -> int:
   """Runs one `dpgeng` command with `argv` (default: the command line).
 
-  retain_host_memory: let distill and mia call
-  `hostmem.retain_freed_memory` (process-wide; the console command sets
-  it, in-process callers such as tests do not).
+  console: the settings of the console command, process-wide: distill
+  and mia call `hostmem.retain_freed_memory`, distill turns on the
+  persistent compilation cache (in-process callers such as tests do not).
   """
   parser = build_parser()
   args = parser.parse_args(argv)
@@ -340,7 +364,7 @@ def main(argv=None, retain_host_memory: bool = False) -> int:
       if cfg.resume:
         cfg = resume_config(cfg, sys.argv[1:] if argv is None else argv)
       try:
-        return _distill(cfg, retain_host_memory)
+        return _distill(cfg, console)
       except PrivacyAbort as e:
         # A rare event paid for in delta: nothing of the aborted mechanism
         # was released; the releases saved before it are reused.
@@ -352,7 +376,7 @@ def main(argv=None, retain_host_memory: bool = False) -> int:
     if args.command == "audit":
       return _audit(args)
     if args.command == "mia":
-      return _mia(args, retain_host_memory)
+      return _mia(args, console)
   except DpgengError as e:
     print(f"dpgeng: error: {e}", file=sys.stderr)
     return 2

@@ -220,6 +220,13 @@ class Config:
       "dpgeng_jax.hostmem) so that XLA:CPU's per-call buffers are not "
       "page-faulted in again; this flag turns that off (the process then "
       "returns memory to the system after large steps)", "performance")
+  no_compile_cache: bool = _f(
+      False, "the dpgeng command keeps XLA's compiled programs in a "
+      "persistent cache (DPGENG_CACHE_DIR, else $XDG_CACHE_HOME/dpgeng_jax/"
+      "xla or ~/.cache/dpgeng_jax/xla) so that a second run skips "
+      "compilation; no private array is a compile-time constant, so the "
+      "cache holds none of the data; this flag turns it off",
+      "performance")
   # Run.
   seed: int = _f(0, "seed of the PUBLIC randomness only (init, "
                  "augmentation, extractors); noise and sampling use OS "
