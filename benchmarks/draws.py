@@ -73,16 +73,19 @@ def _table(records: list[dict]) -> str:
   for r in records:
     rows.setdefault((r["checkout"], r["epsilon"]), []).append(r)
   lines = ["| checkout | epsilon | draws: test acc % | mean +- std over "
-           "draws | wall s (mean) | noise multipliers (last draw) |",
-           "|---|---|---|---|---|---|"]
+           "draws | std over eval models (mean) | wall s (mean) | noise "
+           "multipliers (last draw) |",
+           "|---|---|---|---|---|---|---|"]
   for (name, eps), rs in sorted(rows.items(), key=lambda kv: (
       float(kv[0][1]), kv[0][0])):
     accs = [100 * r["test_accuracy_mean"] for r in rs]
     std = statistics.stdev(accs) if len(accs) > 1 else 0.0
     nm = ", ".join(f"{k} {v:.3g}" for k, v in rs[-1]["noise_multipliers"]
                    .items())
+    eval_std = statistics.mean(100 * r["test_accuracy_std"] for r in rs)
     lines.append(f"| {name} | {eps} | {', '.join(f'{a:.1f}' for a in accs)}"
                  f" | {statistics.mean(accs):.1f} +- {std:.1f} | "
+                 f"{eval_std:.1f} | "
                  f"{statistics.mean(r['wall_s'] for r in rs):.0f} | {nm} |")
   return "\n".join(lines)
 
