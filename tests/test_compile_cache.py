@@ -88,11 +88,12 @@ def test_the_scan_finds_an_array_closed_over_by_a_jitted_function(tmp_path):
   x = _dataset(tmp_path / "d.npz")
   cache = tmp_path / "cache"
   code = f"""
+import os
+os.environ["DPGENG_CACHE_DIR"] = {str(cache)!r}
 import jax, jax.numpy as jnp, numpy as np
-from dpgeng_jax import data
-jax.config.update("jax_compilation_cache_dir", {str(cache)!r})
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+from dpgeng_jax import cli, data
+from dpgeng_jax.config import Config
+cli._use_compile_cache(Config())  # the command's cache settings
 with np.load({str(tmp_path / 'd.npz')!r}) as f:
   ds = data.from_arrays(f["x_train"], f["y_train"], f["x_test"], f["y_test"],
                         name="cache-test")

@@ -40,6 +40,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dpgeng_jax import accounting, noise
+from dpgeng_jax.config import Config
 from dpgeng_jax.generators import Context, Output, apis, embeddings
 
 SENSITIVITY = 1.0  # L2, add/remove one example (module docstring)
@@ -49,16 +50,16 @@ APIS = ("text", "nearest")
 @dataclasses.dataclass(frozen=True)
 class PEConfig:
   """Public hyperparameters of PE (the iterations also enter the
-  accountant)."""
-  iterations: int = 10        # T
-  population: int = 100       # N_s per class voted on
-  threshold: float = 1.0      # H in noise standard deviations
-  k: int = 4                  # votes per private example
-  lookahead: int = 0          # L variations averaged per candidate
-  embedding: str = "random"
+  accountant); the defaults are the command's (config.Config.pe_*)."""
+  iterations: int = Config.pe_iterations     # T
+  population: int = Config.pe_population     # N_s per class voted on
+  threshold: float = Config.pe_threshold     # H in noise standard deviations
+  k: int = Config.pe_k                       # votes per private example
+  lookahead: int = Config.pe_lookahead       # L variations per candidate
+  embedding: str = Config.pe_embedding
   chunk: int = 1024           # private rows per distance block
   history: int = 8            # images per class kept per iteration
-  public_only: bool = False   # no votes: uniform draws, no private data
+  public_only: bool = Config.pe_public_only  # no votes, no private data
 
 
 # ---------------------------------------------------------------------------
