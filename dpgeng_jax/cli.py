@@ -4,6 +4,7 @@
     dpgeng plan --method dpgeng --epsilon 1     # allocation; reads no data
     dpgeng audit --noise-multipliers 1 2 --out runs/audit  # privacy audit
     dpgeng mia --method dm --shadows 8 --out runs/mia  # membership inference
+    dpgeng report runs/d10    # rebuild report.html and the figures
 
 Every option of `Config` is a flag with its default shown by --help. Bad
 input is reported as one line `dpgeng: error: ...` with exit status 2, and
@@ -65,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
   _add_config_options(plan)
   _add_audit_parser(sub)
   _add_mia_parser(sub)
+  rep = sub.add_parser(
+      "report", help="rebuild report.html and the figures of a finished "
+      "run from its directory")
+  rep.add_argument("dir", help="the run's --out directory")
   return parser
 
 
@@ -158,9 +163,17 @@ def resume_config(cfg: Config, argv) -> Config:
   return new
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
+def config_from_args(args: argparse.Namespace, argv=None) -> Config:
+  """The Config of parsed distill/plan arguments: defaults, then the
+  --preset's values, then the options given explicitly in `argv` (default
+  the command line)."""
   names = {f.name for f in dataclasses.fields(Config)}
-  return Config(**{k: v for k, v in vars(args).items() if k in names})
+  values = {k: v for k, v in vars(args).items() if k in names}
+  if values.get("preset"):
+    from dpgeng_jax import presets
+    given = _given_options(sys.argv[1:] if argv is None else argv)
+    values = {**values, **presets.values(values["preset"]), **given}
+  return Config(**values)
 
 
 def _retain_host_memory(cfg: Config) -> None:
@@ -360,7 +373,7 @@ def main(argv=None, console: bool = False) -> int:
   args = parser.parse_args(argv)
   try:
     if args.command == "distill":
-      cfg = config_from_args(args)
+      cfg = config_from_args(args, argv)
       if cfg.resume:
         cfg = resume_config(cfg, sys.argv[1:] if argv is None else argv)
       try:
@@ -372,11 +385,15 @@ def main(argv=None, console: bool = False) -> int:
               f"--resume {cfg.out}", file=sys.stderr)
         return 3
     if args.command == "plan":
-      return _plan(config_from_args(args))
+      return _plan(config_from_args(args, argv))
     if args.command == "audit":
       return _audit(args)
     if args.command == "mia":
       return _mia(args, console)
+    if args.command == "report":
+      from dpgeng_jax import report
+      print("wrote " + ", ".join(report.rebuild(args.dir)))
+      return 0
   except DpgengError as e:
     print(f"dpgeng: error: {e}", file=sys.stderr)
     return 2

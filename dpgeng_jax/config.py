@@ -44,6 +44,18 @@ class Config:
   # Data and method.
   dataset: str = _f("digits", "dataset spec: digits | npz:PATH | "
                     "tfds:NAME[:TRAIN[:TEST]]", "method")
+  preset: str = _f("", "preset protocol(s), comma-separated, applied "
+                   "left to right under the options given explicitly: "
+                   "mnist, fashion_mnist, cifar10, cifar100, celeb_a "
+                   "(the paper's protocol on the TFDS dataset), quick (a "
+                   "reduced protocol for CPUs); see dpgeng_jax/presets.py",
+                   "method")
+  label_feature: str = _f("label", "TFDS feature holding the label; a "
+                          "path such as attributes/Male picks a nested "
+                          "(boolean) attribute", "method")
+  image_size: int = _f(0, "resize every image to SIZE x SIZE (centre "
+                       "crop to a square, then area averaging; public "
+                       "preprocessing; 0: as stored)", "method")
   data_dir: str = _f("", "TFDS data directory; empty means TFDS_DATA_DIR "
                      "or ~/tensorflow_datasets", "output")
   num_classes: int = _f(0, "number of classes K, public metadata (0: from "

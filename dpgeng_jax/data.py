@@ -190,7 +190,9 @@ def from_arrays(
 
 
 def load_dataset(spec: str, *, data_dir: str | None = None,
-                 num_classes: int | None = None) -> Dataset:
+                 num_classes: int | None = None,
+                 label_feature: str = "label",
+                 image_size: int = 0) -> Dataset:
   """Loads a dataset from a spec string (see `DATASET_SPECS_HELP`).
 
   * 'digits': scikit-learn's bundled 8x8 digits, 1797 images, shape (8, 8, 1),
@@ -214,6 +216,11 @@ def load_dataset(spec: str, *, data_dir: str | None = None,
     num_classes: K declared by the user (public metadata); it must match
       the dataset's own K for digits and TFDS; for npz it replaces the
       inference from the labels.
+    label_feature: TFDS only: the feature holding the label ('label'; a
+      path like 'attributes/Male' reads a nested boolean attribute as 0/1).
+    image_size: resize every image to image_size x image_size (centre
+      crop to a square, then antialiased resizing; public preprocessing,
+      done chunk by chunk while a TFDS split is read); 0 keeps them.
 
   Returns:
     The validated dataset.
@@ -222,16 +229,26 @@ def load_dataset(spec: str, *, data_dir: str | None = None,
     DataError: unknown spec, unreadable or invalid data, or a TFDS dataset that
       is not prepared (raised at once, without any network access).
   """
+  if image_size < 0 or image_size == 1:
+    raise DataError(f"image_size must be 0 (as stored) or >= 2, got "
+                    f"{image_size}")
   if spec == "digits":
     ds = _load_digits()
   elif spec.startswith("npz:"):
-    return _load_npz(spec[len("npz:"):], num_classes)
+    ds = _load_npz(spec[len("npz:"):], num_classes)
   elif spec.startswith("tfds:"):
-    ds = _load_tfds(spec[len("tfds:"):], data_dir)
+    ds = _load_tfds(spec[len("tfds:"):], data_dir, label_feature, image_size)
   else:
     raise DataError(
         f"unknown dataset spec {spec!r}; valid forms are 'digits', 'npz:PATH' "
         "and 'tfds:NAME[:TRAIN_SPLIT[:TEST_SPLIT]]'")
+  if image_size and tuple(ds.image_shape[:2]) != (image_size, image_size):
+    ds = from_arrays(resize_images(ds.x_train, image_size), ds.y_train,
+                     resize_images(ds.x_test, image_size), ds.y_test,
+                     name=ds.name, num_classes=ds.num_classes,
+                     num_classes_source=ds.num_classes_source)
+  if spec.startswith("npz:"):
+    return ds
   if num_classes is not None and num_classes != ds.num_classes:
     raise DataError(f"--num-classes {num_classes} differs from the "
                     f"{ds.num_classes} classes of {spec} "
@@ -438,7 +455,37 @@ def _parse_tfds_spec(rest: str) -> tuple[str, str, str]:
   return fields[0], train, test
 
 
-def _load_tfds(rest: str, data_dir: str | None) -> Dataset:
+def resize_images(x: np.ndarray, size: int, chunk: int = 256) -> np.ndarray:
+  """(N, H, W[, C]) images (uint8 or float in [0, 1]) -> float32 (N, size,
+  size, C) in [0, 1]: the centred square crop, resized with antialiasing
+  (area-like when shrinking). Public preprocessing, in chunks."""
+  import jax
+  x = np.asarray(x)
+  if x.ndim == 3:
+    x = x[..., None]
+  n, h, w, c = x.shape
+  side = min(h, w)
+  top, left = (h - side) // 2, (w - side) // 2
+  scale = 255.0 if x.dtype == np.uint8 else 1.0
+  out = np.empty((n, size, size, c), np.float32)
+  resize = jax.jit(lambda a: jax.image.resize(
+      a, (a.shape[0], size, size, c), "linear", antialias=True))
+  for i in range(0, n, chunk):
+    a = x[i:i + chunk, top:top + side, left:left + side].astype(
+        np.float32) / scale
+    out[i:i + len(a)] = np.clip(np.asarray(resize(a)), 0.0, 1.0)
+  return out
+
+
+def _label(example: dict, path: str):
+  v = example
+  for part in path.split("/"):
+    v = v[part]
+  return int(v)
+
+
+def _load_tfds(rest: str, data_dir: str | None, label_feature: str = "label",
+               image_size: int = 0) -> Dataset:
   """A prepared TFDS dataset, read in bulk through `tfds.data_source`."""
   name, train_split, test_split = _parse_tfds_spec(rest)
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -450,13 +497,17 @@ def _load_tfds(rest: str, data_dir: str | None) -> Dataset:
   except Exception as e:  # tfds raises KeyError, ValueError, NotImplementedError, ...
     raise DataError(_tfds_failure(tfds, name, data_dir, e)) from e
   features = train.dataset_info.features
-  if "image" not in features or "label" not in features:
+  label_top = label_feature.split("/")[0]
+  if "image" not in features or label_top not in features:
     raise DataError(
         f"TFDS dataset {name} has features {sorted(features.keys())}; "
-        "'image' and 'label' are needed")
-  num_classes = getattr(features["label"], "num_classes", None)
-  x_train, y_train = _read_all(train, f"{name} {train_split}")
-  x_test, y_test = _read_all(test, f"{name} {test_split}")
+        f"'image' and '{label_top}' are needed (--label-feature)")
+  num_classes = (getattr(features["label"], "num_classes", None)
+                 if label_feature == "label" else None)
+  x_train, y_train = _read_all(train, f"{name} {train_split}", label_feature,
+                               image_size)
+  x_test, y_test = _read_all(test, f"{name} {test_split}", label_feature,
+                             image_size)
   return from_arrays(x_train, y_train, x_test, y_test, name=name,
                      num_classes=num_classes,
                      num_classes_source=(
@@ -464,14 +515,30 @@ def _load_tfds(rest: str, data_dir: str | None) -> Dataset:
                          if num_classes is not None else None))
 
 
-def _read_all(source: Sequence[Any], what: str) -> tuple[np.ndarray, np.ndarray]:
-  """Reads every (image, label) of a data source in chunks of records."""
+def _read_all(source: Sequence[Any], what: str, label_feature: str = "label",
+              image_size: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Reads every (image, label) of a data source in chunks of records
+  (resized chunk by chunk with `image_size`, so that the full-size split
+  is never held at once)."""
   images, labels = [], []
-  for start in range(0, len(source), _TFDS_READ_CHUNK):
-    keys = list(range(start, min(len(source), start + _TFDS_READ_CHUNK)))
-    for example in source.__getitems__(keys):
-      images.append(example["image"])
-      labels.append(example["label"])
+  try:
+    for start in range(0, len(source), _TFDS_READ_CHUNK):
+      keys = list(range(start, min(len(source), start + _TFDS_READ_CHUNK)))
+      chunk = []
+      for example in source.__getitems__(keys):
+        chunk.append(example["image"])
+        labels.append(_label(example, label_feature))
+      if image_size and chunk:
+        images.extend(resize_images(np.stack(chunk), image_size))
+      else:
+        images.extend(chunk)
+  except (KeyError, TypeError) as e:
+    raise DataError(f"TFDS split {what}: no label feature "
+                    f"{label_feature!r} ({type(e).__name__}: {e})") from e
+  except ValueError as e:
+    raise DataError(
+        f"TFDS split {what} has images of different shapes; pass "
+        f"--image-size to resize them ({e})") from e
   if not images:
     raise DataError(f"TFDS split {what} is empty")
   try:

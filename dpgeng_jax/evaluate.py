@@ -150,14 +150,16 @@ def train_models(key: jax.Array, x: jax.Array, y: jax.Array, *,
   return jax.tree.map(lambda *a: jnp.stack(a), *trained), model
 
 
-def accuracies(params: Any, model: ConvNet, x_test, y_test,
-               batch_size: int = 1000) -> np.ndarray:
-  """Test accuracy of each of the stacked models."""
+def class_accuracies(params: Any, model: ConvNet, x_test, y_test,
+                     batch_size: int = 1000) -> np.ndarray:
+  """(models, K) test accuracy of each of the stacked models on each
+  class (NaN for a class absent from the test split)."""
+  k = model.num_classes
 
-  @jax.jit
   def correct(p, xb, yb):
     logits = model.apply({"params": p}, xb)
-    return jnp.sum(jnp.argmax(logits, -1) == yb)
+    hit = (jnp.argmax(logits, -1) == yb).astype(jnp.int32)
+    return jnp.zeros(k, jnp.int32).at[yb].add(hit)
 
   many = jax.jit(jax.vmap(correct, in_axes=(0, None, None)))
   x_test = np.asarray(x_test, np.float32)
@@ -166,7 +168,18 @@ def accuracies(params: Any, model: ConvNet, x_test, y_test,
   for i in range(0, len(x_test), batch_size):
     total = total + np.asarray(many(params, x_test[i:i + batch_size],
                                     y_test[i:i + batch_size]))
-  return total / len(x_test)
+  support = np.bincount(y_test, minlength=k).astype(np.float64)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return np.where(support > 0, total / support, np.nan)
+
+
+def accuracies(params: Any, model: ConvNet, x_test, y_test,
+               batch_size: int = 1000) -> np.ndarray:
+  """Test accuracy of each of the stacked models."""
+  per_class = class_accuracies(params, model, x_test, y_test, batch_size)
+  support = np.bincount(np.asarray(y_test, np.int64),
+                        minlength=model.num_classes)
+  return np.nansum(per_class * support, axis=1) / len(y_test)
 
 
 def evaluate(key: jax.Array, x_train, y_train, x_test, y_test, *,
@@ -177,17 +190,24 @@ def evaluate(key: jax.Array, x_train, y_train, x_test, y_test, *,
 
   Returns:
     {test_accuracy_mean, test_accuracy_std, num_eval_models,
-     test_accuracies} with accuracies as fractions in [0, 1].
+     test_accuracies, test_accuracies_per_class (models x K)} with
+    accuracies as fractions in [0, 1].
   """
   params, model = train_models(key, x_train, y_train,
                                num_classes=num_classes, cfg=cfg,
                                progress=progress, mesh=mesh)
-  acc = accuracies(params, model, x_test, y_test)
+  per_class = class_accuracies(params, model, x_test, y_test)
+  support = np.bincount(np.asarray(y_test, np.int64), minlength=num_classes)
+  acc = np.nansum(per_class * support, axis=1) / len(y_test)
   return {
       "test_accuracy_mean": float(np.mean(acc)),
       "test_accuracy_std": float(np.std(acc)),
       "num_eval_models": int(len(acc)),
       "test_accuracies": [float(a) for a in acc],
+      # (models, K); None where a class has no test example.
+      "test_accuracies_per_class": [
+          [None if np.isnan(a) else float(a) for a in row]
+          for row in per_class],
   }
 
 

@@ -275,3 +275,33 @@ class RunDirectory:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+def amend_finished(out: str, files: dict[str, bytes],
+                   what: str = "run") -> list[str]:
+  """Adds or replaces files of a FINISHED run in `out` (such as a rebuilt
+  report): under the run directory's lock, each file written atomically,
+  then the manifest rewritten to list them. A name that exists but the
+  manifest does not list is the user's file and is refused."""
+  manifest = read_manifest(out)
+  if manifest is None:
+    raise ConfigError(f"{out!r} holds no finished {what} (no {MANIFEST})")
+  rd = RunDirectory(out, overwrite=False, names=tuple(files), what=what)
+  rd._lock()
+  try:
+    listed = list(manifest.get("files", []))
+    foreign = [n for n in files if n not in listed
+               and os.path.lexists(os.path.join(out, n))]
+    if foreign:
+      raise ConfigError(
+          f"{out!r} holds files named {', '.join(foreign)} that its run "
+          "did not write; they are left alone (move them away first)")
+    for name, data in files.items():
+      atomic_write(os.path.join(out, name), lambda f, d=data: f.write(d),
+                   mode="wb")
+    manifest["files"] = list(dict.fromkeys(listed + list(files)))
+    atomic_write(os.path.join(out, MANIFEST),
+                 lambda f: json.dump(manifest, f, indent=2))
+  finally:
+    rd.close()
+  return [os.path.join(out, n) for n in files]

@@ -21,6 +21,7 @@ import numpy as np
 
 from dpgeng_jax import data as data_lib
 from dpgeng_jax import generators, mechanisms, outputs, parallel, stages
+from dpgeng_jax import presets, report as report_lib
 from dpgeng_jax.generators.external import External
 from dpgeng_jax import store as store_lib
 from dpgeng_jax.config import Config
@@ -37,9 +38,9 @@ __all__ = ["OUTPUT_FILES", "Plan", "RunResult", "abort_events",
            "validate_config", "write_outputs"]
 
 STAGES_DIR = "stages"  # the saved stage results (store.py), published too
-OUTPUT_FILES = ("distilled.npz", "privacy.json", "config.json", "grid.png",
-                "init_grid.png", "generated_grid.png",
-                "generator_iterations.png", "metrics.json", STAGES_DIR)
+OUTPUT_FILES = ("distilled.npz", "privacy.json", "config.json",
+                *report_lib.FIGURES, report_lib.REPORT, "metrics.json",
+                STAGES_DIR)
 
 
 @dataclasses.dataclass
@@ -52,7 +53,8 @@ class RunResult:
     y: their labels (K * IPC,) int32, class-major.
     factor: multi-formation factor f; each stored image decodes to f^2.
     x_decoded, y_decoded: the K * IPC * f^2 images models train on.
-    x_generated: the DP-generated images used (None if none).
+    x_generated, y_generated: the DP-generated images used and their
+      labels (None if none).
     generator_history: (T + 1, K, m, H, W, C) images of PE's population
       before the first and after every iteration (None for other
       generators).
@@ -70,6 +72,7 @@ class RunResult:
   x_decoded: np.ndarray | None = None
   y_decoded: np.ndarray | None = None
   x_generated: np.ndarray | None = None
+  y_generated: np.ndarray | None = None
   generator_history: np.ndarray | None = None
   x_init: np.ndarray | None = None
 
@@ -121,7 +124,8 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
   validate_config(cfg)
   ds = dataset or data_lib.load_dataset(
       cfg.dataset, data_dir=cfg.data_dir or None,
-      num_classes=cfg.num_classes or None)
+      num_classes=cfg.num_classes or None, label_feature=cfg.label_feature,
+      image_size=cfg.image_size)
   if cfg.num_classes and dataset is not None and (
       ds.num_classes != cfg.num_classes):
     raise ConfigError(f"num_classes={cfg.num_classes} but the dataset has "
@@ -178,13 +182,17 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
   config = cfg.to_dict()
   config.update(resolved=dataclasses.asdict(plan), dataset_name=ds.name,
                 poisson_capacity=queries.spec.capacity if queries else None,
-                versions=_versions(), timings_s=timings)
+                normalisation={"mean": np.asarray(ds.mean).tolist(),
+                               "std": np.asarray(ds.std).tolist()},
+                versions=_versions(), timings_s=timings,
+                preset_record=presets.record(cfg))
   return RunResult(
       x=_denormalize(ds, distilled.stored), y=distilled.y_stored,
       privacy=privacy, metrics=metrics, config=config, factor=plan.factor,
       x_decoded=_denormalize(ds, distilled.decoded),
       y_decoded=distilled.y_decoded,
       x_generated=None if gen is None else gen.x,
+      y_generated=None if gen is None else gen.y,
       generator_history=None if gen is None else gen.extra.get("history"),
       x_init=_denormalize(ds, x_init))
 
@@ -242,37 +250,6 @@ def _json(obj) -> Callable[[Any], None]:
   return lambda f: json.dump(obj, f, indent=2, sort_keys=False, default=str)
 
 
-def grid_image(x: np.ndarray, num_classes: int, cell: int = 32):
-  """A PIL image with one row per class of the (class-major) images."""
-  from PIL import Image
-  n, h, w, c = x.shape
-  per = n // num_classes
-  img = np.clip(x, 0.0, 1.0)
-  img = (img * 255).round().astype(np.uint8)
-  if c == 1:
-    img = np.repeat(img, 3, axis=-1)
-  g = img.reshape(num_classes, per, h, w, 3).transpose(0, 2, 1, 3, 4)
-  g = g.reshape(num_classes * h, per * w, 3)
-  scale = max(1, cell // max(h, w))
-  return Image.fromarray(g).resize((per * w * scale, num_classes * h * scale),
-                                   Image.NEAREST)
-
-
-def iterations_image(history: np.ndarray, cell: int = 32, gap: int = 6):
-  """PE's populations side by side: one block per iteration (the first
-  before any vote), one row per class, blocks separated by white gaps."""
-  from PIL import Image
-  t, k, m = history.shape[:3]
-  blocks = [np.asarray(grid_image(history[i].reshape(-1, *history.shape[3:]),
-                                  k, cell)) for i in range(t)]
-  h = blocks[0].shape[0]
-  white = np.full((h, gap, 3), 255, np.uint8)
-  row = [blocks[0]]
-  for b in blocks[1:]:
-    row += [white, b]
-  return Image.fromarray(np.concatenate(row, 1))
-
-
 def write_outputs(result: RunResult, out: str, overwrite: bool = False,
                   run_dir: outputs.RunDirectory | None = None,
                   store: store_lib.StageStore | None = None) -> list[str]:
@@ -287,7 +264,6 @@ def write_outputs(result: RunResult, out: str, overwrite: bool = False,
     state = store.published_state()
     outputs.atomic_write(store.path, lambda f: json.dump(state, f, indent=2))
     run_dir.adopt(STAGES_DIR)
-  k = int(result.y.max()) + 1
   decoded = {} if result.x_decoded is None else {
       "x_decoded": result.x_decoded, "y_decoded": result.y_decoded}
   w = run_dir.write
@@ -296,19 +272,16 @@ def write_outputs(result: RunResult, out: str, overwrite: bool = False,
                                         **decoded), mode="wb")
   w("privacy.json", _json(result.privacy))
   w("config.json", _json(result.config))
-  w("grid.png", lambda f: grid_image(result.x, k).save(f, format="PNG"),
-    mode="wb")
-  if result.x_generated is not None:
-    per = min(10, len(result.x_generated) // k)
-    xg = result.x_generated.reshape(k, -1, *result.x_generated.shape[1:])
-    w("generated_grid.png", lambda f: grid_image(xg[:, :per].reshape(
-        -1, *xg.shape[2:]), k).save(f, format="PNG"), mode="wb")
-  if result.generator_history is not None:
-    w("generator_iterations.png", lambda f: iterations_image(
-        result.generator_history).save(f, format="PNG"), mode="wb")
-  if result.x_init is not None:
-    w("init_grid.png",
-      lambda f: grid_image(result.x_init, k).save(f, format="PNG"), mode="wb")
+  pngs = report_lib.figures(
+      x=result.x, y=result.y, factor=result.factor,
+      x_decoded=result.x_decoded, x_init=result.x_init,
+      x_generated=result.x_generated, y_generated=result.y_generated,
+      history=result.generator_history, metrics=result.metrics,
+      loss_period=result.config.get("num_queries"))
+  for name, data in pngs.items():
+    w(name, lambda f, d=data: f.write(d), mode="wb")
+  w(report_lib.REPORT, lambda f: f.write(report_lib.html(
+      result.privacy, result.config, result.metrics, pngs)))
   if result.metrics is not None:
     w("metrics.json", _json(result.metrics))
   return run_dir.publish({"tool": "dpgeng_jax", "private":

@@ -610,7 +610,8 @@ def evaluate_set(run: Run, distilled: Distilled,
   losses = distilled.losses
   metrics.update(method=cfg.method,
                  first_loss=float(losses[0]) if len(losses) else None,
-                 last_loss=float(losses[-1]) if len(losses) else None)
+                 last_loss=float(losses[-1]) if len(losses) else None,
+                 distillation_losses=[float(v) for v in losses])
   return metrics
 
 

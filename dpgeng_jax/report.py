@@ -1,0 +1,446 @@
+"""The run report: figures a person can look at, and report.html.
+
+`figures` draws the PNGs of a run (matplotlib, no pyplot state): the
+distilled set as a labelled grid with spacing (and, with the
+multi-formation factor f > 1, the decoded crops models train on), the
+initialisation and the generated set likewise, PE's population per
+iteration, the distillation loss curve and the per-class test accuracy of
+the evaluation models. `html` puts them, embedded, beside the privacy table
+(each mechanism's share, noise multiplier, sampling rate, steps and epsilon
+alone; the composed epsilon and delta; the public-metadata policy) and the
+stage timings (beside the up-front estimate when the run has one) in one
+self-contained file. `rebuild(DIR)` (`dpgeng report DIR`) makes both again
+from a finished run directory.
+
+Everything here reads released or public values only (the distilled set,
+privacy.json, config.json, metrics.json, the saved generated set).
+"""
+
+from __future__ import annotations
+
+import base64
+import html as html_lib
+import io
+import json
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+REPORT = "report.html"
+FIGURES = ("grid.png", "decoded_grid.png", "init_grid.png",
+           "generated_grid.png", "generator_iterations.png", "loss.png",
+           "class_accuracy.png")
+CAPTIONS = {
+    "grid.png": "The distilled set (stored images), one row per class.",
+    "decoded_grid.png": "Decoded crops of the first stored images of each "
+                        "class (multi-formation: each stored image holds "
+                        "f x f crops, upsampled to full size for training).",
+    "init_grid.png": "The initialisation of the synthetic set.",
+    "generated_grid.png": "The DP-generated set (first images per class).",
+    "generator_iterations.png": "Private Evolution's population before the "
+                                "first vote and after every iteration, left "
+                                "to right.",
+    "loss.png": "Distillation loss per step.",
+    "class_accuracy.png": "Test accuracy per class of the evaluation models "
+                          "(mean and std over models).",
+}
+# privacy.json mechanism name -> the config field of its budget share.
+SHARES = {"class_counts": "share_counts", "generator": "share_generator",
+          "feature_matching": "share_features", "expert": "share_expert"}
+MAX_PER_CLASS = 10
+
+
+# ---------------------------------------------------------------------------
+# Figures.
+
+
+def _figure(width_px: float, height_px: float, dpi: int = 100):
+  from matplotlib.figure import Figure
+  return Figure(figsize=(width_px / dpi, height_px / dpi), dpi=dpi)
+
+
+def _png(fig) -> bytes:
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png")
+  return buf.getvalue()
+
+
+def canvas(x: np.ndarray, num_classes: int, per: int, cell: int,
+           gap: int) -> np.ndarray:
+  """uint8 (rows, cols, 3) image: the first `per` images of every class
+  (x class-major, in [0, 1]) upscaled to `cell` pixels (nearest), one row
+  per class, `gap` white pixels between and around cells."""
+  n, h, w, c = x.shape
+  have = n // num_classes
+  per = min(per, have)
+  x = np.clip(np.asarray(x, np.float32), 0.0, 1.0)
+  x = x.reshape(num_classes, have, h, w, c)[:, :per]
+  if c == 1:
+    x = np.repeat(x, 3, axis=-1)
+  elif c != 3:
+    x = np.repeat(x.mean(-1, keepdims=True), 3, axis=-1)
+  s = max(1, cell // max(h, w))
+  x = x.repeat(s, axis=2).repeat(s, axis=3)
+  ch, cw = h * s, w * s
+  out = np.full((num_classes * (ch + gap) + gap, per * (cw + gap) + gap, 3),
+                255, np.uint8)
+  img = (x * 255).round().astype(np.uint8)
+  for r in range(num_classes):
+    for j in range(per):
+      y0, x0 = gap + r * (ch + gap), gap + j * (cw + gap)
+      out[y0:y0 + ch, x0:x0 + cw] = img[r, j]
+  return out
+
+
+def grid_png(x: np.ndarray, num_classes: int, title: str,
+             class_names: list[str] | None = None,
+             per: int = MAX_PER_CLASS) -> bytes:
+  """A labelled grid: one row per class (its name at the left), the first
+  `per` images of each class, white spacing, legible at 8x8 and 32x32."""
+  h, w = x.shape[1:3]
+  cell = max(h, w) * max(1, math.ceil(48 / max(h, w)))
+  gap = max(2, cell // 12)
+  img = canvas(x, num_classes, per, cell, gap)
+  names = class_names or [str(c) for c in range(num_classes)]
+  left, top, bottom = 60, 40, 10
+  fig = _figure(img.shape[1] + left + 10, img.shape[0] + top + bottom)
+  fw, fh = img.shape[1] + left + 10, img.shape[0] + top + bottom
+  ax = fig.add_axes((left / fw, bottom / fh, img.shape[1] / fw,
+                     img.shape[0] / fh))
+  ax.imshow(img, interpolation="nearest")
+  step = img.shape[0] / num_classes
+  ax.set_yticks([gap / 2 + step * (r + 0.5) for r in range(num_classes)],
+                names, fontsize=9)
+  ax.set_xticks([])
+  for spine in ax.spines.values():
+    spine.set_visible(False)
+  ax.tick_params(length=0)
+  fig.suptitle(title, fontsize=10, y=1 - 8 / fh, va="top")
+  return _png(fig)
+
+
+def decoded_png(x_decoded: np.ndarray, num_classes: int, factor: int,
+                class_names=None) -> bytes:
+  """The decoded crops (f^2 per stored image) of the first stored images
+  of every class: at most 3 stored images, 4 crops each at f = 2."""
+  per_stored = factor * factor
+  stored = max(1, min(3, MAX_PER_CLASS // per_stored))
+  return grid_png(x_decoded, num_classes,
+                  f"decoded crops (f = {factor}: {per_stored} per stored "
+                  "image)", class_names, per=stored * per_stored)
+
+
+def iterations_png(history: np.ndarray, class_names=None) -> bytes:
+  """PE's populations side by side: (T + 1, K, m, H, W, C)."""
+  t, k, m = history.shape[:3]
+  h, w = history.shape[3:5]
+  cell = max(h, w) * max(1, math.ceil(24 / max(h, w)))
+  gap = max(1, cell // 12)
+  blocks = [canvas(history[i].reshape(-1, *history.shape[3:]), k, m, cell,
+                   gap) for i in range(t)]
+  sep = np.full((blocks[0].shape[0], 3 * gap, 3), 255, np.uint8)
+  row = [blocks[0]]
+  for b in blocks[1:]:
+    row += [sep, b]
+  img = np.concatenate(row, 1)
+  left, top = 40, 40
+  fw, fh = img.shape[1] + left + 10, img.shape[0] + top + 10
+  fig = _figure(fw, fh)
+  ax = fig.add_axes((left / fw, 10 / fh, img.shape[1] / fw,
+                     img.shape[0] / fh))
+  ax.imshow(img, interpolation="nearest")
+  names = class_names or [str(c) for c in range(k)]
+  step = img.shape[0] / k
+  ax.set_yticks([step * (r + 0.5) for r in range(k)], names, fontsize=8)
+  bw = blocks[0].shape[1] + sep.shape[1]
+  ax.set_xticks([bw * i + blocks[0].shape[1] / 2 for i in range(t)],
+                [str(i) for i in range(t)], fontsize=8)
+  ax.xaxis.tick_top()
+  ax.tick_params(length=0)
+  for spine in ax.spines.values():
+    spine.set_visible(False)
+  fig.suptitle("PE population per iteration (0: before the first vote)",
+               fontsize=10, y=1 - 4 / fh, va="top")
+  return _png(fig)
+
+
+def loss_png(losses, period: int | None = None) -> bytes:
+  """The loss per step and its running mean over `period` steps (the
+  number of cached queries: the loss cycles with the query; default
+  1/50 of the steps)."""
+  losses = np.asarray(losses, np.float64)
+  fig = _figure(640, 360)
+  ax = fig.add_subplot()
+  steps = np.arange(1, len(losses) + 1)
+  ax.plot(steps, losses, lw=0.6, alpha=0.4, label="per step")
+  win = max(1, min(period or len(losses) // 50, len(losses)))
+  if win > 1:
+    smooth = np.convolve(losses, np.ones(win) / win, mode="valid")
+    ax.plot(steps[win - 1:], smooth, lw=1.5, label=f"mean of {win} steps")
+  ax.set_xlabel("distillation step")
+  ax.set_ylabel("loss (feature matching + expert term)")
+  ax.set_title("distillation loss", fontsize=10)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  return _png(fig)
+
+
+def class_accuracy_png(per_class, class_names=None) -> bytes:
+  """per_class: (models, K) accuracies in [0, 1] (None: no test example)."""
+  a = np.asarray([[np.nan if v is None else v for v in row]
+                  for row in per_class], np.float64) * 100
+  k = a.shape[1]
+  mean, std = np.nanmean(a, 0), np.nanstd(a, 0)
+  names = class_names or [str(c) for c in range(k)]
+  fig = _figure(max(480, 28 * k + 120), 360)
+  ax = fig.add_subplot()
+  ax.bar(np.arange(k), mean, yerr=std, capsize=2, color="#4c72b0")
+  ax.axhline(np.nanmean(a), color="k", lw=0.8, ls="--",
+             label=f"mean {np.nanmean(a):.1f}")
+  ax.set_xticks(np.arange(k), names, fontsize=8 if k <= 20 else 5,
+                rotation=0 if k <= 20 else 90)
+  ax.set_ylim(0, 100)
+  ax.set_xlabel("class")
+  ax.set_ylabel("test accuracy %")
+  ax.set_title(f"per-class test accuracy ({a.shape[0]} evaluation models)",
+               fontsize=10)
+  ax.legend(fontsize=8, loc="lower right")
+  fig.tight_layout()
+  return _png(fig)
+
+
+def figures(*, x: np.ndarray, y: np.ndarray, factor: int = 1,
+            x_decoded: np.ndarray | None = None,
+            x_init: np.ndarray | None = None,
+            x_generated: np.ndarray | None = None,
+            y_generated: np.ndarray | None = None,
+            history: np.ndarray | None = None,
+            metrics: dict | None = None,
+            class_names: list[str] | None = None,
+            loss_period: int | None = None) -> dict[str, bytes]:
+  """Every PNG of a run (those it has data for), by file name. Images are
+  in pixel space ([0, 1]), class-major. `loss_period`: the loss curve's
+  smoothing window (the number of queries)."""
+  k = int(np.max(y)) + 1
+  out = {"grid.png": grid_png(x, k, f"distilled set ({len(x) // k} stored "
+                              "images per class)", class_names)}
+  if factor > 1 and x_decoded is not None:
+    out["decoded_grid.png"] = decoded_png(x_decoded, k, factor, class_names)
+  if x_init is not None:
+    out["init_grid.png"] = grid_png(x_init, k, "initialisation",
+                                    class_names)
+  if x_generated is not None and len(x_generated):
+    if y_generated is not None:  # class-major for the grid
+      order = np.argsort(np.asarray(y_generated), kind="stable")
+      x_generated = np.asarray(x_generated)[order]
+    out["generated_grid.png"] = grid_png(x_generated, k, "DP-generated set",
+                                         class_names)
+  if history is not None:
+    out["generator_iterations.png"] = iterations_png(history, class_names)
+  if metrics:
+    if metrics.get("distillation_losses"):
+      out["loss.png"] = loss_png(metrics["distillation_losses"],
+                                 loss_period)
+    if metrics.get("test_accuracies_per_class"):
+      out["class_accuracy.png"] = class_accuracy_png(
+          metrics["test_accuracies_per_class"], class_names)
+  return out
+
+
+# ---------------------------------------------------------------------------
+# report.html
+
+
+def _fmt(v, digits: int = 4) -> str:
+  if v is None:
+    return "-"
+  if isinstance(v, float):
+    if math.isinf(v):
+      return "inf"
+    return f"{v:.{digits}g}"
+  return html_lib.escape(str(v))
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+  head = "".join(f"<th>{html_lib.escape(h)}</th>" for h in header)
+  body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in r)
+                 + "</tr>" for r in rows)
+  return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def privacy_rows(privacy: dict, config: dict) -> list[list[Any]]:
+  rows = []
+  for m in privacy.get("mechanisms", []):
+    share = config.get(SHARES.get(m["name"], ""), "declared")
+    rows.append([m["name"], share, m.get("noise_multiplier"),
+                 m.get("sampling_rate"), m.get("steps"),
+                 m.get("l2_sensitivity"), m.get("epsilon_alone")])
+  return rows
+
+
+def timing_rows(metrics: dict | None, config: dict) -> list[list[Any]]:
+  measured = dict((metrics or {}).get("timings_s")
+                  or config.get("timings_s") or {})
+  estimate = (config.get("estimate") or {}).get("stages_s", {})
+  rows = []
+  for name in dict.fromkeys([*measured, *estimate]):
+    m, e = measured.get(name), estimate.get(name)
+    ratio = m / e if (m is not None and e) else None
+    rows.append([name.removesuffix("_s"), m, e, ratio])
+  return rows
+
+
+def html(privacy: dict, config: dict, metrics: dict | None,
+         pngs: dict[str, bytes]) -> str:
+  """The self-contained report (images embedded as data URIs)."""
+  resolved = config.get("resolved", {})
+  private = privacy.get("private")
+  reasons = privacy.get("not_private_because") or []
+  summary = [
+      ["dataset", config.get("dataset_name", config.get("dataset"))],
+      ["method", config.get("method")],
+      ["generator", resolved.get("generator") or "-"],
+      ["images per class", config.get("ipc")],
+      ["multi-formation factor", resolved.get("factor")],
+      ["private", "yes" if private else "NO: " + "; ".join(reasons)],
+  ]
+  if config.get("preset"):
+    summary.append(["preset", config["preset"]])
+  if metrics:
+    acc = (f"{100 * metrics['test_accuracy_mean']:.2f} +- "
+           f"{100 * metrics['test_accuracy_std']:.2f} % over "
+           f"{metrics['num_eval_models']} models")
+    summary.append(["test accuracy", acc])
+    exp = metrics.get("expert")
+    if exp:
+      summary.append(["expert (information only)",
+                      f"{100 * exp['test_accuracy_pretrained_on_generated']:.1f}"
+                      f" % on generated data -> "
+                      f"{100 * exp['test_accuracy_after_dp_finetuning']:.1f}"
+                      " % after DP fine-tuning"])
+    for ref in ("reference_random_real_subset", "reference_full_training_set"):
+      if ref in metrics:
+        r = metrics[ref]
+        summary.append([ref.removeprefix("reference_").replace("_", " ")
+                        + " (NOT private)",
+                        f"{100 * r['test_accuracy_mean']:.2f} +- "
+                        f"{100 * r['test_accuracy_std']:.2f} %"])
+  composed = [
+      ["target epsilon", privacy.get("target_epsilon")],
+      ["delta", privacy.get("delta")],
+      ["epsilon (PLD, the guarantee)", privacy.get("epsilon_pld")],
+      ["epsilon (RDP, cross-check)", privacy.get("epsilon_rdp")],
+      ["epsilon (GDP-CLT, the paper's approximation)",
+       privacy.get("epsilon_gdp_clt")],
+      ["neighbouring relation", privacy.get("neighbouring_relation")],
+      ["delta of the mechanisms", privacy.get("delta_mechanisms")],
+      ["delta of the abort events", privacy.get("delta_abort_events")],
+  ]
+  ext = privacy.get("external_generated_data")
+  parts = [
+      "<h2>Run</h2>", _table(["", ""], summary),
+      "<h2>Privacy</h2>",
+      _table(["mechanism", "share", "noise multiplier", "sampling rate",
+              "steps", "L2 sensitivity", "epsilon alone"],
+             privacy_rows(privacy, config)),
+      _table(["composed", ""], composed),
+  ]
+  if ext:
+    parts.append("<p>External generated data: "
+                 + html_lib.escape(json.dumps(ext)) + "</p>")
+  parts.append("<h3>Public metadata</h3><ul>" + "".join(
+      f"<li>{html_lib.escape(s)}</li>"
+      for s in privacy.get("public_metadata", [])) + "</ul>")
+  if privacy.get("notes"):
+    parts.append("<h3>Notes</h3><ul>" + "".join(
+        f"<li>{html_lib.escape(s)}</li>" for s in privacy["notes"])
+        + "</ul>")
+  trows = timing_rows(metrics, config)
+  if trows:
+    parts += ["<h2>Stage timings</h2>",
+              _table(["stage", "measured s", "estimate s",
+                      "measured / estimate"], trows)]
+  parts.append("<h2>Figures</h2>")
+  for name in FIGURES:
+    if name in pngs:
+      data = base64.b64encode(pngs[name]).decode()
+      parts.append(f"<figure><img alt='{name}' src='data:image/png;base64,"
+                   f"{data}'><figcaption>{html_lib.escape(name)}: "
+                   f"{html_lib.escape(CAPTIONS[name])}</figcaption>"
+                   "</figure>")
+  title = (f"dpgeng_jax run: {config.get('method')} on "
+           f"{config.get('dataset_name', config.get('dataset'))}, epsilon "
+           f"{privacy.get('target_epsilon')}")
+  style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;"
+           "color:#222}table{border-collapse:collapse;margin:0.5em 0 1em}"
+           "td,th{border:1px solid #bbb;padding:3px 8px;text-align:left;"
+           "font-size:13px}th{background:#eee}figure{margin:1em 0}"
+           "img{max-width:100%;image-rendering:pixelated}"
+           "figcaption{font-size:12px;color:#555}")
+  return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>"
+          f"{html_lib.escape(title)}</title><style>{style}</style></head>"
+          f"<body><h1>{html_lib.escape(title)}</h1>" + "".join(parts)
+          + "</body></html>")
+
+
+# ---------------------------------------------------------------------------
+# From a finished run directory.
+
+
+def _load_json(path: str) -> dict | None:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    return None
+
+
+def rebuild(out: str) -> list[str]:
+  """Makes report.html and the PNGs again from the finished run in `out`
+  (`dpgeng report DIR`); returns the paths written. Only the tool's own
+  names are written, and only into a directory holding a finished run
+  (outputs.amend_finished)."""
+  from dpgeng_jax import outputs
+  from dpgeng_jax.errors import ConfigError
+  manifest = outputs.read_manifest(out)
+  if manifest is None or manifest.get("tool") != "dpgeng_jax":
+    raise ConfigError(f"{out!r} holds no finished dpgeng run (no "
+                      "manifest.json of this tool)")
+  privacy = _load_json(os.path.join(out, "privacy.json"))
+  config = _load_json(os.path.join(out, "config.json"))
+  if privacy is None or config is None:
+    raise ConfigError(f"{out!r}: privacy.json or config.json is missing")
+  metrics = _load_json(os.path.join(out, "metrics.json"))
+  with np.load(os.path.join(out, "distilled.npz")) as d:
+    arrays = {k: d[k] for k in d.files}
+  gen = {}
+  gen_path = os.path.join(out, "stages", "generate", "arrays.npz")
+  if os.path.exists(gen_path):
+    with np.load(gen_path) as g:
+      gen = {k: g[k] for k in g.files}
+  x_init = None
+  init_path = os.path.join(out, "stages", "init", "arrays.npz")
+  norm = config.get("normalisation")
+  if norm and os.path.exists(init_path):
+    with np.load(init_path) as g:
+      x_init = (g["images"].reshape(-1, *arrays["x"].shape[1:])
+                * np.asarray(norm["std"], np.float32)
+                + np.asarray(norm["mean"], np.float32))
+  pngs = figures(x=arrays["x"], y=arrays["y"],
+                 factor=int(arrays.get("factor", 1)),
+                 x_decoded=arrays.get("x_decoded"), x_init=x_init,
+                 x_generated=gen.get("x_gen"), y_generated=gen.get("y_gen"),
+                 history=gen.get("history"), metrics=metrics,
+                 loss_period=config.get("num_queries"))
+  for name in FIGURES:  # figures this run has but we cannot redraw
+    path = os.path.join(out, name)
+    if name not in pngs and name in manifest.get("files", []) and (
+        os.path.exists(path)):
+      with open(path, "rb") as f:
+        pngs[name] = f.read()
+  files = dict(pngs)
+  files[REPORT] = html(privacy, config, metrics, pngs).encode()
+  return outputs.amend_finished(out, files)

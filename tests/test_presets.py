@@ -1,0 +1,125 @@
+"""Presets: resolution, explicit overrides, the record in config.json, and
+a preset's dataset through TFDS (mock data)."""
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from tensorflow_datasets.core.data_sources import base as tfds_base
+
+from dpgeng_jax import cli, data, presets
+from dpgeng_jax.config import Config
+from dpgeng_jax.errors import ConfigError
+
+
+def _cfg(*argv):
+  args = cli.build_parser().parse_args(["distill", *argv])
+  return cli.config_from_args(args, ["distill", *argv])
+
+
+def test_preset_sets_the_papers_protocol():
+  cfg = _cfg("--preset", "cifar10")
+  assert (cfg.dataset, cfg.ipc, cfg.depth, cfg.extractor_width,
+          cfg.factor, cfg.eval_models, cfg.eval_epochs) == (
+              "tfds:cifar10", 50, 3, 128, 2, 5, 300)
+
+
+def test_explicit_flags_override_the_preset_before_or_after_it():
+  for argv in (("--preset", "cifar10", "--ipc", "10"),
+               ("--ipc", "10", "--preset", "cifar10")):
+    cfg = _cfg(*argv)
+    assert cfg.ipc == 10 and cfg.dataset == "tfds:cifar10"
+    assert presets.overridden(cfg) == {"ipc": {"preset": 50, "used": 10}}
+  # Given explicitly with the default's value still overrides.
+  cfg = _cfg("--preset", "mnist", "--ipc", "10", "--eval-epochs", "300",
+             "--steps", "1000")
+  assert presets.overridden(cfg) == {}
+
+
+def test_presets_apply_left_to_right():
+  cfg = _cfg("--preset", "cifar10,quick")
+  assert cfg.ipc == 50 and cfg.steps == 200 and cfg.eval_models == 2
+  assert cfg.eval_width == 32  # quick's, over cifar10's
+  assert presets.names(cfg.preset) == ["cifar10", "quick"]
+
+
+def test_library_config_matches_the_command_line():
+  assert presets.config("mnist", ipc=50) == _cfg("--preset", "mnist",
+                                                 "--ipc", "50")
+  with pytest.raises(ConfigError, match="unknown options"):
+    presets.config("mnist", ipcs=3)
+
+
+def test_unknown_preset_is_refused(capsys):
+  assert cli.main(["distill", "--preset", "imagenet", "--out", "x"]) == 2
+  assert "unknown preset 'imagenet'" in capsys.readouterr().err
+  assert cli.main(["plan", "--preset", "quick,nope"]) == 2
+
+
+def test_every_preset_names_real_options_and_is_documented():
+  fields = set(Config.__dataclass_fields__)
+  for p in presets.PRESETS.values():
+    assert set(p.values) <= fields
+    assert p.about and p.hardware and p.runtime and p.result
+    assert f"`{p.name}`" in presets.table()
+
+
+def test_plan_of_a_preset_needs_no_data(capsys):
+  assert cli.main(["plan", "--preset", "cifar100", "--epsilon", "1"]) == 0
+  assert "feature_matching" in capsys.readouterr().out
+
+
+def test_quick_preset_run_records_the_preset_in_config_json(tmp_path):
+  out = tmp_path / "run"
+  assert cli.main(["distill", "--preset", "quick", "--method", "ndpdc",
+                   "--steps", "3", "--num-queries", "2", "--eval-models",
+                   "1", "--eval-epochs", "1", "--extractor-width", "8",
+                   "--eval-width", "8", "--deterministic", "--quiet",
+                   "--out", str(out)]) == 0
+  config = json.loads((out / "config.json").read_text())
+  assert config["preset"] == "quick" and config["steps"] == 3
+  rec = config["preset_record"]
+  assert rec["names"] == ["quick"] and rec["values"]["steps"] == 200
+  assert rec["overridden"]["steps"] == {"preset": 200, "used": 3}
+  assert "eval_models" in rec["overridden"]
+  assert "pool_epochs" not in rec["overridden"]  # taken from the preset
+
+
+@pytest.fixture
+def mocked_tfds(monkeypatch):
+  # As tests/test_data.py: mock_data's batch reads go through __getitem__.
+  monkeypatch.setattr(tfds_base.BaseDataSource, "__getitems__",
+                      lambda self, keys: [self[k] for k in keys])
+  with tfds.testing.mock_data(num_examples=40):
+    yield
+
+
+@pytest.mark.parametrize("name,shape,k", [("mnist", (28, 28, 1), 10),
+                                          ("cifar10", (32, 32, 3), 10)])
+def test_dataset_presets_load_their_tfds_dataset(mocked_tfds, name, shape, k):
+  cfg = presets.config(name)
+  ds = data.load_dataset(cfg.dataset, num_classes=cfg.num_classes or None,
+                         label_feature=cfg.label_feature,
+                         image_size=cfg.image_size)
+  assert ds.image_shape == shape and ds.num_classes == k
+
+
+def test_celeb_a_preset_reads_the_gender_attribute_and_resizes(mocked_tfds):
+  cfg = presets.config("celeb_a")
+  ds = data.load_dataset(cfg.dataset, num_classes=cfg.num_classes,
+                         label_feature=cfg.label_feature,
+                         image_size=cfg.image_size)
+  assert ds.image_shape == (32, 32, 3) and ds.num_classes == 2
+  assert set(np.unique(ds.y_train)) <= {0, 1}
+  assert 0.0 <= ds.x_train.min() <= ds.x_train.max() <= 1.0
+
+
+def test_resize_images_crops_the_centre_and_keeps_the_range():
+  x = np.zeros((2, 12, 8, 1), np.uint8)
+  x[:, 2:10] = 255  # the centred 8x8 square is white, the rest black
+  out = data.resize_images(x, 4)
+  assert out.shape == (2, 4, 4, 1) and out.dtype == np.float32
+  np.testing.assert_allclose(out, 1.0, atol=1e-6)
+  flat = data.resize_images(np.full((1, 6, 6, 3), 0.25, np.float32), 3)
+  np.testing.assert_allclose(flat, 0.25, atol=1e-6)

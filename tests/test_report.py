@@ -1,0 +1,121 @@
+"""The run report (report.html and its figures) and `dpgeng report DIR`."""
+
+import base64
+import json
+import os
+import re
+
+import jax
+import numpy as np
+import pytest
+
+from dpgeng_jax import cli, evaluate, models, outputs, report
+from dpgeng_jax.errors import ConfigError
+
+from test_cli import GEN_TINY, TINY
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  """One small dpgeng run (every mechanism, f = 2) published in a dir."""
+  out = tmp_path_factory.mktemp("report") / "run"
+  assert cli.main(["distill", "--out", str(out), "--method", "dpgeng",
+                   "--factor", "2", "--generator", "merf", "--deterministic",
+                   "--epsilon", "4", *GEN_TINY, *TINY]) == 0
+  return out
+
+
+def _embedded_pngs(html: str) -> dict:
+  found = re.findall(r"alt='([^']+)' src='data:image/png;base64,([^']+)'",
+                     html)
+  return {name: base64.b64decode(data) for name, data in found}
+
+
+def test_report_names_every_mechanism_and_embeds_the_figures(finished_run):
+  out = finished_run
+  html = (out / "report.html").read_text()
+  privacy = json.loads((out / "privacy.json").read_text())
+  assert len(privacy["mechanisms"]) == 4
+  for m in privacy["mechanisms"]:
+    assert f"<td>{m['name']}</td>" in html, m["name"]
+    assert f"{m['noise_multiplier']:.4g}" in html
+  assert f"{privacy['epsilon_pld']:.4g}" in html
+  assert "NO: " in html  # the deterministic test mode is not private
+  pngs = _embedded_pngs(html)
+  for name in ("grid.png", "decoded_grid.png", "init_grid.png",
+               "generated_grid.png", "loss.png", "class_accuracy.png"):
+    assert pngs[name][:8] == b"\x89PNG\r\n\x1a\n", name
+    assert pngs[name] == (out / name).read_bytes(), name  # the same figure
+  manifest = outputs.read_manifest(str(out))
+  assert {"report.html", "loss.png"} <= set(manifest["files"])
+  assert "src='http" not in html and "src=\"http" not in html  # offline
+
+
+def test_dpgeng_report_rebuilds_the_report_of_a_finished_run(finished_run):
+  out = finished_run
+  before = (out / "report.html").read_text()
+  for name in ("report.html", "grid.png", "loss.png"):
+    os.remove(out / name)
+  assert cli.main(["report", str(out)]) == 0
+  after = (out / "report.html").read_text()
+  assert _embedded_pngs(after).keys() == _embedded_pngs(before).keys()
+  assert (out / "grid.png").read_bytes() == _embedded_pngs(after)["grid.png"]
+  for m in json.loads((out / "privacy.json").read_text())["mechanisms"]:
+    assert f"<td>{m['name']}</td>" in after
+
+
+def test_report_of_a_directory_without_a_finished_run_is_an_error(tmp_path,
+                                                                    capsys):
+  assert cli.main(["report", str(tmp_path)]) == 2
+  assert "no finished dpgeng run" in capsys.readouterr().err
+
+
+def test_amending_a_run_never_replaces_a_file_it_did_not_write(tmp_path):
+  (tmp_path / "manifest.json").write_text(json.dumps(
+      {"files": ["grid.png"], "tool": "dpgeng_jax"}))
+  (tmp_path / "grid.png").write_bytes(b"ours")
+  (tmp_path / "loss.png").write_bytes(b"the user's")
+  with pytest.raises(ConfigError, match="loss.png"):
+    outputs.amend_finished(str(tmp_path), {"grid.png": b"new",
+                                           "loss.png": b"new"})
+  assert (tmp_path / "loss.png").read_bytes() == b"the user's"
+  assert (tmp_path / "grid.png").read_bytes() == b"ours"  # nothing written
+  outputs.amend_finished(str(tmp_path), {"grid.png": b"new",
+                                         "report.html": b"r"})
+  assert (tmp_path / "grid.png").read_bytes() == b"new"
+  assert outputs.read_manifest(str(tmp_path))["files"] == ["grid.png",
+                                                            "report.html"]
+  assert not (tmp_path / outputs.LOCK).exists()
+
+
+@pytest.mark.parametrize("shape", [(8, 8, 1), (28, 28, 1), (32, 32, 3)])
+def test_grid_cells_are_separated_by_white_gaps(shape):
+  k, per = 3, 4
+  x = np.zeros((k * per, *shape), np.float32)  # black images
+  h = shape[0]
+  cell = h * max(1, -(-48 // h))
+  gap = max(2, cell // 12)
+  img = report.canvas(x, k, per, cell, gap)
+  assert img.shape == (k * (cell + gap) + gap, per * (cell + gap) + gap, 3)
+  for r in range(k + 1):  # white rows between classes
+    assert (img[r * (cell + gap):r * (cell + gap) + gap] == 255).all()
+  assert (img[gap:gap + cell, gap:gap + cell] == 0).all()  # a black cell
+  png = report.grid_png(x, k, "t", ["a", "b", "c"], per=per)
+  assert png[:4] == b"\x89PNG"
+
+
+def test_per_class_accuracies_match_a_direct_count():
+  model = models.ConvNet(4, width=8, depth=1, norm="instance")
+  key = jax.random.key(0)
+  params = jax.tree.map(lambda a: a[None], models.init_params(
+      model, key, (8, 8, 1)))
+  x = np.asarray(jax.random.uniform(jax.random.key(1), (37, 8, 8, 1)))
+  y = np.arange(37) % 3  # class 3 absent from the test split
+  per_class = evaluate.class_accuracies(params, model, x, y, batch_size=10)
+  pred = np.argmax(np.asarray(model.apply(
+      {"params": jax.tree.map(lambda a: a[0], params)}, x)), -1)
+  want = [np.mean(pred[y == c] == c) for c in range(3)]
+  np.testing.assert_allclose(per_class[0, :3], want)
+  assert np.isnan(per_class[0, 3])
+  np.testing.assert_allclose(evaluate.accuracies(params, model, x, y),
+                             [np.mean(pred == y)])
