@@ -244,6 +244,9 @@ def _distill(cfg: Config, console: bool = False) -> int:
       raise
     paths = pipeline.write_outputs(result, cfg.out, run_dir=run_dir,
                                    store=store)
+  if cfg.tensorboard:
+    from dpgeng_jax import metric_writer
+    paths.append(metric_writer.write(cfg.tensorboard, result, cfg.out))
   pr = result.privacy
   eps = pr["epsilon_pld"]
   print(f"privacy: {'private' if pr['private'] else 'NOT PRIVATE'}; "

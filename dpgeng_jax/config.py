@@ -256,6 +256,9 @@ class Config:
                              "steps (a killed run resumes mid-way; 0: only "
                              "at the end)", "output")
   quiet: bool = _f(False, "no progress bars or config print", "output")
+  tensorboard: str = _f("", "also write the run's scalars and figures as "
+                        "TensorBoard events into DIR (tensorboardX)",
+                        "output")
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

@@ -20,6 +20,7 @@ def finished_run(tmp_path_factory):
   """One small dpgeng run (every mechanism, f = 2) published in a dir."""
   out = tmp_path_factory.mktemp("report") / "run"
   assert cli.main(["distill", "--out", str(out), "--method", "dpgeng",
+                   "--tensorboard", str(out.parent / "tb"),
                    "--factor", "2", "--generator", "merf", "--deterministic",
                    "--epsilon", "4", *GEN_TINY, *TINY]) == 0
   return out
@@ -48,6 +49,8 @@ def test_report_names_every_mechanism_and_embeds_the_figures(finished_run):
     assert pngs[name] == (out / name).read_bytes(), name  # the same figure
   manifest = outputs.read_manifest(str(out))
   assert {"report.html", "loss.png"} <= set(manifest["files"])
+  events = os.listdir(out.parent / "tb")  # --tensorboard
+  assert len(events) == 1 and events[0].startswith("events.out.tfevents")
   assert "src='http" not in html and "src=\"http" not in html  # offline
 
 
@@ -119,3 +122,51 @@ def test_per_class_accuracies_match_a_direct_count():
   assert np.isnan(per_class[0, 3])
   np.testing.assert_allclose(evaluate.accuracies(params, model, x, y),
                              [np.mean(pred == y)])
+
+
+def _events(path):
+  """The Event protos of a TensorBoard event file (TFRecord framing)."""
+  import struct
+  from tensorboardX.proto import event_pb2
+  out = []
+  with open(path, "rb") as f:
+    data = f.read()
+  i = 0
+  while i < len(data):
+    (n,) = struct.unpack("<Q", data[i:i + 8])
+    out.append(event_pb2.Event.FromString(data[i + 12:i + 12 + n]))
+    i += 12 + n + 4
+  return out
+
+
+def test_tensorboard_events_hold_the_runs_scalars_and_figures(finished_run,
+                                                              tmp_path):
+  from dpgeng_jax import metric_writer, pipeline
+  out = finished_run
+  metrics = json.loads((out / "metrics.json").read_text())
+  privacy = json.loads((out / "privacy.json").read_text())
+  config = json.loads((out / "config.json").read_text())
+  d = np.load(out / "distilled.npz")
+  result = pipeline.RunResult(x=d["x"], y=d["y"], privacy=privacy,
+                              metrics=metrics, config=config)
+  (tmp_path / "tb").mkdir()
+  (tmp_path / "tb" / "mine.txt").write_text("keep")
+  path = metric_writer.write(str(tmp_path / "tb"), result, str(out))
+  assert (tmp_path / "tb" / "mine.txt").read_text() == "keep"
+  scalars, images = {}, set()
+  for ev in _events(path):
+    for v in ev.summary.value:
+      if v.HasField("image"):
+        images.add(v.tag)
+      else:
+        scalars.setdefault(v.tag, []).append((ev.step, v.simple_value))
+  losses = metrics["distillation_losses"]
+  assert [s for s, _ in scalars["distill/loss"]] == list(
+      range(1, len(losses) + 1))
+  np.testing.assert_allclose([v for _, v in scalars["distill/loss"]], losses,
+                             rtol=1e-6)
+  np.testing.assert_allclose(scalars["eval/test_accuracy_mean"][0][1],
+                             metrics["test_accuracy_mean"], rtol=1e-6)
+  for m in privacy["mechanisms"]:
+    assert f"privacy/noise_multiplier/{m['name']}" in scalars
+  assert {"figures/grid", "figures/loss"} <= images
