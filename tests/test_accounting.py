@@ -210,7 +210,7 @@ def test_headline_delta_is_the_sum_of_its_parts():
   assert r["delta_mechanisms"] + r["delta_abort_events"] + (
       r["delta_external"]) == pytest.approx(1e-6, rel=1e-12)
   want = A.epsilon_pld(A.Mechanism("fm", 2.0, 0.5, 4).event(),
-                       split.mechanisms) + 0.5
+                       split.mechanisms, A.pld_interval(5.0)) + 0.5
   assert r["epsilon"] == pytest.approx(want, rel=1e-12)
 
 
