@@ -292,6 +292,15 @@ def _plan(cfg: Config) -> int:
            if report["delta_external"] else ""))
   for note in report["notes"]:
     print("note:", note)
+  from dpgeng_jax import estimate, planning
+  known = estimate.known_shape(cfg)
+  if known is None:
+    print("cost estimate: printed by `dpgeng distill` once the data is "
+          f"loaded (the shape and size of {cfg.dataset} are not known here)")
+  else:
+    n_train, n_test, shape, k = known
+    print(estimate.format_table(estimate.estimate(
+        cfg, planning.resolve(cfg, shape), shape, n_train, n_test, k)))
   return 0
 
 

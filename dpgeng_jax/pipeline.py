@@ -21,7 +21,8 @@ import numpy as np
 
 from dpgeng_jax import data as data_lib
 from dpgeng_jax import generators, mechanisms, outputs, parallel, stages
-from dpgeng_jax import presets, report as report_lib
+from dpgeng_jax import estimate as estimate_lib
+from dpgeng_jax import presets, progress as progress_lib, report as report_lib
 from dpgeng_jax.generators.external import External
 from dpgeng_jax import store as store_lib
 from dpgeng_jax.config import Config
@@ -134,6 +135,13 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
     generator = generators.for_config(cfg)
   plan = resolve(cfg, tuple(ds.image_shape), generator)
   _check_before_private_work(cfg, plan, ds, generator)
+  # The cost estimate (console only: it reads the true N; config.json
+  # keeps the one recomputed from the released class sizes).
+  est = estimate_lib.estimate(cfg, plan, ds.image_shape, ds.num_train,
+                              len(ds.y_test), ds.num_classes)
+  if not cfg.quiet:
+    print(estimate_lib.format_table(est), flush=True)
+  prog = progress_lib.Progress(est["stages_s"], cfg.quiet)
   if jax.process_count() > 1:
     store = None  # stages are saved by single-process runs only
   if store is not None:
@@ -160,20 +168,33 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
                  ds.normalize(ds.x_test), mesh, parallel.local_mesh(mesh),
                  keys, store)
 
+  prog.start("calibrate")
   budget = stages.calibrate(r)
+  prog.start("class_sizes")
   sizes = stages.class_sizes(r, budget, secrets.counts)
+  prog.start("generate")
   gen, sizes = stages.generate(r, budget, sizes, secrets.gen, generator)
+  prog.start("pool")
   pool = stages.pool(r, gen)
   plan_q = stages.query_plan(r, pool)
+  prog.start("query")
   queries = stages.query(r, budget, sizes, plan_q, secrets.query)
+  prog.start("expert")
   expert = stages.expert(r, budget, sizes, pool, gen, secrets.expert)
   del secrets  # no later stage reads private data
+  prog.start("init")
   images = stages.init(r, gen, pool, plan_q)
   # Copied now: distillation donates (overwrites) the image buffers.
   x_init = np.asarray(images).reshape(-1, *ds.image_shape)
+  prog.start("distill")
   distilled = stages.distill_images(r, plan_q, queries, expert, images, sizes)
+  prog.start("evaluate")
   metrics = stages.evaluate_set(r, distilled, expert)
   privacy = stages.report(r, budget, sizes, queries)
+  n_public = (max(1, round(sizes.total_estimate)) if sizes is not None
+              else ds.num_train)
+  est = estimate_lib.estimate(cfg, plan, ds.image_shape, n_public,
+                              len(ds.y_test), ds.num_classes, est["rate"])
 
   timings = dict(r.timings, total_s=time.time() - t0)
   if metrics is not None:
@@ -185,7 +206,12 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
                 normalisation={"mean": np.asarray(ds.mean).tolist(),
                                "std": np.asarray(ds.std).tolist()},
                 versions=_versions(), timings_s=timings,
-                preset_record=presets.record(cfg))
+                preset_record=presets.record(cfg),
+                estimate={"stages_s": est["stages_s"], "flops": est["flops"],
+                          "total_s": est["total_s"],
+                          "matmul_flops_per_s":
+                              est["rate"]["matmul_flops_per_s"],
+                          "device": est["rate"]["device"]})
   return RunResult(
       x=_denormalize(ds, distilled.stored), y=distilled.y_stored,
       privacy=privacy, metrics=metrics, config=config, factor=plan.factor,

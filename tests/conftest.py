@@ -21,6 +21,10 @@ if _OPT not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " "
                              + _OPT).strip()
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# The cost estimate's machine rate (estimate.py), measured once for the
+# suite, not in the user's cache.
+os.environ.setdefault("DPGENG_RATE_CACHE", os.path.join(
+    tempfile.gettempdir(), "dpgeng_jax_test_machine.json"))
 
 import jax  # noqa: E402  (after the variables above)
 

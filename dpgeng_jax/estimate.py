@@ -1,0 +1,288 @@
+"""What a run will cost, before it starts: FLOPs per stage and the time
+they take on this machine.
+
+    dpgeng plan --preset mnist --epsilon 1      # prints the estimate too
+
+`stage_flops` counts the useful FLOPs of every stage from the
+configuration and the data's public shape (the ConvNet's convolutions and
+dense head, 2 FLOPs per multiply-add; a training or per-example-gradient
+step costs 3 forward passes; norms, pooling and the optimiser are left
+out). `machine_rate` measures this backend's float32 matmul rate once (a
+fraction of a second) and caches it per device kind
+($XDG_CACHE_HOME/dpgeng_jax/machine.json, or DPGENG_RATE_CACHE). The
+expected time of a stage is FLOPs / (rate x EFFICIENCY[stage]) +
+OVERHEAD_S[stage]: the share of the matmul rate the stage reaches and its
+fixed cost (compilation, host work) as measured on the development CPU
+(benchmarks/estimate_check.py, table in benchmarks/RESULTS.md); on other
+backends the same constants are used until measured there, and the
+report's timing table shows measured / estimate.
+
+Private Evolution's API calls (rendering glyphs) are host work, not
+FLOPs: they are counted as API samples and the text API is timed per
+sample at the run's image shape (cached with the rate).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+from dpgeng_jax.config import Config
+
+TRAIN = 3.0  # forward + backward ~ 3 forward passes
+# Share of the matmul rate each stage reaches, and its fixed seconds
+# (compilation and host work), measured on the development machine (2 CPU
+# cores) by benchmarks/estimate_check.py.
+EFFICIENCY = {"generation": 0.15, "extractor_pool": 0.35, "queries": 0.15,
+              "expert": 0.1, "init": 0.2, "distillation": 0.4,
+              "evaluation": 0.33}
+OVERHEAD_S = {"calibration": 0.5, "class_sizes": 0.1, "generation": 2.0,
+              "extractor_pool": 4.0, "queries": 2.0, "expert": 6.0,
+              "init": 0.5, "distillation": 3.0, "evaluation": 3.0}
+# Public sizes of the datasets the presets name (train, test, shape, K).
+KNOWN = {"digits": (1438, 359, (8, 8, 1), 10),
+         "tfds:mnist": (60000, 10000, (28, 28, 1), 10),
+         "tfds:fashion_mnist": (60000, 10000, (28, 28, 1), 10),
+         "tfds:cifar10": (50000, 10000, (32, 32, 3), 10),
+         "tfds:cifar100": (50000, 10000, (32, 32, 3), 100),
+         "tfds:celeb_a": (162770, 19962, (32, 32, 3), 2)}
+
+
+def forward_flops(image_shape, width: int, depth: int,
+                  num_classes: int) -> float:
+  """Useful FLOPs of one ConvNet forward pass on one image."""
+  h, w, c = image_shape
+  flops = 0.0
+  for _ in range(depth):
+    # 3x3 'SAME': the taps that fall inside the map, (3h - 2)(3w - 2).
+    flops += 2.0 * max(1, 3 * h - 2) * max(1, 3 * w - 2) * c * width
+    c, h, w = width, h // 2, w // 2
+  return flops + 2.0 * h * w * c * num_classes
+
+
+def _examples(n: int, epochs: int, batch: int = 256) -> int:
+  """Examples processed by `epochs` epochs of batches of min(batch, n)."""
+  return epochs * math.ceil(n / min(batch, n)) * min(batch, n)
+
+
+def stage_flops(cfg: Config, plan, image_shape, num_train: int,
+                num_test: int, num_classes: int) -> dict:
+  """{stage: FLOPs} of a run (plan: planning.Plan resolved with the image
+  shape), plus {"pe_api_samples": n} for Private Evolution's API calls."""
+  k, shape = num_classes, tuple(image_shape)
+  depth = plan.depth
+  f = plan.factor or 1
+  fwd = forward_flops(shape, cfg.extractor_width, depth, k)
+  fwd_eval = forward_flops(shape, cfg.eval_width, depth, k)
+  out = {"calibration": 0.0, "class_sizes": 0.0}
+  n_gen = k * cfg.generated_per_class if plan.uses_generated else 0
+  gen = plan.generator or ""
+  if plan.uses_generated and gen.startswith("pe"):
+    t, pop = cfg.pe_iterations, k * cfg.pe_population
+    cand = pop * max(1, cfg.pe_lookahead)
+    emb = (0.0 if cfg.pe_embedding == "pixels" else
+           forward_flops(shape, cfg.pe_width, depth, k))
+    d = (math.prod(shape) if cfg.pe_embedding == "pixels" else
+         cfg.pe_width * max(1, shape[0] >> depth) * max(1, shape[1] >> depth))
+    votes = 0 if cfg.pe_public_only else num_train
+    out["generation"] = t * ((votes + cand) * emb
+                             + 2.0 * votes * cfg.pe_population * d)
+    out["pe_api_samples"] = (t + 1) * cand + n_gen
+  elif plan.uses_generated and gen == "merf":
+    p = math.prod(shape)
+    feat = 2.0 * p * cfg.generator_features
+    mlp = 2.0 * (128 * 256 + 256 * 512 + 512 * p)
+    out["generation"] = (num_train * feat + cfg.generator_steps * k * 64
+                         * TRAIN * (feat + mlp))
+  else:
+    out["generation"] = 0.0
+  uses_pool = plan.extractors == "generated" and n_gen
+  out["extractor_pool"] = (cfg.pool_models * _examples(n_gen, cfg.pool_epochs)
+                           * TRAIN * fwd) if uses_pool else 0.0
+  out["queries"] = (cfg.num_queries * cfg.sampling_rate * num_train * fwd
+                    if plan.feature_matching else 0.0)
+  out["expert"] = (cfg.expert_steps * cfg.expert_sampling_rate * num_train
+                   * TRAIN * fwd + 2 * num_test * fwd) if plan.expert else 0.0
+  out["init"] = n_gen * fwd if plan.init == "generated" else 0.0
+  m = k * cfg.ipc * f * f
+  per_step = m * TRAIN * fwd * (2 if plan.expert else 1)
+  out["distillation"] = cfg.steps * per_step if plan.feature_matching else 0.0
+  if cfg.no_eval:
+    out["evaluation"] = 0.0
+  else:
+    ev = cfg.eval_models * (_examples(m, cfg.eval_epochs) * TRAIN * fwd_eval
+                            + num_test * fwd_eval)
+    if cfg.references:
+      ev += cfg.eval_models * (
+          _examples(k * cfg.ipc, cfg.eval_epochs)
+          + _examples(num_train, max(1, cfg.eval_epochs // 10))) * (
+              TRAIN * fwd_eval)
+    out["evaluation"] = ev
+  return out
+
+
+# ---------------------------------------------------------------------------
+# The machine's rate.
+
+
+def rate_cache_path() -> str:
+  if os.environ.get("DPGENG_RATE_CACHE"):
+    return os.environ["DPGENG_RATE_CACHE"]
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(
+      os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "dpgeng_jax", "machine.json")
+
+
+def _device_key() -> str:
+  import jax
+  d = jax.devices()[0]
+  return f"{jax.default_backend()}:{d.device_kind}:{jax.device_count()}:" \
+         f"{os.cpu_count()}"
+
+
+def measure_rate(seconds: float = 0.3) -> dict:
+  """float32 matmul FLOP/s of the default device (best of repeats), and
+  the seconds per sample of the text API (PE's host work)."""
+  import jax
+  import jax.numpy as jnp
+  n = 512 if jax.default_backend() == "cpu" else 4096
+  a = jnp.ones((n, n), jnp.float32)
+  mm = jax.jit(lambda x: x @ x)
+  mm(a).block_until_ready()
+  best, t_end = math.inf, time.perf_counter() + seconds
+  while time.perf_counter() < t_end or best == math.inf:
+    t = time.perf_counter()
+    mm(a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  rate = 2.0 * n ** 3 / best
+  return {"matmul_flops_per_s": rate, "device": _device_key(),
+          "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def text_api_seconds(image_shape, n: int = 32) -> float:
+  """Seconds per sample of the text API (random + variation) at this
+  image shape."""
+  import jax
+  import numpy as np
+  from dpgeng_jax.generators.apis.text import TextAPI
+  api = TextAPI(tuple(image_shape), 10)
+  labels = np.arange(n) % 10
+  api.random(jax.random.key(0), labels)  # fonts loaded
+  t = time.perf_counter()
+  s = api.random(jax.random.key(1), labels)
+  api.variation(jax.random.key(2), s, 0.5)
+  return (time.perf_counter() - t) / (2 * n)
+
+
+def machine_rate(cache: bool = True, image_shape=None) -> dict:
+  """The measured rate of this machine, from the cache when it has this
+  device's (with `image_shape`, also the text API's seconds per sample at
+  that shape, under "text_api_s_per_sample")."""
+  path = rate_cache_path()
+  key = _device_key()
+  table = {}
+  if cache:
+    try:
+      with open(path) as f:
+        table = json.load(f)
+    except (OSError, ValueError):
+      table = {}
+  rate = dict(table.get(key) or measure_rate())
+  shape_key = "x".join(str(int(d)) for d in image_shape) if image_shape else ""
+  api = dict(rate.get("text_api", {}))
+  if shape_key and shape_key not in api:
+    api[shape_key] = text_api_seconds(image_shape)
+  rate["text_api"] = api
+  changed = table.get(key) != rate
+  if shape_key:
+    rate = {**rate, "text_api_s_per_sample": api[shape_key]}
+  if cache and changed:
+    rate_to_save = {k: v for k, v in rate.items()
+                    if k != "text_api_s_per_sample"}
+    try:
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      table[key] = rate_to_save
+      tmp = f"{path}.{os.getpid()}.tmp"
+      with open(tmp, "w") as f:
+        json.dump(table, f, indent=2)
+      os.replace(tmp, path)
+    except OSError:
+      pass  # an unwritable cache: measured again next time
+  return rate
+
+
+# ---------------------------------------------------------------------------
+# The estimate.
+
+
+def estimate(cfg: Config, plan, image_shape, num_train: int, num_test: int,
+             num_classes: int, rate: dict | None = None) -> dict:
+  """{"flops": {stage: FLOPs}, "stages_s": {stage_s: seconds}, "total_s",
+  "rate": the machine rate used}. Stage keys match metrics.json's
+  timings_s."""
+  uses_text = bool(plan.uses_generated and (plan.generator or "").startswith(
+      "pe:text"))
+  if rate is None or (uses_text and "text_api_s_per_sample" not in rate):
+    rate = machine_rate(image_shape=tuple(image_shape) if uses_text
+                        else None)
+  flops = stage_flops(cfg, plan, image_shape, num_train, num_test,
+                      num_classes)
+  api = flops.pop("pe_api_samples", 0)
+  r = rate["matmul_flops_per_s"]
+  seconds = {}
+  for stage, fl in flops.items():
+    s = OVERHEAD_S.get(stage, 0.0) if (fl or stage in (
+        "calibration", "class_sizes")) else 0.0
+    s += fl / (r * EFFICIENCY.get(stage, 0.2))
+    if stage == "generation" and uses_text:
+      s += api * rate.get("text_api_s_per_sample", 0.0)
+    seconds[f"{_timing_name(stage)}"] = s
+  return {"flops": flops, "pe_api_samples": api, "stages_s": seconds,
+          "total_s": sum(seconds.values()), "rate": rate}
+
+
+def _timing_name(stage: str) -> str:
+  return {"calibration": "calibration_s", "class_sizes": "class_sizes_s",
+          "generation": "generation_s", "extractor_pool": "extractor_pool_s",
+          "queries": "queries_s", "expert": "expert_s", "init": "init_s",
+          "distillation": "distillation_s",
+          "evaluation": "evaluation_s"}[stage]
+
+
+def known_shape(cfg: Config):
+  """(num_train, num_test, image_shape, K) of a dataset the presets name,
+  or None (then only `dpgeng distill`, once the data is loaded, can
+  estimate)."""
+  spec = cfg.dataset
+  if spec.startswith("tfds:"):
+    spec = "tfds:" + spec[5:].split(":")[0]
+  got = KNOWN.get(spec)
+  if got and cfg.image_size:
+    got = (got[0], got[1], (cfg.image_size, cfg.image_size, got[2][2]),
+           got[3])
+  return got
+
+
+def format_table(est: dict) -> str:
+  """The estimate as lines for the console."""
+  rate = est["rate"]
+  lines = [f"cost estimate (matmul rate {rate['matmul_flops_per_s'] / 1e9:.1f}"
+           f" GFLOP/s on {rate['device']}):",
+           f"  {'stage':<16} {'GFLOP':>10} {'expected s':>11}"]
+  for stage, fl in est["flops"].items():
+    s = est["stages_s"][_timing_name(stage)]
+    lines.append(f"  {stage:<16} {fl / 1e9:>10.1f} {s:>11.1f}")
+  total = est["total_s"]
+  lines.append(f"  {'total':<16} {sum(est['flops'].values()) / 1e9:>10.1f} "
+               f"{total:>11.1f}  (~{_human(total)})")
+  return "\n".join(lines)
+
+
+def _human(seconds: float) -> str:
+  if seconds < 120:
+    return f"{seconds:.0f} s"
+  if seconds < 7200:
+    return f"{seconds / 60:.0f} min"
+  return f"{seconds / 3600:.1f} h"

@@ -1,0 +1,103 @@
+"""The up-front cost estimate and the whole-run progress line."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from dpgeng_jax import cli, estimate, models, planning, progress
+from dpgeng_jax.config import Config
+
+
+@pytest.mark.parametrize("shape,depth", [((8, 8, 1), 2), ((28, 28, 1), 3),
+                                         ((32, 32, 3), 3)])
+def test_forward_flops_match_xlas_count(shape, depth):
+  m = models.ConvNet(10, width=32, depth=depth, conv_impl="xla")
+  params = jax.eval_shape(lambda k: models.init_params(m, k, shape),
+                          jax.random.key(0))
+  x = jax.ShapeDtypeStruct((4, *shape), jnp.float32)
+  xla = jax.jit(lambda p, x: m.apply({"params": p}, x)).lower(
+      params, x).cost_analysis()["flops"] / 4
+  ours = estimate.forward_flops(shape, 32, depth, 10)
+  assert 0.8 < ours / xla < 1.25, (ours, xla)
+
+
+def _flops(**kw):
+  cfg = Config(**kw)
+  plan = planning.resolve(cfg, (28, 28, 1))
+  return estimate.stage_flops(cfg, plan, (28, 28, 1), 1000, 200, 10)
+
+
+def test_stage_flops_follow_the_configuration():
+  base = _flops()
+  assert _flops(steps=2000)["distillation"] == pytest.approx(
+      2 * base["distillation"])
+  assert _flops(num_queries=40)["queries"] == pytest.approx(
+      2 * base["queries"])
+  assert _flops(no_eval=True)["evaluation"] == 0
+  nd = _flops(method="ndpdc")
+  assert nd["generation"] == nd["extractor_pool"] == nd["expert"] == 0
+  assert nd["queries"] == pytest.approx(base["queries"])
+  assert base["pe_api_samples"] == (10 + 1) * 10 * 100 + 10 * 200
+  assert _flops(generator="merf")["generation"] > 0
+
+
+def test_machine_rate_is_measured_once_and_cached(tmp_path, monkeypatch):
+  path = tmp_path / "sub" / "machine.json"
+  monkeypatch.setenv("DPGENG_RATE_CACHE", str(path))
+  calls = []
+  monkeypatch.setattr(estimate, "measure_rate", lambda: calls.append(1) or {
+      "matmul_flops_per_s": 1e10, "device": "x"})
+  monkeypatch.setattr(estimate, "text_api_seconds",
+                      lambda shape: calls.append(shape) or 0.001)
+  r1 = estimate.machine_rate(image_shape=(8, 8, 1))
+  r2 = estimate.machine_rate(image_shape=(8, 8, 1))
+  assert r1 == r2 and r1["text_api_s_per_sample"] == 0.001
+  assert calls == [1, (8, 8, 1)]
+  estimate.machine_rate(image_shape=(28, 28, 1))  # a new shape: timed once
+  assert calls == [1, (8, 8, 1), (28, 28, 1)]
+  table = json.loads(path.read_text())
+  assert set(next(iter(table.values()))["text_api"]) == {"8x8x1", "28x28x1"}
+  # An unwritable cache is no error: measured again next time.
+  (tmp_path / "file").write_text("")
+  monkeypatch.setenv("DPGENG_RATE_CACHE", str(tmp_path / "file" / "m.json"))
+  assert estimate.machine_rate()["matmul_flops_per_s"] == 1e10
+
+
+def test_expected_time_is_flops_over_rate_plus_overhead():
+  cfg = Config(method="ndpdc")
+  plan = planning.resolve(cfg, (8, 8, 1))
+  rate = {"matmul_flops_per_s": 1e9, "device": "test"}
+  est = estimate.estimate(cfg, plan, (8, 8, 1), 1000, 100, 10, rate)
+  fl = est["flops"]["distillation"]
+  assert est["stages_s"]["distillation_s"] == pytest.approx(
+      estimate.OVERHEAD_S["distillation"]
+      + fl / (1e9 * estimate.EFFICIENCY["distillation"]))
+  assert est["stages_s"]["expert_s"] == 0
+  assert est["total_s"] == pytest.approx(sum(est["stages_s"].values()))
+  assert "distillation" in estimate.format_table(est)
+
+
+def test_progress_line_counts_stages_and_rescales_the_eta():
+  lines = []
+  est = {k: 10.0 for _, k in progress.STAGES}
+  p = progress.Progress(est, write=lines.append)
+  p.start("calibrate")
+  assert lines[0].startswith("[stage 1/9: calibrate]")
+  assert "90 s left" in lines[0]
+  p.t0 -= 20.0  # calibration took 20 s against 10 estimated: 2x slower
+  p.start("class_sizes")
+  assert lines[1].startswith("[stage 2/9: class_sizes]")
+  assert "160 s left" in lines[1]  # 8 stages x 10 s x 2
+  quiet = progress.Progress(est, quiet=True, write=lines.append)
+  quiet.start("calibrate")
+  assert len(lines) == 2
+
+
+def test_plan_prints_the_estimate_of_a_known_dataset(capsys):
+  assert cli.main(["plan", "--epsilon", "1"]) == 0  # digits
+  out = capsys.readouterr().out
+  assert "cost estimate" in out and "distillation" in out and "total" in out
+  assert cli.main(["plan", "--dataset", "npz:x.npz"]) == 0
+  assert "once the data is loaded" in capsys.readouterr().out
