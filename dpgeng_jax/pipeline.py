@@ -199,6 +199,7 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
   timings = dict(r.timings, total_s=time.time() - t0)
   if metrics is not None:
     metrics["timings_s"] = timings
+    metrics["peak_rss_mb"] = dict(r.peak_rss_mb)
     metrics["private"] = privacy["private"]
   config = cfg.to_dict()
   config.update(resolved=dataclasses.asdict(plan), dataset_name=ds.name,
@@ -206,6 +207,7 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
                 normalisation={"mean": np.asarray(ds.mean).tolist(),
                                "std": np.asarray(ds.std).tolist()},
                 versions=_versions(), timings_s=timings,
+                peak_rss_mb=dict(r.peak_rss_mb),
                 preset_record=presets.record(cfg),
                 estimate={"stages_s": est["stages_s"], "flops": est["flops"],
                           "total_s": est["total_s"],

@@ -285,11 +285,14 @@ def timing_rows(metrics: dict | None, config: dict) -> list[list[Any]]:
   measured = dict((metrics or {}).get("timings_s")
                   or config.get("timings_s") or {})
   estimate = (config.get("estimate") or {}).get("stages_s", {})
+  memory = (metrics or {}).get("peak_rss_mb") or config.get(
+      "peak_rss_mb") or {}
   rows = []
   for name in dict.fromkeys([*measured, *estimate]):
     m, e = measured.get(name), estimate.get(name)
     ratio = m / e if (m is not None and e) else None
-    rows.append([name.removesuffix("_s"), m, e, ratio])
+    rows.append([name.removesuffix("_s"), m, e, ratio,
+                 memory.get(name.removesuffix("_s"))])
   return rows
 
 
@@ -362,7 +365,8 @@ def html(privacy: dict, config: dict, metrics: dict | None,
   if trows:
     parts += ["<h2>Stage timings</h2>",
               _table(["stage", "measured s", "estimate s",
-                      "measured / estimate"], trows)]
+                      "measured / estimate", "peak memory so far (MB)"],
+                     trows)]
   parts.append("<h2>Figures</h2>")
   for name in FIGURES:
     if name in pngs:

@@ -76,6 +76,9 @@ class Run:
   keys: PublicKeys
   store: store_lib.StageStore | None = None
   timings: dict = dataclasses.field(default_factory=dict)
+  # The process's peak resident memory (MB) when each stage ended: where
+  # it rises, that stage set a new high-water mark.
+  peak_rss_mb: dict = dataclasses.field(default_factory=dict)
 
   @property
   def num_classes(self) -> int:
@@ -97,6 +100,16 @@ class Run:
 
   def timed(self, key: str, t0: float) -> None:
     self.timings[key] = self.timings.get(key, 0.0) + time.time() - t0
+    self.peak_rss_mb[key.removesuffix("_s")] = peak_rss_mb()
+
+
+def peak_rss_mb() -> float:
+  """This process's peak resident set size so far, in MB (Linux and
+  macOS report ru_maxrss in KiB and bytes)."""
+  import resource
+  import sys
+  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return rss / (1024 * 1024 if sys.platform == "darwin" else 1024)
 
 
 def by_name(mechs, name):

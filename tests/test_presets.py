@@ -123,3 +123,12 @@ def test_resize_images_crops_the_centre_and_keeps_the_range():
   np.testing.assert_allclose(out, 1.0, atol=1e-6)
   flat = data.resize_images(np.full((1, 6, 6, 3), 0.25, np.float32), 3)
   np.testing.assert_allclose(flat, 0.25, atol=1e-6)
+
+
+def test_readme_presets_table_lists_every_preset():
+  import pathlib
+  readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md"
+            ).read_text()
+  section = readme.split("### Presets", 1)[1].split("\n### ", 1)[0]
+  rows = [line for line in section.splitlines() if line.startswith("| `")]
+  assert sorted(r.split("`")[1] for r in rows) == sorted(presets.PRESETS)
