@@ -284,7 +284,9 @@ def privacy_rows(privacy: dict, config: dict) -> list[list[Any]]:
 def timing_rows(metrics: dict | None, config: dict) -> list[list[Any]]:
   measured = dict((metrics or {}).get("timings_s")
                   or config.get("timings_s") or {})
-  estimate = (config.get("estimate") or {}).get("stages_s", {})
+  estimate = dict((config.get("estimate") or {}).get("stages_s", {}))
+  if estimate and "total_s" in measured:
+    estimate["total_s"] = config["estimate"].get("total_s")
   memory = (metrics or {}).get("peak_rss_mb") or config.get(
       "peak_rss_mb") or {}
   rows = []
