@@ -210,9 +210,12 @@ class Config:
                     "passes (0: every device of every process)", "performance")
   microbatch: int = _f(0, "examples whose per-example embeddings or "
                        "gradients are held at once in the private passes "
-                       "(0: automatic: cache-sized chunks on CPU, whole "
-                       "batches on accelerators); bounds memory, same "
-                       "result", "performance")
+                       "(0: automatic: query embeddings in chunks of 100 "
+                       "on CPU and whole batches on accelerators; the "
+                       "expert's per-example gradients in chunks of 128 "
+                       "on CPU and 1024 on accelerators, so memory does "
+                       "not grow with N); bounds memory, same result up "
+                       "to float summation order", "performance")
   coordinator_address: str = _f("", "multi-host: HOST:PORT of process 0 "
                                 "(empty: JAX_COORDINATOR_ADDRESS, or a "
                                 "single process)", "performance")

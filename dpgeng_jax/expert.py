@@ -42,6 +42,16 @@ class ExpertConfig:
   momentum: float = 0.9
 
 
+def default_microbatch() -> int:
+  """Examples whose per-example gradients the expert's DP-SGD holds at
+  once when the user sets no --microbatch: 128 on CPU, 1024 on
+  accelerators, so that the step's memory does not grow with the Poisson
+  batch (q_E N examples). Measured on 2 CPU cores, ConvNet-3 w128, 28x28,
+  1024 examples: whole batch 5.3 s per step and 3.8 GB peak, chunks of 128
+  3.3 s and 1.1 GB (benchmarks/RESULTS.md, "Memory")."""
+  return 128 if jax.default_backend() == "cpu" else 1024
+
+
 def dp_finetune(params: Any, model: ConvNet, x: np.ndarray, y: np.ndarray,
                 *, cfg: ExpertConfig, noise_multiplier: float,
                 secret: jax.Array, progress=None, mesh=None,

@@ -462,7 +462,8 @@ def expert(run: Run, budget: Budget, sizes, pool_: Pool, gen: Generated,
           cfg=expert_config(cfg),
           noise_multiplier=budget.mechanism("expert").noise_multiplier,
           secret=secret, progress=bar.update, mesh=run.mesh,
-          microbatch=cfg.microbatch, num_rows=sizes.total_bound,
+          microbatch=cfg.microbatch or expert_lib.default_microbatch(),
+          num_rows=sizes.total_bound,
           expected_size=sizes.total_estimate,
           log_tail=_tail(budget.log_tail))
     info = {
