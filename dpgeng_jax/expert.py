@@ -147,12 +147,13 @@ def _sharded_step(grad_sum, cfg, noise_multiplier, x, y, mesh, num_rows,
 def reference_distributions(params: Any, model: ConvNet, x_gen_cm: jax.Array,
                             tau: float) -> jax.Array:
   """p_ref: (K, K) mean softmax(E(x_g) / tau) per class of generated
-  images x_gen_cm (K, m, H, W, C)."""
+  images x_gen_cm (K, m, H, W, C), one class at a time (lax.map: memory
+  of m images' activations, not K m)."""
   def one(xc):
     return jnp.mean(jax.nn.softmax(model.apply({"params": params}, xc) / tau,
                                    -1), 0)
 
-  return jax.vmap(one)(x_gen_cm)
+  return jax.lax.map(one, x_gen_cm)
 
 
 def alignment_loss(params: Any, model: ConvNet, syn: jax.Array,

@@ -74,12 +74,15 @@ def select_per_class(key: jax.Array, embed: Callable[[jax.Array], jax.Array],
                      f"{images.shape[1]} generated ones")
   keys = jax.random.split(key, images.shape[0])
 
-  def one_class(k, xc):
+  def one_class(args):
+    k, xc = args
     e = embed(xc)
     idx = nearest_indices(e, kmeans(k, e, num_select))
     return xc[idx]
 
-  return jax.vmap(one_class)(keys, images)
+  # One class at a time: the embeddings of n images are in memory, not of
+  # all K n (K = 100 classes of 200 generated images is 20000 at once).
+  return jax.lax.map(one_class, (keys, images))
 
 
 def encode(images: jax.Array, factor: int) -> jax.Array:
