@@ -91,11 +91,13 @@ class Config:
                         "privacy")
   sampling_rate: float = _f(0.5, "Poisson sampling rate p of each "
                             "feature-matching query", "privacy")
-  num_queries: int = _f(20, "number Q of cached noisy feature-matching "
-                        "queries", "privacy")
+  num_queries: int = _f(40, "number Q of cached noisy feature-matching "
+                        "queries (40 and a feature share of 2 chosen by "
+                        "benchmarks/draws.py sweeps with PE, "
+                        "benchmarks/RESULTS.md)", "privacy")
   share_generator: float = _f(1.0, "budget share of the generator's "
                               "releases (GDP units)", "privacy")
-  share_features: float = _f(1.0, "budget share of the feature-matching "
+  share_features: float = _f(2.0, "budget share of the feature-matching "
                              "queries (GDP units)", "privacy")
   share_expert: float = _f(1.0, "budget share of the DP expert "
                            "(GDP units)", "privacy")

@@ -33,8 +33,8 @@ def test_stage_flops_follow_the_configuration():
   base = _flops()
   assert _flops(steps=2000)["distillation"] == pytest.approx(
       2 * base["distillation"])
-  assert _flops(num_queries=40)["queries"] == pytest.approx(
-      2 * base["queries"])
+  assert _flops(num_queries=2 * Config().num_queries)["queries"] == (
+      pytest.approx(2 * base["queries"]))
   assert _flops(no_eval=True)["evaluation"] == 0
   nd = _flops(method="ndpdc")
   assert nd["generation"] == nd["extractor_pool"] == nd["expert"] == 0
