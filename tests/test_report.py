@@ -170,3 +170,13 @@ def test_tensorboard_events_hold_the_runs_scalars_and_figures(finished_run,
   for m in privacy["mechanisms"]:
     assert f"privacy/noise_multiplier/{m['name']}" in scalars
   assert {"figures/grid", "figures/loss"} <= images
+
+
+def test_report_of_a_run_without_evaluation_still_builds(finished_run):
+  privacy = json.loads((finished_run / "privacy.json").read_text())
+  config = json.loads((finished_run / "config.json").read_text())
+  page = report.html(privacy, config, None, {})
+  assert "<td>test accuracy</td>" not in page and "<td>expert</td>" in page
+  d = np.load(finished_run / "distilled.npz")
+  pngs = report.figures(x=d["x"], y=d["y"], metrics=None)
+  assert set(pngs) == {"grid.png"}
