@@ -85,7 +85,9 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
                      "generated_per_class": 100, "pe_population": 50,
                      "pe_width": 32},
            "reduced protocol for CPUs and smoke tests (cost options only; "
-           "the same for every method)", "2 CPU cores"),
+           "the same for every method)", "2 CPU cores",
+           runtime="21-25 s on digits (warm compilation cache, 2026-12-02)",
+           result="digits, dpgeng, eps 1: 69.0 +- 1.1 % (3 draws)"),
 )}
 
 _FIELDS = {f.name for f in dataclasses.fields(Config)}
