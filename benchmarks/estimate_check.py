@@ -17,8 +17,6 @@ import json
 import os
 import sys
 
-from dpgeng_jax import estimate
-
 
 def table(run: str) -> str:
   config = json.load(open(os.path.join(run, "config.json")))
@@ -27,7 +25,7 @@ def table(run: str) -> str:
   rate = est["matmul_flops_per_s"]
   t = metrics["timings_s"]
   mem = metrics.get("peak_rss_mb", {})
-  names = {estimate._timing_name(s): s for s in est["flops"]}
+  names = {f"{s}_s": s for s in est["flops"]}
   lines = [f"{run}: {config.get('dataset_name')}, {config.get('method')}"
            f" (matmul rate {rate / 1e9:.0f} GFLOP/s, {est['device']})",
            "| stage | measured s | estimate s | measured / estimate | GFLOP "

@@ -189,11 +189,8 @@ def _retain_host_memory(cfg: Config) -> None:
 
 def compile_cache_dir() -> str:
   """Where the dpgeng command keeps compiled programs."""
-  if os.environ.get("DPGENG_CACHE_DIR"):
-    return os.environ["DPGENG_CACHE_DIR"]
-  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(
-      os.path.expanduser("~"), ".cache")
-  return os.path.join(base, "dpgeng_jax", "xla")
+  from dpgeng_jax import outputs
+  return outputs.user_cache_path("DPGENG_CACHE_DIR", "xla")
 
 
 def _use_compile_cache(cfg: Config) -> None:

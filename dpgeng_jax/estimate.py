@@ -128,11 +128,8 @@ def stage_flops(cfg: Config, plan, image_shape, num_train: int,
 
 
 def rate_cache_path() -> str:
-  if os.environ.get("DPGENG_RATE_CACHE"):
-    return os.environ["DPGENG_RATE_CACHE"]
-  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(
-      os.path.expanduser("~"), ".cache")
-  return os.path.join(base, "dpgeng_jax", "machine.json")
+  from dpgeng_jax import outputs
+  return outputs.user_cache_path("DPGENG_RATE_CACHE", "machine.json")
 
 
 def _device_key() -> str:
@@ -238,17 +235,9 @@ def estimate(cfg: Config, plan, image_shape, num_train: int, num_test: int,
     s += fl / (r * EFFICIENCY.get(stage, 0.2))
     if stage == "generation" and uses_text:
       s += api * rate.get("text_api_s_per_sample", 0.0)
-    seconds[f"{_timing_name(stage)}"] = s
+    seconds[f"{stage}_s"] = s
   return {"flops": flops, "pe_api_samples": api, "stages_s": seconds,
           "total_s": sum(seconds.values()), "rate": rate}
-
-
-def _timing_name(stage: str) -> str:
-  return {"calibration": "calibration_s", "class_sizes": "class_sizes_s",
-          "generation": "generation_s", "extractor_pool": "extractor_pool_s",
-          "queries": "queries_s", "expert": "expert_s", "init": "init_s",
-          "distillation": "distillation_s",
-          "evaluation": "evaluation_s"}[stage]
 
 
 def known_shape(cfg: Config):
@@ -272,7 +261,7 @@ def format_table(est: dict) -> str:
            f" GFLOP/s on {rate['device']}):",
            f"  {'stage':<16} {'GFLOP':>10} {'expected s':>11}"]
   for stage, fl in est["flops"].items():
-    s = est["stages_s"][_timing_name(stage)]
+    s = est["stages_s"][f"{stage}_s"]
     lines.append(f"  {stage:<16} {fl / 1e9:>10.1f} {s:>11.1f}")
   total = est["total_s"]
   lines.append(f"  {'total':<16} {sum(est['flops'].values()) / 1e9:>10.1f} "

@@ -173,13 +173,18 @@ def class_accuracies(params: Any, model: ConvNet, x_test, y_test,
     return np.where(support > 0, total / support, np.nan)
 
 
+def overall_accuracies(per_class: np.ndarray, y_test) -> np.ndarray:
+  """(models,) test accuracy from (models, K) per-class accuracies."""
+  support = np.bincount(np.asarray(y_test, np.int64),
+                        minlength=per_class.shape[1])
+  return np.nansum(per_class * support, axis=1) / len(y_test)
+
+
 def accuracies(params: Any, model: ConvNet, x_test, y_test,
                batch_size: int = 1000) -> np.ndarray:
   """Test accuracy of each of the stacked models."""
-  per_class = class_accuracies(params, model, x_test, y_test, batch_size)
-  support = np.bincount(np.asarray(y_test, np.int64),
-                        minlength=model.num_classes)
-  return np.nansum(per_class * support, axis=1) / len(y_test)
+  return overall_accuracies(
+      class_accuracies(params, model, x_test, y_test, batch_size), y_test)
 
 
 def evaluate(key: jax.Array, x_train, y_train, x_test, y_test, *,
@@ -197,8 +202,7 @@ def evaluate(key: jax.Array, x_train, y_train, x_test, y_test, *,
                                num_classes=num_classes, cfg=cfg,
                                progress=progress, mesh=mesh)
   per_class = class_accuracies(params, model, x_test, y_test)
-  support = np.bincount(np.asarray(y_test, np.int64), minlength=num_classes)
-  acc = np.nansum(per_class * support, axis=1) / len(y_test)
+  acc = overall_accuracies(per_class, y_test)
   return {
       "test_accuracy_mean": float(np.mean(acc)),
       "test_accuracy_std": float(np.std(acc)),

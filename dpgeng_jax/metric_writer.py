@@ -44,8 +44,7 @@ def write(logdir: str, result, out: str | None = None) -> str:
       w.add_scalar("eval/test_accuracy_std", m["test_accuracy_std"], 0)
     per_class = m.get("test_accuracies_per_class")
     if per_class:
-      a = np.asarray([[np.nan if v is None else v for v in row]
-                      for row in per_class], np.float64)
+      a = report_lib.per_class_array(per_class)
       for c, v in enumerate(np.nanmean(a, 0)):
         if np.isfinite(v):
           w.add_scalar(f"eval/class_accuracy/{c}", float(v), 0)

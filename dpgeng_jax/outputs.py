@@ -64,6 +64,16 @@ def atomic_write(path: str, write: Callable[[Any], None], mode: str = "w"
     raise
 
 
+def user_cache_path(env_var: str, name: str) -> str:
+  """Where this tool keeps `name` in the user's cache: $env_var if set,
+  else $XDG_CACHE_HOME/dpgeng_jax/name (default ~/.cache)."""
+  if os.environ.get(env_var):
+    return os.environ[env_var]
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(
+      os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "dpgeng_jax", name)
+
+
 def _reason(e: OSError) -> str:
   return e.strerror or str(e)
 

@@ -188,10 +188,16 @@ def loss_png(losses, period: int | None = None) -> bytes:
   return _png(fig)
 
 
+def per_class_array(per_class) -> np.ndarray:
+  """metrics.json's test_accuracies_per_class (None: no test example) as
+  a float (models, K) array with NaN."""
+  return np.asarray([[np.nan if v is None else v for v in row]
+                     for row in per_class], np.float64)
+
+
 def class_accuracy_png(per_class, class_names=None) -> bytes:
   """per_class: (models, K) accuracies in [0, 1] (None: no test example)."""
-  a = np.asarray([[np.nan if v is None else v for v in row]
-                  for row in per_class], np.float64) * 100
+  a = per_class_array(per_class) * 100
   k = a.shape[1]
   mean, std = np.nanmean(a, 0), np.nanstd(a, 0)
   names = class_names or [str(c) for c in range(k)]
