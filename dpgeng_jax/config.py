@@ -28,6 +28,7 @@ from dpgeng_jax.winograd import IMPLS as CONV_IMPLS
 
 METHODS = ("ndpdc", "dpgeng", "generator", "dm")
 INITS = ("auto", "noise", "real", "generated")
+CENTRES = ("auto", "generated", "none")
 EXTRACTORS = ("auto", "random", "generated")
 
 
@@ -74,6 +75,11 @@ class Config:
   extractors: str = _f("auto", "extractor pool of the queries (auto: "
                        "generated for dpgeng, random otherwise)", "method",
                        choices=EXTRACTORS)
+  centre_features: str = _f(
+      "auto", "subtract a public centre from each query's embeddings before "
+      "clipping (generated: the generated data's mean embedding under the "
+      "same extractor and augmentation; none: as NDPDC; auto: none for now, "
+      "see dpgeng_jax/extractors.py)", "method", choices=CENTRES)
   factor: int = _f(0, "multi-formation factor f in {1, 2} (0: 2 for images "
                    ">= 16 px, else 1)", "method")
   generator: str = _f("pe:text", "DP generator: pe:text (Private "

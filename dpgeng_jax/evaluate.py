@@ -47,45 +47,67 @@ class EvalConfig:
   conv_impl: str = "auto"
 
 
-def _optimizer(cfg: EvalConfig, total_steps: int):
-  schedule = optax.piecewise_constant_schedule(
-      cfg.learning_rate, {max(1, total_steps // 2): 0.1})
+def _optimizer(cfg: EvalConfig):
+  """SGD with momentum and decoupled-in-the-gradient weight decay, WITHOUT
+  the learning rate: the step scales the update by the current rate, a
+  traced argument (`learning_rate_at`), so that one compiled step serves
+  every training length. Equal to optax.sgd(piecewise schedule, momentum)
+  after add_decayed_weights: optax.sgd also scales the momentum trace."""
   return optax.chain(optax.add_decayed_weights(cfg.weight_decay),
-                     optax.sgd(schedule, momentum=cfg.momentum))
+                     optax.trace(decay=cfg.momentum))
+
+
+def learning_rate_at(step: int, total: int, cfg: EvalConfig) -> float:
+  """The rate of optimiser step `step` of `total`: cfg.learning_rate, a
+  tenfold drop from step max(1, total // 2) on."""
+  drop = 0.1 if step >= max(1, total // 2) else 1.0
+  return cfg.learning_rate * drop
 
 
 @functools.lru_cache(maxsize=32)
 def _train_step(num_classes: int, width: int, depth: int, norm: str,
-                conv_impl: str, cfg: EvalConfig, n: int, total: int,
-                mesh=None):
-  """One jitted training step, shared by every model of the same shape."""
+                conv_impl: str, cfg: EvalConfig, mesh=None):
+  """One jitted training step on one (already gathered) batch, shared by
+  every model of the same architecture whatever its training set's size or
+  length: the extractor pool (and so the expert's pretraining, a pool
+  member), PE's trained embedding, the evaluation models and the
+  references all run this one program when their batches have one shape.
+  """
   model = ConvNet(num_classes, width=width, depth=depth, norm=norm,
                   conv_impl=conv_impl)
-  batch = min(cfg.batch_size, n)
-  steps_per_epoch = math.ceil(n / batch)
-  opt = _optimizer(cfg, total)
+  opt = _optimizer(cfg)
   loss_fn = functools.partial(cross_entropy, model)
   if mesh is not None:
     summed = parallel.sharded_sum(
         jax.grad(functools.partial(_loss_sum, model)), mesh)
 
-  @jax.jit
-  def step(p, s, k, x, y, step):
-    epoch, b = step // steps_per_epoch, step % steps_per_epoch
-    perm = jax.random.permutation(jax.random.fold_in(k, epoch), n)
-    idx = jnp.take(perm, (b * batch + jnp.arange(batch)) % n)
-    xb = augment.augment(jax.random.fold_in(k, -1 - step), x[idx],
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step(p, s, lr, k, xb, yb, step):
+    xb = augment.augment(jax.random.fold_in(k, -1 - step), xb,
                          cfg.strategy, per_image=True)
     if mesh is None:
-      grads = jax.grad(loss_fn)(p, xb, y[idx])
+      grads = jax.grad(loss_fn)(p, xb, yb)
     else:  # mean gradient = (sum over devices of local sums) / batch
-      rows, w = parallel.pad_rows((xb, y[idx]), jnp.ones((batch,)),
+      batch = xb.shape[0]
+      rows, w = parallel.pad_rows((xb, yb), jnp.ones((batch,)),
                                   parallel.num_shards(mesh))
       grads = jax.tree.map(lambda g: g / batch, summed(p, *rows, w))
     updates, s = opt.update(grads, s, p)
+    updates = jax.tree.map(lambda u: -lr * u, updates)
     return optax.apply_updates(p, updates), s
 
   return step, opt
+
+
+@functools.partial(jax.jit, static_argnames=("batch", "steps_per_epoch"))
+def _batch(k, x, y, step, *, batch: int, steps_per_epoch: int):
+  """Batch `step` of the epoch-wise shuffled (x, y): epoch e's order is a
+  permutation drawn from fold_in(k, e), wrapping around at the end."""
+  n = x.shape[0]
+  epoch, b = step // steps_per_epoch, step % steps_per_epoch
+  perm = jax.random.permutation(jax.random.fold_in(k, epoch), n)
+  idx = jnp.take(perm, (b * batch + jnp.arange(batch)) % n)
+  return x[idx], y[idx]
 
 
 def _loss_sum(model: ConvNet, params: Any, x: jax.Array, y: jax.Array,
@@ -113,20 +135,26 @@ def train_one(key: jax.Array, x, y, *, model: ConvNet, cfg: EvalConfig,
   x = jnp.asarray(x, jnp.float32)
   y = jnp.asarray(y, jnp.int32)
   n = x.shape[0]
+  batch = min(cfg.batch_size, n)
+  steps_per_epoch = math.ceil(n / batch)
   total = training_steps(n, cfg, epochs)
   step_fn, opt = _train_step(model.num_classes, model.width, model.depth,
-                             model.norm, model.conv_impl, cfg, n, total,
-                             mesh)
+                             model.norm, model.conv_impl, cfg, mesh)
   save_at = {round(total * (i + 1) / num_checkpoints)
              for i in range(num_checkpoints)}
   params = init_params(model, key, x.shape[1:])
   opt_state = opt.init(params)
   snapshots = []
   for step in range(total):
-    params, opt_state = step_fn(params, opt_state, key, x, y,
-                                jnp.int32(step))
+    t = jnp.int32(step)
+    xb, yb = _batch(key, x, y, t, batch=batch,
+                    steps_per_epoch=steps_per_epoch)
+    params, opt_state = step_fn(
+        params, opt_state, jnp.float32(learning_rate_at(step, total, cfg)),
+        key, xb, yb, t)
     if step + 1 in save_at:
-      snapshots.append(params)
+      # a copy: the next step donates (overwrites) the params it is given
+      snapshots.append(jax.tree.map(jnp.copy, params))
     if progress is not None:
       progress(1)
   return snapshots

@@ -10,16 +10,28 @@ synthetic side (distillation) call it with the same arguments.
 * `train_generated_pool`: trains ConvNets on generated data G with
   cross-entropy (different seeds) and keeps checkpoints from several epochs
   of each: features learnt without spending any private budget.
+* `centred`: a pool whose query q subtracts a public centre c_q from every
+  embedding before it is clipped (ours): ConvNet features after ReLU share
+  a large common part (on digits |psi(x)| ~ 12 while the class means differ
+  by far less), so clipping to C spends most of the budget C on what every
+  image has in common. Centred on the generated data's mean feature under
+  the same query, the clipped vectors carry the class differences: at the
+  same noise sigma_F C, the spread of the clipped class means is 1.75x
+  (trained extractor) to 2.5x (random) larger on digits. The centre is
+  public (a function of G and public keys), so each example still moves a
+  class sum by at most C; both sides of the query subtract the same c_q.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
+import math
+
 import jax
 import jax.numpy as jnp
 
-from dpgeng_jax import evaluate
+from dpgeng_jax import distill, evaluate
 from dpgeng_jax.models import ConvNet, init_params
 
 Pool = Callable[[jax.Array, Any], Any]
@@ -66,3 +78,43 @@ def train_generated_pool(key: jax.Array, x_gen, y_gen, *, num_classes: int,
         k, x_gen, y_gen, model=model, cfg=cfg, epochs=epochs,
         num_checkpoints=checkpoints, progress=progress, mesh=mesh))
   return jax.tree.map(lambda *a: jnp.stack(a), *members)
+
+
+def centred(pool: Pool, centres: jax.Array) -> Pool:
+  """Query q's params become {"net": pool's params, "centre": centres[q]}
+  (centres: (Q, d)); embed with `centred_embed`."""
+
+  def params(key, q):
+    return {"net": pool(key, q), "centre": centres[q]}
+
+  return params
+
+
+def centred_embed(embed_fn):
+  """embed(p, x) = embed_fn(p["net"], x) - p["centre"]: the embedding that
+  is clipped, on the private and the synthetic side alike."""
+
+  def embed(p, x):
+    return embed_fn(p["net"], x) - p["centre"]
+
+  return embed
+
+
+def generated_centres(pool: Pool, embed_fn, public_key: jax.Array,
+                      x_gen_cm: jax.Array, num_queries: int,
+                      strategy: str) -> jax.Array:
+  """(Q, d): c_q = the mean unclipped embedding of the generated images
+  x_gen_cm (K, m, H, W, C), class c's images under query q's augmentation
+  of class c (the same public parameters as `distill.QueryPlan.params`),
+  averaged over classes. One query at a time."""
+  k = x_gen_cm.shape[0]
+  plan = distill.QueryPlan(extractor=pool, embed_fn=embed_fn,
+                           num_classes=k, strategy=strategy)
+
+  def one(q):
+    params, aug = plan.params(public_key, q)
+    means = distill.synthetic_class_means(plan, params, aug, x_gen_cm,
+                                          math.inf)
+    return jnp.mean(means, axis=0)
+
+  return jax.lax.map(jax.jit(one), jnp.arange(num_queries))

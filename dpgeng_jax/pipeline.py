@@ -176,7 +176,7 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
   gen, sizes = stages.generate(r, budget, sizes, secrets.gen, generator)
   prog.start("pool")
   pool = stages.pool(r, gen)
-  plan_q = stages.query_plan(r, pool)
+  plan_q = stages.query_plan(r, pool, gen)
   prog.start("query")
   queries = stages.query(r, budget, sizes, plan_q, secrets.query)
   prog.start("expert")

@@ -124,6 +124,7 @@ class Plan:
   read)."""
   init: str
   extractors: str
+  centre: str      # generated | none: the queries' embedding centre
   factor: int
   depth: int
   uses_generated: bool
@@ -158,13 +159,17 @@ def resolve(cfg: Config, image_shape=None,
   ext = cfg.extractors
   if ext == "auto":
     ext = "generated" if cfg.method == "dpgeng" else "random"
+  centre = "none" if cfg.centre_features == "auto" else cfg.centre_features
+  if cfg.method in ("generator", "dm"):
+    centre = "none"  # no clipped queries (generator) or C = inf (dm)
   size = min(image_shape[:2]) if image_shape is not None else None
   factor = cfg.factor or (init_lib.default_factor(size) if size else 0)
   if cfg.method in ("generator", "dm"):
     factor = 1
   expert = cfg.method == "dpgeng" and not cfg.no_expert
   uses_generated = (cfg.method == "generator" or init == "generated"
-                    or ext == "generated" or expert)
+                    or ext == "generated" or expert
+                    or centre == "generated")
   gen = None
   if uses_generated:
     gen = generator or generators.for_config(cfg)
@@ -179,7 +184,8 @@ def resolve(cfg: Config, image_shape=None,
         f"images of {image_shape[0]}x{image_shape[1]} pixels are too small "
         f"for a depth-{depth} ConvNet (each block halves the map; it needs "
         f"at least {2 ** depth} pixels per side): lower --depth")
-  return Plan(init=init, extractors=ext, factor=factor, depth=depth,
+  return Plan(init=init, extractors=ext, centre=centre, factor=factor,
+              depth=depth,
               uses_generated=uses_generated,
               generator=gen.name if gen else None,
               generator_mechanisms=tuple(gen.mechanisms()) if gen else (),

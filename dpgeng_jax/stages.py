@@ -344,13 +344,28 @@ def pool(run: Run, gen: Generated | None) -> Pool | None:
 # 5. query: M_F, the Q noisy class sums, computed once.
 
 
-def query_plan(run: Run, pool_: Pool | None) -> distill.QueryPlan:
-  """The extractors and augmentation of the queries (both sides)."""
+# At most this many generated images per class estimate a query's centre.
+CENTRE_IMAGES = 64
+
+
+def query_plan(run: Run, pool_: Pool | None,
+               gen: Generated | None = None) -> distill.QueryPlan:
+  """The extractors and augmentation of the queries (both sides), with
+  the public centres of `--centre-features generated`."""
   model = extractor_model(run)
   ext = (extractors.fixed_pool(pool_.params)
          if run.plan.extractors == "generated"
          else extractors.random_pool(model, run.image_shape))
-  return distill.QueryPlan(extractor=ext, embed_fn=models.embed_fn(model),
+  embed = models.embed_fn(model)
+  if run.plan.centre == "generated" and run.plan.feature_matching:
+    t0 = time.time()
+    centres = extractors.generated_centres(
+        ext, embed, run.keys.query, gen.class_major[:, :CENTRE_IMAGES],
+        run.cfg.num_queries, run.cfg.strategy)
+    ext, embed = (extractors.centred(ext, centres),
+                  extractors.centred_embed(embed))
+    run.timed("extractor_pool_s", t0)
+  return distill.QueryPlan(extractor=ext, embed_fn=embed,
                            num_classes=run.num_classes,
                            strategy=run.cfg.strategy)
 
@@ -493,7 +508,8 @@ def init(run: Run, gen: Generated | None, pool_: Pool | None,
     images = jnp.asarray(run.load("init")[0]["images"])
   else:
     if plan.init == "generated" or cfg.method == "generator":
-      embed = lambda xb: plan_q.embed_fn(pool_.trained, xb)
+      embed = lambda xb: models.embed_fn(extractor_model(run))(
+          pool_.trained, xb)
       chosen = init_lib.select_per_class(run.keys.init, embed,
                                          gen.class_major, m * f * f)
       images = init_lib.encode(chosen, f)
@@ -540,10 +556,15 @@ def distill_loop(cfg: Config, store, state, step, targets, counts, key):
       n = len(losses)
       if store is not None and (n == cfg.steps or (
           cfg.checkpoint_every and n % cfg.checkpoint_every == 0)):
-        store.save(name, arrays={"losses": np.asarray(jnp.stack(losses))},
+        store.save(name, arrays={"losses": _host(losses)},
                    trees={"state": state}, info={"step": n})
-  losses = np.asarray(jnp.stack(losses)) if losses else np.zeros(0)
-  return state, losses
+  return state, _host(losses)
+
+
+def _host(values: list) -> np.ndarray:
+  """Device scalars to one float32 array, copied without a compiled stack
+  (jnp.stack of n scalars compiles anew for every n)."""
+  return np.asarray(jax.device_get(values), np.float32).reshape(-1)
 
 
 def distill_images(run: Run, plan_q: distill.QueryPlan,
@@ -693,6 +714,10 @@ def report(run: Run, budget: Budget, sizes,
                  cfg.epsilon, budget.events, budget.log_tail)}
     if queries is not None:
       abort["query_capacity_per_class"] = queries.spec.capacity
+  if plan.centre == "generated" and plan.feature_matching:
+    notes.append("Each query clips embeddings minus a public centre (the "
+                 "generated data's mean embedding under that query's "
+                 "extractor and augmentation): L2 sensitivity still C")
   if plan.generator_mechanisms:
     notes.append(f"generator {plan.generator}: its own release's noisy "
                  "class counts refine the normalising class sizes")

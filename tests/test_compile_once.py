@@ -58,3 +58,48 @@ def test_queries_are_traced_once_for_all_queries(monkeypatch):
       jax.random.key(1), None, sizes, None)
   assert len(traces) == 1
   assert targets.shape[0] == 3 and bool(jnp.all(jnp.isfinite(targets)))
+
+
+def test_pool_and_evaluation_training_share_one_compiled_step(monkeypatch):
+  """Training sets of different sizes and lengths (the pool on G, the
+  evaluation on the decoded distilled set) run one compiled step: the
+  step's body (its augmentation) is traced once."""
+  from dpgeng_jax import augment, evaluate
+  traces = _counting(monkeypatch, augment, "augment")
+  evaluate._train_step.cache_clear()
+  cfg = evaluate.EvalConfig(batch_size=16, epochs=2)
+  model = models.ConvNet(num_classes=3, width=4, depth=2)
+  rng = np.random.default_rng(0)
+  for n, epochs in ((40, 2), (72, 1), (17, 3)):
+    x = rng.normal(size=(n, 8, 8, 1)).astype(np.float32)
+    evaluate.train_one(jax.random.key(n), x, np.arange(n) % 3, model=model,
+                       cfg=cfg, epochs=epochs)
+  assert len(traces) == 1
+
+
+def test_rate_outside_the_step_equals_optax_sgd_with_the_schedule():
+  """The step's optimiser (decay + momentum trace, then -lr from
+  learning_rate_at) is optax.sgd with the piecewise-constant schedule."""
+  from dpgeng_jax import evaluate
+  import optax
+  cfg = evaluate.EvalConfig()
+  total = 7
+  ref = optax.chain(optax.add_decayed_weights(cfg.weight_decay), optax.sgd(
+      optax.piecewise_constant_schedule(cfg.learning_rate,
+                                        {total // 2: 0.1}),
+      momentum=cfg.momentum))
+  ours = evaluate._optimizer(cfg)
+  p = {"w": jnp.arange(5.0)}
+  pr, po = p, p
+  sr, so = ref.init(p), ours.init(p)
+  rng = np.random.default_rng(1)
+  for step in range(total):
+    g = {"w": jnp.asarray(rng.normal(size=5), jnp.float32)}
+    ur, sr = ref.update(g, sr, pr)
+    pr = optax.apply_updates(pr, ur)
+    uo, so = ours.update(g, so, po)
+    lr = evaluate.learning_rate_at(step, total, cfg)
+    po = optax.apply_updates(po, jax.tree.map(lambda u: -lr * u, uo))
+  np.testing.assert_allclose(po["w"], pr["w"], rtol=1e-6)
+  # a schedule that does not drop is told apart
+  assert evaluate.learning_rate_at(total - 1, total, cfg) < cfg.learning_rate
