@@ -101,6 +101,12 @@ def stage_flops(cfg: Config, plan, image_shape, num_train: int,
   uses_pool = plan.extractors == "generated" and n_gen
   out["extractor_pool"] = (cfg.pool_models * _examples(n_gen, cfg.pool_epochs)
                            * TRAIN * fwd) if uses_pool else 0.0
+  if plan.centre == "generated" and plan.feature_matching:
+    # the queries' centres: a forward of Q x K x (at most CENTRE_IMAGES)
+    # generated images
+    from dpgeng_jax.extractors import CENTRE_IMAGES
+    out["extractor_pool"] += (cfg.num_queries * k * min(
+        CENTRE_IMAGES, cfg.generated_per_class) * fwd)
   out["queries"] = (cfg.num_queries * cfg.sampling_rate * num_train * fwd
                     if plan.feature_matching else 0.0)
   out["expert"] = (cfg.expert_steps * cfg.expert_sampling_rate * num_train

@@ -36,6 +36,9 @@ from dpgeng_jax.models import ConvNet, init_params
 
 Pool = Callable[[jax.Array, Any], Any]
 
+# At most this many generated images per class estimate a query's centre.
+CENTRE_IMAGES = 64
+
 
 def random_pool(model: ConvNet, image_shape) -> Pool:
   """Fresh random ConvNet per query, from the query's public key."""

@@ -344,10 +344,6 @@ def pool(run: Run, gen: Generated | None) -> Pool | None:
 # 5. query: M_F, the Q noisy class sums, computed once.
 
 
-# At most this many generated images per class estimate a query's centre.
-CENTRE_IMAGES = 64
-
-
 def query_plan(run: Run, pool_: Pool | None,
                gen: Generated | None = None) -> distill.QueryPlan:
   """The extractors and augmentation of the queries (both sides), with
@@ -360,7 +356,7 @@ def query_plan(run: Run, pool_: Pool | None,
   if run.plan.centre == "generated" and run.plan.feature_matching:
     t0 = time.time()
     centres = extractors.generated_centres(
-        ext, embed, run.keys.query, gen.class_major[:, :CENTRE_IMAGES],
+        ext, embed, run.keys.query, gen.class_major[:, :extractors.CENTRE_IMAGES],
         run.cfg.num_queries, run.cfg.strategy)
     ext, embed = (extractors.centred(ext, centres),
                   extractors.centred_embed(embed))
