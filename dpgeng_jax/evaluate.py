@@ -47,14 +47,14 @@ class EvalConfig:
   conv_impl: str = "auto"
 
 
-def _optimizer(cfg: EvalConfig):
-  """SGD with momentum and decoupled-in-the-gradient weight decay, WITHOUT
-  the learning rate: the step scales the update by the current rate, a
-  traced argument (`learning_rate_at`), so that one compiled step serves
-  every training length. Equal to optax.sgd(piecewise schedule, momentum)
-  after add_decayed_weights: optax.sgd also scales the momentum trace."""
-  return optax.chain(optax.add_decayed_weights(cfg.weight_decay),
-                     optax.trace(decay=cfg.momentum))
+def _optimizer(weight_decay: float, momentum: float):
+  """SGD with momentum and weight decay added to the gradient, WITHOUT the
+  learning rate: the step scales the update by the current rate, a traced
+  argument (`learning_rate_at`), so that one compiled step serves every
+  training length. Equal to add_decayed_weights then optax.sgd with the
+  piecewise schedule (optax.sgd also scales the momentum trace)."""
+  return optax.chain(optax.add_decayed_weights(weight_decay),
+                     optax.trace(decay=momentum))
 
 
 def learning_rate_at(step: int, total: int, cfg: EvalConfig) -> float:
@@ -64,9 +64,19 @@ def learning_rate_at(step: int, total: int, cfg: EvalConfig) -> float:
   return cfg.learning_rate * drop
 
 
+def _train_step(model: ConvNet, cfg: EvalConfig, mesh=None):
+  """`_step_for` keyed by what the step computes (not by cfg's epochs,
+  number of models or learning rate, which differ between the pool and
+  the evaluation)."""
+  return _step_for(model.num_classes, model.width, model.depth, model.norm,
+                   model.conv_impl, cfg.strategy, cfg.weight_decay,
+                   cfg.momentum, mesh)
+
+
 @functools.lru_cache(maxsize=32)
-def _train_step(num_classes: int, width: int, depth: int, norm: str,
-                conv_impl: str, cfg: EvalConfig, mesh=None):
+def _step_for(num_classes: int, width: int, depth: int, norm: str,
+              conv_impl: str, strategy: str, weight_decay: float,
+              momentum: float, mesh=None):
   """One jitted training step on one (already gathered) batch, shared by
   every model of the same architecture whatever its training set's size or
   length: the extractor pool (and so the expert's pretraining, a pool
@@ -75,7 +85,7 @@ def _train_step(num_classes: int, width: int, depth: int, norm: str,
   """
   model = ConvNet(num_classes, width=width, depth=depth, norm=norm,
                   conv_impl=conv_impl)
-  opt = _optimizer(cfg)
+  opt = _optimizer(weight_decay, momentum)
   loss_fn = functools.partial(cross_entropy, model)
   if mesh is not None:
     summed = parallel.sharded_sum(
@@ -83,8 +93,8 @@ def _train_step(num_classes: int, width: int, depth: int, norm: str,
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def step(p, s, lr, k, xb, yb, step):
-    xb = augment.augment(jax.random.fold_in(k, -1 - step), xb,
-                         cfg.strategy, per_image=True)
+    xb = augment.augment(jax.random.fold_in(k, -1 - step), xb, strategy,
+                         per_image=True)
     if mesh is None:
       grads = jax.grad(loss_fn)(p, xb, yb)
     else:  # mean gradient = (sum over devices of local sums) / batch
@@ -138,8 +148,7 @@ def train_one(key: jax.Array, x, y, *, model: ConvNet, cfg: EvalConfig,
   batch = min(cfg.batch_size, n)
   steps_per_epoch = math.ceil(n / batch)
   total = training_steps(n, cfg, epochs)
-  step_fn, opt = _train_step(model.num_classes, model.width, model.depth,
-                             model.norm, model.conv_impl, cfg, mesh)
+  step_fn, opt = _train_step(model, cfg, mesh)
   save_at = {round(total * (i + 1) / num_checkpoints)
              for i in range(num_checkpoints)}
   params = init_params(model, key, x.shape[1:])

@@ -66,11 +66,16 @@ def test_pool_and_evaluation_training_share_one_compiled_step(monkeypatch):
   step's body (its augmentation) is traced once."""
   from dpgeng_jax import augment, evaluate
   traces = _counting(monkeypatch, augment, "augment")
-  evaluate._train_step.cache_clear()
-  cfg = evaluate.EvalConfig(batch_size=16, epochs=2)
+  evaluate._step_for.cache_clear()
+  # the pool's and the evaluation's configurations differ in what the
+  # step does not compute
+  cfgs = (evaluate.EvalConfig(batch_size=16, epochs=2),
+          evaluate.EvalConfig(batch_size=16, epochs=5, num_models=1,
+                              learning_rate=0.03),
+          evaluate.EvalConfig(batch_size=16, epochs=1, num_models=3))
   model = models.ConvNet(num_classes=3, width=4, depth=2)
   rng = np.random.default_rng(0)
-  for n, epochs in ((40, 2), (72, 1), (17, 3)):
+  for (n, epochs), cfg in zip(((40, 2), (72, 1), (17, 3)), cfgs):
     x = rng.normal(size=(n, 8, 8, 1)).astype(np.float32)
     evaluate.train_one(jax.random.key(n), x, np.arange(n) % 3, model=model,
                        cfg=cfg, epochs=epochs)
@@ -88,7 +93,7 @@ def test_rate_outside_the_step_equals_optax_sgd_with_the_schedule():
       optax.piecewise_constant_schedule(cfg.learning_rate,
                                         {total // 2: 0.1}),
       momentum=cfg.momentum))
-  ours = evaluate._optimizer(cfg)
+  ours = evaluate._optimizer(cfg.weight_decay, cfg.momentum)
   p = {"w": jnp.arange(5.0)}
   pr, po = p, p
   sr, so = ref.init(p), ours.init(p)
