@@ -78,8 +78,9 @@ class Config:
   centre_features: str = _f(
       "auto", "subtract a public centre from each query's embeddings before "
       "clipping (generated: the generated data's mean embedding under the "
-      "same extractor and augmentation; none: as NDPDC; auto: none for now, "
-      "see dpgeng_jax/extractors.py)", "method", choices=CENTRES)
+      "same extractor and augmentation; none: as NDPDC; auto: generated "
+      "for dpgeng, none otherwise; dpgeng_jax/extractors.py)", "method",
+      choices=CENTRES)
   factor: int = _f(0, "multi-formation factor f in {1, 2} (0: 2 for images "
                    ">= 16 px, else 1)", "method")
   generator: str = _f("pe:text", "DP generator: pe:text (Private "

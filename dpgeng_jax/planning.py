@@ -159,7 +159,9 @@ def resolve(cfg: Config, image_shape=None,
   ext = cfg.extractors
   if ext == "auto":
     ext = "generated" if cfg.method == "dpgeng" else "random"
-  centre = "none" if cfg.centre_features == "auto" else cfg.centre_features
+  centre = cfg.centre_features
+  if centre == "auto":  # centred wherever generated data exists
+    centre = "generated" if cfg.method == "dpgeng" else "none"
   if cfg.method in ("generator", "dm"):
     centre = "none"  # no clipped queries (generator) or C = inf (dm)
   size = min(image_shape[:2]) if image_shape is not None else None

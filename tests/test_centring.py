@@ -103,7 +103,9 @@ def test_both_sides_of_a_centred_query_clip_the_same_centred_embedding():
 
 
 def test_plan_resolves_the_centre():
-  assert planning.resolve(Config()).centre == "none"
+  assert planning.resolve(Config()).centre == "generated"
+  assert planning.resolve(Config(centre_features="none")).centre == "none"
+  assert planning.resolve(Config(method="ndpdc")).centre == "none"
   p = planning.resolve(Config(method="ndpdc", centre_features="generated"))
   assert p.centre == "generated" and p.uses_generated
   assert planning.resolve(Config(method="dm",
