@@ -355,9 +355,10 @@ def query_plan(run: Run, pool_: Pool | None,
   embed = models.embed_fn(model)
   if run.plan.centre == "generated" and run.plan.feature_matching:
     t0 = time.time()
+    x_gen = gen.class_major[:, :extractors.CENTRE_IMAGES]
     centres = extractors.generated_centres(
-        ext, embed, run.keys.query, gen.class_major[:, :extractors.CENTRE_IMAGES],
-        run.cfg.num_queries, run.cfg.strategy)
+        ext, embed, run.keys.query, x_gen, run.cfg.num_queries,
+        run.cfg.strategy)
     ext, embed = (extractors.centred(ext, centres),
                   extractors.centred_embed(embed))
     run.timed("extractor_pool_s", t0)
