@@ -101,7 +101,7 @@ def stage_flops(cfg: Config, plan, image_shape, num_train: int,
   uses_pool = plan.extractors == "generated" and n_gen
   out["extractor_pool"] = (cfg.pool_models * _examples(n_gen, cfg.pool_epochs)
                            * TRAIN * fwd) if uses_pool else 0.0
-  if plan.centre == "generated" and plan.feature_matching:
+  if plan.centre == "generated":
     # the queries' centres: a forward of Q x K x (at most CENTRE_IMAGES)
     # generated images
     from dpgeng_jax.extractors import CENTRE_IMAGES

@@ -24,9 +24,8 @@ synthetic side (distillation) call it with the same arguments.
 
 from __future__ import annotations
 
-from typing import Any, Callable
-
 import math
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -120,4 +119,4 @@ def generated_centres(pool: Pool, embed_fn, public_key: jax.Array,
                                           math.inf)
     return jnp.mean(means, axis=0)
 
-  return jax.lax.map(jax.jit(one), jnp.arange(num_queries))
+  return jax.lax.map(one, jnp.arange(num_queries))

@@ -124,7 +124,7 @@ class Plan:
   read)."""
   init: str
   extractors: str
-  centre: str      # generated | none: the queries' embedding centre
+  centre: str  # generated | none: the queries' centre (generated only with queries)
   factor: int
   depth: int
   uses_generated: bool
@@ -163,7 +163,7 @@ def resolve(cfg: Config, image_shape=None,
   if centre == "auto":  # centred wherever generated data exists
     centre = "generated" if cfg.method == "dpgeng" else "none"
   if cfg.method in ("generator", "dm"):
-    centre = "none"  # no clipped queries (generator) or C = inf (dm)
+    centre = "none"  # no queries (generator) or C = inf (dm)
   size = min(image_shape[:2]) if image_shape is not None else None
   factor = cfg.factor or (init_lib.default_factor(size) if size else 0)
   if cfg.method in ("generator", "dm"):

@@ -353,7 +353,7 @@ def query_plan(run: Run, pool_: Pool | None,
          if run.plan.extractors == "generated"
          else extractors.random_pool(model, run.image_shape))
   embed = models.embed_fn(model)
-  if run.plan.centre == "generated" and run.plan.feature_matching:
+  if run.plan.centre == "generated":
     t0 = time.time()
     x_gen = gen.class_major[:, :extractors.CENTRE_IMAGES]
     centres = extractors.generated_centres(
@@ -505,8 +505,8 @@ def init(run: Run, gen: Generated | None, pool_: Pool | None,
     images = jnp.asarray(run.load("init")[0]["images"])
   else:
     if plan.init == "generated" or cfg.method == "generator":
-      embed = lambda xb: models.embed_fn(extractor_model(run))(
-          pool_.trained, xb)
+      embed_net = models.embed_fn(extractor_model(run))
+      embed = lambda xb: embed_net(pool_.trained, xb)
       chosen = init_lib.select_per_class(run.keys.init, embed,
                                          gen.class_major, m * f * f)
       images = init_lib.encode(chosen, f)
@@ -711,7 +711,7 @@ def report(run: Run, budget: Budget, sizes,
                  cfg.epsilon, budget.events, budget.log_tail)}
     if queries is not None:
       abort["query_capacity_per_class"] = queries.spec.capacity
-  if plan.centre == "generated" and plan.feature_matching:
+  if plan.centre == "generated":
     notes.append("Each query clips embeddings minus a public centre (the "
                  "generated data's mean embedding under that query's "
                  "extractor and augmentation): L2 sensitivity still C")
