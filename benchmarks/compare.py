@@ -12,7 +12,7 @@ G(enerator) / F(eature matching) / E(xpert), and the expert's test accuracy).
 `--report` prints the table again from the runs in --out.
   --set full (default): at each --epsilon, dpgeng and its three ablations
     (noise init instead of generated init, random instead of generated
-    extractors, no expert), ndpdc and the generator-only baseline; then dm
+    extractors, with the expert), ndpdc and the generator-only baseline; then dm
     (non-private) with --references (random real subset, full training set).
     About 45 min for digits on 2 CPU cores.
   --set main: the same without the two ablations of init and extractors.
@@ -49,7 +49,7 @@ def main():
                (f"dpgeng-noise-init, eps {e}", [*dp, "--init", "noise"]),
                (f"dpgeng-random-extractors, eps {e}",
                 [*dp, "--extractors", "random"]),
-               (f"dpgeng-no-expert, eps {e}", [*dp, "--no-expert"]),
+               (f"dpgeng-expert, eps {e}", [*dp, "--expert"]),
                (f"ndpdc, eps {e}", ["--method", "ndpdc"]),
                (f"generator, eps {e}", ["--method", "generator"])]
       if args.set == "main":  # without the init and extractor ablations

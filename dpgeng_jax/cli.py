@@ -43,6 +43,10 @@ def _add_config_options(parser: argparse.ArgumentParser,
     if f.type in ("bool", bool):
       g.add_argument(_flag(f.name), dest=f.name, action="store_true",
                      default=default, help=help_text)
+      if f.name == "expert":  # the default since the expert went off
+        g.add_argument("--no-expert", dest=f.name, action="store_false",
+                       default=default, help="no DP expert (the default; "
+                       "accepted for older commands)")
       continue
     typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
     g.add_argument(_flag(f.name), dest=f.name, type=typ, default=default,

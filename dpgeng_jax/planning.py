@@ -168,7 +168,7 @@ def resolve(cfg: Config, image_shape=None,
   factor = cfg.factor or (init_lib.default_factor(size) if size else 0)
   if cfg.method in ("generator", "dm"):
     factor = 1
-  expert = cfg.method == "dpgeng" and not cfg.no_expert
+  expert = cfg.method == "dpgeng" and cfg.expert
   uses_generated = (cfg.method == "generator" or init == "generated"
                     or ext == "generated" or expert
                     or centre == "generated")

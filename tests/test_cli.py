@@ -182,7 +182,7 @@ GEN_TINY = ["--pe-iterations", "1", "--pe-population", "4",
             "--generator-steps", "5", "--generator-features", "20",
             "--generated-per-class", "8", "--pool-models", "1",
             "--pool-checkpoints", "2", "--pool-epochs", "1",
-            "--expert-steps", "3"]
+            "--expert-steps", "3", "--expert"]
 
 
 def test_dpgeng_with_merf_generator_and_factor_two(tmp_path):
@@ -212,13 +212,18 @@ def test_dpgeng_with_merf_generator_and_factor_two(tmp_path):
   assert config["resolved"]["extractors"] == "generated"
 
 
-def test_no_expert_ablation_drops_the_expert_mechanism(tmp_path):
+@pytest.mark.parametrize("flags", [[], ["--expert", "--no-expert"]])
+def test_the_expert_is_off_by_default_and_no_expert_still_reads(tmp_path,
+                                                                flags):
+  assert Config().expert is False
   out = tmp_path / "run"
-  assert _run(["--out", str(out), "--method", "dpgeng", "--no-expert",
-               "--no-eval", "--deterministic", *GEN_TINY, *TINY]) == 0
+  no_flag = [a for a in GEN_TINY if a != "--expert"]
+  assert _run(["--out", str(out), "--method", "dpgeng", *flags,
+               "--no-eval", "--deterministic", *no_flag, *TINY]) == 0
   priv = json.loads((out / "privacy.json").read_text())
   assert [m["name"] for m in priv["mechanisms"]] == [
       "class_counts", "generator", "feature_matching"]
+  assert json.loads((out / "config.json").read_text())["expert"] is False
 
 
 def test_generator_only_baseline_spends_budget_on_generation_only(tmp_path):
@@ -298,12 +303,15 @@ def test_external_guarantee_larger_than_target_is_refused(tmp_path, capsys):
   assert not out.exists()
 
 
-def test_default_method_is_the_full_dpgeng(capsys):
+def test_default_method_is_dpgeng_without_the_expert(capsys):
   assert Config().method == "dpgeng"
   assert cli.main(["plan", "--epsilon", "1"]) == 0
   out = capsys.readouterr().out
-  for name in ("generator", "feature_matching", "expert"):
-    assert name in out
+  lines = out.splitlines()
+  start = next(i for i, l in enumerate(lines) if l.startswith("mechanism"))
+  end = next(i for i, l in enumerate(lines) if l.startswith("composed"))
+  assert [l.split()[0] for l in lines[start + 1:end]] == [
+      "class_counts", "generator", "feature_matching"]
 
 
 def test_plan_reads_no_data_and_prints_the_allocation(monkeypatch, capsys):
@@ -315,7 +323,7 @@ def test_plan_reads_no_data_and_prints_the_allocation(monkeypatch, capsys):
   monkeypatch.setattr(data_lib, "load_dataset", no_data)
   assert cli.main(["plan", "--method", "dpgeng", "--epsilon", "2",
                    "--dataset", "npz:/does/not/exist.npz", "--num-queries",
-                   "5", "--expert-steps", "10"]) == 0
+                   "5", "--expert-steps", "10", "--expert"]) == 0
   out = capsys.readouterr().out
   for name in ("generator", "feature_matching", "expert"):
     assert name in out

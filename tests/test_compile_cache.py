@@ -21,7 +21,7 @@ SMALL = ["--ipc", "1", "--steps", "2", "--num-queries", "2",
          "--eval-epochs", "1", "--pe-iterations", "1", "--pe-population",
          "4", "--pe-width", "4", "--generated-per-class", "4",
          "--pool-models", "1", "--pool-checkpoints", "1", "--pool-epochs",
-         "1", "--expert-steps", "2", "--quiet"]
+         "1", "--expert-steps", "2", "--expert", "--quiet"]
 
 
 def _entries(cache_dir):

@@ -38,6 +38,7 @@ def test_stage_flops_follow_the_configuration():
   assert _flops(no_eval=True)["evaluation"] == 0
   nd = _flops(method="ndpdc")
   assert nd["generation"] == nd["extractor_pool"] == nd["expert"] == 0
+  assert base["expert"] == 0 < _flops(expert=True)["expert"]
   assert nd["queries"] == pytest.approx(base["queries"])
   assert base["pe_api_samples"] == (10 + 1) * 10 * 100 + 10 * 200
   assert _flops(generator="merf")["generation"] > 0

@@ -23,7 +23,7 @@ GEN_TINY = ["--pe-iterations", "1", "--pe-population", "4",
             "--generator-steps", "5", "--generator-features", "20",
             "--generated-per-class", "8", "--pool-models", "1",
             "--pool-checkpoints", "2", "--pool-epochs", "1",
-            "--expert-steps", "2"]
+            "--expert-steps", "2", "--expert"]
 # Distinctive class sizes: none of them (nor N) is a hyperparameter value.
 SIZES = (97, 113, 89, 131)
 
@@ -263,7 +263,7 @@ def test_private_data_is_never_a_constant_of_a_compiled_program(
                generator_features=8, generated_per_class=8, pool_models=1,
                pe_iterations=1, pe_population=4,
                pool_checkpoints=2, pool_epochs=1, expert_steps=2,
-               no_eval=True, quiet=True)
+               expert=True, no_eval=True, quiet=True)
   pipeline.run(cfg, dataset=ds)
   assert len(blobs) > 10
   for blob in blobs:

@@ -22,7 +22,7 @@ FLAGS = ["--method", "dpgeng", "--ipc", "1", "--steps", "6",
          "4", "--generator-steps", "3",
          "--generator-features", "16", "--generated-per-class", "4",
          "--pool-models", "1", "--pool-checkpoints", "1", "--pool-epochs",
-         "1", "--expert-steps", "2", "--deterministic", "--quiet"]
+         "1", "--expert-steps", "2", "--expert", "--deterministic", "--quiet"]
 MECHANISMS = ("class_counts", "generator", "queries", "expert")
 
 

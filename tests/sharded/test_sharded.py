@@ -248,7 +248,7 @@ def test_whole_dpgeng_run_on_8_devices_matches_one_device(tmp_path):
           "--generator-features", "20", "--generated-per-class", "8",
           "--pe-iterations", "2", "--pe-population", "6",
           "--pool-models", "1", "--pool-checkpoints", "2", "--pool-epochs",
-          "1", "--expert-steps", "2", "--quiet"]
+          "1", "--expert-steps", "2", "--expert", "--quiet"]
   outs = {}
   for devices in (1, 8):
     out = tmp_path / f"d{devices}"
@@ -291,7 +291,8 @@ def test_fewer_devices_than_the_process_has_sample_without_overflow(
                    "--generator-steps", "3", "--generator-features", "8",
                    "--generated-per-class", "8", "--pool-models", "1",
                    "--pool-checkpoints", "2", "--pool-epochs", "1",
-                   "--expert-steps", "2", "--quiet", "--out", str(out)]) == 0
+                   "--expert-steps", "2", "--expert", "--quiet", "--out",
+                   str(out)]) == 0
   import json
   priv = json.loads((out / "privacy.json").read_text())
   assert priv["private"] is True
