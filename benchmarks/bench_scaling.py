@@ -360,7 +360,6 @@ def part_b(args, notes):
 
 def child(args) -> int:
   """Runs in a subprocess with XLA_FLAGS / JAX_PLATFORMS already set."""
-  import functools  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel

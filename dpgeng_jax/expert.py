@@ -29,7 +29,7 @@ import numpy as np
 import optax
 
 from dpgeng_jax import clipping, evaluate, mechanisms, parallel, pergrad
-from dpgeng_jax.models import ConvNet, cross_entropy
+from dpgeng_jax.models import ConvNet
 
 
 @dataclasses.dataclass(frozen=True)

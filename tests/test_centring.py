@@ -12,7 +12,6 @@ import pytest
 from dpgeng_jax import distill, extractors, models, pipeline, planning
 from dpgeng_jax.clipping import clip_rows, clipped_class_sums
 from dpgeng_jax.config import Config
-from dpgeng_jax.data import load_dataset
 
 SHAPE = (8, 8, 1)
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpgeng_jax.clipping import (ClippedClassSum, class_sums, clip_rows,
+from dpgeng_jax.clipping import (ClippedClassSum, clip_rows,
                                  clip_vector, clipped_class_sums)
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from dpgeng_jax import augment, distill, extractors
 from dpgeng_jax.clipping import clip_rows
-from dpgeng_jax.models import ConvNet, embed_fn, init_params
+from dpgeng_jax.models import ConvNet, embed_fn
 
 K, IPC, SHAPE = 3, 2, (8, 8, 1)
 

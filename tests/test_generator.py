@@ -1,6 +1,5 @@
 """DP-MERF's release (generators/merf.py) and external generated data."""
 
-import math
 
 import jax
 import jax.numpy as jnp
