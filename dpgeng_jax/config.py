@@ -163,6 +163,11 @@ class Config:
                      "(default the class index as a digit)", "method")
   pe_font_dir: str = _f("", "text API: a directory of extra .ttf/.otf fonts "
                         "(besides matplotlib's)", "method")
+  pe_stroke_fonts: bool = _f(False, "text API: also draw with the Hershey "
+                             "single-stroke fonts (pen paths drawn with a "
+                             "pen width of the simulator's: handwriting-"
+                             "like; measured no gain on our digits)",
+                             "method")
   pe_polarity: str = _f("light", "text API: light ink on a dark ground, "
                         "dark on light, or both", "method",
                         choices=("light", "dark", "both"))

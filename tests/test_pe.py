@@ -11,6 +11,7 @@ from scipy import stats
 
 from dpgeng_jax import accounting, noise
 from dpgeng_jax.generators import apis, pe
+from dpgeng_jax.generators.apis import strokes
 from dpgeng_jax.generators.apis.nearest import NearestAPI
 from dpgeng_jax.generators.apis.text import TextAPI, TextConfig
 
@@ -252,6 +253,53 @@ def test_text_api_polarity():
   lab = np.zeros(20, np.int32)
   assert (dark.random(jax.random.key(0), lab).images.mean()
           > light.random(jax.random.key(0), lab).images.mean() + 0.3)
+
+
+def _stroke_only(shape):
+  """A text API with the stroke fonts, restricted to them."""
+  api = TextAPI(shape, 10, TextConfig(stroke_fonts=True))
+  api.fonts = [f for f in api.fonts if strokes.is_stroke_font(f)]
+  return api
+
+
+def test_stroke_fonts_join_the_outline_fonts_when_asked():
+  both = TextAPI((16, 16, 1), 10, TextConfig(stroke_fonts=True))
+  outline = TextAPI((16, 16, 1), 10)
+  stroke = [f for f in both.fonts if strokes.is_stroke_font(f)]
+  assert len(stroke) >= 8
+  assert not any(strokes.is_stroke_font(f) for f in outline.fonts)
+  assert len(both.fonts) == len(outline.fonts) + len(stroke)
+  # A character no stroke font draws leaves only the outline fonts.
+  assert strokes.usable(["\u03bb"]) == []
+
+
+def test_stroke_font_samples_render_the_class_glyph():
+  from sklearn.svm import SVC
+  api = _stroke_only((16, 16, 1))
+  labels = np.repeat(np.arange(10, dtype=np.int32), 100)
+  train = api.random(jax.random.key(0), labels)
+  test = api.random(jax.random.key(1), labels)
+  assert train.images.min() >= 0 and train.images.max() <= 1
+  clf = SVC(C=10.0).fit(train.images.reshape(len(labels), -1), labels)
+  assert clf.score(test.images.reshape(len(labels), -1), labels) > 0.7
+
+
+def test_a_wider_pen_puts_down_more_ink():
+  api = _stroke_only((28, 28, 1))
+  s = api.random(jax.random.key(0), np.arange(10, dtype=np.int32))
+  ink = []
+  for stroke in (0.0, 0.03, 0.06):
+    state = dict(s.state, stroke=np.full(10, stroke),
+                 blur=np.zeros(10), elastic=np.zeros(10))
+    ink.append(api.render(s.labels, state).sum())
+  assert ink[0] < ink[1] < ink[2]
+
+
+def test_stroke_glyph_spans_the_asked_height_with_a_margin():
+  img = np.asarray(strokes.draw(strokes.PREFIX + "futural", "7", 40, 3))
+  rows = np.flatnonzero(img.max(1) > 0)
+  assert rows[0] >= 1 and img.shape[0] - 1 - rows[-1] >= 1
+  assert abs((rows[-1] - rows[0] + 1) - 40) <= 2
 
 
 # ---------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import os
 import jax
 import numpy as np
 
-from dpgeng_jax.generators.apis import Samples, numpy_rng
+from dpgeng_jax.generators.apis import Samples, numpy_rng, strokes
 
 # matplotlib fonts that have digit glyphs but draw something else for them
 # (a code-point placeholder, TeX symbol and extension encodings).
@@ -41,9 +41,12 @@ def shipped_font_files() -> list[str]:
                                        "fonts", "ttf", "*.ttf")))
 
 
-def usable_fonts(texts, font_dir: str = "") -> list[str]:
+def usable_fonts(texts, font_dir: str = "",
+                 stroke_fonts: bool = False) -> list[str]:
   """Font files that have a glyph for every character of `texts`: the
-  shipped ones and any .ttf/.otf under `font_dir`."""
+  shipped ones, any .ttf/.otf under `font_dir` and, with `stroke_fonts`,
+  the Hershey stroke fonts that draw them (`strokes`, named
+  "hershey:NAME")."""
   from matplotlib.ft2font import FT2Font
   files = [f for f in shipped_font_files()
            if not any(s in os.path.basename(f) for s in _NOT_TEXT)]
@@ -62,6 +65,8 @@ def usable_fonts(texts, font_dir: str = "") -> list[str]:
       continue
     if all(font.get_char_index(ord(ch)) != 0 for ch in chars):
       usable.append(f)
+  if stroke_fonts:
+    usable += strokes.usable(texts)
   if not usable:
     raise ValueError(f"no font has glyphs for all of {''.join(chars)!r}; "
                      "give a --pe-font-dir with suitable fonts")
@@ -82,6 +87,9 @@ class TextConfig:
   elastic: tuple = (0.0, 0.06)   # displacement amplitude / canvas
   blur: tuple = (0.0, 0.03)      # Gaussian sigma / canvas
   polarity: str = "light"        # light ink on dark, dark on light, both
+  stroke_fonts: bool = False     # also the Hershey single-stroke fonts
+  pen: float = 0.08              # stroke fonts: pen width / glyph height
+                                 # is pen + 2 x stroke
 
 
 class TextAPI:
@@ -102,7 +110,7 @@ class TextAPI:
     if cfg.polarity not in POLARITIES:
       raise ValueError(f"polarity must be one of {POLARITIES}")
     self.cfg, self.texts = cfg, texts
-    self.fonts = usable_fonts(texts, cfg.font_dir)
+    self.fonts = usable_fonts(texts, cfg.font_dir, cfg.stroke_fonts)
     # Rendered at 2-4x the data's resolution, at least 32 px.
     self.scale = max(2, math.ceil(32 / max(h, w)))
     self.canvas = (h * self.scale, w * self.scale)
@@ -193,14 +201,24 @@ class TextAPI:
     ch, cw = self.canvas
     text = self.texts[label]
     size = max(4, int(round(float(p["size"]) * ch)))
-    font = self._font(int(p["font"]), size)
-    stroke = int(round(float(p["stroke"]) * ch))
-    l, t, r, b = ImageDraw.Draw(Image.new("L", (1, 1))).textbbox(
-        (0, 0), text, font=font, stroke_width=stroke)
-    gw, gh = max(1, r - l), max(1, b - t)
-    glyph = Image.new("L", (gw + 4, gh + 4), 0)
-    ImageDraw.Draw(glyph).text((2 - l, 2 - t), text, fill=255, font=font,
-                               stroke_width=stroke, stroke_fill=255)
+    name = self.fonts[int(p["font"])]
+    if strokes.is_stroke_font(name):
+      # Paths scaled to a digit's height in an outline font of this size.
+      height = max(3, int(round(0.72 * size)))
+      pen = max(1, int(round((self.cfg.pen + 2 * float(p["stroke"]))
+                             * height)))
+      glyph = strokes.draw(name, text, height, pen)
+      gw, gh = glyph.size[0] - 4, glyph.size[1] - 4
+    else:
+      font = self._font(int(p["font"]), size)
+      stroke = int(round(float(p["stroke"]) * ch))
+      l, t, r, b = ImageDraw.Draw(Image.new("L", (1, 1))).textbbox(
+          (0, 0), text, font=font, stroke_width=stroke)
+      gw, gh = max(1, r - l), max(1, b - t)
+      glyph = Image.new("L", (gw + 4, gh + 4), 0)
+      ImageDraw.Draw(glyph).text((2 - l, 2 - t), text, fill=255,
+                                 font=font, stroke_width=stroke,
+                                 stroke_fill=255)
     # Output -> glyph coordinates: the inverse of shift . rotate . shear .
     # fit (wide strings are shrunk to the canvas width).
     aspect = float(p.get("aspect", 1.0))
