@@ -33,6 +33,8 @@ def table(run: str) -> str:
            "|---|---|---|---|---|---|---|---|"]
   for key, stage in names.items():
     m, e = t.get(key), est["stages_s"].get(key)
+    if m is None:  # a stage this run did not have (the expert when off)
+      continue
     fl = est["flops"][stage]
     ach = fl / m if m else 0.0
     lines.append(
