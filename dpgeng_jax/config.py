@@ -63,8 +63,9 @@ class Config:
                         "the dataset: 10 for digits, the TFDS label "
                         "feature, for npz the largest training label + 1; "
                         "the report says which)", "method")
-  method: str = _f("dpgeng", "dpgeng: DP-generated data for init and "
-                   "extractors, DP feature matching and the DP expert; "
+  method: str = _f("dpgeng", "dpgeng: DP-generated data for the init "
+                   "and the queries' centres, DP feature matching (and, "
+                   "asked for, generated extractors and the DP expert); "
                    "ndpdc: random extractors, noise init (DP); generator: "
                    "IPC images per class selected from the DP-generated "
                    "data by k-means; dm: distribution matching, NOT "
@@ -73,7 +74,9 @@ class Config:
                  "generated for dpgeng, real for dm, noise for ndpdc)",
                  "method", choices=INITS)
   extractors: str = _f("auto", "extractor pool of the queries (auto: "
-                       "generated for dpgeng, random otherwise)", "method",
+                       "random, a fresh random ConvNet per query, measured "
+                       "better than ConvNets trained on generated data; "
+                       "generated: the pool trained on it)", "method",
                        choices=EXTRACTORS)
   centre_features: str = _f(
       "auto", "subtract a public centre from each query's embeddings before "
@@ -182,7 +185,8 @@ class Config:
   generated_per_class: int = _f(200, "generated images per class to "
                                 "sample (k-means pool)", "method")
   pool_models: int = _f(2, "ConvNets trained on generated data for the "
-                        "extractor pool", "method")
+                        "extractor pool (with --extractors generated; "
+                        "otherwise one, for the k-means init)", "method")
   pool_checkpoints: int = _f(2, "checkpoints kept per pool ConvNet",
                              "method")
   pool_epochs: int = _f(30, "training epochs of each pool ConvNet",

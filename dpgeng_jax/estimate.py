@@ -29,6 +29,7 @@ import math
 import os
 import time
 
+from dpgeng_jax import planning
 from dpgeng_jax.config import Config
 
 TRAIN = 3.0  # forward + backward ~ 3 forward passes
@@ -98,9 +99,9 @@ def stage_flops(cfg: Config, plan, image_shape, num_train: int,
                          * TRAIN * (feat + mlp))
   else:
     out["generation"] = 0.0
-  uses_pool = plan.extractors == "generated" and n_gen
-  out["extractor_pool"] = (cfg.pool_models * _examples(n_gen, cfg.pool_epochs)
-                           * TRAIN * fwd) if uses_pool else 0.0
+  members = planning.pool_members(cfg, plan) if n_gen else 0
+  out["extractor_pool"] = (members * _examples(n_gen, cfg.pool_epochs)
+                           * TRAIN * fwd) if members else 0.0
   if plan.centre == "generated":
     # the queries' centres: a forward of Q x K x (at most CENTRE_IMAGES)
     # generated images

@@ -316,7 +316,8 @@ class Pool:
 
 
 def pool(run: Run, gen: Generated | None) -> Pool | None:
-  if gen is None:
+  members = planning.pool_members(run.cfg, run.plan)
+  if gen is None or not members:
     return None
   cfg, t0 = run.cfg, time.time()
   if run.done("pool"):
@@ -324,13 +325,13 @@ def pool(run: Run, gen: Generated | None) -> Pool | None:
   else:
     pcfg = dataclasses.replace(eval_config(cfg, run.plan.depth),
                                width=cfg.extractor_width)
-    total = cfg.pool_models * evaluate.training_steps(len(gen.x_norm), pcfg,
-                                                      cfg.pool_epochs)
+    total = members * evaluate.training_steps(len(gen.x_norm), pcfg,
+                                              cfg.pool_epochs)
     with tqdm(total=total, desc="extractor pool (generated data)",
               disable=cfg.quiet) as bar:
       params = extractors.train_generated_pool(
           run.keys.pool, gen.x_norm, gen.y, num_classes=run.num_classes,
-          model=extractor_model(run), num_models=cfg.pool_models,
+          model=extractor_model(run), num_models=members,
           epochs=cfg.pool_epochs, checkpoints=cfg.pool_checkpoints,
           cfg=pcfg, progress=bar.update, mesh=run.train_mesh)
     run.save("pool", trees={"pool": params})

@@ -209,7 +209,7 @@ def test_dpgeng_with_merf_generator_and_factor_two(tmp_path):
   assert (out / "generated_grid.png").exists()
   config = json.loads((out / "config.json").read_text())
   assert config["resolved"]["init"] == "generated"
-  assert config["resolved"]["extractors"] == "generated"
+  assert config["resolved"]["extractors"] == "random"
 
 
 @pytest.mark.parametrize("flags", [[], ["--expert", "--no-expert"]])

@@ -42,6 +42,14 @@ def test_stage_flops_follow_the_configuration():
   assert nd["queries"] == pytest.approx(base["queries"])
   assert base["pe_api_samples"] == (10 + 1) * 10 * 100 + 10 * 200
   assert _flops(generator="merf")["generation"] > 0
+  # The pool: pool_models ConvNets for generated extractors, one for the
+  # k-means init with random ones (the default), none when unused.
+  centres = _flops(pool_models=3, centre_features="none")
+  gen_ext = _flops(pool_models=3, centre_features="none",
+                   extractors="generated")
+  assert gen_ext["extractor_pool"] == pytest.approx(
+      3 * centres["extractor_pool"]) and centres["extractor_pool"] > 0
+  assert _flops(init="noise", centre_features="none")["extractor_pool"] == 0
 
 
 def test_machine_rate_is_measured_once_and_cached(tmp_path, monkeypatch):

@@ -1,0 +1,33 @@
+"""Resolution of `auto` options and what the pool stage trains."""
+
+import pytest
+
+from dpgeng_jax import planning
+from dpgeng_jax.config import Config
+
+SHAPE = (8, 8, 1)
+
+
+def _members(**kw):
+  cfg = Config(**kw)
+  return planning.pool_members(cfg, planning.resolve(cfg, SHAPE))
+
+
+def test_dpgeng_queries_use_random_extractors_by_default():
+  plan = planning.resolve(Config(), SHAPE)
+  assert plan.extractors == "random" and plan.init == "generated"
+  assert plan.centre == "generated"
+  assert planning.resolve(Config(extractors="generated"),
+                          SHAPE).extractors == "generated"
+
+
+@pytest.mark.parametrize("kw, members", [
+    ({}, 1),                                      # the k-means init's embedding
+    ({"extractors": "generated", "pool_models": 3}, 3),
+    ({"init": "noise"}, 0),                       # nothing uses a trained net
+    ({"init": "noise", "expert": True}, 1),       # the expert's pretraining
+    ({"method": "generator"}, 1),
+    ({"method": "ndpdc"}, 0),
+])
+def test_the_pool_trains_only_the_networks_a_run_uses(kw, members):
+  assert _members(**kw) == members
