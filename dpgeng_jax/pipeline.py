@@ -24,7 +24,7 @@ from dpgeng_jax import generators, mechanisms, outputs, parallel, stages
 from dpgeng_jax import estimate as estimate_lib
 from dpgeng_jax import presets, progress as progress_lib, report as report_lib
 from dpgeng_jax.generators.external import External
-from dpgeng_jax import store as store_lib
+from dpgeng_jax import planning, store as store_lib
 from dpgeng_jax.config import Config
 from dpgeng_jax.errors import ConfigError
 # The plan of a configuration (reads no data), re-exported: pipeline is
@@ -147,9 +147,9 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
   if store is not None:
     data_id = store_lib.fingerprint(ds.x_train, ds.y_train, ds.num_classes)
     if store.exists():
-      store.check(_resume_view(cfg), data_id)
+      store.check(_resume_view(cfg), data_id, planning.choices(plan))
     else:
-      store.start(_resume_view(cfg), data_id)
+      store.start(_resume_view(cfg), data_id, planning.choices(plan))
 
   # Keys: the public key governs init, extractors, augmentation and the
   # generator's network; the secret key (OS entropy) governs sampling and

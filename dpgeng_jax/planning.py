@@ -145,6 +145,14 @@ class Plan:
             or self.expert)
 
 
+def choices(plan: Plan) -> dict:
+  """What the `auto` options resolved to: a resumed run must resolve them
+  the same way (a newer version may change a default; store.check)."""
+  return {"init": plan.init, "extractors": plan.extractors,
+          "centre": plan.centre, "factor": plan.factor, "depth": plan.depth,
+          "expert": plan.expert, "generator": plan.generator}
+
+
 def pool_members(cfg: Config, plan: Plan) -> int:
   """ConvNets the pool stage trains on generated data: the pool when the
   queries use it (`--extractors generated`); otherwise one, whose last

@@ -92,16 +92,35 @@ class StageStore:
     outputs.atomic_write(self.path, lambda f: json.dump(
         self._state, f, indent=2, default=_plain))
 
-  def start(self, config: dict, data: dict) -> None:
-    """A new run: records its configuration and data fingerprint."""
+  def start(self, config: dict, data: dict,
+            resolved: dict | None = None) -> None:
+    """A new run: records its configuration, data fingerprint and what its
+    `auto` options resolved to (planning.choices)."""
     self._state = {"format": FORMAT, "config": config, "data": data,
-                   "finished": [], "info": {}}
+                   "resolved": resolved, "finished": [], "info": {}}
     self._write_state()
 
-  def check(self, config: dict, data: dict | None = None) -> None:
-    """Refuses a resumption whose configuration (outside RESUME_FREE) or
-    data differ from the saved run's."""
+  def check(self, config: dict, data: dict | None = None,
+            resolved: dict | None = None) -> None:
+    """Refuses a resumption whose configuration (outside RESUME_FREE),
+    data or resolved `auto` options differ from the saved run's."""
     saved = self.state()
+    if resolved is not None and saved.get("resolved") != resolved:
+      was = saved.get("resolved")
+      if was is None:
+        raise ConfigError(
+            "--resume: that run was saved by an older dpgeng_jax, which "
+            "does not record what its `auto` options resolved to (a "
+            "default may have changed since); finish it with that "
+            "version or start afresh")
+      raise ConfigError(
+          "--resume: the saved run's `auto` options resolved differently "
+          "(a default changed since it started): " + ", ".join(
+              f"{k} (saved {was.get(k)!r}, now {resolved.get(k)!r})"
+              for k in sorted(set(was) | set(resolved))
+              if was.get(k) != resolved.get(k))
+          + "; finish it with the version that started it or start "
+          "afresh")
     diff = sorted(k for k in set(saved["config"]) | set(config)
                   if k not in RESUME_FREE
                   and saved["config"].get(k) != config.get(k))

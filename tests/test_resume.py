@@ -148,6 +148,28 @@ def test_resume_refuses_options_that_change_the_guarantee_or_a_release(
   assert _visible(out) == []
 
 
+@pytest.mark.parametrize("saved, message", [
+    ({"extractors": "generated"}, "extractors (saved 'generated', now "
+                                  "'random')"),
+    (None, "saved by an older dpgeng_jax"),
+])
+def test_resume_refuses_a_run_whose_auto_options_resolved_otherwise(
+    tmp_path, monkeypatch, capsys, saved, message):
+  # As if the run had started under another default (or an older version
+  # that did not record its resolution): its saved releases were made
+  # with other extractors, so continuing would mix the two.
+  out = _killed_run(tmp_path, monkeypatch)
+  st = store.StageStore(os.path.join(out, outputs.STAGING,
+                                     pipeline.STAGES_DIR))
+  state = st.state()
+  state["resolved"] = None if saved is None else {**state["resolved"],
+                                                  **saved}
+  with open(st.path, "w") as f:
+    json.dump(state, f)
+  assert cli.main(["distill", "--resume", str(out), "--quiet"]) == 2
+  assert message in capsys.readouterr().err
+
+
 def test_resume_refuses_other_training_data(tmp_path, monkeypatch, capsys):
   path = tmp_path / "d.npz"
 
