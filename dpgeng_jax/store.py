@@ -105,22 +105,6 @@ class StageStore:
     """Refuses a resumption whose configuration (outside RESUME_FREE),
     data or resolved `auto` options differ from the saved run's."""
     saved = self.state()
-    if resolved is not None and saved.get("resolved") != resolved:
-      was = saved.get("resolved")
-      if was is None:
-        raise ConfigError(
-            "--resume: that run was saved by an older dpgeng_jax, which "
-            "does not record what its `auto` options resolved to (a "
-            "default may have changed since); finish it with that "
-            "version or start afresh")
-      raise ConfigError(
-          "--resume: the saved run's `auto` options resolved differently "
-          "(a default changed since it started): " + ", ".join(
-              f"{k} (saved {was.get(k)!r}, now {resolved.get(k)!r})"
-              for k in sorted(set(was) | set(resolved))
-              if was.get(k) != resolved.get(k))
-          + "; finish it with the version that started it or start "
-          "afresh")
     diff = sorted(k for k in set(saved["config"]) | set(config)
                   if k not in RESUME_FREE
                   and saved["config"].get(k) != config.get(k))
@@ -137,6 +121,22 @@ class StageStore:
           f"{saved['data']['image_shape']}, {saved['data']['num_classes']} "
           f"classes; now {data['num_train']}, {data['image_shape']}, "
           f"{data['num_classes']}; or the same sizes with other contents)")
+    if resolved is not None and saved.get("resolved") != resolved:
+      was = saved.get("resolved")
+      if was is None:
+        raise ConfigError(
+            "--resume: that run was saved by an older dpgeng_jax, which "
+            "does not record what its `auto` options resolved to (a "
+            "default may have changed since); finish it with that "
+            "version or start afresh")
+      raise ConfigError(
+          "--resume: the saved run's `auto` options resolved differently "
+          "(a default changed since it started): " + ", ".join(
+              f"{k} (saved {was.get(k)!r}, now {resolved.get(k)!r})"
+              for k in sorted(set(was) | set(resolved))
+              if was.get(k) != resolved.get(k))
+          + "; finish it with the version that started it or start "
+          "afresh")
 
   def config(self) -> dict:
     return dict(self.state()["config"])
