@@ -189,7 +189,7 @@ def test_dpgeng_with_merf_generator_and_factor_two(tmp_path):
   out = tmp_path / "run"
   assert _run(["--out", str(out), "--method", "dpgeng", "--factor", "2",
                "--generator", "merf", "--deterministic", "--epsilon", "4",
-               *GEN_TINY, *TINY]) == 0
+               "--extractors", "generated", *GEN_TINY, *TINY]) == 0
   priv = json.loads((out / "privacy.json").read_text())
   names = [m["name"] for m in priv["mechanisms"]]
   assert names == ["class_counts", "generator", "feature_matching", "expert"]
@@ -209,7 +209,7 @@ def test_dpgeng_with_merf_generator_and_factor_two(tmp_path):
   assert (out / "generated_grid.png").exists()
   config = json.loads((out / "config.json").read_text())
   assert config["resolved"]["init"] == "generated"
-  assert config["resolved"]["extractors"] == "random"
+  assert config["resolved"]["extractors"] == "generated"  # as asked
 
 
 @pytest.mark.parametrize("flags", [[], ["--expert", "--no-expert"]])
@@ -223,7 +223,9 @@ def test_the_expert_is_off_by_default_and_no_expert_still_reads(tmp_path,
   priv = json.loads((out / "privacy.json").read_text())
   assert [m["name"] for m in priv["mechanisms"]] == [
       "class_counts", "generator", "feature_matching"]
-  assert json.loads((out / "config.json").read_text())["expert"] is False
+  config = json.loads((out / "config.json").read_text())
+  assert config["expert"] is False
+  assert config["resolved"]["extractors"] == "random"  # the default
 
 
 def test_generator_only_baseline_spends_budget_on_generation_only(tmp_path):
