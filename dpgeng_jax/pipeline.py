@@ -240,7 +240,7 @@ def _check_before_private_work(cfg: Config, plan, ds: data_lib.Dataset,
   if isinstance(generator, External):
     y_ext = generator.load(tuple(ds.image_shape), k)[1]
     per_class = int(np.min(np.bincount(y_ext, minlength=k)))
-  if plan.init == "generated" or cfg.method == "generator":
+  if planning.selects_generated(cfg, plan):
     if per_class < m * f * f:
       raise ConfigError(
           f"k-means initialisation needs >= {m * f * f} generated images "

@@ -153,6 +153,12 @@ def choices(plan: Plan) -> dict:
           "expert": plan.expert, "generator": plan.generator}
 
 
+def selects_generated(cfg: Config, plan: Plan) -> bool:
+  """Whether the stored images are picked from the generated data by
+  k-means (the generated initialisation, or the generator-only method)."""
+  return plan.init == "generated" or cfg.method == "generator"
+
+
 def pool_members(cfg: Config, plan: Plan) -> int:
   """ConvNets the pool stage trains on generated data: the pool when the
   queries use it (`--extractors generated`); otherwise one, whose last
@@ -162,8 +168,7 @@ def pool_members(cfg: Config, plan: Plan) -> int:
     return 0
   if plan.extractors == "generated":
     return cfg.pool_models
-  return int(plan.init == "generated" or cfg.method == "generator"
-             or plan.expert)
+  return int(selects_generated(cfg, plan) or plan.expert)
 
 
 def resolve(cfg: Config, image_shape=None,

@@ -4,9 +4,9 @@ An outline font draws a glyph with the thickness its designer gave it; a
 stroke font is a set of pen paths, drawn here with a pen whose width the
 simulator chooses, which is how handwriting is made. The Hershey fonts
 (A. V. Hershey's vector fonts of 1967, shipped in the MIT-licensed
-`hershey-fonts` pip package) give simplex, duplex and script styles of the Latin letters and
-digits. `TextAPI` mixes them with the outline fonts: a font index names
-either kind, and PE's votes pick among them.
+`hershey-fonts` pip package) give simplex, duplex and script styles of
+the Latin letters and digits. `TextAPI` mixes them with the outline
+fonts: a font index names either kind, and PE's votes pick among them.
 
 Everything here is public: no private data is read.
 """
