@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dpgeng_jax import winograd
+from dpgeng_jax import stem, winograd
 
 NORMS = ("instance", "group", "none")
 
@@ -53,10 +53,43 @@ class InstanceNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    c = x.shape[-1]
-    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    scale, bias = _norm_params(self, x.shape[-1])
     return instance_norm(x, scale, bias, self.epsilon).astype(self.dtype)
+
+
+def _norm_params(module: nn.Module, channels: int):
+  """InstanceNorm's (scale, bias), created in `module`'s scope."""
+  return (module.param("scale", nn.initializers.ones, (channels,),
+                       jnp.float32),
+          module.param("bias", nn.initializers.zeros, (channels,),
+                       jnp.float32))
+
+
+def _conv_params(module: nn.Module, in_channels: int, features: int):
+  """Conv3x3's (kernel, bias), created in `module`'s scope."""
+  return (module.param("kernel", nn.initializers.lecun_normal(),
+                       (3, 3, in_channels, features), jnp.float32),
+          module.param("bias", nn.initializers.zeros_init(), (features,),
+                       jnp.float32))
+
+
+class ConvParams(nn.Module):
+  """Conv3x3's parameters alone (the same names, shapes and initial
+  values), for a block that computes the convolution fused with what
+  follows (stem.conv_norm_relu_pool)."""
+  features: int
+
+  @nn.compact
+  def __call__(self, in_channels: int):
+    return _conv_params(self, in_channels, self.features)
+
+
+class NormParams(nn.Module):
+  """InstanceNorm's parameters alone, as ConvParams."""
+
+  @nn.compact
+  def __call__(self, channels: int):
+    return _norm_params(self, channels)
 
 
 def instance_norm(x: jax.Array, scale: jax.Array, bias: jax.Array,
@@ -81,11 +114,7 @@ class Conv3x3(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    cin = x.shape[-1]
-    kernel = self.param("kernel", nn.initializers.lecun_normal(),
-                        (3, 3, cin, self.features), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros_init(),
-                      (self.features,), jnp.float32)
+    kernel, bias = _conv_params(self, x.shape[-1], self.features)
     y = winograd.conv_3x3_same(x.astype(self.dtype),
                                kernel.astype(self.dtype), self.impl)
     return y + bias.astype(self.dtype)
@@ -93,8 +122,9 @@ class Conv3x3(nn.Module):
 
 class ConvNet(nn.Module):
   """ConvNet-D with width W; see module docstring. `conv_impl` picks the
-  convolution algorithm (winograd.IMPLS); every choice computes the same
-  function up to float rounding."""
+  convolution algorithm (winograd.IMPLS; 'auto' also computes the first
+  block from patch statistics on CPU, stem.use_stem); every choice
+  computes the same function up to float rounding."""
   num_classes: int
   width: int = 128
   depth: int = 3
@@ -110,7 +140,13 @@ class ConvNet(nn.Module):
     """Embedding psi(x): (n, H, W, C) -> (n, d)."""
     _check_norm(self.norm)
     x = x.astype(self.dtype)
-    for i in range(self.depth):
+    first = 0
+    if stem.use_stem(self.conv_impl, self.norm, x.shape, self.dtype):
+      kernel, bias = ConvParams(self.width, name="conv0")(x.shape[-1])
+      scale, shift = NormParams(name="norm0")(self.width)
+      x = stem.conv_norm_relu_pool(x, kernel, bias, scale, shift, 1e-5)
+      first = 1
+    for i in range(first, self.depth):
       x = Conv3x3(self.width, impl=self.conv_impl, dtype=self.dtype,
                   name=f"conv{i}")(x)
       if self.norm == "instance":

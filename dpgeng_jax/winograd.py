@@ -166,15 +166,21 @@ def _conv3x3_fwd(x, kernel):
   return _conv(x, kernel), (x, kernel)
 
 
-def _conv3x3_bwd(res, g):
-  x, kernel = res
-  # V (input_tiles(x)) is recomputed rather than saved by the forward: it
-  # is 4x the layer's input, and its transforms are additions.
-  gx = _conv(g, kernel[::-1, ::-1].swapaxes(2, 3))
-  cin, cout = kernel.shape[2:]
+def kernel_grad(x: jax.Array, g: jax.Array) -> jax.Array:
+  """The kernel gradient of sum(conv(x, k) * g) for a 3x3 'SAME' layer,
+  V^T (A g A^T) mapped back by G^T . G: (3, 3, Cin, Cout). V
+  (input_tiles(x)) is recomputed rather than saved by the forward: it is
+  4x the layer's input, and its transforms are additions."""
+  cin, cout = x.shape[-1], g.shape[-1]
   du = jnp.einsum("bpc,bpo->bco", input_tiles(x).reshape(16, -1, cin),
                   output_tiles_adjoint(g).reshape(16, -1, cout))
-  return gx.astype(x.dtype), kernel_adjoint(du).astype(kernel.dtype)
+  return kernel_adjoint(du)
+
+
+def _conv3x3_bwd(res, g):
+  x, kernel = res
+  gx = _conv(g, kernel[::-1, ::-1].swapaxes(2, 3))
+  return gx.astype(x.dtype), kernel_grad(x, g).astype(kernel.dtype)
 
 
 conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)

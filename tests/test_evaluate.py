@@ -1,0 +1,59 @@
+"""The shared training step differentiates large batches in row chunks on
+CPU: the same update as the whole batch at once, chunk sizes as stated."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dpgeng_jax import evaluate, models
+
+
+def test_chunk_rows_splits_into_equal_chunks_that_fit(monkeypatch):
+  monkeypatch.setattr(evaluate, "CHUNK_BYTES", 32 << 20)
+  # 8x8 digits, width 128: 8 MB per 256-row batch, one chunk
+  assert evaluate.chunk_rows(256, (8, 8), 128) == 256
+  # 28x28: 98 MiB -> 4 chunks of 64; 32x32: 128 MiB -> 4 chunks of 64;
+  # 36x36: 162 MiB -> 6 chunks of 43
+  assert evaluate.chunk_rows(256, (28, 28), 128) == 64
+  assert evaluate.chunk_rows(256, (32, 32), 128) == 64
+  assert evaluate.chunk_rows(256, (36, 36), 128) == 43
+  for batch, hw in ((256, (28, 28)), (100, (32, 32)), (37, (64, 64))):
+    rows = evaluate.chunk_rows(batch, hw, 128)
+    assert rows * hw[0] * hw[1] * 128 * 4 <= (32 << 20) or rows == 8
+  assert evaluate.chunk_rows(5, (64, 64), 128) == 5
+  monkeypatch.setattr(evaluate, "CHUNK_BYTES", None)
+  assert evaluate.chunk_rows(256, (32, 32), 128) == 256
+  monkeypatch.setattr(evaluate, "CHUNK_BYTES", 32 << 20)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert evaluate.chunk_rows(256, (32, 32), 128) == 256
+
+
+@pytest.mark.parametrize("chunk_bytes", [16 * 16 * 8 * 4 * 5, 1])
+def test_chunked_step_equals_the_whole_batch_step(monkeypatch, chunk_bytes):
+  """Chunks of 5 rows (13 = 5 + 5 + 3) and of the 8-row minimum give the
+  whole-batch step's parameters up to float summation order."""
+  model = models.ConvNet(10, width=8, depth=2)
+  cfg = evaluate.EvalConfig(width=8, depth=2)
+  x = jax.random.normal(jax.random.key(1), (13, 16, 16, 3))
+  y = jnp.arange(13, dtype=jnp.int32) % 10
+  key = jax.random.key(2)
+  out = {}
+  for name, cb in (("whole", None), ("chunked", chunk_bytes)):
+    monkeypatch.setattr(evaluate, "CHUNK_BYTES", cb)
+    evaluate._step_for.cache_clear()
+    step, opt = evaluate._train_step(model, cfg)
+    p = models.init_params(model, jax.random.key(0), (16, 16, 3))
+    s = opt.init(p)
+    for t in range(2):
+      p, s = step(p, s, jnp.float32(0.05), key, x, y, jnp.int32(t))
+    out[name] = p
+  evaluate._step_for.cache_clear()
+  for a, b in zip(jax.tree.leaves(out["chunked"]), jax.tree.leaves(out["whole"])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5,
+                               atol=2e-6)
+  moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
+      jax.tree.leaves(out["whole"]),
+      jax.tree.leaves(models.init_params(model, jax.random.key(0),
+                                         (16, 16, 3)))))
+  assert moved > 1e-3  # the steps did move the parameters

@@ -1,0 +1,133 @@
+"""stem.conv_norm_relu_pool: the first block computed from patch
+statistics equals the layer-by-layer block (values, gradients with respect
+to parameters and to images, rows independent), and the ConvNet uses it
+only where use_stem says, with unchanged parameters."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dpgeng_jax import models, stem
+
+
+def _rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-30))
+
+
+def _unfused(x, kernel, conv_bias, scale, norm_bias):
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  z = jax.lax.conv_general_dilated(
+      x, kernel, (1, 1), "SAME",
+      dimension_numbers=("NHWC", "HWIO", "NHWC")) + conv_bias
+  z = models.instance_norm(z, scale, norm_bias)
+  return nn.avg_pool(jax.nn.relu(z), (2, 2), strides=(2, 2))
+
+
+def _block_inputs(shape, cout=8, seed=0):
+  ks = jax.random.split(jax.random.key(seed), 5)
+  x = jax.random.normal(ks[0], shape)
+  kernel = jax.random.normal(ks[1], (3, 3, shape[-1], cout)) * 0.4
+  conv_bias = jax.random.normal(ks[2], (cout,))
+  scale = 1.0 + 0.3 * jax.random.normal(ks[3], (cout,))
+  norm_bias = 0.3 * jax.random.normal(ks[4], (cout,))
+  return x, kernel, conv_bias, scale, norm_bias
+
+
+@pytest.mark.parametrize("shape", [(3, 8, 8, 1), (2, 28, 28, 1),
+                                   (2, 32, 32, 3), (2, 7, 9, 3)])
+def test_block_matches_layer_by_layer(shape):
+  args = _block_inputs(shape)
+  got = stem.conv_norm_relu_pool(*args)
+  want = _unfused(*args)
+  assert got.shape == want.shape
+  assert _rel(got, want) < 1e-5
+
+
+def test_gradients_match_for_parameters_and_images():
+  """Both the training step (parameters) and distillation (images) take
+  gradients through the block."""
+  args = _block_inputs((3, 12, 12, 3))
+  w = jax.random.normal(jax.random.key(5), (3, 6, 6, 8))
+
+  def loss(f):
+    return lambda *a: jnp.sum(f(*a) * w)
+
+  got = jax.grad(loss(stem.conv_norm_relu_pool), argnums=(0, 1, 3, 4))(*args)
+  want = jax.grad(loss(_unfused), argnums=(0, 1, 3, 4))(*args)
+  for name, a, b in zip(("x", "kernel", "scale", "norm_bias"), got, want):
+    assert _rel(a, b) < 1e-4, name
+  # the conv bias is removed by the normalisation: no gradient either way
+  gb = jax.grad(loss(_unfused), argnums=2)(*args)
+  assert float(jnp.max(jnp.abs(gb))) < 1e-4 * float(jnp.max(jnp.abs(want[1])))
+
+
+def test_a_near_constant_image_keeps_its_accuracy():
+  """Large mean, small spread (the statistics come from centred patches)."""
+  x, kernel, conv_bias, scale, norm_bias = _block_inputs((2, 16, 16, 3))
+  x = 50.0 + 1e-2 * x
+  ref = _unfused(x, kernel, conv_bias, scale, norm_bias)
+  assert _rel(stem.conv_norm_relu_pool(x, kernel, conv_bias, scale,
+                                       norm_bias), ref) < 1e-4
+
+
+def test_rows_do_not_mix():
+  """Row 0's output is bitwise the same whatever the other rows hold, as
+  per-example clipping needs."""
+  x, *rest = _block_inputs((4, 16, 16, 3))
+  f = jax.jit(stem.conv_norm_relu_pool)
+  other = x.at[1:].set(100.0 * jax.random.normal(jax.random.key(4),
+                                                 x[1:].shape))
+  np.testing.assert_array_equal(np.asarray(f(x, *rest)[0]),
+                                np.asarray(f(other, *rest)[0]))
+  np.testing.assert_array_equal(np.asarray(f(x, *rest)[0]),
+                                np.asarray(f(x.at[1:].set(0.0), *rest)[0]))
+
+
+def test_dispatch(monkeypatch):
+  assert stem.use_stem("auto", "instance", (5, 28, 28, 1), jnp.float32)
+  assert stem.use_stem("auto", "instance", (5, 32, 32, 3), jnp.float32)
+  assert not stem.use_stem("xla", "instance", (5, 28, 28, 1), jnp.float32)
+  assert not stem.use_stem("winograd", "instance", (5, 28, 28, 1),
+                           jnp.float32)
+  assert not stem.use_stem("auto", "group", (5, 28, 28, 1), jnp.float32)
+  assert not stem.use_stem("auto", "instance", (5, 28, 28, 16), jnp.float32)
+  assert not stem.use_stem("auto", "instance", (5, 1, 8, 1), jnp.float32)
+  assert not stem.use_stem("auto", "instance", (5, 28, 28, 1), jnp.bfloat16)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert not stem.use_stem("auto", "instance", (5, 28, 28, 1), jnp.float32)
+  with pytest.raises(ValueError, match="kernel"):
+    stem.conv_norm_relu_pool(jnp.zeros((1, 4, 4, 3)), jnp.zeros((3, 3, 2, 4)),
+                             jnp.zeros(4), jnp.ones(4), jnp.zeros(4))
+
+
+@pytest.mark.parametrize("shape", [(8, 8, 1), (28, 28, 1), (32, 32, 3)])
+def test_convnet_auto_equals_xla_with_the_same_parameters(shape):
+  """The ConvNet with the fused first block ('auto') has the unfused
+  network's parameter tree and initial values, and computes its logits
+  and gradients."""
+  depth = models.default_depth(shape[0])
+  nets = {impl: models.ConvNet(10, width=16, depth=depth, conv_impl=impl)
+          for impl in ("auto", "xla")}
+  params = {impl: models.init_params(m, jax.random.key(3), shape)
+            for impl, m in nets.items()}
+  assert jax.tree.structure(params["auto"]) == jax.tree.structure(
+      params["xla"])
+  for a, b in zip(jax.tree.leaves(params["auto"]),
+                  jax.tree.leaves(params["xla"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  p = jax.tree.map(
+      lambda a: a + 0.1 * jax.random.normal(jax.random.key(9), a.shape),
+      params["xla"])
+  x = jax.random.normal(jax.random.key(1), (6, *shape))
+  y = jnp.arange(6) % 10
+  logits = {i: m.apply({"params": p}, x) for i, m in nets.items()}
+  assert _rel(logits["auto"], logits["xla"]) < 1e-5
+  grads = {i: jax.grad(lambda q, m=m: models.cross_entropy(m, q, x, y))(p)
+           for i, m in nets.items()}
+  for name in ("conv0", "head"):
+    assert _rel(grads["auto"][name]["kernel"],
+                grads["xla"][name]["kernel"]) < 1e-4, name
+  assert _rel(grads["auto"]["norm0"]["scale"],
+              grads["xla"]["norm0"]["scale"]) < 1e-4
