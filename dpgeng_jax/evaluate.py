@@ -58,17 +58,18 @@ class EvalConfig:
 # Largest first-layer activation (rows x H x W x width float32 values) one
 # gradient chunk may produce on CPU; None turns chunking off.
 CHUNK_BYTES: int | None = 32 << 20
+MAX_CHUNKS = 8
 
 
 def chunk_rows(batch: int, image_shape, width: int) -> int:
   """Rows per gradient chunk for a batch of `image_shape` images through a
   ConvNet of `width`: the whole batch off CPU or when it fits CHUNK_BYTES,
   else the batch split into the fewest equal chunks that fit (at least 8
-  rows each)."""
+  rows each, at most MAX_CHUNKS chunks: each is compiled unrolled)."""
   if CHUNK_BYTES is None or jax.default_backend() != "cpu":
     return batch
   per_row = image_shape[0] * image_shape[1] * width * 4
-  chunks = -(-batch * per_row // CHUNK_BYTES)
+  chunks = min(MAX_CHUNKS, -(-batch * per_row // CHUNK_BYTES))
   return max(min(batch, 8), -(-batch // chunks))
 
 

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from dpgeng_jax import distill, evaluate
+from dpgeng_jax import augment, clipping, distill, evaluate
 from dpgeng_jax.models import ConvNet, init_params
 
 Pool = Callable[[jax.Array, Any], Any]
@@ -102,21 +102,44 @@ def centred_embed(embed_fn):
   return embed
 
 
+def embed_in_chunks(embed_fn, params: Any, x: jax.Array,
+                    chunk: int | None) -> jax.Array:
+  """embed_fn(params, x) for (n, H, W, C) images, forward only, `chunk`
+  rows at a time under lax.map (the last chunk padded with zeros and the
+  padding dropped; rows never mix). On XLA:CPU a 28x28 ConvNet-3 forward
+  over 640 images ran 1.9x faster in lax.map chunks of about 64-100 than
+  in one call (cache-sized activations); None or chunk >= n: one call."""
+  n = x.shape[0]
+  if chunk is None or chunk >= n:
+    return embed_fn(params, x)
+  chunks = -(-n // chunk)
+  rows = -(-n // chunks)
+  pad = chunks * rows - n
+  xp = jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)])
+  e = jax.lax.map(lambda xc: embed_fn(params, xc),
+                  xp.reshape(chunks, rows, *x.shape[1:]))
+  return e.reshape(chunks * rows, -1)[:n]
+
+
 def generated_centres(pool: Pool, embed_fn, public_key: jax.Array,
                       x_gen_cm: jax.Array, num_queries: int,
                       strategy: str) -> jax.Array:
   """(Q, d): c_q = the mean unclipped embedding of the generated images
   x_gen_cm (K, m, H, W, C), class c's images under query q's augmentation
   of class c (the same public parameters as `distill.QueryPlan.params`),
-  averaged over classes. One query at a time."""
-  k = x_gen_cm.shape[0]
+  averaged over classes. One query at a time, its K x m images embedded
+  in chunks (embed_in_chunks, clipping.default_query_chunk)."""
+  k, m = x_gen_cm.shape[:2]
   plan = distill.QueryPlan(extractor=pool, embed_fn=embed_fn,
                            num_classes=k, strategy=strategy)
+  chunk = clipping.default_query_chunk()
 
   def one(q):
     params, aug = plan.params(public_key, q)
-    means = distill.synthetic_class_means(plan, params, aug, x_gen_cm,
-                                          math.inf)
-    return jnp.mean(means, axis=0)
+    xa = jax.vmap(lambda xc, pc: augment.apply(xc, pc, strategy))(
+        x_gen_cm, aug)
+    e = embed_in_chunks(embed_fn, params, xa.reshape(k * m, *xa.shape[2:]),
+                        chunk)
+    return jnp.mean(jnp.mean(e.reshape(k, m, -1), axis=1), axis=0)
 
   return jax.lax.map(one, jnp.arange(num_queries))

@@ -565,6 +565,18 @@ def _host(values: list) -> np.ndarray:
   return np.asarray(jax.device_get(values), np.float32).reshape(-1)
 
 
+def distill_class_chunk(num_classes: int, per_class: int, image_shape,
+                        width: int) -> int | None:
+  """Classes per gradient chunk of the distillation step (None: all at
+  once): whole classes of `per_class` decoded images, split into as many
+  chunks as evaluate.chunk_rows splits their rows into."""
+  total = num_classes * per_class
+  rows = evaluate.chunk_rows(total, image_shape[:2], width)
+  if rows >= total:
+    return None
+  return -(-num_classes // -(-total // rows))
+
+
 def distill_images(run: Run, plan_q: distill.QueryPlan,
                    queries: Queries | None, expert_: Expert | None,
                    images: jax.Array, sizes) -> Distilled:
@@ -576,7 +588,9 @@ def distill_images(run: Run, plan_q: distill.QueryPlan,
     step = distill.make_step(
         plan_q, opt, clip_norm=clip_norm(cfg),
         decode=lambda s: init_lib.decode(s, f),
-        extra_loss=None if expert_ is None else expert_.loss)
+        extra_loss=None if expert_ is None else expert_.loss,
+        class_chunk=distill_class_chunk(k, m * f * f, run.image_shape,
+                                        cfg.extractor_width))
     counts = jnp.asarray(sizes.expected_counts(cfg.sampling_rate),
                          jnp.float32)
     state, losses = distill_loop(cfg, run.store,

@@ -129,3 +129,29 @@ def test_a_centred_run_finishes_and_says_so(tmp_path, shape):
   assert result.x.shape[1:] == shape and np.all(np.isfinite(result.x))
   assert any("centre" in n for n in result.privacy["notes"])
   assert result.config["centre_features"] == "generated"
+
+
+def test_centres_in_chunks_equal_one_call(monkeypatch):
+  """With 15 generated images embedded 4 at a time (4 chunks, one padded
+  row), the centres are those of one call."""
+  from dpgeng_jax import clipping
+  model, pool, embed = _pool()
+  key = jax.random.key(3)
+  x_gen = jax.random.normal(jax.random.key(4), (3, 5, *SHAPE))
+  strategy = "color_crop_cutout_flip_scale_rotate"
+  monkeypatch.setattr(clipping, "default_query_chunk", lambda: None)
+  whole = extractors.generated_centres(pool, embed, key, x_gen, 3, strategy)
+  monkeypatch.setattr(clipping, "default_query_chunk", lambda: 4)
+  chunked = extractors.generated_centres(pool, embed, key, x_gen, 3, strategy)
+  np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_embed_in_chunks_drops_the_padding():
+  model, pool, embed = _pool()
+  p = pool(jax.random.key(0), 0)
+  x = jax.random.normal(jax.random.key(1), (23, *SHAPE))
+  one = embed(p, x)
+  for chunk in (5, 7, 23, 100, None):
+    got = extractors.embed_in_chunks(embed, p, x, chunk)
+    assert got.shape == one.shape
+    np.testing.assert_allclose(got, one, rtol=1e-5, atol=1e-6)

@@ -96,3 +96,48 @@ def test_steps_reduce_the_loss_and_compile_once():
   assert len(traces) - n_before == 1, "the step must be traced once"
   assert losses[-1] < 0.5 * losses[0]
   assert int(state.step) == 40
+
+
+@pytest.mark.parametrize("class_chunk", [1, 2])
+def test_class_chunked_step_equals_the_all_classes_step(class_chunk):
+  """Gradients taken a chunk of classes at a time (3 = 2 + 1 classes with
+  chunks of 2), through a decode and with an extra loss over all images,
+  give the all-classes step's images and loss up to float rounding."""
+  from dpgeng_jax import init as init_lib
+  plan = _plan()
+  shape = (16, 16, 1)
+  m = ConvNet(K, width=8, depth=2)
+  plan = distill.QueryPlan(extractors.random_pool(m, shape), embed_fn(m), K,
+                           plan.strategy)
+  key = jax.random.key(0)
+  targets = jax.random.normal(jax.random.key(5), (2, K, 8 * 4 * 4 * 1))
+  counts = jnp.asarray([4.0, 5.0, 6.0])
+  opt = distill.image_optimizer(0.05)
+  images = jax.random.normal(jax.random.key(1), (K, IPC, *shape))
+  out = {}
+  for name, chunk in (("all", None), ("chunked", class_chunk)):
+    step = distill.make_step(
+        plan, opt, clip_norm=1.0, decode=lambda s: init_lib.decode(s, 2),
+        extra_loss=lambda d: 0.1 * jnp.sum(jnp.square(d)),
+        class_chunk=chunk)
+    state = distill.init_state(jnp.copy(images), opt)  # the step donates
+    losses = []
+    for _ in range(3):
+      state, loss = step(state, targets, counts, key)
+      losses.append(float(loss))
+    out[name] = (np.asarray(state.images), losses)
+  np.testing.assert_allclose(out["chunked"][0], out["all"][0], rtol=1e-4,
+                             atol=1e-5)
+  np.testing.assert_allclose(out["chunked"][1], out["all"][1], rtol=1e-5)
+  assert np.max(np.abs(out["all"][0] - np.asarray(images))) > 1e-2
+
+
+def test_distill_class_chunk_sizes(monkeypatch):
+  from dpgeng_jax import evaluate, stages
+  monkeypatch.setattr(evaluate, "CHUNK_BYTES", 32 << 20)
+  # digits: all classes at once; 28x28 IPC 10, f = 2: 5 chunks of 2
+  # classes; CIFAR-100 IPC 50: at most MAX_CHUNKS chunks
+  assert stages.distill_class_chunk(10, 10, (8, 8, 1), 128) is None
+  assert stages.distill_class_chunk(10, 40, (28, 28, 1), 128) == 2
+  assert stages.distill_class_chunk(100, 200, (32, 32, 3), 128) == 13
+  assert stages.distill_class_chunk(2, 400, (32, 32, 3), 128) == 1

@@ -57,3 +57,10 @@ def test_chunked_step_equals_the_whole_batch_step(monkeypatch, chunk_bytes):
       jax.tree.leaves(models.init_params(model, jax.random.key(0),
                                          (16, 16, 3)))))
   assert moved > 1e-3  # the steps did move the parameters
+
+
+def test_chunk_count_is_capped(monkeypatch):
+  """Each chunk is compiled unrolled: at most MAX_CHUNKS of them."""
+  monkeypatch.setattr(evaluate, "CHUNK_BYTES", 32 << 20)
+  rows = evaluate.chunk_rows(256, (128, 128), 128)
+  assert -(-256 // rows) == evaluate.MAX_CHUNKS
