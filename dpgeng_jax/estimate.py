@@ -10,7 +10,7 @@ step costs 3 forward passes; norms, pooling and the optimiser are left
 out). `machine_rate` measures this backend's float32 matmul rate once (a
 fraction of a second) and caches it per device kind
 ($XDG_CACHE_HOME/dpgeng_jax/machine.json, or DPGENG_RATE_CACHE). The
-expected time of a stage is FLOPs / (rate x EFFICIENCY[stage]) +
+expected time of a stage is FLOPs / (rate x efficiency(stage, shape)) +
 OVERHEAD_S[stage]: the share of the matmul rate the stage reaches and its
 fixed cost (compilation, host work) as measured on the development CPU
 (benchmarks/estimate_check.py, table in benchmarks/RESULTS.md); on other
@@ -39,6 +39,13 @@ TRAIN = 3.0  # forward + backward ~ 3 forward passes
 EFFICIENCY = {"generation": 0.15, "extractor_pool": 0.35, "queries": 0.15,
               "expert": 0.1, "init": 0.2, "distillation": 0.4,
               "evaluation": 0.33}
+# The training stages on maps of at least LARGE_PIXELS pixels (28x28 and
+# 32x32x3 measured: pool 0.57-0.58, distillation 0.54-0.62, evaluation
+# 0.51-0.52 of the cached rate; stem.py and the chunked steps); smaller
+# images keep EFFICIENCY (8x8 digits: 0.25-0.31).
+LARGE_PIXELS = 256
+EFFICIENCY_LARGE = {"extractor_pool": 0.55, "distillation": 0.55,
+                    "evaluation": 0.5}
 OVERHEAD_S = {"calibration": 0.5, "class_sizes": 0.1, "generation": 2.0,
               "extractor_pool": 4.0, "queries": 2.0, "expert": 6.0,
               "init": 0.5, "distillation": 3.0, "evaluation": 3.0}
@@ -239,12 +246,21 @@ def estimate(cfg: Config, plan, image_shape, num_train: int, num_test: int,
   for stage, fl in flops.items():
     s = OVERHEAD_S.get(stage, 0.0) if (fl or stage in (
         "calibration", "class_sizes")) else 0.0
-    s += fl / (r * EFFICIENCY.get(stage, 0.2))
+    s += fl / (r * efficiency(stage, image_shape))
     if stage == "generation" and uses_text:
       s += api * rate.get("text_api_s_per_sample", 0.0)
     seconds[f"{stage}_s"] = s
   return {"flops": flops, "pe_api_samples": api, "stages_s": seconds,
           "total_s": sum(seconds.values()), "rate": rate}
+
+
+def efficiency(stage: str, image_shape) -> float:
+  """The share of the matmul rate `stage` is expected to reach on images
+  of `image_shape` (EFFICIENCY, or EFFICIENCY_LARGE for large maps)."""
+  if image_shape[0] * image_shape[1] >= LARGE_PIXELS and (
+      stage in EFFICIENCY_LARGE):
+    return EFFICIENCY_LARGE[stage]
+  return EFFICIENCY.get(stage, 0.2)
 
 
 def known_shape(cfg: Config):

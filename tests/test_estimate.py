@@ -86,6 +86,14 @@ def test_expected_time_is_flops_over_rate_plus_overhead():
   assert est["stages_s"]["expert_s"] == 0
   assert est["total_s"] == pytest.approx(sum(est["stages_s"].values()))
   assert "distillation" in estimate.format_table(est)
+  # 28x28: the training stages' larger share of the rate
+  big = estimate.estimate(cfg, planning.resolve(cfg, (28, 28, 1)), (28, 28, 1),
+                          1000, 100, 10, rate)
+  assert big["stages_s"]["distillation_s"] == pytest.approx(
+      estimate.OVERHEAD_S["distillation"] + big["flops"]["distillation"]
+      / (1e9 * estimate.EFFICIENCY_LARGE["distillation"]))
+  assert estimate.efficiency("queries", (28, 28, 1)) == (
+      estimate.EFFICIENCY["queries"])
 
 
 def test_progress_line_counts_stages_and_rescales_the_eta():
