@@ -93,7 +93,8 @@ def test_dispatch(monkeypatch):
                            jnp.float32)
   assert not stem.use_stem("auto", "group", (5, 28, 28, 1), jnp.float32)
   assert not stem.use_stem("auto", "instance", (5, 28, 28, 16), jnp.float32)
-  assert not stem.use_stem("auto", "instance", (5, 1, 8, 1), jnp.float32)
+  assert not stem.use_stem("auto", "instance", (5, 8, 8, 1), jnp.float32)
+  assert not stem.use_stem("auto", "instance", (5, 16, 16, 3), jnp.float32)
   assert not stem.use_stem("auto", "instance", (5, 28, 28, 1), jnp.bfloat16)
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   assert not stem.use_stem("auto", "instance", (5, 28, 28, 1), jnp.float32)
@@ -103,10 +104,15 @@ def test_dispatch(monkeypatch):
 
 
 @pytest.mark.parametrize("shape", [(8, 8, 1), (28, 28, 1), (32, 32, 3)])
-def test_convnet_auto_equals_xla_with_the_same_parameters(shape):
-  """The ConvNet with the fused first block ('auto') has the unfused
-  network's parameter tree and initial values, and computes its logits
-  and gradients."""
+def test_convnet_auto_equals_xla_with_the_same_parameters(shape,
+                                                          monkeypatch):
+  """The ConvNet with the fused first block ('auto', which uses it from
+  MIN_PIXELS on) has the unfused network's parameter tree and initial
+  values, and computes its logits and gradients."""
+  calls = []
+  fused = stem.conv_norm_relu_pool
+  monkeypatch.setattr(stem, "conv_norm_relu_pool",
+                      lambda *a: calls.append(1) or fused(*a))
   depth = models.default_depth(shape[0])
   nets = {impl: models.ConvNet(10, width=16, depth=depth, conv_impl=impl)
           for impl in ("auto", "xla")}
@@ -131,3 +137,4 @@ def test_convnet_auto_equals_xla_with_the_same_parameters(shape):
                 grads["xla"][name]["kernel"]) < 1e-4, name
   assert _rel(grads["auto"]["norm0"]["scale"],
               grads["xla"]["norm0"]["scale"]) < 1e-4
+  assert bool(calls) == (shape[0] * shape[1] >= stem.MIN_PIXELS)
