@@ -42,8 +42,9 @@ EFFICIENCY = {"generation": 0.15, "extractor_pool": 0.35, "queries": 0.15,
 # The training stages on maps of at least LARGE_PIXELS pixels (28x28 and
 # 32x32x3 measured: pool 0.57-0.58, distillation 0.54-0.62, evaluation
 # 0.51-0.52 of the cached rate; stem.py and the chunked steps); smaller
-# images keep EFFICIENCY (8x8 digits: 0.25-0.31).
-LARGE_PIXELS = 256
+# images keep EFFICIENCY (8x8 digits: 0.25-0.31; 16x16x3 steps ran at
+# about 0.4, bench_train_step.py). The same threshold as stem.MIN_PIXELS.
+LARGE_PIXELS = 512
 EFFICIENCY_LARGE = {"extractor_pool": 0.55, "distillation": 0.55,
                     "evaluation": 0.5}
 OVERHEAD_S = {"calibration": 0.5, "class_sizes": 0.1, "generation": 2.0,

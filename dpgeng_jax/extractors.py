@@ -24,7 +24,6 @@ synthetic side (distillation) call it with the same arguments.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import jax
