@@ -18,6 +18,10 @@ parameters and optimiser state through its calls:
                  evaluate.CHUNK_BYTES first-layer activations (the default)
   chunks/2       the same with half that chunk size
 
+Below stem.MIN_PIXELS (8x8, 16x16) "+stem" is the "before" program (the
+block is fused only on larger maps), and without chunking (8x8 at width
+128) "+chunked" is too: their differences there are the machine's noise.
+
 Rate: useful FLOPs (3 x the forward convolutions' direct FLOPs, as in
 dpgeng_jax/estimate.py) per second, and its share of this machine's
 float32 matmul rate measured in the same process (estimate.measure_rate).

@@ -27,7 +27,8 @@ checks values, gradients with respect to parameters and inputs, and that
 rows do not mix). The covariance is formed from centred patches (two
 passes over the small patch tensor), so a near-constant image is as
 accurate as with the two-pass variance of models.instance_norm.
-`use_stem` picks it for 'auto' on the CPU backend.
+`use_stem` picks it for 'auto' on the CPU backend, on maps of at least
+MIN_PIXELS pixels.
 """
 
 from __future__ import annotations
