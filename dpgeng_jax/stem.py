@@ -73,15 +73,38 @@ def conv_norm_relu_pool(x: jax.Array, kernel: jax.Array, conv_bias: jax.Array,
   pc = p - jnp.mean(p, axis=(1, 2), keepdims=True)
   cov = jnp.einsum("nhwp,nhwq->npq", pc, pc) / (h * w)
   var = jnp.sum(jnp.einsum("npq,qc->npc", cov, k) * k, axis=1)   # (n, Cout)
-  a = jax.lax.rsqrt(jnp.maximum(var, 0.0) + epsilon) * scale
-  kn = k[None] * a[:, None, :]                                    # (n, 9Cin, Cout)
+  a = jax.lax.rsqrt(jnp.maximum(var, 0.0) + epsilon) * scale     # (n, Cout)
   h2, w2 = h // 2, w // 2
   out = 0.0
   for i in range(2):
     for j in range(2):
-      z = jnp.einsum("nhwp,npc->nhwc", pc[:, i:2 * h2:2, j:2 * w2:2], kn)
+      z = scaled_product(pc[:, i:2 * h2:2, j:2 * w2:2], k, a)
       out = out + jax.nn.relu(z + norm_bias)
   return out * 0.25
+
+
+@jax.custom_vjp
+def scaled_product(p: jax.Array, k: jax.Array, a: jax.Array) -> jax.Array:
+  """p[n] @ (k * a[n]) for every example n: (n, h, w, P) x (P, C) x (n, C)
+  -> (n, h, w, C). The forward is one per-example product; the gradient
+  with respect to p is (g * a) @ k^T, one product with the shared k
+  (autodiff's per-example form transposed each (h w, C) cotangent first:
+  a fifth of a 28x28 distillation step's thread time)."""
+  return jnp.einsum("nhwp,npc->nhwc", p, k[None] * a[:, None, :])
+
+
+def _scaled_product_fwd(p, k, a):
+  return scaled_product(p, k, a), (p, k, a)
+
+
+def _scaled_product_bwd(res, g):
+  p, k, a = res
+  gp = jnp.einsum("nhwc,pc->nhwp", g * a[:, None, None, :], k)
+  gkn = jnp.einsum("nhwp,nhwc->npc", p, g)                      # (n, P, C)
+  return gp, jnp.sum(gkn * a[:, None, :], axis=0), jnp.sum(gkn * k, axis=1)
+
+
+scaled_product.defvjp(_scaled_product_fwd, _scaled_product_bwd)
 
 
 def use_stem(impl: str, norm: str, x_shape, dtype) -> bool:
