@@ -89,7 +89,8 @@ def scaled_product(p: jax.Array, k: jax.Array, a: jax.Array) -> jax.Array:
   -> (n, h, w, C). The forward is one per-example product; the gradient
   with respect to p is (g * a) @ k^T, one product with the shared k
   (autodiff's per-example form transposed each (h w, C) cotangent first:
-  a fifth of a 28x28 distillation step's thread time)."""
+  a fifth of a 28x28 distillation step's thread time). Reverse mode only,
+  as winograd.conv3x3: for jax.jvp use conv_impl='xla'."""
   return jnp.einsum("nhwp,npc->nhwc", p, k[None] * a[:, None, :])
 
 
