@@ -29,7 +29,7 @@ import math
 import os
 import time
 
-from dpgeng_jax import planning
+from dpgeng_jax import planning, stem
 from dpgeng_jax.config import Config
 
 TRAIN = 3.0  # forward + backward ~ 3 forward passes
@@ -39,12 +39,12 @@ TRAIN = 3.0  # forward + backward ~ 3 forward passes
 EFFICIENCY = {"generation": 0.15, "extractor_pool": 0.35, "queries": 0.15,
               "expert": 0.1, "init": 0.2, "distillation": 0.4,
               "evaluation": 0.33}
-# The training stages on maps of at least LARGE_PIXELS pixels (28x28 and
-# 32x32x3 measured: pool 0.57-0.58, distillation 0.54-0.62, evaluation
-# 0.51-0.52 of the cached rate; stem.py and the chunked steps); smaller
-# images keep EFFICIENCY (8x8 digits: 0.25-0.31; 16x16x3 steps ran at
-# about 0.4, bench_train_step.py). The same threshold as stem.MIN_PIXELS.
-LARGE_PIXELS = 512
+# The training stages on maps where the first block runs from patch
+# statistics (stem.MIN_PIXELS pixels or more; 28x28 and 32x32x3 measured:
+# pool 0.57-0.58, distillation 0.54-0.62, evaluation 0.51-0.52 of the
+# cached rate, with the chunked steps); smaller images keep EFFICIENCY
+# (8x8 digits: 0.25-0.31; 16x16x3 steps ran at about 0.4,
+# bench_train_step.py).
 EFFICIENCY_LARGE = {"extractor_pool": 0.55, "distillation": 0.55,
                     "evaluation": 0.5}
 OVERHEAD_S = {"calibration": 0.5, "class_sizes": 0.1, "generation": 2.0,
@@ -258,7 +258,7 @@ def estimate(cfg: Config, plan, image_shape, num_train: int, num_test: int,
 def efficiency(stage: str, image_shape) -> float:
   """The share of the matmul rate `stage` is expected to reach on images
   of `image_shape` (EFFICIENCY, or EFFICIENCY_LARGE for large maps)."""
-  if image_shape[0] * image_shape[1] >= LARGE_PIXELS and (
+  if image_shape[0] * image_shape[1] >= stem.MIN_PIXELS and (
       stage in EFFICIENCY_LARGE):
     return EFFICIENCY_LARGE[stage]
   return EFFICIENCY.get(stage, 0.2)

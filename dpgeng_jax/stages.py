@@ -574,7 +574,8 @@ def distill_class_chunk(num_classes: int, per_class: int, image_shape,
   rows = evaluate.chunk_rows(total, image_shape[:2], width)
   if rows >= total:
     return None
-  return -(-num_classes // -(-total // rows))
+  chunks = -(-total // rows)
+  return -(-num_classes // chunks)
 
 
 def distill_images(run: Run, plan_q: distill.QueryPlan,
