@@ -194,8 +194,9 @@ def default_query_chunk() -> int | None:
 
 def microbatched(grad_sum_fn: Callable[..., Any],
                  microbatch: int | None) -> Callable[..., Any]:
-  """grad_sum_fn(params, batch, mask) evaluated on chunks of `microbatch`
-  examples (the last one padded with mask-0 rows) whose sums are added by
+  """grad_sum_fn(params, batch, mask) evaluated on equal chunks of at most
+  `microbatch` examples (padded with fewer mask-0 rows than chunks, not
+  up to a multiple of `microbatch`) whose sums are added by
   a `lax.scan`: the per-example gradients of one chunk at a time are in
   memory. Same result up to float summation order; None or 0 returns
   grad_sum_fn unchanged."""
@@ -209,11 +210,12 @@ def microbatched(grad_sum_fn: Callable[..., Any],
     if microbatch >= n:
       return grad_sum_fn(params, batch, mask)
     chunks = -(-n // microbatch)
-    extra = chunks * microbatch - n
+    size = -(-n // chunks)  # balanced: at most chunks - 1 padded rows
+    extra = chunks * size - n
 
     def split(a):
       a = jnp.pad(a, [(0, extra)] + [(0, 0)] * (a.ndim - 1))
-      return a.reshape((chunks, microbatch, *a.shape[1:]))
+      return a.reshape((chunks, size, *a.shape[1:]))
 
     batch_c, mask_c = jax.tree.map(split, batch), split(mask)
     first = grad_sum_fn(params, jax.tree.map(lambda a: a[0], batch_c),

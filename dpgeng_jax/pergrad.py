@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dpgeng_jax import winograd
+from dpgeng_jax import stem, winograd
 from dpgeng_jax.clipping import clip_scale, row_norms, weighted_sum
 from dpgeng_jax.models import ConvNet, _check_norm, instance_norm
 
@@ -91,11 +91,26 @@ def _avg_pool_2x2(h: jax.Array) -> jax.Array:
   return h.reshape(n, hh // 2, 2, ww // 2, 2, c).mean(axis=(2, 4))
 
 
+def _fused_first(model: ConvNet, x: jax.Array) -> bool:
+  """Whether the model runs its first block from patch statistics on x
+  (stem.use_stem, as models.ConvNet decides)."""
+  return stem.use_stem(model.conv_impl, model.norm, x.shape, model.dtype)
+
+
 def _forward(model: ConvNet, params: Any, x: jax.Array, taps: dict):
-  """Logits with zero taps added; also the recorded activations."""
+  """Logits with zero taps added; also the recorded activations. A first
+  block computed from patch statistics takes its parameters per example
+  from taps["stem"] instead (their gradients are the per-example
+  gradients of that block's parameters)."""
   h = x.astype(jnp.float32)
   inputs, xhats = [], []
-  for i in range(model.depth):
+  first = 0
+  if taps["stem"] is not None:
+    t = taps["stem"]
+    h = stem.block_per_example(t["pc"], t["cov"], t["kernel"], t["scale"],
+                               t["bias"], _EPS)
+    inputs, xhats, first = [None], [None], 1
+  for i in range(first, model.depth):
     conv = params[f"conv{i}"]
     inputs.append(h)
     u = (winograd.conv_3x3_same(h, conv["kernel"], model.conv_impl)
@@ -112,18 +127,32 @@ def _forward(model: ConvNet, params: Any, x: jax.Array, taps: dict):
   return logits + taps["z"], (inputs, xhats, feat)
 
 
-def _taps(model: ConvNet, x: jax.Array) -> dict:
+def _taps(model: ConvNet, params: Any, x: jax.Array) -> dict:
   """Zero taps built from x, so that inside shard_map they are
   device-varying like x: the gradient with respect to a device-invariant
-  tap would be summed over devices (the sharp edge of parallel.py)."""
-  n, h, w, _ = x.shape
+  tap would be summed over devices (the sharp edge of parallel.py). A
+  fused first block gets its parameters broadcast per example (made
+  varying the same way) and its input's patch statistics."""
+  n, h, w, cin = x.shape
   zero = jnp.zeros_like(x[:, :1, :1, :1], jnp.float32)
+  fused = _fused_first(model, x)
   u = []
-  for _ in range(model.depth):
-    u.append(jnp.broadcast_to(zero, (n, h, w, model.width)))
+  for i in range(model.depth):
+    u.append(None if fused and i == 0 else
+             jnp.broadcast_to(zero, (n, h, w, model.width)))
     h, w = h // 2, w // 2
+  first = None
+  if fused:
+    z2 = zero[:, :, 0, 0]                                  # (n, 1)
+    pc, cov = stem.patch_stats(x)
+    first = {"pc": pc, "cov": cov,
+             "kernel": params["conv0"]["kernel"].reshape(9 * cin, -1)[None]
+                       + z2[:, :, None],
+             "scale": params["norm0"]["scale"][None] + z2,
+             "bias": params["norm0"]["bias"][None] + z2}
   return {"u": u, "v": list(u) if model.norm != "none" else [],
-          "z": jnp.broadcast_to(zero[:, 0, 0], (n, model.num_classes))}
+          "z": jnp.broadcast_to(zero[:, 0, 0], (n, model.num_classes)),
+          "stem": first}
 
 
 def _backprop(model: ConvNet, params: Any, x: jax.Array, y: jax.Array):
@@ -133,23 +162,38 @@ def _backprop(model: ConvNet, params: Any, x: jax.Array, y: jax.Array):
   _check_norm(model.norm)
   if model.dtype != jnp.float32:
     raise ValueError("pergrad supports float32 ConvNets only")
+  taps = _taps(model, params, x)
+  stats = None
+  if taps["stem"] is not None:  # constants, not differentiated
+    stats = {k: taps["stem"].pop(k) for k in ("pc", "cov")}
 
   def total_loss(taps):
+    if stats is not None:
+      taps = {**taps, "stem": {**taps["stem"], **stats}}
     logits, aux = _forward(model, params, x, taps)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
     return jnp.sum(loss), aux
 
-  g, (inputs, xhats, feat) = jax.grad(total_loss, has_aux=True)(
-      _taps(model, x))
+  g, (inputs, xhats, feat) = jax.grad(total_loss, has_aux=True)(taps)
   return g, inputs, xhats, feat
 
 
 def _small_grads(model: ConvNet, g, xhats, feat) -> dict:
   """Per-example gradients of every parameter except the conv kernels
-  (biases, norm scales, the head): cheap, (n, ...) each."""
+  computed from patches (biases, norm scales, the head, and all of a
+  fused first block's): cheap, (n, ...) each."""
   out = {"head": {"kernel": jnp.einsum("nd,nk->ndk", feat, g["z"]),
                   "bias": g["z"]}}
   for i in range(model.depth):
+    if i == 0 and g["stem"] is not None:
+      gk = g["stem"]["kernel"]
+      n, width = gk.shape[0], gk.shape[-1]
+      # The normalisation cancels the conv bias: its gradient is zero.
+      out["conv0"] = {"kernel": gk.reshape(n, 3, 3, -1, width),
+                      "bias": jnp.zeros((n, width), jnp.float32)}
+      out["norm0"] = {"scale": g["stem"]["scale"],
+                      "bias": g["stem"]["bias"]}
+      continue
     out[f"conv{i}"] = {"bias": jnp.sum(g["u"][i], axis=(1, 2))}
     if model.norm != "none":
       gv = g["v"][i]
@@ -158,13 +202,19 @@ def _small_grads(model: ConvNet, g, xhats, feat) -> dict:
   return out
 
 
+def _patch_layers(model: ConvNet, g) -> list[int]:
+  """The conv layers whose per-example kernel gradients are formed from
+  their recorded inputs and output gradients (all but a fused block)."""
+  return [i for i in range(model.depth) if g["u"][i] is not None]
+
+
 def per_example_grads(model: ConvNet, params: Any, x: jax.Array,
                       y: jax.Array) -> Any:
   """Per-example gradients of the cross-entropy, a params-shaped pytree
   with a leading example axis, each leaf float32."""
   g, inputs, xhats, feat = _backprop(model, params, x, y)
   out = _small_grads(model, g, xhats, feat)
-  for i in range(model.depth):
+  for i in _patch_layers(model, g):
     out[f"conv{i}"]["kernel"] = _kernel_grads(inputs[i], g["u"][i],
                                               model.conv_impl)
   return out
@@ -223,33 +273,54 @@ def convnet_clipped_grad_sum(model: ConvNet, params: Any, x: jax.Array,
     return a.reshape((chunks, chunk) + a.shape[1:])
 
   ok = finite_small & (mask > 0)
-  xs = (tuple(split(a) for a in inputs), tuple(split(gu) for gu in g["u"]),
+  layers = _patch_layers(model, g)
+  xs = (tuple(split(inputs[i]) for i in layers),
+        tuple(split(g["u"][i]) for i in layers),
         split(small_norms), split(ok))
   zero = jnp.zeros_like(x.reshape(-1)[0], jnp.float32)  # varying like x
   init = tuple(jnp.broadcast_to(zero, params[f"conv{i}"]["kernel"].shape)
-               for i in range(model.depth))
+               for i in layers)
+
+  def weights(norms, fin, ok_c):
+    if math.isinf(clip_norm):
+      scale = jnp.ones(chunk)
+    else:
+      scale = clip_scale(norms, clip_norm)
+    return jnp.where(fin & ok_c, scale, 0.0)
+
+  def robust(kernels, norms_c, ok_c):
+    """Overflow-safe norms, non-finite rows zeroed (the generic path's
+    semantics)."""
+    fin = _finite_rows(kernels, chunk)
+    norms = jnp.concatenate([norms_c, _leaf_norms(kernels, fin)], axis=1)
+    w = weights(row_norms(norms)[:, 0], fin, ok_c)
+    return tuple(weighted_sum(w, _clean(k, fin)) for k in kernels), w
 
   def body(acc, c):
     a_c, g_c, norms_c, ok_c = c
     kernels = [_kernel_grads(a, gu, model.conv_impl)
                for a, gu in zip(a_c, g_c)]
-    fin = _finite_rows(kernels, chunk)
-    norms = jnp.concatenate([norms_c, _leaf_norms(kernels, fin)], axis=1)
-    if math.isinf(clip_norm):
-      scale = jnp.ones(chunk)
-    else:
-      scale = clip_scale(row_norms(norms)[:, 0], clip_norm)
-    w = jnp.where(fin & ok_c, scale, 0.0)
-    acc = tuple(s + weighted_sum(w, _clean(k, fin))
-                for s, k in zip(acc, kernels))
-    return acc, w
+    # One fused pass per kernel: squared norms. Where every square sum of
+    # the chunk is finite, so are its rows and the plain norm is exact;
+    # otherwise (a non-finite or > 1e19 entry) the robust pass decides.
+    sq = jnp.square(norms_c).sum(axis=1)
+    for k in kernels:
+      sq = sq + jnp.sum(jnp.square(k), axis=tuple(range(1, k.ndim)))
+
+    def plain(kernels, norms_c, ok_c):
+      w = weights(jnp.sqrt(sq), jnp.ones(chunk, bool), ok_c)
+      return tuple(weighted_sum(w, k) for k in kernels), w
+
+    sums, w = jax.lax.cond(jnp.all(jnp.isfinite(sq)), plain, robust,
+                           kernels, norms_c, ok_c)
+    return tuple(s + t for s, t in zip(acc, sums)), w
 
   kernel_sums, w = jax.lax.scan(body, init, xs)
   w = w.reshape(-1)[:n]
   out = jax.tree.map(lambda a: weighted_sum(w, _clean(a, finite_small)),
                      small)
-  for i in range(model.depth):
-    out[f"conv{i}"]["kernel"] = kernel_sums[i]
+  for i, k in zip(layers, kernel_sums):
+    out[f"conv{i}"]["kernel"] = k
   return out
 
 

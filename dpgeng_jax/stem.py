@@ -55,6 +55,49 @@ def patches(x: jax.Array) -> jax.Array:
       [xp[:, i:i + h, j:j + w] for i in range(3) for j in range(3)], axis=-1)
 
 
+def patch_stats(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Each example's centred 3x3 patches pc (n, H, W, 9C) and their
+  covariance over pixels (n, 9C, 9C), in float32: all the first block
+  needs of its input."""
+  _, h, w, _ = x.shape
+  p = patches(x.astype(jnp.float32))
+  pc = p - jnp.mean(p, axis=(1, 2), keepdims=True)
+  return pc, jnp.einsum("nhwp,nhwq->npq", pc, pc) / (h * w)
+
+
+def _check(x_shape, kernel_shape):
+  _, h, w, cin = x_shape
+  if tuple(kernel_shape[:3]) != (3, 3, cin) or h < 2 or w < 2:
+    raise ValueError(
+        f"conv_norm_relu_pool needs a (3, 3, {cin}, Cout) kernel and maps "
+        f"of at least 2x2; got x {tuple(x_shape)}, kernel "
+        f"{tuple(kernel_shape)}")
+
+
+def _norm_gain(cov, k, scale, epsilon):
+  """scale / sqrt(var + eps) of the convolution output per example and
+  channel, var = k^T S k; k (P, C) shared or (n, P, C) per example."""
+  if k.ndim == 2:
+    var = jnp.sum(jnp.einsum("npq,qc->npc", cov, k) * k, axis=1)
+  else:
+    var = jnp.sum(jnp.einsum("npq,nqc->npc", cov, k) * k, axis=1)
+  return jax.lax.rsqrt(jnp.maximum(var, 0.0) + epsilon) * scale
+
+
+def _phase_mean(pc, product, norm_bias):
+  """Mean over the 2x2 pool's four pixel phases of relu(product(phase) +
+  norm_bias): the pooled block output, odd maps dropping their last row or
+  column as nn.avg_pool does."""
+  _, h, w, _ = pc.shape
+  h2, w2 = h // 2, w // 2
+  out = 0.0
+  for i in range(2):
+    for j in range(2):
+      out = out + jax.nn.relu(product(pc[:, i:2 * h2:2, j:2 * w2:2])
+                              + norm_bias)
+  return out * 0.25
+
+
 def conv_norm_relu_pool(x: jax.Array, kernel: jax.Array, conv_bias: jax.Array,
                         scale: jax.Array, norm_bias: jax.Array,
                         epsilon: float = 1e-5) -> jax.Array:
@@ -63,24 +106,26 @@ def conv_norm_relu_pool(x: jax.Array, kernel: jax.Array, conv_bias: jax.Array,
   row or column as nn.avg_pool does. `conv_bias` is accepted for the
   signature's sake: the normalisation removes it exactly."""
   del conv_bias  # mean subtraction cancels it (its gradient is zero)
-  n, h, w, cin = x.shape
-  if kernel.shape[:3] != (3, 3, cin) or h < 2 or w < 2:
-    raise ValueError(
-        f"conv_norm_relu_pool needs a (3, 3, {cin}, Cout) kernel and maps "
-        f"of at least 2x2; got x {x.shape}, kernel {kernel.shape}")
-  p = patches(x.astype(jnp.float32))
-  k = kernel.astype(jnp.float32).reshape(9 * cin, -1)
-  pc = p - jnp.mean(p, axis=(1, 2), keepdims=True)
-  cov = jnp.einsum("nhwp,nhwq->npq", pc, pc) / (h * w)
-  var = jnp.sum(jnp.einsum("npq,qc->npc", cov, k) * k, axis=1)   # (n, Cout)
-  a = jax.lax.rsqrt(jnp.maximum(var, 0.0) + epsilon) * scale     # (n, Cout)
-  h2, w2 = h // 2, w // 2
-  out = 0.0
-  for i in range(2):
-    for j in range(2):
-      z = scaled_product(pc[:, i:2 * h2:2, j:2 * w2:2], k, a)
-      out = out + jax.nn.relu(z + norm_bias)
-  return out * 0.25
+  _check(x.shape, kernel.shape)
+  pc, cov = patch_stats(x)
+  k = kernel.astype(jnp.float32).reshape(9 * x.shape[-1], -1)
+  a = _norm_gain(cov, k, scale, epsilon)                         # (n, Cout)
+  return _phase_mean(pc, lambda ph: scaled_product(ph, k, a), norm_bias)
+
+
+def block_per_example(pc: jax.Array, cov: jax.Array, kernel: jax.Array,
+                      scale: jax.Array, norm_bias: jax.Array,
+                      epsilon: float = 1e-5) -> jax.Array:
+  """The same block from `patch_stats(x)` with parameters given per
+  example: kernel (n, 9 Cin, Cout), scale and norm_bias (n, Cout).
+  Differentiating a sum of per-example losses with respect to these
+  gives every example's own parameter gradient (pergrad.py) without the
+  full-resolution activations; the patches are constants here (no input
+  gradient)."""
+  a = _norm_gain(cov, kernel, scale, epsilon)
+  kn = kernel * a[:, None, :]
+  return _phase_mean(pc, lambda ph: jnp.einsum("nhwp,npc->nhwc", ph, kn),
+                     norm_bias[:, None, None, :])
 
 
 @jax.custom_vjp

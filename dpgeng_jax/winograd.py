@@ -39,7 +39,7 @@ MIN_CHANNELS = 64
 # and Winograd's extra compile time (about 0.5 s forward, 1.5-2.5 s with
 # the gradient, per layer and jitted function) is not repaid: a whole
 # digits run took 181 s with it against 149 s without.
-MIN_PIXELS = 64
+MIN_PIXELS = 49
 
 IMPLS = ("auto", "xla", "winograd")
 

@@ -110,9 +110,10 @@ def test_chunked_class_sums_equal_one_batch():
                                atol=1e-6)
 
 
-@pytest.mark.parametrize("microbatch", [2, 4])
+@pytest.mark.parametrize("microbatch", [2, 4, 5])
 def test_microbatched_grad_sum_equals_one_batch(microbatch):
-  """3 chunks (scan) and 2 chunks (no scan) of the generic path."""
+  """3 chunks (scan) and 2 chunks (no scan) of the generic path; 4 and 5
+  give two balanced chunks of 3."""
   model, params, x, y = _case("instance")
   mask = jnp.array([1, 0, 1, 1, 1, 1.0])
   loss = lambda p, b: cross_entropy(model, p, *b)
@@ -120,3 +121,79 @@ def test_microbatched_grad_sum_equals_one_batch(microbatch):
   want = jax.jit(fn)(params, (x, y), mask)
   got = jax.jit(microbatched(fn, microbatch))(params, (x, y), mask)
   assert _rel(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("shape", [(28, 28, 1), (32, 32, 3)])
+def test_fused_first_block_per_example_grads_equal_the_layer_by_layer_model(
+    shape):
+  """On maps where the first block runs from patch statistics
+  (stem.use_stem), its per-example parameter gradients come from
+  per-example copies of the block's parameters: they equal jax.grad per
+  example of the same parameters through XLA's layer-by-layer model."""
+  model = ConvNet(num_classes=3, width=4, depth=3)
+  ref = ConvNet(num_classes=3, width=4, depth=3, conv_impl="xla")
+  params = init_params(model, jax.random.key(1), shape)
+  x = jax.random.normal(jax.random.key(2), (4, *shape)) * 2
+  y = jnp.arange(4) % 3
+  assert pergrad._fused_first(model, x) and not pergrad._fused_first(ref, x)
+  taps = pergrad._taps(model, params, x)
+  assert taps["stem"] is not None and taps["u"][0] is None  # fused ran
+  got = jax.jit(functools.partial(pergrad.per_example_grads, model))(
+      params, x, y)
+  one = jax.jit(lambda p, xi, yi: jax.grad(
+      lambda q: cross_entropy(ref, q, xi, yi))(p))
+  for i in range(4):
+    want = one(params, x[i:i + 1], y[i:i + 1])
+    assert _rel(jax.tree.map(lambda g: g[i], got), want) < 1e-4
+  # The conv bias cancels in the normalisation: its gradient is zero.
+  assert float(jnp.max(jnp.abs(got["conv0"]["bias"]))) == 0.0
+
+
+def test_fused_first_block_clipped_sum_equals_the_generic_path():
+  model = ConvNet(num_classes=3, width=4, depth=3)
+  params = init_params(model, jax.random.key(1), (28, 28, 1))
+  x = jax.random.normal(jax.random.key(2), (5, 28, 28, 1))
+  y = jnp.arange(5) % 3
+  mask = jnp.array([1, 0, 1, 1, 1.0])
+  loss = lambda p, b: cross_entropy(model, p, *b)
+  want = clipped_grad_sum(loss, params, (x, y), mask, clip_norm=0.05)
+  got = jax.jit(functools.partial(pergrad.convnet_clipped_grad_sum, model,
+                                  clip_norm=0.05, chunk=2))(
+                                      params, x, y, mask)
+  assert _rel(got, want) < 1e-4
+
+
+def test_gradients_whose_squares_overflow_are_clipped_as_the_generic_path():
+  """A huge head makes the conv gradients finite but ~1e25, so their
+  squared norms overflow float32: the chunk falls back to the overflow-safe norms
+  instead of dropping those rows (the plain sum of squares would give inf,
+  clip weight 0)."""
+  model, params, x, y = _case("instance")
+  params = jax.tree.map(lambda a: a, params)
+  params["head"]["kernel"] = params["head"]["kernel"] * 1e25
+  mask = jnp.ones(6)
+  per = jax.jit(functools.partial(pergrad.per_example_grads, model))(
+      params, x, y)
+  sq = sum(jnp.sum(jnp.square(a.reshape(6, -1)), axis=1)
+           for a in jax.tree.leaves(per))
+  assert not bool(jnp.all(jnp.isfinite(sq)))  # some squares do overflow
+  assert all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(per))
+  loss = lambda p, b: cross_entropy(model, p, *b)
+  want = clipped_grad_sum(loss, params, (x, y), mask, clip_norm=1.0)
+  got = jax.jit(functools.partial(pergrad.convnet_clipped_grad_sum, model,
+                                  clip_norm=1.0, chunk=4))(
+                                      params, x, y, mask)
+  assert _rel(got, want) < 1e-5
+  norm = math.sqrt(sum(float(jnp.sum(jnp.square(a)))
+                       for a in jax.tree.leaves(got)))
+  assert norm <= 6.0 * (1 + 1e-5)  # six rows, each clipped to 1
+
+
+def test_a_chunk_with_a_non_finite_row_keeps_its_finite_rows():
+  """The fallback is per chunk: a nan row in a chunk zeroes that row only."""
+  model, params, x, y = _case("instance")
+  f = jax.jit(functools.partial(pergrad.convnet_clipped_grad_sum, model,
+                                clip_norm=0.5, chunk=3))
+  want = f(params, x, y, jnp.ones(6).at[1].set(0.0))
+  got = f(params, x.at[1, 0, 0, 0].set(jnp.nan), y, jnp.ones(6))
+  assert _rel(got, want) < 1e-6

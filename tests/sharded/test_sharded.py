@@ -349,3 +349,21 @@ def test_winograd_convnet_sharded_equals_unsharded(path):
     got = jax.jit(lambda p, b, m: parallel.sharded_grad_sum(
         fn, p, b, m, mesh=mesh))(params, (x, y), mask)
   assert _max_rel_diff(got, want) < 1e-4
+
+
+def test_fused_first_block_pergrad_sharded_equals_unsharded():
+  """28x28 inputs: pergrad differentiates per-example copies of the first
+  block's parameters (stem.py) built from the device-varying parameters
+  of sharded_grad_sum; the sharded clipped sum equals one device's."""
+  model = ConvNet(num_classes=K, width=4, depth=3)
+  params = init_params(model, jax.random.key(3), (28, 28, 1))
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(16, 28, 28, 1)).astype(np.float32))
+  y = jnp.asarray(rng.integers(0, K, 16).astype(np.int32))
+  mask = jnp.asarray((rng.random(16) < 0.8).astype(np.float32))
+  assert pergrad._fused_first(model, x)
+  fn = pergrad.make_grad_sum_fn(model, clip_norm=0.05)
+  want = jax.jit(fn)(params, (x, y), mask)
+  got = jax.jit(lambda p, b, m: parallel.sharded_grad_sum(
+      fn, p, b, m, mesh=parallel.data_mesh(4)))(params, (x, y), mask)
+  assert _max_rel_diff(got, want) < 1e-4

@@ -1,0 +1,166 @@
+"""The expert's DP-SGD step (the `expert` stage) at a git revision and in
+this checkout, side by side.
+
+    python benchmarks/bench_expert.py --before 506c4d2 --out runs/bench/expert.json  # ~4 min
+    python benchmarks/bench_expert.py --quick                                        # smoke run
+
+For each image shape (default 28x28x1 and 32x32x3; ConvNet-3 width 128,
+10 classes, instance norm) the stage's jitted step is built as
+`expert.private_step` builds it for a run: Poisson sampling at q_E of
+--num-train private rows (random images), the clipped gradient sum of
+`pergrad` in microbatches of `expert.default_microbatch()`, Gaussian
+noise. Variants:
+
+  before   pergrad.py and clipping.py as they were at --before (loaded
+           from `git show REV:dpgeng_jax/...`), everything else current
+  after    this checkout
+
+Timed: the first call (compilation + one step) and, after it, --rounds
+interleaved rounds (order rotated) of one step each. Rate: the estimate's
+useful FLOPs of one step (q_E N examples x 3 forward passes, as
+dpgeng_jax/estimate.py counts the stage; the padded Poisson capacity is
+computed but not counted), per second, and its share of this machine's
+float32 matmul rate measured in the same process (estimate.measure_rate).
+"Stage" columns: what the stage's --steps steps take at these figures
+(first call + steps - 1 medians), with its useful-FLOP rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+  sys.path.insert(0, REPO_ROOT)
+
+
+def _shape(s: str):
+  h, w, c = (int(v) for v in s.split("x"))
+  return (h, w, c)
+
+
+def _module_at(rev: str, name: str):
+  """dpgeng_jax/<name>.py at git revision rev, imported as a module of its
+  own (it imports the rest of the package from this checkout)."""
+  src = subprocess.run(["git", "show", f"{rev}:dpgeng_jax/{name}.py"],
+                       cwd=REPO_ROOT, check=True, capture_output=True,
+                       text=True).stdout
+  path = os.path.join(tempfile.mkdtemp(), f"{name}_{rev}.py")
+  with open(path, "w") as f:
+    f.write(src)
+  spec = importlib.util.spec_from_file_location(f"_{name}_{rev}", path)
+  mod = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = mod  # dataclasses look their module up
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--before", default=None,
+                  help="git revision for the 'before' variant (omit: after only)")
+  ap.add_argument("--shapes", nargs="+", type=_shape,
+                  default=[(28, 28, 1), (32, 32, 3)])
+  ap.add_argument("--width", type=int, default=128)
+  ap.add_argument("--num-train", type=int, default=1438)
+  ap.add_argument("--sampling-rate", type=float, default=0.5)
+  ap.add_argument("--steps", type=int, default=10,
+                  help="the stage's DP-SGD steps (for the stage columns)")
+  ap.add_argument("--rounds", type=int, default=4)
+  ap.add_argument("--quick", action="store_true",
+                  help="width 16, 200 rows, 28x28x1, 2 rounds")
+  ap.add_argument("--out", default=None, help="JSON file for the results")
+  args = ap.parse_args(argv)
+  if args.quick:
+    args.width, args.num_train, args.rounds = 16, 200, 2
+    args.shapes = [(28, 28, 1)]
+
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from dpgeng_jax import (accounting, clipping, estimate, expert,  # pylint: disable=import-outside-toplevel
+                          mechanisms, models, pergrad)  # pylint: disable=import-outside-toplevel
+
+  impls = {"after": (pergrad, clipping)}
+  if args.before:
+    impls = {"before": (_module_at(args.before, "pergrad"),
+                        _module_at(args.before, "clipping")), **impls}
+  names = list(impls)
+  rate = estimate.measure_rate()["matmul_flops_per_s"] / 1e9
+  cfg = expert.ExpertConfig(sampling_rate=args.sampling_rate)
+  microbatch = expert.default_microbatch()
+  # A run's tail: delta 1e-5 at epsilon 1 over ~400 abort events
+  # (accounting.failure_log_tail); 847 rows of 1438 at q_E 0.5.
+  log_tail = accounting.failure_log_tail(1e-5, 1.0, 410)
+  capacity = mechanisms.poisson_capacity([args.num_train], args.sampling_rate,
+                                         log_tail=log_tail)
+  rows = []
+  for shape in args.shapes:
+    model = models.ConvNet(10, width=args.width, depth=3)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(args.num_train, *shape)).astype(np.float32)
+    y = (np.arange(args.num_train) % 10).astype(np.int32)
+    params = models.init_params(model, jax.random.key(0), shape)
+    useful = (3 * args.sampling_rate * args.num_train
+              * estimate.forward_flops(shape, args.width, 3, 10))
+    runs = {}
+    for name, (pg, cl) in impls.items():
+      grad_sum = cl.microbatched(pg.make_grad_sum_fn(model, clip_norm=1.0),
+                                 microbatch)
+      step, data = expert.private_step(grad_sum, cfg, 1.0, x, y,
+                                       args.num_train, log_tail)
+      key = jax.random.key(1)
+      t0 = time.perf_counter()
+      jax.block_until_ready(step(params, *data, key))
+      runs[name] = dict(step=step, data=data, key=key, times=[],
+                        first_s=time.perf_counter() - t0)
+    for r in range(args.rounds):
+      for name in names[r % len(names):] + names[:r % len(names)]:
+        run = runs[name]
+        t0 = time.perf_counter()
+        jax.block_until_ready(run["step"](params, *run["data"], run["key"]))
+        run["times"].append(time.perf_counter() - t0)
+    base = statistics.median(runs[names[0]]["times"])
+    for name in names:
+      med = statistics.median(runs[name]["times"])
+      stage = runs[name]["first_s"] + (args.steps - 1) * med
+      rows.append(dict(shape="x".join(map(str, shape)), variant=name,
+                       median_s=med, min_s=min(runs[name]["times"]),
+                       first_s=runs[name]["first_s"],
+                       gflops=useful / med / 1e9,
+                       share=useful / med / 1e9 / rate,
+                       speedup=base / med, stage_s=stage,
+                       stage_share=args.steps * useful / stage / 1e9 / rate))
+  lines = [f"matmul rate (estimate.measure_rate): {rate:.0f} GFLOP/s; width "
+           f"{args.width}, N {args.num_train}, q_E {args.sampling_rate}, "
+           f"Poisson capacity {capacity}, microbatch {microbatch}, "
+           f"{args.rounds} rounds",
+           "", "| shape | variant | median s per step | compile + first s "
+           "| useful GFLOP/s | share of matmul | speed-up | stage s "
+           f"({args.steps} steps) | stage share |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['shape']} | {r['variant']} | {r['median_s']:.2f} | "
+                 f"{r['first_s']:.1f} | {r['gflops']:.0f} | "
+                 f"{100 * r['share']:.0f} % | {r['speedup']:.2f} | "
+                 f"{r['stage_s']:.1f} | {100 * r['stage_share']:.0f} % |")
+  print("\n".join(lines))
+  if args.out:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+      json.dump(dict(matmul_gflops=rate, rows=rows, width=args.width,
+                     num_train=args.num_train, capacity=capacity,
+                     microbatch=microbatch), f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
