@@ -11,8 +11,9 @@ For each image shape (default 28x28x1 and 32x32x3; ConvNet-3 width 128,
 `pergrad` in microbatches of `expert.default_microbatch()`, Gaussian
 noise. Variants:
 
-  before   pergrad.py and clipping.py as they were at --before (loaded
-           from `git show REV:dpgeng_jax/...`), everything else current
+  before   pergrad.py, clipping.py and winograd.py (pergrad's
+           convolutions) as they were at --before (loaded from `git show
+           REV:dpgeng_jax/...`), everything else current
   after    this checkout
 
 Timed: the first call (compilation + one step) and, after it, --rounds
@@ -92,8 +93,9 @@ def main(argv=None):
 
   impls = {"after": (pergrad, clipping)}
   if args.before:
-    impls = {"before": (_module_at(args.before, "pergrad"),
-                        _module_at(args.before, "clipping")), **impls}
+    old = _module_at(args.before, "pergrad")
+    old.winograd = _module_at(args.before, "winograd")  # its layer choice
+    impls = {"before": (old, _module_at(args.before, "clipping")), **impls}
   names = list(impls)
   rate = estimate.measure_rate()["matmul_flops_per_s"] / 1e9
   cfg = expert.ExpertConfig(sampling_rate=args.sampling_rate)

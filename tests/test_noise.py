@@ -226,3 +226,23 @@ def test_dp_sgd_step_uses_the_sampler():
                  jnp.zeros(2), KEY)
   want = noise.tree_add_gaussian_noise(KEY, {"w": jnp.zeros(3)}, 2.0)
   np.testing.assert_array_equal(g["w"], want["w"])
+
+
+def test_tree_noise_is_one_draw_split_over_the_leaves():
+  """tree_add_gaussian_noise draws one vector over all coordinates (one
+  sampler in the program) and hands each leaf its own slice: each leaf is
+  N(0, s^2) (KS), the leaves are uncorrelated, and values are added."""
+  tree = {"a": jnp.zeros((100, 200)), "b": jnp.ones(20000),
+          "c": jnp.zeros((3,))}
+  got = noise.tree_add_gaussian_noise(KEY, tree, 2.0)
+  flat = noise.add_gaussian_noise(KEY, jnp.concatenate(
+      [jnp.ravel(tree[k]) for k in ("a", "b", "c")]), 2.0)
+  np.testing.assert_array_equal(got["a"].ravel(), flat[:20000])
+  np.testing.assert_array_equal(got["b"], flat[20000:40000])
+  np.testing.assert_array_equal(got["c"], flat[40000:])
+  a = np.asarray(got["a"], np.float64).ravel()
+  b = np.asarray(got["b"], np.float64) - 1.0
+  assert stats.kstest(a, stats.norm(scale=2.0).cdf).pvalue > 1e-3
+  assert stats.kstest(b, stats.norm(scale=2.0).cdf).pvalue > 1e-3
+  assert stats.kstest(a, stats.norm(scale=3.0).cdf).pvalue < 1e-6
+  assert abs(np.corrcoef(a, b)[0, 1]) < 0.04
