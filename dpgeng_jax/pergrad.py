@@ -20,7 +20,17 @@ written as batched matrix products:
   kernel h^T g_z;
 * per-example norms, clip factors min(1, C / norm) and the mask give one
   weight per example, and the clipped sum is the weighted sum of the
-  per-example gradients.
+  per-example gradients. Each chunk's norms come from one fused sum of
+  squares per kernel; only a chunk where that is not finite (a non-finite
+  row, or entries beyond ~1e19 whose squares overflow) takes the
+  overflow-safe norms of `clipping.row_norms` (a lax.cond);
+* where the model computes its first block from patch statistics
+  (stem.use_stem: 28x28 or 32x32 inputs on CPU), that block's kernel,
+  norm scale and norm bias enter as per-example copies (zero taps'
+  counterpart): the gradient of the summed loss with respect to the copies
+  is every example's own gradient of those parameters
+  (stem.block_per_example), without the full-resolution activations; the
+  conv bias, cancelled by the normalisation, has zero gradient.
 
 The result equals `clipped_grad_sum(loss, ...)` with loss the per-example
 cross-entropy (tests/test_pergrad.py checks it against the generic path,
@@ -250,7 +260,7 @@ def convnet_clipped_grad_sum(model: ConvNet, params: Any, x: jax.Array,
   (mask 0) and non-finite gradients contribute nothing; L2 sensitivity C.
 
   The per-example conv kernel gradients, the bulk of the work, are formed
-  `chunk` examples at a time inside a lax.scan (one buffer of cache size,
+  about `chunk` examples at a time (`_chunk_size`) inside a lax.scan (one buffer of cache size,
   reused, instead of one (n, 9 Cin, Cout) array per layer: on CPU the
   latter is dominated by memory traffic). Each chunk's examples get their
   full norms (all layers), clip weights and weighted kernel sums at once.
@@ -264,7 +274,7 @@ def convnet_clipped_grad_sum(model: ConvNet, params: Any, x: jax.Array,
   finite_small = _finite_rows(small_leaves, n)
   small_norms = _leaf_norms(small_leaves, finite_small)
 
-  chunk = max(1, min(chunk or default_chunk() or n, n))
+  chunk = _chunk_size(n, chunk or default_chunk() or n)
   chunks = -(-n // chunk)
   pad = chunks * chunk - n
 
@@ -322,6 +332,16 @@ def convnet_clipped_grad_sum(model: ConvNet, params: Any, x: jax.Array,
   for i, k in zip(layers, kernel_sums):
     out[f"conv{i}"]["kernel"] = k
   return out
+
+
+def _chunk_size(n: int, target: int) -> int:
+  """A chunk size within [target / 2, 3 target / 2] that pads n rows
+  least (padded rows cost as much as real ones), nearest to target on
+  ties; e.g. 121 rows (a 847-row Poisson batch in 7 microbatches) go in
+  11 chunks of 11 instead of 16 of 8 (7 padded rows)."""
+  target = max(1, min(target, n))
+  sizes = range(max(1, target // 2), min(n, target * 3 // 2) + 1)
+  return min(sizes, key=lambda c: (-(-n // c) * c - n, abs(c - target)))
 
 
 def default_chunk() -> int | None:
