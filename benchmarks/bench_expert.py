@@ -15,6 +15,9 @@ noise. Variants:
            convolutions) as they were at --before (loaded from `git show
            REV:dpgeng_jax/...`), everything else current
   after    this checkout
+  after, 7x7 on XLA   this checkout with pergrad.WINOGRAD_MIN_PIXELS 64
+           (XLA's convolution on 7x7 maps, as models.ConvNet); only for
+           shapes with a 7x7 map (28x28)
 
 Timed: the first call (compilation + one step) and, after it, --rounds
 interleaved rounds (order rotated) of one step each. Rate: the estimate's
@@ -96,7 +99,6 @@ def main(argv=None):
     old = _module_at(args.before, "pergrad")
     old.winograd = _module_at(args.before, "winograd")  # its layer choice
     impls = {"before": (old, _module_at(args.before, "clipping")), **impls}
-  names = list(impls)
   rate = estimate.measure_rate()["matmul_flops_per_s"] / 1e9
   cfg = expert.ExpertConfig(sampling_rate=args.sampling_rate)
   microbatch = expert.default_microbatch()
@@ -115,7 +117,13 @@ def main(argv=None):
     useful = (3 * args.sampling_rate * args.num_train
               * estimate.forward_flops(shape, args.width, 3, 10))
     runs = {}
-    for name, (pg, cl) in impls.items():
+    variants = dict(impls)
+    if any(49 <= (shape[0] >> i) * (shape[1] >> i) < 64 for i in range(3)):
+      variants["after, 7x7 on XLA"] = impls["after"]
+    names = list(variants)
+    floor = pergrad.WINOGRAD_MIN_PIXELS
+    for name, (pg, cl) in variants.items():
+      pergrad.WINOGRAD_MIN_PIXELS = 64 if name.endswith("XLA") else floor
       grad_sum = cl.microbatched(pg.make_grad_sum_fn(model, clip_norm=1.0),
                                  microbatch)
       step, data = expert.private_step(grad_sum, cfg, 1.0, x, y,
@@ -125,6 +133,7 @@ def main(argv=None):
       jax.block_until_ready(step(params, *data, key))
       runs[name] = dict(step=step, data=data, key=key, times=[],
                         first_s=time.perf_counter() - t0)
+    pergrad.WINOGRAD_MIN_PIXELS = floor
     for r in range(args.rounds):
       for name in names[r % len(names):] + names[:r % len(names)]:
         run = runs[name]

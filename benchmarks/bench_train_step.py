@@ -7,7 +7,7 @@ trained embedding) before and after its two CPU paths, side by side.
 For each image shape (default 8x8x1, 28x28x1, 32x32x3; ConvNet of the
 shape's default depth, width 128, batch 256, 10 classes, DSA
 augmentation, SGD momentum), the one jitted step of `evaluate._step_for`
-is compiled in four variants and timed in interleaved rounds (each round
+is compiled in five variants and timed in interleaved rounds (each round
 runs every variant once, order rotated), each variant threading its own
 parameters and optimiser state through its calls:
 
@@ -17,6 +17,10 @@ parameters and optimiser state through its calls:
   +chunked       and gradients in row chunks of at most
                  evaluate.CHUNK_BYTES first-layer activations (the default)
   chunks/2       the same with half that chunk size
+  7x7 Winograd   the default with Winograd from 7x7 maps
+                 (winograd.MIN_PIXELS 49 instead of 64; differs from the
+                 default only where a layer sees 7x7 maps, i.e. 28x28
+                 inputs' third layer; pergrad.py does this)
 
 Below stem.MIN_PIXELS (8x8, 16x16) "+stem" is the "before" program (the
 block is fused only on larger maps), and without chunking (8x8 at width
@@ -36,7 +40,7 @@ import os
 import statistics
 import time
 
-VARIANTS = ("before", "+stem", "+chunked", "chunks/2")
+VARIANTS = ("before", "+stem", "+chunked", "chunks/2", "7x7 Winograd")
 
 
 def _shape(s: str):
@@ -62,11 +66,12 @@ def main(argv=None):
 
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from dpgeng_jax import estimate, evaluate, models, stem  # pylint: disable=import-outside-toplevel
+  from dpgeng_jax import estimate, evaluate, models, stem, winograd  # pylint: disable=import-outside-toplevel
 
   rate = estimate.measure_rate()["matmul_flops_per_s"] / 1e9
   use_stem = stem.use_stem
   chunk_bytes = evaluate.CHUNK_BYTES
+  min_pixels = winograd.MIN_PIXELS
   rows = []
   for shape in args.shapes:
     depth = models.default_depth(shape[0])
@@ -79,8 +84,9 @@ def main(argv=None):
     runs = {}
     for v, name in enumerate(VARIANTS):
       stem.use_stem = use_stem if v >= 1 else (lambda *a, **k: False)
-      evaluate.CHUNK_BYTES = (None if v < 2 else chunk_bytes if v == 2
-                              else chunk_bytes // 2)
+      evaluate.CHUNK_BYTES = (None if v < 2 else chunk_bytes // 2 if v == 3
+                              else chunk_bytes)
+      winograd.MIN_PIXELS = 49 if name == "7x7 Winograd" else min_pixels
       evaluate._step_for.cache_clear()  # pylint: disable=protected-access
       step, opt = evaluate._train_step(model, cfg)  # pylint: disable=protected-access
       p = models.init_params(model, key, shape)
@@ -93,6 +99,7 @@ def main(argv=None):
       runs[name] = dict(compiled=compiled, state=(p, s), args=call_args,
                         first_s=time.perf_counter() - t0, times=[])
     stem.use_stem, evaluate.CHUNK_BYTES = use_stem, chunk_bytes
+    winograd.MIN_PIXELS = min_pixels
     evaluate._step_for.cache_clear()  # pylint: disable=protected-access
     for r in range(args.rounds):
       order = VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]

@@ -52,6 +52,13 @@ from dpgeng_jax.clipping import clip_scale, row_norms, weighted_sum
 from dpgeng_jax.models import ConvNet, _check_norm, instance_norm
 
 _EPS = 1e-5  # models.ConvNet's GroupNorm epsilon
+# With conv_impl 'auto' this path runs Winograd from 7x7 maps (28x28
+# inputs' third layer), where models.ConvNet keeps XLA's convolution
+# (winograd.MIN_PIXELS 64): the expert's DP-SGD step at 28x28 took 1.39 s
+# instead of 1.50 (benchmarks/bench_expert.py), while the training step
+# gained nothing (bench_train_step.py, "7x7 on XLA"). Same function up to
+# float rounding.
+WINOGRAD_MIN_PIXELS = 49
 
 
 def _normalise(u: jax.Array, groups: int) -> jax.Array:
@@ -87,7 +94,7 @@ def _kernel_grads(a: jax.Array, g: jax.Array, impl: str) -> jax.Array:
   Winograd's per-tile products where the layer runs Winograd (impl, as
   models.ConvNet's conv_impl), else patches(a)^T g."""
   m, cin, cout = a.shape[0], a.shape[-1], g.shape[-1]
-  if winograd.use_winograd(impl, cin, a.shape[1:3]):
+  if winograd.use_winograd(impl, cin, a.shape[1:3], WINOGRAD_MIN_PIXELS):
     return winograd.per_example_kernel_grads(a, g)
   k = jnp.einsum("npf,npc->nfc", _patches(a), g.reshape(m, -1, cout))
   return k.reshape(m, 3, 3, cin, cout)
@@ -123,7 +130,8 @@ def _forward(model: ConvNet, params: Any, x: jax.Array, taps: dict):
   for i in range(first, model.depth):
     conv = params[f"conv{i}"]
     inputs.append(h)
-    u = (winograd.conv_3x3_same(h, conv["kernel"], model.conv_impl)
+    u = (winograd.conv_3x3_same(h, conv["kernel"], model.conv_impl,
+                                WINOGRAD_MIN_PIXELS)
          + conv["bias"] + taps["u"][i])
     if model.norm != "none":
       norm = params[f"norm{i}"]

@@ -39,7 +39,7 @@ MIN_CHANNELS = 64
 # and Winograd's extra compile time (about 0.5 s forward, 1.5-2.5 s with
 # the gradient, per layer and jitted function) is not repaid: a whole
 # digits run took 181 s with it against 149 s without.
-MIN_PIXELS = 49
+MIN_PIXELS = 64
 
 IMPLS = ("auto", "xla", "winograd")
 
@@ -196,24 +196,27 @@ def per_example_kernel_grads(x: jax.Array, g: jax.Array) -> jax.Array:
 
 
 def conv_3x3_same(x: jax.Array, kernel: jax.Array,
-                  impl: str = "auto") -> jax.Array:
+                  impl: str = "auto", min_pixels: int | None = None
+                  ) -> jax.Array:
   """The 3x3 stride-1 'SAME' NHWC/HWIO convolution by `impl` ('auto',
   'xla' or 'winograd'; see use_winograd)."""
-  if use_winograd(impl, x.shape[-1], x.shape[1:3]):
+  if use_winograd(impl, x.shape[-1], x.shape[1:3], min_pixels):
     return conv3x3(x, kernel)
   return jax.lax.conv_general_dilated(
       x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def use_winograd(impl: str, in_channels: int,
-                 spatial: tuple[int, int]) -> bool:
+def use_winograd(impl: str, in_channels: int, spatial: tuple[int, int],
+                 min_pixels: int | None = None) -> bool:
   """Whether a 3x3 'SAME' layer with `in_channels` inputs on (H, W) maps
   runs conv3x3: 'winograd' always, 'xla' never, 'auto' on the CPU backend
-  for at least MIN_CHANNELS input channels and MIN_PIXELS pixels. Decided
-  at trace time from jax.default_backend()."""
+  for at least MIN_CHANNELS input channels and MIN_PIXELS pixels (or
+  `min_pixels`, for a caller whose own measurements differ: pergrad.py).
+  Decided at trace time from jax.default_backend()."""
   if impl not in IMPLS:
     raise ValueError(f"unknown conv_impl {impl!r}; expected one of {IMPLS}")
   if impl == "auto":
+    floor = MIN_PIXELS if min_pixels is None else min_pixels
     return (jax.default_backend() == "cpu" and in_channels >= MIN_CHANNELS
-            and spatial[0] * spatial[1] >= MIN_PIXELS)
+            and spatial[0] * spatial[1] >= floor)
   return impl == "winograd"
