@@ -42,11 +42,13 @@ EFFICIENCY = {"generation": 0.15, "extractor_pool": 0.35, "queries": 0.15,
 # The training stages on maps where the first block runs from patch
 # statistics (stem.MIN_PIXELS pixels or more; 28x28 and 32x32x3 measured:
 # pool 0.57-0.58, distillation 0.54-0.62, evaluation 0.51-0.52 of the
-# cached rate, with the chunked steps); smaller images keep EFFICIENCY
-# (8x8 digits: 0.25-0.31; 16x16x3 steps ran at about 0.4,
+# cached rate, with the chunked steps; the expert's DP-SGD with pergrad's
+# fused first block 0.22 on 28x28 beyond its fixed seconds, where 1438
+# private rows pad to a 1.6x larger Poisson capacity); smaller images keep
+# EFFICIENCY (8x8 digits: 0.25-0.31; 16x16x3 steps ran at about 0.4,
 # bench_train_step.py).
 EFFICIENCY_LARGE = {"extractor_pool": 0.55, "distillation": 0.55,
-                    "evaluation": 0.5}
+                    "evaluation": 0.5, "expert": 0.2}
 OVERHEAD_S = {"calibration": 0.5, "class_sizes": 0.1, "generation": 2.0,
               "extractor_pool": 4.0, "queries": 2.0, "expert": 6.0,
               "init": 0.5, "distillation": 3.0, "evaluation": 3.0}
