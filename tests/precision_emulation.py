@@ -6,9 +6,9 @@ computes it in full float32. `emulate_default_precision(fn)(*args)` traces
 fn to a jaxpr and evaluates it equation by equation, rounding the float32
 inputs of every dot_general / conv_general_dilated whose precision is not
 HIGHEST to bfloat16 first (the TPU case, the coarser one), and leaving the
-rest unchanged. Nested jit, scan and custom_jvp/custom_vjp calls are
-interpreted recursively, so a default-precision sum anywhere inside the
-function is found.
+rest unchanged. Nested jit, scan, cond (the branch taken) and
+custom_jvp/custom_vjp calls are interpreted recursively, so a
+default-precision sum anywhere inside the function is found.
 """
 
 from __future__ import annotations
@@ -79,7 +79,10 @@ def _apply(eqn, invals):
                                   "checkpoint"):
     outs = _eval(sub[0], sub[1], *invals[:len(sub[0].invars)])
     return outs if eqn.primitive.multiple_results else outs[0]
-  if name in ("while", "cond"):
+  if name == "cond":  # the branch the (concrete) index picks
+    branch = params["branches"][int(invals[0])]
+    return _eval(branch.jaxpr, branch.consts, *invals[1:])
+  if name == "while":
     raise NotImplementedError(f"{name} is not interpreted")
   return eqn.primitive.bind(*invals, **params)
 
