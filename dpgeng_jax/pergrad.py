@@ -54,10 +54,10 @@ from dpgeng_jax.models import ConvNet, _check_norm, instance_norm
 _EPS = 1e-5  # models.ConvNet's GroupNorm epsilon
 # With conv_impl 'auto' this path runs Winograd from 7x7 maps (28x28
 # inputs' third layer), where models.ConvNet keeps XLA's convolution
-# (winograd.MIN_PIXELS 64): the expert's DP-SGD step at 28x28 took 1.39 s
-# instead of 1.50 (benchmarks/bench_expert.py), while the training step
-# gained nothing (bench_train_step.py, "7x7 on XLA"). Same function up to
-# float rounding.
+# (winograd.MIN_PIXELS 64): the expert's DP-SGD step at 28x28 took 1.35 s
+# instead of 1.58 (benchmarks/bench_expert.py), while the training step
+# gained nothing (bench_train_step.py, "7x7 Winograd"). Same function up
+# to float rounding.
 WINOGRAD_MIN_PIXELS = 49
 
 
@@ -268,9 +268,9 @@ def convnet_clipped_grad_sum(model: ConvNet, params: Any, x: jax.Array,
   (mask 0) and non-finite gradients contribute nothing; L2 sensitivity C.
 
   The per-example conv kernel gradients, the bulk of the work, are formed
-  about `chunk` examples at a time (`_chunk_size`) inside a lax.scan (one buffer of cache size,
-  reused, instead of one (n, 9 Cin, Cout) array per layer: on CPU the
-  latter is dominated by memory traffic). Each chunk's examples get their
+  about `chunk` examples at a time (`_chunk_size`) inside a lax.scan (one
+  buffer of cache size, reused, instead of one (n, 9 Cin, Cout) array per
+  layer: on CPU the latter is dominated by memory traffic). Each chunk's examples get their
   full norms (all layers), clip weights and weighted kernel sums at once.
   chunk=None picks by backend (`default_chunk`); any chunk gives the same
   result up to float summation order.
