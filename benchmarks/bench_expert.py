@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import math
 import os
 import statistics
@@ -42,9 +41,9 @@ import sys
 import tempfile
 import time
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-  sys.path.insert(0, REPO_ROOT)
+import _bench  # noqa: E402  pylint: disable=wrong-import-position
+
+REPO_ROOT = _bench.REPO_ROOT
 
 
 def _shape(s: str):
@@ -84,6 +83,7 @@ def main(argv=None):
                   help="width 16, 200 rows, 28x28x1, 2 rounds")
   ap.add_argument("--out", default=None, help="JSON file for the results")
   args = ap.parse_args(argv)
+  env = _bench.environment()
   if args.quick:
     args.width, args.num_train, args.rounds = 16, 200, 2
     args.shapes = [(28, 28, 1)]
@@ -166,11 +166,10 @@ def main(argv=None):
                  f"{r['stage_s']:.1f} | {100 * r['stage_share']:.0f} % |")
   print("\n".join(lines))
   if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(dict(matmul_gflops=rate, rows=rows, width=args.width,
-                     num_train=args.num_train, capacity=capacity,
-                     microbatch=microbatch), f, indent=1)
+    _bench.write_json(args.out, dict(
+        matmul_gflops=rate, rows=rows, width=args.width,
+        num_train=args.num_train, capacity=capacity, microbatch=microbatch,
+        environment=env))
 
 
 if __name__ == "__main__":

@@ -29,16 +29,23 @@ def _rel(a, b):
              zip(jax.tree.leaves(a), jax.tree.leaves(b))) / scale
 
 
-@pytest.mark.parametrize("norm", ["instance", "group", "none"])
-def test_per_example_grads_equal_jax_grad_of_each_example(norm):
-  model, params, x, y = _case(norm)
+def _check_each(model, ref, params, x, y, rows, tol):
+  """pergrad's per-example gradients on `model` equal jax.grad of each
+  example through `ref` (the same parameters); returns them."""
   got = jax.jit(functools.partial(pergrad.per_example_grads, model))(
       params, x, y)
   one = jax.jit(lambda p, xi, yi: jax.grad(
-      lambda q: cross_entropy(model, q, xi, yi))(p))
-  for i in (0, 5):
+      lambda q: cross_entropy(ref, q, xi, yi))(p))
+  for i in rows:
     want = one(params, x[i:i + 1], y[i:i + 1])
-    assert _rel(jax.tree.map(lambda g: g[i], got), want) < 1e-5
+    assert _rel(jax.tree.map(lambda g: g[i], got), want) < tol
+  return got
+
+
+@pytest.mark.parametrize("norm", ["instance", "group", "none"])
+def test_per_example_grads_equal_jax_grad_of_each_example(norm):
+  model, params, x, y = _case(norm)
+  _check_each(model, model, params, x, y, (0, 5), 1e-5)
 
 
 @pytest.mark.parametrize("size,depth", [(7, 2), (5, 2), (3, 1), (28, 3)])
@@ -49,13 +56,7 @@ def test_per_example_grads_equal_jax_grad_on_odd_maps(size, depth):
   params = init_params(model, jax.random.key(1), (size, size, 1))
   x = jax.random.normal(jax.random.key(2), (3, size, size, 1))
   y = jnp.arange(3)
-  got = jax.jit(functools.partial(pergrad.per_example_grads, model))(
-      params, x, y)
-  one = jax.jit(lambda p, xi, yi: jax.grad(
-      lambda q: cross_entropy(model, q, xi, yi))(p))
-  for i in range(3):
-    want = one(params, x[i:i + 1], y[i:i + 1])
-    assert _rel(jax.tree.map(lambda g: g[i], got), want) < 1e-5
+  _check_each(model, model, params, x, y, range(3), 1e-5)
 
 
 @pytest.mark.parametrize("clip_norm", [0.05, 1e9, math.inf])
@@ -138,13 +139,7 @@ def test_fused_first_block_per_example_grads_equal_the_layer_by_layer_model(
   assert pergrad._fused_first(model, x) and not pergrad._fused_first(ref, x)
   taps = pergrad._taps(model, params, x)
   assert taps["stem"] is not None and taps["u"][0] is None  # fused ran
-  got = jax.jit(functools.partial(pergrad.per_example_grads, model))(
-      params, x, y)
-  one = jax.jit(lambda p, xi, yi: jax.grad(
-      lambda q: cross_entropy(ref, q, xi, yi))(p))
-  for i in range(4):
-    want = one(params, x[i:i + 1], y[i:i + 1])
-    assert _rel(jax.tree.map(lambda g: g[i], got), want) < 1e-4
+  got = _check_each(model, ref, params, x, y, range(4), 1e-4)
   # The conv bias cancels in the normalisation: its gradient is zero.
   assert float(jnp.max(jnp.abs(got["conv0"]["bias"]))) == 0.0
 
