@@ -124,7 +124,7 @@ def test_microbatched_grad_sum_equals_one_batch(microbatch):
   assert _rel(got, want) < 1e-5
 
 
-@pytest.mark.parametrize("shape", [(28, 28, 1), (32, 32, 3)])
+@pytest.mark.parametrize("shape", [(28, 28, 1), (32, 32, 3), (29, 27, 3)])
 def test_fused_first_block_per_example_grads_equal_the_layer_by_layer_model(
     shape):
   """On maps where the first block runs from patch statistics
