@@ -109,41 +109,42 @@ def make_step(plan: QueryPlan, opt: optax.GradientTransformation, *,
   targets: (Q, K, d) cached noisy sums; the step uses query
   `state.step % Q`. `decode` maps stored images (K, IPC, ...) to the images
   the extractor sees (K, m, ...), image by image; identity by default.
-  `extra_loss` (e.g. the weighted expert alignment term) is added to L_FM
-  on the decoded images.
+  `extra_loss(decoded, classes)` (e.g. the weighted expert alignment
+  term) is added to L_FM: the decoded images of the classes `classes`
+  (an int array), a sum over those classes of terms that each read their
+  own class's images only.
 
-  `class_chunk`: differentiate L_FM `class_chunk` classes at a time
+  `class_chunk`: differentiate the loss `class_chunk` classes at a time
   (unrolled in the one jitted step) and concatenate the image gradients.
-  L_FM is a sum over classes of terms that each read their own class's
-  images only, so this is the same gradient up to float rounding, with
-  each chunk's activations small enough to stay in cache on CPU
-  (`evaluate.chunk_rows` sizes it; None: all classes at once).
+  L_FM (and extra_loss, by its contract) is a sum over classes of terms
+  that each read their own class's images only, so this is the same
+  gradient up to float rounding, with each chunk's activations small
+  enough to stay in cache on CPU (`evaluate.chunk_rows` sizes it; None:
+  all classes at once). Each chunk is decoded once for both terms.
   """
   decode = decode or (lambda s: s)
 
-  def fm_loss(images, params, aug_params, target, counts):
-    return feature_matching_loss(plan, params, aug_params, decode(images),
-                                 target, counts, clip_norm)
+  def loss_fn(images, params, aug_params, target, counts, classes):
+    dec = decode(images)
+    loss = feature_matching_loss(plan, params, aug_params, dec, target,
+                                 counts, clip_norm)
+    if extra_loss is not None:
+      loss = loss + extra_loss(dec, classes)
+    return loss
 
   def loss_and_grads(images, params, aug_params, target, counts):
     k = images.shape[0]
-    if class_chunk is None or class_chunk >= k:
-      loss, grads = jax.value_and_grad(fm_loss)(images, params, aug_params,
-                                                target, counts)
-    else:
-      parts = []
-      for lo in range(0, k, class_chunk):
-        sl = slice(lo, lo + class_chunk)
-        parts.append(jax.value_and_grad(fm_loss)(
-            images[sl], params, jax.tree.map(lambda a: a[sl], aug_params),
-            target[sl], counts[sl]))
-      loss = sum(p[0] for p in parts)
-      grads = jnp.concatenate([p[1] for p in parts])
-    if extra_loss is not None:
-      extra, g_extra = jax.value_and_grad(
-          lambda im: extra_loss(decode(im)))(images)
-      loss, grads = loss + extra, grads + g_extra
-    return loss, grads
+    chunk = k if class_chunk is None else min(class_chunk, k)
+    parts = []
+    for lo in range(0, k, chunk):
+      sl = slice(lo, lo + chunk)
+      parts.append(jax.value_and_grad(loss_fn)(
+          images[sl], params, jax.tree.map(lambda a: a[sl], aug_params),
+          target[sl], counts[sl], jnp.arange(lo, min(lo + chunk, k))))
+    if len(parts) == 1:
+      return parts[0]
+    return (sum(p[0] for p in parts),
+            jnp.concatenate([p[1] for p in parts]))
 
   def step(state: DistillState, targets, expected_counts, public_key):
     q = state.step % targets.shape[0]

@@ -157,9 +157,11 @@ def reference_distributions(params: Any, model: ConvNet, x_gen_cm: jax.Array,
 
 
 def alignment_loss(params: Any, model: ConvNet, syn: jax.Array,
-                   p_ref: jax.Array, *, tau: float, beta: float) -> jax.Array:
-  """Sum over classes of L_E(c) for synthetic images syn (K, m, ...)."""
-  k = syn.shape[0]
+                   p_ref: jax.Array, *, tau: float, beta: float,
+                   classes: jax.Array | None = None) -> jax.Array:
+  """Sum over classes of L_E(c) for synthetic images syn (k, m, ...) of
+  the classes `classes` (default all K, in order; p_ref is (K, K))."""
+  classes = jnp.arange(syn.shape[0]) if classes is None else classes
 
   def one(xc, pc, c):
     logits = model.apply({"params": params}, xc)
@@ -169,7 +171,7 @@ def alignment_loss(params: Any, model: ConvNet, syn: jax.Array,
         logits, jnp.full((xc.shape[0],), c))
     return jnp.mean(kl + beta * ce)
 
-  return jnp.sum(jax.vmap(one)(syn, p_ref, jnp.arange(k)))
+  return jnp.sum(jax.vmap(one)(syn, p_ref[classes], classes))
 
 
 def accuracy(params: Any, model: ConvNet, x, y) -> float:

@@ -455,7 +455,7 @@ def clip_norm(cfg: Config) -> float:
 class Expert:
   params: Any
   info: dict   # test accuracies, for information
-  loss: Callable  # the alignment term of the distillation loss
+  loss: Callable  # (decoded, classes) -> the alignment term of L
 
 
 def expert(run: Run, budget: Budget, sizes, pool_: Pool, gen: Generated,
@@ -488,8 +488,9 @@ def expert(run: Run, budget: Budget, sizes, pool_: Pool, gen: Generated,
     run.save("expert", trees={"params": params}, info=info)
   p_ref = expert_lib.reference_distributions(params, model, gen.class_major,
                                              cfg.expert_tau)
-  loss = lambda dec: cfg.expert_weight * expert_lib.alignment_loss(
-      params, model, dec, p_ref, tau=cfg.expert_tau, beta=cfg.expert_beta)
+  loss = lambda dec, classes: cfg.expert_weight * expert_lib.alignment_loss(
+      params, model, dec, p_ref, tau=cfg.expert_tau, beta=cfg.expert_beta,
+      classes=classes)
   run.timed("expert_s", t0)
   return Expert(params, info, loss)
 

@@ -101,8 +101,9 @@ def test_steps_reduce_the_loss_and_compile_once():
 @pytest.mark.parametrize("class_chunk", [1, 2])
 def test_class_chunked_step_equals_the_all_classes_step(class_chunk):
   """Gradients taken a chunk of classes at a time (3 = 2 + 1 classes with
-  chunks of 2), through a decode and with an extra loss over all images,
-  give the all-classes step's images and loss up to float rounding."""
+  chunks of 2), through a decode and with an extra loss weighted by each
+  class's index, give the all-classes step's images and loss up to float
+  rounding."""
   from dpgeng_jax import init as init_lib
   plan = _plan()
   shape = (16, 16, 1)
@@ -118,7 +119,9 @@ def test_class_chunked_step_equals_the_all_classes_step(class_chunk):
   for name, chunk in (("all", None), ("chunked", class_chunk)):
     step = distill.make_step(
         plan, opt, clip_norm=1.0, decode=lambda s: init_lib.decode(s, 2),
-        extra_loss=lambda d: 0.1 * jnp.sum(jnp.square(d)),
+        # Weighted by class index: a chunk handed the wrong classes fails.
+        extra_loss=lambda d, c: 0.1 * jnp.sum(
+            jnp.square(d) * (1.0 + c).reshape(-1, 1, 1, 1, 1)),
         class_chunk=chunk)
     state = distill.init_state(jnp.copy(images), opt)  # the step donates
     losses = []

@@ -42,6 +42,23 @@ def test_alignment_cross_entropy_uses_each_images_own_class():
   assert float(ce_only) == pytest.approx(want, rel=1e-5)
 
 
+def test_alignment_over_class_chunks_sums_to_all_classes():
+  """distill.make_step hands the term a chunk of classes at a time: the
+  chunks' terms (with their class indices) add up to the whole."""
+  p = _params()
+  syn = jax.random.normal(jax.random.key(1), (3, 2, *SHAPE))
+  p_ref = jax.nn.softmax(jax.random.normal(jax.random.key(2), (3, 3)), -1)
+  whole = E.alignment_loss(p, MODEL, syn, p_ref, tau=1.0, beta=0.5)
+  last = E.alignment_loss(p, MODEL, syn[2:], p_ref, tau=1.0, beta=0.5,
+                          classes=jnp.arange(2, 3))
+  parts = E.alignment_loss(p, MODEL, syn[:2], p_ref, tau=1.0, beta=0.5,
+                           classes=jnp.arange(2)) + last
+  assert float(parts) == pytest.approx(float(whole), rel=1e-6)
+  wrong = E.alignment_loss(p, MODEL, syn[2:], p_ref, tau=1.0, beta=0.5,
+                           classes=jnp.arange(1))  # class 0's reference
+  assert abs(float(wrong) - float(last)) > 1e-4
+
+
 def test_alignment_gradient_reaches_the_pixels():
   p = _params()
   syn = jax.random.normal(jax.random.key(1), (3, 2, *SHAPE))
