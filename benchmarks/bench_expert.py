@@ -27,6 +27,13 @@ computed but not counted), per second, and its share of this machine's
 float32 matmul rate measured in the same process (estimate.measure_rate).
 "Stage" columns: what the stage's --steps steps take at these figures
 (first call + steps - 1 medians), with its useful-FLOP rate.
+
+With --distill, also the distillation step with the expert's alignment
+term (IPC 10, factor 2, K 10, random extractors of width --width, the
+class chunks of stages.distill_class_chunk, the alignment term of a
+ConvNet of the same width): distill.py at --before (the term over all
+classes, outside the chunks) against this checkout (the term inside each
+class chunk), median of --rounds interleaved steps.
 """
 
 from __future__ import annotations
@@ -79,6 +86,8 @@ def main(argv=None):
   ap.add_argument("--steps", type=int, default=10,
                   help="the stage's DP-SGD steps (for the stage columns)")
   ap.add_argument("--rounds", type=int, default=4)
+  ap.add_argument("--distill", action="store_true",
+                  help="also time the distillation step with the expert term")
   ap.add_argument("--quick", action="store_true",
                   help="width 16, 200 rows, 28x28x1, 2 rounds")
   ap.add_argument("--out", default=None, help="JSON file for the results")
@@ -164,12 +173,70 @@ def main(argv=None):
                  f"{r['first_s']:.1f} | {r['gflops']:.0f} | "
                  f"{100 * r['share']:.0f} % | {r['speedup']:.2f} | "
                  f"{r['stage_s']:.1f} | {100 * r['stage_share']:.0f} % |")
+  if args.distill:
+    lines += ["", *_distill_table(args, impls)]
   print("\n".join(lines))
   if args.out:
     _bench.write_json(args.out, dict(
         matmul_gflops=rate, rows=rows, width=args.width,
         num_train=args.num_train, capacity=capacity, microbatch=microbatch,
         environment=env))
+
+
+def _distill_table(args, impls) -> list[str]:
+  """Median seconds of the distillation step with the expert term."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from dpgeng_jax import distill, expert, extractors, models, stages  # pylint: disable=import-outside-toplevel
+  from dpgeng_jax import init as init_lib  # pylint: disable=import-outside-toplevel
+  mods = {"after": distill}
+  if "before" in impls:
+    mods = {"before": _module_at(args.before, "distill"), **mods}
+  k, ipc, f = 10, 10, 2
+  lines = ["| shape | variant | s per distillation step with the expert term "
+           "| speed-up |", "|---|---|---|---|"]
+  for shape in args.shapes:
+    model = models.ConvNet(k, width=args.width, depth=3)
+    plan = distill.QueryPlan(extractors.random_pool(model, shape),
+                             models.embed_fn(model), k)
+    params = models.init_params(model, jax.random.key(3), shape)
+    p_ref = jax.nn.softmax(jax.random.normal(jax.random.key(4), (k, k)), -1)
+    d = models.embed_fn(model)(params, jnp.zeros((1, *shape))).shape[-1]
+    targets = jax.random.normal(jax.random.key(5), (4, k, d))
+    counts = jnp.full((k,), 70.0)
+    opt = distill.image_optimizer(0.05)
+    images = jax.random.normal(jax.random.key(1), (k, ipc, *shape))
+    chunk = stages.distill_class_chunk(k, ipc * f * f, shape, args.width)
+
+    def term(dec, classes=None):
+      return 0.1 * expert.alignment_loss(params, model, dec, p_ref, tau=1.0,
+                                         beta=0.1, classes=classes)
+
+    runs = {}
+    for name, mod in mods.items():
+      extra = (lambda dec: term(dec)) if name == "before" else term
+      step = mod.make_step(plan, opt, clip_norm=1.0,
+                           decode=lambda s: init_lib.decode(s, f),
+                           extra_loss=extra, class_chunk=chunk)
+      state = distill.init_state(jnp.copy(images), opt)
+      state, loss = step(state, targets, counts, jax.random.key(0))
+      jax.block_until_ready(loss)
+      runs[name] = [step, state, []]
+    names = list(runs)
+    for r in range(args.rounds):
+      for name in names[r % len(names):] + names[:r % len(names)]:
+        step, state, times = runs[name]
+        t0 = time.perf_counter()
+        state, loss = step(state, targets, counts, jax.random.key(0))
+        jax.block_until_ready(loss)
+        times.append(time.perf_counter() - t0)
+        runs[name][1] = state
+    base = statistics.median(runs[names[0]][2])
+    for name in names:
+      med = statistics.median(runs[name][2])
+      lines.append(f"| {'x'.join(map(str, shape))} | {name} | {med:.2f} | "
+                   f"{base / med:.2f} |")
+  return lines
 
 
 if __name__ == "__main__":
