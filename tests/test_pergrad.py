@@ -42,6 +42,17 @@ def _check_each(model, ref, params, x, y, rows, tol):
   return got
 
 
+def _check_sum(model, params, x, y, mask, clip_norm, tol, chunk=None):
+  """pergrad's clipped gradient sum equals the generic path's; returns it."""
+  loss = lambda p, b: cross_entropy(model, p, *b)
+  want = clipped_grad_sum(loss, params, (x, y), mask, clip_norm=clip_norm)
+  got = jax.jit(functools.partial(pergrad.convnet_clipped_grad_sum, model,
+                                  clip_norm=clip_norm, chunk=chunk))(
+                                      params, x, y, mask)
+  assert _rel(got, want) < tol
+  return got
+
+
 @pytest.mark.parametrize("norm", ["instance", "group", "none"])
 def test_per_example_grads_equal_jax_grad_of_each_example(norm):
   model, params, x, y = _case(norm)
@@ -64,11 +75,7 @@ def test_clipped_grad_sum_equals_the_generic_path(clip_norm):
   """Clipping active (0.05), inactive (1e9) and off (inf); padded rows."""
   model, params, x, y = _case("instance")
   mask = jnp.array([1, 1, 0, 1, 1, 1.0])
-  loss = lambda p, b: cross_entropy(model, p, *b)
-  want = clipped_grad_sum(loss, params, (x, y), mask, clip_norm=clip_norm)
-  got = jax.jit(functools.partial(pergrad.convnet_clipped_grad_sum, model,
-                                  clip_norm=clip_norm))(params, x, y, mask)
-  assert _rel(got, want) < 1e-5
+  _check_sum(model, params, x, y, mask, clip_norm, 1e-5)
 
 
 def test_each_clipped_contribution_has_norm_at_most_c():
@@ -150,19 +157,14 @@ def test_fused_first_block_clipped_sum_equals_the_generic_path():
   x = jax.random.normal(jax.random.key(2), (5, 28, 28, 1))
   y = jnp.arange(5) % 3
   mask = jnp.array([1, 0, 1, 1, 1.0])
-  loss = lambda p, b: cross_entropy(model, p, *b)
-  want = clipped_grad_sum(loss, params, (x, y), mask, clip_norm=0.05)
-  got = jax.jit(functools.partial(pergrad.convnet_clipped_grad_sum, model,
-                                  clip_norm=0.05, chunk=2))(
-                                      params, x, y, mask)
-  assert _rel(got, want) < 1e-4
+  _check_sum(model, params, x, y, mask, 0.05, 1e-4, chunk=2)
 
 
 def test_gradients_whose_squares_overflow_are_clipped_as_the_generic_path():
   """A huge head makes the conv gradients finite but ~1e25, so their
-  squared norms overflow float32: the chunk falls back to the overflow-safe norms
-  instead of dropping those rows (the plain sum of squares would give inf,
-  clip weight 0)."""
+  squared norms overflow float32: the chunk falls back to the
+  overflow-safe norms instead of dropping those rows (the plain sum of
+  squares would give inf, clip weight 0)."""
   model, params, x, y = _case("instance")
   params = jax.tree.map(lambda a: a, params)
   params["head"]["kernel"] = params["head"]["kernel"] * 1e25
@@ -173,12 +175,7 @@ def test_gradients_whose_squares_overflow_are_clipped_as_the_generic_path():
            for a in jax.tree.leaves(per))
   assert not bool(jnp.all(jnp.isfinite(sq)))  # some squares do overflow
   assert all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(per))
-  loss = lambda p, b: cross_entropy(model, p, *b)
-  want = clipped_grad_sum(loss, params, (x, y), mask, clip_norm=1.0)
-  got = jax.jit(functools.partial(pergrad.convnet_clipped_grad_sum, model,
-                                  clip_norm=1.0, chunk=4))(
-                                      params, x, y, mask)
-  assert _rel(got, want) < 1e-5
+  got = _check_sum(model, params, x, y, mask, 1.0, 1e-5, chunk=4)
   norm = math.sqrt(sum(float(jnp.sum(jnp.square(a)))
                        for a in jax.tree.leaves(got)))
   assert norm <= 6.0 * (1 + 1e-5)  # six rows, each clipped to 1
