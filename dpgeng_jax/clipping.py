@@ -192,6 +192,23 @@ def default_query_chunk() -> int | None:
   return 100 if jax.default_backend() == "cpu" else None
 
 
+def split_rows(tree: Any, target: int) -> Any:
+  """Every leaf (a common leading axis of n rows) as (chunks, size, ...):
+  the fewest chunks of at most `target` rows, all of one size, the last
+  padded with fewer zero rows than there are chunks (mask-0 rows where
+  the tree holds a mask)."""
+  n = jax.tree.leaves(tree)[0].shape[0]
+  chunks = -(-n // max(1, target))
+  size = -(-n // chunks)
+  extra = chunks * size - n
+
+  def split(a):
+    a = jnp.pad(a, [(0, extra)] + [(0, 0)] * (a.ndim - 1))
+    return a.reshape((chunks, size, *a.shape[1:]))
+
+  return jax.tree.map(split, tree)
+
+
 def microbatched(grad_sum_fn: Callable[..., Any],
                  microbatch: int | None) -> Callable[..., Any]:
   """grad_sum_fn(params, batch, mask) evaluated on equal chunks of at most
@@ -206,18 +223,9 @@ def microbatched(grad_sum_fn: Callable[..., Any],
     raise ValueError(f"microbatch={microbatch} must be >= 1")
 
   def chunked(params, batch, mask):
-    n = mask.shape[0]
-    if microbatch >= n:
+    if microbatch >= mask.shape[0]:
       return grad_sum_fn(params, batch, mask)
-    chunks = -(-n // microbatch)
-    size = -(-n // chunks)  # balanced: at most chunks - 1 padded rows
-    extra = chunks * size - n
-
-    def split(a):
-      a = jnp.pad(a, [(0, extra)] + [(0, 0)] * (a.ndim - 1))
-      return a.reshape((chunks, size, *a.shape[1:]))
-
-    batch_c, mask_c = jax.tree.map(split, batch), split(mask)
+    batch_c, mask_c = split_rows((batch, mask), microbatch)
     # Zeros shaped like one chunk's sums (and device-varying like the
     # rows inside shard_map), so that the scan holds the only copy of
     # grad_sum_fn: half the compilation of peeling the first chunk.

@@ -111,13 +111,9 @@ def embed_in_chunks(embed_fn, params: Any, x: jax.Array,
   n = x.shape[0]
   if chunk is None or chunk >= n:
     return embed_fn(params, x)
-  chunks = -(-n // chunk)
-  rows = -(-n // chunks)
-  pad = chunks * rows - n
-  xp = jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)])
   e = jax.lax.map(lambda xc: embed_fn(params, xc),
-                  xp.reshape(chunks, rows, *x.shape[1:]))
-  return e.reshape(chunks * rows, -1)[:n]
+                  clipping.split_rows(x, chunk))
+  return e.reshape(-1, e.shape[-1])[:n]
 
 
 def generated_centres(pool: Pool, embed_fn, public_key: jax.Array,

@@ -48,7 +48,8 @@ import jax.numpy as jnp
 import optax
 
 from dpgeng_jax import stem, winograd
-from dpgeng_jax.clipping import clip_scale, row_norms, weighted_sum
+from dpgeng_jax.clipping import (clip_scale, row_norms, split_rows,
+                                 weighted_sum)
 from dpgeng_jax.models import ConvNet, _check_norm, instance_norm
 
 _EPS = 1e-5  # models.ConvNet's GroupNorm epsilon
@@ -78,16 +79,6 @@ def _groups(model: ConvNet) -> int:
   return model.width if model.norm == "instance" else min(32, model.width)
 
 
-def _patches(a: jax.Array) -> jax.Array:
-  """(n, H, W, C) -> (n, H*W, 9*C), feature order (kh, kw, c) as in an
-  HWIO kernel. Built from 9 shifted slices: XLA:CPU computes
-  conv_general_dilated_patches as a convolution, ~50x more work."""
-  n, h, w, c = a.shape
-  ap = jnp.pad(a, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  cols = [ap[:, i:i + h, j:j + w] for i in range(3) for j in range(3)]
-  return jnp.concatenate(cols, axis=-1).reshape(n, h * w, 9 * c)
-
-
 def _kernel_grads(a: jax.Array, g: jax.Array, impl: str) -> jax.Array:
   """Per-example conv kernel gradients (m, 3, 3, Cin, Cout) from the
   layer's inputs a (m, H, W, Cin) and output gradients g (m, H, W, Cout):
@@ -96,7 +87,10 @@ def _kernel_grads(a: jax.Array, g: jax.Array, impl: str) -> jax.Array:
   m, cin, cout = a.shape[0], a.shape[-1], g.shape[-1]
   if winograd.use_winograd(impl, cin, a.shape[1:3], WINOGRAD_MIN_PIXELS):
     return winograd.per_example_kernel_grads(a, g)
-  k = jnp.einsum("npf,npc->nfc", _patches(a), g.reshape(m, -1, cout))
+  # stem.patches: 9 shifted slices (XLA:CPU computes
+  # conv_general_dilated_patches as a convolution, ~50x more work).
+  k = jnp.einsum("npf,npc->nfc", stem.patches(a).reshape(m, -1, 9 * cin),
+                 g.reshape(m, -1, cout))
   return k.reshape(m, 3, 3, cin, cout)
 
 
@@ -114,18 +108,19 @@ def _fused_first(model: ConvNet, x: jax.Array) -> bool:
   return stem.use_stem(model.conv_impl, model.norm, x.shape, model.dtype)
 
 
-def _forward(model: ConvNet, params: Any, x: jax.Array, taps: dict):
+def _forward(model: ConvNet, params: Any, x: jax.Array, taps: dict,
+             stats=None):
   """Logits with zero taps added; also the recorded activations. A first
-  block computed from patch statistics takes its parameters per example
-  from taps["stem"] instead (their gradients are the per-example
-  gradients of that block's parameters)."""
+  block computed from patch statistics (stats = stem.patch_stats(x))
+  takes its parameters per example from taps["stem"] instead (their
+  gradients are the per-example gradients of that block's parameters)."""
   h = x.astype(jnp.float32)
   inputs, xhats = [], []
   first = 0
   if taps["stem"] is not None:
     t = taps["stem"]
-    h = stem.block_per_example(t["pc"], t["cov"], t["kernel"], t["scale"],
-                               t["bias"], _EPS)
+    h = stem.block_per_example(*stats, t["kernel"], t["scale"], t["bias"],
+                               _EPS)
     inputs, xhats, first = [None], [None], 1
   for i in range(first, model.depth):
     conv = params[f"conv{i}"]
@@ -150,7 +145,7 @@ def _taps(model: ConvNet, params: Any, x: jax.Array) -> dict:
   device-varying like x: the gradient with respect to a device-invariant
   tap would be summed over devices (the sharp edge of parallel.py). A
   fused first block gets its parameters broadcast per example (made
-  varying the same way) and its input's patch statistics."""
+  varying the same way)."""
   n, h, w, cin = x.shape
   zero = jnp.zeros_like(x[:, :1, :1, :1], jnp.float32)
   fused = _fused_first(model, x)
@@ -162,9 +157,7 @@ def _taps(model: ConvNet, params: Any, x: jax.Array) -> dict:
   first = None
   if fused:
     z2 = zero[:, :, 0, 0]                                  # (n, 1)
-    pc, cov = stem.patch_stats(x)
-    first = {"pc": pc, "cov": cov,
-             "kernel": params["conv0"]["kernel"].reshape(9 * cin, -1)[None]
+    first = {"kernel": params["conv0"]["kernel"].reshape(9 * cin, -1)[None]
                        + z2[:, :, None],
              "scale": params["norm0"]["scale"][None] + z2,
              "bias": params["norm0"]["bias"][None] + z2}
@@ -181,14 +174,11 @@ def _backprop(model: ConvNet, params: Any, x: jax.Array, y: jax.Array):
   if model.dtype != jnp.float32:
     raise ValueError("pergrad supports float32 ConvNets only")
   taps = _taps(model, params, x)
-  stats = None
-  if taps["stem"] is not None:  # constants, not differentiated
-    stats = {k: taps["stem"].pop(k) for k in ("pc", "cov")}
+  # The fused block's input statistics: constants, not differentiated.
+  stats = None if taps["stem"] is None else stem.patch_stats(x)
 
   def total_loss(taps):
-    if stats is not None:
-      taps = {**taps, "stem": {**taps["stem"], **stats}}
-    logits, aux = _forward(model, params, x, taps)
+    logits, aux = _forward(model, params, x, taps, stats)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
     return jnp.sum(loss), aux
 
@@ -270,8 +260,9 @@ def convnet_clipped_grad_sum(model: ConvNet, params: Any, x: jax.Array,
   The per-example conv kernel gradients, the bulk of the work, are formed
   about `chunk` examples at a time (`_chunk_size`) inside a lax.scan (one
   buffer of cache size, reused, instead of one (n, 9 Cin, Cout) array per
-  layer: on CPU the latter is dominated by memory traffic). Each chunk's examples get their
-  full norms (all layers), clip weights and weighted kernel sums at once.
+  layer: on CPU the latter is dominated by memory traffic). Each chunk's
+  examples get their full norms (all layers), clip weights and weighted
+  kernel sums at once.
   chunk=None picks by backend (`default_chunk`); any chunk gives the same
   result up to float summation order.
   """
@@ -283,18 +274,11 @@ def convnet_clipped_grad_sum(model: ConvNet, params: Any, x: jax.Array,
   small_norms = _leaf_norms(small_leaves, finite_small)
 
   chunk = _chunk_size(n, chunk or default_chunk() or n)
-  chunks = -(-n // chunk)
-  pad = chunks * chunk - n
-
-  def split(a):
-    a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
-    return a.reshape((chunks, chunk) + a.shape[1:])
-
   ok = finite_small & (mask > 0)
   layers = _patch_layers(model, g)
-  xs = (tuple(split(inputs[i]) for i in layers),
-        tuple(split(g["u"][i]) for i in layers),
-        split(small_norms), split(ok))
+  # _chunk_size pads least, so split_rows keeps chunks of exactly `chunk`.
+  xs = split_rows((tuple(inputs[i] for i in layers),
+                   tuple(g["u"][i] for i in layers), small_norms, ok), chunk)
   zero = jnp.zeros_like(x.reshape(-1)[0], jnp.float32)  # varying like x
   init = tuple(jnp.broadcast_to(zero, params[f"conv{i}"]["kernel"].shape)
                for i in layers)
