@@ -17,7 +17,7 @@ from dpgeng_jax.distill import (DistillState, QueryPlan,
 from dpgeng_jax.errors import ConfigError, DataError, DpgengError
 from dpgeng_jax import evaluate
 from dpgeng_jax.evaluate import EvalConfig
-from dpgeng_jax.mechanisms import (ClassMajorData, QuerySpec,
+from dpgeng_jax.mechanisms import (ClassMajorData, FlatData, QuerySpec,
                                    SamplingOverflowError, class_major,
                                    noisy_class_sums, noisy_targets,
                                    poisson_capacity, poisson_sample)
@@ -38,7 +38,7 @@ from dpgeng_jax import winograd
 __version__ = "0.1.0"
 
 __all__ = [
-    "ClassMajorData", "ClassSizes", "ClippedClassSum", "Config",
+    "ClassMajorData", "ClassSizes", "ClippedClassSum", "Config", "FlatData",
     "ConfigError", "ConvNet", "add_gaussian_noise", "counts", "noise",
     "release_class_counts", "tree_add_gaussian_noise",
     "DataError", "Dataset", "DistillState", "DpgengError", "EvalConfig",

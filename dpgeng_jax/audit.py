@@ -18,10 +18,11 @@ one example (p = 1: the plain Gaussian).
 
 Mechanisms (`MECHANISMS`), one release per trial:
 
-* ``feature_matching``: `mechanisms.noisy_targets` (Poisson sampling at
-  rate p, clipping of the embedding to C, per-class sums, noise sigma C);
-  the embedding is the flattened image, the canary is 10 C u, the other
-  examples are orthogonal to u (some far above C).
+* ``feature_matching``: `mechanisms.noisy_targets` on flat data, as a run
+  answers it (Poisson sampling at rate p, clipping of the embedding to C,
+  per-class sums, noise sigma C); the embedding is the flattened image,
+  the canary is 10 C u, the other examples are orthogonal to u (some far
+  above C).
 * ``feature_matching_sharded``: the same data through
   `parallel.sharded_noisy_targets` (shard_map, per-device sampling, psum,
   noise once) on a mesh of this process's devices.
@@ -353,23 +354,23 @@ def _flatten_embed(params, x):
 
 def _query_setup(sigma, clip, p, copies, sharded=False) -> _Setup:
   u, (x1, y1), (x0, y0) = _canary_rows(copies)
-  bound = int(np.bincount(y1).max())  # the public padded class length
+  rows = len(y1)  # the public padded length (flat layout, as a run)
   spec = mechanisms.QuerySpec(
       embed_fn=_flatten_embed, num_classes=_NUM_CLASSES, clip_norm=clip,
       noise_multiplier=sigma, sampling_rate=p,
-      capacity=mechanisms.poisson_capacity([bound], p), strategy="none")
+      capacity=mechanisms.poisson_capacity([rows], p), strategy="none")
   aug = augment.identity_params((_NUM_CLASSES,))
   u = jnp.asarray(u)
   if sharded:
     mesh = parallel.data_mesh(jax.local_device_count())
     shards = parallel.num_shards(mesh)
-    per = parallel.rows_per_device(bound, mesh)
     spec = dataclasses.replace(spec, capacity=mechanisms.poisson_capacity(
-        [per], p, mechanisms.OVERFLOW_TAIL / shards))
+        [parallel.rows_per_device(rows, mesh)], p,
+        mechanisms.OVERFLOW_TAIL / shards))
 
     def data(x, y):
-      return parallel.sharded_class_major(x, y, _NUM_CLASSES, shards,
-                                          rows_per_shard=per)
+      return mechanisms.FlatData(*parallel.local_rows(mesh, x, y,
+                                                      num_rows=rows))
 
     def trial(key, d):
       sums, _ = parallel.sharded_noisy_targets(spec, d, None, aug, key,
@@ -377,7 +378,8 @@ def _query_setup(sigma, clip, p, copies, sharded=False) -> _Setup:
       return sums[0] @ u
   else:
     def data(x, y):
-      return mechanisms.class_major(x, y, _NUM_CLASSES, rows=bound)
+      return mechanisms.FlatData(*map(jnp.asarray,
+                                      parallel.padded_rows(rows, x, y)))
 
     def trial(key, d):
       sums, _ = mechanisms.noisy_targets(spec, d, None, aug, key)

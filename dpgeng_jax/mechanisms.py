@@ -7,11 +7,11 @@ Privacy-relevant invariants, each tested in tests/test_mechanisms.py:
   are never returned to the caller or written anywhere by this library.
 * Poisson sampling includes each private example independently with
   probability p' <= p (`noise.bernoulli`: p' = floor(p 2^32) / 2^32).
-  Batches are padded to a fixed per-class capacity so that each query
-  compiles once; the capacity is chosen so that overflow has probability
-  <= tau per class and query (tau from the run's delta, see
-  accounting.failure_log_tail), and an overflow raises
-  `SamplingOverflowError` instead of dropping examples.
+  Batches are padded to a fixed capacity (per class for class-major data,
+  in all for flat data) so that each query compiles once; the capacity is
+  chosen so that overflow has probability <= tau per padded batch (tau
+  from the run's delta, see accounting.failure_log_tail), and an overflow
+  raises `SamplingOverflowError` instead of dropping examples.
 * Noise N(0, (sigma * C)^2) is added once to the (K, d) clipped class sums,
   whose L2 sensitivity is C (see clipping.py), with the atom-free sampler
   (noise.add_gaussian_noise: float64 draw, float64 sum, one rounding).
@@ -53,7 +53,8 @@ class SamplingOverflowError(PrivacyAbort):
 
 
 # ---------------------------------------------------------------------------
-# Class-major layout and Poisson sampling with a fixed capacity.
+# Private layouts (class-major, flat) and Poisson sampling with a fixed
+# capacity.
 
 
 class ClassMajorData(NamedTuple):
@@ -84,6 +85,19 @@ def class_major(x: np.ndarray, y: np.ndarray, num_classes: int,
     xs[c, :len(idx)] = x[idx]
     valid[c, :len(idx)] = 1.0
   return ClassMajorData(jnp.asarray(xs), jnp.asarray(valid))
+
+
+class FlatData(NamedTuple):
+  """Private examples in one padded table: x (R, ...), y (R,) labels,
+  valid (R,) with 1 for real examples, as `parallel.padded_rows(R, x, y)`
+  returns them. R is a PUBLIC bound on N (the run uses
+  ClassSizes.total_bound). A Poisson batch of it pads to one capacity
+  for all classes, about p R rows, where class-major data pads every class
+  to the largest class's bound (K times that class's capacity): at small N
+  the flat batch embeds about half the rows."""
+  x: jax.Array
+  y: jax.Array
+  valid: jax.Array
 
 
 def poisson_capacity(class_counts, sampling_rate: float,
@@ -143,7 +157,8 @@ class QuerySpec:
     noise_multiplier: sigma_F; the noise std on each sum coordinate is
       sigma_F * C (0 disables noise: non-private).
     sampling_rate: p, Poisson rate per example.
-    capacity: padded per-class batch size (see `poisson_capacity`).
+    capacity: padded batch size (see `poisson_capacity`): per class for
+      class-major data, of the whole batch for flat data.
     strategy: DSA augmentation strategy applied siamese-style.
   """
   embed_fn: Callable[[Any, jax.Array], jax.Array]
@@ -191,7 +206,8 @@ def noisy_targets(spec: QuerySpec, data: ClassMajorData, params: Any,
 
   Args:
     spec: the public description of the query.
-    data: private examples, class-major (see `class_major`).
+    data: private examples, class-major (`class_major`) or flat
+      (`FlatData`); the release is the same mechanism either way.
     params: the query's extractor parameters (public).
     aug_params: augmentation parameters with leading axis K (public); the
       synthetic side uses the same ones.
@@ -213,6 +229,9 @@ def sampled_class_sums(spec: QuerySpec, data: ClassMajorData, params: Any,
                        chunk_size: int | None = None):
   """The noiseless part of one M_F query: Poisson batch, siamese
   augmentation, clipped class sums. Returns ((K, d) sums, overflow)."""
+  if isinstance(data, FlatData):
+    return _sampled_flat_sums(spec, data, params, aug_params, sample_key,
+                              chunk_size)
   idx, mask, overflow = poisson_sample(sample_key, data.valid,
                                        spec.sampling_rate, spec.capacity)
   xb = jax.vmap(lambda xc, ic: xc[ic])(data.x, idx)  # (K, cap, ...)
@@ -221,6 +240,24 @@ def sampled_class_sums(spec: QuerySpec, data: ClassMajorData, params: Any,
   y = jnp.repeat(jnp.arange(k, dtype=jnp.int32), cap)
   flat = xb.reshape((k * cap, *xb.shape[2:]))
   sums = clipped_class_sums(spec.embed_fn, params, flat, y, mask.reshape(-1),
+                            num_classes=spec.num_classes,
+                            clip_norm=spec.clip_norm, chunk_size=chunk_size)
+  return sums, overflow
+
+
+def _sampled_flat_sums(spec, data: FlatData, params, aug_params,
+                       sample_key, chunk_size):
+  """`sampled_class_sums` on flat data: one Poisson batch of all classes;
+  each row is augmented with its class's parameters (the same as the
+  synthetic side of that class), then clipped and summed into its class."""
+  idx, mask, overflow = poisson_sample(sample_key, data.valid[None],
+                                       spec.sampling_rate, spec.capacity)
+  idx, mask = idx[0], mask[0]
+  y = data.y[idx]
+  per_row = jax.tree.map(lambda a: jnp.asarray(a)[y], aug_params)
+  xb = augment.apply(data.x[idx].astype(jnp.float32), per_row,
+                     spec.strategy)
+  sums = clipped_class_sums(spec.embed_fn, params, xb, y, mask,
                             num_classes=spec.num_classes,
                             clip_norm=spec.clip_norm, chunk_size=chunk_size)
   return sums, overflow

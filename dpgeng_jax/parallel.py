@@ -20,9 +20,9 @@ Poisson sampling with sharded data (`sharded_noisy_targets`,
 `sharded_dp_sgd_batch`): each device samples its own examples with a key
 folded with its device index, so every example is still included
 independently with probability p. Each device's batch is padded to a fixed
-capacity whose overflow probability is OVERFLOW_TAIL / devices per class, so
-the union over devices keeps the per-class tail (and the delta the report
-adds for it) unchanged.
+capacity whose overflow probability is the batch's tail / devices (per
+class for class-major data), so the union over devices keeps the tail
+(and the delta the report adds for it) unchanged.
 
 Multi-host: `initialize` starts JAX's distributed runtime (flags or the
 standard JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID
@@ -233,33 +233,40 @@ def _device_key(key: jax.Array) -> jax.Array:
 
 
 def sharded_noisy_targets(spec: mechanisms.QuerySpec,
-                          data: mechanisms.ClassMajorData, params: Any,
+                          data, params: Any,
                           aug_params: augment.AugmentParams,
                           secret: jax.Array, *, mesh: Mesh,
                           chunk_size: int | None = None):
   """The M_F query of `mechanisms.noisy_targets` with the private table
-  split over `mesh` along its example axis (`sharded_class_major`).
+  split over `mesh` along its example axis: class-major data from
+  `sharded_class_major` (per class), or flat data (`mechanisms.FlatData`)
+  split by rows (`local_rows`).
 
-  spec.capacity is the PER-DEVICE capacity (`shard_capacity`). Each device
-  Poisson-samples its own examples (key folded with the device index),
-  augments them with the shared public parameters, clips and sums them per
-  class; the sums are added across devices and noise N(0, (sigma C)^2) is
-  added once. Returns (noisy sums (K, d), overflow flag).
+  spec.capacity is the PER-DEVICE capacity (`shard_capacity` for
+  class-major data; for flat data, `poisson_capacity` of the rows per
+  device at the tail divided by the devices). Each device Poisson-samples
+  its own examples (key folded with the device index), augments them with
+  the shared public parameters, clips and sums them per class; the sums
+  are added across devices and noise N(0, (sigma C)^2) is added once.
+  Returns (noisy sums (K, d), overflow flag).
   """
   k_sample, k_noise = jax.random.split(secret)
+  flat = isinstance(data, mechanisms.FlatData)
 
-  def local(p, x, valid, aug, key):
+  def local(p, aug, key, *arrays):
     p = jax.lax.pcast(p, DATA, to="varying")
+    part = (mechanisms.FlatData(*arrays) if flat
+            else mechanisms.ClassMajorData(*arrays))
     sums, over = mechanisms.sampled_class_sums(
-        spec, mechanisms.ClassMajorData(x, valid), p, aug, _device_key(key),
-        chunk_size)
+        spec, part, p, aug, _device_key(key), chunk_size)
     return jax.lax.psum(sums, DATA), jax.lax.psum(over.astype(jnp.int32),
                                                   DATA) > 0
 
+  split = P(DATA) if flat else P(None, DATA)
   sums, overflow = jax.shard_map(
       local, mesh=mesh,
-      in_specs=(P(), P(None, DATA), P(None, DATA), P(), P()),
-      out_specs=(P(), P()))(params, data.x, data.valid, aug_params, k_sample)
+      in_specs=(P(), P(), P()) + (split,) * len(data),
+      out_specs=(P(), P()))(params, aug_params, k_sample, *data)
   return mechanisms.add_gaussian_noise(k_noise, sums,
                                        spec.noise_stddev), overflow
 

@@ -228,13 +228,13 @@ def resolve(cfg: Config, image_shape=None,
 def abort_events(cfg: Config, plan: Plan, num_classes: int) -> int:
   """The run's abort events (each of probability <= tau): a class above
   its released bound (K classes and the total), a Poisson batch above its
-  capacity (K classes x Q queries at p < 1; T_E expert steps at q_E < 1).
+  capacity (Q queries at p < 1; T_E expert steps at q_E < 1).
   Public: a function of the configuration and K."""
   if cfg.method == "dm":
     return 0
   events = num_classes + 1 if plan.count_release else 0
   if plan.feature_matching and cfg.sampling_rate < 1:
-    events += cfg.num_queries * num_classes
+    events += cfg.num_queries
   if plan.expert and cfg.expert_sampling_rate < 1:
     events += cfg.expert_steps
   return events

@@ -374,31 +374,35 @@ class Queries:
   spec: mechanisms.QuerySpec
 
 
+def query_capacity(rows: int, sampling_rate: float, log_tail, mesh) -> int:
+  """The padded Poisson batch of one query over `rows` (a public bound on
+  N), per device of `mesh`, whose overflow has probability <= the run's
+  tail (split over the devices)."""
+  if mesh is None:
+    return mechanisms.poisson_capacity([rows], sampling_rate,
+                                       log_tail=_tail(log_tail))
+  return mechanisms.poisson_capacity(
+      [parallel.rows_per_device(rows, mesh)], sampling_rate,
+      log_tail=_tail(log_tail) - math.log(parallel.num_shards(mesh)))
+
+
 def answer_queries(cfg, spec, plan_q, k_query, x_train, ds, secret, mesh,
                    sizes, log_tail):
-  """M_F: the Q noisy class sums, computed once. The private table is
-  padded to the public class bound; returns (targets, the spec used)."""
-  k = ds.num_classes
+  """M_F: the Q noisy class sums, computed once. The private rows are
+  padded to the public bound on N (flat layout: one Poisson batch of all
+  classes, `query_capacity`); returns (targets, the spec used, with its
+  capacity)."""
   query_chunk = cfg.microbatch or clipping.default_query_chunk()
-  bound = int(np.max(sizes.bound))
+  rows = sizes.total_bound
+  private_data = mechanisms.FlatData(*_private_rows(mesh, x_train,
+                                                    ds.y_train, rows))
+  spec = dataclasses.replace(spec, capacity=query_capacity(
+      rows, spec.sampling_rate, log_tail, mesh))
   if mesh is None:
-    private_data = mechanisms.class_major(x_train, ds.y_train, k, rows=bound)
     answer = functools.partial(mechanisms.noisy_targets, spec,
                                chunk_size=query_chunk)
   else:
-    # This process's rows, in a layout whose size follows from the
-    # public class bound; the capacity is per device of the mesh.
-    rows = parallel.process_rows_by_class(ds.y_train, k)
-    per_device = parallel.rows_per_device(bound, mesh)
-    local = parallel.sharded_class_major(
-        x_train[rows], ds.y_train[rows], k, parallel.local_shards(mesh),
-        rows_per_shard=per_device, as_numpy=True)
-    private_data = mechanisms.ClassMajorData(
-        parallel.global_rows(mesh, local.x, 1),
-        parallel.global_rows(mesh, local.valid, 1))
-    spec = dataclasses.replace(spec, capacity=mechanisms.poisson_capacity(
-        [per_device], spec.sampling_rate,
-        log_tail=_tail(log_tail) - math.log(parallel.num_shards(mesh))))
+    # On a mesh these are this process's rows (`_private_rows`).
     answer = functools.partial(parallel.sharded_noisy_targets, spec,
                                mesh=mesh, chunk_size=query_chunk)
 
@@ -426,8 +430,8 @@ def query(run: Run, budget: Budget, sizes, plan_q: distill.QueryPlan,
       clip_norm=clip_norm(cfg),
       noise_multiplier=budget.mechanism("feature_matching").noise_multiplier,
       sampling_rate=cfg.sampling_rate,
-      capacity=mechanisms.poisson_capacity(sizes.bound, cfg.sampling_rate,
-                                           log_tail=_tail(budget.log_tail)),
+      capacity=query_capacity(sizes.total_bound, cfg.sampling_rate,
+                              budget.log_tail, run.mesh),
       strategy=cfg.strategy)
   if run.done("query"):
     saved, _, capacity = run.load("query")
@@ -721,13 +725,13 @@ def report(run: Run, budget: Budget, sizes,
     abort = {"events": budget.events,
              "probability_per_event": math.exp(budget.log_tail),
              "what": "a class above its released upper bound (K + 1 bounds)"
-             " and a Poisson batch above its padded capacity (per class and"
-             " query, per expert step); each aborts the run before anything"
-             " is released",
+             " and a Poisson batch above its padded capacity (per query,"
+             " per expert step); each aborts the run before anything is"
+             " released",
              "delta_added": accounting.failure_delta(
                  cfg.epsilon, budget.events, budget.log_tail)}
     if queries is not None:
-      abort["query_capacity_per_class"] = queries.spec.capacity
+      abort["query_capacity"] = queries.spec.capacity
   if plan.centre == "generated":
     notes.append("Each query clips embeddings minus a public centre (the "
                  "generated data's mean embedding under that query's "

@@ -50,14 +50,15 @@ def test_queries_are_traced_once_for_all_queries(monkeypatch):
   spec = mechanisms.QuerySpec(
       embed_fn=plan_q.embed_fn, num_classes=ds.num_classes, clip_norm=1.0,
       noise_multiplier=1.0, sampling_rate=0.5,
-      capacity=mechanisms.poisson_capacity(ds.class_counts, 0.5),
+      capacity=0,  # answer_queries sets it from the bound on N
       strategy=cfg.strategy)
   sizes = counts.public_sizes(ds.y_train, ds.num_classes)
-  targets, _ = stages.answer_queries(
+  targets, used = stages.answer_queries(
       cfg, spec, plan_q, jax.random.key(0), ds.normalize(ds.x_train), ds,
       jax.random.key(1), None, sizes, None)
   assert len(traces) == 1
   assert targets.shape[0] == 3 and bool(jnp.all(jnp.isfinite(targets)))
+  assert used.capacity == mechanisms.poisson_capacity([len(ds.y_train)], 0.5)
 
 
 def test_pool_and_evaluation_training_share_one_compiled_step(monkeypatch):

@@ -1,5 +1,6 @@
 """The M_F query: Poisson sampling, Gaussian noise, secret keys."""
 
+import dataclasses
 import math
 
 import jax
@@ -193,3 +194,123 @@ def test_class_major_layout_pads_and_marks_valid_rows():
   assert data.x.shape == (3, 3, 4, 4, 1)
   np.testing.assert_array_equal(np.asarray(data.valid.sum(1)), [3, 2, 2])
   np.testing.assert_array_equal(np.asarray(data.x[1, 0]), x[1])
+
+
+# ---------------------------------------------------------------------------
+# The flat layout (the run's): one Poisson batch of all classes.
+
+
+def _flat(x, y, rows=None):
+  from dpgeng_jax import parallel
+  return mechanisms.FlatData(*map(jnp.asarray, parallel.padded_rows(
+      len(y) if rows is None else rows, x, y)))
+
+
+@pytest.mark.parametrize("strategy", ["none", "color_crop", "flip_scale_rotate"])
+def test_flat_query_equals_class_major_when_every_row_is_taken(strategy):
+  """p = 1 takes every row in both layouts: the same clipped class sums,
+  each row augmented with its own class's parameters."""
+  x, y = _data(n=31, k=3)
+  params = jnp.asarray(np.random.default_rng(1).normal(size=(16, 16)),
+                       jnp.float32)
+  aug = augment.sample_params(jax.random.key(5), strategy, batch_shape=(3,))
+  spec = _spec(clip=1.5, sigma=0.0, p=1.0, strategy=strategy)
+  want, _ = noisy_targets(dataclasses.replace(spec, capacity=11),
+                          class_major(x, y, 3), params, aug,
+                          jax.random.key(0))
+  got, over = noisy_targets(dataclasses.replace(spec, capacity=40),
+                            _flat(x, y, rows=40), params, aug,
+                            jax.random.key(0))
+  assert not bool(over)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
+                             atol=1e-5)
+  # A flat query that augmented every row with class 0's parameters (the
+  # siamese pairing broken) is caught by this comparison.
+  if strategy != "none":
+    broken = jax.tree.map(lambda a: jnp.broadcast_to(a[0], a.shape), aug)
+    bad, _ = noisy_targets(dataclasses.replace(spec, capacity=40),
+                           _flat(x, y, rows=40), params, broken,
+                           jax.random.key(0))
+    assert not np.allclose(np.asarray(bad), np.asarray(want), atol=1e-3)
+
+
+def test_flat_query_sums_exactly_the_sampled_rows():
+  """p = 0.5: the sums are those of the rows `poisson_sample` draws from
+  the query's sampling key, never of padding."""
+  x, y = _data(n=30, k=3)
+  params = jnp.ones((16, 16)) * 0.1
+  aug = augment.sample_params(jax.random.key(2), "flip", batch_shape=(3,))
+  spec = _spec(clip=math.inf, sigma=0.0, p=0.5, cap=40, strategy="flip")
+  secret = jax.random.key(7)
+  data = _flat(x, y, rows=45)
+  got, over = noisy_targets(spec, data, params, aug, secret)
+  assert not bool(over)
+  k_sample, _ = jax.random.split(secret)
+  idx, mask, _ = poisson_sample(k_sample, data.valid[None], 0.5, 40)
+  rows = np.asarray(idx[0])[np.asarray(mask[0]) > 0]
+  assert 0 < len(rows) < 30 and rows.max() < 30  # a real subsample
+  want = np.zeros((3, 16))
+  for i in rows:
+    p_i = jax.tree.map(lambda a: a[y[i]], aug)
+    want[y[i]] += np.asarray(_embed(params, augment.apply(
+        jnp.asarray(x[i:i + 1]), p_i, "flip")))[0]
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_flat_query_ignores_padding_even_if_not_finite():
+  x, y = _data(n=30, k=3)
+  params = jnp.ones((16, 16)) * 0.1
+  aug = augment.identity_params((3,))
+  spec = _spec(clip=1.0, sigma=0.0, p=1.0, cap=40)
+  clean, _ = noisy_targets(spec, _flat(x, y, rows=40), params, aug,
+                           jax.random.key(0))
+  data = _flat(x, y, rows=40)
+  poisoned = data._replace(x=data.x.at[30:].set(jnp.nan),
+                           y=data.y.at[30:].set(1))
+  got, _ = noisy_targets(spec, poisoned, params, aug, jax.random.key(0))
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(clean))
+
+
+def test_flat_query_sensitivity_is_the_clip_norm_and_attained():
+  """Adding one example moves the (K, d) sums by at most C in L2, exactly
+  C when its embedding's norm is above C (p = 1, no noise)."""
+  x, y = _data(n=30, k=3)
+  params = jnp.ones((16, 16))  # embeddings of norm ~4 > C
+  aug = augment.identity_params((3,))
+  spec = _spec(clip=0.7, sigma=0.0, p=1.0, cap=40)
+  a, _ = noisy_targets(spec, _flat(x[:29], y[:29], rows=40), params, aug,
+                       jax.random.key(0))
+  b, _ = noisy_targets(spec, _flat(x, y, rows=40), params, aug,
+                       jax.random.key(0))
+  diff = np.asarray(b) - np.asarray(a)
+  assert np.linalg.norm(diff) == pytest.approx(0.7, rel=1e-5)
+  assert np.count_nonzero(np.abs(diff).sum(1) > 0) == 1  # one class moved
+
+
+def test_flat_query_flags_an_overflowing_batch():
+  x, y = _data(n=30, k=3)
+  spec = _spec(clip=1.0, sigma=0.0, p=1.0, cap=29)
+  _, over = noisy_targets(spec, _flat(x, y), jnp.ones((16, 16)),
+                          augment.identity_params((3,)), jax.random.key(0))
+  assert bool(over)
+  with pytest.raises(mechanisms.SamplingOverflowError):
+    mechanisms.check_overflow(over)
+
+
+def test_flat_query_jit_matches_eager_with_the_claimed_noise():
+  x, y = _data()
+  params = jnp.ones((16, 16)) * 0.1
+  aug = augment.sample_params(jax.random.key(2), "color_flip",
+                              batch_shape=(3,))
+  data = _flat(x, y, rows=36)
+  spec = _spec(strategy="color_flip", p=1.0, cap=36, sigma=2.0)
+  s = jax.random.key(4)
+  a = noisy_targets(spec, data, params, aug, s)[0]
+  f = jax.jit(lambda d, s: noisy_targets(spec, d, params, aug, s)[0])
+  np.testing.assert_allclose(np.asarray(a), np.asarray(f(data, s)),
+                             rtol=1e-5, atol=1e-5)
+  clean = noisy_targets(dataclasses.replace(spec, noise_multiplier=0.0),
+                        data, params, aug, s)[0]
+  keys = jax.random.split(jax.random.key(0), 200)
+  resid = np.stack([np.asarray(f(data, k)) for k in keys]) - np.asarray(clean)
+  assert stats.kstest(resid.ravel(), "norm", args=(0, 2.0)).pvalue > 1e-3

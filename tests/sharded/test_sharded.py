@@ -123,14 +123,31 @@ def _spec(sigma, p, cap, clip=1.0):
                               strategy="flip_crop")
 
 
-@pytest.mark.parametrize("devices", [8])
-def test_sharded_query_without_noise_or_sampling_equals_unsharded(devices):
+def _sharded(x, y, devices, p, layout):
+  """(data, per-device capacity) of the private rows on `devices` in
+  `layout`: class-major (`sharded_class_major`) or flat (the run's:
+  `local_rows`, capacity at the per-device share of the tail)."""
+  if layout == "class_major":
+    data = parallel.sharded_class_major(x, y, K if y.max() else 1, devices)
+    return data, parallel.shard_capacity(data.valid, devices, p)
+  mesh = parallel.data_mesh(devices)
+  data = mechanisms.FlatData(*parallel.local_rows(mesh, x, y))
+  return data, mechanisms.poisson_capacity(
+      [parallel.rows_per_device(len(y), mesh)], p,
+      mechanisms.OVERFLOW_TAIL / devices)
+
+
+LAYOUTS = ["class_major", "flat"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_sharded_query_without_noise_or_sampling_equals_unsharded(layout):
+  devices = 8
   x, y, params, aug = _query_setup()
   full = mechanisms.class_major(x, y, K)
   want, _ = mechanisms.noisy_targets(_spec(0.0, 1.0, 14), full, params, aug,
                                      jax.random.key(0))
-  data = parallel.sharded_class_major(x, y, K, devices)
-  cap = parallel.shard_capacity(data.valid, devices, 1.0)
+  data, cap = _sharded(x, y, devices, 1.0, layout)
   got, over = jax.jit(functools.partial(
       parallel.sharded_noisy_targets, _spec(0.0, 1.0, cap),
       mesh=parallel.data_mesh(devices)))(data, params, aug,
@@ -140,15 +157,15 @@ def test_sharded_query_without_noise_or_sampling_equals_unsharded(devices):
                              atol=1e-5)
 
 
-@pytest.mark.parametrize("devices", [1, 8])
-def test_noise_is_added_once_whatever_the_device_count(devices):
+@pytest.mark.parametrize("devices,layout", [(1, "class_major"),
+                                            (8, "class_major"), (8, "flat")])
+def test_noise_is_added_once_whatever_the_device_count(devices, layout):
   """The residual std is sigma * C on any mesh (not sqrt(devices) times)."""
   x, y, _, _ = _query_setup()
   params = jnp.asarray(np.random.default_rng(4).normal(size=(16, 24)),
                        jnp.float32)
   aug = augment.identity_params((K,))
-  data = parallel.sharded_class_major(x, y, K, devices)
-  cap = parallel.shard_capacity(data.valid, devices, 1.0)
+  data, cap = _sharded(x, y, devices, 1.0, layout)
   mesh = parallel.data_mesh(devices)
 
   def spec(sigma):
@@ -164,14 +181,14 @@ def test_noise_is_added_once_whatever_the_device_count(devices):
   assert abs(resid.std() / 2.0 - 1) < 0.03
 
 
-def test_devices_sample_independently_with_rate_p():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_devices_sample_independently_with_rate_p(layout):
   """Batch sizes over many keys have mean N p and variance N p (1 - p): a
   shared key on every device would correlate the shards and inflate it."""
   devices, p = 8, 0.3
   x = np.zeros((800, 2, 2, 1), np.float32)
   y = np.zeros(800, np.int64)
-  data = parallel.sharded_class_major(x, y, 1, devices)
-  cap = parallel.shard_capacity(data.valid, devices, p)
+  data, cap = _sharded(x, y, devices, p, layout)
   mesh = parallel.data_mesh(devices)
   ones = lambda params, xb: jnp.ones((xb.shape[0], 1))
   spec = mechanisms.QuerySpec(embed_fn=ones, num_classes=1, clip_norm=1.0,
