@@ -93,8 +93,8 @@ class FlatData(NamedTuple):
   returns them. R is a PUBLIC bound on N (the run uses
   ClassSizes.total_bound). A Poisson batch of it pads to one capacity
   for all classes, about p R rows, where class-major data pads every class
-  to the largest class's bound (K times that class's capacity): at small N
-  the flat batch embeds about half the rows."""
+  to the largest class's bound (K times that class's capacity): at 1438
+  rows the flat batch is about half as large (bench_query_layout.py)."""
   x: jax.Array
   y: jax.Array
   valid: jax.Array
@@ -198,7 +198,8 @@ def noisy_class_sums(spec: QuerySpec, params: Any, x: jax.Array,
   return add_gaussian_noise(noise_key, sums, spec.noise_stddev)
 
 
-def noisy_targets(spec: QuerySpec, data: ClassMajorData, params: Any,
+def noisy_targets(spec: QuerySpec, data: ClassMajorData | FlatData,
+                  params: Any,
                   aug_params: augment.AugmentParams,
                   secret: jax.Array, chunk_size: int | None = None):
   """One M_F query: Poisson batch, siamese augmentation, clipped class sums,
@@ -223,7 +224,8 @@ def noisy_targets(spec: QuerySpec, data: ClassMajorData, params: Any,
   return add_gaussian_noise(k_noise, sums, spec.noise_stddev), overflow
 
 
-def sampled_class_sums(spec: QuerySpec, data: ClassMajorData, params: Any,
+def sampled_class_sums(spec: QuerySpec, data: ClassMajorData | FlatData,
+                       params: Any,
                        aug_params: augment.AugmentParams,
                        sample_key: jax.Array,
                        chunk_size: int | None = None):
