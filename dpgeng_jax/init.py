@@ -117,9 +117,15 @@ def decode(stored: jax.Array, factor: int) -> jax.Array:
   return jax.image.resize(tiles, (*lead, m * f * f, h, w, c), "linear")
 
 
-def default_factor(image_size: int) -> int:
-  """2 (four tiles) for images of at least 16 px, else 1."""
-  return 2 if image_size >= 16 else 1
+def default_factor(height: int, width: int) -> int:
+  """2 (four tiles) for images of at least 16 px whose sides halve
+  exactly, else 1."""
+  return 2 if min(height, width) >= 16 and tiles(height, width, 2) else 1
+
+
+def tiles(height: int, width: int, factor: int) -> bool:
+  """Whether f x f tiles of (H / f) x (W / f) pixels fill an H x W image."""
+  return height % factor == 0 and width % factor == 0
 
 
 Embed = Callable[[Any, jax.Array], jax.Array]

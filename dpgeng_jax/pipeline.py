@@ -21,6 +21,7 @@ import numpy as np
 
 from dpgeng_jax import data as data_lib
 from dpgeng_jax import generators, mechanisms, outputs, parallel, stages
+from dpgeng_jax import init as init_lib
 from dpgeng_jax import estimate as estimate_lib
 from dpgeng_jax import presets, progress as progress_lib, report as report_lib
 from dpgeng_jax.generators.external import External
@@ -230,6 +231,12 @@ def _check_before_private_work(cfg: Config, plan, ds: data_lib.Dataset,
   """Checks that need the data's public shape, before any private stage
   (external generated data is read and checked here)."""
   k, f, m = ds.num_classes, plan.factor, cfg.ipc
+  h, w = ds.image_shape[:2]
+  if not init_lib.tiles(h, w, f):
+    raise ConfigError(
+        f"--factor {f} tiles {f} x {f} images of {h}/{f} x {w}/{f} pixels "
+        f"into each stored image, which needs the height and width of the "
+        f"images ({h}x{w}) to be multiples of {f}; use --factor 1")
   if plan.init == "real" and m * f * f > int(np.min(ds.class_counts)):
     # Only in runs that are not private (real images are released).
     raise ConfigError(

@@ -191,7 +191,8 @@ def resolve(cfg: Config, image_shape=None,
   if cfg.method in ("generator", "dm"):
     centre = "none"  # no queries (generator) or C = inf (dm)
   size = min(image_shape[:2]) if image_shape is not None else None
-  factor = cfg.factor or (init_lib.default_factor(size) if size else 0)
+  factor = cfg.factor or (init_lib.default_factor(*image_shape[:2])
+                          if image_shape is not None else 0)
   if cfg.method in ("generator", "dm"):
     factor = 1
   expert = cfg.method == "dpgeng" and cfg.expert

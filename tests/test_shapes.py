@@ -54,3 +54,35 @@ def test_default_method_finishes_on_real_image_shapes(tmp_path, shape,
   assert np.all(np.isfinite(d["x"]))
   metrics = json.loads((out / "metrics.json").read_text())
   assert 0.0 <= metrics["test_accuracy_mean"] <= 1.0
+
+
+def test_default_flags_on_odd_and_non_square_images(tmp_path):
+  """31x33x3: the factor rule falls back to 1 where the sides do not
+  halve exactly (the tiles of f = 2 would not fill the image), and the run
+  finishes with the default method."""
+  spec = _dataset(tmp_path / "d.npz", (31, 33, 3))
+  out = tmp_path / "run"
+  assert cli.main(["distill", "--dataset", spec, "--delta", "1e-3",
+                   "--out", str(out), *SMALL]) == 0
+  config = json.loads((out / "config.json").read_text())
+  assert config["resolved"]["factor"] == 1
+  d = np.load(out / "distilled.npz")
+  assert d["x"].shape == (3, 31, 33, 3) and np.all(np.isfinite(d["x"]))
+
+
+@pytest.mark.parametrize("shape,factor", [((16, 16, 1), 2), ((17, 17, 1), 1),
+                                          ((32, 30, 3), 2), ((31, 33, 3), 1),
+                                          ((8, 8, 1), 1)])
+def test_factor_rule_tiles_only_sides_that_halve(shape, factor):
+  from dpgeng_jax import planning
+  assert planning.resolve(Config(), shape).factor == factor
+
+
+def test_factor_two_on_odd_sides_is_refused_before_any_release(tmp_path,
+                                                               capsys):
+  spec = _dataset(tmp_path / "d.npz", (7, 9, 1))
+  out = tmp_path / "run"
+  assert cli.main(["distill", "--dataset", spec, "--delta", "1e-3",
+                   "--factor", "2", "--out", str(out), *SMALL]) == 2
+  assert "multiples of 2" in capsys.readouterr().err
+  assert not out.exists()
