@@ -367,6 +367,11 @@ def _mia(args: argparse.Namespace, console: bool = False) -> int:
   return 0
 
 
+def _os_reason(e: OSError) -> str:
+  where = " ".join(repr(f) for f in (e.filename, e.filename2) if f)
+  return f"{e.strerror or e}" + (f": {where}" if where else "")
+
+
 def entry_point() -> int:
   """The `dpgeng` console command (and `python -m dpgeng_jax`): `main` on
   the command line, with freed host memory kept mapped (hostmem;
@@ -389,14 +394,24 @@ def main(argv=None, console: bool = False) -> int:
       cfg = config_from_args(args, argv)
       if cfg.resume:
         cfg = resume_config(cfg, sys.argv[1:] if argv is None else argv)
+      resume = f"dpgeng distill --resume {cfg.out}"
       try:
         return _distill(cfg, console)
       except PrivacyAbort as e:
         # A rare event paid for in delta: nothing of the aborted mechanism
         # was released; the releases saved before it are reused.
-        print(f"dpgeng: aborted: {e}\ncontinue with: dpgeng distill "
-              f"--resume {cfg.out}", file=sys.stderr)
+        print(f"dpgeng: aborted: {e}\ncontinue with: {resume}",
+              file=sys.stderr)
         return 3
+      except KeyboardInterrupt:
+        print(f"\ndpgeng: interrupted; the stages finished before it are saved, "
+              f"continue with: {resume}", file=sys.stderr)
+        return 130
+      except OSError as e:  # disk full, permissions, a vanished directory
+        print(f"dpgeng: error: {_os_reason(e)}\nthe stages finished before it are "
+              f"saved; once that is fixed, continue with: {resume}",
+              file=sys.stderr)
+        return 1
     if args.command == "plan":
       return _plan(config_from_args(args, argv))
     if args.command == "audit":

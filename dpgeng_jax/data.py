@@ -179,7 +179,8 @@ def from_arrays(
   missing = np.flatnonzero(np.bincount(y_train, minlength=num_classes) == 0)
   if missing.size:
     raise DataError(
-        f"classes with no training examples: {missing[:10].tolist()} "
+        f"classes with no training examples: {missing[:10].tolist()}"
+        f"{f' and {missing.size - 10} more' if missing.size > 10 else ''} "
         f"(num_classes={num_classes}); every class 0..{num_classes - 1} needs one")
   mean, std, source = _public_normalisation(name, x_train.shape[-1])
   arrays = [x_train, y_train.astype(np.int32), x_test, y_test.astype(np.int32)]

@@ -191,9 +191,11 @@ class RunDirectory:
                         "--overwrite")
     if os.path.isdir(self.staging) and os.listdir(self.staging):
       raise ConfigError(
-          f"--out {out!r} holds an unfinished {self.what} (killed before "
-          f"it was published; its files are in {self.staging}); pass "
-          "--overwrite to discard it, or choose another directory")
+          f"--out {out!r} holds an unfinished {self.what} (stopped before "
+          f"it was published: killed, interrupted or failed; its saved "
+          f"stages are in {self.staging}); continue it with --resume "
+          f"{out}, pass --overwrite to discard it, or choose another "
+          "directory")
     foreign = [n for n in self.names if os.path.lexists(os.path.join(out, n))]
     if foreign:
       raise ConfigError(
@@ -235,10 +237,12 @@ class RunDirectory:
     if os.path.lexists(old):
       os.remove(old)  # the old set is no longer marked finished
     for name in self._written:
-      dst = os.path.join(out, name)
+      src, dst = os.path.join(self.staging, name), os.path.join(out, name)
       if os.path.isdir(dst) and not os.path.islink(dst):
         shutil.rmtree(dst)  # our name (refused without --overwrite)
-      os.replace(os.path.join(self.staging, name), dst)
+      elif os.path.isdir(src) and os.path.lexists(dst):
+        os.remove(dst)  # a file or a link (never its target) in its place
+      os.replace(src, dst)
     for name in self.names:  # our names a replaced run left behind
       path = os.path.join(out, name)
       if name not in self._written and os.path.lexists(path):

@@ -24,6 +24,7 @@ import io
 import json
 import math
 import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -86,7 +87,7 @@ def canvas(x: np.ndarray, num_classes: int, per: int, cell: int,
   ch, cw = h * s, w * s
   out = np.full((num_classes * (ch + gap) + gap, per * (cw + gap) + gap, 3),
                 255, np.uint8)
-  img = (x * 255).round().astype(np.uint8)
+  img = (np.nan_to_num(np.clip(x, 0, 1)) * 255).round().astype(np.uint8)
   for r in range(num_classes):
     for j in range(per):
       y0, x0 = gap + r * (ch + gap), gap + j * (cw + gap)
@@ -199,7 +200,9 @@ def class_accuracy_png(per_class, class_names=None) -> bytes:
   """per_class: (models, K) accuracies in [0, 1] (None: no test example)."""
   a = per_class_array(per_class) * 100
   k = a.shape[1]
-  mean, std = np.nanmean(a, 0), np.nanstd(a, 0)
+  with np.errstate(all="ignore"), warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)  # a class not tested
+    mean, std = np.nanmean(a, 0), np.nanstd(a, 0)
   names = class_names or [str(c) for c in range(k)]
   fig = _figure(max(480, 28 * k + 120), 360)
   ax = fig.add_subplot()

@@ -125,6 +125,12 @@ BAD_FLAGS = [
     (["--num-queries", "0"], "num_queries"),
     (["--dataset", "mnist_from_nowhere"], "unknown dataset spec"),
     (["--dataset", "npz:/nonexistent/file.npz"], "file.npz"),
+    (["--lr-img", "nan"], "lr_img"),
+    (["--lr-img", "inf"], "lr_img"),
+    (["--lr-img", "-1"], "lr_img"),
+    (["--expert", "--expert-lr", "nan"], "expert_lr"),
+    (["--expert", "--expert-weight", "nan"], "expert_weight"),
+    (["--clip-norm", "nan"], "clip_norm"),
 ]
 
 
@@ -151,6 +157,7 @@ BAD_DATA = [
     ({"y_train": np.r_[np.arange(39) % 4, -1]}, "negative"),
     ({"y_test": np.r_[np.arange(11) % 4, 7]}, "test"),
     ({"y_train": np.arange(40) % 4 * 2}, "no training examples"),
+    ({"y_train": np.r_[np.arange(39) % 4, 20]}, "and 6 more"),
     ({"x_test": None}, "x_test"),
     ({"x_train": np.zeros((40, 8), np.uint8)}, "rank"),
 ]
@@ -433,3 +440,19 @@ def test_a_user_image_api_from_python(tmp_path):
   assert result.config["resolved"]["generator"] == "pe:user"
   assert _mechanism(result.privacy, "generator")["steps"] == 2
   assert result.x.shape == (20, 8, 8, 1)
+
+
+@pytest.mark.parametrize("error,rc,message", [
+    (KeyboardInterrupt(), 130, "interrupted"),
+    (OSError(28, "No space left on device", "/x/out/.dpgeng-staging/f"), 1,
+     "No space left on device: '/x/out/.dpgeng-staging/f'")])
+def test_interrupts_and_os_errors_end_with_a_line_that_says_how_to_resume(
+    tmp_path, capsys, monkeypatch, error, rc, message):
+  def fail(cfg, console):
+    raise error
+  monkeypatch.setattr(cli, "_distill", fail)
+  out = tmp_path / "out"
+  assert _run(["--out", str(out), *TINY]) == rc
+  err = capsys.readouterr().err
+  assert message in err and f"dpgeng distill --resume {out}" in err
+  assert "Traceback" not in err

@@ -112,9 +112,12 @@ def test_external_generated_data_loads_when_valid(tmp_path):
       "y": GOOD_Y}, "NaN"),
     ({"x": GOOD_X}, "lacks"),
     ({"x": GOOD_X, "y": np.arange(12) % 3 + 1}, "label"),
+    ({"x": GOOD_X * 255, "y": GOOD_Y}, "x has float pixels"),
+    ({"x": GOOD_X, "y": GOOD_Y[:11]}, "y has 11 labels"),
 ])
 def test_bad_external_generated_data_is_refused(tmp_path, arrays, message):
   path = _save(tmp_path / "g.npz", **arrays)
   with pytest.raises(DataError) as e:
     load_external(path, image_shape=SHAPE, num_classes=3)
   assert message.lower() in str(e.value).lower()
+  assert "x_train" not in str(e.value)  # the file's arrays are x and y

@@ -177,3 +177,33 @@ def test_output_files_follow_the_umask(tmp_path, umask):
     os.umask(old)
   for path in paths + [str(tmp_path / "run" / outputs.MANIFEST)]:
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask, path
+
+
+@pytest.mark.parametrize("kind", ["file", "link"])
+def test_overwrite_replaces_a_file_or_link_named_like_an_output_directory(
+    tmp_path, kind):
+  """A file or a symbolic link named `stages` (a directory output) is
+  replaced by the run's directory; a link's target is left alone."""
+  out = tmp_path / "out"
+  out.mkdir()
+  target = tmp_path / "elsewhere"
+  target.mkdir()
+  (target / "mine.txt").write_text("keep")
+  if kind == "file":
+    (out / "stages").write_text("mine")
+  else:
+    (out / "stages").symlink_to(target, target_is_directory=True)
+  assert _distill(out, "--overwrite") == 0
+  assert (out / "stages").is_dir() and not (out / "stages").is_symlink()
+  assert (target / "mine.txt").read_text() == "keep"
+
+
+def test_an_unfinished_run_is_refused_with_the_resume_command(tmp_path,
+                                                              capsys):
+  out = tmp_path / "out"
+  staging = out / outputs.STAGING
+  staging.mkdir(parents=True)
+  (staging / "stages").mkdir()
+  assert _distill(out) == 2
+  err = capsys.readouterr().err
+  assert "unfinished run" in err and f"--resume {out}" in err

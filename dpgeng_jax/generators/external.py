@@ -20,7 +20,7 @@ def load_external(path: str, *, image_shape, num_classes: int,
   labels out of range, a class with no image. Returns (x float32 in
   [0, 1], y).
   """
-  from dpgeng_jax.data import from_arrays  # validation shared with D
+  from dpgeng_jax.data import _images, _labels, from_arrays  # D's checks
   try:
     with np.load(path) as f:
       missing = [k for k in ("x", "y") if k not in f.files]
@@ -33,6 +33,8 @@ def load_external(path: str, *, image_shape, num_classes: int,
       raise
     raise DataError(f"cannot read {what} {path!r}: {e}") from e
   try:
+    x = _images(x, "x")  # errors name this file's arrays
+    y = _labels(y, "y", len(x))
     g = from_arrays(x, y, x[:1], y[:1], name=f"{what}:{path}",
                     num_classes=num_classes)
   except DataError as e:
