@@ -357,9 +357,11 @@ def query_plan(run: Run, pool_: Pool | None,
   if run.plan.centre == "generated":
     t0 = time.time()
     x_gen = gen.class_major[:, :extractors.CENTRE_IMAGES]
-    centres = extractors.generated_centres(
+    # Waited for here, so that the time is this stage's, not the first
+    # query's (the work is dispatched asynchronously).
+    centres = jax.block_until_ready(extractors.generated_centres(
         ext, embed, run.keys.query, x_gen, run.cfg.num_queries,
-        run.cfg.strategy)
+        run.cfg.strategy))
     ext, embed = (extractors.centred(ext, centres),
                   extractors.centred_embed(embed))
     run.timed("extractor_pool_s", t0)
