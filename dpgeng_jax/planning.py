@@ -38,18 +38,6 @@ def validate_config(cfg: Config) -> None:
     raise ConfigError(f"sampling_rate must be in (0, 1], got "
                       f"{cfg.sampling_rate}")
   private = cfg.method != "dm"
-  for f in dataclasses.fields(cfg):  # nan or inf would train silently to nan
-    value = getattr(cfg, f.name)
-    if (isinstance(value, float) and not math.isfinite(value)
-        and not (f.name in ("clip_norm", "expert_clip_norm")
-                 and value == math.inf)):
-      raise ConfigError(f"{f.name} must be a finite number, got {value}")
-  for name in ("lr_img", "expert_lr", "expert_tau"):
-    if not getattr(cfg, name) > 0:
-      raise ConfigError(f"{name} must be > 0, got {getattr(cfg, name)}")
-  for name in ("expert_weight", "expert_beta"):
-    if not getattr(cfg, name) >= 0:
-      raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
   for name in ("clip_norm", "expert_clip_norm"):
     value = getattr(cfg, name)
     if not value > 0 or (private and not math.isfinite(value)):
@@ -108,6 +96,19 @@ def validate_config(cfg: Config) -> None:
   if cfg.checkpoint_every < 0:
     raise ConfigError(f"checkpoint_every must be >= 0, got "
                       f"{cfg.checkpoint_every}")
+  # Every other number: nan or inf would train silently to nan.
+  for f in dataclasses.fields(cfg):
+    value = getattr(cfg, f.name)
+    if (isinstance(value, float) and not math.isfinite(value)
+        and not (f.name in ("clip_norm", "expert_clip_norm")
+                 and value == math.inf)):
+      raise ConfigError(f"{f.name} must be a finite number, got {value}")
+  for name in ("lr_img", "expert_lr", "expert_tau"):
+    if not getattr(cfg, name) > 0:
+      raise ConfigError(f"{name} must be > 0, got {getattr(cfg, name)}")
+  for name in ("expert_weight", "expert_beta"):
+    if not getattr(cfg, name) >= 0:
+      raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
 
 
 def _validate_pe(cfg: Config) -> None:
