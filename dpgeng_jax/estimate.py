@@ -35,9 +35,8 @@ from dpgeng_jax.config import Config
 TRAIN = 3.0  # forward + backward ~ 3 forward passes
 # Share of the matmul rate each stage reaches, and its fixed seconds
 # (compilation and host work), measured on the development machine (2 CPU
-# cores) by benchmarks/estimate_check.py (the queries: 0.30-0.33 on 28x28
-# and 32x32x3 at 1438 rows, the padding of the flat layout included).
-EFFICIENCY = {"generation": 0.15, "extractor_pool": 0.35, "queries": 0.3,
+# cores) by benchmarks/estimate_check.py.
+EFFICIENCY = {"generation": 0.15, "extractor_pool": 0.35, "queries": 0.15,
               "expert": 0.1, "init": 0.2, "distillation": 0.4,
               "evaluation": 0.33}
 # The training stages on maps where the first block runs from patch
@@ -45,11 +44,12 @@ EFFICIENCY = {"generation": 0.15, "extractor_pool": 0.35, "queries": 0.3,
 # pool 0.57-0.58, distillation 0.54-0.62, evaluation 0.51-0.52 of the
 # cached rate, with the chunked steps; the expert's DP-SGD with pergrad's
 # fused first block 0.22 on 28x28 beyond its fixed seconds, where 1438
-# private rows pad to a 1.6x larger Poisson capacity); smaller images keep
+# private rows pad to a 1.6x larger Poisson capacity; the queries 0.30-0.33
+# with the flat layout, padding included); smaller images keep
 # EFFICIENCY (8x8 digits: 0.25-0.31; 16x16x3 steps ran at about 0.4,
 # bench_train_step.py).
 EFFICIENCY_LARGE = {"extractor_pool": 0.55, "distillation": 0.55,
-                    "evaluation": 0.5, "expert": 0.2}
+                    "evaluation": 0.5, "expert": 0.2, "queries": 0.3}
 OVERHEAD_S = {"calibration": 0.5, "class_sizes": 0.1, "generation": 2.0,
               "extractor_pool": 4.0, "queries": 2.0, "expert": 6.0,
               "init": 0.5, "distillation": 3.0, "evaluation": 3.0}

@@ -92,7 +92,9 @@ def test_expected_time_is_flops_over_rate_plus_overhead():
   assert big["stages_s"]["distillation_s"] == pytest.approx(
       estimate.OVERHEAD_S["distillation"] + big["flops"]["distillation"]
       / (1e9 * estimate.EFFICIENCY_LARGE["distillation"]))
-  assert estimate.efficiency("queries", (28, 28, 1)) == (
+  assert estimate.efficiency("generation", (28, 28, 1)) == (
+      estimate.EFFICIENCY["generation"])
+  assert estimate.efficiency("queries", (8, 8, 1)) == (
       estimate.EFFICIENCY["queries"])
 
 
