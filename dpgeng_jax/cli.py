@@ -404,12 +404,12 @@ def main(argv=None, console: bool = False) -> int:
               file=sys.stderr)
         return 3
       except KeyboardInterrupt:
-        print(f"\ndpgeng: interrupted; the stages finished before it are saved, "
-              f"continue with: {resume}", file=sys.stderr)
+        print(f"\ndpgeng: interrupted; the stages finished before it are "
+              f"saved, continue with: {resume}", file=sys.stderr)
         return 130
       except OSError as e:  # disk full, permissions, a vanished directory
-        print(f"dpgeng: error: {_os_reason(e)}\nthe stages finished before it are "
-              f"saved; once that is fixed, continue with: {resume}",
+        print(f"dpgeng: error: {_os_reason(e)}\nthe stages finished before "
+              f"it are saved; once that is fixed, continue with: {resume}",
               file=sys.stderr)
         return 1
     if args.command == "plan":
