@@ -87,6 +87,19 @@ class Mechanism:
   # generator features.
   sensitivity: str = "C"
 
+  def __post_init__(self):
+    if not (math.isfinite(self.noise_multiplier)
+            and self.noise_multiplier >= 0):
+      raise ValueError(f"{self.name}: noise_multiplier must be finite and "
+                       f">= 0, got {self.noise_multiplier}")
+    if not 0 < self.sampling_rate <= 1:
+      raise ValueError(f"{self.name}: sampling_rate must be in (0, 1], got "
+                       f"{self.sampling_rate}")
+    if (isinstance(self.steps, bool)
+        or not isinstance(self.steps, (int, np.integer)) or self.steps < 1):
+      raise ValueError(f"{self.name}: steps must be an integer >= 1, got "
+                       f"{self.steps!r}")
+
   def event(self) -> dp_accounting.DpEvent:
     if self.noise_multiplier <= 0:
       return dp_accounting.NonPrivateDpEvent()
@@ -241,6 +254,10 @@ def gdp_delta(mu: float, epsilon: float) -> float:
 
 def gdp_epsilon(mu: float, delta: float) -> float:
   """Smallest epsilon with gdp_delta(mu, epsilon) <= delta."""
+  if not (mu >= 0 and 0 < delta < 1):  # nan fails too
+    raise ValueError(f"need mu >= 0 and delta in (0, 1), got {mu}, {delta}")
+  if mu == 0:
+    return 0.0
   if not math.isfinite(mu):
     return math.inf
   if gdp_delta(mu, 0.0) <= delta:
@@ -284,12 +301,14 @@ def allocate(mechanisms: Sequence[Mechanism], shares: Sequence[float],
 def validate_target(epsilon: float, delta: float) -> None:
   """Raises ValueError unless 0 < epsilon <= MAX_EPSILON and 0 < delta < 1
   (both finite numbers)."""
-  if not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon)
-          and 0 < epsilon <= MAX_EPSILON):
+  real = (int, float, np.integer, np.floating)
+  if not (isinstance(epsilon, real) and not isinstance(epsilon, bool)
+          and math.isfinite(epsilon) and 0 < epsilon <= MAX_EPSILON):
     raise ValueError(f"epsilon must be a number in (0, {MAX_EPSILON:g}], got "
-                     f"{epsilon}")
-  if not (isinstance(delta, (int, float)) and 0 < delta < 1):
-    raise ValueError(f"delta must be in (0, 1), got {delta}")
+                     f"{epsilon!r}")
+  if not (isinstance(delta, real) and not isinstance(delta, bool)
+          and 0 < delta < 1):
+    raise ValueError(f"delta must be a number in (0, 1), got {delta!r}")
 
 
 def calibrate(mechanisms: Sequence[Mechanism], epsilon: float, delta: float,
@@ -327,7 +346,12 @@ def calibrate(mechanisms: Sequence[Mechanism], epsilon: float, delta: float,
   if fixed and fine(composed_event(fixed)) >= epsilon:
     raise ValueError("the fixed mechanisms alone already exceed epsilon "
                      f"{epsilon} at delta {delta}")
+  if not mechanisms:
+    raise ValueError("no mechanisms to calibrate")
   shares = [1.0] * len(mechanisms) if shares is None else list(shares)
+  if len(shares) != len(mechanisms) or not all(
+      math.isfinite(w) and w > 0 for w in shares):
+    raise ValueError(f"need one finite share > 0 per mechanism, got {shares}")
   if len(shares) != len(mechanisms) or min(shares) <= 0:
     raise ValueError("one positive share per mechanism is required")
 
@@ -378,8 +402,10 @@ def _solve(eps_of, target: float, guess: float, rtol: float = 2e-4) -> float:
   (nearly linear in the log GDP scale t), from `guess`; a bracketed
   Brent search when they do not settle."""
   t0, t1 = guess, guess + 0.05
-  f0 = math.log(eps_of(t0) / target)
-  for _ in range(8):
+  e0 = eps_of(t0)
+  # epsilon 0 (a delta this large needs almost no noise) or inf: bracket.
+  f0 = math.log(e0 / target) if 0 < e0 < math.inf else None
+  for _ in range(8 if f0 is not None else 0):
     e1 = eps_of(t1)
     if not (0 < e1 < math.inf):
       break

@@ -160,6 +160,11 @@ def resume_config(cfg: Config, argv) -> Config:
                       f"(no {store.path})")
   saved = store.config()
   given = _given_options(argv)
+  if "out" in given and os.path.realpath(given["out"]) != os.path.realpath(
+      cfg.resume):
+    raise ConfigError(f"--resume {cfg.resume!r} continues the run in that "
+                      f"directory and publishes it there; --out "
+                      f"{given['out']!r} names another one (omit --out)")
   merged = {**saved, **given, "resume": cfg.resume, "out": cfg.resume}
   names = {f.name for f in dataclasses.fields(Config)}
   new = Config(**{k: v for k, v in merged.items() if k in names})
@@ -293,6 +298,10 @@ def _plan(cfg: Config) -> int:
            if report["delta_external"] else ""))
   for note in report["notes"]:
     print("note:", note)
+  if cfg.delta >= 1e-3:
+    print(f"note: a run refuses a delta of 1/N or more (N from the released "
+          f"class counts): delta {cfg.delta:g} suits only datasets of fewer "
+          f"than {1 / cfg.delta:.0f} examples")
   from dpgeng_jax import estimate, planning
   known = estimate.known_shape(cfg)
   if known is None:
@@ -311,6 +320,9 @@ def _audit(args: argparse.Namespace) -> int:
   if args.out is not None and os.path.exists(args.out) and not os.path.isdir(
       args.out):
     raise ConfigError(f"--out {args.out!r} exists and is not a directory")
+  if args.out is not None:
+    from dpgeng_jax import outputs
+    outputs.writable_dir(args.out)
   records = audit.audit_all(
       tuple(args.noise_multipliers), trials=args.trials, delta=args.delta,
       key=audit.seed_key(args.seed), sampling_rate=args.sampling_rate,
@@ -355,6 +367,8 @@ def _mia(args: argparse.Namespace, console: bool = False) -> int:
   mia.validate(cfg, args.shadows, seed=args.mia_seed)
   if args.out is not None:
     mia.check_output_dir(args.out, cfg.overwrite)
+    from dpgeng_jax import outputs
+    outputs.writable_dir(args.out)
   records = mia.run(cfg, shadows=args.shadows, seed=args.mia_seed,
                     log=None if cfg.quiet else print)
   print(mia.format_table(records))
@@ -424,6 +438,9 @@ def main(argv=None, console: bool = False) -> int:
       return 0
   except DpgengError as e:
     print(f"dpgeng: error: {e}", file=sys.stderr)
+    return 2
+  except OSError as e:  # the other commands: after their work, say why
+    print(f"dpgeng: error: {_os_reason(e)}", file=sys.stderr)
     return 2
   parser.error(f"unknown command {args.command}")
   return 2

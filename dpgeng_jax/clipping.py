@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 EmbedFn = Callable[[Any, jax.Array], jax.Array]
 
@@ -40,8 +41,20 @@ def row_norms(v: jax.Array) -> jax.Array:
                    0.0)
 
 
+def check_clip_norm(clip_norm) -> None:
+  """Raises ValueError unless C > 0 (inf allowed: no clipping). nan or a
+  negative C would silently turn clipping off or flip the sums' sign. A
+  traced C is the caller's responsibility."""
+  if isinstance(clip_norm, jax.core.Tracer):
+    return
+  c = float(np.asarray(clip_norm))
+  if not c > 0:
+    raise ValueError(f"clip_norm must be > 0 (inf: no clipping), got {c}")
+
+
 def clip_scale(norms: jax.Array, clip_norm: float) -> jax.Array:
   """min(1, C / norm), elementwise; 1 for zero norms (never nan)."""
+  check_clip_norm(clip_norm)
   return jnp.where(norms > clip_norm,
                    clip_norm / jnp.where(norms > 0, norms, 1.0), 1.0)
 
@@ -52,6 +65,7 @@ def clip_rows(v: jax.Array, clip_norm: float) -> jax.Array:
   Computed in float32. Non-finite rows become zero. Safe (finite values and
   gradients) for zero rows; clip_norm = inf is the identity on finite rows.
   """
+  check_clip_norm(clip_norm)
   v = v.astype(jnp.float32)
   finite = jnp.all(jnp.isfinite(v), axis=-1, keepdims=True)
   v = jnp.where(finite, v, 0.0)
@@ -65,17 +79,41 @@ def clip_vector(v: jax.Array, clip_norm: float) -> jax.Array:
   return clip_rows(v.reshape(1, -1), clip_norm).reshape(v.shape)
 
 
+def check_labels(y, num_classes: int, rows: int) -> None:
+  """Raises ValueError for labels that are not integers in 0..K-1, one per
+  row (checked on concrete arrays only)."""
+  if isinstance(y, jax.core.Tracer):
+    if not jnp.issubdtype(y.dtype, jnp.integer):
+      raise ValueError(f"labels must be integers, got dtype {y.dtype}")
+    return
+  a = np.asarray(y)
+  if a.shape != (rows,):
+    raise ValueError(f"labels of shape {a.shape} for {rows} rows")
+  if not np.issubdtype(a.dtype, np.integer):
+    raise ValueError(f"labels must be integers, got dtype {a.dtype}")
+  if a.size and (a.min() < 0 or a.max() >= num_classes):
+    raise ValueError(f"labels must be in 0..{num_classes - 1}, got "
+                     f"{a.min()}..{a.max()}")
+
+
 def class_sums(values: jax.Array, y: jax.Array, mask: jax.Array,
                num_classes: int) -> jax.Array:
   """Masked per-class sums of rows: (n, d) -> (K, d), in float32.
 
   Rows with mask 0 contribute exactly nothing (they are multiplied by an
   exact zero and also zeroed before the product, so inf/nan cannot leak).
-  Precision.HIGHEST for the reason given in `weighted_sum`.
+  The mask is read as a boolean (> 0: a row counts once, whatever the
+  value; nan counts as 0), as `clipped_grad_sum` reads it, so no row can
+  weigh more than one. Labels outside 0..K-1 are refused where they are
+  concrete (a traced batch is the caller's responsibility: such a row
+  would be dropped). Precision.HIGHEST for the reason given in
+  `weighted_sum`.
   """
-  mask = mask.astype(jnp.float32)
-  values = jnp.where(mask[:, None] > 0, values.astype(jnp.float32), 0.0)
-  onehot = jax.nn.one_hot(y, num_classes, dtype=jnp.float32) * mask[:, None]
+  check_labels(y, num_classes, values.shape[0])
+  keep = (jnp.asarray(mask) > 0)[:, None]
+  values = jnp.where(keep, values.astype(jnp.float32), 0.0)
+  onehot = jnp.where(keep, jax.nn.one_hot(y, num_classes, dtype=jnp.float32),
+                     0.0)
   return jnp.einsum("nk,nd->kd", onehot, values,
                     precision=jax.lax.Precision.HIGHEST)
 

@@ -34,7 +34,9 @@ import optax
 from scipy import stats
 
 from dpgeng_jax import augment, noise
-from dpgeng_jax.clipping import clipped_class_sums, clipped_grad_sum
+
+from dpgeng_jax.clipping import (check_clip_norm, clipped_class_sums,
+                                 clipped_grad_sum)
 from dpgeng_jax.errors import PrivacyAbort
 # Re-exported: the secret keys and the sampler, where callers found them.
 from dpgeng_jax.noise import (  # noqa: F401
@@ -73,6 +75,12 @@ def class_major(x: np.ndarray, y: np.ndarray, num_classes: int,
   counts; default (library use) the largest class. A class larger than
   `rows` is an error (the run checks its bounds first, ClassSizes.check).
   """
+  y = np.asarray(y)
+  if len(y) != len(x):
+    raise ValueError(f"{len(x)} examples but {len(y)} labels")
+  if y.size and (y.min() < 0 or y.max() >= num_classes):
+    raise ValueError(f"labels must be in 0..{num_classes - 1}, got "
+                     f"{y.min()}..{y.max()}")
   counts = np.bincount(y, minlength=num_classes)
   n_max = int(counts.max()) if rows is None else int(rows)
   if counts.max() > n_max:
@@ -100,6 +108,13 @@ class FlatData(NamedTuple):
   valid: jax.Array
 
 
+def _check_rate(sampling_rate) -> None:
+  if not (isinstance(sampling_rate, (int, float, np.floating))
+          and 0 < sampling_rate <= 1):
+    raise ValueError(f"sampling rate must be in (0, 1], got "
+                     f"{sampling_rate!r}")
+
+
 def poisson_capacity(class_counts, sampling_rate: float,
                      tail: float = OVERFLOW_TAIL, *,
                      log_tail: float | None = None) -> int:
@@ -108,9 +123,20 @@ def poisson_capacity(class_counts, sampling_rate: float,
   PUBLIC upper bounds of the class sizes (the tail bound holds for every
   smaller class too); log_tail, if given, replaces log(tail)."""
   class_counts = np.asarray(class_counts)
+  if (class_counts.size == 0 or not np.issubdtype(class_counts.dtype,
+                                                  np.integer)
+      or class_counts.min() < 0):
+    raise ValueError("class_counts must be a non-empty list of integers "
+                     f">= 0, got {class_counts.tolist()}")
+  _check_rate(sampling_rate)
   if sampling_rate >= 1.0:
     return int(class_counts.max())
-  log_tail = math.log(tail) if log_tail is None else log_tail
+  if log_tail is None:
+    if not 0 < tail < 1:
+      raise ValueError(f"tail must be in (0, 1), got {tail}")
+    log_tail = math.log(tail)
+  elif not log_tail < 0:
+    raise ValueError(f"log_tail must be < 0, got {log_tail}")
   # logsf stays accurate far below 1e-16, where binom.isf breaks down.
   caps = []
   for n in np.unique(class_counts):
@@ -130,6 +156,11 @@ def poisson_sample(key: jax.Array, valid: jax.Array, sampling_rate: float,
     (idx (K, capacity) int32, mask (K, capacity) float32,
      overflow bool scalar: some class had more than `capacity` examples).
   """
+  if not (isinstance(capacity, (int, np.integer)) and capacity >= 1):
+    raise ValueError(f"capacity must be an integer >= 1, got {capacity!r}")
+  if jnp.ndim(valid) != 2:
+    raise ValueError(f"valid must be (K, n) (one row per class; (1, N) "
+                     f"for flat data), got shape {jnp.shape(valid)}")
   take = noise.bernoulli(key, sampling_rate, valid.shape) & (valid > 0)
 
   def pack(row):
@@ -168,6 +199,19 @@ class QuerySpec:
   sampling_rate: float
   capacity: int
   strategy: str = augment.DEFAULT_STRATEGY
+
+  def __post_init__(self):
+    if not (isinstance(self.num_classes, (int, np.integer))
+            and self.num_classes >= 1):
+      raise ValueError(f"num_classes must be an integer >= 1, got "
+                       f"{self.num_classes!r}")
+    check_clip_norm(self.clip_norm)
+    noise.check_stddev(self.noise_multiplier)
+    _check_rate(self.sampling_rate)
+    if not (isinstance(self.capacity, (int, np.integer))
+            and self.capacity >= 0):
+      raise ValueError(f"capacity must be an integer >= 0, got "
+                       f"{self.capacity!r}")
 
   @property
   def l2_sensitivity(self) -> float:
@@ -252,6 +296,10 @@ def _sampled_flat_sums(spec, data: FlatData, params, aug_params,
   """`sampled_class_sums` on flat data: one Poisson batch of all classes;
   each row is augmented with its class's parameters (the same as the
   synthetic side of that class), then clipped and summed into its class."""
+  n = data.x.shape[0]
+  if data.y.shape != (n,) or data.valid.shape != (n,):
+    raise ValueError(f"FlatData needs x (R, ...), y (R,) and valid (R,); got "
+                     f"{data.x.shape}, {data.y.shape}, {data.valid.shape}")
   idx, mask, overflow = poisson_sample(sample_key, data.valid[None],
                                        spec.sampling_rate, spec.capacity)
   idx, mask = idx[0], mask[0]

@@ -135,10 +135,25 @@ class ConvNet(nn.Module):
   def setup(self):
     _check_norm(self.norm)
 
+  def _check(self, x) -> None:
+    for name in ("num_classes", "width", "depth"):
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"ConvNet {name} must be an integer >= 1, got "
+                         f"{v!r}")
+    if x.ndim != 4:
+      raise ValueError(f"ConvNet takes images (n, H, W, C), got shape "
+                       f"{x.shape}")
+    if min(x.shape[1:3]) < 2 ** self.depth:
+      raise ValueError(f"depth {self.depth} halves {x.shape[1]}x"
+                       f"{x.shape[2]} images {self.depth} times; it needs "
+                       f"sides of at least {2 ** self.depth} pixels")
+
   @nn.compact
   def features(self, x: jax.Array) -> jax.Array:
     """Embedding psi(x): (n, H, W, C) -> (n, d)."""
     _check_norm(self.norm)
+    self._check(x)
     x = x.astype(self.dtype)
     first = 0
     if stem.use_stem(self.conv_impl, self.norm, x.shape, self.dtype):

@@ -154,6 +154,30 @@ def standard_normal(key: jax.Array, shape) -> jax.Array:
     return standard_normal_from_bits(words)
 
 
+def concrete_number(value, what: str) -> float:
+  """`value` as a Python float; a clear error for a traced value (a
+  privacy parameter must be a static number, not a jit argument) or a
+  non-number."""
+  if isinstance(value, jax.core.Tracer):
+    raise TypeError(f"{what} must be a static number, not a traced value "
+                    "(pass it outside jit, e.g. with functools.partial)")
+  try:
+    return float(value)
+  except (TypeError, ValueError):
+    raise TypeError(f"{what} must be a number, got {value!r}") from None
+
+
+def check_stddev(stddev) -> None:
+  """Raises ValueError for a noise standard deviation that is negative or
+  not finite (a traced value is the caller's responsibility)."""
+  if isinstance(stddev, jax.core.Tracer):
+    return
+  v = float(np.asarray(stddev))
+  if not (math.isfinite(v) and v >= 0):
+    raise ValueError(f"noise standard deviation must be finite and >= 0, "
+                     f"got {v}")
+
+
 def add_gaussian_noise(key: jax.Array, value: jax.Array,
                        stddev: float) -> jax.Array:
   """value + N(0, stddev^2) per coordinate, as float32, rounded once.
@@ -164,6 +188,7 @@ def add_gaussian_noise(key: jax.Array, value: jax.Array,
   non-private path.
   """
   value = jnp.asarray(value)
+  check_stddev(stddev)
   if isinstance(stddev, (int, float)) and stddev == 0:
     return value.astype(jnp.float32)
   words = jax.random.bits(key, (WORDS_PER_NORMAL, *value.shape), jnp.uint32)
@@ -207,6 +232,9 @@ def bernoulli(key: jax.Array, p: float, shape) -> jax.Array:
   (p' = 1 for p >= 1): integer comparison of 32-bit words, so the rate is
   never above the accounted p (jax.random.bernoulli compares a float32
   uniform on a 2^-23 grid, which can exceed p by up to 2^-23)."""
+  p = concrete_number(p, "sampling rate")
+  if not 0.0 <= p <= 1.0:
+    raise ValueError(f"sampling rate must be in [0, 1], got {p}")
   if p >= 1.0:
     return jnp.ones(tuple(shape), bool)
   threshold = np.uint32(int(np.floor(float(p) * 2.0**32)))

@@ -78,6 +78,17 @@ def _reason(e: OSError) -> str:
   return e.strerror or str(e)
 
 
+def writable_dir(path: str, what: str = "--out") -> None:
+  """Creates directory `path` if needed and checks it can be written,
+  before a command does its work (ConfigError otherwise)."""
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f"cannot create {what} {path!r}: {_reason(e)}") from e
+  if not os.access(path, os.W_OK | os.X_OK):
+    raise ConfigError(f"{what} {path!r} is not writable")
+
+
 def read_manifest(out: str) -> dict | None:
   """The finished run's manifest in `out`, or None when there is none."""
   try:

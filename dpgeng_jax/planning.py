@@ -96,9 +96,14 @@ def validate_config(cfg: Config) -> None:
   if cfg.checkpoint_every < 0:
     raise ConfigError(f"checkpoint_every must be >= 0, got "
                       f"{cfg.checkpoint_every}")
-  # Every other number: nan or inf would train silently to nan.
+  # Every other number: nan or inf would train silently to nan; an int
+  # option given a float or a bool (from Python) is refused.
   for f in dataclasses.fields(cfg):
     value = getattr(cfg, f.name)
+    default = f.default
+    if (isinstance(default, int) and not isinstance(default, bool)
+        and (isinstance(value, bool) or not isinstance(value, int))):
+      raise ConfigError(f"{f.name} must be an integer, got {value!r}")
     if (isinstance(value, float) and not math.isfinite(value)
         and not (f.name in ("clip_norm", "expert_clip_norm")
                  and value == math.inf)):

@@ -9,6 +9,7 @@ import pytest
 from dp_accounting import pld, rdp
 
 from dpgeng_jax import accounting as A
+from dpgeng_jax import accounting
 
 
 def _pld(event, delta):
@@ -241,3 +242,28 @@ def test_report_figures_rederive_with_dp_accounting_from_the_report_alone():
           dp_accounting.GaussianDpEvent(counts["noise_multiplier"])
       ).get_epsilon(r["delta_mechanisms"])
   assert alone == pytest.approx(counts["epsilon_alone"], rel=1e-9)
+
+
+def test_numpy_scalars_are_accepted_as_the_target():
+  """np.float32(1.0) was refused with 'epsilon must be a number ... got
+  1.0'."""
+  m = [accounting.Mechanism("feature_matching", 0.0, 0.5, 20)]
+  a = accounting.calibrate(m, epsilon=np.float32(1.0), delta=1e-5)
+  b = accounting.calibrate(m, epsilon=1.0, delta=1e-5)
+  assert a[0].noise_multiplier == pytest.approx(b[0].noise_multiplier)
+
+
+@pytest.mark.parametrize("kw", [{"sampling_rate": 1.5}, {"sampling_rate": 0.0},
+                                {"steps": 2.5}, {"steps": 0},
+                                {"noise_multiplier": float("nan")}])
+def test_a_mechanism_outside_the_accountants_domain_is_refused(kw):
+  args = {"name": "m", "noise_multiplier": 1.0, "sampling_rate": 0.5,
+          "steps": 3, **kw}
+  with pytest.raises(ValueError):
+    accounting.Mechanism(**args)
+
+
+def test_a_large_delta_calibrates_or_says_why_instead_of_a_math_error():
+  m = [accounting.Mechanism("feature_matching", 0.0, 0.5, 2)]
+  out = accounting.calibrate(m, epsilon=1.0, delta=0.5)
+  assert out[0].noise_multiplier > 0

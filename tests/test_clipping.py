@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dpgeng_jax import clipping
 from dpgeng_jax.clipping import (ClippedClassSum, clip_rows,
                                  clip_vector, clipped_class_sums)
 
@@ -142,3 +143,43 @@ def test_clipped_class_sum_callable_carries_its_sensitivity():
       np.asarray(q(params, x, y, jnp.ones(12))),
       np.asarray(clipped_class_sums(_linear_embed, params, x, y, jnp.ones(12),
                                     num_classes=3, clip_norm=0.7)))
+
+
+# ---------------------------------------------------------------------------
+# Bad parameters are refused where a silent result would break the bound.
+
+
+def _lin(p, x):
+  return x.reshape(x.shape[0], -1)[:, :4]
+
+
+@pytest.mark.parametrize("clip", [float("nan"), -1.0, 0.0])
+def test_a_clip_norm_that_is_not_positive_is_refused(clip):
+  """nan compared false everywhere and turned clipping off; a negative C
+  flipped the sums' sign."""
+  x, y, m = jnp.ones((4, 8, 8, 1)), jnp.array([0, 1, 2, 0]), jnp.ones(4)
+  with pytest.raises(ValueError, match="clip_norm"):
+    clipped_class_sums(_lin, None, x, y, m, num_classes=3, clip_norm=clip)
+  with pytest.raises(ValueError, match="clip_norm"):
+    clipping.clipped_grad_sum(lambda p, b: jnp.sum(p * b[0]), jnp.ones(2),
+                              (jnp.ones((3, 2)),), jnp.ones(3),
+                              clip_norm=clip)
+
+
+def test_a_mask_value_above_one_counts_the_row_once():
+  """The mask is a boolean: 2 would have let one row move a sum by 2 C."""
+  x, y = jnp.ones((4, 8, 8, 1)), jnp.array([0, 1, 2, 0])
+  ones = clipped_class_sums(_lin, None, x, y, jnp.array([1., 1., 0., 1.]),
+                            num_classes=3, clip_norm=1.0)
+  odd = clipped_class_sums(_lin, None, x, y,
+                           jnp.array([2., 1., jnp.nan, 0.5]),
+                           num_classes=3, clip_norm=1.0)
+  np.testing.assert_array_equal(np.asarray(odd), np.asarray(ones))
+
+
+@pytest.mark.parametrize("y", [[0, 1, 3, 0], [0, -1, 2, 0]])
+def test_labels_outside_the_classes_are_refused(y):
+  x, m = jnp.ones((4, 8, 8, 1)), jnp.ones(4)
+  with pytest.raises(ValueError, match="labels"):
+    clipped_class_sums(_lin, None, x, jnp.array(y), m, num_classes=3,
+                       clip_norm=1.0)

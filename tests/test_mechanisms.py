@@ -314,3 +314,40 @@ def test_flat_query_jit_matches_eager_with_the_claimed_noise():
   keys = jax.random.split(jax.random.key(0), 200)
   resid = np.stack([np.asarray(f(data, k)) for k in keys]) - np.asarray(clean)
   assert stats.kstest(resid.ravel(), "norm", args=(0, 2.0)).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("kw,message", [
+    ({"clip": float("nan")}, "clip_norm"), ({"clip": -1.0}, "clip_norm"),
+    ({"sigma": -2.0}, "standard deviation"),
+    ({"sigma": float("inf")}, "standard deviation"),
+    ({"p": 1.5}, "sampling rate"), ({"p": 0.0}, "sampling rate"),
+    ({"cap": -1}, "capacity"), ({"k": 0}, "num_classes")])
+def test_a_query_spec_with_bad_privacy_parameters_is_refused(kw, message):
+  with pytest.raises(ValueError, match=message):
+    _spec(**kw)
+
+
+def test_noise_with_a_negative_or_non_finite_std_is_refused():
+  for std in (-1.0, float("nan"), float("inf")):
+    with pytest.raises(ValueError, match="standard deviation"):
+      mechanisms.add_gaussian_noise(jax.random.key(0), jnp.zeros(3), std)
+
+
+@pytest.mark.parametrize("args,kw", [
+    (([100, 50], float("nan")), {}), (([100, 50], -0.1), {}),
+    (([100, 50], 1.5), {}), (([], 0.1), {}), (([100, -1], 0.1), {}),
+    (([100], 0.1), {"tail": 2.0}), (([100], 0.1), {"log_tail": 1.0})])
+def test_poisson_capacity_refuses_what_has_no_tail_bound(args, kw):
+  with pytest.raises(ValueError):
+    poisson_capacity(*args, **kw)
+
+
+def test_flat_data_with_mismatched_lengths_and_bad_labels_are_refused():
+  x, y = _data(n=6, k=2)
+  spec = _spec(clip=1.0, sigma=0.0, p=1.0, cap=6, k=2)
+  bad = mechanisms.FlatData(jnp.asarray(x), jnp.asarray(y[:3]), jnp.ones(6))
+  with pytest.raises(ValueError, match="FlatData"):
+    noisy_targets(spec, bad, jnp.ones((16, 16)),
+                  augment.identity_params((2,)), jax.random.key(0))
+  with pytest.raises(ValueError, match="labels"):
+    class_major(x, y + 1, 2)

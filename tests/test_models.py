@@ -52,3 +52,13 @@ def test_different_keys_give_different_random_extractors():
   b = init_params(m, jax.random.key(1), (8, 8, 1))
   assert not np.allclose(np.asarray(a["conv0"]["kernel"]),
                          np.asarray(b["conv0"]["kernel"]))
+
+
+@pytest.mark.parametrize("kw,shape,message", [
+    ({"width": 0}, (8, 8, 1), "width"), ({"num_classes": 0}, (8, 8, 1),
+                                         "num_classes"),
+    ({"depth": 5}, (8, 8, 1), "at least 32 pixels")])
+def test_a_convnet_that_cannot_be_built_says_why(kw, shape, message):
+  args = {"num_classes": 3, "width": 4, "depth": 2, **kw}
+  with pytest.raises(ValueError, match=message):
+    init_params(ConvNet(**args), jax.random.key(0), shape)

@@ -138,6 +138,7 @@ def _killed_run(tmp_path, monkeypatch, after="query"):
     (["--num-queries", "3"], "num_queries"),
     (["--seed", "1"], "seed"),
     (["--references"], "references"),   # would make the run not private
+    (["--out", "elsewhere"], "--out 'elsewhere' names another one"),
 ])
 def test_resume_refuses_options_that_change_the_guarantee_or_a_release(
     tmp_path, monkeypatch, capsys, flags, what):
