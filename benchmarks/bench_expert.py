@@ -183,35 +183,48 @@ def main(argv=None):
         environment=env))
 
 
+def distill_setup(shape, width: int, queries: int, k: int = 10,
+                  ipc: int = 10, f: int = 2):
+  """A distillation problem as a run sets it up (random extractors of
+  `width`, the stage's class chunks) with random targets, and the expert's
+  alignment term of a ConvNet of the same width: (plan, optimiser,
+  targets, counts, stored images, class chunk, term(dec, classes))."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from dpgeng_jax import distill, expert, extractors, models, stages  # pylint: disable=import-outside-toplevel
+  model = models.ConvNet(k, width=width, depth=3)
+  plan = distill.QueryPlan(extractors.random_pool(model, shape),
+                           models.embed_fn(model), k)
+  params = models.init_params(model, jax.random.key(3), shape)
+  p_ref = jax.nn.softmax(jax.random.normal(jax.random.key(4), (k, k)), -1)
+  d = models.embed_fn(model)(params, jnp.zeros((1, *shape))).shape[-1]
+  targets = jax.random.normal(jax.random.key(5), (queries, k, d))
+  images = jax.random.normal(jax.random.key(1), (k, ipc, *shape))
+  chunk = stages.distill_class_chunk(k, ipc * f * f, shape, width)
+
+  def term(dec, classes=None):
+    return 0.1 * expert.alignment_loss(params, model, dec, p_ref, tau=1.0,
+                                       beta=0.1, classes=classes)
+
+  return (plan, distill.image_optimizer(0.05), targets,
+          jnp.full((k,), 70.0), images, chunk, term)
+
+
 def _distill_table(args, impls) -> list[str]:
   """Median seconds of the distillation step with the expert term."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from dpgeng_jax import distill, expert, extractors, models, stages  # pylint: disable=import-outside-toplevel
+  from dpgeng_jax import distill  # pylint: disable=import-outside-toplevel
   from dpgeng_jax import init as init_lib  # pylint: disable=import-outside-toplevel
   mods = {"after": distill}
   if "before" in impls:
     mods = {"before": _module_at(args.before, "distill"), **mods}
-  k, ipc, f = 10, 10, 2
+  f = 2
   lines = ["| shape | variant | s per distillation step with the expert term "
            "| speed-up |", "|---|---|---|---|"]
   for shape in args.shapes:
-    model = models.ConvNet(k, width=args.width, depth=3)
-    plan = distill.QueryPlan(extractors.random_pool(model, shape),
-                             models.embed_fn(model), k)
-    params = models.init_params(model, jax.random.key(3), shape)
-    p_ref = jax.nn.softmax(jax.random.normal(jax.random.key(4), (k, k)), -1)
-    d = models.embed_fn(model)(params, jnp.zeros((1, *shape))).shape[-1]
-    targets = jax.random.normal(jax.random.key(5), (4, k, d))
-    counts = jnp.full((k,), 70.0)
-    opt = distill.image_optimizer(0.05)
-    images = jax.random.normal(jax.random.key(1), (k, ipc, *shape))
-    chunk = stages.distill_class_chunk(k, ipc * f * f, shape, args.width)
-
-    def term(dec, classes=None):
-      return 0.1 * expert.alignment_loss(params, model, dec, p_ref, tau=1.0,
-                                         beta=0.1, classes=classes)
-
+    plan, opt, targets, counts, images, chunk, term = distill_setup(
+        shape, args.width, queries=4)
     runs = {}
     for name, mod in mods.items():
       extra = (lambda dec: term(dec)) if name == "before" else term

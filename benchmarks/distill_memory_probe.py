@@ -6,9 +6,9 @@ compiling and each of a few calls, and XLA's temporaries.
     python benchmarks/distill_memory_probe.py --expert --no-retain
 
 IPC 10, factor 2, K 10, ConvNet-3 of --width, random extractors, the class
-chunks of stages.distill_class_chunk; --shape as HxWxC. By default freed
-host memory is retained as the `dpgeng` command does
-(hostmem.retain_freed_memory); --no-retain keeps glibc's default.
+chunks of stages.distill_class_chunk (bench_expert.distill_setup); --shape
+as HxWxC. By default freed host memory is retained as the `dpgeng` command
+does (hostmem.retain_freed_memory); --no-retain keeps glibc's default.
 """
 
 from __future__ import annotations
@@ -40,26 +40,16 @@ def main(argv=None):
     hostmem.retain_freed_memory()
   import jax
   import jax.numpy as jnp
-  from dpgeng_jax import distill, expert, extractors, models, stages
+  from bench_expert import distill_setup
+  from dpgeng_jax import distill
   from dpgeng_jax import init as init_lib
 
   shape = tuple(int(v) for v in args.shape.split("x"))
-  k, ipc, f = 10, 10, 2
-  model = models.ConvNet(k, width=args.width, depth=3)
-  plan = distill.QueryPlan(extractors.random_pool(model, shape),
-                           models.embed_fn(model), k)
-  params = models.init_params(model, jax.random.key(3), shape)
-  p_ref = jax.nn.softmax(jax.random.normal(jax.random.key(4), (k, k)), -1)
-  d = models.embed_fn(model)(params, jnp.zeros((1, *shape))).shape[-1]
-  targets = jax.random.normal(jax.random.key(5), (40, k, d))
-  counts = jnp.full((k,), 70.0)
-  opt = distill.image_optimizer(0.05)
-  images = jax.random.normal(jax.random.key(1), (k, ipc, *shape))
-  chunk = stages.distill_class_chunk(k, ipc * f * f, shape, args.width)
-  term = None
-  if args.expert:
-    term = lambda dec, classes=None: 0.1 * expert.alignment_loss(  # noqa
-        params, model, dec, p_ref, tau=1.0, beta=0.1, classes=classes)
+  f = 2
+  plan, opt, targets, counts, images, chunk, term = distill_setup(
+      shape, args.width, queries=40, f=f)
+  if not args.expert:
+    term = None
   step = distill.make_step(plan, opt, clip_norm=1.0,
                            decode=lambda s: init_lib.decode(s, f),
                            extra_loss=term, class_chunk=chunk)
