@@ -79,14 +79,18 @@ def _reason(e: OSError) -> str:
 
 
 def writable_dir(path: str, what: str = "--out") -> None:
-  """Creates directory `path` if needed and checks it can be written,
-  before a command does its work (ConfigError otherwise)."""
-  try:
-    os.makedirs(path, exist_ok=True)
-  except OSError as e:
-    raise ConfigError(f"cannot create {what} {path!r}: {_reason(e)}") from e
-  if not os.access(path, os.W_OK | os.X_OK):
-    raise ConfigError(f"{what} {path!r} is not writable")
+  """Checks, before a command does its work and without creating
+  anything, that directory `path` can be written or created: it or its
+  nearest existing ancestor is a writable directory (ConfigError
+  otherwise)."""
+  probe = os.path.abspath(path)
+  while not os.path.lexists(probe):
+    probe = os.path.dirname(probe)
+  if not os.path.isdir(probe):
+    raise ConfigError(f"cannot create {what} {path!r}: {probe!r} is not a "
+                      "directory")
+  if not os.access(probe, os.W_OK | os.X_OK):
+    raise ConfigError(f"{what} {path!r}: {probe!r} is not writable")
 
 
 def read_manifest(out: str) -> dict | None:
