@@ -15,6 +15,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from dpgeng_jax import stem, winograd
@@ -138,7 +139,8 @@ class ConvNet(nn.Module):
   def _check(self, x) -> None:
     for name in ("num_classes", "width", "depth"):
       v = getattr(self, name)
-      if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+      if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or (
+          v < 1):
         raise ValueError(f"ConvNet {name} must be an integer >= 1, got "
                          f"{v!r}")
     if x.ndim != 4:
