@@ -144,6 +144,9 @@ def clipped_class_sums(embed_fn: EmbedFn, params: Any, x: jax.Array,
   """
   if chunk_size is not None and chunk_size < 1:
     raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+  if x.shape[0] == 0 or x.shape[0] != jnp.shape(mask)[0]:
+    raise ValueError(f"need n >= 1 rows with one mask value each, got x "
+                     f"{x.shape} and mask {jnp.shape(mask)}")
 
   def sums(p, batch, ms):
     xs, ys = batch

@@ -96,6 +96,8 @@ def validate_config(cfg: Config) -> None:
   if cfg.checkpoint_every < 0:
     raise ConfigError(f"checkpoint_every must be >= 0, got "
                       f"{cfg.checkpoint_every}")
+  if not -2**63 <= cfg.seed < 2**63:
+    raise ConfigError(f"seed must fit in 64 bits, got {cfg.seed}")
   # Every other number: nan or inf would train silently to nan; an int
   # option given a float or a bool (from Python) is refused.
   for f in dataclasses.fields(cfg):

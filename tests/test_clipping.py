@@ -183,3 +183,10 @@ def test_labels_outside_the_classes_are_refused(y):
   with pytest.raises(ValueError, match="labels"):
     clipped_class_sums(_lin, None, x, jnp.array(y), m, num_classes=3,
                        clip_norm=1.0)
+
+
+def test_an_empty_batch_is_refused_with_a_message():
+  with pytest.raises(ValueError, match="n >= 1 rows"):
+    clipped_class_sums(_lin, None, jnp.zeros((0, 8, 8, 1)),
+                       jnp.zeros((0,), jnp.int32), jnp.zeros((0,)),
+                       num_classes=3, clip_norm=1.0)
