@@ -300,6 +300,8 @@ def _sampled_flat_sums(spec, data: FlatData, params, aug_params,
   if data.y.shape != (n,) or data.valid.shape != (n,):
     raise ValueError(f"FlatData needs x (R, ...), y (R,) and valid (R,); got "
                      f"{data.x.shape}, {data.y.shape}, {data.valid.shape}")
+  if not jnp.issubdtype(data.y.dtype, jnp.integer):
+    raise ValueError(f"FlatData labels must be integers, got {data.y.dtype}")
   idx, mask, overflow = poisson_sample(sample_key, data.valid[None],
                                        spec.sampling_rate, spec.capacity)
   idx, mask = idx[0], mask[0]
