@@ -34,9 +34,8 @@ import optax
 from scipy import stats
 
 from dpgeng_jax import augment, noise
-
-from dpgeng_jax.clipping import (check_clip_norm, clipped_class_sums,
-                                 clipped_grad_sum)
+from dpgeng_jax.clipping import (check_clip_norm, check_labels,
+                                 clipped_class_sums, clipped_grad_sum)
 from dpgeng_jax.errors import PrivacyAbort
 # Re-exported: the secret keys and the sampler, where callers found them.
 from dpgeng_jax.noise import (  # noqa: F401
@@ -76,11 +75,7 @@ def class_major(x: np.ndarray, y: np.ndarray, num_classes: int,
   `rows` is an error (the run checks its bounds first, ClassSizes.check).
   """
   y = np.asarray(y)
-  if len(y) != len(x):
-    raise ValueError(f"{len(x)} examples but {len(y)} labels")
-  if y.size and (y.min() < 0 or y.max() >= num_classes):
-    raise ValueError(f"labels must be in 0..{num_classes - 1}, got "
-                     f"{y.min()}..{y.max()}")
+  check_labels(y, num_classes, len(x))
   counts = np.bincount(y, minlength=num_classes)
   n_max = int(counts.max()) if rows is None else int(rows)
   if counts.max() > n_max:
@@ -300,8 +295,7 @@ def _sampled_flat_sums(spec, data: FlatData, params, aug_params,
   if data.y.shape != (n,) or data.valid.shape != (n,):
     raise ValueError(f"FlatData needs x (R, ...), y (R,) and valid (R,); got "
                      f"{data.x.shape}, {data.y.shape}, {data.valid.shape}")
-  if not jnp.issubdtype(data.y.dtype, jnp.integer):
-    raise ValueError(f"FlatData labels must be integers, got {data.y.dtype}")
+  check_labels(data.y, spec.num_classes, n)
   idx, mask, overflow = poisson_sample(sample_key, data.valid[None],
                                        spec.sampling_rate, spec.capacity)
   idx, mask = idx[0], mask[0]

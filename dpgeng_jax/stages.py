@@ -432,8 +432,7 @@ def query(run: Run, budget: Budget, sizes, plan_q: distill.QueryPlan,
       clip_norm=clip_norm(cfg),
       noise_multiplier=budget.mechanism("feature_matching").noise_multiplier,
       sampling_rate=cfg.sampling_rate,
-      capacity=query_capacity(sizes.total_bound, cfg.sampling_rate,
-                              budget.log_tail, run.mesh),
+      capacity=0,  # answer_queries sets it (a resumed run: the saved one)
       strategy=cfg.strategy)
   if run.done("query"):
     saved, _, capacity = run.load("query")
