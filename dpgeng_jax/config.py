@@ -171,6 +171,10 @@ class Config:
                              "pen width of the simulator's: handwriting-"
                              "like; measured no gain on our digits)",
                              "method")
+  pe_marks: int = _f(2, "text API: straight strokes a variation may add "
+                     "to or erase from a glyph (up to this many per image; "
+                     "the votes keep the useful ones, such as a crossed 7; "
+                     "0: glyphs only)", "method")
   pe_polarity: str = _f("light", "text API: light ink on a dark ground, "
                         "dark on light, or both", "method",
                         choices=("light", "dark", "both"))

@@ -125,8 +125,9 @@ def _validate_pe(cfg: Config) -> None:
   if cfg.pe_k > cfg.pe_population:
     raise ConfigError(f"pe_k = {cfg.pe_k} votes per example need "
                       f"pe_population >= {cfg.pe_k}")
-  if cfg.pe_lookahead < 0:
-    raise ConfigError(f"pe_lookahead must be >= 0, got {cfg.pe_lookahead}")
+  for name in ("pe_lookahead", "pe_marks"):
+    if getattr(cfg, name) < 0:
+      raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
   if not (cfg.pe_threshold >= 0 and math.isfinite(cfg.pe_threshold)):
     raise ConfigError(f"pe_threshold must be finite and >= 0, got "
                       f"{cfg.pe_threshold}")

@@ -251,8 +251,63 @@ def test_text_api_polarity():
   dark = TextAPI((16, 16, 1), 2, TextConfig(polarity="dark"))
   light = TextAPI((16, 16, 1), 2)
   lab = np.zeros(20, np.int32)
-  assert (dark.random(jax.random.key(0), lab).images.mean()
-          > light.random(jax.random.key(0), lab).images.mean() + 0.3)
+  d = dark.random(jax.random.key(0), lab).images
+  l = light.random(jax.random.key(0), lab).images
+  # The ground (a corner, and most pixels) is light in one and dark in the
+  # other; the glyph is the opposite.
+  assert d[:, 0, 0].min() >= 0.8 and l[:, 0, 0].max() <= 0.2
+  assert np.median(d) > 0.6 > 0.4 > np.median(l)
+
+
+def test_random_images_are_the_glyphs_alone_whatever_the_marks():
+  labels = np.arange(10, dtype=np.int32)
+  plain = TextAPI((16, 16, 1), 10, TextConfig(marks=0))
+  marked = TextAPI((16, 16, 1), 10, TextConfig(marks=3))
+  a = plain.random(jax.random.key(2), labels)
+  b = marked.random(jax.random.key(2), labels)
+  np.testing.assert_array_equal(a.images, b.images)
+  assert "marks" not in a.state and b.state["marks"].shape == (10, 3, 6)
+  assert not b.state["marks"][..., 5].any()  # every slot off
+
+
+def test_variations_add_and_erase_marks_and_the_marks_are_drawn():
+  api = TextAPI((16, 16, 1), 10, TextConfig(marks=2, mark_rate=1.0))
+  s = api.random(jax.random.key(0), np.repeat(np.arange(10), 10))
+  for t in range(4):
+    s = api.variation(jax.random.key(10 + t), s, 0.5)
+  kinds = s.state["marks"][..., 5]
+  assert (kinds == 1).any() and (kinds == -1).any()
+  assert set(np.unique(kinds)) <= {-1.0, 0.0, 1.0}
+  assert (s.state["marks"][..., :4] >= 0).all()
+  assert (s.state["marks"][..., :4] <= 1).all()
+  # The same parameters without their marks draw other images.
+  off = dict(s.state, marks=np.zeros_like(s.state["marks"]))
+  bare = api.render(s.labels, off)
+  changed = np.abs(s.images - bare).reshape(len(bare), -1).max(1) > 0.05
+  assert changed.mean() > 0.5
+  assert s.images.min() >= 0 and s.images.max() <= 1
+
+
+def test_an_ink_mark_draws_its_line_and_an_erasing_mark_clears_it():
+  api = TextAPI((16, 16, 1), 10)
+  ch, cw = api.canvas
+  bar = np.array([[0.1, 0.5, 0.9, 0.5, 0.1, 1.0]])   # across the middle
+  ink = api._draw_marks(np.zeros((ch, cw), np.float32), bar)
+  rows = np.flatnonzero(ink.max(1) > 0.5)
+  assert abs(rows.mean() - ch / 2) <= 1 and len(rows) <= 0.15 * ch
+  cols = np.flatnonzero(ink.max(0) > 0.5)
+  assert cols.min() <= 0.12 * cw and cols.max() >= 0.88 * cw - 1
+  erase = bar.copy()
+  erase[0, 5] = -1.0
+  cleared = api._draw_marks(np.ones((ch, cw), np.float32), erase)
+  np.testing.assert_array_equal(cleared == 0, ink > 0.5)
+
+
+def test_bad_mark_settings_are_refused():
+  with pytest.raises(ValueError, match="marks"):
+    TextAPI((16, 16, 1), 10, TextConfig(marks=-1))
+  with pytest.raises(ValueError, match="mark_rate"):
+    TextAPI((16, 16, 1), 10, TextConfig(mark_rate=1.5))
 
 
 def _stroke_only(shape):

@@ -224,7 +224,7 @@ def _api_options(cfg) -> dict:
   texts = tuple(t for t in cfg.pe_texts.split(",")) if cfg.pe_texts else ()
   return {"texts": texts, "font_dir": cfg.pe_font_dir,
           "polarity": cfg.pe_polarity, "nearest_k": cfg.pe_nearest_k,
-          "stroke_fonts": cfg.pe_stroke_fonts}
+          "stroke_fonts": cfg.pe_stroke_fonts, "marks": cfg.pe_marks}
 
 
 @dataclasses.dataclass
@@ -277,7 +277,8 @@ class PrivateEvolution:
       return TextAPI(image_shape, num_classes, TextConfig(
           texts=o.get("texts", ()), font_dir=o.get("font_dir", ""),
           polarity=o.get("polarity", "light"),
-          stroke_fonts=o.get("stroke_fonts", False)))
+          stroke_fonts=o.get("stroke_fonts", False),
+          marks=o.get("marks", TextConfig.marks)))
     if self.api.startswith("nearest:"):
       from dpgeng_jax.generators.apis import nearest
       x, y = nearest.load_collection(self.api[len("nearest:"):],

@@ -6,11 +6,19 @@ font shipped with a pip package (matplotlib's TTF files; a user directory
 adds more), with a random size, aspect ratio, rotation, stroke width,
 position, shear, elastic distortion, blur and ink/background levels,
 rendered at 2-4x the data's resolution and area-averaged down to it, with
-the data's channel count. Every image is a function of its parameters (`Samples.state`), so
-a variation perturbs the parameters by a scale that shrinks with the
-degree (DrawText's schedule: new-font probability degree, size +-(2 + 4
-degree)/28 of the canvas, rotation +-(3 + 8 degree) degrees, stroke +-degree
-pixel at 28 px).
+the data's channel count. Every image is a function of its parameters
+(`Samples.state`), so a variation perturbs the parameters by a scale that
+shrinks with the degree (DrawText's schedule: new-font probability degree,
+size +-(2 + 4 degree)/28 of the canvas, rotation +-(3 + 8 degree) degrees,
+stroke +-degree pixel at 28 px).
+
+Marks (ours): each image also has `marks` slots for straight strokes that
+are drawn over the glyph (ink) or cut out of it (erasing). `random` leaves
+them empty; a variation moves the ends of the marks an image has and, with
+probability `mark_rate`, adds one or switches one off. Such strokes are
+where handwriting departs from fonts (a crossed 7, a flag on a 1, an open
+4); the votes keep the images whose marks bring them closer to the private
+data, so the population can leave the fonts' shapes.
 
 Everything here is public: no private data is read.
 """
@@ -78,7 +86,9 @@ class TextConfig:
   """Ranges of `random` (public hyperparameters)."""
   texts: tuple = ()              # per class; () means str(class index)
   font_dir: str = ""
-  size: tuple = (0.7, 1.05)       # font size / canvas height
+  size: tuple = (0.8, 1.45)      # font size / canvas height (a digit
+                                 # is ~0.72 of it: 0.58-1.04 of the
+                                 # canvas, MNIST's box to a full frame)
   aspect: tuple = (0.6, 1.3)     # horizontal / vertical scale
   rotation: float = 15.0         # +- degrees
   stroke: tuple = (0.0, 0.06)    # stroke width / canvas
@@ -90,6 +100,9 @@ class TextConfig:
   stroke_fonts: bool = False     # also the Hershey single-stroke fonts
   pen: float = 0.08              # stroke fonts: pen width / glyph height
                                  # is pen + 2 x stroke
+  marks: int = 2                 # straight strokes a variation may add
+                                 # or erase, per image (0: none)
+  mark_rate: float = 0.3         # chance per variation to add or erase one
 
 
 class TextAPI:
@@ -109,6 +122,10 @@ class TextAPI:
       raise ValueError("every class text must have a visible character")
     if cfg.polarity not in POLARITIES:
       raise ValueError(f"polarity must be one of {POLARITIES}")
+    if int(cfg.marks) != cfg.marks or cfg.marks < 0:
+      raise ValueError(f"marks must be an integer >= 0, got {cfg.marks!r}")
+    if not 0.0 <= cfg.mark_rate <= 1.0:
+      raise ValueError(f"mark_rate must be in [0, 1], got {cfg.mark_rate}")
     self.cfg, self.texts = cfg, texts
     self.fonts = usable_fonts(texts, cfg.font_dir, cfg.stroke_fonts)
     # Rendered at 2-4x the data's resolution, at least 32 px.
@@ -145,6 +162,8 @@ class TextAPI:
         "blur": rng.uniform(*c.blur, n),
         "ink": ink, "bg": bg,
     }
+    if c.marks:  # (x0, y0, x1, y1, width, kind); kind 0 off, 1 ink, -1 erase
+      state["marks"] = np.zeros((n, c.marks, 6))
     return Samples(self.render(labels, state), labels, state)
 
   def variation(self, key: jax.Array, samples: Samples,
@@ -160,7 +179,7 @@ class TextAPI:
     new_font = rng.random(n) < d
     s["font"] = np.where(new_font, rng.integers(0, len(self.fonts), n),
                          s["font"])
-    jitter("size", (2 + 4 * d) / 28, 0.4, 1.3)
+    jitter("size", (2 + 4 * d) / 28, 0.4, 1.6)
     s["aspect"] = np.clip(s["aspect"] * np.exp(rng.uniform(
         -1, 1, n) * (0.03 + 0.1 * d)), 0.4, 2.0)
     jitter("rotation", 3 + 8 * d, -3 * c.rotation, 3 * c.rotation)
@@ -174,7 +193,33 @@ class TextAPI:
     jitter("blur", 0.01 * (0.5 + d), 0.0, 0.06)
     jitter("ink", 0.1 * d, 0.0, 1.0)
     jitter("bg", 0.1 * d, 0.0, 1.0)
+    if "marks" in s:
+      s["marks"] = self._vary_marks(rng, s["marks"], d)
     return Samples(self.render(samples.labels, s), samples.labels, s)
+
+  def _vary_marks(self, rng, marks, d):
+    """Moves every mark's ends by up to (0.03 + 0.1 d) of the canvas; then,
+    with probability mark_rate, one sample's slot is redrawn: a new ink or
+    erasing stroke (a free slot first) or, half the time when all are
+    taken, an existing one switched off."""
+    m = marks.copy()
+    n, slots = m.shape[:2]
+    on = m[..., 5] != 0
+    move = rng.uniform(-1, 1, (n, slots, 4)) * (0.03 + 0.1 * d)
+    m[..., :4] = np.clip(m[..., :4] + np.where(on[..., None], move, 0), 0, 1)
+    change = rng.random(n) < self.cfg.mark_rate
+    free = ~on
+    slot = np.where(free.any(1), np.argmax(free, 1),
+                    rng.integers(0, slots, n))
+    add = change & (free.any(1) | (rng.random(n) < 0.5))
+    new = np.concatenate([rng.uniform(0.15, 0.85, (n, 4)),
+                          rng.uniform(0.04, 0.12, (n, 1)),
+                          rng.choice([-1.0, 1.0], (n, 1))], 1)
+    rows = np.arange(n)
+    m[rows[add], slot[add]] = new[add]
+    off = change & ~add
+    m[rows[off], slot[off], 5] = 0.0
+    return m
 
   # Rendering -----------------------------------------------------------
 
@@ -193,6 +238,22 @@ class TextAPI:
     out = bg + (ink - bg) * masks[..., None]
     return np.clip(out, 0.0, 1.0).astype(np.float32).reshape(
         len(labels), h, w, -1)
+
+  def _draw_marks(self, m, marks):
+    from PIL import Image, ImageDraw
+    ch, cw = self.canvas
+    for kind in (1.0, -1.0):
+      sel = marks[marks[:, 5] == kind]
+      if not len(sel):
+        continue
+      layer = Image.new("L", (cw, ch), 0)
+      draw = ImageDraw.Draw(layer)
+      for x0, y0, x1, y1, width, _ in sel:
+        draw.line([(x0 * cw, y0 * ch), (x1 * cw, y1 * ch)], fill=255,
+                  width=max(1, int(round(width * ch))))
+      ink = np.asarray(layer, np.float32) / 255.0
+      m = np.maximum(m, ink) if kind > 0 else m * (1.0 - ink)
+    return m
 
   def _mask(self, label: int, p: dict) -> np.ndarray:
     """The glyph coverage of one image in [0, 1], at the data's size."""
@@ -238,6 +299,8 @@ class TextAPI:
                            inv[1, 0], inv[1, 1], off[1]),
                           resample=Image.BILINEAR)
     m = np.asarray(img, np.float32) / 255.0
+    if "marks" in p:
+      m = self._draw_marks(m, np.asarray(p["marks"]))
     amp = float(p["elastic"]) * ch
     if amp > 0:
       grid = np.random.default_rng(int(p["elastic_seed"])).uniform(
