@@ -5,8 +5,9 @@
 
 Each --text is a list of `TextConfig` fields (Python keyword syntax) over
 its defaults (--config: `Config` fields for every row, for example the PE
-options); each seed is a run of `--method generator` on the embedded
-digits (IPC 10, 3 evaluation models x 100 epochs), the seed giving the
+options); each seed is a run of `--method generator` on --dataset (default
+the embedded digits; IPC 10, 3 evaluation models x 100 epochs unless
+--config says otherwise), the seed giving the
 public randomness (fresh OS-entropy noise every run). At epsilon 1000 the
 votes are exact up to 0.1 vote: what the simulator's prior allows PE to
 reach. --save DIR keeps each run's generated set (x, y) as an npz.
@@ -42,18 +43,19 @@ def main() -> None:
   ap.add_argument("--config", default="",
                   help="Config fields over the defaults, for every row "
                   "(for example \"pe_iterations=20\")")
+  ap.add_argument("--dataset", default="digits")
   ap.add_argument("--save", default="")
   args = ap.parse_args()
   rows = args.text or [""]
-  ds = data.load_dataset("digits")
+  ds = data.load_dataset(args.dataset)
   shape = ds.x_train.shape[1:]
   results = {}
   for seed in args.seeds:          # interleaved: load hits every row alike
     for eps in args.epsilon:
       for row, spec in enumerate(rows):
-        cfg = Config(method="generator", epsilon=eps, eval_models=3,
-                     eval_epochs=100, quiet=True, seed=seed,
-                     **fields(args.config))
+        cfg = Config(**{"method": "generator", "epsilon": eps,
+                        "eval_models": 3, "eval_epochs": 100, "quiet": True,
+                        "seed": seed, **fields(args.config)})
         api = TextAPI(shape, ds.num_classes, TextConfig(**fields(spec)))
         t = time.time()
         gen = dataclasses.replace(pe.PrivateEvolution.from_config(cfg),

@@ -303,11 +303,31 @@ def test_an_ink_mark_draws_its_line_and_an_erasing_mark_clears_it():
   np.testing.assert_array_equal(cleared == 0, ink > 0.5)
 
 
+def test_a_new_mark_has_a_length_in_its_range_and_one_slot_per_change():
+  api = TextAPI((16, 16, 1), 10, TextConfig(marks=2, mark_rate=1.0,
+                                            mark_length=(0.2, 0.3)))
+  s = api.random(jax.random.key(0), np.repeat(np.arange(10), 20))
+  v = api.variation(jax.random.key(1), s, 1.0)
+  marks = v.state["marks"]
+  assert ((marks[..., 5] != 0).sum(1) == 1).all()  # one slot each, taken
+  first = marks[:, 0]
+  length = np.hypot(first[:, 2] - first[:, 0], first[:, 3] - first[:, 1])
+  assert length.max() <= 0.3 + 1e-9
+  assert np.median(length) >= 0.2 - 1e-9   # shortened only at an edge
+  # The rate is the chance that an image's marks change at all.
+  rare = TextAPI((16, 16, 1), 10, TextConfig(marks=2, mark_rate=0.1))
+  w = rare.variation(jax.random.key(1), s, 1.0)
+  changed = (w.state["marks"][..., 5] != 0).any(1).mean()
+  assert 0.02 <= changed <= 0.25
+
+
 def test_bad_mark_settings_are_refused():
   with pytest.raises(ValueError, match="marks"):
     TextAPI((16, 16, 1), 10, TextConfig(marks=-1))
   with pytest.raises(ValueError, match="mark_rate"):
     TextAPI((16, 16, 1), 10, TextConfig(mark_rate=1.5))
+  with pytest.raises(ValueError, match="mark_length"):
+    TextAPI((16, 16, 1), 10, TextConfig(mark_length=(0.5, 0.2)))
 
 
 def _stroke_only(shape):

@@ -102,7 +102,8 @@ class TextConfig:
                                  # is pen + 2 x stroke
   marks: int = 2                 # straight strokes a variation may add
                                  # or erase, per image (0: none)
-  mark_rate: float = 0.3         # chance per variation to add or erase one
+  mark_rate: float = 0.15        # chance per variation to add or erase one
+  mark_length: tuple = (0.1, 0.4)  # a new mark's length / canvas
 
 
 class TextAPI:
@@ -126,6 +127,10 @@ class TextAPI:
       raise ValueError(f"marks must be an integer >= 0, got {cfg.marks!r}")
     if not 0.0 <= cfg.mark_rate <= 1.0:
       raise ValueError(f"mark_rate must be in [0, 1], got {cfg.mark_rate}")
+    lo, hi = cfg.mark_length
+    if not 0.0 <= lo <= hi <= 2.0:
+      raise ValueError(f"mark_length must be 0 <= low <= high <= 2, got "
+                       f"{cfg.mark_length}")
     self.cfg, self.texts = cfg, texts
     self.fonts = usable_fonts(texts, cfg.font_dir, cfg.stroke_fonts)
     # Rendered at 2-4x the data's resolution, at least 32 px.
@@ -199,9 +204,10 @@ class TextAPI:
 
   def _vary_marks(self, rng, marks, d):
     """Moves every mark's ends by up to (0.03 + 0.1 d) of the canvas; then,
-    with probability mark_rate, one sample's slot is redrawn: a new ink or
-    erasing stroke (a free slot first) or, half the time when all are
-    taken, an existing one switched off."""
+    with probability mark_rate, one of the image's slots is redrawn: a new
+    ink or erasing stroke (a free slot first; centre in the middle 70 % of
+    the canvas, any direction, length in mark_length) or, half the time
+    when all are taken, an existing one switched off."""
     m = marks.copy()
     n, slots = m.shape[:2]
     on = m[..., 5] != 0
@@ -212,7 +218,12 @@ class TextAPI:
     slot = np.where(free.any(1), np.argmax(free, 1),
                     rng.integers(0, slots, n))
     add = change & (free.any(1) | (rng.random(n) < 0.5))
-    new = np.concatenate([rng.uniform(0.15, 0.85, (n, 4)),
+    centre = rng.uniform(0.15, 0.85, (n, 2))
+    angle = rng.uniform(0, np.pi, n)
+    half = 0.5 * rng.uniform(*self.cfg.mark_length, n)[:, None] * np.stack(
+        [np.cos(angle), np.sin(angle)], 1)
+    new = np.concatenate([np.clip(centre - half, 0, 1),
+                          np.clip(centre + half, 0, 1),
                           rng.uniform(0.04, 0.12, (n, 1)),
                           rng.choice([-1.0, 1.0], (n, 1))], 1)
     rows = np.arange(n)
