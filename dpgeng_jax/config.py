@@ -172,7 +172,8 @@ class Config:
                              "like; measured no gain on our digits)",
                              "method")
   pe_marks: int = _f(2, "text API: straight strokes a variation may add "
-                     "to or erase from a glyph (up to this many per image; "
+                     "to or erase from a glyph (up to this many per image, "
+                     "at most 16; "
                      "the votes keep the useful ones, such as a crossed 7; "
                      "0: glyphs only)", "method")
   pe_polarity: str = _f("light", "text API: light ink on a dark ground, "

@@ -15,6 +15,7 @@ from dpgeng_jax import accounting, generators, models, presets
 from dpgeng_jax import init as init_lib
 from dpgeng_jax.config import Config, METHODS
 from dpgeng_jax.errors import ConfigError
+from dpgeng_jax.generators.apis.text import MAX_MARKS
 from dpgeng_jax.generators.embeddings import EMBEDDINGS
 
 
@@ -128,6 +129,9 @@ def _validate_pe(cfg: Config) -> None:
   for name in ("pe_lookahead", "pe_marks"):
     if getattr(cfg, name) < 0:
       raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+  if cfg.pe_marks > MAX_MARKS:
+    raise ConfigError(f"pe_marks must be <= {MAX_MARKS}, got "
+                      f"{cfg.pe_marks}")
   if not (cfg.pe_threshold >= 0 and math.isfinite(cfg.pe_threshold)):
     raise ConfigError(f"pe_threshold must be finite and >= 0, got "
                       f"{cfg.pe_threshold}")

@@ -402,6 +402,7 @@ def test_pe_nearest_runs_on_a_public_collection(tmp_path):
     (["--generator", "pe:text", "--pe-k", "9", "--pe-population", "4"],
      "pe_k"),
     (["--generator", "pe:text", "--pe-marks", "-1"], "pe_marks"),
+    (["--generator", "pe:text", "--pe-marks", "1000000"], "pe_marks"),
     (["--generator", "pe:text", "--pe-font-dir", "/no/fonts"],
      "font directory")])
 def test_bad_pe_options_fail_cleanly(tmp_path, capsys, flags, message):

@@ -322,8 +322,9 @@ def test_a_new_mark_has_a_length_in_its_range_and_one_slot_per_change():
 
 
 def test_bad_mark_settings_are_refused():
-  with pytest.raises(ValueError, match="marks"):
-    TextAPI((16, 16, 1), 10, TextConfig(marks=-1))
+  for marks in (-1, 2.5, 10 ** 6):
+    with pytest.raises(ValueError, match="marks"):
+      TextAPI((16, 16, 1), 10, TextConfig(marks=marks))
   with pytest.raises(ValueError, match="mark_rate"):
     TextAPI((16, 16, 1), 10, TextConfig(mark_rate=1.5))
   with pytest.raises(ValueError, match="mark_length"):

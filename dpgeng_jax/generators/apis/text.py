@@ -40,6 +40,7 @@ from dpgeng_jax.generators.apis import Samples, numpy_rng, strokes
 # (a code-point placeholder, TeX symbol and extension encodings).
 _NOT_TEXT = ("LastResort", "cmex10", "cmsy10")
 POLARITIES = ("light", "dark", "both")
+MAX_MARKS = 16  # mark slots per image (each is drawn for every image)
 
 
 def shipped_font_files() -> list[str]:
@@ -123,8 +124,9 @@ class TextAPI:
       raise ValueError("every class text must have a visible character")
     if cfg.polarity not in POLARITIES:
       raise ValueError(f"polarity must be one of {POLARITIES}")
-    if int(cfg.marks) != cfg.marks or cfg.marks < 0:
-      raise ValueError(f"marks must be an integer >= 0, got {cfg.marks!r}")
+    if int(cfg.marks) != cfg.marks or not 0 <= cfg.marks <= MAX_MARKS:
+      raise ValueError(f"marks must be an integer in 0..{MAX_MARKS}, got "
+                       f"{cfg.marks!r}")
     if not 0.0 <= cfg.mark_rate <= 1.0:
       raise ValueError(f"mark_rate must be in [0, 1], got {cfg.mark_rate}")
     lo, hi = cfg.mark_length
