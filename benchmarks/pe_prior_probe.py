@@ -70,10 +70,15 @@ def main() -> None:
           np.savez(os.path.join(args.save, f"eps{eps:g}_seed{seed}_"
                                 f"row{row}.npz"),
                    x=r.x_generated, y=r.y_generated)
-  for (eps, spec), v in results.items():
+  print_summary({f"eps {eps:g} [{spec}]": v
+                 for (eps, spec), v in results.items()})
+
+
+def print_summary(rows: dict) -> None:
+  """One line per row: its accuracies, their mean and std over draws."""
+  for name, v in rows.items():
     std = f" +- {np.std(v, ddof=1):.1f}" if len(v) > 1 else ""
-    print(f"eps {eps:g} [{spec}]: {np.round(v, 1).tolist()} mean "
-          f"{np.mean(v):.1f}{std}")
+    print(f"{name}: {np.round(v, 1).tolist()} mean {np.mean(v):.1f}{std}")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from dpgeng_jax import data, pipeline
 from dpgeng_jax.config import Config
 from dpgeng_jax.generators import pe
 from dpgeng_jax.generators.apis.text import TextAPI, TextConfig
+from pe_prior_probe import print_summary
 
 RANGES = ((0.0, 0.06), (0.0, 0.15))
 
@@ -51,10 +52,8 @@ def main() -> None:
         rows.setdefault((eps, stroke), []).append(acc)
         print(f"eps {eps} stroke {stroke} draw {draw}: {acc:.1f} %",
               flush=True)
-  for (eps, stroke), v in rows.items():
-    std = f" +- {np.std(v, ddof=1):.1f}" if len(v) > 1 else ""
-    print(f"eps {eps} stroke {stroke}: {np.round(v, 1).tolist()} "
-          f"mean {np.mean(v):.1f}{std}")
+  print_summary({f"eps {eps} stroke {stroke}": v
+                 for (eps, stroke), v in rows.items()})
 
 
 if __name__ == "__main__":
