@@ -28,6 +28,8 @@ import numpy as np
 from dp_accounting import pld, rdp
 from scipy import optimize, special
 
+from dpgeng_jax.errors import require_int
+
 ADJACENCY = "add-or-remove-one"
 # PLD discretisation at epsilon <= 10; above, it grows with epsilon (the
 # loss range grows with it, and the relative error stays below 1e-4 *
@@ -95,10 +97,7 @@ class Mechanism:
     if not 0 < self.sampling_rate <= 1:
       raise ValueError(f"{self.name}: sampling_rate must be in (0, 1], got "
                        f"{self.sampling_rate}")
-    if (isinstance(self.steps, bool)
-        or not isinstance(self.steps, (int, np.integer)) or self.steps < 1):
-      raise ValueError(f"{self.name}: steps must be an integer >= 1, got "
-                       f"{self.steps!r}")
+    require_int(self.steps, f"{self.name}: steps", 1)
 
   def event(self) -> dp_accounting.DpEvent:
     if self.noise_multiplier <= 0:

@@ -36,7 +36,7 @@ from scipy import stats
 from dpgeng_jax import augment, noise
 from dpgeng_jax.clipping import (check_clip_norm, check_labels,
                                  clipped_class_sums, clipped_grad_sum)
-from dpgeng_jax.errors import PrivacyAbort
+from dpgeng_jax.errors import PrivacyAbort, require_int
 # Re-exported: the secret keys and the sampler, where callers found them.
 from dpgeng_jax.noise import (  # noqa: F401
     add_gaussian_noise, deterministic_secret_key, gaussian_noise, secret_key,
@@ -151,8 +151,7 @@ def poisson_sample(key: jax.Array, valid: jax.Array, sampling_rate: float,
     (idx (K, capacity) int32, mask (K, capacity) float32,
      overflow bool scalar: some class had more than `capacity` examples).
   """
-  if not (isinstance(capacity, (int, np.integer)) and capacity >= 1):
-    raise ValueError(f"capacity must be an integer >= 1, got {capacity!r}")
+  require_int(capacity, "capacity", 1)
   if jnp.ndim(valid) != 2:
     raise ValueError(f"valid must be (K, n) (one row per class; (1, N) "
                      f"for flat data), got shape {jnp.shape(valid)}")
@@ -196,17 +195,11 @@ class QuerySpec:
   strategy: str = augment.DEFAULT_STRATEGY
 
   def __post_init__(self):
-    if not (isinstance(self.num_classes, (int, np.integer))
-            and self.num_classes >= 1):
-      raise ValueError(f"num_classes must be an integer >= 1, got "
-                       f"{self.num_classes!r}")
+    require_int(self.num_classes, "num_classes", 1)
     check_clip_norm(self.clip_norm)
     noise.check_stddev(self.noise_multiplier)
     _check_rate(self.sampling_rate)
-    if not (isinstance(self.capacity, (int, np.integer))
-            and self.capacity >= 0):
-      raise ValueError(f"capacity must be an integer >= 0, got "
-                       f"{self.capacity!r}")
+    require_int(self.capacity, "capacity", 0)
 
   @property
   def l2_sensitivity(self) -> float:

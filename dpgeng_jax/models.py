@@ -15,10 +15,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from dpgeng_jax import stem, winograd
+from dpgeng_jax.errors import require_int
 
 NORMS = ("instance", "group", "none")
 
@@ -138,11 +138,7 @@ class ConvNet(nn.Module):
 
   def _check(self, x) -> None:
     for name in ("num_classes", "width", "depth"):
-      v = getattr(self, name)
-      if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or (
-          v < 1):
-        raise ValueError(f"ConvNet {name} must be an integer >= 1, got "
-                         f"{v!r}")
+      require_int(getattr(self, name), f"ConvNet {name}", 1)
     if x.ndim != 4:
       raise ValueError(f"ConvNet takes images (n, H, W, C), got shape "
                        f"{x.shape}")
