@@ -11,7 +11,7 @@ from scipy import stats
 
 from dpgeng_jax import accounting, noise
 from dpgeng_jax.generators import apis, pe
-from dpgeng_jax.generators.apis import strokes
+from dpgeng_jax.generators.apis import strokes, text
 from dpgeng_jax.generators.apis.nearest import NearestAPI
 from dpgeng_jax.generators.apis.text import TextAPI, TextConfig
 
@@ -236,6 +236,20 @@ def test_small_variations_stay_close_and_large_ones_move():
   d_near = np.mean((near.images - s.images) ** 2)
   d_far = np.mean((far.images - s.images) ** 2)
   assert d_near < 0.5 * d_far
+
+
+@pytest.mark.parametrize("shape", [(8, 8, 1), (28, 28, 1), (10, 14, 3)])
+def test_the_elastic_field_is_the_spline_zoom_of_its_control_points(shape):
+  """The precomputed basis gives the field a per-image cubic zoom gives."""
+  from scipy import ndimage
+  api = TextAPI(shape, 10)
+  ch, cw = api.canvas
+  g = text.WARP_POINTS
+  grid = np.random.default_rng(0).uniform(-3, 3, (2, g, g))
+  want = np.stack([ndimage.zoom(a, (ch / g, cw / g), order=3)[:ch, :cw]
+                   for a in grid])
+  got = np.tensordot(grid.reshape(2, -1), api._warp_basis(), 1)
+  np.testing.assert_allclose(got, want, atol=1e-9)
 
 
 def test_text_api_uses_given_class_texts_and_refuses_bad_ones():
