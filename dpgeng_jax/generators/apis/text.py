@@ -237,10 +237,25 @@ class TextAPI:
 
   # Rendering -----------------------------------------------------------
 
-  @functools.lru_cache(maxsize=512)
+  @functools.lru_cache(maxsize=1024)
   def _font(self, index: int, size: int):
     from PIL import ImageFont
     return ImageFont.truetype(self.fonts[index], size)
+
+  @functools.lru_cache(maxsize=4096)
+  def _outline_glyph(self, index: int, size: int, stroke: int, text: str):
+    """(the text in font `index` at `size` px with a `stroke` px outline,
+    on a 2 px margin; its width; its height): a population repeats these
+    (whole pixels of size and stroke), so they are drawn once."""
+    from PIL import Image, ImageDraw
+    font = self._font(index, size)
+    l, t, r, b = ImageDraw.Draw(Image.new("L", (1, 1))).textbbox(
+        (0, 0), text, font=font, stroke_width=stroke)
+    gw, gh = max(1, r - l), max(1, b - t)
+    glyph = Image.new("L", (gw + 4, gh + 4), 0)
+    ImageDraw.Draw(glyph).text((2 - l, 2 - t), text, fill=255, font=font,
+                               stroke_width=stroke, stroke_fill=255)
+    return glyph, gw, gh
 
   def render(self, labels, state) -> np.ndarray:
     """(n, H, W, C) float32 in [0, 1] from the parameters."""
@@ -283,7 +298,7 @@ class TextAPI:
 
   def _mask(self, label: int, p: dict) -> np.ndarray:
     """The glyph coverage of one image in [0, 1], at the data's size."""
-    from PIL import Image, ImageDraw
+    from PIL import Image
     from scipy import ndimage
     ch, cw = self.canvas
     text = self.texts[label]
@@ -297,15 +312,8 @@ class TextAPI:
       glyph = strokes.draw(name, text, height, pen)
       gw, gh = glyph.size[0] - 4, glyph.size[1] - 4
     else:
-      font = self._font(int(p["font"]), size)
-      stroke = int(round(float(p["stroke"]) * ch))
-      l, t, r, b = ImageDraw.Draw(Image.new("L", (1, 1))).textbbox(
-          (0, 0), text, font=font, stroke_width=stroke)
-      gw, gh = max(1, r - l), max(1, b - t)
-      glyph = Image.new("L", (gw + 4, gh + 4), 0)
-      ImageDraw.Draw(glyph).text((2 - l, 2 - t), text, fill=255,
-                                 font=font, stroke_width=stroke,
-                                 stroke_fill=255)
+      glyph, gw, gh = self._outline_glyph(
+          int(p["font"]), size, int(round(float(p["stroke"]) * ch)), text)
     # Output -> glyph coordinates: the inverse of shift . rotate . shear .
     # fit (wide strings are shrunk to the canvas width).
     aspect = float(p.get("aspect", 1.0))
