@@ -34,6 +34,7 @@ import os
 import jax
 import numpy as np
 
+from dpgeng_jax.errors import require_int
 from dpgeng_jax.generators.apis import Samples, numpy_rng, strokes
 
 # matplotlib fonts that have digit glyphs but draw something else for them
@@ -125,9 +126,9 @@ class TextAPI:
       raise ValueError("every class text must have a visible character")
     if cfg.polarity not in POLARITIES:
       raise ValueError(f"polarity must be one of {POLARITIES}")
-    if int(cfg.marks) != cfg.marks or not 0 <= cfg.marks <= MAX_MARKS:
-      raise ValueError(f"marks must be an integer in 0..{MAX_MARKS}, got "
-                       f"{cfg.marks!r}")
+    require_int(cfg.marks, "marks", 0)
+    if cfg.marks > MAX_MARKS:
+      raise ValueError(f"marks must be <= {MAX_MARKS}, got {cfg.marks}")
     if not 0.0 <= cfg.mark_rate <= 1.0:
       raise ValueError(f"mark_rate must be in [0, 1], got {cfg.mark_rate}")
     lo, hi = cfg.mark_length
