@@ -297,6 +297,12 @@ class TextAPI:
     return np.stack([ndimage.zoom(u, (ch / WARP_POINTS, cw / WARP_POINTS),
                                   order=3)[:ch, :cw] for u in unit])
 
+  @functools.cached_property
+  def _pixel_grid(self) -> np.ndarray:
+    """(2, H, W) float32: the canvas's row and column coordinates."""
+    ch, cw = self.canvas
+    return np.mgrid[0:ch, 0:cw].astype(np.float32)
+
   def _mask(self, label: int, p: dict) -> np.ndarray:
     """The glyph coverage of one image in [0, 1], at the data's size."""
     from PIL import Image
@@ -340,10 +346,8 @@ class TextAPI:
     if amp > 0:
       grid = np.random.default_rng(int(p["elastic_seed"])).uniform(
           -1, 1, (2, WARP_POINTS ** 2)) * amp
-      disp = np.tensordot(grid, self._warp_basis(), 1)
-      yy, xx = np.mgrid[0:ch, 0:cw].astype(np.float32)
-      m = ndimage.map_coordinates(m, [yy + disp[0], xx + disp[1]], order=1,
-                                  mode="constant")
+      coords = self._pixel_grid + np.tensordot(grid, self._warp_basis(), 1)
+      m = ndimage.map_coordinates(m, coords, order=1, mode="constant")
     sigma = float(p["blur"]) * ch
     if sigma > 0.05:
       m = ndimage.gaussian_filter(m, sigma)
