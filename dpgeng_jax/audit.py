@@ -433,6 +433,19 @@ def _flat(tree) -> jax.Array:
   return jnp.concatenate([a.reshape(-1) for a in jax.tree.leaves(tree)])
 
 
+def _padded_pair(others, canary, copies):
+  """(D, D'): six other rows (classes 0 and 1) with and without `copies`
+  canaries of class 0, padded to the same public length 6 + copies."""
+  rows = 6 + copies
+
+  def padded(x):
+    y = np.r_[[0, 0, 0, 1, 1, 1], np.zeros(len(x) - 6)].astype(np.int32)
+    return tuple(map(jnp.asarray, parallel.padded_rows(rows, x, y)))
+
+  return (padded(np.concatenate([others, np.repeat(canary, copies, 0)])),
+          padded(others))
+
+
 def _generator_setup(sigma, clip, p, copies) -> _Setup:
   del clip, p  # norm-1 features; the whole dataset
   d = int(np.prod(_IMAGE_SHAPE))
@@ -442,14 +455,7 @@ def _generator_setup(sigma, clip, p, copies) -> _Setup:
   others = rng.normal(size=(6, *_IMAGE_SHAPE)).astype(np.float32)
   canary = rng.normal(size=(1, *_IMAGE_SHAPE)).astype(np.float32)
   v = fmap.bounded(jnp.asarray(canary))[0]  # the canary's feature: u
-  rows = 6 + copies  # the public padded length, the same for D and D'
-
-  def padded(x):  # canaries are of class 0
-    y = np.r_[[0, 0, 0, 1, 1, 1], np.zeros(len(x) - 6)].astype(np.int32)
-    return tuple(map(jnp.asarray, parallel.padded_rows(rows, x, y)))
-
-  with_canary = padded(np.concatenate([others, np.repeat(canary, copies, 0)]))
-  without_canary = padded(others)
+  with_canary, without_canary = _padded_pair(others, canary, copies)
 
   def release(data, sigma_, key):
     return merf.release_class_features(
@@ -475,14 +481,7 @@ def _pe_setup(sigma, clip, p, copies) -> _Setup:
   pop = jnp.asarray(rng.normal(size=(_NUM_CLASSES, 4, 4)), jnp.float32)
   others = rng.normal(size=(6, 4)).astype(np.float32)
   canary = rng.normal(size=(1, 4)).astype(np.float32)
-  rows = 6 + copies  # the public padded length, the same for D and D'
-
-  def padded(x):  # canaries are of class 0
-    y = np.r_[[0, 0, 0, 1, 1, 1], np.zeros(len(x) - 6)].astype(np.int32)
-    return tuple(map(jnp.asarray, parallel.padded_rows(rows, x, y)))
-
-  with_canary = padded(np.concatenate([others, np.repeat(canary, copies, 0)]))
-  without_canary = padded(others)
+  with_canary, without_canary = _padded_pair(others, canary, copies)
 
   def release(data, sigma_, key):
     hist = pe.private_histogram(pop, *data, k=_PE_VOTES)
