@@ -229,6 +229,9 @@ def _distill(cfg: Config, console: bool = False) -> int:
                       None if cfg.process_id < 0 else cfg.process_id)
   writer = parallel.is_writer()
   pipeline.validate_config(cfg)
+  if cfg.tensorboard and writer:
+    from dpgeng_jax import outputs
+    outputs.writable_dir(cfg.tensorboard, "--tensorboard")
   if not writer:  # one set of outputs, written by process 0
     pipeline.run(cfg)
     return 0
@@ -252,7 +255,13 @@ def _distill(cfg: Config, console: bool = False) -> int:
                                    store=store)
   if cfg.tensorboard:
     from dpgeng_jax import metric_writer
-    paths.append(metric_writer.write(cfg.tensorboard, result, cfg.out))
+    try:
+      paths.append(metric_writer.write(cfg.tensorboard, result, cfg.out))
+    except OSError as e:
+      raise ConfigError(
+          f"the run finished and is published in {cfg.out!r}, but "
+          f"--tensorboard {cfg.tensorboard!r} could not be written: "
+          f"{e.strerror or e}") from e
   pr = result.privacy
   eps = pr["epsilon_pld"]
   print(f"privacy: {'private' if pr['private'] else 'NOT PRIVATE'}; "
@@ -439,6 +448,9 @@ def main(argv=None, console: bool = False) -> int:
   except DpgengError as e:
     print(f"dpgeng: error: {e}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:  # plan, audit, mia, report: no traceback
+    print("\ndpgeng: interrupted", file=sys.stderr)
+    return 130
   except OSError as e:  # the other commands: after their work, say why
     print(f"dpgeng: error: {_os_reason(e)}", file=sys.stderr)
     return 2

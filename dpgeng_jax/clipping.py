@@ -81,7 +81,11 @@ def clip_vector(v: jax.Array, clip_norm: float) -> jax.Array:
 
 def check_labels(y, num_classes: int, rows: int) -> None:
   """Raises ValueError for labels that are not integers in 0..K-1, one per
-  row (checked on concrete arrays only)."""
+  row (checked on concrete arrays only), or a class count below 1."""
+  if isinstance(num_classes, bool) or not isinstance(
+      num_classes, (int, np.integer)) or num_classes < 1:
+    raise ValueError(f"num_classes must be an integer >= 1, got "
+                     f"{num_classes!r}")
   if isinstance(y, jax.core.Tracer):
     if not jnp.issubdtype(y.dtype, jnp.integer):
       raise ValueError(f"labels must be integers, got dtype {y.dtype}")

@@ -59,6 +59,10 @@ _DIGITS_SEED = 0
 _TFDS_READ_CHUNK = 4096
 _VERSION_RE = re.compile(r"\d+\.\d+\.\d+")
 
+# The largest --image-size (pixels per side): beyond it a resized split
+# would not fit in memory, and the ConvNets are not built for it.
+MAX_IMAGE_SIZE = 1024
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
@@ -230,9 +234,9 @@ def load_dataset(spec: str, *, data_dir: str | None = None,
     DataError: unknown spec, unreadable or invalid data, or a TFDS dataset that
       is not prepared (raised at once, without any network access).
   """
-  if image_size < 0 or image_size == 1:
-    raise DataError(f"image_size must be 0 (as stored) or >= 2, got "
-                    f"{image_size}")
+  if image_size < 0 or image_size == 1 or image_size > MAX_IMAGE_SIZE:
+    raise DataError(f"image_size must be 0 (as stored) or 2..."
+                    f"{MAX_IMAGE_SIZE}, got {image_size}")
   if spec == "digits":
     ds = _load_digits()
   elif spec.startswith("npz:"):
@@ -270,7 +274,7 @@ def _images(x: Any, what: str) -> np.ndarray:
         f"{what} has {x.shape[-1]} channels (shape {x.shape}); only 1 (grey) or "
         "3 (RGB) channels are supported, with channels last")
   if 0 in x.shape:
-    raise DataError(f"{what} is empty (shape {x.shape}); both splits need examples")
+    raise DataError(f"{what} is empty (shape {x.shape}); it needs examples")
   if min(x.shape[1:3]) < 2:
     raise DataError(
         f"{what} images are {x.shape[1]}x{x.shape[2]}; the ConvNet pools "
@@ -309,6 +313,11 @@ def _labels(y: Any, what: str, num_images: int) -> np.ndarray:
 def _num_classes(y_train: np.ndarray, num_classes: int | None) -> int:
   """Returns K, checking the given value against the training labels."""
   if num_classes is None:
+    if y_train.max() >= len(y_train):  # K = max + 1 > N: empty classes
+      raise DataError(
+          f"y_train's largest label is {y_train.max()} but there are only "
+          f"{len(y_train)} training examples: labels must be the class "
+          "indices 0..K-1 with every class present")
     if y_train.max() < 1:
       raise DataError(
           "y_train has a single class (every label is "
@@ -368,10 +377,11 @@ _NPZ_HOW = ("an npz dataset is a zip archive of the arrays x_train, y_train, "
             "x_test=..., y_test=...)")
 
 
-def _check_npz_file(path: str) -> None:
-  """Refuses, by its first bytes, anything that is not a zip archive."""
+def _check_npz_file(path: str, how: str = _NPZ_HOW) -> None:
+  """Refuses, by its first bytes, anything that is not a zip archive
+  (`how`: what the file should hold, for the message)."""
   if os.path.isdir(path):
-    raise DataError(f"{path} is a directory, not an npz file; {_NPZ_HOW}")
+    raise DataError(f"{path} is a directory, not an npz file; {how}")
   if not os.path.exists(path):
     raise DataError(f"npz file not found: {path}")
   try:
@@ -380,13 +390,13 @@ def _check_npz_file(path: str) -> None:
   except OSError as e:
     raise DataError(f"cannot read {path}: {e.strerror or e}") from e
   if not head:
-    raise DataError(f"{path} is empty (0 bytes); {_NPZ_HOW}")
+    raise DataError(f"{path} is empty (0 bytes); {how}")
   if head.startswith(_NPY_MAGIC):
     raise DataError(f"{path} is a .npy file (a single array), not an npz "
-                    f"archive; {_NPZ_HOW}")
+                    f"archive; {how}")
   if not head.startswith(_ZIP_MAGIC):
     raise DataError(f"{path} is not an npz file (not a zip archive: it "
-                    f"starts with {head[:4]!r}); {_NPZ_HOW}")
+                    f"starts with {head[:4]!r}); {how}")
 
 
 def _load_npz(path: str, num_classes: int | None = None) -> Dataset:
@@ -490,13 +500,20 @@ def _load_tfds(rest: str, data_dir: str | None, label_feature: str = "label",
   """A prepared TFDS dataset, read in bulk through `tfds.data_source`."""
   name, train_split, test_split = _parse_tfds_spec(rest)
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from absl import logging as absl_logging  # tfds's logger
 
+  # tfds logs a warning per version folder it probes; a dataset that is
+  # not prepared gets one clear DataError instead.
+  verbosity = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.ERROR)
   try:
     train, test = tfds.data_source(
         name, split=[train_split, test_split], data_dir=data_dir,
         download=False, try_gcs=False)
   except Exception as e:  # tfds raises KeyError, ValueError, NotImplementedError, ...
     raise DataError(_tfds_failure(tfds, name, data_dir, e)) from e
+  finally:
+    absl_logging.set_verbosity(verbosity)
   features = train.dataset_info.features
   label_top = label_feature.split("/")[0]
   if "image" not in features or label_top not in features:

@@ -20,7 +20,10 @@ and writes `manifest.json` LAST: a run directory holds a finished run if
 and only if manifest.json exists, and the files it lists are that run's
 whole set. With --overwrite the previous manifest is removed first (its set
 is no longer marked finished) and only this tool's own output names are
-replaced or removed; other files in --out are never touched.
+replaced or removed; other files in --out are never touched, and a
+folder with one of the tool's names is replaced only if the tool made it
+(it holds the mark `.dpgeng-output`, or a finished run's manifest lists
+it).
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ from dpgeng_jax.errors import ConfigError
 MANIFEST = "manifest.json"
 LOCK = ".dpgeng.lock"
 STAGING = ".dpgeng-staging"
+# Inside every folder the tool publishes: an output folder without it (and
+# not listed by a finished run's manifest) is the user's, never replaced.
+FOLDER_MARK = ".dpgeng-output"
 
 
 def _umask() -> int:
@@ -133,6 +139,9 @@ class RunDirectory:
       raise ConfigError(f"cannot create --out {out!r}: {_reason(e)}") from e
     self._lock()
     try:
+      if os.path.islink(self.staging):
+        raise ConfigError(f"--out {out!r}: {self.staging} is a symbolic "
+                          "link, not this tool's staging folder; remove it")
       if self.resume:
         self._check_resumable()
       else:
@@ -156,8 +165,16 @@ class RunDirectory:
     path = os.path.join(self.out, LOCK)
     for _ in range(10):
       try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        # O_NOFOLLOW: a link in the lock's place is refused (ELOOP),
+        # never followed to overwrite the file it points at.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW,
+                     0o666 & ~_umask())
       except OSError as e:
+        if e.errno == errno.ELOOP:
+          raise ConfigError(
+              f"--out {self.out!r}: its lock {path} is a symbolic link; "
+              "remove it (this tool only writes a regular file there)"
+          ) from None
         raise ConfigError(f"--out {self.out!r} is not writable: "
                           f"{_reason(e)}") from e
       try:
@@ -197,10 +214,22 @@ class RunDirectory:
                         f"there (no saved stages in {self.staging})")
 
   def _check_conflicts(self) -> None:
+    out = self.out
+    manifest = read_manifest(out)
+    listed = set(manifest.get("files", [])) if manifest else set()
+    folders = [n for n in self.names if n not in listed
+               and os.path.isdir(os.path.join(out, n))
+               and not os.path.islink(os.path.join(out, n))
+               and not os.path.isfile(os.path.join(out, n, FOLDER_MARK))]
+    if folders:  # refused even with --overwrite: a whole folder of files
+      raise ConfigError(
+          f"--out {out!r} holds folders with this tool's output names that "
+          f"no finished {self.what} of it lists: {', '.join(folders)}; "
+          "they are never replaced (move them away or choose another "
+          "directory)")
     if self.overwrite:
       return
-    out = self.out
-    if read_manifest(out) is not None:
+    if manifest is not None:
       raise ConfigError(f"--out {out!r} already holds a finished "
                         f"{self.what}; choose another directory or pass "
                         "--overwrite")
@@ -253,6 +282,8 @@ class RunDirectory:
       os.remove(old)  # the old set is no longer marked finished
     for name in self._written:
       src, dst = os.path.join(self.staging, name), os.path.join(out, name)
+      if os.path.isdir(src) and not os.path.islink(src):
+        atomic_write(os.path.join(src, FOLDER_MARK), lambda f: None)
       if os.path.isdir(dst) and not os.path.islink(dst):
         shutil.rmtree(dst)  # our name (refused without --overwrite)
       elif os.path.isdir(src) and os.path.lexists(dst):

@@ -76,6 +76,17 @@ def validate_config(cfg: Config) -> None:
   if any(not (v >= 0 and math.isfinite(v)) for v in declared):
     raise ConfigError("declared guarantees of generated data must be "
                       "finite and >= 0")
+  ways = [n for n in ("generated_epsilon", "generated_mu",
+                      "generated_noise_multiplier") if getattr(cfg, n) > 0]
+  if len(ways) > 1:
+    raise ConfigError("declare the guarantee of external generated data "
+                      f"one way, not {len(ways)}: {', '.join(ways)}")
+  if cfg.generated_delta > 0 and not cfg.generated_epsilon > 0:
+    raise ConfigError("generated_delta needs generated_epsilon")
+  if ways and not cfg.generator.startswith("npz:"):
+    raise ConfigError(f"{ways[0]} declares the guarantee of external "
+                      "generated data (--generator npz:PATH), but the "
+                      f"generator is {cfg.generator!r}")
   if cfg.generated_epsilon > 0 and not 0 <= cfg.generated_delta < cfg.delta:
     raise ConfigError(f"generated_delta must be in [0, delta = {cfg.delta})"
                       f", got {cfg.generated_delta}")

@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from dpgeng_jax.errors import ConfigError
+
 REPORT = "report.html"
 FIGURES = ("grid.png", "decoded_grid.png", "init_grid.png",
            "generated_grid.png", "generator_iterations.png", "loss.png",
@@ -411,6 +413,9 @@ def _load_json(path: str) -> dict | None:
       return json.load(f)
   except FileNotFoundError:
     return None
+  except ValueError as e:  # not JSON (a damaged or hand-edited file)
+    raise ConfigError(f"{path} is not readable JSON ({e}); the report "
+                      "is built from the run's JSON files") from None
 
 
 def rebuild(out: str) -> list[str]:

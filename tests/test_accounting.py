@@ -267,3 +267,14 @@ def test_a_large_delta_calibrates_or_says_why_instead_of_a_math_error():
   m = [accounting.Mechanism("feature_matching", 0.0, 0.5, 2)]
   out = accounting.calibrate(m, epsilon=1.0, delta=0.5)
   assert out[0].noise_multiplier > 0
+
+
+def test_a_mechanism_with_more_releases_than_are_accounted_is_refused_at_once():
+  """10^7 queries would make the PLD self-composition run for hours: the
+  count is refused when the mechanism is built, before any accounting."""
+  from dpgeng_jax.errors import ConfigError
+  A.Mechanism("feature_matching", 1.0, 0.5, A.MAX_STEPS)
+  t = time.perf_counter()
+  with pytest.raises(ConfigError, match="at most 100,000"):
+    A.Mechanism("feature_matching", 1.0, 0.5, 10**7)
+  assert time.perf_counter() - t < 1.0

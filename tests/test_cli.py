@@ -458,3 +458,11 @@ def test_interrupts_and_os_errors_end_with_a_line_that_says_how_to_resume(
   err = capsys.readouterr().err
   assert message in err and f"dpgeng distill --resume {out}" in err
   assert "Traceback" not in err
+
+
+def test_ctrl_c_in_plan_is_one_line_not_a_traceback(monkeypatch, capsys):
+  def interrupted(cfg):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(cli, "_plan", interrupted)
+  assert cli.main(["plan", "--epsilon", "1"]) == 130
+  assert capsys.readouterr().err.strip() == "dpgeng: interrupted"

@@ -190,3 +190,11 @@ def test_an_empty_batch_is_refused_with_a_message():
     clipped_class_sums(_lin, None, jnp.zeros((0, 8, 8, 1)),
                        jnp.zeros((0,), jnp.int32), jnp.zeros((0,)),
                        num_classes=3, clip_norm=1.0)
+
+
+@pytest.mark.parametrize("k", [0, -1, 2.0, True])
+def test_a_class_count_that_is_not_a_positive_integer_is_refused(k):
+  with pytest.raises(ValueError, match="num_classes must be an integer >= 1"):
+    clipped_class_sums(lambda p, x: x, None, jnp.ones((2, 3)),
+                       np.zeros(2, np.int32), jnp.ones(2), num_classes=k,
+                       clip_norm=1.0)

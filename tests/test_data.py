@@ -244,6 +244,13 @@ BAD_INPUTS = {
     "label_not_below_num_classes": (_with(num_classes=2), "num_classes=2"),
     "test_label_outside_training_classes": (_with(y_test=np.array([0, 1, 3])),
                                             "outside the training classes"),
+    # K = max + 1 would be 2^40 classes (an 8 TiB tally): refused first.
+    "label_far_above_the_number_of_examples": (
+        _with(y_train=np.array([0, 1, 2, 0, 1, 2**40])),
+        r"largest label is 1099511627776 but there are only 6"),
+    "uint64_label_above_int64": (
+        _with(y_train=np.array([0, 1, 2, 0, 1, 2**63 + 5], np.uint64)),
+        "largest label"),
     "class_without_training_examples": (_with(y_train=np.array([0, 2, 2, 0, 2, 0])),
                                         r"no training examples: \[1\]"),
     "num_classes_beyond_present_classes": (_with(num_classes=5),
@@ -275,6 +282,15 @@ def test_valid_baseline_input_is_accepted():
   ds = data.from_arrays(**_valid())
   assert ds.num_classes == 3 and ds.image_shape == (4, 4, 1)
   np.testing.assert_array_equal(ds.class_counts, [2, 2, 2])
+
+
+@pytest.mark.parametrize("size", [-1, 1, data.MAX_IMAGE_SIZE + 1, 100000])
+def test_an_image_size_outside_2_to_the_maximum_is_refused_before_loading(
+    size, monkeypatch):
+  monkeypatch.setattr(data, "_load_digits",
+                      lambda: pytest.fail("the data was read"))
+  with pytest.raises(DataError, match=f"2...{data.MAX_IMAGE_SIZE}"):
+    data.load_dataset("digits", image_size=size)
 
 
 def test_data_error_is_a_value_error():

@@ -111,7 +111,9 @@ def test_external_generated_data_loads_when_valid(tmp_path):
     ({"x": np.where(np.arange(12)[:, None, None, None] == 3, np.nan, GOOD_X),
       "y": GOOD_Y}, "NaN"),
     ({"x": GOOD_X}, "lacks"),
-    ({"x": GOOD_X, "y": np.arange(12) % 3 + 1}, "label"),
+    ({"x": GOOD_X, "y": np.arange(12) % 3 + 1}, "y has labels >= the "
+     "private data's 3 classes"),
+    ({"x": GOOD_X[:0], "y": GOOD_Y[:0]}, "x is empty"),
     ({"x": GOOD_X * 255, "y": GOOD_Y}, "x has float pixels"),
     ({"x": GOOD_X, "y": GOOD_Y[:11]}, "y has 11 labels"),
 ])
@@ -121,3 +123,20 @@ def test_bad_external_generated_data_is_refused(tmp_path, arrays, message):
     load_external(path, image_shape=SHAPE, num_classes=3)
   assert message.lower() in str(e.value).lower()
   assert "x_train" not in str(e.value)  # the file's arrays are x and y
+  assert "y_train" not in str(e.value) and "splits" not in str(e.value)
+
+
+def test_a_file_that_is_not_an_npz_is_named_so(tmp_path):
+  path = tmp_path / "g.npz"
+  path.write_text("hello")
+  with pytest.raises(DataError, match="not an npz file.*np.savez"
+                     r"\(PATH, x=\.\.\., y=\.\.\.\)"):
+    load_external(str(path), image_shape=SHAPE, num_classes=3)
+
+
+def test_external_data_takes_one_declared_guarantee():
+  from dpgeng_jax.errors import ConfigError
+  from dpgeng_jax.generators.external import External
+  assert External("g.npz", mu=0.5).fixed()[0].noise_multiplier == 2.0
+  with pytest.raises(ConfigError, match="one way"):
+    External("g.npz", epsilon=0.1, mu=0.5)

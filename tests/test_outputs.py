@@ -207,3 +207,45 @@ def test_an_unfinished_run_is_refused_with_the_resume_command(tmp_path,
   assert _distill(out) == 2
   err = capsys.readouterr().err
   assert "unfinished run" in err and f"--resume {out}" in err
+
+
+def test_a_link_in_the_locks_place_is_refused_and_its_target_untouched(
+    tmp_path, capsys, monkeypatch):
+  out = tmp_path / "out"
+  out.mkdir()
+  victim = tmp_path / "victim.txt"
+  victim.write_text("precious")
+  (out / outputs.LOCK).symlink_to(victim)
+  _no_data_read(monkeypatch)
+  assert _distill(out) == 2
+  assert "symbolic link" in capsys.readouterr().err
+  assert victim.read_text() == "precious"
+  assert (out / outputs.LOCK).is_symlink()
+
+
+def test_a_link_in_the_staging_folders_place_is_refused(tmp_path, capsys,
+                                                        monkeypatch):
+  out = tmp_path / "out"
+  out.mkdir()
+  target = tmp_path / "elsewhere"
+  target.mkdir()
+  (target / "mine.txt").write_text("keep")
+  (out / outputs.STAGING).symlink_to(target, target_is_directory=True)
+  _no_data_read(monkeypatch)
+  for flags in ((), ("--overwrite",)):
+    assert _distill(out, *flags) == 2
+    assert "symbolic link" in capsys.readouterr().err
+  assert [p.name for p in target.iterdir()] == ["mine.txt"]
+
+
+def test_a_users_folder_with_an_output_name_is_kept_even_with_overwrite(
+    tmp_path, capsys, monkeypatch):
+  """--overwrite replaces files with the tool's names, never a whole folder
+  that no finished run of the tool lists."""
+  out = tmp_path / "out"
+  (out / "stages").mkdir(parents=True)
+  (out / "stages" / "keep.txt").write_text("mine")
+  _no_data_read(monkeypatch)
+  assert _distill(out, "--overwrite") == 2
+  assert "never replaced" in capsys.readouterr().err
+  assert (out / "stages" / "keep.txt").read_text() == "mine"

@@ -4,6 +4,7 @@ import pytest
 
 from dpgeng_jax import planning
 from dpgeng_jax.config import Config
+from dpgeng_jax.errors import ConfigError
 
 SHAPE = (8, 8, 1)
 
@@ -31,3 +32,24 @@ def test_dpgeng_queries_use_random_extractors_by_default():
 ])
 def test_the_pool_trains_only_the_networks_a_run_uses(kw, members):
   assert _members(**kw) == members
+
+
+@pytest.mark.parametrize("kw, says", [
+    ({"generator": "npz:g.npz", "generated_epsilon": 0.1,
+      "generated_mu": 0.5}, "one way"),
+    ({"generator": "npz:g.npz", "generated_mu": 0.5,
+      "generated_noise_multiplier": 2.0}, "one way"),
+    ({"generator": "npz:g.npz", "generated_delta": 1e-6}, "needs "
+     "generated_epsilon"),
+    ({"generated_epsilon": 0.5}, "but the generator is 'pe:text'"),
+])
+def test_a_declared_guarantee_of_generated_data_is_one_and_for_npz_only(
+    kw, says):
+  with pytest.raises(ConfigError, match=says):
+    planning.validate_config(Config(**kw))
+
+
+def test_one_declared_guarantee_of_npz_data_is_accepted():
+  for kw in ({"generated_epsilon": 0.1, "generated_delta": 1e-7},
+             {"generated_mu": 0.5}, {"generated_noise_multiplier": 2.0}):
+    planning.validate_config(Config(generator="npz:g.npz", **kw))

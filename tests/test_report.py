@@ -180,3 +180,28 @@ def test_report_of_a_run_without_evaluation_still_builds(finished_run):
   d = np.load(finished_run / "distilled.npz")
   pngs = report.figures(x=d["x"], y=d["y"], metrics=None)
   assert set(pngs) == {"grid.png"}
+
+
+def test_report_of_a_run_with_a_damaged_json_file_is_a_one_line_error(
+    finished_run, tmp_path, capsys):
+  import shutil
+  out = tmp_path / "run"
+  shutil.copytree(finished_run, out)
+  (out / "metrics.json").write_text("{bad")
+  assert cli.main(["report", str(out)]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("dpgeng: error:") and "metrics.json" in err
+  assert "Traceback" not in err
+
+
+def test_a_tensorboard_path_that_is_a_file_is_refused_before_any_work(
+    tmp_path, capsys, monkeypatch):
+  from dpgeng_jax import data
+  monkeypatch.setattr(data, "load_dataset",
+                      lambda *a, **k: pytest.fail("the data was read"))
+  (tmp_path / "tb").write_text("mine")
+  assert cli.main(["distill", "--out", str(tmp_path / "run"),
+                   "--tensorboard", str(tmp_path / "tb"), *TINY]) == 2
+  assert "--tensorboard" in capsys.readouterr().err
+  assert (tmp_path / "tb").read_text() == "mine"
+  assert not (tmp_path / "run").exists()

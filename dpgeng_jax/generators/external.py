@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from dpgeng_jax import accounting
-from dpgeng_jax.errors import DataError
+from dpgeng_jax.errors import ConfigError, DataError
 from dpgeng_jax.generators import Output
 
 
@@ -20,7 +20,10 @@ def load_external(path: str, *, image_shape, num_classes: int,
   labels out of range, a class with no image. Returns (x float32 in
   [0, 1], y).
   """
-  from dpgeng_jax.data import _images, _labels, from_arrays  # D's checks
+  from dpgeng_jax.data import (  # D's checks
+      _check_npz_file, _images, _labels, from_arrays)
+  _check_npz_file(path, f"{what} is a zip archive of the arrays x and y: "
+                  "np.savez(PATH, x=..., y=...)")
   try:
     with np.load(path) as f:
       missing = [k for k in ("x", "y") if k not in f.files]
@@ -35,6 +38,9 @@ def load_external(path: str, *, image_shape, num_classes: int,
   try:
     x = _images(x, "x")  # errors name this file's arrays
     y = _labels(y, "y", len(x))
+    if y.max() >= num_classes:
+      raise DataError(f"y has labels >= the private data's {num_classes} "
+                      f"classes (max {y.max()})")
     g = from_arrays(x, y, x[:1], y[:1], name=f"{what}:{path}",
                     num_classes=num_classes)
   except DataError as e:
@@ -56,6 +62,10 @@ class External:
                noise_multiplier=0.0, sampling_rate=1.0, steps=1):
     self.path, self.name = path, "npz:" + path
     self.declared, self._fixed = None, ()
+    if sum(v > 0 for v in (epsilon, mu, noise_multiplier)) > 1:
+      raise ConfigError("declare the guarantee of external generated data "
+                        "one way: epsilon (with delta), mu or noise "
+                        "parameters, not several")
     if epsilon > 0:
       self.declared = (epsilon, delta)
     elif mu > 0:
