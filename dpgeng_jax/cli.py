@@ -308,8 +308,8 @@ def _plan(cfg: Config) -> int:
   for note in report["notes"]:
     print("note:", note)
   if cfg.delta >= 1e-3:
-    print(f"note: a run refuses a delta of 1/N or more (N from the released "
-          f"class counts): delta {cfg.delta:g} suits only datasets of fewer "
+    print(f"note: a run refuses a delta of 1/N or more (N's upper bound "
+          f"from the released class counts): delta {cfg.delta:g} suits only datasets of fewer "
           f"than {1 / cfg.delta:.0f} examples")
   from dpgeng_jax import estimate, planning
   known = estimate.known_shape(cfg)

@@ -176,12 +176,14 @@ def calibrate(run: Run) -> Budget:
 
 
 def _check_delta(cfg: Config, sizes: counts_lib.ClassSizes) -> None:
-  """delta < 1/N, with N from the public class sizes (the released
-  estimate by default)."""
-  n = sizes.total_estimate
+  """delta < 1/N, with N from the public class sizes: by default the
+  released upper bound on N (N <= it but for the accounted abort
+  probability), so that a delta that passes is below 1/N for the true N,
+  not only for its noisy estimate."""
+  n = sizes.total_bound
   if cfg.delta >= 1.0 / n:
     raise ConfigError(
-        f"delta must be < 1/N = {1.0 / n:.3g} for N ~ {n:.0f} training "
+        f"delta must be < 1/N = {1.0 / n:.3g} for N <= {n} training "
         f"examples ({sizes.policy} class sizes), got {cfg.delta} (a larger "
         "delta allows releasing an example outright)")
 
@@ -688,7 +690,7 @@ def public_metadata(ds: data_lib.Dataset,
         "(mechanism class_counts, L2 sensitivity 1); every later use "
         "(normalisation p * n~_c, padded layouts and Poisson capacities "
         "from upper confidence bounds, the expert's q * N~, the delta < 1/N "
-        "check) reads only that release (class_sizes)")
+        "check with N's upper bound) reads only that release (class_sizes)")
   elif sizes.policy == "declared public":
     out.append(
         "class sizes N_c = " + ", ".join(str(int(c)) for c in sizes.bound)

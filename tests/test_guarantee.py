@@ -282,3 +282,16 @@ def test_refined_estimate_is_the_inverse_variance_combination():
   # Sizes the user declared public are exact: nothing to refine.
   public = counts.public_sizes(np.array([0, 1, 1]), 2)
   assert public.refined(np.array([5.0, 5.0]), 1.0, "x") is public
+
+
+def test_the_delta_check_uses_the_upper_bound_on_n_not_its_estimate():
+  """A released estimate below the true N must not let a delta >= 1/N
+  through: the check divides by the bound (>= N but for the accounted
+  abort probability)."""
+  from dpgeng_jax import stages
+  from dpgeng_jax.errors import ConfigError
+  sizes = counts.released_sizes(np.array([40.0, 40.0]), 5.0, math.log(1e-9))
+  assert sizes.total_estimate == 80 and sizes.total_bound > 100
+  stages._check_delta(Config(delta=0.9 / sizes.total_bound), sizes)
+  with pytest.raises(ConfigError, match=f"N <= {sizes.total_bound}"):
+    stages._check_delta(Config(delta=1 / 90), sizes)  # < 1/80, >= 1/U

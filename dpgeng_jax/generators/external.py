@@ -22,8 +22,11 @@ def load_external(path: str, *, image_shape, num_classes: int,
   """
   from dpgeng_jax.data import (  # D's checks
       _check_npz_file, _images, _labels, from_arrays)
-  _check_npz_file(path, f"{what} is a zip archive of the arrays x and y: "
-                  "np.savez(PATH, x=..., y=...)")
+  try:
+    _check_npz_file(path, f"{what} is a zip archive of the arrays x and "
+                    "y: np.savez(PATH, x=..., y=...)")
+  except DataError as e:
+    raise DataError(f"cannot read {what} {path!r}: {e}") from None
   try:
     with np.load(path) as f:
       missing = [k for k in ("x", "y") if k not in f.files]
