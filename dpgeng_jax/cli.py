@@ -309,8 +309,8 @@ def _plan(cfg: Config) -> int:
     print("note:", note)
   if cfg.delta >= 1e-3:
     print(f"note: a run refuses a delta of 1/N or more (N's upper bound "
-          f"from the released class counts): delta {cfg.delta:g} suits only datasets of fewer "
-          f"than {1 / cfg.delta:.0f} examples")
+          f"from the released class counts): delta {cfg.delta:g} suits "
+          f"only datasets of fewer than {1 / cfg.delta:.0f} examples")
   from dpgeng_jax import estimate, planning
   known = estimate.known_shape(cfg)
   if known is None:
