@@ -11,6 +11,12 @@ the embedded digits; IPC 10, 3 evaluation models x 100 epochs unless
 public randomness (fresh OS-entropy noise every run). At epsilon 1000 the
 votes are exact up to 0.1 vote: what the simulator's prior allows PE to
 reach. --save DIR keeps each run's generated set (x, y) as an npz.
+Two probe-only variants patch the PE loop for every row: --last-degree D
+varies the final draw (the generated set) at degree max(D, 0) instead of
+0; --noise-schedule late|early scales the noise of release t by w_t,
+linear from 2 to 0.5 (late: less noise late) or 0.5 to 2, normalised so
+that sum_t w_t^-2 = T: the same privacy as T releases at sigma (their
+composition is one Gaussian with 1/sigma^2 summed).
 Results: benchmarks/RESULTS.md, "Private Evolution defaults".
 """
 
@@ -24,7 +30,7 @@ import numpy as np
 
 from dpgeng_jax import data, pipeline
 from dpgeng_jax.config import Config
-from dpgeng_jax.generators import pe
+from dpgeng_jax.generators import apis, pe
 from dpgeng_jax.generators.apis.text import TextAPI, TextConfig
 
 
@@ -45,7 +51,11 @@ def main() -> None:
                   "(for example \"pe_iterations=20\")")
   ap.add_argument("--dataset", default="digits")
   ap.add_argument("--save", default="")
+  ap.add_argument("--last-degree", type=float, default=0.0)
+  ap.add_argument("--noise-schedule", choices=("flat", "late", "early"),
+                  default="flat")
   args = ap.parse_args()
+  patch_loop(args.last_degree, args.noise_schedule)
   rows = args.text or [""]
   ds = data.load_dataset(args.dataset)
   shape = ds.x_train.shape[1:]
@@ -72,6 +82,37 @@ def main() -> None:
                    x=r.x_generated, y=r.y_generated)
   print_summary({f"eps {eps:g} [{spec}]": v
                  for (eps, spec), v in results.items()})
+
+
+def noise_weights(iterations: int, schedule: str) -> np.ndarray:
+  """w_t with sum_t w_t^-2 = T (flat: all 1)."""
+  r = np.linspace(0.0, 1.0, iterations)
+  w = {"flat": np.ones(iterations), "late": 2.0 - 1.5 * r,
+       "early": 0.5 + 1.5 * r}[schedule]
+  return w * np.sqrt(np.sum(w ** -2.0) / iterations)
+
+
+def patch_loop(last_degree: float, schedule: str) -> None:
+  """The probe-only variants of the module docstring."""
+  if last_degree > 0:
+    degrees = apis.degrees
+
+    def with_last(iterations):
+      d = degrees(iterations)
+      return d[:-1] + [max(d[-1], last_degree)] if d else d
+    apis.degrees = with_last
+  if schedule != "flat":
+    release, evolve, t = pe.release_histogram, pe.evolve, [0, None]
+
+    def scheduled_release(key, hist, sigma):
+      w = noise_weights(t[1], schedule)[t[0]]
+      t[0] += 1
+      return release(key, hist, sigma * w)
+
+    def counted_evolve(*a, cfg, **k):
+      t[:] = [0, cfg.iterations]
+      return evolve(*a, cfg=cfg, **k)
+    pe.release_histogram, pe.evolve = scheduled_release, counted_evolve
 
 
 def print_summary(rows: dict) -> None:
