@@ -144,6 +144,27 @@ def _given_options(argv) -> dict:
   return vars(given)
 
 
+# Options that name input files, made absolute: a run's config.json and
+# its --resume then read the same files from any working directory.
+_PATH_PREFIXES = {"dataset": ("npz:",), "generator": ("npz:", "pe:nearest:")}
+_PATH_OPTIONS = ("data_dir", "pe_font_dir")
+
+
+def absolute_paths(values: dict) -> dict:
+  """`values` (Config fields) with relative input paths made absolute."""
+  out = dict(values)
+  for name, prefixes in _PATH_PREFIXES.items():
+    v = out.get(name)
+    for prefix in prefixes:
+      if isinstance(v, str) and v.startswith(prefix) and v != prefix:
+        out[name] = prefix + os.path.abspath(v[len(prefix):])
+        break
+  for name in _PATH_OPTIONS:
+    if isinstance(out.get(name), str) and out[name]:
+      out[name] = os.path.abspath(out[name])
+  return out
+
+
 def resume_config(cfg: Config, argv) -> Config:
   """--resume DIR: the saved run's configuration, with the options given
   now on top (those that change the guarantee or a release must equal the
@@ -159,7 +180,7 @@ def resume_config(cfg: Config, argv) -> Config:
     raise ConfigError(f"--resume {cfg.resume!r}: no unfinished run there "
                       f"(no {store.path})")
   saved = store.config()
-  given = _given_options(argv)
+  given = absolute_paths(_given_options(argv))
   if "out" in given and os.path.realpath(given["out"]) != os.path.realpath(
       cfg.resume):
     raise ConfigError(f"--resume {cfg.resume!r} continues the run in that "
@@ -182,7 +203,7 @@ def config_from_args(args: argparse.Namespace, argv=None) -> Config:
     from dpgeng_jax import presets
     given = _given_options(sys.argv[1:] if argv is None else argv)
     values = {**values, **presets.values(values["preset"]), **given}
-  return Config(**values)
+  return Config(**absolute_paths(values))
 
 
 def _retain_host_memory(cfg: Config) -> None:
@@ -263,11 +284,16 @@ def _distill(cfg: Config, console: bool = False) -> int:
           f"--tensorboard {cfg.tensorboard!r} could not be written: "
           f"{e.strerror or e}") from e
   pr = result.privacy
-  eps = pr["epsilon_pld"]
+
+  def figure(v):  # None: no finite epsilon, or PLD below its delta range
+    if v is None:
+      return "not computed" if pr["private"] else "inf"
+    return f"{v:.4f}"
   print(f"privacy: {'private' if pr['private'] else 'NOT PRIVATE'}; "
-        f"epsilon (PLD) = {eps if eps is None else round(eps, 4)} at delta "
-        f"= {pr['delta']:g}; RDP {pr['epsilon_rdp']}, GDP-CLT "
-        f"{pr['epsilon_gdp_clt']}")
+        f"epsilon ({pr.get('accountant', 'pld').upper()}) = "
+        f"{figure(pr.get('epsilon'))} at delta = {pr['delta']:g}; PLD "
+        f"{figure(pr['epsilon_pld'])}, RDP {figure(pr['epsilon_rdp'])}, "
+        f"GDP-CLT {figure(pr['epsilon_gdp_clt'])}")
   if result.metrics is not None:
     m = result.metrics
     print(f"test accuracy: {100 * m['test_accuracy_mean']:.2f} +- "
@@ -297,7 +323,10 @@ def _plan(cfg: Config) -> int:
           f"{'inf' if e is None else format(e, '.4f'):>10}")
   for key in ("epsilon_pld", "epsilon_rdp", "epsilon_gdp_clt"):
     v = report[key]
-    print(f"composed {key[8:]:<8} {'inf' if v is None else format(v, '.4f')}")
+    text = "inf" if v is None else format(v, ".4f")
+    if v is None and key == "epsilon_pld" and report["accountant"] != "pld":
+      text = "not computed at this delta (see the note)"
+    print(f"composed {key[8:]:<8} {text}")
   eps = report["epsilon"]
   print(f"guarantee: epsilon {'inf' if eps is None else format(eps, '.4f')} "
         f"({report['accountant']}) at "

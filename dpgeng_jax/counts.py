@@ -33,6 +33,7 @@ import numpy as np
 from scipy import special
 
 from dpgeng_jax import noise
+from dpgeng_jax.clipping import check_labels
 from dpgeng_jax.errors import PrivacyAbort
 
 COUNT_SENSITIVITY = 1.0  # L2, add/remove one example (one count moves by 1)
@@ -133,8 +134,11 @@ class ClassSizes:
 
 def class_tally(y: np.ndarray, num_classes: int) -> np.ndarray:
   """Exact class counts, tallied on the host: (K,) float32 (exact for
-  counts below 2^24)."""
-  return np.bincount(np.asarray(y), minlength=num_classes).astype(np.float32)
+  counts below 2^24). Labels outside 0..K-1 are refused (a longer tally
+  would release counts of classes that do not exist)."""
+  y = np.asarray(y)
+  check_labels(y, num_classes, len(y))
+  return np.bincount(y, minlength=num_classes).astype(np.float32)
 
 
 def noisy_counts(key: jax.Array, tally: jax.Array,

@@ -341,6 +341,10 @@ def make_dp_sgd_step(loss_fn: Callable[..., jax.Array] | None, optimizer, *,
   (params, batch, mask) is given, which must clip to the same clip_norm
   (e.g. `pergrad.make_grad_sum_fn`, possibly `clipping.microbatched`).
   """
+  if not (isinstance(expected_batch_size, (int, float, np.number))
+          and 0 < expected_batch_size < math.inf):
+    raise ValueError(f"expected_batch_size must be a finite number > 0 "
+                     f"(the public q * N), got {expected_batch_size!r}")
   stddev = noise_multiplier * clip_norm if noise_multiplier else 0.0
   if grad_sum_fn is None:
     grad_sum_fn = lambda p, b, m: clipped_grad_sum(loss_fn, p, b, m,

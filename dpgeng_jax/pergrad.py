@@ -48,8 +48,8 @@ import jax.numpy as jnp
 import optax
 
 from dpgeng_jax import stem, winograd
-from dpgeng_jax.clipping import (clip_scale, row_norms, split_rows,
-                                 weighted_sum)
+from dpgeng_jax.clipping import (check_labels, check_mask, clip_scale,
+                                 row_norms, split_rows, weighted_sum)
 from dpgeng_jax.models import ConvNet, _check_norm, instance_norm
 
 _EPS = 1e-5  # models.ConvNet's GroupNorm epsilon
@@ -267,6 +267,8 @@ def convnet_clipped_grad_sum(model: ConvNet, params: Any, x: jax.Array,
   result up to float summation order.
   """
   n = x.shape[0]
+  check_mask(mask, n)
+  check_labels(y, model.num_classes, n)
   g, inputs, xhats, feat = _backprop(model, params, x, y)
   small = _small_grads(model, g, xhats, feat)
   small_leaves = jax.tree.leaves(small)

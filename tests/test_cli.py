@@ -466,3 +466,18 @@ def test_ctrl_c_in_plan_is_one_line_not_a_traceback(monkeypatch, capsys):
   monkeypatch.setattr(cli, "_plan", interrupted)
   assert cli.main(["plan", "--epsilon", "1"]) == 130
   assert capsys.readouterr().err.strip() == "dpgeng: interrupted"
+
+
+def test_input_paths_are_recorded_absolute_so_a_run_resumes_from_anywhere(
+    tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  args = cli.build_parser().parse_args(
+      ["distill", "--dataset", "npz:data/d.npz", "--generator",
+       "pe:nearest:pub.npz", "--pe-font-dir", "fonts", "--out", "o"])
+  cfg = cli.config_from_args(args, [])
+  assert cfg.dataset == f"npz:{tmp_path}/data/d.npz"
+  assert cfg.generator == f"pe:nearest:{tmp_path}/pub.npz"
+  assert cfg.pe_font_dir == f"{tmp_path}/fonts"
+  same = cli.absolute_paths({"dataset": "digits", "generator": "pe:text",
+                             "data_dir": ""})
+  assert same == {"dataset": "digits", "generator": "pe:text", "data_dir": ""}

@@ -119,3 +119,11 @@ def test_poisson_batch_indices_cover_each_example_at_the_rate():
     counts[i[m > 0]] += 1
   assert not np.any(np.asarray(over))
   assert np.all(np.abs(counts / 3000 - 0.25) < 5 * np.sqrt(0.25 * 0.75 / 3000))
+
+
+@pytest.mark.parametrize("size", [0, -3, float("nan"), float("inf")])
+def test_a_public_batch_size_that_is_not_positive_and_finite_is_refused(size):
+  """0 gave nan parameters and -3 turned the step into gradient ascent."""
+  with pytest.raises(ValueError, match="expected_batch_size"):
+    make_dp_sgd_step(_loss, optax.sgd(0.1), clip_norm=1.0,
+                     noise_multiplier=1.0, expected_batch_size=size)

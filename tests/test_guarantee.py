@@ -295,3 +295,11 @@ def test_the_delta_check_uses_the_upper_bound_on_n_not_its_estimate():
   stages._check_delta(Config(delta=0.9 / sizes.total_bound), sizes)
   with pytest.raises(ConfigError, match=f"N <= {sizes.total_bound}"):
     stages._check_delta(Config(delta=1 / 90), sizes)  # < 1/80, >= 1/U
+
+
+def test_the_count_release_refuses_labels_outside_its_classes():
+  """A label K or above would lengthen the tally: counts of classes that
+  do not exist would be released."""
+  with pytest.raises(ValueError, match="labels must be in 0..2"):
+    counts.release_class_counts(jax.random.key(0), np.array([0, 0, 5]),
+                                num_classes=3, noise_multiplier=1.0)

@@ -189,3 +189,29 @@ def test_a_chunk_with_a_non_finite_row_keeps_its_finite_rows():
   want = f(params, x, y, jnp.ones(6).at[1].set(0.0))
   got = f(params, x.at[1, 0, 0, 0].set(jnp.nan), y, jnp.ones(6))
   assert _rel(got, want) < 1e-6
+
+
+@pytest.mark.parametrize("mask", [np.ones(1), np.float32(1.0), np.ones(7)],
+                         ids=["(1,)", "()", "(7,)"])
+def test_a_mask_that_is_not_one_value_per_row_is_refused(mask):
+  """A (1,) or () mask would broadcast: every padded row (a repeat of one
+  example, in a Poisson layout) would count, above the sensitivity."""
+  model, params, x, y = _case("instance")
+  loss = lambda p, b: cross_entropy(model, p, *b)
+  for f in (lambda: pergrad.convnet_clipped_grad_sum(
+                model, params, x, y, jnp.asarray(mask), clip_norm=1.0),
+            lambda: clipped_grad_sum(loss, params, (x, y), jnp.asarray(mask),
+                                     clip_norm=1.0),
+            lambda: clipped_class_sums(embed_fn(model), params, x, y,
+                                       jnp.asarray(mask), num_classes=4,
+                                       clip_norm=1.0)):
+    with pytest.raises(ValueError, match="one value per row"):
+      f()
+
+
+@pytest.mark.parametrize("label", [4, -1])
+def test_labels_outside_the_models_classes_are_refused(label):
+  model, params, x, y = _case("instance")
+  with pytest.raises(ValueError, match="labels must be in 0..3"):
+    pergrad.convnet_clipped_grad_sum(model, params, x, y.at[0].set(label),
+                                     jnp.ones(6), clip_norm=1.0)
