@@ -185,7 +185,10 @@ def _check_delta(cfg: Config, sizes: counts_lib.ClassSizes) -> None:
     raise ConfigError(
         f"delta must be < 1/N = {1.0 / n:.3g} for N <= {n} training "
         f"examples ({sizes.policy} class sizes), got {cfg.delta} (a larger "
-        "delta allows releasing an example outright)")
+        "delta allows releasing an example outright)" + (
+            "; the bound comes from this run's count release, which is "
+            "spent: a rerun releases the counts again, and the two "
+            "runs compose" if sizes.policy == "released" else ""))
 
 
 def class_sizes(run: Run, budget: Budget, secret: jax.Array
