@@ -341,8 +341,11 @@ def make_dp_sgd_step(loss_fn: Callable[..., jax.Array] | None, optimizer, *,
   (params, batch, mask) is given, which must clip to the same clip_norm
   (e.g. `pergrad.make_grad_sum_fn`, possibly `clipping.microbatched`).
   """
-  if not (isinstance(expected_batch_size, (int, float, np.number))
-          and 0 < expected_batch_size < math.inf):
+  try:
+    size_ok = 0 < float(expected_batch_size) < math.inf
+  except (TypeError, ValueError):  # not a scalar (or a traced one)
+    size_ok = False
+  if not size_ok or isinstance(expected_batch_size, bool):
     raise ValueError(f"expected_batch_size must be a finite number > 0 "
                      f"(the public q * N), got {expected_batch_size!r}")
   stddev = noise_multiplier * clip_norm if noise_multiplier else 0.0
