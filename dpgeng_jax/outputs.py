@@ -125,6 +125,7 @@ class RunDirectory:
     self._lock_fd: int | None = None
     self._created = False
     self._written: list[str] = []
+    self._before_move: dict[str, Callable[[], None]] = {}
 
   # -- start -------------------------------------------------------------
 
@@ -261,15 +262,19 @@ class RunDirectory:
       self._written.append(name)
     return os.path.join(self.out, name)
 
-  def adopt(self, name: str) -> None:
+  def adopt(self, name: str,
+            before_move: Callable[[], None] | None = None) -> None:
     """Publishes `name`, a file or directory already in the staging
-    directory (such as the saved stages)."""
+    directory (such as the saved stages); `before_move` runs just before
+    it moves (a publish stopped earlier leaves it as it was)."""
     if name not in self.names:
       raise ValueError(f"{name!r} is not one of the output names")
     if not os.path.lexists(os.path.join(self.staging, name)):
       raise FileNotFoundError(os.path.join(self.staging, name))
     if name not in self._written:
       self._written.append(name)
+    if before_move is not None:
+      self._before_move[name] = before_move
 
   def publish(self, info: dict | None = None) -> list[str]:
     """Moves the staged files into --out and writes the manifest last."""
@@ -280,8 +285,14 @@ class RunDirectory:
     old = os.path.join(out, MANIFEST)
     if os.path.lexists(old):
       os.remove(old)  # the old set is no longer marked finished
-    for name in self._written:
+    # Folders last: the saved stages stay in the staging folder (so the run
+    # can be resumed) until every file has moved.
+    order = sorted(self._written, key=lambda n: os.path.isdir(
+        os.path.join(self.staging, n)))
+    for name in order:
       src, dst = os.path.join(self.staging, name), os.path.join(out, name)
+      if name in self._before_move:
+        self._before_move[name]()
       if os.path.isdir(src) and not os.path.islink(src):
         atomic_write(os.path.join(src, FOLDER_MARK), lambda f: None)
       if os.path.isdir(dst) and not os.path.islink(dst):

@@ -296,9 +296,13 @@ def write_outputs(result: RunResult, out: str, overwrite: bool = False,
     with output_dir(out, overwrite) as rd:
       return write_outputs(result, out, overwrite, rd)
   if store is not None and store.exists():
-    state = store.published_state()
-    outputs.atomic_write(store.path, lambda f: json.dump(state, f, indent=2))
-    run_dir.adopt(STAGES_DIR)
+    # The published record drops the data's hash, which --resume needs:
+    # written only as the stages move (the last move before the manifest).
+    def published_record():
+      state = store.published_state()
+      outputs.atomic_write(store.path,
+                           lambda f: json.dump(state, f, indent=2))
+    run_dir.adopt(STAGES_DIR, before_move=published_record)
   decoded = {} if result.x_decoded is None else {
       "x_decoded": result.x_decoded, "y_decoded": result.y_decoded}
   w = run_dir.write

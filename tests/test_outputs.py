@@ -249,3 +249,30 @@ def test_a_users_folder_with_an_output_name_is_kept_even_with_overwrite(
   assert _distill(out, "--overwrite") == 2
   assert "never replaced" in capsys.readouterr().err
   assert (out / "stages" / "keep.txt").read_text() == "mine"
+
+
+def test_a_publish_killed_after_its_first_move_can_be_resumed(tmp_path,
+                                                              monkeypatch,
+                                                              capsys):
+  """The saved stages move last, so a publish killed between its renames
+  leaves them in the staging folder: --resume finishes the run from them
+  (the releases are not drawn again)."""
+  out = tmp_path / "run"
+  real_replace, moved = os.replace, []
+
+  def replace_then_die(src, dst):
+    if os.path.basename(os.path.dirname(src)) == outputs.STAGING and (
+        os.path.dirname(dst) == str(out)):
+      if moved:
+        raise KeyboardInterrupt
+      moved.append(dst)
+    return real_replace(src, dst)
+
+  monkeypatch.setattr(outputs.os, "replace", replace_then_die)
+  assert _distill(out) == 130
+  monkeypatch.setattr(outputs.os, "replace", real_replace)
+  assert os.path.isdir(out / outputs.STAGING / pipeline.STAGES_DIR)
+  capsys.readouterr()
+  assert cli.main(["distill", "--resume", str(out), "--quiet"]) == 0
+  assert outputs.read_manifest(str(out)) is not None
+  assert (out / pipeline.STAGES_DIR / outputs.FOLDER_MARK).exists()
