@@ -285,7 +285,7 @@ class TextAPI:
       m = np.maximum(m, ink) if kind > 0 else m * (1.0 - ink)
     return m
 
-  @functools.lru_cache(maxsize=1)
+  @functools.cached_property
   def _warp_basis(self) -> np.ndarray:
     """(WARP_POINTS^2, H, W) on the canvas: the cubic-spline upsampling
     (`ndimage.zoom`, order 3) of each control point's unit displacement.
@@ -346,7 +346,7 @@ class TextAPI:
     if amp > 0:
       grid = np.random.default_rng(int(p["elastic_seed"])).uniform(
           -1, 1, (2, WARP_POINTS ** 2)) * amp
-      coords = self._pixel_grid + np.tensordot(grid, self._warp_basis(), 1)
+      coords = self._pixel_grid + np.tensordot(grid, self._warp_basis, 1)
       m = ndimage.map_coordinates(m, coords, order=1, mode="constant")
     sigma = float(p["blur"]) * ch
     if sigma > 0.05:
