@@ -96,13 +96,9 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
   assert not (out / outputs.LOCK).exists()
 
 
-def test_interrupted_publish_leaves_no_finished_looking_set(tmp_path,
-                                                           monkeypatch,
-                                                           capsys):
-  """A kill between the renames of the publish: the manifest (written
-  last) is absent, so no reader takes the partial set for a run, and a
-  later run neither protects it as finished nor overwrites it silently."""
-  out = tmp_path / "run"
+def _die_at_second_publish_move(monkeypatch, out):
+  """Publishing into `out` moves one staged file, then is interrupted
+  (Ctrl-C) at the second move; returns the list of moved paths."""
   real_replace, moved = os.replace, []
 
   def replace_then_die(src, dst):
@@ -114,9 +110,20 @@ def test_interrupted_publish_leaves_no_finished_looking_set(tmp_path,
     return real_replace(src, dst)
 
   monkeypatch.setattr(outputs.os, "replace", replace_then_die)
+  return moved
+
+
+def test_interrupted_publish_leaves_no_finished_looking_set(tmp_path,
+                                                           monkeypatch,
+                                                           capsys):
+  """A kill between the renames of the publish: the manifest (written
+  last) is absent, so no reader takes the partial set for a run, and a
+  later run neither protects it as finished nor overwrites it silently."""
+  out = tmp_path / "run"
+  moved = _die_at_second_publish_move(monkeypatch, out)
   assert _distill(out) == 130  # interrupted: one line, no traceback
   assert f"--resume {out}" in capsys.readouterr().err
-  monkeypatch.setattr(outputs.os, "replace", real_replace)
+  monkeypatch.undo()
   assert len(moved) == 1 and os.path.exists(moved[0])
   assert outputs.read_manifest(str(out)) is None
   assert _distill(out) == 2
@@ -258,19 +265,9 @@ def test_a_publish_killed_after_its_first_move_can_be_resumed(tmp_path,
   leaves them in the staging folder: --resume finishes the run from them
   (the releases are not drawn again)."""
   out = tmp_path / "run"
-  real_replace, moved = os.replace, []
-
-  def replace_then_die(src, dst):
-    if os.path.basename(os.path.dirname(src)) == outputs.STAGING and (
-        os.path.dirname(dst) == str(out)):
-      if moved:
-        raise KeyboardInterrupt
-      moved.append(dst)
-    return real_replace(src, dst)
-
-  monkeypatch.setattr(outputs.os, "replace", replace_then_die)
+  _die_at_second_publish_move(monkeypatch, out)
   assert _distill(out) == 130
-  monkeypatch.setattr(outputs.os, "replace", real_replace)
+  monkeypatch.undo()
   assert os.path.isdir(out / outputs.STAGING / pipeline.STAGES_DIR)
   capsys.readouterr()
   assert cli.main(["distill", "--resume", str(out), "--quiet"]) == 0
