@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 from typing import Any, Callable
 
@@ -136,6 +137,9 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
     generator = generators.for_config(cfg)
   plan = resolve(cfg, tuple(ds.image_shape), generator)
   _check_before_private_work(cfg, plan, ds, generator)
+  if not cfg.quiet:
+    for line in planning.unused_options(cfg, plan):
+      print(f"note: {line}", file=sys.stderr, flush=True)
   # The cost estimate (console only: it reads the true N; config.json
   # keeps the one recomputed from the released class sizes).
   est = estimate_lib.estimate(cfg, plan, ds.image_shape, ds.num_train,

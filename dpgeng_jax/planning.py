@@ -354,6 +354,61 @@ def nonprivate_reasons(cfg: Config, plan: Plan) -> list[str]:
   return reasons
 
 
+# Options that only one part of the method reads, by that part.
+_PE_OPTIONS = ("pe_iterations", "pe_public_only", "pe_population",
+               "pe_threshold", "pe_k", "pe_lookahead", "pe_embedding",
+               "pe_width")
+_TEXT_OPTIONS = ("pe_texts", "pe_font_dir", "pe_stroke_fonts", "pe_marks",
+                 "pe_polarity")
+_NEAREST_OPTIONS = ("pe_nearest_k",)
+_MERF_OPTIONS = ("generator_features", "generator_steps")
+_QUERY_OPTIONS = ("num_queries", "sampling_rate", "clip_norm",
+                  "share_features", "extractors", "centre_features")
+_EXPERT_OPTIONS = ("expert", "expert_steps", "expert_sampling_rate",
+                   "expert_clip_norm", "share_expert", "expert_lr",
+                   "expert_weight", "expert_tau", "expert_beta")
+
+
+def _flag(name: str) -> str:
+  return "--" + name.replace("_", "-")
+
+
+def unused_options(cfg: Config, plan: Plan) -> list[str]:
+  """Options set away from their default (or their --preset's value) that
+  this run does not read, one line per part of the method: a sweep that
+  passes the same flags to every method should see which of them a
+  method ignores, rather than think they took effect."""
+  base = Config(**presets.values(cfg.preset)) if cfg.preset else Config()
+  gen = plan.generator or ""
+
+  def changed(names):
+    return [_flag(n) for n in names if getattr(cfg, n) != getattr(base, n)]
+
+  why = {}
+  if not plan.uses_generated:
+    why[f"method {cfg.method} uses no generated data"] = changed(
+        ("generator", "generated_per_class", *_PE_OPTIONS, *_TEXT_OPTIONS,
+         *_NEAREST_OPTIONS, *_MERF_OPTIONS))
+  elif gen != "pe:user":
+    used = (() if gen.startswith("pe:") else _PE_OPTIONS) + (
+        () if gen.startswith("pe:text") else _TEXT_OPTIONS) + (
+        () if gen.startswith("pe:nearest") else _NEAREST_OPTIONS) + (
+        () if gen == "merf" else _MERF_OPTIONS)
+    why[f"the generator is {gen}"] = changed(used)
+  if not plan.feature_matching:
+    why[f"method {cfg.method} makes no feature-matching queries"] = changed(
+        _QUERY_OPTIONS)
+  if not plan.expert:
+    why[("the expert runs with method dpgeng and --expert only"
+         if cfg.method != "dpgeng" else "the expert is off (--expert)")
+        ] = changed(_EXPERT_OPTIONS)
+  if plan.factor and cfg.factor not in (0, plan.factor):
+    why[f"method {cfg.method} stores images at factor {plan.factor}"] = (
+        changed(("factor",)))
+  return [f"{', '.join(flags)} not used: {reason}"
+          for reason, flags in why.items() if flags]
+
+
 def plan_budget(cfg: Config) -> dict:
   """The budget allocation of a configuration, computed from the
   configuration alone (no data is read): per mechanism its noise

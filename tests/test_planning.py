@@ -2,7 +2,7 @@
 
 import pytest
 
-from dpgeng_jax import planning
+from dpgeng_jax import planning, presets
 from dpgeng_jax.config import Config
 from dpgeng_jax.errors import ConfigError
 
@@ -53,3 +53,36 @@ def test_one_declared_guarantee_of_npz_data_is_accepted():
   for kw in ({"generated_epsilon": 0.1, "generated_delta": 1e-7},
              {"generated_mu": 0.5}, {"generated_noise_multiplier": 2.0}):
     planning.validate_config(Config(generator="npz:g.npz", **kw))
+
+
+@pytest.mark.parametrize("kw, lines", [
+    ({"method": "ndpdc", "generator": "merf", "pe_k": 2},
+     ["--generator, --pe-k not used: method ndpdc uses no generated data"]),
+    ({"method": "ndpdc", "expert": True},
+     ["--expert not used: the expert runs with method dpgeng and --expert "
+      "only"]),
+    ({"method": "generator", "factor": 2, "num_queries": 5},
+     ["--num-queries not used: method generator makes no feature-matching "
+      "queries", "--factor not used: method generator stores images at "
+      "factor 1"]),
+    ({"expert_weight": 0.3},
+     ["--expert-weight not used: the expert is off (--expert)"]),
+    ({"generator_steps": 5, "pe_nearest_k": 3},
+     ["--pe-nearest-k, --generator-steps not used: the generator is "
+      "pe:text"]),
+    ({"generator": "merf", "pe_marks": 0, "generator_steps": 5},
+     ["--pe-marks not used: the generator is merf"]),
+])
+def test_options_a_run_does_not_read_are_named(kw, lines):
+  cfg = Config(**kw)
+  assert planning.unused_options(cfg, planning.resolve(cfg, SHAPE)) == lines
+
+
+@pytest.mark.parametrize("preset", ["", "quick", "mnist", "cifar10",
+                                    "celeb_a,quick"])
+@pytest.mark.parametrize("method", ["dpgeng", "ndpdc", "generator", "dm"])
+def test_defaults_and_presets_name_no_unused_option(preset, method):
+  # A preset's values are its protocol, not the user's choice: a preset
+  # with a generator (cifar10: merf) under ndpdc says nothing.
+  cfg = presets.config(preset, method=method)
+  assert planning.unused_options(cfg, planning.resolve(cfg, SHAPE)) == []
