@@ -54,17 +54,37 @@ FAILURE_FRACTION = 1e-3
 # Events.
 
 
+def _noise(noise_multiplier) -> float:
+  """The noise multiplier as a float (a numpy or JAX scalar too), refused
+  unless >= 0 (0: not private) and not nan: a nan would account as
+  epsilon 0 under RDP."""
+  sigma = float(noise_multiplier)
+  if not sigma >= 0:
+    raise ValueError(f"noise_multiplier must be >= 0, got {sigma}")
+  return sigma
+
+
+def _rate(sampling_rate) -> float:
+  q = float(sampling_rate)
+  if not 0 < q <= 1:
+    raise ValueError(f"sampling_rate must be in (0, 1], got {q}")
+  return q
+
+
 def gaussian_event(noise_multiplier: float) -> dp_accounting.DpEvent:
   """One Gaussian release of a sum with L2 sensitivity C, noise sigma * C."""
-  return dp_accounting.GaussianDpEvent(noise_multiplier)
+  return dp_accounting.GaussianDpEvent(_noise(noise_multiplier))
 
 
 def subsampled_gaussian_event(noise_multiplier: float, sampling_rate: float,
                               steps: int) -> dp_accounting.DpEvent:
-  """`steps` Poisson-subsampled Gaussian releases (M_F queries, DP-SGD)."""
-  inner = dp_accounting.GaussianDpEvent(noise_multiplier)
-  if sampling_rate < 1.0:
-    inner = dp_accounting.PoissonSampledDpEvent(sampling_rate, inner)
+  """`steps` Poisson-subsampled Gaussian releases (M_F queries, DP-SGD).
+  `steps` must be an integer >= 1 (2.9 is refused, not rounded down)."""
+  require_int(steps, "steps", 1)
+  inner = dp_accounting.GaussianDpEvent(_noise(noise_multiplier))
+  q = _rate(sampling_rate)
+  if q < 1.0:
+    inner = dp_accounting.PoissonSampledDpEvent(q, inner)
   return dp_accounting.SelfComposedDpEvent(inner, int(steps))
 
 
@@ -95,6 +115,14 @@ class Mechanism:
   sensitivity: str = "C"
 
   def __post_init__(self):
+    # numpy and JAX scalars become floats: dp_accounting hashes them, and
+    # the PLD cache compares them by value.
+    for field in ("noise_multiplier", "sampling_rate"):
+      try:
+        object.__setattr__(self, field, float(getattr(self, field)))
+      except TypeError as e:
+        raise ValueError(f"{self.name}: {field} must be a number, got "
+                         f"{getattr(self, field)!r}") from e
     if not (math.isfinite(self.noise_multiplier)
             and self.noise_multiplier >= 0):
       raise ValueError(f"{self.name}: noise_multiplier must be finite and "
@@ -157,6 +185,7 @@ def accountant_for(delta: float) -> str:
 def epsilon_of(event: dp_accounting.DpEvent, delta: float,
                interval: float = PLD_DISCRETIZATION) -> float:
   """Epsilon under the accountant `accountant_for(delta)` picks."""
+  _check_delta(delta)
   if accountant_for(delta) == "pld":
     return epsilon_pld(event, delta, interval)
   return epsilon_rdp(event, delta)
@@ -207,7 +236,8 @@ def epsilon_pld(event: dp_accounting.DpEvent, delta: float,
   equal to dp_accounting's PLDAccountant(value_discretization_interval=
   interval). The PLD of each distinct event is built once (the calibration
   and the report ask for the same ones many times)."""
-  key = (repr(event), float(interval))
+  _check_delta(delta)
+  key = (_event_key(event), float(interval))
   if key not in _PLD_CACHE:
     if len(_PLD_CACHE) > 256:
       _PLD_CACHE.clear()
@@ -226,7 +256,35 @@ def epsilon_pld(event: dp_accounting.DpEvent, delta: float,
 _PLD_CACHE: dict = {}
 
 
+def _event_key(event: dp_accounting.DpEvent):
+  """A key equal for two events exactly when their parameters are equal
+  (as floats): not their repr, which numpy's print options may round, so
+  that two noise multipliers 1.0 and 1.004 shared one PLD."""
+  if isinstance(event, dp_accounting.SelfComposedDpEvent):
+    return ("self", _event_key(event.event), int(event.count))
+  if isinstance(event, dp_accounting.ComposedDpEvent):
+    return ("composed", tuple(_event_key(e) for e in event.events))
+  if isinstance(event, dp_accounting.GaussianDpEvent):
+    return ("gaussian", float(event.noise_multiplier))
+  if isinstance(event, dp_accounting.PoissonSampledDpEvent):
+    return ("poisson", float(event.sampling_probability),
+            _event_key(event.event))
+  if isinstance(event, (dp_accounting.NoOpDpEvent,
+                        dp_accounting.NonPrivateDpEvent)):
+    return (type(event).__name__,)
+  raise ValueError(f"unsupported event {event}")
+
+
+def _check_delta(delta) -> None:
+  if not 0 < float(delta) < 1:
+    raise ValueError(f"delta must be in (0, 1), got {delta}")
+
+
 def epsilon_rdp(event: dp_accounting.DpEvent, delta: float) -> float:
+  """RDP epsilon of `event` at `delta` (dp_accounting's RdpAccountant,
+  add-or-remove-one): a valid, looser bound at any delta; the cross-check
+  of the PLD figure and the accountant below PLD_MIN_DELTA."""
+  _check_delta(delta)
   acc = rdp.RdpAccountant(
       neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
   # dp_accounting logs a warning for every fractional order whose series
@@ -524,7 +582,13 @@ def privacy_report(mechanisms: Sequence[Mechanism], *, target_epsilon: float,
   epsilon is increased by epsilon_ext. `abort_events` describes the abort
   events (counts and tail) covered by `split.abort`. Any
   `nonprivate_reasons` make the run "private": false, each reason listed.
+  "meets_target" says whether the headline epsilon is within
+  `target_epsilon` (a note says so where it is not).
   """
+  if not (math.isfinite(float(target_epsilon)) and target_epsilon > 0):
+    raise ValueError(f"target_epsilon must be finite and > 0, got "
+                     f"{target_epsilon}")
+  _check_delta(delta)
   notes = list(notes)
   eps_ext, delta_ext = external if external else (0.0, 0.0)
   split = split or DeltaSplit(delta, delta_ext, reserve=False)
@@ -577,6 +641,10 @@ def privacy_report(mechanisms: Sequence[Mechanism], *, target_epsilon: float,
         "epsilon_alone": _finite_or_none(e),
     })
   private = bool(private) and not reasons
+  meets = bool(headline <= target_epsilon)
+  if not meets and not reasons:
+    notes.append(f"epsilon {headline:.6g} EXCEEDS the target "
+                 f"{target_epsilon:g}: the guarantee is the larger figure")
   notes = [f"NOT private: {r}" for r in reasons] + notes
   return {
       "private": private,
@@ -590,6 +658,7 @@ def privacy_report(mechanisms: Sequence[Mechanism], *, target_epsilon: float,
       "neighbouring_relation": ADJACENCY,
       "accountant": accountant,
       "epsilon": _finite_or_none(headline),
+      "meets_target": meets,
       "epsilon_pld": _finite_or_none(eps_pld),
       "epsilon_rdp": _finite_or_none(eps_rdp),
       "epsilon_gdp_clt": _finite_or_none(eps_clt),

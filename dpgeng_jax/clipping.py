@@ -44,7 +44,9 @@ def row_norms(v: jax.Array) -> jax.Array:
 def check_clip_norm(clip_norm) -> None:
   """Raises ValueError unless C > 0 (inf allowed: no clipping). nan or a
   negative C would silently turn clipping off or flip the sums' sign. A
-  traced C is the caller's responsibility."""
+  traced C cannot be checked here; `clip_scale` then gives every row
+  weight 0 unless C > 0, so a nan or negative traced C releases nothing
+  rather than unclipped rows."""
   if isinstance(clip_norm, jax.core.Tracer):
     return
   c = float(np.asarray(clip_norm))
@@ -61,11 +63,13 @@ CLIP_MARGIN = 1.0 - 2.0 ** -18
 
 def clip_scale(norms: jax.Array, clip_norm: float) -> jax.Array:
   """min(1, C' / norm) with C' = C CLIP_MARGIN, elementwise; 1 for zero
-  norms (never nan), so a scaled row's float32 norm is <= C."""
+  norms (never nan), so a scaled row's float32 norm is <= C. 0 everywhere
+  unless C > 0 (a traced nan or negative C; a concrete one is refused)."""
   check_clip_norm(clip_norm)
   target = clip_norm * CLIP_MARGIN
-  return jnp.where(norms > target,
-                   target / jnp.where(norms > 0, norms, 1.0), 1.0)
+  scale = jnp.where(norms > target,
+                    target / jnp.where(norms > 0, norms, 1.0), 1.0)
+  return jnp.where(jnp.asarray(clip_norm) > 0, scale, 0.0)
 
 
 def clip_rows(v: jax.Array, clip_norm: float) -> jax.Array:
@@ -73,8 +77,14 @@ def clip_rows(v: jax.Array, clip_norm: float) -> jax.Array:
 
   Computed in float32. Non-finite rows become zero. Safe (finite values and
   gradients) for zero rows; clip_norm = inf is the identity on finite rows.
+  `v` must have rank 2: the norm is over the last axis, so an (n, h, w)
+  array would be clipped per (n, h) row, each example up to h C
+  (`clip_vector` clips one array of any shape as a whole).
   """
   check_clip_norm(clip_norm)
+  if jnp.ndim(v) != 2:
+    raise ValueError(f"clip_rows clips the rows of an (n, d) array, got "
+                     f"shape {jnp.shape(v)}; flatten each example first")
   v = v.astype(jnp.float32)
   finite = jnp.all(jnp.isfinite(v), axis=-1, keepdims=True)
   v = jnp.where(finite, v, 0.0)
@@ -131,6 +141,9 @@ def class_sums(values: jax.Array, y: jax.Array, mask: jax.Array,
   would be dropped). Precision.HIGHEST for the reason given in
   `weighted_sum`.
   """
+  if jnp.ndim(values) != 2:
+    raise ValueError(f"class_sums sums the rows of an (n, d) array, got "
+                     f"shape {jnp.shape(values)}")
   check_labels(y, num_classes, values.shape[0])
   check_mask(mask, values.shape[0])
   keep = (jnp.asarray(mask) > 0)[:, None]
@@ -218,7 +231,11 @@ def clipped_grad_sum(loss_fn: Callable[..., jax.Array], params: Any,
     examples contribute nothing; non-finite gradients contribute zero; the
     L2 sensitivity under add/remove of one example is C.
   """
-  check_mask(mask, jax.tree.leaves(batch)[0].shape[0])
+  n = jax.tree.leaves(batch)[0].shape[0]
+  if n == 0:
+    raise ValueError("need n >= 1 examples, got an empty batch")
+  check_mask(mask, n)
+  check_clip_norm(clip_norm)
 
   def one(p, ex):
     return jax.grad(loss_fn)(p, jax.tree.map(lambda a: a[None], ex))

@@ -278,3 +278,66 @@ def test_a_mechanism_with_more_releases_than_are_accounted_is_refused_at_once():
   with pytest.raises(ConfigError, match="at most 100,000"):
     A.Mechanism("feature_matching", 1.0, 0.5, 10**7)
   assert time.perf_counter() - t < 1.0
+
+
+def test_two_events_share_a_cached_pld_only_when_their_parameters_are_equal():
+  """The cache was keyed on repr(event): under numpy's print precision 2,
+  0-d noise multipliers 1.004 and 1.0 printed alike and the second got
+  the first's (smaller) epsilon."""
+  with np.printoptions(precision=2):
+    A.epsilon_pld(A.gaussian_event(np.asarray(1.004)), 1e-5)
+    got = A.epsilon_pld(A.gaussian_event(np.asarray(1.0)), 1e-5)
+    m = A.Mechanism("f", np.asarray(2.0), 0.1, 50)
+    A.epsilon_pld(A.Mechanism("f", np.asarray(2.004), 0.1, 50).event(), 1e-5)
+    got_m = A.epsilon_pld(m.event(), 1e-5)
+  acc = dp_accounting.pld.PLDAccountant(
+      dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
+      value_discretization_interval=A.PLD_DISCRETIZATION)
+  want = acc.compose(dp_accounting.GaussianDpEvent(1.0)).get_epsilon(1e-5)
+  assert got == pytest.approx(want, rel=1e-9)
+  assert got_m > A.epsilon_pld(A.subsampled_gaussian_event(2.004, 0.1, 50),
+                               1e-5)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: A.subsampled_gaussian_event(1.0, 0.1, 2.9),   # was 2 releases
+    lambda: A.subsampled_gaussian_event(1.0, 0.1, 0),
+    lambda: A.subsampled_gaussian_event(1.0, float("nan"), 3),
+    lambda: A.subsampled_gaussian_event(1.0, 1.5, 3),
+    lambda: A.feature_matching_event(-1.0, 0.5, 3),
+    lambda: A.gaussian_event(float("nan")),
+])
+def test_event_builders_refuse_what_the_accountant_would_misread(make):
+  with pytest.raises(ValueError):
+    make()
+
+
+def test_a_nan_delta_is_refused_not_accounted_as_epsilon_zero():
+  ev = A.gaussian_event(1.0)
+  for f in (A.epsilon_rdp, A.epsilon_pld, A.epsilon_of):
+    with pytest.raises(ValueError, match="delta"):
+      f(ev, float("nan"))
+
+
+def test_a_jax_scalar_noise_multiplier_is_accounted():
+  """It passed the checks and then failed inside dp_accounting (unhashable)."""
+  import jax.numpy as jnp
+  m = A.Mechanism("n", jnp.float32(2.0), jnp.float32(0.5), 3)
+  assert type(m.noise_multiplier) is float and m.sampling_rate == 0.5
+  assert A.epsilon_pld(m.event(), 1e-5) == A.epsilon_pld(
+      A.Mechanism("n", 2.0, 0.5, 3).event(), 1e-5)
+
+
+def test_the_report_says_whether_the_target_is_met():
+  ms = A.calibrate([A.Mechanism("f", 0.0, 0.5, 20)], 1.0, 1e-5)
+  ok = A.privacy_report(ms, target_epsilon=1.0, delta=1e-5, private=True,
+                        public_metadata=[])
+  assert ok["meets_target"] and not any("EXCEEDS" in n for n in ok["notes"])
+  bad = A.privacy_report(ms, target_epsilon=0.1, delta=1e-5, private=True,
+                         public_metadata=[])
+  assert not bad["meets_target"]
+  assert any("EXCEEDS the target 0.1" in n for n in bad["notes"])
+  for target in (-1.0, 0.0, float("nan")):
+    with pytest.raises(ValueError, match="target_epsilon"):
+      A.privacy_report(ms, target_epsilon=target, delta=1e-5, private=True,
+                       public_metadata=[])

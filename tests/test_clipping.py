@@ -208,3 +208,45 @@ def test_a_class_count_that_is_not_a_positive_integer_is_refused(k):
     clipped_class_sums(lambda p, x: x, None, jnp.ones((2, 3)),
                        np.zeros(2, np.int32), jnp.ones(2), num_classes=k,
                        clip_norm=1.0)
+
+
+@pytest.mark.parametrize("clip", [float("nan"), -1.0, 0.0])
+def test_a_traced_clip_norm_that_is_not_positive_releases_nothing(clip):
+  """A traced C cannot be refused; a nan C compared false everywhere and
+  left rows unclipped, a negative one flipped their sign. Now every
+  weight is 0, in the rows and in the gradient sums."""
+  v = jnp.array([[3.0, 4.0], [1e30, 0.0], [0.1, 0.0]])
+  np.testing.assert_array_equal(
+      np.asarray(jax.jit(clip_rows)(v, clip)), np.zeros((3, 2)))
+  grads = jax.jit(lambda c: clipping.clipped_grad_sum(
+      lambda p, b: jnp.sum(p * b[0]), jnp.ones(2), (jnp.ones((3, 2)),),
+      jnp.ones(3), clip_norm=c))(clip)
+  np.testing.assert_array_equal(np.asarray(grads), np.zeros(2))
+  # A positive traced C clips as the concrete one does.
+  np.testing.assert_array_equal(np.asarray(jax.jit(clip_rows)(v, 1.0)),
+                                np.asarray(clip_rows(v, 1.0)))
+
+
+def test_clip_rows_refuses_arrays_that_are_not_rows_of_examples():
+  """On (n, h, w) the last-axis norm clipped each of the h rows of an
+  example to C: an example reached h C."""
+  with pytest.raises(ValueError, match=r"\(n, d\) array"):
+    clip_rows(jnp.ones((2, 4, 4)), 1.0)
+  with pytest.raises(ValueError, match=r"\(n, d\) array"):
+    clip_rows(jnp.ones(4), 1.0)
+  assert float(jnp.linalg.norm(clip_vector(jnp.ones((4, 4)), 1.0))) <= 1.0
+
+
+def test_class_sums_refuses_values_that_are_not_rows():
+  """1-D values broadcast: every kept row added the whole vector,
+  the masked row's entry included."""
+  with pytest.raises(ValueError, match=r"\(n, d\) array"):
+    clipping.class_sums(jnp.array([10., 20, 30, 40]), jnp.array([0, 1, 1, 2]),
+                        jnp.array([1., 1, 0, 1]), 3)
+
+
+def test_an_empty_batch_of_gradients_is_refused_with_a_message():
+  with pytest.raises(ValueError, match="n >= 1 examples"):
+    clipping.clipped_grad_sum(lambda p, b: jnp.sum(p * b[0]), jnp.ones(2),
+                              (jnp.ones((0, 2)),), jnp.ones(0),
+                              clip_norm=1.0)

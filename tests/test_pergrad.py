@@ -215,3 +215,31 @@ def test_labels_outside_the_models_classes_are_refused(label):
   with pytest.raises(ValueError, match="labels must be in 0..3"):
     pergrad.convnet_clipped_grad_sum(model, params, x, y.at[0].set(label),
                                      jnp.ones(6), clip_norm=1.0)
+
+
+@pytest.mark.parametrize("clip", [-math.inf, float("nan"), -1.0, 0.0])
+def test_batched_path_refuses_a_clip_norm_that_is_not_positive(clip):
+  """-inf passed the `isinf` shortcut and disabled clipping."""
+  model, params, x, y = _case("instance")
+  with pytest.raises(ValueError, match="clip_norm"):
+    pergrad.convnet_clipped_grad_sum(model, params, x, y, jnp.ones(6),
+                                     clip_norm=clip)
+
+
+def test_batched_path_takes_a_traced_clip_norm():
+  """A traced C raised a ConcretizationTypeError (math.isinf on a tracer);
+  now it clips as the concrete C does, and a traced C <= 0 or nan
+  releases nothing."""
+  model, params, x, y = _case("instance")
+  m = jnp.ones(6)
+  f = jax.jit(lambda c: pergrad.convnet_clipped_grad_sum(
+      model, params, x, y, m, clip_norm=c))
+  want = pergrad.convnet_clipped_grad_sum(model, params, x, y, m,
+                                          clip_norm=0.5)
+  assert _rel(f(0.5), want) < 1e-5
+  for bad in (float("nan"), -1.0):
+    assert all(float(jnp.max(jnp.abs(a))) == 0.0
+               for a in jax.tree.leaves(f(bad)))
+  with pytest.raises(ValueError, match="n >= 1 examples"):
+    pergrad.convnet_clipped_grad_sum(model, params, x[:0], y[:0], m[:0],
+                                     clip_norm=1.0)
