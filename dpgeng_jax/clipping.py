@@ -183,6 +183,8 @@ def clipped_class_sums(embed_fn: EmbedFn, params: Any, x: jax.Array,
   if x.shape[0] == 0:
     raise ValueError(f"need n >= 1 rows, got x {x.shape}")
   check_mask(mask, x.shape[0])
+  check_labels(y, num_classes, x.shape[0])  # before chunking reshapes y
+  check_clip_norm(clip_norm)
 
   def sums(p, batch, ms):
     xs, ys = batch
@@ -201,6 +203,10 @@ class ClippedClassSum:
   embed_fn: EmbedFn
   num_classes: int
   clip_norm: float
+
+  def __post_init__(self):
+    check_clip_norm(self.clip_norm)  # the sensitivity it reports
+    check_labels(np.zeros(0, np.int32), self.num_classes, 0)
 
   @property
   def l2_sensitivity(self) -> float:

@@ -194,4 +194,7 @@ def public_sizes(y: np.ndarray, num_classes: int,
 
 
 def exact_sizes(y: np.ndarray, num_classes: int) -> ClassSizes:
+  """The true class sizes of labels `y`, marked not private: for tests and
+  non-private references, never for a private run (use the M_N release or
+  `public_sizes` with the user's declaration)."""
   return public_sizes(y, num_classes, "exact (not private)")

@@ -72,6 +72,13 @@ def feature_matching_loss(plan: QueryPlan, params: Any,
   batch sizes.
   """
   means = synthetic_class_means(plan, params, aug_params, syn, clip_norm)
+  if (jnp.shape(target_sums) != means.shape
+      or jnp.shape(expected_counts) != means.shape[:1]):
+    raise ValueError(
+        f"targets of shape {jnp.shape(target_sums)} and expected counts of "
+        f"shape {jnp.shape(expected_counts)} for {means.shape[0]} classes "
+        f"of {means.shape[1]} features: expected {means.shape} and "
+        f"({means.shape[0]},)")
   targets = target_sums / expected_counts[:, None]
   return jnp.sum(jnp.square(targets - means))
 
@@ -121,7 +128,16 @@ def make_step(plan: QueryPlan, opt: optax.GradientTransformation, *,
   gradient up to float rounding, with each chunk's activations small
   enough to stay in cache on CPU (`evaluate.chunk_rows` sizes it; None:
   all classes at once). Each chunk is decoded once for both terms.
+
+  The step donates `state`: its images buffer is reused for the new
+  images, so the array passed in (and any other reference to it, such as
+  the images given to `init_state`) is deleted; copy it first to keep it.
   """
+  if class_chunk is not None and (isinstance(class_chunk, bool) or not
+                                  isinstance(class_chunk, int)
+                                  or class_chunk < 1):
+    raise ValueError(f"class_chunk must be None or an integer >= 1, got "
+                     f"{class_chunk!r}")
   decode = decode or (lambda s: s)
 
   def loss_fn(images, params, aug_params, target, counts, classes):
@@ -147,6 +163,13 @@ def make_step(plan: QueryPlan, opt: optax.GradientTransformation, *,
             jnp.concatenate([p[1] for p in parts]))
 
   def step(state: DistillState, targets, expected_counts, public_key):
+    k = state.images.shape[0]
+    if (jnp.ndim(targets) != 3 or targets.shape[1] != k
+        or jnp.shape(expected_counts) != (k,)):
+      raise ValueError(
+          f"targets must be (Q, K, d) and expected_counts (K,) for the K = "
+          f"{k} classes of the images, got {jnp.shape(targets)} and "
+          f"{jnp.shape(expected_counts)}")
     q = state.step % targets.shape[0]
     params, aug_params = plan.params(public_key, q)
     loss, grads = loss_and_grads(state.images, params, aug_params,

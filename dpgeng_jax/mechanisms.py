@@ -198,8 +198,13 @@ class QuerySpec:
     require_int(self.num_classes, "num_classes", 1)
     check_clip_norm(self.clip_norm)
     noise.check_stddev(self.noise_multiplier)
+    if math.isinf(float(self.clip_norm)) and self.noise_multiplier > 0:
+      raise ValueError("clip_norm inf with noise_multiplier > 0: the noise "
+                       "std sigma C is infinite (unclipped sums have no "
+                       "sensitivity to calibrate to)")
     _check_rate(self.sampling_rate)
     require_int(self.capacity, "capacity", 0)
+    augment.parse_strategy(self.strategy)
 
   @property
   def l2_sensitivity(self) -> float:

@@ -80,6 +80,7 @@ def local_mesh(mesh: Mesh | None) -> Mesh | None:
 
 
 def num_shards(mesh: Mesh) -> int:
+  """Devices along the mesh's data axis."""
   return int(mesh.shape[DATA])
 
 
@@ -94,6 +95,7 @@ def local_shards(mesh: Mesh | None) -> int:
 
 
 def round_up(n: int, multiple: int) -> int:
+  """The smallest multiple of `multiple` that is >= n."""
   return -(-int(n) // multiple) * multiple
 
 
@@ -432,6 +434,7 @@ def broadcast_key(key: jax.Array) -> jax.Array:
 
 
 def device_note(mesh: Mesh) -> str:
+  """'N x <device kind> over P process(es)': the mesh, for reports."""
   d = mesh.devices.reshape(-1)[0]
   return (f"{num_shards(mesh)} x {d.device_kind} over "
           f"{jax.process_count()} process(es)")

@@ -250,3 +250,17 @@ def test_an_empty_batch_of_gradients_is_refused_with_a_message():
     clipping.clipped_grad_sum(lambda p, b: jnp.sum(p * b[0]), jnp.ones(2),
                               (jnp.ones((0, 2)),), jnp.ones(0),
                               clip_norm=1.0)
+
+
+def test_a_clipped_class_sum_query_cannot_carry_a_negative_sensitivity():
+  with pytest.raises(ValueError, match="clip_norm"):
+    ClippedClassSum(_lin, 3, -1.0)
+  with pytest.raises(ValueError, match="num_classes"):
+    ClippedClassSum(_lin, 0, 1.0)
+
+
+def test_chunked_sums_name_a_label_count_that_does_not_match_the_rows():
+  x, m = jnp.ones((5, 8, 8, 1)), jnp.ones(5)
+  with pytest.raises(ValueError, match=r"labels of shape \(4,\) for 5 rows"):
+    clipped_class_sums(_lin, None, x, jnp.array([0, 1, 2, 0]), m,
+                       num_classes=3, clip_norm=1.0, chunk_size=2)

@@ -144,3 +144,24 @@ def test_distill_class_chunk_sizes(monkeypatch):
   assert stages.distill_class_chunk(10, 40, (28, 28, 1), 128) == 2
   assert stages.distill_class_chunk(100, 200, (32, 32, 3), 128) == 13
   assert stages.distill_class_chunk(2, 400, (32, 32, 3), 128) == 1
+
+
+def test_targets_and_counts_of_the_wrong_shape_are_refused():
+  """(1, d) targets or (1,) counts broadcast over the classes silently."""
+  plan = _plan()
+  syn = jax.random.normal(jax.random.key(0), (K, IPC, *SHAPE))
+  params, aug = plan.params(jax.random.key(1), 0)
+  means = distill.synthetic_class_means(plan, params, aug, syn, 1.0)
+  counts = jnp.asarray([4.0, 5.0, 6.0])
+  for t, n in ((means[:1], counts), (means[:, :1], counts),
+               (means, counts[:1])):
+    with pytest.raises(ValueError, match="expected"):
+      distill.feature_matching_loss(plan, params, aug, syn, t, n, 1.0)
+  opt = distill.image_optimizer(0.05)
+  step = distill.make_step(plan, opt, clip_norm=1.0)
+  state = distill.init_state(jnp.copy(syn), opt)
+  with pytest.raises(ValueError, match=r"expected_counts \(K,\)"):
+    step(state, means[None], counts[:1], jax.random.key(2))
+  for chunk in (0, -1, 1.5):
+    with pytest.raises(ValueError, match="class_chunk"):
+      distill.make_step(plan, opt, clip_norm=1.0, class_chunk=chunk)

@@ -321,7 +321,9 @@ def test_flat_query_jit_matches_eager_with_the_claimed_noise():
     ({"sigma": -2.0}, "standard deviation"),
     ({"sigma": float("inf")}, "standard deviation"),
     ({"p": 1.5}, "sampling rate"), ({"p": 0.0}, "sampling rate"),
-    ({"cap": -1}, "capacity"), ({"k": 0}, "num_classes")])
+    ({"cap": -1}, "capacity"), ({"k": 0}, "num_classes"),
+    ({"clip": float("inf")}, "infinite"),   # noise std sigma C = inf
+    ({"strategy": "bogus"}, "augmentation component")])
 def test_a_query_spec_with_bad_privacy_parameters_is_refused(kw, message):
   with pytest.raises(ValueError, match=message):
     _spec(**kw)
