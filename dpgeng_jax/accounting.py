@@ -402,6 +402,17 @@ def calibrate(mechanisms: Sequence[Mechanism], epsilon: float, delta: float,
   aim by the miss of the fine figure at the coarse root; every accepted
   result is checked at the fine discretisation.
   """
+  try:
+    return _calibrate(mechanisms, epsilon, delta, shares, fixed)
+  except _NoNoiseNeeded as e:
+    raise ValueError(
+        f"epsilon {epsilon:g} at delta {delta:g} is more than these "
+        f"mechanisms spend even with almost no noise (they reach epsilon "
+        f"{e.reached:.6g} at the smallest noise searched): lower the "
+        "target epsilon") from None
+
+
+def _calibrate(mechanisms, epsilon, delta, shares, fixed):
   validate_target(epsilon, delta)
   interval = pld_interval(epsilon)
   if accountant_for(delta) == "pld":
@@ -485,6 +496,12 @@ def _solve(eps_of, target: float, guess: float, rtol: float = 2e-4) -> float:
                          maxiter=100)
 
 
+class _NoNoiseNeeded(ValueError):
+  def __init__(self, reached: float):
+    super().__init__(f"epsilon {reached:g} is reached without noise")
+    self.reached = reached
+
+
 def _bracket(eps_of, target: float, guess: float) -> tuple[float, float]:
   """(lo, hi) in log GDP scale with eps_of(lo) <= target < eps_of(hi)
   (epsilon increases with the scale)."""
@@ -492,7 +509,7 @@ def _bracket(eps_of, target: float, guess: float) -> tuple[float, float]:
   while eps_of(hi) <= target:
     lo, hi = hi, hi + 0.5
     if hi > math.log(1e4):
-      raise ValueError(f"epsilon {target:g} needs no noise at all here")
+      raise _NoNoiseNeeded(eps_of(hi))
   while eps_of(lo) > target:
     lo, hi = lo - 0.5, lo
     if lo < math.log(1e-8):

@@ -341,3 +341,10 @@ def test_the_report_says_whether_the_target_is_met():
     with pytest.raises(ValueError, match="target_epsilon"):
       A.privacy_report(ms, target_epsilon=target, delta=1e-5, private=True,
                        public_metadata=[])
+
+
+def test_an_epsilon_the_mechanisms_cannot_spend_is_named_in_the_message():
+  """The message named the search's internal aim (996.503 for 999)."""
+  with pytest.raises(ValueError, match="epsilon 999 at delta 1e-05 is more "
+                     "than these mechanisms spend"):
+    A.calibrate([A.Mechanism("f", 0.0, 0.5, 20)], 999.0, 1e-5)
