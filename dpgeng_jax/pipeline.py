@@ -201,9 +201,14 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
   est = estimate_lib.estimate(cfg, plan, ds.image_shape, n_public,
                               len(ds.y_test), ds.num_classes, est["rate"])
 
-  timings = dict(r.timings, total_s=time.time() - t0)
+  timings = dict(r.stage_timings(), total_s=time.time() - t0)
   if metrics is not None:
     metrics["timings_s"] = timings
+    if r.loaded:
+      metrics["resumed"] = {
+          "stages_loaded": sorted(r.loaded),
+          "note": "the loaded stages' timings are those of the process "
+                  "that computed them; total_s is this process's"}
     metrics["peak_rss_mb"] = dict(r.peak_rss_mb)
     metrics["private"] = privacy["private"]
   config = cfg.to_dict()

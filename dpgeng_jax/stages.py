@@ -36,6 +36,7 @@ from dpgeng_jax import evaluate, extractors, generators, mechanisms, models
 from dpgeng_jax import expert as expert_lib
 from dpgeng_jax import init as init_lib
 from dpgeng_jax import parallel, planning
+from dpgeng_jax import progress as progress_lib
 from dpgeng_jax import store as store_lib
 from dpgeng_jax.config import Config
 from dpgeng_jax.errors import ConfigError, DataError
@@ -79,6 +80,9 @@ class Run:
   # The process's peak resident memory (MB) when each stage ended: where
   # it rises, that stage set a new high-water mark.
   peak_rss_mb: dict = dataclasses.field(default_factory=dict)
+  # Stages this process loaded from the store (a resumed run) and did not
+  # compute again: their timings are the process that computed them.
+  loaded: set = dataclasses.field(default_factory=set)
 
   @property
   def num_classes(self) -> int:
@@ -92,15 +96,31 @@ class Run:
     return self.store is not None and self.store.finished(name)
 
   def save(self, name: str, **what) -> None:
+    self.loaded.discard(name)
     if self.store is not None:
       self.store.save(name, **what)
 
   def load(self, name: str, **kw):
+    self.loaded.add(name)
     return self.store.load(name, **kw)
 
   def timed(self, key: str, t0: float) -> None:
     self.timings[key] = self.timings.get(key, 0.0) + time.time() - t0
     self.peak_rss_mb[key.removesuffix("_s")] = peak_rss_mb()
+    if self.store is not None:  # kept for a resumed run's metrics
+      self.store.save_timings({k: v for k, v in self.timings.items()
+                               if _STAGE_OF.get(k) not in self.loaded})
+
+  def stage_timings(self) -> dict:
+    """Seconds per stage: this process's, except for the stages it loaded
+    from an earlier (killed) process of the run, whose own times the store
+    kept."""
+    saved = self.store.saved_timings() if self.store is not None else {}
+    return {**self.timings, **{k: v for k, v in saved.items()
+                               if _STAGE_OF.get(k) in self.loaded}}
+
+
+_STAGE_OF = {key: name for name, key in progress_lib.STAGES}
 
 
 def peak_rss_mb() -> float:

@@ -179,6 +179,16 @@ class StageStore:
                                    (targets or {}).get(key))
     return arrays, trees, self.state()["info"].get(name)
 
+  def save_timings(self, timings: dict) -> None:
+    """Records stage times (seconds by timing key) over the saved ones."""
+    state = self.state()
+    state.setdefault("timings_s", {}).update(timings)
+    self._write_state()
+
+  def saved_timings(self) -> dict:
+    """The stage times recorded by `save_timings` (any process)."""
+    return dict(self.state().get("timings_s", {})) if self.exists() else {}
+
   def forget(self, name: str) -> None:
     """Marks a stage unfinished (a superseded distillation checkpoint)."""
     state = self.state()

@@ -279,3 +279,24 @@ def test_a_privacy_abort_exits_3_and_the_run_resumes(tmp_path, monkeypatch,
   assert cli.main(["distill", "--resume", str(out), "--quiet"]) == 0
   assert calls == {"class_counts": 0, "generator": 0, "queries": 1,
                    "expert": 1}
+
+
+def test_a_resumed_run_reports_the_times_of_the_process_that_ran_each_stage(
+    tmp_path, monkeypatch):
+  """metrics.json's timings of the stages a resumed run loaded were their
+  load times (a generator of seconds reported as milliseconds); now they
+  are the killed process's, and the loaded stages are named."""
+  out = _killed_run(tmp_path, monkeypatch, after="query")
+  state = json.loads((out / outputs.STAGING / "stages" / store.STATE)
+                     .read_text())
+  first = state["timings_s"]
+  assert {"calibration_s", "class_sizes_s", "generation_s",
+          "extractor_pool_s"} <= set(first)
+  assert cli.main(["distill", "--resume", str(out), "--quiet"]) == 0
+  metrics = json.loads((out / "metrics.json").read_text())
+  for key in ("calibration_s", "class_sizes_s", "generation_s",
+              "extractor_pool_s"):
+    assert metrics["timings_s"][key] == first[key]
+  assert {"generate", "pool", "query"} <= set(
+      metrics["resumed"]["stages_loaded"])
+  assert "init" not in metrics["resumed"]["stages_loaded"]
