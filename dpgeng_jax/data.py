@@ -281,6 +281,8 @@ def _images(x: Any, what: str) -> np.ndarray:
         "each block's map 2x2, so images need at least 2 pixels per side")
   if x.dtype == np.uint8:
     return x.astype(np.float32) / np.float32(255.0)
+  if x.dtype.name == "bfloat16":  # ml_dtypes' (JAX's), not a numpy floating
+    x = x.astype(np.float32)
   if not np.issubdtype(x.dtype, np.floating):
     raise DataError(
         f"{what} has dtype {x.dtype}; images must be uint8 (0..255) or float in [0, 1]")

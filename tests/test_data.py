@@ -139,6 +139,17 @@ def test_npz_round_trip_float_nhwc_keeps_values(tmp_path):
   np.testing.assert_array_equal(ds.x_test, x_test)
 
 
+@pytest.mark.parametrize("dtype", ["float16", jnp.bfloat16])
+def test_half_precision_images_from_python_are_read_as_float32(dtype):
+  """bfloat16 (JAX's dtype, not a numpy floating type) was refused as
+  'not uint8 or float'."""
+  x = (np.arange(4 * 16).reshape(4, 4, 4, 1) / 64.0).astype(dtype)
+  ds = data.from_arrays(x, np.array([0, 1, 0, 1]), x[:2], np.array([0, 1]),
+                        name="half")
+  assert ds.x_train.dtype == np.float32
+  np.testing.assert_array_equal(ds.x_train, np.asarray(x, np.float32))
+
+
 def test_npz_without_test_split_names_the_missing_keys(tmp_path):
   path = tmp_path / "train_only.npz"
   np.savez(path, x_train=np.zeros((2, 3, 3), np.uint8), y_train=np.array([0, 1]))
