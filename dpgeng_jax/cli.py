@@ -336,11 +336,14 @@ def _plan(cfg: Config) -> int:
            if report["delta_external"] else ""))
   for note in report["notes"]:
     print("note:", note)
+  from dpgeng_jax import planning
+  for line in planning.unused_options(cfg, planning.resolve(cfg)):
+    print("note:", line)
   if cfg.delta >= 1e-3:
     print(f"note: a run refuses a delta of 1/N or more (N's upper bound "
           f"from the released class counts): delta {cfg.delta:g} suits "
           f"only datasets of fewer than {1 / cfg.delta:.0f} examples")
-  from dpgeng_jax import estimate, planning
+  from dpgeng_jax import estimate
   known = estimate.known_shape(cfg)
   if known is None:
     print("cost estimate: printed by `dpgeng distill` once the data is "

@@ -338,6 +338,15 @@ def test_plan_reads_no_data_and_prints_the_allocation(monkeypatch, capsys):
     assert name in out
   pld_line = next(l for l in out.splitlines() if "composed pld" in l)
   assert 0.98 * 2 <= float(pld_line.split()[-1]) <= 2
+  assert "not used" not in out
+
+
+def test_plan_names_the_options_a_method_does_not_read(capsys):
+  assert cli.main(["plan", "--method", "ndpdc", "--generator", "merf",
+                   "--expert", "--epsilon", "2"]) == 0
+  out = capsys.readouterr().out
+  assert "note: --generator not used: method ndpdc uses no generated" in out
+  assert "note: --expert not used: the expert runs with method dpgeng" in out
 
 
 def test_too_few_generated_images_for_kmeans_fail_before_private_work(
