@@ -392,11 +392,20 @@ def _audit(args: argparse.Namespace) -> int:
   return 0 if ok else 1
 
 
-def mia_config(args: argparse.Namespace) -> Config:
-  """The attacked run's Config from `dpgeng mia` arguments (--out is the
-  attack's directory, not the run's)."""
+def mia_config(args: argparse.Namespace, argv=None) -> Config:
+  """The attacked run's Config from `dpgeng mia` arguments, resolved as
+  `dpgeng distill` resolves its own (defaults, then --preset, then the
+  options given in `argv`, default the command line); --out is the
+  attack's directory, not the run's."""
   names = {f.name for f in dataclasses.fields(Config)} - {"out"}
-  return Config(**{k: v for k, v in vars(args).items() if k in names})
+  values = {k: v for k, v in vars(args).items() if k in names}
+  if values.get("preset"):
+    from dpgeng_jax import presets
+    given = _given_options(sys.argv[1:] if argv is None else argv)
+    given.pop("out", None)
+    values = {**values, **presets.values(values["preset"]),
+              **{k: v for k, v in given.items() if k in names}}
+  return Config(**absolute_paths(values))
 
 
 def _mia(args: argparse.Namespace, console: bool = False) -> int:

@@ -55,7 +55,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpgeng_jax import data as data_lib, evaluate, outputs, pipeline, stages
+from dpgeng_jax import data as data_lib, evaluate, outputs, pipeline, planning
+from dpgeng_jax import stages
 from dpgeng_jax.config import Config, METHODS
 from dpgeng_jax.errors import ConfigError, require_int
 from dpgeng_jax.models import ConvNet
@@ -438,11 +439,13 @@ def run(cfg: Config, *, shadows: int = DEFAULT_SHADOWS, seed: int = 0,
     log(f"shadow {s + 1}/{shadows}: {time.time() - t1:.1f} s")
   t_all = time.time() - t0
   labels = masks[0]
-  private = cfg.method not in NONPRIVATE
+  private = cfg.method not in NONPRIVATE and not planning.nonprivate_reasons(
+      dataclasses.replace(cfg, references=False),  # ignored by the attack
+      planning.resolve(cfg, tuple(ds.image_shape)))
   common = dict(method=cfg.method,
                 epsilon=float(cfg.epsilon) if private else None,
                 members=int(labels.sum()), candidates=int(ds.num_train),
-                dataset=ds.name, private=private and not cfg.deterministic)
+                dataset=ds.name, private=private)
   return [
       MiaRecord(attack="loss", shadows=0, seconds=t_target,
                 **attack_metrics(loss_scores(loss), labels), **common),

@@ -216,6 +216,30 @@ def test_run_draws_target_and_shadows_with_their_own_splits_and_seeds(
   assert records[0].seconds <= records[1].seconds
 
 
+@pytest.mark.parametrize("kw", [{"init": "real"}, {"deterministic": True}])
+def test_records_of_a_run_that_is_not_private_say_so(tiny, monkeypatch, kw):
+  """mia.json called a dpgeng run initialised from real images private
+  (only the method was looked at); it now uses privacy.json's reasons."""
+  real = mia.released_set
+  monkeypatch.setattr(mia, "released_set", lambda cfg, ds, m, seed: real(
+      dataclasses.replace(cfg, method="random_real"), ds, m, seed))
+  base = dict(method="ndpdc", ipc=2, eval_models=1, eval_epochs=2,
+              eval_width=8, quiet=True)
+  for extra, private in (({}, True), (kw, False)):
+    records = mia.run(Config(**base, **extra), shadows=2, dataset=tiny,
+                      log=None)
+    assert {r.private for r in records} == {private}
+    assert {r.epsilon for r in records} == {1.0 if private else None}
+
+
+def test_mia_resolves_a_preset_as_distill_does():
+  """--preset was recorded but its values were not applied."""
+  argv = ["mia", "--preset", "quick", "--steps", "7", "--out", "x"]
+  cfg = cli.mia_config(cli.build_parser().parse_args(argv), argv[1:])
+  assert (cfg.steps, cfg.eval_epochs, cfg.extractor_width) == (7, 50, 32)
+  assert cfg.out == Config().out  # --out is the attack's directory
+
+
 def test_released_set_distills_the_members_only(tiny, monkeypatch):
   from dpgeng_jax import pipeline
   seen = []
