@@ -242,7 +242,8 @@ def load_dataset(spec: str, *, data_dir: str | None = None,
   elif spec.startswith("npz:"):
     ds = _load_npz(spec[len("npz:"):], num_classes)
   elif spec.startswith("tfds:"):
-    ds = _load_tfds(spec[len("tfds:"):], data_dir, label_feature, image_size)
+    ds = _load_tfds(spec[len("tfds:"):], data_dir, label_feature, image_size,
+                    num_classes)
   else:
     raise DataError(
         f"unknown dataset spec {spec!r}; valid forms are 'digits', 'npz:PATH' "
@@ -490,16 +491,25 @@ def resize_images(x: np.ndarray, size: int, chunk: int = 256) -> np.ndarray:
   return out
 
 
-def _label(example: dict, path: str):
+def _label(example: dict, path: str, what: str):
   v = example
   for part in path.split("/"):
     v = v[part]
-  return int(v)
+  a = np.asarray(v)
+  if a.shape != () or not (np.issubdtype(a.dtype, np.integer)
+                           or a.dtype == np.bool_):
+    raise DataError(f"TFDS split {what}: the label feature {path!r} holds "
+                    f"{a.dtype} values of shape {a.shape}, not one integer "
+                    "or boolean per example (--label-feature)")
+  return int(a)
 
 
 def _load_tfds(rest: str, data_dir: str | None, label_feature: str = "label",
-               image_size: int = 0) -> Dataset:
-  """A prepared TFDS dataset, read in bulk through `tfds.data_source`."""
+               image_size: int = 0,
+               declared_classes: int | None = None) -> Dataset:
+  """A prepared TFDS dataset, read in bulk through `tfds.data_source`.
+  K comes from the label's ClassLabel, else from `declared_classes`
+  (--num-classes), else from the labels."""
   name, train_split, test_split = _parse_tfds_spec(rest)
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from absl import logging as absl_logging  # tfds's logger
@@ -524,6 +534,10 @@ def _load_tfds(rest: str, data_dir: str | None, label_feature: str = "label",
         f"'image' and '{label_top}' are needed (--label-feature)")
   num_classes = (getattr(features["label"], "num_classes", None)
                  if label_feature == "label" else None)
+  source = "the TFDS label feature (ClassLabel)"
+  if num_classes is None and declared_classes is not None:
+    num_classes, source = declared_classes, (
+        "declared by the user (--num-classes)")
   x_train, y_train = _read_all(train, f"{name} {train_split}", label_feature,
                                image_size)
   x_test, y_test = _read_all(test, f"{name} {test_split}", label_feature,
@@ -531,8 +545,7 @@ def _load_tfds(rest: str, data_dir: str | None, label_feature: str = "label",
   return from_arrays(x_train, y_train, x_test, y_test, name=name,
                      num_classes=num_classes,
                      num_classes_source=(
-                         "the TFDS label feature (ClassLabel)"
-                         if num_classes is not None else None))
+                         source if num_classes is not None else None))
 
 
 def _read_all(source: Sequence[Any], what: str, label_feature: str = "label",
@@ -541,32 +554,50 @@ def _read_all(source: Sequence[Any], what: str, label_feature: str = "label",
   (resized chunk by chunk with `image_size`, so that the full-size split
   is never held at once)."""
   images, labels = [], []
-  try:
-    for start in range(0, len(source), _TFDS_READ_CHUNK):
-      keys = list(range(start, min(len(source), start + _TFDS_READ_CHUNK)))
-      chunk = []
-      for example in source.__getitems__(keys):
-        chunk.append(example["image"])
-        labels.append(_label(example, label_feature))
-      if image_size and chunk:
-        images.extend(resize_images(np.stack(chunk), image_size))
-      else:
-        images.extend(chunk)
-  except (KeyError, TypeError) as e:
-    raise DataError(f"TFDS split {what}: no label feature "
-                    f"{label_feature!r} ({type(e).__name__}: {e})") from e
-  except ValueError as e:
-    raise DataError(
-        f"TFDS split {what} has images of different shapes; pass "
-        f"--image-size to resize them ({e})") from e
+  for start in range(0, len(source), _TFDS_READ_CHUNK):
+    keys = list(range(start, min(len(source), start + _TFDS_READ_CHUNK)))
+    try:
+      examples = source.__getitems__(keys)
+    except (OSError, RuntimeError, ValueError) as e:  # array_record's
+      raise DataError(
+          f"cannot read TFDS split {what} ({_first_line(e)}); its prepared "
+          "files look incomplete or damaged: copy the dataset directory "
+          "again") from e
+    chunk = []
+    for example in examples:
+      try:
+        chunk.append(np.asarray(example["image"]))
+        labels.append(_label(example, label_feature, what))
+      except (KeyError, TypeError) as e:
+        raise DataError(f"TFDS split {what}: no label feature "
+                        f"{label_feature!r} ({type(e).__name__}: {e})") from e
+    if image_size and chunk:
+      images.extend(_resize_each_shape(chunk, image_size))
+    else:
+      images.extend(chunk)
   if not images:
     raise DataError(f"TFDS split {what} is empty")
-  try:
-    return np.stack(images), np.asarray(labels)
-  except ValueError as e:
+  shapes = {a.shape for a in images}
+  if len(shapes) > 1:
     raise DataError(
-        f"TFDS split {what} has images of different shapes; only fixed-size "
-        f"images are supported ({e})") from e
+        f"TFDS split {what} has images of {len(shapes)} different shapes "
+        f"(for example {sorted(shapes)[:2]}); pass --image-size SIZE to "
+        "resize every image to SIZE x SIZE")
+  return np.stack(images), np.asarray(labels)
+
+
+def _resize_each_shape(chunk: list, size: int) -> list:
+  """The images of `chunk` resized to size x size, batched by shape (a
+  dataset may store images of several sizes), in their order."""
+  out = [None] * len(chunk)
+  by_shape: dict = {}
+  for i, a in enumerate(chunk):
+    by_shape.setdefault(a.shape, []).append(i)
+  for idx in by_shape.values():
+    resized = resize_images(np.stack([chunk[i] for i in idx]), size)
+    for i, r in zip(idx, resized):
+      out[i] = r
+  return out
 
 
 def _tfds_failure(tfds: Any, name: str, data_dir: str | None, error: Exception) -> str:

@@ -461,3 +461,78 @@ def test_unprepared_tfds_dataset_in_default_dir_names_tfds_data_dir(tmp_path, mo
     data.load_dataset("tfds:mnist")
   assert time.perf_counter() - start < 10.0
   assert "TFDS_DATA_DIR" in str(info.value)
+
+
+class _FakeSource:
+  """A tfds data source stand-in: examples by index, read in batches."""
+
+  def __init__(self, examples, features=None, fail=None):
+    self.examples, self.fail = examples, fail
+    self.dataset_info = type("Info", (), {"features": features or {}})()
+
+  def __len__(self):
+    return len(self.examples)
+
+  def __getitems__(self, keys):
+    if self.fail is not None:
+      raise self.fail
+    return [self.examples[k] for k in keys]
+
+
+def _examples(shapes, label=lambda i: i % 2):
+  rng = np.random.default_rng(0)
+  return [{"image": rng.integers(0, 256, s, dtype=np.uint8),
+           "label": label(i), "attributes": {"Male": bool(i % 2)},
+           "name": b"n%d" % i} for i, s in enumerate(shapes)]
+
+
+def test_tfds_images_of_several_sizes_are_resized_one_size_at_a_time():
+  """They were stacked before resizing: --image-size failed with a message
+  asking for --image-size."""
+  shapes = [(10, 8, 1), (6, 6, 1), (10, 8, 1), (7, 9, 1)]
+  x, y = data._read_all(_FakeSource(_examples(shapes)), "t", image_size=4)
+  assert x.shape == (4, 4, 4, 1) and x.dtype == np.float32
+  np.testing.assert_array_equal(y, [0, 1, 0, 1])
+  one = data.resize_images(_examples(shapes)[3]["image"][None], 4)[0]
+  np.testing.assert_array_equal(x[3], one)
+  with pytest.raises(DataError, match="3 different shapes.*--image-size"):
+    data._read_all(_FakeSource(_examples(shapes)), "t")
+
+
+def test_a_tfds_label_feature_that_is_not_integer_says_so():
+  """int(b'n0') failed and was reported as images of different shapes."""
+  with pytest.raises(DataError, match="label feature 'name' holds"):
+    data._read_all(_FakeSource(_examples([(4, 4, 1)] * 2)), "t",
+                   label_feature="name")
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("open() failed: No such file or directory"),
+    RuntimeError("ArrayRecord file should be at least 64KB big")])
+def test_unreadable_tfds_files_are_one_data_error(error):
+  with pytest.raises(DataError, match="copy the dataset directory again"):
+    data._read_all(_FakeSource(_examples([(4, 4, 1)] * 2), fail=error), "t")
+
+
+def test_a_truncated_prepared_tfds_shard_is_a_data_error(tiny_tfds_dir,
+                                                         tmp_path):
+  shutil.copytree(os.path.join(tiny_tfds_dir, "dpgeng_tiny_images"),
+                  tmp_path / "dpgeng_tiny_images")
+  shard, = (tmp_path / "dpgeng_tiny_images" / "1.0.0").glob(
+      "*train.array_record*")
+  shard.write_bytes(shard.read_bytes()[:100])
+  with pytest.raises(DataError, match="train.*copy the dataset directory"):
+    data.load_dataset("tfds:dpgeng_tiny_images", data_dir=str(tmp_path))
+
+
+def test_a_declared_class_count_is_reported_as_declared_for_tfds(monkeypatch):
+  """With --label-feature the report said 'inferred from the training
+  labels' even when --num-classes had declared K (every celeb_a preset)."""
+  features = {"image": None, "attributes": None}
+  source = _FakeSource(_examples([(4, 4, 1)] * 4), features)
+  monkeypatch.setattr(tfds, "data_source", lambda *a, **k: (source, source))
+  ds = data.load_dataset("tfds:fake", num_classes=2,
+                         label_feature="attributes/Male")
+  assert ds.num_classes == 2 and "declared" in ds.num_classes_source
+  ds = data.load_dataset("tfds:fake", label_feature="attributes/Male")
+  assert "inferred" in ds.num_classes_source
