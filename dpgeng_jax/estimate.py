@@ -178,10 +178,13 @@ def measure_rate(seconds: float = 0.3) -> dict:
 
 def text_api_seconds(image_shape, n: int = 32) -> float:
   """Seconds per sample of the text API (random + variation) at this
-  image shape."""
+  image shape, from n samples (fewer for images above 32x32, whose
+  rendering time grows with the pixels: 2 at 1024x1024)."""
   import jax
   import numpy as np
   from dpgeng_jax.generators.apis.text import TextAPI
+  pixels = int(image_shape[0]) * int(image_shape[1])
+  n = max(2, min(n, n * 32 * 32 // pixels))
   api = TextAPI(tuple(image_shape), 10)
   labels = np.arange(n) % 10
   api.random(jax.random.key(0), labels)  # fonts loaded

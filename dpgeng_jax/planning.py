@@ -12,6 +12,7 @@ import math
 import jax
 
 from dpgeng_jax import accounting, generators, models, presets
+from dpgeng_jax import data as data_lib
 from dpgeng_jax import init as init_lib
 from dpgeng_jax.config import Config, METHODS
 from dpgeng_jax.errors import ConfigError
@@ -32,9 +33,10 @@ def validate_config(cfg: Config) -> None:
     raise ConfigError(f"ipc must be >= 1, got {cfg.ipc}")
   if cfg.preset:
     presets.names(cfg.preset)  # unknown names are refused
-  if cfg.image_size < 0 or cfg.image_size == 1:
-    raise ConfigError(f"image_size must be 0 (as stored) or >= 2, got "
-                      f"{cfg.image_size}")
+  if (cfg.image_size < 0 or cfg.image_size == 1
+      or cfg.image_size > data_lib.MAX_IMAGE_SIZE):
+    raise ConfigError(f"image_size must be 0 (as stored) or 2..."
+                      f"{data_lib.MAX_IMAGE_SIZE}, got {cfg.image_size}")
   if not 0 < cfg.sampling_rate <= 1:
     raise ConfigError(f"sampling_rate must be in (0, 1], got "
                       f"{cfg.sampling_rate}")

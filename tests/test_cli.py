@@ -131,6 +131,7 @@ BAD_FLAGS = [
     (["--expert", "--expert-lr", "nan"], "expert_lr"),
     (["--expert", "--expert-weight", "nan"], "expert_weight"),
     (["--clip-norm", "nan"], "clip_norm"),
+    (["--image-size", "5000"], "image_size must be 0 (as stored) or 2...1024"),
 ]
 
 
@@ -339,6 +340,13 @@ def test_plan_reads_no_data_and_prints_the_allocation(monkeypatch, capsys):
   pld_line = next(l for l in out.splitlines() if "composed pld" in l)
   assert 0.98 * 2 <= float(pld_line.split()[-1]) <= 2
   assert "not used" not in out
+
+
+def test_plan_refuses_an_image_size_that_distill_refuses(capsys):
+  """plan --image-size 5000 rendered text samples at 5000 px for minutes."""
+  assert cli.main(["plan", "--image-size", "5000"]) == 2
+  assert "image_size must be 0 (as stored) or 2...1024" in (
+      capsys.readouterr().err)
 
 
 def test_plan_names_the_options_a_method_does_not_read(capsys):
