@@ -642,8 +642,8 @@ def privacy_report(mechanisms: Sequence[Mechanism], *, target_epsilon: float,
         f"delta {d:g}")
   if eps_pld is not None and math.isfinite(eps_pld) and eps_clt < eps_pld:
     notes.append(
-        f"The GDP-CLT figure ({eps_clt:.4g}) is below the PLD figure "
-        f"({eps_pld:.4g}): the CLT approximation understates epsilon here; "
+        f"The GDP-CLT figure ({eps_clt:.6g}) is below the PLD figure "
+        f"({eps_pld:.6g}): the CLT approximation understates epsilon here; "
         "the guarantee is the PLD figure.")
   per = []
   for m in mechanisms:

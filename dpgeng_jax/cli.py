@@ -44,9 +44,11 @@ def _add_config_options(parser: argparse.ArgumentParser,
       g.add_argument(_flag(f.name), dest=f.name, action="store_true",
                      default=default, help=help_text)
       if f.name == "expert":  # the default since the expert went off
+        # SUPPRESS: --expert's default stands (and the help shows none).
         g.add_argument("--no-expert", dest=f.name, action="store_false",
-                       default=default, help="no DP expert (the default; "
-                       "accepted for older commands)")
+                       default=argparse.SUPPRESS, help="turn the DP expert "
+                       "off (it is off by default; accepted for older "
+                       "commands)")
       continue
     typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
     g.add_argument(_flag(f.name), dest=f.name, type=typ, default=default,
@@ -387,8 +389,20 @@ def _audit(args: argparse.Namespace) -> int:
         + f" ({'ok' if sampler.passed else 'FAIL'})")
   if args.out is not None:
     print("wrote " + audit.write_records(records, args.out, sampler, faults))
-  ok = (sampler.passed and all(r.passed for r in records)
-        and not any(r.passed for r in faults))
+  failed = [r for r in records if not r.passed]
+  undetected = [r for r in faults if r.passed]
+  ok = sampler.passed and not failed and not undetected
+  if failed:
+    print(f"verdict: FAIL: {len(failed)} mechanism(s) with a lower bound "
+          "above the accounted epsilon (a privacy bug)")
+  if not sampler.passed:
+    print("verdict: FAIL: the noise sampler's draws are not Gaussian")
+  if undetected:
+    print(f"verdict: {len(undetected)} broken variant(s) not caught at "
+          f"{args.trials} trials: the audit lacks power there; rerun with "
+          "more --trials before trusting a pass")
+  if ok:
+    print("verdict: ok")
   return 0 if ok else 1
 
 
@@ -424,8 +438,10 @@ def _mia(args: argparse.Namespace, console: bool = False) -> int:
   print(mia.format_table(records))
   non_members = records[0].candidates - records[0].members
   if non_members < 1000:
+    at_zero = "0.1%" + (" and 1%" if non_members < 100 else "")
     print(f"note: {non_members} non-members: the smallest non-zero FPR is "
-          f"{1 / non_members:.2g}, so TPR at 0.1% FPR is the TPR at FPR 0")
+          f"{1 / non_members:.2g}, so TPR at {at_zero} FPR is the TPR at "
+          "FPR 0")
   if args.out is not None:
     print("wrote " + mia.write_records(records, args.out))
   return 0

@@ -55,7 +55,8 @@ class Config:
                           "path such as attributes/Male picks a nested "
                           "(boolean) attribute", "method")
   image_size: int = _f(0, "resize every image to SIZE x SIZE (centre "
-                       "crop to a square, then area averaging; public "
+                       "crop to a square, then linear resizing with "
+                       "antialiasing; public "
                        "preprocessing; 0: as stored)", "method")
   data_dir: str = _f("", "TFDS data directory; empty means TFDS_DATA_DIR "
                      "or ~/tensorflow_datasets", "output")

@@ -387,6 +387,9 @@ def unused_options(cfg: Config, plan: Plan) -> list[str]:
     return [_flag(n) for n in names if getattr(cfg, n) != getattr(base, n)]
 
   why = {}
+  if not cfg.dataset.startswith("tfds:"):
+    why["only tfds: datasets read them"] = changed(("label_feature",
+                                                    "data_dir"))
   if not plan.uses_generated:
     why[f"method {cfg.method} uses no generated data"] = changed(
         ("generator", "generated_per_class", *_PE_OPTIONS, *_TEXT_OPTIONS,

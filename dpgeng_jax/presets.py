@@ -86,8 +86,9 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
                      "pe_width": 32},
            "reduced protocol for CPUs and smoke tests (cost options only; "
            "the same for every method)", "2 CPU cores",
-           runtime="21-25 s on digits (warm compilation cache, 2026-12-02)",
-           result="digits, dpgeng, eps 1: 69.0 +- 1.1 % (3 draws)"),
+           runtime="21 s on digits (warm compilation cache, 2026-12-04)",
+           result="digits, dpgeng, eps 1: 79.2 +- 0.8 % (3 draws, "
+                  "2026-12-04)"),
 )}
 
 _FIELDS = {f.name for f in dataclasses.fields(Config)}

@@ -425,10 +425,15 @@ def rebuild(out: str) -> list[str]:
   (outputs.amend_finished)."""
   from dpgeng_jax import outputs
   from dpgeng_jax.errors import ConfigError
+  if not os.path.isdir(out):
+    raise ConfigError(f"{out!r} does not exist or is not a directory")
   manifest = outputs.read_manifest(out)
   if manifest is None or manifest.get("tool") != "dpgeng_jax":
-    raise ConfigError(f"{out!r} holds no finished dpgeng run (no "
-                      "manifest.json of this tool)")
+    unfinished = os.path.isdir(os.path.join(out, outputs.STAGING))
+    raise ConfigError(
+        f"{out!r} holds no finished dpgeng run (no manifest.json of this "
+        "tool)" + (f"; it holds an unfinished one: finish it with `dpgeng "
+                   f"distill --resume {out}`" if unfinished else ""))
   privacy = _load_json(os.path.join(out, "privacy.json"))
   config = _load_json(os.path.join(out, "config.json"))
   if privacy is None or config is None:

@@ -261,3 +261,29 @@ def test_private_distill_run_writes_no_key_material(tmp_path, monkeypatch,
       assert w.byteswap().tobytes() not in blob, name
       for word in w:
         assert not re.search(rf"(?<!\d){int(word)}(?!\d)", text), (name, word)
+
+
+@pytest.mark.parametrize("records,faults,sampler_ok,rc,says", [
+    ([True, True], [False], True, 0, "verdict: ok"),
+    ([True, False], [False], True, 1, "verdict: FAIL: 1 mechanism(s)"),
+    ([True], [False], False, 1, "verdict: FAIL: the noise sampler"),
+    ([True], [False, True], True, 1, "1 broken variant(s) not caught at "
+     "100 trials"),
+])
+def test_the_audit_ends_with_a_verdict_saying_why(monkeypatch, capsys,
+                                                  records, faults,
+                                                  sampler_ok, rc, says):
+  """It exited 1 with no line saying why (there, a broken variant the
+  audit did not catch at few trials)."""
+  from types import SimpleNamespace as NS
+  monkeypatch.setattr(audit, "audit_all", lambda *a, **k: [
+      NS(passed=p) for p in records])
+  monkeypatch.setattr(audit, "audit_faults", lambda *a, **k: [
+      NS(passed=p) for p in faults])
+  monkeypatch.setattr(audit, "sampler_check", lambda **k: NS(
+      passed=sampler_ok, ks_pvalue=0.5, tail_starts=(), tail_ks_pvalues=()))
+  monkeypatch.setattr(audit, "format_table", lambda recs: "table")
+  assert cli.main(["audit", "--trials", "100", "--faults"]) == rc
+  out = capsys.readouterr().out
+  assert says in out
+  assert ("verdict: ok" in out) == (rc == 0)

@@ -276,6 +276,8 @@ def test_cli_writes_records_for_the_random_real_baseline(tmp_path, capsys):
     assert r["private"] is False
   printed = capsys.readouterr().out
   assert "TPR@0.1%FPR" in printed and "random_real" in printed
+  # 24 non-members: below 1/24 FPR both columns are the TPR at FPR 0.
+  assert "TPR at 0.1% and 1% FPR is the TPR at FPR 0" in printed
 
 
 @pytest.mark.parametrize("flags,message", [

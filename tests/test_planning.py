@@ -72,6 +72,11 @@ def test_one_declared_guarantee_of_npz_data_is_accepted():
       "pe:text"]),
     ({"generator": "merf", "pe_marks": 0, "generator_steps": 5},
      ["--pe-marks not used: the generator is merf"]),
+    ({"dataset": "npz:/d.npz", "label_feature": "attributes/Male",
+      "data_dir": "/x"},
+     ["--label-feature, --data-dir not used: only tfds: datasets read "
+      "them"]),
+    ({"dataset": "tfds:mnist", "data_dir": "/x"}, []),
 ])
 def test_options_a_run_does_not_read_are_named(kw, lines):
   cfg = Config(**kw)

@@ -70,7 +70,13 @@ def test_dpgeng_report_rebuilds_the_report_of_a_finished_run(finished_run):
 def test_report_of_a_directory_without_a_finished_run_is_an_error(tmp_path,
                                                                     capsys):
   assert cli.main(["report", str(tmp_path)]) == 2
-  assert "no finished dpgeng run" in capsys.readouterr().err
+  err = capsys.readouterr().err
+  assert "no finished dpgeng run" in err and "--resume" not in err
+  (tmp_path / ".dpgeng-staging").mkdir()  # a killed run
+  assert cli.main(["report", str(tmp_path)]) == 2
+  assert f"dpgeng distill --resume {tmp_path}" in capsys.readouterr().err
+  assert cli.main(["report", str(tmp_path / "nowhere")]) == 2
+  assert "does not exist" in capsys.readouterr().err
 
 
 def test_amending_a_run_never_replaces_a_file_it_did_not_write(tmp_path):
