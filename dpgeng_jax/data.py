@@ -456,6 +456,19 @@ def _split_fields(text: str) -> list[str]:
   return fields
 
 
+def check_spec(spec: str) -> None:
+  """Raises DataError unless `spec` has one of the valid forms (reads no
+  data; whether the file or dataset exists is checked when it is loaded)."""
+  if spec == "digits" or (spec.startswith("npz:") and spec != "npz:"):
+    return
+  if spec.startswith("tfds:"):
+    _parse_tfds_spec(spec[len("tfds:"):])
+    return
+  raise DataError(
+      f"unknown dataset spec {spec!r}; valid forms are 'digits', 'npz:PATH' "
+      "and 'tfds:NAME[:TRAIN_SPLIT[:TEST_SPLIT]]'")
+
+
 def _parse_tfds_spec(rest: str) -> tuple[str, str, str]:
   """'NAME[:VERSION][:TRAIN_SPLIT[:TEST_SPLIT]]' -> (name, train, test)."""
   fields = _split_fields(rest)

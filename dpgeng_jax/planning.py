@@ -31,6 +31,7 @@ def validate_config(cfg: Config) -> None:
     raise ConfigError(str(e)) from e
   if cfg.ipc < 1:
     raise ConfigError(f"ipc must be >= 1, got {cfg.ipc}")
+  data_lib.check_spec(cfg.dataset)
   if cfg.preset:
     presets.names(cfg.preset)  # unknown names are refused
   if (cfg.image_size < 0 or cfg.image_size == 1

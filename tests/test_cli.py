@@ -349,6 +349,12 @@ def test_plan_refuses_an_image_size_that_distill_refuses(capsys):
       capsys.readouterr().err)
 
 
+@pytest.mark.parametrize("spec", ["foo", "npz:", "tfds:a:b:c:d"])
+def test_plan_refuses_a_dataset_spec_distill_would_refuse(capsys, spec):
+  assert cli.main(["plan", "--dataset", spec]) == 2
+  assert "spec" in capsys.readouterr().err.split("error:")[1]
+
+
 def test_plan_names_the_options_a_method_does_not_read(capsys):
   assert cli.main(["plan", "--method", "ndpdc", "--generator", "merf",
                    "--expert", "--epsilon", "2"]) == 0
