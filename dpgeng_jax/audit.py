@@ -484,14 +484,15 @@ def _pe_setup(sigma, clip, p, copies) -> _Setup:
   with_canary, without_canary = _padded_pair(others, canary, copies)
 
   def release(data, sigma_, key):
-    hist = pe.private_histogram(pop, *data, k=_PE_VOTES)
-    return pe.release_histogram(key, hist, sigma_).reshape(-1)
+    counts = pe.private_histogram(pop, *data, k=_PE_VOTES)
+    return pe.release_histogram(key, counts, sigma_, _PE_VOTES).reshape(-1)
 
   # The canary's own votes (a one-row histogram) give u; the noiseless
   # histogram of D' centres s.
   alone = pe.private_histogram(pop, jnp.asarray(canary), jnp.zeros(1,
                                                                   jnp.int32),
                                jnp.ones(1), k=_PE_VOTES).reshape(-1)
+  alone = alone.astype(jnp.float32)
   u = alone / jnp.linalg.norm(alone)
   base = release(without_canary, 0.0, jax.random.key(0)) @ u
 

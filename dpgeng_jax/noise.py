@@ -179,22 +179,33 @@ def check_stddev(stddev) -> None:
 
 
 def add_gaussian_noise(key: jax.Array, value: jax.Array,
-                       stddev: float) -> jax.Array:
-  """value + N(0, stddev^2) per coordinate, as float32, rounded once.
+                       stddev: float, scale: float | None = None
+                       ) -> jax.Array:
+  """value (* scale) + N(0, stddev^2) per coordinate, as float32, rounded
+  once.
 
-  The value (a clipped sum, float32) is widened to float64, the float64
-  normal draw scaled by stddev is added, and the result is rounded to
-  float32 once. stddev = 0 returns the value unchanged (as float32): the
-  non-private path.
+  The value (a clipped sum, float32, or integer counts) is widened to
+  float64, multiplied by `scale` there if given (PE's vote weight on exact
+  integer counts), the float64 normal draw scaled by stddev is added, and
+  the result is rounded to float32 once. stddev = 0 returns the (scaled)
+  value as float32: the non-private path.
   """
   value = jnp.asarray(value)
   check_stddev(stddev)
-  if isinstance(stddev, (int, float)) and stddev == 0:
+  zero = isinstance(stddev, (int, float)) and stddev == 0
+  if zero and scale is None:
     return value.astype(jnp.float32)
-  words = jax.random.bits(key, (WORDS_PER_NORMAL, *value.shape), jnp.uint32)
+  if not zero:
+    words = jax.random.bits(key, (WORDS_PER_NORMAL, *value.shape),
+                            jnp.uint32)
   with jax.enable_x64(True):
+    wide = value.astype(jnp.float64)
+    if scale is not None:
+      wide = wide * jnp.asarray(scale, jnp.float64)
+    if zero:
+      return wide.astype(jnp.float32)
     z = standard_normal_from_bits(words)
-    out = value.astype(jnp.float64) + jnp.asarray(stddev, jnp.float64) * z
+    out = wide + jnp.asarray(stddev, jnp.float64) * z
     return out.astype(jnp.float32)
 
 

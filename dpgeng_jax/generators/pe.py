@@ -8,10 +8,14 @@ t = 1..T:
 2. every private example (x_i, y_i) votes for its k nearest population
    images OF ITS OWN CLASS with weight 1/sqrt(k) each: one example adds
    k distinct bins of 1/sqrt(k), so the K x N_s histogram has L2
-   sensitivity exactly 1 under add/remove of one example;
-3. the histogram (summed over the data mesh with psum) gets N(0, sigma^2)
-   noise on every bin ONCE, from the secret key, through the atom-free
-   float64 sampler (`noise.add_gaussian_noise`);
+   sensitivity 1 under add/remove of one example. The votes are counted
+   as integers (exact at any N; float32 sums of 1/sqrt(3) moved by 1.0013
+   at 30000 rows of a class) and weighted in float64 at the release by
+   `vote_weight(k)`, 1/sqrt(k) less a margin of 2^-20 that covers the
+   float64 rounding of any int32 count;
+3. the histogram (counts summed over the data mesh with psum) gets
+   N(0, sigma^2) noise on every bin ONCE, from the secret key, through the
+   atom-free float64 sampler (`noise.add_gaussian_noise`);
 4. post-processing: the counts are thresholded, max(h~ - H, 0), and the
    next population is drawn per class in proportion to them (uniformly
    where a class has no count left), then perturbed by the API's
@@ -44,6 +48,15 @@ from dpgeng_jax.config import Config
 from dpgeng_jax.generators import Context, Output, apis, embeddings
 
 SENSITIVITY = 1.0  # L2, add/remove one example (module docstring)
+# The vote weight's margin below 1/sqrt(k): float64 rounds c w with a
+# relative error <= 2^-53, so k bins whose integer counts change by 1 move
+# by <= sqrt(k) w (1 + 2^-52 c) <= 1 for every count c < 2^31.
+VOTE_MARGIN = 2.0 ** -20
+
+
+def vote_weight(k: int) -> float:
+  """The weight of one of a private example's k votes (module docstring)."""
+  return (1.0 - VOTE_MARGIN) / math.sqrt(k)
 APIS = ("text", "nearest")
 
 
@@ -69,14 +82,24 @@ class PEConfig:
 def vote_histogram(pop_emb: jax.Array, priv_emb: jax.Array, y: jax.Array,
                    mask: jax.Array, *, k: int = 1,
                    chunk: int = 1024) -> jax.Array:
-  """The votes of the private rows: (K, N_s) float32.
+  """The weighted votes of the private rows, (K, N_s) float32:
+  `vote_counts` times `vote_weight(k)` (what the release adds noise to, in
+  float64; see `release_histogram`)."""
+  counts = vote_counts(pop_emb, priv_emb, y, mask, k=k, chunk=chunk)
+  return counts.astype(jnp.float32) * jnp.float32(vote_weight(k))
+
+
+def vote_counts(pop_emb: jax.Array, priv_emb: jax.Array, y: jax.Array,
+                mask: jax.Array, *, k: int = 1,
+                chunk: int = 1024) -> jax.Array:
+  """The votes of the private rows as exact counts: (K, N_s) int32.
 
   pop_emb: (K, N_s, d) embeddings of the population, class-major;
   priv_emb: (n, d) of the private rows, y their labels, mask 1 for real
-  rows (0 on padding: such a row votes nothing). Each row gives weight
-  1/sqrt(k) to each of its k nearest (squared L2) population images of its
-  class. Distances are one matmul per chunk of rows (a (chunk, K N_s)
-  block), votes are added with a scatter-add.
+  rows (0 on padding: such a row votes nothing). Each row adds 1 to each
+  of its k nearest (squared L2) population images of its class (weighted
+  by `vote_weight(k)` at the release). Distances are one matmul per chunk
+  of rows (a (chunk, K N_s) block), votes are added with a scatter-add.
   """
   num_classes, pop, d = pop_emb.shape
   if not 1 <= k <= pop:
@@ -90,7 +113,6 @@ def vote_histogram(pop_emb: jax.Array, priv_emb: jax.Array, y: jax.Array,
   mask = jnp.pad(jnp.asarray(mask, jnp.float32), (0, pad))
   flat = pop_emb.reshape(num_classes * pop, d).astype(jnp.float32)
   sq_pop = jnp.sum(flat * flat, 1).reshape(num_classes, pop)
-  weight = 1.0 / math.sqrt(k)
 
   def block(rows):
     e, yb, mb = rows
@@ -100,8 +122,8 @@ def vote_histogram(pop_emb: jax.Array, priv_emb: jax.Array, y: jax.Array,
         cross, yb[:, None, None], axis=1)[:, 0]
     _, near = jax.lax.top_k(-dist, k)                 # (chunk, k) distinct
     bins = (yb[:, None] * pop + near).reshape(-1)
-    votes = jnp.repeat(mb * weight, k)
-    return jnp.zeros(num_classes * pop, jnp.float32).at[bins].add(votes)
+    votes = jnp.repeat((mb > 0).astype(jnp.int32), k)
+    return jnp.zeros(num_classes * pop, jnp.int32).at[bins].add(votes)
 
   # One histogram per chunk, then their sum (no loop carry: the same code
   # runs inside shard_map, where the rows are device-varying).
@@ -113,8 +135,8 @@ def vote_histogram(pop_emb: jax.Array, priv_emb: jax.Array, y: jax.Array,
 
 def private_histogram(pop_emb, priv_emb, y, mask, *, k: int = 1,
                       chunk: int = 1024, mesh=None) -> jax.Array:
-  """`vote_histogram`, with a mesh summed over its devices (psum)."""
-  fn = functools.partial(vote_histogram, k=k, chunk=chunk)
+  """`vote_counts` (int32), with a mesh summed over its devices (psum)."""
+  fn = functools.partial(vote_counts, k=k, chunk=chunk)
   if mesh is None:
     return fn(pop_emb, priv_emb, y, mask)
   from dpgeng_jax import parallel
@@ -122,18 +144,21 @@ def private_histogram(pop_emb, priv_emb, y, mask, *, k: int = 1,
                               vary_params=False)(pop_emb, priv_emb, y, mask)
 
 
-def release_histogram(key: jax.Array, hist: jax.Array,
-                      noise_multiplier: float) -> jax.Array:
-  """h + N(0, sigma^2) on every bin (sensitivity 1), rounded once."""
-  return noise.add_gaussian_noise(key, hist, noise_multiplier * SENSITIVITY)
+def release_histogram(key: jax.Array, counts: jax.Array,
+                      noise_multiplier: float, k: int = 1) -> jax.Array:
+  """counts vote_weight(k) + N(0, sigma^2) on every bin (sensitivity 1),
+  weighted and noised in float64 and rounded once to float32."""
+  return noise.add_gaussian_noise(key, counts, noise_multiplier * SENSITIVITY,
+                                  scale=vote_weight(k))
 
 
 def count_estimates(noisy: np.ndarray, k: int):
   """Class-size estimates from one noisy histogram (K, N_s) and the std of
-  the estimate per unit noise multiplier: sum_j h~[c, j] / sqrt(k)."""
+  the estimate per unit noise multiplier: sum_j h~[c, j] / (k w_k), each
+  example adding k votes of weight w_k = vote_weight(k)."""
   pop = noisy.shape[1]
-  return np.asarray(noisy, np.float64).sum(1) / math.sqrt(k), math.sqrt(
-      pop / k)
+  unit = k * vote_weight(k)
+  return np.asarray(noisy, np.float64).sum(1) / unit, math.sqrt(pop) / unit
 
 
 def draw(key: jax.Array, weights: np.ndarray, n: int) -> np.ndarray:
@@ -185,7 +210,7 @@ def evolve(api, embed, priv_emb, y, mask, *, key: jax.Array,
       hist = hist_fn(cand.reshape(num_classes, pop_n, -1), priv_emb, y,
                      mask)
       noisy = np.asarray(release_histogram(
-          jax.random.fold_in(secret, t), hist, noise_multiplier))
+          jax.random.fold_in(secret, t), hist, noise_multiplier, cfg.k))
       released.append(noisy)
       h = cfg.threshold * noise_multiplier * SENSITIVITY
       weights = np.maximum(noisy - h, 0.0)

@@ -49,8 +49,8 @@ class NearestAPI:
         d = sq[s:s + chunk, None] - 2 * ec[s:s + chunk] @ ec.T + sq[None]
         d[np.arange(len(d)), np.arange(s, s + len(d))] = -np.inf
         near = np.argsort(d, axis=1)[:, :k]
-        if k < self.k_max:  # a small class: repeat its neighbours
-          near = np.resize(near, (len(near), self.k_max))
+        if k < self.k_max:  # a small class: each row cycles its own
+          near = near[:, np.arange(self.k_max) % k]
         self.neighbours[idx[s:s + chunk]] = idx[near]
 
   def random(self, key, labels) -> Samples:
