@@ -458,3 +458,49 @@ def test_a_class_smaller_than_k_keeps_each_image_its_own_first_neighbour():
   s = api.random(jax.random.key(0), np.array([0, 0, 0, 1, 1]))
   stay = api.variation(jax.random.key(1), s, 0.0)
   np.testing.assert_array_equal(stay.state["index"], s.state["index"])
+
+
+class _BadAPI:
+  """A user API whose answers break the protocol in one way."""
+
+  def __init__(self, how, shape=(4, 4, 1)):
+    self.how, self.shape = how, shape
+
+  def random(self, key, labels):
+    return self._out(np.asarray(labels))
+
+  def variation(self, key, samples, degree):
+    return self._out(samples.labels)
+
+  def _out(self, labels):
+    x = np.full((len(labels), *self.shape), 0.5, np.float32)
+    if self.how == "array":
+      return x
+    if self.how == "255":
+      x = x * 255
+    if self.how == "nan":
+      x[0, 0, 0, 0] = np.nan
+    if self.how == "count":
+      x, labels = x[1:], labels[1:]
+    if self.how == "labels":
+      labels = np.zeros_like(labels)
+    return apis.Samples(x, labels)
+
+
+@pytest.mark.parametrize("how,says", [
+    ("array", "returns apis.Samples"), ("255", "outside \\[0, 1\\]"),
+    ("nan", "non-finite"), ("count", "shape"), ("labels", "other labels")])
+def test_a_user_api_that_breaks_the_protocol_is_named(how, says):
+  """Pixels 0..255 and nan were used silently (a nan distilled set); a
+  wrong count or a plain array failed deep inside with a reshape or an
+  attribute error."""
+  rng = np.random.default_rng(0)
+  priv = jnp.asarray(rng.normal(size=(8, 16)), jnp.float32)
+  embed = lambda x: jnp.asarray(x).reshape(len(x), -1)  # noqa: E731
+  with pytest.raises(ValueError, match=says):
+    pe.evolve(_BadAPI(how), embed, priv, jnp.arange(8) % 2, jnp.ones(8),
+              key=jax.random.key(0), secret=jax.random.key(1),
+              noise_multiplier=1.0, cfg=pe.PEConfig(iterations=2,
+                                                    population=3, k=1),
+              num_classes=2, normalize=lambda x: x, per_class=2,
+              image_shape=(4, 4, 1))

@@ -180,17 +180,36 @@ def _class_major(num_classes: int, per_class: int) -> np.ndarray:
   return np.repeat(np.arange(num_classes, dtype=np.int32), per_class)
 
 
+def _checked(out, labels: np.ndarray, image_shape, what: str):
+  """An API's answer, checked: a `apis.Samples` with one image per label
+  (the labels asked for), of the data's shape, finite and in [0, 1]."""
+  if not isinstance(out, apis.Samples):
+    raise ValueError(f"{what} returned {type(out).__name__}; an image API "
+                     "returns apis.Samples(images, labels, state)")
+  if image_shape is None:
+    image_shape = np.shape(out.images)[1:]
+  images = apis.check_images(out.images, labels, tuple(image_shape), what)
+  if not np.array_equal(np.asarray(out.labels), labels):
+    raise ValueError(f"{what} returned other labels than it was asked for "
+                     "(one image per label, in the labels' order)")
+  return apis.Samples(images, np.asarray(labels, np.int32), out.state)
+
+
 def evolve(api, embed, priv_emb, y, mask, *, key: jax.Array,
            secret: jax.Array, noise_multiplier: float, cfg: PEConfig,
            num_classes: int, normalize, per_class: int, mesh=None,
-           progress=None):
+           progress=None, image_shape=None):
   """PE's T iterations (module docstring). Returns (final Samples with
   `per_class` images per class, class-major; noisy histograms (T, K, N_s);
   history (T + 1, K, m, H, W, C): the first m images per class of the
-  initial and of every later population)."""
+  initial and of every later population). Every answer of the API is
+  checked (`_checked`; image_shape None: the shape of its first answer)."""
   pop_n, t_max = cfg.population, cfg.iterations
   k_random, k_loop = jax.random.split(key)
-  samples = api.random(k_random, _class_major(num_classes, pop_n))
+  first = _class_major(num_classes, pop_n)
+  samples = _checked(api.random(k_random, first), first, image_shape,
+                     "the image API's random")
+  image_shape = samples.images.shape[1:]
   schedule = apis.degrees(t_max)
   history = [samples.images.reshape(num_classes, pop_n,
                                     *samples.images.shape[1:])[:,
@@ -206,7 +225,7 @@ def evolve(api, embed, priv_emb, y, mask, *, key: jax.Array,
       weights = np.ones((num_classes, pop_n))
     else:
       cand = _candidate_embeddings(api, embed, samples, k_look, degree,
-                                   cfg.lookahead, normalize)
+                                   cfg.lookahead, normalize, image_shape)
       hist = hist_fn(cand.reshape(num_classes, pop_n, -1), priv_emb, y,
                      mask)
       noisy = np.asarray(release_histogram(
@@ -218,7 +237,8 @@ def evolve(api, embed, priv_emb, y, mask, *, key: jax.Array,
     index = draw(k_draw, weights, n_next)
     index = index + (np.arange(num_classes) * pop_n)[:, None]
     chosen = samples.take(index.reshape(-1))
-    samples = api.variation(k_var, chosen, degree)
+    samples = _checked(api.variation(k_var, chosen, degree), chosen.labels,
+                       image_shape, "the image API's variation")
     history.append(samples.images.reshape(num_classes, n_next,
                                           *samples.images.shape[1:])[
                                               :, :cfg.history])
@@ -231,12 +251,13 @@ def evolve(api, embed, priv_emb, y, mask, *, key: jax.Array,
 
 
 def _candidate_embeddings(api, embed, samples, key, degree, lookahead,
-                          normalize):
+                          normalize, image_shape):
   if lookahead <= 0:
     return embeddings.apply(embed, normalize(samples.images))
   total = 0.0
   for i in range(lookahead):
-    v = api.variation(jax.random.fold_in(key, i), samples, degree)
+    v = _checked(api.variation(jax.random.fold_in(key, i), samples, degree),
+                 samples.labels, image_shape, "the image API's variation")
     total = total + embeddings.apply(embed, normalize(v.images))
   return total / lookahead
 
@@ -336,7 +357,7 @@ class PrivateEvolution:
           secret=secret, noise_multiplier=sigma,
           cfg=self.cfg, num_classes=ctx.num_classes,
           normalize=ctx.normalize, per_class=ctx.per_class, mesh=ctx.mesh,
-          progress=bar.update)
+          progress=bar.update, image_shape=ctx.image_shape)
     arrays = {"history": history}
     if self.cfg.public_only:
       return Output(final.images, final.labels, arrays=arrays)
