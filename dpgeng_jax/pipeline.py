@@ -261,7 +261,10 @@ def _check_before_private_work(cfg: Config, plan, ds: data_lib.Dataset,
       raise ConfigError(
           f"k-means initialisation needs >= {m * f * f} generated images "
           f"per class (ipc * factor^2), the smallest class has "
-          f"{per_class}; raise --generated-per-class")
+          f"{per_class}; " + (
+              f"{plan.generator} holds too few: add images or lower --ipc"
+              if isinstance(generator, External)
+              else "raise --generated-per-class"))
 
 
 def _resume_view(cfg: Config) -> dict:

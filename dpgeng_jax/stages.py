@@ -765,6 +765,24 @@ def report(run: Run, budget: Budget, sizes,
   if plan.generator_mechanisms:
     notes.append(f"generator {plan.generator}: its own release's noisy "
                  "class counts refine the normalising class sizes")
+  for m in plan.fixed:
+    notes.append(
+        f"external generated data ({plan.generator}): declared by the user "
+        f"as {m.steps} Gaussian release(s) of noise multiplier "
+        f"{m.noise_multiplier:.6g} at sampling rate {m.sampling_rate:g}, "
+        f"composed as the mechanism {m.name}; the declaration is not "
+        "checked")
+  gen = plan.generator or ""
+  if gen.startswith("pe:nearest:"):
+    notes.append(f"PE's image API draws from the collection "
+                 f"{gen[len('pe:nearest:'):]}, assumed public (not checked: "
+                 "private images in it would be published)")
+  elif gen.startswith("pe:user"):
+    notes.append("PE's image API is the user's own, assumed public with "
+                 "every model and image it uses (not checked)")
+  elif gen.startswith("pe:text") and cfg.pe_font_dir:
+    notes.append(f"the text simulator also uses the fonts of "
+                 f"{cfg.pe_font_dir}, assumed public")
   privacy = accounting.privacy_report(
       budget.mechs, target_epsilon=cfg.epsilon, delta=cfg.delta,
       private=not reasons, public_metadata=public_metadata(run.ds, sizes),

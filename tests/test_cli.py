@@ -282,8 +282,9 @@ def _check_composed(priv, declared):
   if "--generated-epsilon" in declared:
     assert priv["external_generated_data"] == {"epsilon": 0.5,
                                                "delta": 1e-6}
-  else:
-    assert _mechanism(priv, "external_generator")
+  else:  # a declared Gaussian: its unit is the declaration, not C
+    assert _mechanism(priv, "external_generator")["l2_sensitivity"] == (
+        "declared")
 
 
 def test_external_generated_guarantee_is_composed_into_the_budget(tmp_path):
@@ -377,6 +378,13 @@ def test_too_few_generated_images_for_kmeans_fail_before_private_work(
                "--generated-per-class", "2", "--quiet"]) == 2
   assert "k-means initialisation needs >= 3" in capsys.readouterr().err
   assert not out.exists()
+  # External data (4 per class): --generated-per-class cannot help there.
+  assert _run(["--out", str(out), "--method", "dpgeng", "--ipc", "5",
+               "--generator", _gen_npz(tmp_path), "--generated-epsilon",
+               "0.1", "--quiet"]) == 2
+  err = capsys.readouterr().err
+  assert "holds too few: add images or lower --ipc" in err
+  assert "--generated-per-class" not in err
 
 
 # ---------------------------------------------------------------------------
@@ -416,6 +424,8 @@ def test_pe_nearest_runs_on_a_public_collection(tmp_path):
     pool = f["x"].reshape(60, -1)
   for img in x.reshape(len(x), -1):
     assert np.min(np.abs(pool - img).max(1)) < 1e-6
+  notes = json.loads((out / "privacy.json").read_text())["notes"]
+  assert any(f"collection {path}, assumed public" in n for n in notes)
 
 
 @pytest.mark.parametrize("flags,message", [

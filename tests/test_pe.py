@@ -287,6 +287,12 @@ def test_text_api_uses_given_class_texts_and_refuses_bad_ones():
     TextAPI((16, 16, 1), 3, TextConfig(texts=("A", "B")))
   with pytest.raises(ValueError, match="font directory"):
     TextAPI((16, 16, 1), 2, TextConfig(font_dir="/nonexistent/fonts"))
+  # Blank class texts (a zero-width space passed str.strip and drew blank
+  # images; so would a lone combining accent or a tab).
+  for blank in (" ", "\u200b", "\u0301", "\t"):
+    with pytest.raises(ValueError, match="visible character"):
+      TextAPI((16, 16, 1), 2, TextConfig(texts=(blank, "a")))
+  assert TextAPI((16, 16, 1), 2, TextConfig(texts=("é", "7"))).texts
 
 
 def test_text_api_polarity():

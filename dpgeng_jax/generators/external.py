@@ -73,11 +73,11 @@ class External:
       self.declared = (epsilon, delta)
     elif mu > 0:
       self._fixed = (accounting.Mechanism("external_generator", 1.0 / mu,
-                                          1.0, 1),)
+                                          1.0, 1, sensitivity="declared"),)
     elif noise_multiplier > 0:
       self._fixed = (accounting.Mechanism("external_generator",
                                           noise_multiplier, sampling_rate,
-                                          steps),)
+                                          steps, sensitivity="declared"),)
     undeclared = self.declared is None and not self._fixed
     self.nonprivate_reason = ("external generated data came with no "
                               "declared guarantee") if undeclared else None

@@ -109,6 +109,15 @@ class TextConfig:
   mark_length: tuple = (0.1, 0.4)  # a new mark's length / canvas
 
 
+def _visible(text: str) -> bool:
+  """Whether `text` has a character that draws ink: not a space, nor a
+  format (zero-width), control or combining-only character."""
+  import unicodedata
+  return any(unicodedata.category(ch)[0] not in "ZC"
+             and unicodedata.category(ch) not in ("Mn", "Me")
+             for ch in text)
+
+
 class TextAPI:
   """The text simulator for images of `image_shape` and `num_classes`."""
 
@@ -122,8 +131,10 @@ class TextAPI:
     if len(texts) != num_classes:
       raise ValueError(f"{len(texts)} class texts for {num_classes} "
                        "classes")
-    if any(not t.strip() for t in texts):
-      raise ValueError("every class text must have a visible character")
+    if not all(_visible(t) for t in texts):
+      raise ValueError("every class text must have a visible character "
+                       "(spaces, zero-width and control characters draw "
+                       "nothing)")
     if cfg.polarity not in POLARITIES:
       raise ValueError(f"polarity must be one of {POLARITIES}")
     require_int(cfg.marks, "marks", 0)
