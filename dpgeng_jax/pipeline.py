@@ -133,6 +133,9 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
       ds.num_classes != cfg.num_classes):
     raise ConfigError(f"num_classes={cfg.num_classes} but the dataset has "
                       f"{ds.num_classes} classes")
+  # A generator given from Python overrides cfg's generator options:
+  # config.json records what ran.
+  given = None if generator is None else _describe(generator)
   if generator is None and resolve(cfg).uses_generated:
     generator = generators.for_config(cfg)
   plan = resolve(cfg, tuple(ds.image_shape), generator)
@@ -217,6 +220,7 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
                 normalisation={"mean": np.asarray(ds.mean).tolist(),
                                "std": np.asarray(ds.std).tolist()},
                 versions=_versions(), timings_s=timings,
+                generator_given=given,
                 peak_rss_mb=dict(r.peak_rss_mb),
                 preset_record=presets.record(cfg),
                 estimate={"stages_s": est["stages_s"], "flops": est["flops"],
@@ -265,6 +269,19 @@ def _check_before_private_work(cfg: Config, plan, ds: data_lib.Dataset,
               f"{plan.generator} holds too few: add images or lower --ipc"
               if isinstance(generator, External)
               else "raise --generated-per-class"))
+
+
+def _describe(generator) -> dict:
+  """What config.json says of a generator given from Python (its options
+  replace the configuration's generator options)."""
+  out = {"name": getattr(generator, "name", type(generator).__name__),
+         "type": type(generator).__name__,
+         "note": "given from Python: the configuration's generator options "
+                 "were not used"}
+  options = getattr(generator, "cfg", None)
+  if dataclasses.is_dataclass(options):
+    out["options"] = dataclasses.asdict(options)
+  return out
 
 
 def _resume_view(cfg: Config) -> dict:

@@ -474,6 +474,10 @@ def test_a_user_image_api_from_python(tmp_path):
   assert calls == {"random": 1, "variation": 2}
   assert result.config["resolved"]["generator"] == "pe:user"
   assert _mechanism(result.privacy, "generator")["steps"] == 2
+  # config.json said pe_iterations 10 (the configuration's, unused).
+  given = result.config["generator_given"]
+  assert given["name"] == "pe:user" and given["options"]["iterations"] == 2
+  assert pipeline.run(cfg).config["generator_given"] is None
   assert result.x.shape == (20, 8, 8, 1)
 
 
