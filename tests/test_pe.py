@@ -510,3 +510,14 @@ def test_a_user_api_that_breaks_the_protocol_is_named(how, says):
                                                     population=3, k=1),
               num_classes=2, normalize=lambda x: x, per_class=2,
               image_shape=(4, 4, 1))
+
+
+@pytest.mark.parametrize("t", [1, 2, 5])
+def test_the_degree_schedule_ends_at_zero_whatever_the_iterations(t):
+  """With one iteration the only variation, which makes the generated
+  set, was at degree 1: the voted images were redrawn from scratch."""
+  d = apis.degrees(t)
+  assert len(d) == t and d[-1] == 0.0 and all(0 <= v <= 1 for v in d)
+  assert d == sorted(d, reverse=True)
+  if t > 1:
+    assert d[0] == 1.0

@@ -54,9 +54,11 @@ class ImageAPI(Protocol):
 
 def degrees(iterations: int) -> list[float]:
   """The default degree schedule: linear from 1 (first variation) to 0
-  (last), one value per iteration."""
+  (last), one value per iteration. The last variation makes the generated
+  set, so it is 0 (the voted images themselves) even when it is the only
+  one: with one iteration a degree of 1 redrew every voted image."""
   if iterations <= 1:
-    return [1.0] * iterations
+    return [0.0] * iterations
   return [1.0 - t / (iterations - 1) for t in range(iterations)]
 
 
