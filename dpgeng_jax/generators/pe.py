@@ -57,6 +57,8 @@ VOTE_MARGIN = 2.0 ** -20
 def vote_weight(k: int) -> float:
   """The weight of one of a private example's k votes (module docstring)."""
   return (1.0 - VOTE_MARGIN) / math.sqrt(k)
+
+
 APIS = ("text", "nearest")
 
 
@@ -181,7 +183,7 @@ def _class_major(num_classes: int, per_class: int) -> np.ndarray:
 
 
 def _checked(out, labels: np.ndarray, image_shape, what: str):
-  """An API's answer, checked: a `apis.Samples` with one image per label
+  """An API's answer, checked: an `apis.Samples` with one image per label
   (the labels asked for), of the data's shape, finite and in [0, 1]."""
   if not isinstance(out, apis.Samples):
     raise ValueError(f"{what} returned {type(out).__name__}; an image API "
