@@ -154,6 +154,45 @@ def class_sums(values: jax.Array, y: jax.Array, mask: jax.Array,
                     precision=jax.lax.Precision.HIGHEST)
 
 
+def fixed_point_bits(rows: int, bound: float) -> int:
+  """Bits after the binary point for `fixed_point_class_sums` of `rows`
+  values of magnitude <= bound: the largest s with rows bound 2^s < 2^31,
+  so no int32 sum can overflow."""
+  if not (rows >= 1 and bound > 0):
+    raise ValueError(f"need rows >= 1 and bound > 0, got {rows}, {bound}")
+  s = math.floor(math.log2((2 ** 31 - 1) / (rows * float(bound))))
+  while rows * float(bound) * 2.0 ** s >= 2 ** 31 - 1:  # log2 rounding
+    s -= 1
+  if s < 8:
+    raise ValueError(f"{rows} rows of magnitude <= {bound} leave {s} bits "
+                     "of resolution in an int32 sum")
+  return s
+
+
+def fixed_point_class_sums(values: jax.Array, y: jax.Array, mask: jax.Array,
+                           num_classes: int, bits: int) -> jax.Array:
+  """Masked per-class sums of rows in fixed point: (n, d) -> (K, d) int32,
+  the sums of trunc(v 2^bits) (toward zero, so each row's L2 norm can only
+  shrink) over the kept rows, exact in any order and over any devices (an
+  integer psum): removing a row moves the result by exactly that row's
+  quantised vector. Multiply by 2^-bits in float64 to read them (the
+  release does: `noise.add_gaussian_noise(..., scale=2.0 ** -bits)`).
+  |v| must stay below 2^31 / (n 2^bits) per coordinate (`fixed_point_bits`
+  with the total rows); non-finite rows and rows with mask 0 count 0.
+  """
+  if jnp.ndim(values) != 2:
+    raise ValueError(f"fixed_point_class_sums sums the rows of an (n, d) "
+                     f"array, got shape {jnp.shape(values)}")
+  check_labels(y, num_classes, values.shape[0])
+  check_mask(mask, values.shape[0])
+  v = values.astype(jnp.float32)
+  keep = (jnp.asarray(mask) > 0) & jnp.all(jnp.isfinite(v), axis=1)
+  q = jnp.trunc(jnp.where(keep[:, None], v, 0.0) * 2.0 ** bits).astype(
+      jnp.int32)
+  return jax.ops.segment_sum(q, jnp.asarray(y, jnp.int32),
+                             num_segments=num_classes)
+
+
 def clipped_class_sums(embed_fn: EmbedFn, params: Any, x: jax.Array,
                        y: jax.Array, mask: jax.Array, *, num_classes: int,
                        clip_norm: float,

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from dpgeng_jax import clipping
 from dpgeng_jax.generators import merf as G
 from dpgeng_jax.generators.external import load_external
 from dpgeng_jax.errors import DataError
@@ -140,3 +141,39 @@ def test_external_data_takes_one_declared_guarantee():
   assert External("g.npz", mu=0.5).fixed()[0].noise_multiplier == 2.0
   with pytest.raises(ConfigError, match="one way"):
     External("g.npz", epsilon=0.1, mu=0.5)
+
+
+def test_the_release_sums_move_by_at_most_one_at_scale():
+  """30000 rows of one class: float32 class sums of the norm-1 features
+  moved by more than 1 when one row went (their rounding depends on the
+  whole sum); the release's fixed-point int32 sums move by exactly the
+  removed row's quantised vector, of norm <= 1."""
+  fm = G.FeatureMap.create(jax.random.key(0), 64, 40)
+  n = 30000
+  v = fm.bounded(jax.random.normal(jax.random.key(1), (n, 8, 8, 1)))
+  y, m = jnp.zeros(n, jnp.int32), jnp.ones(n)
+  bits = clipping.fixed_point_bits(n, 1.0)
+  rows = v * clipping.CLIP_MARGIN
+  full = np.asarray(clipping.fixed_point_class_sums(rows, y, m, 1, bits),
+                    np.int64)
+  full32 = np.asarray(clipping.class_sums(v, y, m, 1), np.float64)
+  worst32 = 0.0
+  for i in range(0, n, 2999):
+    drop = m.at[i].set(0.0)
+    moved = full - np.asarray(clipping.fixed_point_class_sums(
+        rows, y, drop, 1, bits), np.int64)
+    want = np.trunc(np.asarray(rows[i], np.float64) * 2.0 ** bits)
+    np.testing.assert_array_equal(moved[0], want)
+    assert np.linalg.norm(moved * 2.0 ** -bits) <= 1.0
+    worst32 = max(worst32, float(np.linalg.norm(full32 - np.asarray(
+        clipping.class_sums(v, y, drop, 1), np.float64))))
+  assert worst32 > 1.0  # the float32 sums, as the release was
+
+
+def test_fixed_point_bits_keep_int32_sums_from_overflowing():
+  for rows, bound in ((1, 1.0), (30000, 1.0), (60000, 3.0), (10 ** 6, 1.0)):
+    s = clipping.fixed_point_bits(rows, bound)
+    assert rows * bound * 2.0 ** s < 2 ** 31 - 1
+    assert rows * bound * 2.0 ** (s + 1) >= 2 ** 31 - 1
+  with pytest.raises(ValueError, match="bits"):
+    clipping.fixed_point_bits(10 ** 8, 1.0)
