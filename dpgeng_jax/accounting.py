@@ -64,10 +64,11 @@ def _noise(noise_multiplier) -> float:
   return sigma
 
 
-def _rate(sampling_rate) -> float:
+def _rate(sampling_rate, what: str = "") -> float:
+  """The sampling rate as a float, refused unless in (0, 1] (nan too)."""
   q = float(sampling_rate)
   if not 0 < q <= 1:
-    raise ValueError(f"sampling_rate must be in (0, 1], got {q}")
+    raise ValueError(f"{what}sampling_rate must be in (0, 1], got {q}")
   return q
 
 
@@ -127,9 +128,7 @@ class Mechanism:
             and self.noise_multiplier >= 0):
       raise ValueError(f"{self.name}: noise_multiplier must be finite and "
                        f">= 0, got {self.noise_multiplier}")
-    if not 0 < self.sampling_rate <= 1:
-      raise ValueError(f"{self.name}: sampling_rate must be in (0, 1], got "
-                       f"{self.sampling_rate}")
+    _rate(self.sampling_rate, f"{self.name}: ")
     require_int(self.steps, f"{self.name}: steps", 1)
     if self.steps > MAX_STEPS:
       raise ConfigError(

@@ -195,16 +195,18 @@ def resume_config(cfg: Config, argv) -> Config:
   return new
 
 
-def config_from_args(args: argparse.Namespace, argv=None) -> Config:
-  """The Config of parsed distill/plan arguments: defaults, then the
+def config_from_args(args: argparse.Namespace, argv=None,
+                     skip: frozenset = frozenset()) -> Config:
+  """The Config of parsed distill/plan/mia arguments: defaults, then the
   --preset's values, then the options given explicitly in `argv` (default
-  the command line)."""
-  names = {f.name for f in dataclasses.fields(Config)}
+  the command line); the options in `skip` keep their defaults."""
+  names = {f.name for f in dataclasses.fields(Config)} - set(skip)
   values = {k: v for k, v in vars(args).items() if k in names}
   if values.get("preset"):
     from dpgeng_jax import presets
     given = _given_options(sys.argv[1:] if argv is None else argv)
-    values = {**values, **presets.values(values["preset"]), **given}
+    values = {**values, **presets.values(values["preset"]),
+              **{k: v for k, v in given.items() if k in names}}
   return Config(**absolute_paths(values))
 
 
@@ -411,15 +413,7 @@ def mia_config(args: argparse.Namespace, argv=None) -> Config:
   `dpgeng distill` resolves its own (defaults, then --preset, then the
   options given in `argv`, default the command line); --out is the
   attack's directory, not the run's."""
-  names = {f.name for f in dataclasses.fields(Config)} - {"out"}
-  values = {k: v for k, v in vars(args).items() if k in names}
-  if values.get("preset"):
-    from dpgeng_jax import presets
-    given = _given_options(sys.argv[1:] if argv is None else argv)
-    given.pop("out", None)
-    values = {**values, **presets.values(values["preset"]),
-              **{k: v for k, v in given.items() if k in names}}
-  return Config(**absolute_paths(values))
+  return config_from_args(args, argv, skip=frozenset({"out"}))
 
 
 def _mia(args: argparse.Namespace, console: bool = False) -> int:

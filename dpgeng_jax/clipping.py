@@ -69,7 +69,16 @@ def clip_scale(norms: jax.Array, clip_norm: float) -> jax.Array:
   target = clip_norm * CLIP_MARGIN
   scale = jnp.where(norms > target,
                     target / jnp.where(norms > 0, norms, 1.0), 1.0)
-  return jnp.where(jnp.asarray(clip_norm) > 0, scale, 0.0)
+  if isinstance(clip_norm, jax.core.Tracer):  # a concrete C was checked
+    scale = jnp.where(clip_norm > 0, scale, 0.0)
+  return scale
+
+
+def unclipped(clip_norm) -> bool:
+  """Whether C is a concrete inf (no clipping: the scale is skipped); a
+  traced C always goes through `clip_scale`."""
+  return (not isinstance(clip_norm, jax.core.Tracer)
+          and math.isinf(float(np.asarray(clip_norm))))
 
 
 def clip_rows(v: jax.Array, clip_norm: float) -> jax.Array:
@@ -88,7 +97,7 @@ def clip_rows(v: jax.Array, clip_norm: float) -> jax.Array:
   v = v.astype(jnp.float32)
   finite = jnp.all(jnp.isfinite(v), axis=-1, keepdims=True)
   v = jnp.where(finite, v, 0.0)
-  if isinstance(clip_norm, (int, float)) and math.isinf(clip_norm):
+  if unclipped(clip_norm):
     return v
   return v * clip_scale(row_norms(v), clip_norm)
 
@@ -128,6 +137,16 @@ def check_mask(mask, rows: int) -> None:
                      f"got {jnp.shape(mask)}")
 
 
+def _check_class_rows(values, y, mask, num_classes: int, what: str) -> None:
+  """The checks of a per-class sum: (n, d) rows, one label in 0..K-1 and
+  one mask value per row."""
+  if jnp.ndim(values) != 2:
+    raise ValueError(f"{what} sums the rows of an (n, d) array, got shape "
+                     f"{jnp.shape(values)}")
+  check_labels(y, num_classes, values.shape[0])
+  check_mask(mask, values.shape[0])
+
+
 def class_sums(values: jax.Array, y: jax.Array, mask: jax.Array,
                num_classes: int) -> jax.Array:
   """Masked per-class sums of rows: (n, d) -> (K, d), in float32.
@@ -141,11 +160,7 @@ def class_sums(values: jax.Array, y: jax.Array, mask: jax.Array,
   would be dropped). Precision.HIGHEST for the reason given in
   `weighted_sum`.
   """
-  if jnp.ndim(values) != 2:
-    raise ValueError(f"class_sums sums the rows of an (n, d) array, got "
-                     f"shape {jnp.shape(values)}")
-  check_labels(y, num_classes, values.shape[0])
-  check_mask(mask, values.shape[0])
+  _check_class_rows(values, y, mask, num_classes, "class_sums")
   keep = (jnp.asarray(mask) > 0)[:, None]
   values = jnp.where(keep, values.astype(jnp.float32), 0.0)
   onehot = jnp.where(keep, jax.nn.one_hot(y, num_classes, dtype=jnp.float32),
@@ -180,11 +195,7 @@ def fixed_point_class_sums(values: jax.Array, y: jax.Array, mask: jax.Array,
   |v| must stay below 2^31 / (n 2^bits) per coordinate (`fixed_point_bits`
   with the total rows); non-finite rows and rows with mask 0 count 0.
   """
-  if jnp.ndim(values) != 2:
-    raise ValueError(f"fixed_point_class_sums sums the rows of an (n, d) "
-                     f"array, got shape {jnp.shape(values)}")
-  check_labels(y, num_classes, values.shape[0])
-  check_mask(mask, values.shape[0])
+  _check_class_rows(values, y, mask, num_classes, "fixed_point_class_sums")
   v = values.astype(jnp.float32)
   keep = (jnp.asarray(mask) > 0) & jnp.all(jnp.isfinite(v), axis=1)
   q = jnp.trunc(jnp.where(keep[:, None], v, 0.0) * 2.0 ** bits).astype(

@@ -245,9 +245,7 @@ def load_dataset(spec: str, *, data_dir: str | None = None,
     ds = _load_tfds(spec[len("tfds:"):], data_dir, label_feature, image_size,
                     num_classes)
   else:
-    raise DataError(
-        f"unknown dataset spec {spec!r}; valid forms are 'digits', 'npz:PATH' "
-        "and 'tfds:NAME[:TRAIN_SPLIT[:TEST_SPLIT]]'")
+    raise _unknown_spec(spec)
   if image_size and tuple(ds.image_shape[:2]) != (image_size, image_size):
     ds = from_arrays(resize_images(ds.x_train, image_size), ds.y_train,
                      resize_images(ds.x_test, image_size), ds.y_test,
@@ -464,7 +462,11 @@ def check_spec(spec: str) -> None:
   if spec.startswith("tfds:"):
     _parse_tfds_spec(spec[len("tfds:"):])
     return
-  raise DataError(
+  raise _unknown_spec(spec)
+
+
+def _unknown_spec(spec: str) -> DataError:
+  return DataError(
       f"unknown dataset spec {spec!r}; valid forms are 'digits', 'npz:PATH' "
       "and 'tfds:NAME[:TRAIN_SPLIT[:TEST_SPLIT]]'")
 

@@ -40,18 +40,16 @@ argument of clipping.py applies unchanged.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from dpgeng_jax import stem, winograd
 from dpgeng_jax.clipping import (check_clip_norm, check_labels, check_mask,
                                  clip_scale, row_norms, split_rows,
-                                 weighted_sum)
+                                 unclipped, weighted_sum)
 from dpgeng_jax.models import ConvNet, _check_norm, instance_norm
 
 _EPS = 1e-5  # models.ConvNet's GroupNorm epsilon
@@ -274,10 +272,7 @@ def convnet_clipped_grad_sum(model: ConvNet, params: Any, x: jax.Array,
   check_mask(mask, n)
   check_labels(y, model.num_classes, n)
   check_clip_norm(clip_norm)
-  # Only a concrete C = inf skips the scale (a traced C goes through
-  # clip_scale, which also zeroes every weight unless C > 0).
-  no_clip = (not isinstance(clip_norm, jax.core.Tracer)
-             and math.isinf(float(np.asarray(clip_norm))))
+  no_clip = unclipped(clip_norm)
   g, inputs, xhats, feat = _backprop(model, params, x, y)
   small = _small_grads(model, g, xhats, feat)
   small_leaves = jax.tree.leaves(small)

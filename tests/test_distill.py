@@ -21,12 +21,18 @@ def _plan(strategy="color_crop_cutout_flip_scale_rotate"):
       embed_fn=embed_fn(m), num_classes=K, strategy=strategy)
 
 
-def test_loss_is_zero_when_synthetic_means_equal_targets():
+def _means_case():
+  """A plan, synthetic images, query 0's parameters, their clipped class
+  means and public counts."""
   plan = _plan()
   syn = jax.random.normal(jax.random.key(0), (K, IPC, *SHAPE))
   params, aug = plan.params(jax.random.key(1), 0)
   means = distill.synthetic_class_means(plan, params, aug, syn, 1.0)
-  counts = jnp.asarray([4.0, 5.0, 6.0])
+  return plan, syn, params, aug, means, jnp.asarray([4.0, 5.0, 6.0])
+
+
+def test_loss_is_zero_when_synthetic_means_equal_targets():
+  plan, syn, params, aug, means, counts = _means_case()
   loss = distill.feature_matching_loss(plan, params, aug, syn,
                                        means * counts[:, None], counts, 1.0)
   assert float(loss) == pytest.approx(0.0, abs=1e-10)
@@ -148,11 +154,7 @@ def test_distill_class_chunk_sizes(monkeypatch):
 
 def test_targets_and_counts_of_the_wrong_shape_are_refused():
   """(1, d) targets or (1,) counts broadcast over the classes silently."""
-  plan = _plan()
-  syn = jax.random.normal(jax.random.key(0), (K, IPC, *SHAPE))
-  params, aug = plan.params(jax.random.key(1), 0)
-  means = distill.synthetic_class_means(plan, params, aug, syn, 1.0)
-  counts = jnp.asarray([4.0, 5.0, 6.0])
+  plan, syn, params, aug, means, counts = _means_case()
   for t, n in ((means[:1], counts), (means[:, :1], counts),
                (means, counts[:1])):
     with pytest.raises(ValueError, match="expected"):
