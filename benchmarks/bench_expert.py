@@ -13,7 +13,9 @@ noise. Variants:
 
   before   pergrad.py, clipping.py and winograd.py (pergrad's
            convolutions) as they were at --before (loaded from `git show
-           REV:dpgeng_jax/...`), everything else current
+           REV:dpgeng_jax/...`), everything else current; a revision
+           before the fixed-point sums keeps its float32 sums (the
+           current step's `bits` are ignored)
   after    this checkout
   after, 7x7 on XLA   this checkout with pergrad.WINOGRAD_MIN_PIXELS 64
            (XLA's convolution on 7x7 maps, as models.ConvNet); only for
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import math
 import os
 import statistics
@@ -72,6 +75,15 @@ def _module_at(rev: str, name: str):
   sys.modules[spec.name] = mod  # dataclasses look their module up
   spec.loader.exec_module(mod)
   return mod
+
+
+def _takes_bits(grad_sum):
+  """grad_sum, or for a revision before the fixed-point sums (no `bits`
+  keyword) a wrapper that ignores bits: its float32 sums, as it ran."""
+  params = inspect.signature(grad_sum).parameters.values()
+  if any(p.name == "bits" or p.kind == p.VAR_KEYWORD for p in params):
+    return grad_sum
+  return lambda p, batch, mask, bits=None: grad_sum(p, batch, mask)
 
 
 def main(argv=None):
@@ -133,8 +145,8 @@ def main(argv=None):
     floor = pergrad.WINOGRAD_MIN_PIXELS
     for name, (pg, cl) in variants.items():
       pergrad.WINOGRAD_MIN_PIXELS = 64 if name.endswith("XLA") else floor
-      grad_sum = cl.microbatched(pg.make_grad_sum_fn(model, clip_norm=1.0),
-                                 microbatch)
+      grad_sum = _takes_bits(cl.microbatched(
+          pg.make_grad_sum_fn(model, clip_norm=1.0), microbatch))
       step, data = expert.private_step(grad_sum, cfg, 1.0, x, y,
                                        args.num_train, log_tail)
       key = jax.random.key(1)

@@ -21,6 +21,8 @@ clip norm C = 1:
   ours_chunk<c>          the same with chunk_size=c (skipped if the keyword
                          does not exist yet)
   ours_xlaconv_chunk<c>  ours_chunk<c> on the XLA-convolution network
+  ours_fixed_chunk<c>    ours_chunk<c> (largest c) in fixed point (bits,
+                         int32 sums), as the query's release takes them
   jaxprivacy_onehot_mb*  jax_privacy.clipping.clipped_fun of the per-example
                          function x -> onehot(y) (x) embed(x) (a (K, d) output
                          whose norm is the embedding's), summed over the
@@ -53,6 +55,7 @@ Output: a markdown table on stdout; all figures in --out (JSON).
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import sys
 
@@ -167,6 +170,15 @@ def main(argv=None):
                                          chunk_size=c)
     outputs[f"ours_xlaconv_chunk{c}"] = add_jax(
         f"ours_xlaconv_chunk{c}", ours_xla, (params, x, y, mask))
+    if "bits" in inspect.signature(clipping.clipped_class_sums).parameters:
+      bits = clipping.fixed_point_bits(x.shape[0], c_clip)
+
+      def ours_fixed(p, xx, yy, mm):
+        return clipping.clipped_class_sums(
+            embed, p, xx, yy, mm, num_classes=k, clip_norm=c_clip,
+            chunk_size=c, bits=bits).astype(jnp.float32) * 2.0 ** -bits
+      outputs[f"ours_fixed_chunk{c}"] = add_jax(
+          f"ours_fixed_chunk{c}", ours_fixed, (params, x, y, mask))
 
   # jax-privacy.
   try:

@@ -11,11 +11,19 @@ mechanisms in `mechanisms.py` calibrate noise to:
   them per class. One example lands in exactly one class row with norm <= C,
   so adding or removing one example moves the (K, d) result by at most C in
   Frobenius (L2) norm: the L2 sensitivity is C.
+* The releases take these sums in fixed point (`bits`): each clipped row
+  truncated toward zero to a grid of 2^-bits (no coordinate grows) and
+  summed as int32 (`fixed_point_class_sums`, `fixed_point_weighted_sum`),
+  bits from the rows of the whole release (`fixed_point_bits`) so that
+  nothing overflows. Integer sums are exact in any order, chunking or
+  device split, so the bound C holds for the computed sums, not only for
+  exact arithmetic: a float32 sum's rounding depends on every row.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
@@ -171,17 +179,45 @@ def class_sums(values: jax.Array, y: jax.Array, mask: jax.Array,
 
 def fixed_point_bits(rows: int, bound: float) -> int:
   """Bits after the binary point for `fixed_point_class_sums` of `rows`
-  values of magnitude <= bound: the largest s with rows bound 2^s < 2^31,
-  so no int32 sum can overflow."""
-  if not (rows >= 1 and bound > 0):
-    raise ValueError(f"need rows >= 1 and bound > 0, got {rows}, {bound}")
-  s = math.floor(math.log2((2 ** 31 - 1) / (rows * float(bound))))
-  while rows * float(bound) * 2.0 ** s >= 2 ** 31 - 1:  # log2 rounding
+  values of magnitude <= bound: the largest integer s (negative for large
+  bounds) with rows bound 2^s < 2^31, so no int32 sum can overflow.
+  Refused when one row's range [-bound, bound] would hold fewer than 2^8
+  steps of 2^-s (more than 2^23 rows)."""
+  if isinstance(rows, bool) or not isinstance(rows, (int, np.integer)):
+    raise ValueError(f"rows must be an integer, got {rows!r}")
+  if not (rows >= 1 and 0 < float(bound) < math.inf):
+    raise ValueError(f"need rows >= 1 and a finite bound > 0, got {rows}, "
+                     f"{bound}")
+  bound = float(bound)
+  s = math.floor(math.log2((2 ** 31 - 1) / (rows * bound)))
+  while rows * bound * 2.0 ** s >= 2 ** 31 - 1:  # log2 rounding
     s -= 1
-  if s < 8:
-    raise ValueError(f"{rows} rows of magnitude <= {bound} leave {s} bits "
-                     "of resolution in an int32 sum")
+  if bound * 2.0 ** s < 2 ** 8:
+    raise ValueError(f"{rows} rows of magnitude <= {bound} leave "
+                     f"{math.log2(bound) + s:.1f} bits of resolution per "
+                     "row in an int32 sum (at least 8 needed)")
   return s
+
+
+def fixed_point_scale(bits: int | None) -> float | None:
+  """The value of one unit of a fixed-point sum, 2^-bits (None for float
+  sums, bits None): the `scale` of `noise.add_gaussian_noise`."""
+  return None if bits is None else 2.0 ** -bits
+
+
+def check_fixed_point(bits, rows: int, clip_norm) -> None:
+  """Raises ValueError unless `bits` is an integer and `rows` values of
+  magnitude <= C (a concrete, finite C) fit an int32 sum at 2^-bits. The
+  caller checks the same against ALL the rows that one sum adds (over
+  chunks and devices); this checks the rows it sees."""
+  if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
+    raise ValueError(f"bits must be an integer, got {bits!r}")
+  if isinstance(clip_norm, jax.core.Tracer) or unclipped(clip_norm):
+    raise ValueError("fixed-point sums need a concrete, finite clip_norm "
+                     "(it bounds every coordinate)")
+  if bits > fixed_point_bits(rows, float(np.asarray(clip_norm))):
+    raise ValueError(f"bits={bits} overflows an int32 sum of {rows} rows "
+                     f"of magnitude <= {clip_norm}")
 
 
 def fixed_point_class_sums(values: jax.Array, y: jax.Array, mask: jax.Array,
@@ -207,7 +243,8 @@ def fixed_point_class_sums(values: jax.Array, y: jax.Array, mask: jax.Array,
 def clipped_class_sums(embed_fn: EmbedFn, params: Any, x: jax.Array,
                        y: jax.Array, mask: jax.Array, *, num_classes: int,
                        clip_norm: float,
-                       chunk_size: int | None = None) -> jax.Array:
+                       chunk_size: int | None = None,
+                       bits: int | None = None) -> jax.Array:
   """Sums of per-example clipped embeddings per class.
 
   Args:
@@ -222,11 +259,20 @@ def clipped_class_sums(embed_fn: EmbedFn, params: Any, x: jax.Array,
     chunk_size: if set and smaller than n, the rows are embedded in chunks
       of this many (the last one padded with mask-0 rows) by a `lax.scan`
       that accumulates the sums. A performance option only: the result is
-      the same up to float summation order. On CPU, chunks whose
-      activations fit the cache run faster than one large batch.
+      the same up to float summation order (exactly the same with bits).
+      On CPU, chunks whose activations fit the cache run faster than one
+      large batch.
+    bits: if set, the sums are in fixed point, as the releases take them:
+      int32 sums of trunc(clip_C(v) 2^bits) (`fixed_point_class_sums`),
+      exact in any order, chunking or device split, so that removing one
+      row moves them by exactly that row's quantised vector, norm <= C
+      (a float32 sum of many rows rounds in a way that depends on every
+      row: measured 1.00012 C over 30000 rows). C must be a finite number
+      and bits at most `fixed_point_bits(total rows, C)`.
 
   Returns:
-    (K, d) float32 sums; L2 sensitivity C under add/remove of one row.
+    (K, d) float32 sums, or int32 in units of 2^-bits; L2 sensitivity C
+    under add/remove of one row.
   """
   if chunk_size is not None and chunk_size < 1:
     raise ValueError(f"chunk_size={chunk_size} must be >= 1")
@@ -235,11 +281,15 @@ def clipped_class_sums(embed_fn: EmbedFn, params: Any, x: jax.Array,
   check_mask(mask, x.shape[0])
   check_labels(y, num_classes, x.shape[0])  # before chunking reshapes y
   check_clip_norm(clip_norm)
+  if bits is not None:
+    check_fixed_point(bits, x.shape[0], clip_norm)
 
   def sums(p, batch, ms):
     xs, ys = batch
-    return class_sums(clip_rows(embed_fn(p, xs), clip_norm), ys, ms,
-                      num_classes)
+    clipped = clip_rows(embed_fn(p, xs), clip_norm)
+    if bits is None:
+      return class_sums(clipped, ys, ms, num_classes)
+    return fixed_point_class_sums(clipped, ys, ms, num_classes, bits)
 
   return microbatched(sums, chunk_size)(params, (x, y), mask)
 
@@ -270,7 +320,7 @@ class ClippedClassSum:
 
 def clipped_grad_sum(loss_fn: Callable[..., jax.Array], params: Any,
                      batch: Any, mask: jax.Array, *,
-                     clip_norm: float) -> Any:
+                     clip_norm: float, bits: int | None = None) -> Any:
   """Sum over examples of per-example gradients clipped to L2 norm C.
 
   Args:
@@ -281,17 +331,23 @@ def clipped_grad_sum(loss_fn: Callable[..., jax.Array], params: Any,
     batch: pytree of arrays with a common leading axis n (padded).
     mask: (n,) 1 for real examples, 0 for padding.
     clip_norm: C; the norm is over the whole parameter pytree.
+    bits: if set, the sums are int32 in fixed point, as DP-SGD releases
+      them (`fixed_point_weighted_sum`; C finite, bits at most
+      `fixed_point_bits(total rows, C)`).
 
   Returns:
-    A pytree like params, float32: sum_i mask_i clip_C(grad_i). Padded
-    examples contribute nothing; non-finite gradients contribute zero; the
-    L2 sensitivity under add/remove of one example is C.
+    A pytree like params, float32 (int32 in units of 2^-bits): sum_i
+    mask_i clip_C(grad_i). Padded examples contribute nothing; non-finite
+    gradients contribute zero; the L2 sensitivity under add/remove of one
+    example is C.
   """
   n = jax.tree.leaves(batch)[0].shape[0]
   if n == 0:
     raise ValueError("need n >= 1 examples, got an empty batch")
   check_mask(mask, n)
   check_clip_norm(clip_norm)
+  if bits is not None:
+    check_fixed_point(bits, n, clip_norm)
 
   def one(p, ex):
     return jax.grad(loss_fn)(p, jax.tree.map(lambda a: a[None], ex))
@@ -305,12 +361,15 @@ def clipped_grad_sum(loss_fn: Callable[..., jax.Array], params: Any,
   scale = clip_scale(row_norms(flat)[:, 0], clip_norm)
   weights = jnp.where(finite & (mask > 0), scale, 0.0)
   return jax.tree.map(
-      lambda g: weighted_sum(weights, jnp.where(jnp.isfinite(g), g, 0.0)),
+      lambda g: weighted_sum(weights, jnp.where(jnp.isfinite(g), g, 0.0),
+                             bits),
       grads)
 
 
-def weighted_sum(weights: jax.Array, values: jax.Array) -> jax.Array:
-  """sum_i weights_i values_i over the leading axis, float32-exact.
+def weighted_sum(weights: jax.Array, values: jax.Array,
+                 bits: int | None = None) -> jax.Array:
+  """sum_i weights_i values_i over the leading axis, float32-exact, or
+  with `bits` in fixed point (`fixed_point_weighted_sum`).
 
   Every sum that a sensitivity bound covers (clip weight times per-example
   value) goes through here or `class_sums`: Precision.HIGHEST, because the
@@ -318,9 +377,27 @@ def weighted_sum(weights: jax.Array, values: jax.Array) -> jax.Array:
   bf16 on TPUs, whose input rounding lets one clipped contribution exceed C
   by up to ~2^-11 (GPU) or ~2^-8 (TPU) relatively.
   """
+  if bits is not None:
+    return fixed_point_weighted_sum(weights, values, bits)
   return jnp.tensordot(weights.astype(jnp.float32),
                        values.astype(jnp.float32), axes=(0, 0),
                        precision=jax.lax.Precision.HIGHEST)
+
+
+def fixed_point_weighted_sum(weights: jax.Array, values: jax.Array,
+                             bits: int) -> jax.Array:
+  """sum_i trunc(weights_i values_i 2^bits) over the leading axis, int32.
+
+  The products are float32 (the clipped vectors, norm <= C), truncated
+  toward zero (no coordinate grows) and added as integers: exact in any
+  order, chunking or device split, so removing one example moves the sum
+  by exactly its quantised clipped vector. `values` must be finite (the
+  callers zero non-finite rows) and |weights_i values_i| 2^bits times the
+  rows of the whole sum below 2^31 (`fixed_point_bits`).
+  """
+  w = weights.astype(jnp.float32).reshape((-1,) + (1,) * (values.ndim - 1))
+  q = jnp.trunc(w * values.astype(jnp.float32) * 2.0 ** bits)
+  return jnp.sum(q.astype(jnp.int32), axis=0)
 
 
 def default_query_chunk() -> int | None:
@@ -354,28 +431,30 @@ def microbatched(grad_sum_fn: Callable[..., Any],
   `microbatch` examples (padded with fewer mask-0 rows than chunks, not
   up to a multiple of `microbatch`) whose sums are added by
   a `lax.scan`: the per-example gradients of one chunk at a time are in
-  memory. Same result up to float summation order; None or 0 returns
-  grad_sum_fn unchanged."""
+  memory. Keyword arguments (e.g. `bits`) go to every chunk's call. Same
+  result up to float summation order (exactly the same for int32 sums);
+  None or 0 returns grad_sum_fn unchanged."""
   if not microbatch:
     return grad_sum_fn
   if microbatch < 1:
     raise ValueError(f"microbatch={microbatch} must be >= 1")
 
-  def chunked(params, batch, mask):
+  def chunked(params, batch, mask, **kwargs):
     if microbatch >= mask.shape[0]:
-      return grad_sum_fn(params, batch, mask)
+      return grad_sum_fn(params, batch, mask, **kwargs)
     batch_c, mask_c = split_rows((batch, mask), microbatch)
     # Zeros shaped like one chunk's sums (and device-varying like the
     # rows inside shard_map), so that the scan holds the only copy of
     # grad_sum_fn: half the compilation of peeling the first chunk.
-    shapes = jax.eval_shape(grad_sum_fn, params,
+    fn = functools.partial(grad_sum_fn, **kwargs)
+    shapes = jax.eval_shape(fn, params,
                             jax.tree.map(lambda a: a[0], batch_c), mask_c[0])
     zero = jnp.zeros_like(mask.reshape(-1)[0], jnp.float32)
     init = jax.tree.map(
         lambda s: jnp.broadcast_to(zero.astype(s.dtype), s.shape), shapes)
 
     def body(total, chunk):
-      return jax.tree.map(jnp.add, total, grad_sum_fn(params, *chunk)), None
+      return jax.tree.map(jnp.add, total, fn(params, *chunk)), None
 
     total, _ = jax.lax.scan(body, init, (batch_c, mask_c))
     return total

@@ -117,13 +117,17 @@ def private_step(grad_sum, cfg: ExpertConfig, noise_multiplier: float,
   rows = tuple(map(jnp.asarray, parallel.padded_rows(
       num_rows, np.asarray(x, np.float32), np.asarray(y, np.int32))))
 
+  bits = mechanisms.dp_sgd_bits(capacity, cfg.clip_norm)
+
   @jax.jit
   def step(p, xd, yd, valid, key):
     k_sample, k_noise = jax.random.split(key)
     idx, mask, over = mechanisms.poisson_sample(
         k_sample, valid[None], cfg.sampling_rate, capacity)
-    g = grad_sum(p, (xd[idx[0]], yd[idx[0]]), mask[0])
-    return mechanisms.tree_add_gaussian_noise(k_noise, g, stddev), over
+    g = grad_sum(p, (xd[idx[0]], yd[idx[0]]), mask[0], bits=bits)
+    return mechanisms.tree_add_gaussian_noise(
+        k_noise, g, stddev,
+        scale=clipping.fixed_point_scale(bits)), over
 
   return step, rows
 
@@ -140,7 +144,8 @@ def _sharded_step(grad_sum, cfg, noise_multiplier, x, y, mesh, num_rows,
   stddev = noise_multiplier * cfg.clip_norm if noise_multiplier else 0.0
   sharded = jax.jit(functools.partial(
       parallel.sharded_dp_sgd_grad, grad_sum, sampling_rate=cfg.sampling_rate,
-      capacity=capacity, noise_stddev=stddev, mesh=mesh))
+      capacity=capacity, noise_stddev=stddev, mesh=mesh,
+      clip_norm=cfg.clip_norm))
   return sharded, rows
 
 

@@ -15,6 +15,9 @@ Privacy-relevant invariants, each tested in tests/test_mechanisms.py:
 * Noise N(0, (sigma * C)^2) is added once to the (K, d) clipped class sums,
   whose L2 sensitivity is C (see clipping.py), with the atom-free sampler
   (noise.add_gaussian_noise: float64 draw, float64 sum, one rounding).
+  The sums are int32 in fixed point (`QuerySpec.release_bits`): exact in
+  any order, so one example moves them by its own quantised row, norm
+  <= C, however many rows, chunks or devices the sum has.
   Sums are released; callers normalise by public constants only.
 * Private arrays are arguments of the compiled programs, never constants
   captured by a closure (a persistent compilation cache or an XLA dump
@@ -35,7 +38,9 @@ from scipy import stats
 
 from dpgeng_jax import augment, noise
 from dpgeng_jax.clipping import (check_clip_norm, check_labels,
-                                 clipped_class_sums, clipped_grad_sum)
+                                 clipped_class_sums, clipped_grad_sum,
+                                 fixed_point_bits, fixed_point_scale,
+                                 unclipped)
 from dpgeng_jax.errors import PrivacyAbort, require_int
 # Re-exported: the secret keys and the sampler, where callers found them.
 from dpgeng_jax.noise import (  # noqa: F401
@@ -216,6 +221,22 @@ class QuerySpec:
       return 0.0
     return float(self.noise_multiplier * self.clip_norm)
 
+  def release_bits(self, rows: int) -> int | None:
+    """Bits of the fixed-point sums over `rows` padded rows in all (every
+    chunk and device of one release): `clipping.fixed_point_bits(rows,
+    C)`; None (float32 sums) for C = inf, which has no sensitivity and is
+    only allowed without noise."""
+    if math.isinf(float(self.clip_norm)):
+      return None
+    return fixed_point_bits(rows, float(self.clip_norm))
+
+  def release(self, key: jax.Array, sums: jax.Array,
+              bits: int | None) -> jax.Array:
+    """sums (int32 at 2^-bits, or float32 with bits None) plus N(0,
+    (sigma C)^2) per coordinate: float64 draw, float64 sum, one rounding."""
+    return add_gaussian_noise(key, sums, self.noise_stddev,
+                              scale=fixed_point_scale(bits))
+
 
 def augment_class_major(x: jax.Array, aug_params: augment.AugmentParams,
                         strategy: str) -> jax.Array:
@@ -228,11 +249,14 @@ def noisy_class_sums(spec: QuerySpec, params: Any, x: jax.Array,
                      y: jax.Array, mask: jax.Array,
                      noise_key: jax.Array,
                      chunk_size: int | None = None) -> jax.Array:
-  """Clipped class sums plus N(0, (sigma C)^2) on every coordinate."""
+  """Clipped class sums (fixed point for a finite C, see `QuerySpec.
+  release_bits`) plus N(0, (sigma C)^2) on every coordinate."""
+  bits = spec.release_bits(x.shape[0])
   sums = clipped_class_sums(spec.embed_fn, params, x, y, mask,
                             num_classes=spec.num_classes,
-                            clip_norm=spec.clip_norm, chunk_size=chunk_size)
-  return add_gaussian_noise(noise_key, sums, spec.noise_stddev)
+                            clip_norm=spec.clip_norm, chunk_size=chunk_size,
+                            bits=bits)
+  return spec.release(noise_key, sums, bits)
 
 
 def noisy_targets(spec: QuerySpec, data: ClassMajorData | FlatData,
@@ -256,21 +280,32 @@ def noisy_targets(spec: QuerySpec, data: ClassMajorData | FlatData,
     overflow (`check_overflow`); the sums are then not to be used.
   """
   k_sample, k_noise = jax.random.split(secret)
+  bits = spec.release_bits(batch_rows(spec, data))
   sums, overflow = sampled_class_sums(spec, data, params, aug_params,
-                                      k_sample, chunk_size)
-  return add_gaussian_noise(k_noise, sums, spec.noise_stddev), overflow
+                                      k_sample, chunk_size, bits)
+  return spec.release(k_noise, sums, bits), overflow
+
+
+def batch_rows(spec: QuerySpec, data: ClassMajorData | FlatData) -> int:
+  """Padded rows of one Poisson batch of `data`: the capacity for flat
+  data, K times the per-class capacity for class-major data."""
+  if isinstance(data, FlatData):
+    return spec.capacity
+  return spec.capacity * data.x.shape[0]
 
 
 def sampled_class_sums(spec: QuerySpec, data: ClassMajorData | FlatData,
                        params: Any,
                        aug_params: augment.AugmentParams,
                        sample_key: jax.Array,
-                       chunk_size: int | None = None):
+                       chunk_size: int | None = None,
+                       bits: int | None = None):
   """The noiseless part of one M_F query: Poisson batch, siamese
-  augmentation, clipped class sums. Returns ((K, d) sums, overflow)."""
+  augmentation, clipped class sums (int32 at 2^-bits when bits is set,
+  see `clipping.clipped_class_sums`). Returns ((K, d) sums, overflow)."""
   if isinstance(data, FlatData):
     return _sampled_flat_sums(spec, data, params, aug_params, sample_key,
-                              chunk_size)
+                              chunk_size, bits)
   idx, mask, overflow = poisson_sample(sample_key, data.valid,
                                        spec.sampling_rate, spec.capacity)
   xb = jax.vmap(lambda xc, ic: xc[ic])(data.x, idx)  # (K, cap, ...)
@@ -280,12 +315,13 @@ def sampled_class_sums(spec: QuerySpec, data: ClassMajorData | FlatData,
   flat = xb.reshape((k * cap, *xb.shape[2:]))
   sums = clipped_class_sums(spec.embed_fn, params, flat, y, mask.reshape(-1),
                             num_classes=spec.num_classes,
-                            clip_norm=spec.clip_norm, chunk_size=chunk_size)
+                            clip_norm=spec.clip_norm, chunk_size=chunk_size,
+                            bits=bits)
   return sums, overflow
 
 
 def _sampled_flat_sums(spec, data: FlatData, params, aug_params,
-                       sample_key, chunk_size):
+                       sample_key, chunk_size, bits):
   """`sampled_class_sums` on flat data: one Poisson batch of all classes;
   each row is augmented with its class's parameters (the same as the
   synthetic side of that class), then clipped and summed into its class."""
@@ -303,7 +339,8 @@ def _sampled_flat_sums(spec, data: FlatData, params, aug_params,
                      spec.strategy)
   sums = clipped_class_sums(spec.embed_fn, params, xb, y, mask,
                             num_classes=spec.num_classes,
-                            clip_norm=spec.clip_norm, chunk_size=chunk_size)
+                            clip_norm=spec.clip_norm, chunk_size=chunk_size,
+                            bits=bits)
   return sums, overflow
 
 
@@ -330,6 +367,17 @@ def poisson_batch_indices(key: jax.Array, num_examples: int,
   return idx[0], mask[0], over
 
 
+def dp_sgd_bits(rows: int, clip_norm: float) -> int | None:
+  """Bits of the fixed-point gradient sums of a DP-SGD step over `rows`
+  padded examples in all (every chunk and device):
+  `clipping.fixed_point_bits(rows, C)`, None (float32 sums) for C = inf,
+  which has no sensitivity. Each coordinate of a clipped gradient is at
+  most C."""
+  if unclipped(clip_norm):
+    return None
+  return fixed_point_bits(rows, float(clip_norm))
+
+
 def make_dp_sgd_step(loss_fn: Callable[..., jax.Array] | None, optimizer, *,
                      clip_norm: float, noise_multiplier: float,
                      expected_batch_size: float,
@@ -343,8 +391,14 @@ def make_dp_sgd_step(loss_fn: Callable[..., jax.Array] | None, optimizer, *,
   with B the PUBLIC expected batch size (q * N), never the realised one.
   Batches are padded to a fixed size with `mask`, so the step compiles once.
   The clipped sum is `clipped_grad_sum(loss_fn, ...)` unless grad_sum_fn
-  (params, batch, mask) is given, which must clip to the same clip_norm
-  (e.g. `pergrad.make_grad_sum_fn`, possibly `clipping.microbatched`).
+  (params, batch, mask, bits=None) is given, which must clip to the same
+  clip_norm (e.g. `pergrad.make_grad_sum_fn`, possibly
+  `clipping.microbatched`). For a finite clip_norm the sums are taken in
+  fixed point, `bits = dp_sgd_bits(batch rows, C)`: grad_sum_fn must then
+  return the int32 sums of trunc(clip_C(g_i) 2^bits)
+  (`clipping.fixed_point_weighted_sum`), to which the noise is added in
+  float64 (a float32 sum's rounding depends on every example of the
+  batch, so one example could move it by more than C).
   """
   try:
     size_ok = 0 < float(expected_batch_size) < math.inf
@@ -355,12 +409,14 @@ def make_dp_sgd_step(loss_fn: Callable[..., jax.Array] | None, optimizer, *,
                      f"(the public q * N), got {expected_batch_size!r}")
   stddev = noise_multiplier * clip_norm if noise_multiplier else 0.0
   if grad_sum_fn is None:
-    grad_sum_fn = lambda p, b, m: clipped_grad_sum(loss_fn, p, b, m,
-                                                   clip_norm=clip_norm)
+    grad_sum_fn = lambda p, b, m, bits=None: clipped_grad_sum(
+        loss_fn, p, b, m, clip_norm=clip_norm, bits=bits)
 
   def step(params, opt_state, batch, mask, noise_key):
-    g = tree_add_gaussian_noise(noise_key, grad_sum_fn(params, batch, mask),
-                                stddev)
+    bits = dp_sgd_bits(mask.shape[0], clip_norm)
+    g = grad_sum_fn(params, batch, mask, bits=bits)
+    g = tree_add_gaussian_noise(noise_key, g, stddev,
+                                scale=fixed_point_scale(bits))
     g = jax.tree.map(lambda a: a / expected_batch_size, g)
     updates, opt_state = optimizer.update(g, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, g

@@ -43,7 +43,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dpgeng_jax import augment, mechanisms
-from dpgeng_jax.clipping import clipped_class_sums
+from dpgeng_jax.clipping import (check_fixed_point, clipped_class_sums,
+                                 fixed_point_scale)
 
 DATA = "data"
 
@@ -194,21 +195,25 @@ def sharded_sum(fn: Callable[..., Any], mesh: Mesh, *,
 
 def sharded_clipped_class_sums(embed_fn, params, x, y, mask, *,
                                num_classes: int, clip_norm: float,
-                               mesh: Mesh, chunk_size: int | None = None):
+                               mesh: Mesh, chunk_size: int | None = None,
+                               bits: int | None = None):
   """`clipping.clipped_class_sums` with the rows split over `mesh`
   (padded to a multiple of the device count). Same (K, d) result, same
-  L2 sensitivity C."""
+  L2 sensitivity C; with `bits` (checked against all the padded rows)
+  the int32 result equals the unsharded one exactly."""
   (x, y), mask = pad_rows((x, y), mask, num_shards(mesh))
+  if bits is not None:
+    check_fixed_point(bits, x.shape[0], clip_norm)
   fn = functools.partial(_class_sums_rows, embed_fn, num_classes, clip_norm,
-                         chunk_size)
+                         chunk_size, bits)
   return sharded_sum(fn, mesh)(params, x, y, mask)
 
 
-def _class_sums_rows(embed_fn, num_classes, clip_norm, chunk_size, params,
-                     x, y, mask):
+def _class_sums_rows(embed_fn, num_classes, clip_norm, chunk_size, bits,
+                     params, x, y, mask):
   return clipped_class_sums(embed_fn, params, x, y, mask,
                             num_classes=num_classes, clip_norm=clip_norm,
-                            chunk_size=chunk_size)
+                            chunk_size=chunk_size, bits=bits)
 
 
 def sharded_grad_sum(grad_sum_fn: Callable[..., Any], params, batch, mask, *,
@@ -254,13 +259,16 @@ def sharded_noisy_targets(spec: mechanisms.QuerySpec,
   """
   k_sample, k_noise = jax.random.split(secret)
   flat = isinstance(data, mechanisms.FlatData)
+  # Fixed point over every device's rows: the int32 psum is exact.
+  bits = spec.release_bits(mechanisms.batch_rows(spec, data)
+                           * num_shards(mesh))
 
   def local(p, aug, key, *arrays):
     p = jax.lax.pcast(p, DATA, to="varying")
     part = (mechanisms.FlatData(*arrays) if flat
             else mechanisms.ClassMajorData(*arrays))
     sums, over = mechanisms.sampled_class_sums(
-        spec, part, p, aug, _device_key(key), chunk_size)
+        spec, part, p, aug, _device_key(key), chunk_size, bits)
     return jax.lax.psum(sums, DATA), jax.lax.psum(over.astype(jnp.int32),
                                                   DATA) > 0
 
@@ -269,38 +277,43 @@ def sharded_noisy_targets(spec: mechanisms.QuerySpec,
       local, mesh=mesh,
       in_specs=(P(), P(), P()) + (split,) * len(data),
       out_specs=(P(), P()))(params, aug_params, k_sample, *data)
-  return mechanisms.add_gaussian_noise(k_noise, sums,
-                                       spec.noise_stddev), overflow
+  return spec.release(k_noise, sums, bits), overflow
 
 
 def sharded_dp_sgd_grad(grad_sum_fn: Callable[..., Any], params: Any,
                         x: jax.Array, y: jax.Array, valid: jax.Array,
                         secret: jax.Array, *, sampling_rate: float,
-                        capacity: int, noise_stddev: float, mesh: Mesh):
+                        capacity: int, noise_stddev: float, mesh: Mesh,
+                        clip_norm: float):
   """Noisy clipped gradient SUM of one DP-SGD step on sharded data.
 
   x, y, valid: (N_pad, ...) private rows split over `mesh` (valid 0 on
   padding). Each device Poisson-samples its rows into `capacity` slots,
-  calls grad_sum_fn(params, (x_b, y_b), mask) with device-varying params,
-  the sums are added across devices, and noise N(0, stddev^2) is added
+  calls grad_sum_fn(params, (x_b, y_b), mask, bits=bits) with
+  device-varying params (bits: `mechanisms.dp_sgd_bits` of all the
+  devices' slots and clip_norm, the C that grad_sum_fn clips to; int32
+  sums, added exactly across devices), and noise N(0, stddev^2) is added
   once per coordinate. Returns (noisy gradient sum, overflow flag); the
   caller divides by the public expected batch size.
   """
   k_sample, k_noise = jax.random.split(secret)
+  # Fixed point over every device's slots (`mechanisms.dp_sgd_bits`).
+  bits = mechanisms.dp_sgd_bits(capacity * num_shards(mesh), clip_norm)
 
   def local(p, xs, ys, vs, key):
     p = jax.lax.pcast(p, DATA, to="varying")
     idx, mask, over = mechanisms.poisson_sample(
         _device_key(key), vs[None], sampling_rate, capacity)
-    g = grad_sum_fn(p, (xs[idx[0]], ys[idx[0]]), mask[0])
+    g = grad_sum_fn(p, (xs[idx[0]], ys[idx[0]]), mask[0], bits=bits)
     return jax.lax.psum(g, DATA), jax.lax.psum(over.astype(jnp.int32),
                                                DATA) > 0
 
   g, overflow = jax.shard_map(
       local, mesh=mesh, in_specs=(P(), P(DATA), P(DATA), P(DATA), P()),
       out_specs=(P(), P()))(params, x, y, valid, k_sample)
-  return mechanisms.tree_add_gaussian_noise(k_noise, g,
-                                            noise_stddev), overflow
+  return mechanisms.tree_add_gaussian_noise(
+      k_noise, g, noise_stddev,
+      scale=fixed_point_scale(bits)), overflow
 
 
 # ---------------------------------------------------------------------------

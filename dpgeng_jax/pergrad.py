@@ -40,6 +40,7 @@ argument of clipping.py applies unchanged.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -47,9 +48,10 @@ import jax.numpy as jnp
 import optax
 
 from dpgeng_jax import stem, winograd
-from dpgeng_jax.clipping import (check_clip_norm, check_labels, check_mask,
-                                 clip_scale, row_norms, split_rows,
-                                 unclipped, weighted_sum)
+from dpgeng_jax.clipping import (check_clip_norm, check_fixed_point,
+                                 check_labels, check_mask, clip_scale,
+                                 row_norms, split_rows, unclipped,
+                                 weighted_sum)
 from dpgeng_jax.models import ConvNet, _check_norm, instance_norm
 
 _EPS = 1e-5  # models.ConvNet's GroupNorm epsilon
@@ -248,8 +250,8 @@ def _leaf_norms(leaves, finite) -> jax.Array:
 
 def convnet_clipped_grad_sum(model: ConvNet, params: Any, x: jax.Array,
                              y: jax.Array, mask: jax.Array, *,
-                             clip_norm: float, chunk: int | None = None
-                             ) -> Any:
+                             clip_norm: float, chunk: int | None = None,
+                             bits: int | None = None) -> Any:
   """sum_i mask_i clip_C(grad_i) of the per-example cross-entropy of a
   ConvNet, float32, shaped like params (see module docstring).
 
@@ -264,7 +266,9 @@ def convnet_clipped_grad_sum(model: ConvNet, params: Any, x: jax.Array,
   examples get their full norms (all layers), clip weights and weighted
   kernel sums at once.
   chunk=None picks by backend (`default_chunk`); any chunk gives the same
-  result up to float summation order.
+  result up to float summation order. With `bits` the sums are int32 in
+  fixed point (`clipping.fixed_point_weighted_sum`), as DP-SGD releases
+  them: exactly the same for any chunk or device split.
   """
   n = x.shape[0]
   if n == 0:
@@ -272,7 +276,10 @@ def convnet_clipped_grad_sum(model: ConvNet, params: Any, x: jax.Array,
   check_mask(mask, n)
   check_labels(y, model.num_classes, n)
   check_clip_norm(clip_norm)
+  if bits is not None:
+    check_fixed_point(bits, n, clip_norm)
   no_clip = unclipped(clip_norm)
+  wsum = functools.partial(weighted_sum, bits=bits)
   g, inputs, xhats, feat = _backprop(model, params, x, y)
   small = _small_grads(model, g, xhats, feat)
   small_leaves = jax.tree.leaves(small)
@@ -287,6 +294,7 @@ def convnet_clipped_grad_sum(model: ConvNet, params: Any, x: jax.Array,
                    tuple(g["u"][i] for i in layers), small_norms, ok), chunk)
   zero = jnp.zeros_like(x.reshape(-1)[0], jnp.float32)  # varying like x
   init = tuple(jnp.broadcast_to(zero, params[f"conv{i}"]["kernel"].shape)
+               .astype(jnp.float32 if bits is None else jnp.int32)
                for i in layers)
 
   def weights(norms, fin, ok_c):
@@ -302,7 +310,7 @@ def convnet_clipped_grad_sum(model: ConvNet, params: Any, x: jax.Array,
     fin = _finite_rows(kernels, chunk)
     norms = jnp.concatenate([norms_c, _leaf_norms(kernels, fin)], axis=1)
     w = weights(row_norms(norms)[:, 0], fin, ok_c)
-    return tuple(weighted_sum(w, _clean(k, fin)) for k in kernels), w
+    return tuple(wsum(w, _clean(k, fin)) for k in kernels), w
 
   def body(acc, c):
     a_c, g_c, norms_c, ok_c = c
@@ -317,7 +325,7 @@ def convnet_clipped_grad_sum(model: ConvNet, params: Any, x: jax.Array,
 
     def plain(kernels, norms_c, ok_c):
       w = weights(jnp.sqrt(sq), jnp.ones(chunk, bool), ok_c)
-      return tuple(weighted_sum(w, k) for k in kernels), w
+      return tuple(wsum(w, k) for k in kernels), w
 
     sums, w = jax.lax.cond(jnp.all(jnp.isfinite(sq)), plain, robust,
                            kernels, norms_c, ok_c)
@@ -325,7 +333,7 @@ def convnet_clipped_grad_sum(model: ConvNet, params: Any, x: jax.Array,
 
   kernel_sums, w = jax.lax.scan(body, init, xs)
   w = w.reshape(-1)[:n]
-  out = jax.tree.map(lambda a: weighted_sum(w, _clean(a, finite_small)),
+  out = jax.tree.map(lambda a: wsum(w, _clean(a, finite_small)),
                      small)
   for i, k in zip(layers, kernel_sums):
     out[f"conv{i}"]["kernel"] = k
@@ -350,12 +358,13 @@ def default_chunk() -> int | None:
 
 
 def make_grad_sum_fn(model: ConvNet, *, clip_norm: float):
-  """grad_sum_fn(params, (x, y), mask) for `mechanisms.make_dp_sgd_step`
-  and `parallel.sharded_grad_sum`, via the batched-matmul path."""
+  """grad_sum_fn(params, (x, y), mask, bits=None) for
+  `mechanisms.make_dp_sgd_step` and `parallel.sharded_grad_sum`, via the
+  batched-matmul path (int32 fixed-point sums when bits is set)."""
 
-  def grad_sum(params, batch, mask):
+  def grad_sum(params, batch, mask, bits=None):
     x, y = batch
     return convnet_clipped_grad_sum(model, params, x, y, mask,
-                                    clip_norm=clip_norm)
+                                    clip_norm=clip_norm, bits=bits)
 
   return grad_sum

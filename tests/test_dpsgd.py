@@ -7,6 +7,7 @@ import optax
 import pytest
 from scipy import stats
 
+from dpgeng_jax import clipping, mechanisms
 from dpgeng_jax.clipping import clipped_grad_sum
 from dpgeng_jax.mechanisms import make_dp_sgd_step, poisson_batch_indices
 from dpgeng_jax.models import ConvNet, init_params
@@ -107,7 +108,69 @@ def test_dp_sgd_without_noise_divides_by_the_public_batch_size():
                  jax.random.key(0))
   want = _flat(clipped_grad_sum(_loss, params, batch, jnp.ones(6),
                                 clip_norm=0.2)) / 4.0
-  np.testing.assert_allclose(_flat(g), want, rtol=1e-6)
+  # The step sums in fixed point: 6 rows at 2^-30 (fixed_point_bits).
+  np.testing.assert_allclose(_flat(g), want, rtol=1e-6, atol=6 * 2.0 ** -30)
+
+
+def _linear_loss(w, batch):
+  """The per-example gradient is the example itself: sums of positive
+  rows grow with n, as a float32 rounding test needs."""
+  return jnp.sum(batch.reshape(batch.shape[0], -1) @ w)
+
+
+def test_gradient_sums_move_by_at_most_c_at_scale_in_fixed_point():
+  """20000 examples whose gradients are all clipped to C: the float32 sum
+  moved by more than C when one example went; the int32 sum that DP-SGD
+  releases (bits) by exactly that example's quantised clipped gradient,
+  norm <= C."""
+  n, c = 20000, 1.0
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(np.abs(rng.normal(size=(n, 16))) + 0.5, jnp.float32)
+  w = jnp.zeros(16)
+  bits = clipping.fixed_point_bits(n, c)
+  f = jax.jit(lambda m, b: clipped_grad_sum(_linear_loss, w, x, m,
+                                            clip_norm=c, bits=b),
+              static_argnums=1)
+  ones = jnp.ones(n)
+  full, full32 = np.asarray(f(ones, bits), np.int64), np.asarray(
+      f(ones, None), np.float64)
+  assert f(ones, bits).dtype == jnp.int32
+  worst32 = 0.0
+  for i in (0, 777, 19999):
+    drop = ones.at[i].set(0.0)
+    moved = full - np.asarray(f(drop, bits), np.int64)
+    row = np.asarray(clipping.clip_rows(x[i:i + 1], c)[0], np.float64)
+    np.testing.assert_array_equal(moved, np.trunc(row * 2.0 ** bits))
+    assert np.linalg.norm(moved * 2.0 ** -bits) <= c
+    worst32 = max(worst32, float(np.linalg.norm(
+        full32 - np.asarray(f(drop, None), np.float64))))
+  assert worst32 > c  # the float32 sum, as DP-SGD summed before
+
+
+def test_dp_sgd_step_adds_the_noise_to_the_fixed_point_sum():
+  """The step's gradient is (int sum 2^-bits + noise) / B, bits from the
+  padded batch and C; its grad_sum_fn is called with those bits."""
+  params, batch = _setup()
+  seen = []
+
+  def grad_sum_fn(p, b, m, bits=None):
+    seen.append(bits)
+    return clipped_grad_sum(_loss, p, b, m, clip_norm=0.2, bits=bits)
+
+  step = make_dp_sgd_step(None, optax.sgd(1.0), clip_norm=0.2,
+                          noise_multiplier=0.0, expected_batch_size=4.0,
+                          grad_sum_fn=grad_sum_fn)
+  _, _, g = step(params, optax.sgd(1.0).init(params), batch, jnp.ones(6),
+                 jax.random.key(0))
+  bits = clipping.fixed_point_bits(6, 0.2)
+  assert seen == [bits] and mechanisms.dp_sgd_bits(6, 0.2) == bits
+  ints = clipped_grad_sum(_loss, params, batch, jnp.ones(6), clip_norm=0.2,
+                          bits=bits)
+  want = _flat(jax.tree.map(lambda a: (np.asarray(a, np.float64)
+                                       * 2.0 ** -bits).astype(np.float32),
+                            ints)) / np.float32(4.0)
+  np.testing.assert_array_equal(_flat(g), want)
+  assert mechanisms.dp_sgd_bits(6, float("inf")) is None
 
 
 def test_poisson_batch_indices_cover_each_example_at_the_rate():

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from dpgeng_jax import augment, mechanisms
-from dpgeng_jax.clipping import clipped_class_sums
+from dpgeng_jax import augment, clipping, mechanisms
+from dpgeng_jax.clipping import clip_rows, clipped_class_sums
 from dpgeng_jax.mechanisms import (QuerySpec, class_major, noisy_class_sums,
                                    noisy_targets, poisson_capacity,
                                    poisson_sample)
@@ -285,6 +285,87 @@ def test_flat_query_sensitivity_is_the_clip_norm_and_attained():
   diff = np.asarray(b) - np.asarray(a)
   assert np.linalg.norm(diff) == pytest.approx(0.7, rel=1e-5)
   assert np.count_nonzero(np.abs(diff).sum(1) > 0) == 1  # one class moved
+
+
+def test_query_sums_move_by_at_most_c_at_scale_in_fixed_point():
+  """20000 rows of one class, every embedding clipped to C, p = 1: the
+  float32 class sums moved by more than C when one row went (their
+  rounding depends on every row and on the rows' slots, which shift), the
+  query's int32 sums (to which the noise is added in float64) by exactly
+  that row's quantised clipped embedding, norm <= C."""
+  n, c = 20000, 1.0
+  rng = np.random.default_rng(0)
+  x = np.abs(rng.normal(size=(n, 4, 4, 1))).astype(np.float32)
+  y = np.zeros(n, np.int32)
+  # Positive embeddings of norm > C: every row is clipped, sums grow.
+  params = jnp.asarray(np.abs(rng.normal(size=(16, 16))) * 0.3, jnp.float32)
+  spec = _spec(clip=c, sigma=0.0, p=1.0, cap=n, k=1)
+  bits = spec.release_bits(n)
+  aug = augment.identity_params((1,))
+  data = _flat(x, y)
+
+  def sums(valid, bits_on):
+    d = mechanisms.FlatData(data.x, data.y, valid)
+    return mechanisms.sampled_class_sums(
+        spec, d, params, aug, jax.random.key(0), 1000,
+        bits if bits_on else None)[0]
+
+  sums = jax.jit(sums, static_argnums=1)
+  full = np.asarray(sums(data.valid, True), np.int64)
+  full32 = np.asarray(sums(data.valid, False), np.float64)
+  worst32 = 0.0
+  for i in (0, 1, 4999, 15000):
+    drop = data.valid.at[i].set(0)
+    moved = full - np.asarray(sums(drop, True), np.int64)
+    row = np.asarray(clip_rows(_embed(params, jnp.asarray(x[i:i + 1])), c),
+                     np.float64)
+    np.testing.assert_array_equal(moved, np.trunc(row * 2.0 ** bits))
+    assert np.linalg.norm(moved * 2.0 ** -bits) <= c
+    worst32 = max(worst32, float(np.linalg.norm(
+        full32 - np.asarray(sums(drop, False), np.float64))))
+  assert worst32 > c  # the float32 sums, as the queries summed before
+
+
+def test_query_release_adds_noise_to_the_fixed_point_sums():
+  """The release is int sums x 2^-bits + N(0, (sigma C)^2): with sigma 0
+  it is the float32 rounding of the exact sums, close to the float path;
+  bits follow the padded rows, and C = inf keeps the float path."""
+  x, y = _data()
+  params = jnp.ones((16, 16)) * 0.1
+  aug = augment.identity_params((3,))
+  data = class_major(x, y, 3)
+  spec = _spec(clip=0.5, sigma=0.0, p=1.0, cap=10)
+  assert spec.release_bits(30) == clipping.fixed_point_bits(30, 0.5)
+  assert _spec(clip=math.inf, sigma=0.0).release_bits(30) is None
+  got, _ = noisy_targets(spec, data, params, aug, jax.random.key(0))
+  ints, _ = mechanisms.sampled_class_sums(spec, data, params, aug,
+                                          jax.random.split(
+                                              jax.random.key(0))[0],
+                                          bits=spec.release_bits(30))
+  assert ints.dtype == jnp.int32
+  np.testing.assert_array_equal(
+      np.asarray(got),
+      (np.asarray(ints, np.float64) * 2.0 ** -spec.release_bits(30)
+       ).astype(np.float32))
+  float_sums = clipped_class_sums(
+      _embed, params, jnp.asarray(x), jnp.asarray(y, jnp.int32),
+      jnp.ones(30), num_classes=3, clip_norm=0.5)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(float_sums),
+                             atol=30 * 2.0 ** -spec.release_bits(30))
+
+
+def test_fixed_point_sums_refuse_bits_that_could_overflow():
+  x, y = _data()
+  args = (_embed, jnp.ones((16, 16)), jnp.asarray(x),
+          jnp.asarray(y, jnp.int32), jnp.ones(30))
+  ok = clipping.fixed_point_bits(30, 2.0)
+  clipped_class_sums(*args, num_classes=3, clip_norm=2.0, bits=ok)
+  with pytest.raises(ValueError, match="overflows"):
+    clipped_class_sums(*args, num_classes=3, clip_norm=2.0, bits=ok + 1)
+  with pytest.raises(ValueError, match="finite clip_norm"):
+    clipped_class_sums(*args, num_classes=3, clip_norm=math.inf, bits=ok)
+  with pytest.raises(ValueError, match="integer"):
+    clipped_class_sums(*args, num_classes=3, clip_norm=2.0, bits=1.5)
 
 
 def test_flat_query_flags_an_overflowing_batch():

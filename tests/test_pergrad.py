@@ -78,6 +78,49 @@ def test_clipped_grad_sum_equals_the_generic_path(clip_norm):
   _check_sum(model, params, x, y, mask, clip_norm, 1e-5)
 
 
+def test_fixed_point_sum_equals_the_generic_path_and_is_exact_per_row():
+  """With bits (as DP-SGD releases): int32 sums close to the generic
+  path's, the same at every chunk size up to the per-example values'
+  float differences, and one example moves them by its own quantised
+  clipped gradient, norm <= C."""
+  model, params, x, y = _case("instance")
+  mask = jnp.array([1, 1, 0, 1, 1, 1.0])
+  c, bits = 0.05, 24
+  loss = lambda p, b: cross_entropy(model, p, *b)
+  want = clipped_grad_sum(loss, params, (x, y), mask, clip_norm=c,
+                          bits=bits)
+  f = jax.jit(functools.partial(pergrad.convnet_clipped_grad_sum, model,
+                                clip_norm=c, bits=bits),
+              static_argnames="chunk")
+  for chunk in (2, 6):
+    got = f(params, x, y, mask, chunk=chunk)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      assert a.dtype == jnp.int32
+      # a few units per example: float differences of the gradients
+      assert int(jnp.max(jnp.abs(a - b))) <= 2 ** bits * c * 1e-4
+  full = [np.asarray(a, np.int64) for a in jax.tree.leaves(f(
+      params, x, y, mask, chunk=2))]
+  for i in (0, 4):
+    part = jax.tree.leaves(f(params, x, y, mask.at[i].set(0.0), chunk=2))
+    one = jax.tree.leaves(f(params, x, y, jnp.zeros(6).at[i].set(1.0),
+                            chunk=2))
+    moved = np.concatenate([(a - np.asarray(b, np.int64)).ravel()
+                            for a, b in zip(full, part)])
+    np.testing.assert_array_equal(
+        moved, np.concatenate([np.asarray(a).ravel() for a in one]))
+    assert np.linalg.norm(moved * 2.0 ** -bits) <= c
+
+
+def test_fixed_point_sums_refuse_too_many_bits_or_no_clipping():
+  model, params, x, y = _case("instance")
+  with pytest.raises(ValueError, match="overflows"):
+    pergrad.convnet_clipped_grad_sum(model, params, x, y, jnp.ones(6),
+                                     clip_norm=1.0, bits=29)
+  with pytest.raises(ValueError, match="finite clip_norm"):
+    pergrad.convnet_clipped_grad_sum(model, params, x, y, jnp.ones(6),
+                                     clip_norm=math.inf, bits=8)
+
+
 def test_each_clipped_contribution_has_norm_at_most_c():
   """One real row at a time: the sum is that row's clipped gradient."""
   model, params, x, y = _case("instance")

@@ -69,7 +69,7 @@ def main():
   grad, over_g = jax.jit(functools.partial(
       parallel.sharded_dp_sgd_grad, pergrad.make_grad_sum_fn(
           model, clip_norm=0.5), sampling_rate=1.0, capacity=n_loc,
-      noise_stddev=0.0, mesh=mesh))(params, xs, ys,
+      noise_stddev=0.0, mesh=mesh, clip_norm=0.5))(params, xs, ys,
                                     parallel.global_rows(mesh, valid),
                                     secret)
   assert not bool(over) and not bool(over_g)

@@ -229,7 +229,7 @@ def test_sharded_dp_sgd_gradient_without_noise_equals_unsharded(devices=8):
   got, over = jax.jit(functools.partial(
       parallel.sharded_dp_sgd_grad, fn, sampling_rate=1.0,
       capacity=xs.shape[0] // devices, noise_stddev=0.0,
-      mesh=parallel.data_mesh(devices)))(params, xs, ys, valid,
+      mesh=parallel.data_mesh(devices), clip_norm=0.5))(params, xs, ys, valid,
                                          jax.random.key(0))
   assert not bool(over)
   assert _max_rel_diff(got, want) < 1e-4
@@ -247,6 +247,16 @@ def test_chunked_sharded_class_sums_equal_unsharded():
           params, x, y, mask)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
                              atol=1e-5)
+  # In fixed point (as the releases sum) the split changes nothing at all.
+  bits = 20
+  want = clipped_class_sums(_linear, params, x, y, mask, num_classes=K,
+                            clip_norm=1.0, chunk_size=7, bits=bits)
+  got = jax.jit(functools.partial(
+      parallel.sharded_clipped_class_sums, _linear, num_classes=K,
+      clip_norm=1.0, mesh=parallel.data_mesh(4), chunk_size=3,
+      bits=bits))(params, x, y, mask)
+  assert got.dtype == jnp.int32
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_whole_dpgeng_run_on_8_devices_matches_one_device(tmp_path):
