@@ -223,12 +223,9 @@ class QuerySpec:
 
   def release_bits(self, rows: int) -> int | None:
     """Bits of the fixed-point sums over `rows` padded rows in all (every
-    chunk and device of one release): `clipping.fixed_point_bits(rows,
-    C)`; None (float32 sums) for C = inf, which has no sensitivity and is
-    only allowed without noise."""
-    if math.isinf(float(self.clip_norm)):
-      return None
-    return fixed_point_bits(rows, float(self.clip_norm))
+    chunk and device of one release): `dp_sgd_bits`'s rule (the same for
+    any clipped sum released with noise)."""
+    return dp_sgd_bits(rows, self.clip_norm, self.noise_stddev)
 
   def release(self, key: jax.Array, sums: jax.Array,
               bits: int | None) -> jax.Array:
@@ -367,13 +364,16 @@ def poisson_batch_indices(key: jax.Array, num_examples: int,
   return idx[0], mask[0], over
 
 
-def dp_sgd_bits(rows: int, clip_norm: float) -> int | None:
-  """Bits of the fixed-point gradient sums of a DP-SGD step over `rows`
-  padded examples in all (every chunk and device):
-  `clipping.fixed_point_bits(rows, C)`, None (float32 sums) for C = inf,
-  which has no sensitivity. Each coordinate of a clipped gradient is at
-  most C."""
-  if unclipped(clip_norm):
+def dp_sgd_bits(rows: int, clip_norm: float,
+                noise_stddev: float) -> int | None:
+  """Bits of the fixed-point sums of a noisy release of clipped vectors
+  (DP-SGD's gradients, the queries' embeddings) over `rows` padded rows
+  in all (every chunk and device): `clipping.fixed_point_bits(rows, C)`,
+  each coordinate of a clipped vector being at most C. None (float32
+  sums) without noise or clipping (stddev 0 or C = inf: a release with no
+  guarantee to keep, which then equals the non-private sums; a grid of
+  rows C 2^-31 would lose them for a C far above the vectors' norms)."""
+  if unclipped(clip_norm) or not noise_stddev > 0:
     return None
   return fixed_point_bits(rows, float(clip_norm))
 
@@ -393,8 +393,8 @@ def make_dp_sgd_step(loss_fn: Callable[..., jax.Array] | None, optimizer, *,
   The clipped sum is `clipped_grad_sum(loss_fn, ...)` unless grad_sum_fn
   (params, batch, mask, bits=None) is given, which must clip to the same
   clip_norm (e.g. `pergrad.make_grad_sum_fn`, possibly
-  `clipping.microbatched`). For a finite clip_norm the sums are taken in
-  fixed point, `bits = dp_sgd_bits(batch rows, C)`: grad_sum_fn must then
+  `clipping.microbatched`). With noise, the sums are taken in fixed
+  point, `bits = dp_sgd_bits(batch rows, C, sigma C)`: grad_sum_fn must then
   return the int32 sums of trunc(clip_C(g_i) 2^bits)
   (`clipping.fixed_point_weighted_sum`), to which the noise is added in
   float64 (a float32 sum's rounding depends on every example of the
@@ -413,7 +413,7 @@ def make_dp_sgd_step(loss_fn: Callable[..., jax.Array] | None, optimizer, *,
         loss_fn, p, b, m, clip_norm=clip_norm, bits=bits)
 
   def step(params, opt_state, batch, mask, noise_key):
-    bits = dp_sgd_bits(mask.shape[0], clip_norm)
+    bits = dp_sgd_bits(mask.shape[0], clip_norm, stddev)
     g = grad_sum_fn(params, batch, mask, bits=bits)
     g = tree_add_gaussian_noise(noise_key, g, stddev,
                                 scale=fixed_point_scale(bits))

@@ -298,7 +298,8 @@ def sharded_dp_sgd_grad(grad_sum_fn: Callable[..., Any], params: Any,
   """
   k_sample, k_noise = jax.random.split(secret)
   # Fixed point over every device's slots (`mechanisms.dp_sgd_bits`).
-  bits = mechanisms.dp_sgd_bits(capacity * num_shards(mesh), clip_norm)
+  bits = mechanisms.dp_sgd_bits(capacity * num_shards(mesh), clip_norm,
+                                noise_stddev)
 
   def local(p, xs, ys, vs, key):
     p = jax.lax.pcast(p, DATA, to="varying")

@@ -108,8 +108,7 @@ def test_dp_sgd_without_noise_divides_by_the_public_batch_size():
                  jax.random.key(0))
   want = _flat(clipped_grad_sum(_loss, params, batch, jnp.ones(6),
                                 clip_norm=0.2)) / 4.0
-  # The step sums in fixed point: 6 rows at 2^-30 (fixed_point_bits).
-  np.testing.assert_allclose(_flat(g), want, rtol=1e-6, atol=6 * 2.0 ** -30)
+  np.testing.assert_allclose(_flat(g), want, rtol=1e-6)
 
 
 def _linear_loss(w, batch):
@@ -148,8 +147,9 @@ def test_gradient_sums_move_by_at_most_c_at_scale_in_fixed_point():
 
 
 def test_dp_sgd_step_adds_the_noise_to_the_fixed_point_sum():
-  """The step's gradient is (int sum 2^-bits + noise) / B, bits from the
-  padded batch and C; its grad_sum_fn is called with those bits."""
+  """With noise the step's gradient is (int sum 2^-bits + noise) / B, bits
+  from the padded batch and C, passed to its grad_sum_fn; without noise
+  the float32 sum of the non-private path."""
   params, batch = _setup()
   seen = []
 
@@ -157,20 +157,24 @@ def test_dp_sgd_step_adds_the_noise_to_the_fixed_point_sum():
     seen.append(bits)
     return clipped_grad_sum(_loss, p, b, m, clip_norm=0.2, bits=bits)
 
-  step = make_dp_sgd_step(None, optax.sgd(1.0), clip_norm=0.2,
-                          noise_multiplier=0.0, expected_batch_size=4.0,
-                          grad_sum_fn=grad_sum_fn)
-  _, _, g = step(params, optax.sgd(1.0).init(params), batch, jnp.ones(6),
-                 jax.random.key(0))
+  opt = optax.sgd(1.0)
+  step = make_dp_sgd_step(None, opt, clip_norm=0.2, noise_multiplier=1.5,
+                          expected_batch_size=4.0, grad_sum_fn=grad_sum_fn)
+  key = jax.random.key(3)
+  _, _, g = step(params, opt.init(params), batch, jnp.ones(6), key)
   bits = clipping.fixed_point_bits(6, 0.2)
-  assert seen == [bits] and mechanisms.dp_sgd_bits(6, 0.2) == bits
+  assert seen == [bits] and mechanisms.dp_sgd_bits(6, 0.2, 0.3) == bits
   ints = clipped_grad_sum(_loss, params, batch, jnp.ones(6), clip_norm=0.2,
                           bits=bits)
-  want = _flat(jax.tree.map(lambda a: (np.asarray(a, np.float64)
-                                       * 2.0 ** -bits).astype(np.float32),
-                            ints)) / np.float32(4.0)
-  np.testing.assert_array_equal(_flat(g), want)
-  assert mechanisms.dp_sgd_bits(6, float("inf")) is None
+  want = mechanisms.tree_add_gaussian_noise(key, ints, 0.3,
+                                            scale=2.0 ** -bits)
+  np.testing.assert_array_equal(_flat(g), _flat(want) / np.float32(4.0))
+  assert mechanisms.dp_sgd_bits(6, float("inf"), 0.0) is None
+  assert mechanisms.dp_sgd_bits(6, 0.2, 0.0) is None
+  quiet = make_dp_sgd_step(None, opt, clip_norm=0.2, noise_multiplier=0.0,
+                           expected_batch_size=4.0, grad_sum_fn=grad_sum_fn)
+  quiet(params, opt.init(params), batch, jnp.ones(6), key)
+  assert seen[-1] is None
 
 
 def test_poisson_batch_indices_cover_each_example_at_the_rate():

@@ -299,7 +299,7 @@ def test_query_sums_move_by_at_most_c_at_scale_in_fixed_point():
   y = np.zeros(n, np.int32)
   # Positive embeddings of norm > C: every row is clipped, sums grow.
   params = jnp.asarray(np.abs(rng.normal(size=(16, 16))) * 0.3, jnp.float32)
-  spec = _spec(clip=c, sigma=0.0, p=1.0, cap=n, k=1)
+  spec = _spec(clip=c, sigma=1.0, p=1.0, cap=n, k=1)  # sums: no noise
   bits = spec.release_bits(n)
   aug = augment.identity_params((1,))
   data = _flat(x, y)
@@ -327,31 +327,35 @@ def test_query_sums_move_by_at_most_c_at_scale_in_fixed_point():
 
 
 def test_query_release_adds_noise_to_the_fixed_point_sums():
-  """The release is int sums x 2^-bits + N(0, (sigma C)^2): with sigma 0
-  it is the float32 rounding of the exact sums, close to the float path;
-  bits follow the padded rows, and C = inf keeps the float path."""
+  """With noise the release is int sums x 2^-bits + N(0, (sigma C)^2),
+  bits from the padded rows; without noise (or with C = inf) it is the
+  float32 sums of the non-private path, exactly."""
   x, y = _data()
   params = jnp.ones((16, 16)) * 0.1
   aug = augment.identity_params((3,))
   data = class_major(x, y, 3)
-  spec = _spec(clip=0.5, sigma=0.0, p=1.0, cap=10)
-  assert spec.release_bits(30) == clipping.fixed_point_bits(30, 0.5)
+  spec = _spec(clip=0.5, sigma=2.0, p=1.0, cap=10)
+  bits = spec.release_bits(30)
+  assert bits == clipping.fixed_point_bits(30, 0.5)
+  assert _spec(clip=0.5, sigma=0.0).release_bits(30) is None
   assert _spec(clip=math.inf, sigma=0.0).release_bits(30) is None
+  k_sample, k_noise = jax.random.split(jax.random.key(0))
   got, _ = noisy_targets(spec, data, params, aug, jax.random.key(0))
-  ints, _ = mechanisms.sampled_class_sums(spec, data, params, aug,
-                                          jax.random.split(
-                                              jax.random.key(0))[0],
-                                          bits=spec.release_bits(30))
+  ints, _ = mechanisms.sampled_class_sums(spec, data, params, aug, k_sample,
+                                          bits=bits)
   assert ints.dtype == jnp.int32
-  np.testing.assert_array_equal(
-      np.asarray(got),
-      (np.asarray(ints, np.float64) * 2.0 ** -spec.release_bits(30)
-       ).astype(np.float32))
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(
+      mechanisms.add_gaussian_noise(k_noise, ints, 1.0, scale=2.0 ** -bits)))
   float_sums = clipped_class_sums(
       _embed, params, jnp.asarray(x), jnp.asarray(y, jnp.int32),
       jnp.ones(30), num_classes=3, clip_norm=0.5)
-  np.testing.assert_allclose(np.asarray(got), np.asarray(float_sums),
-                             atol=30 * 2.0 ** -spec.release_bits(30))
+  np.testing.assert_allclose(np.asarray(ints) * 2.0 ** -bits,
+                             np.asarray(float_sums), atol=30 * 2.0 ** -bits)
+  quiet = dataclasses.replace(spec, noise_multiplier=0.0)
+  got0, _ = noisy_targets(quiet, data, params, aug, jax.random.key(0))
+  floats, _ = mechanisms.sampled_class_sums(quiet, data, params, aug,
+                                            k_sample)
+  np.testing.assert_array_equal(np.asarray(got0), np.asarray(floats))
 
 
 def test_fixed_point_sums_refuse_bits_that_could_overflow():
