@@ -117,7 +117,7 @@ def private_step(grad_sum, cfg: ExpertConfig, noise_multiplier: float,
   rows = tuple(map(jnp.asarray, parallel.padded_rows(
       num_rows, np.asarray(x, np.float32), np.asarray(y, np.int32))))
 
-  bits = mechanisms.dp_sgd_bits(capacity, cfg.clip_norm, stddev)
+  bits = mechanisms.release_bits(capacity, cfg.clip_norm, stddev)
 
   @jax.jit
   def step(p, xd, yd, valid, key):

@@ -15,7 +15,7 @@ Privacy-relevant invariants, each tested in tests/test_mechanisms.py:
 * Noise N(0, (sigma * C)^2) is added once to the (K, d) clipped class sums,
   whose L2 sensitivity is C (see clipping.py), with the atom-free sampler
   (noise.add_gaussian_noise: float64 draw, float64 sum, one rounding).
-  The sums are int32 in fixed point (`QuerySpec.release_bits`): exact in
+  With noise the sums are int32 in fixed point (`release_bits`): exact in
   any order, so one example moves them by its own quantised row, norm
   <= C, however many rows, chunks or devices the sum has.
   Sums are released; callers normalise by public constants only.
@@ -223,9 +223,9 @@ class QuerySpec:
 
   def release_bits(self, rows: int) -> int | None:
     """Bits of the fixed-point sums over `rows` padded rows in all (every
-    chunk and device of one release): `dp_sgd_bits`'s rule (the same for
-    any clipped sum released with noise)."""
-    return dp_sgd_bits(rows, self.clip_norm, self.noise_stddev)
+    chunk and device of one release): the module's `release_bits` with
+    this query's C and noise."""
+    return release_bits(rows, self.clip_norm, self.noise_stddev)
 
   def release(self, key: jax.Array, sums: jax.Array,
               bits: int | None) -> jax.Array:
@@ -246,8 +246,8 @@ def noisy_class_sums(spec: QuerySpec, params: Any, x: jax.Array,
                      y: jax.Array, mask: jax.Array,
                      noise_key: jax.Array,
                      chunk_size: int | None = None) -> jax.Array:
-  """Clipped class sums (fixed point for a finite C, see `QuerySpec.
-  release_bits`) plus N(0, (sigma C)^2) on every coordinate."""
+  """Clipped class sums (fixed point when there is noise, see
+  `release_bits`) plus N(0, (sigma C)^2) on every coordinate."""
   bits = spec.release_bits(x.shape[0])
   sums = clipped_class_sums(spec.embed_fn, params, x, y, mask,
                             num_classes=spec.num_classes,
@@ -364,7 +364,7 @@ def poisson_batch_indices(key: jax.Array, num_examples: int,
   return idx[0], mask[0], over
 
 
-def dp_sgd_bits(rows: int, clip_norm: float,
+def release_bits(rows: int, clip_norm: float,
                 noise_stddev: float) -> int | None:
   """Bits of the fixed-point sums of a noisy release of clipped vectors
   (DP-SGD's gradients, the queries' embeddings) over `rows` padded rows
@@ -394,8 +394,8 @@ def make_dp_sgd_step(loss_fn: Callable[..., jax.Array] | None, optimizer, *,
   (params, batch, mask, bits=None) is given, which must clip to the same
   clip_norm (e.g. `pergrad.make_grad_sum_fn`, possibly
   `clipping.microbatched`). With noise, the sums are taken in fixed
-  point, `bits = dp_sgd_bits(batch rows, C, sigma C)`: grad_sum_fn must then
-  return the int32 sums of trunc(clip_C(g_i) 2^bits)
+  point, `bits = release_bits(batch rows, C, sigma C)`: grad_sum_fn must
+  then return the int32 sums of trunc(clip_C(g_i) 2^bits)
   (`clipping.fixed_point_weighted_sum`), to which the noise is added in
   float64 (a float32 sum's rounding depends on every example of the
   batch, so one example could move it by more than C).
@@ -413,7 +413,7 @@ def make_dp_sgd_step(loss_fn: Callable[..., jax.Array] | None, optimizer, *,
         loss_fn, p, b, m, clip_norm=clip_norm, bits=bits)
 
   def step(params, opt_state, batch, mask, noise_key):
-    bits = dp_sgd_bits(mask.shape[0], clip_norm, stddev)
+    bits = release_bits(mask.shape[0], clip_norm, stddev)
     g = grad_sum_fn(params, batch, mask, bits=bits)
     g = tree_add_gaussian_noise(noise_key, g, stddev,
                                 scale=fixed_point_scale(bits))

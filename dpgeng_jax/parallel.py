@@ -290,15 +290,15 @@ def sharded_dp_sgd_grad(grad_sum_fn: Callable[..., Any], params: Any,
   x, y, valid: (N_pad, ...) private rows split over `mesh` (valid 0 on
   padding). Each device Poisson-samples its rows into `capacity` slots,
   calls grad_sum_fn(params, (x_b, y_b), mask, bits=bits) with
-  device-varying params (bits: `mechanisms.dp_sgd_bits` of all the
+  device-varying params (bits: `mechanisms.release_bits` of all the
   devices' slots and clip_norm, the C that grad_sum_fn clips to; int32
   sums, added exactly across devices), and noise N(0, stddev^2) is added
   once per coordinate. Returns (noisy gradient sum, overflow flag); the
   caller divides by the public expected batch size.
   """
   k_sample, k_noise = jax.random.split(secret)
-  # Fixed point over every device's slots (`mechanisms.dp_sgd_bits`).
-  bits = mechanisms.dp_sgd_bits(capacity * num_shards(mesh), clip_norm,
+  # Fixed point over every device's slots (`mechanisms.release_bits`).
+  bits = mechanisms.release_bits(capacity * num_shards(mesh), clip_norm,
                                 noise_stddev)
 
   def local(p, xs, ys, vs, key):

@@ -163,14 +163,14 @@ def test_dp_sgd_step_adds_the_noise_to_the_fixed_point_sum():
   key = jax.random.key(3)
   _, _, g = step(params, opt.init(params), batch, jnp.ones(6), key)
   bits = clipping.fixed_point_bits(6, 0.2)
-  assert seen == [bits] and mechanisms.dp_sgd_bits(6, 0.2, 0.3) == bits
+  assert seen == [bits] and mechanisms.release_bits(6, 0.2, 0.3) == bits
   ints = clipped_grad_sum(_loss, params, batch, jnp.ones(6), clip_norm=0.2,
                           bits=bits)
   want = mechanisms.tree_add_gaussian_noise(key, ints, 0.3,
                                             scale=2.0 ** -bits)
   np.testing.assert_array_equal(_flat(g), _flat(want) / np.float32(4.0))
-  assert mechanisms.dp_sgd_bits(6, float("inf"), 0.0) is None
-  assert mechanisms.dp_sgd_bits(6, 0.2, 0.0) is None
+  assert mechanisms.release_bits(6, float("inf"), 0.0) is None
+  assert mechanisms.release_bits(6, 0.2, 0.0) is None
   quiet = make_dp_sgd_step(None, opt, clip_norm=0.2, noise_multiplier=0.0,
                            expected_batch_size=4.0, grad_sum_fn=grad_sum_fn)
   quiet(params, opt.init(params), batch, jnp.ones(6), key)
