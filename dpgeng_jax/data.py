@@ -197,7 +197,8 @@ def from_arrays(
 def load_dataset(spec: str, *, data_dir: str | None = None,
                  num_classes: int | None = None,
                  label_feature: str = "label",
-                 image_size: int = 0) -> Dataset:
+                 image_size: int = 0,
+                 normalisation: str | None = None) -> Dataset:
   """Loads a dataset from a spec string (see `DATASET_SPECS_HELP`).
 
   * 'digits': scikit-learn's bundled 8x8 digits, 1797 images, shape (8, 8, 1),
@@ -226,6 +227,10 @@ def load_dataset(spec: str, *, data_dir: str | None = None,
     image_size: resize every image to image_size x image_size (centre
       crop to a square, then antialiased resizing; public preprocessing,
       done chunk by chunk while a TFDS split is read); 0 keeps them.
+    normalisation: npz only: the name of a dataset whose published
+      normalisation constants to use (`--preset mnist` on an npz copy of
+      MNIST runs MNIST's protocol); ignored when the table has none for
+      it at this channel count.
 
   Returns:
     The validated dataset.
@@ -252,7 +257,7 @@ def load_dataset(spec: str, *, data_dir: str | None = None,
                      name=ds.name, num_classes=ds.num_classes,
                      num_classes_source=ds.num_classes_source)
   if spec.startswith("npz:"):
-    return ds
+    return _with_public_normalisation(ds, normalisation)
   if num_classes is not None and num_classes != ds.num_classes:
     raise DataError(f"--num-classes {num_classes} differs from the "
                     f"{ds.num_classes} classes of {spec} "
@@ -350,6 +355,19 @@ def _public_normalisation(
       "Data-independent default mean 0.5 and std 0.5 per channel (maps [0, 1] to "
       "[-1, 1]); no published constants are known for this dataset, and they are "
       "never computed from the private training data.")
+
+
+def _with_public_normalisation(ds: Dataset, name: str | None) -> Dataset:
+  """ds with the published constants of dataset `name` where the table
+  has them for its channel count (unchanged otherwise)."""
+  key = (name or "").split("/")[0].split(":")[0]
+  if key not in _PUBLIC_NORMALISATION or len(
+      _PUBLIC_NORMALISATION[key][0]) != ds.image_shape[2]:
+    return ds
+  mean, std, source = _public_normalisation(key, ds.image_shape[2])
+  return dataclasses.replace(ds, mean=mean, std=std,
+                             normalisation_source=source + (
+                                 f" Chosen by the {key} preset."))
 
 
 def _load_digits() -> Dataset:

@@ -422,10 +422,7 @@ def run(cfg: Config, *, shadows: int = DEFAULT_SHADOWS, seed: int = 0,
   """
   log = log or (lambda s: None)
   validate(cfg, shadows, seed=seed)
-  ds = dataset or data_lib.load_dataset(
-      cfg.dataset, data_dir=cfg.data_dir or None,
-      num_classes=cfg.num_classes or None, label_feature=cfg.label_feature,
-      image_size=cfg.image_size)
+  ds = dataset or pipeline.load_data(cfg)
   masks = member_masks(seed, ds.num_train, 1 + shadows)
   validate(cfg, shadows, ds, masks, seed)
   t0 = time.time()

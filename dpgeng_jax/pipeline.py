@@ -102,6 +102,15 @@ def stage_store(run_dir: outputs.RunDirectory) -> store_lib.StageStore:
 # The run.
 
 
+def load_data(cfg: Config) -> data_lib.Dataset:
+  """The dataset that cfg names, loaded as a run loads it."""
+  return data_lib.load_dataset(
+      cfg.dataset, data_dir=cfg.data_dir or None,
+      num_classes=cfg.num_classes or None, label_feature=cfg.label_feature,
+      image_size=cfg.image_size,
+      normalisation=presets.normalisation_name(cfg))
+
+
 def run(cfg: Config, dataset: data_lib.Dataset | None = None,
         log: Callable[[str], Any] | None = print,
         store: store_lib.StageStore | None = None,
@@ -125,10 +134,7 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
   del log  # progress goes through tqdm (disabled by cfg.quiet)
   t0 = time.time()
   validate_config(cfg)
-  ds = dataset or data_lib.load_dataset(
-      cfg.dataset, data_dir=cfg.data_dir or None,
-      num_classes=cfg.num_classes or None, label_feature=cfg.label_feature,
-      image_size=cfg.image_size)
+  ds = dataset or load_data(cfg)
   if cfg.num_classes and dataset is not None and (
       ds.num_classes != cfg.num_classes):
     raise ConfigError(f"num_classes={cfg.num_classes} but the dataset has "

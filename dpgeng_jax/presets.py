@@ -12,7 +12,8 @@ values and which of them were overridden (pipeline.run).
 
 The dataset presets use the TFDS names (prepared datasets, read with
 `tfds.data_source`; `--dataset npz:PATH` with the same preset runs the
-same protocol on an npz copy). Their IPC, ConvNet depth and width, factor
+same protocol on an npz copy, with the dataset's published normalisation
+constants: `normalisation_name`). Their IPC, ConvNet depth and width, factor
 and evaluation recipe are the paper's protocol (ALGORITHM.md: ConvNet-3,
 width 128, instance norm, multi-formation factor 2, 5 evaluation models of
 300 epochs; IPC 50 on CIFAR-10/100 and CelebA as in its tables, IPC 10 on
@@ -121,6 +122,17 @@ def config(preset: str = "", **given: Any) -> Config:
     raise ConfigError(f"unknown options {sorted(unknown)}")
   merged = {**values(preset), **given} if preset else dict(given)
   return Config(**merged, preset=preset)
+
+
+def normalisation_name(cfg: Config) -> str | None:
+  """The dataset whose published normalisation constants an npz dataset
+  takes under a dataset preset (its TFDS name: `--preset mnist` with
+  `--dataset npz:PATH` runs MNIST's protocol); None otherwise."""
+  if not cfg.preset or not cfg.dataset.startswith("npz:"):
+    return None
+  preset_data = values(cfg.preset).get("dataset", "")
+  return preset_data[len("tfds:"):] if preset_data.startswith(
+      "tfds:") else None
 
 
 def overridden(cfg: Config) -> dict:

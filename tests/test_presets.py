@@ -132,3 +132,31 @@ def test_readme_presets_table_lists_every_preset():
   section = readme.split("### Presets", 1)[1].split("\n### ", 1)[0]
   rows = [line for line in section.splitlines() if line.startswith("| `")]
   assert sorted(r.split("`")[1] for r in rows) == sorted(presets.PRESETS)
+
+
+def test_an_npz_copy_under_a_dataset_preset_takes_its_normalisation(
+    tmp_path):
+  """`--preset mnist --dataset npz:PATH` runs MNIST's protocol, its
+  published constants included; other channel counts, other datasets and
+  runs without a preset keep the data-independent 0.5 / 0.5."""
+  from dpgeng_jax import pipeline
+  rng = np.random.default_rng(0)
+
+  def npz(channels):
+    path = str(tmp_path / f"c{channels}.npz")
+    x = rng.random((20, 6, 6, channels)).astype(np.float32)
+    y = np.arange(20) % 2
+    np.savez(path, x_train=x, y_train=y, x_test=x[:4], y_test=y[:4])
+    return "npz:" + path
+
+  one, three = npz(1), npz(3)
+  ds = pipeline.load_data(presets.config("mnist", dataset=one))
+  assert ds.mean == (0.1307,) and ds.std == (0.3081,)
+  assert "mnist preset" in ds.normalisation_source
+  ds = pipeline.load_data(presets.config("cifar10,quick", dataset=three))
+  assert ds.mean == (0.4914, 0.4822, 0.4465)
+  for cfg in (presets.config("mnist", dataset=three),
+              presets.config("", dataset=one),
+              presets.config("quick", dataset=one)):
+    assert pipeline.load_data(cfg).mean == (0.5,) * (
+        3 if cfg.dataset == three else 1)
