@@ -598,8 +598,10 @@ def privacy_report(mechanisms: Sequence[Mechanism], *, target_epsilon: float,
   epsilon is increased by epsilon_ext. `abort_events` describes the abort
   events (counts and tail) covered by `split.abort`. Any
   `nonprivate_reasons` make the run "private": false, each reason listed.
-  "meets_target" says whether the headline epsilon is within
-  `target_epsilon` (a note says so where it is not).
+  "meets_target" says whether the run is private and its headline
+  epsilon within `target_epsilon` (a note says so where it is not): the
+  epsilon figures of a run that is not private account its mechanisms as
+  configured, a guarantee its outputs do not have.
   """
   if not (math.isfinite(float(target_epsilon)) and target_epsilon > 0):
     raise ValueError(f"target_epsilon must be finite and > 0, got "
@@ -639,7 +641,8 @@ def privacy_report(mechanisms: Sequence[Mechanism], *, target_epsilon: float,
         f"external generated data declared ({eps_ext:g}, {delta_ext:g})-DP, "
         "added by basic composition to the other mechanisms accounted at "
         f"delta {d:g}")
-  if eps_pld is not None and math.isfinite(eps_pld) and eps_clt < eps_pld:
+  if (eps_pld is not None and math.isfinite(eps_pld) and eps_clt < eps_pld
+      and f"{eps_clt:.6g}" != f"{eps_pld:.6g}"):
     notes.append(
         f"The GDP-CLT figure ({eps_clt:.6g}) is below the PLD figure "
         f"({eps_pld:.6g}): the CLT approximation understates epsilon here; "
@@ -657,7 +660,7 @@ def privacy_report(mechanisms: Sequence[Mechanism], *, target_epsilon: float,
         "epsilon_alone": _finite_or_none(e),
     })
   private = bool(private) and not reasons
-  meets = bool(headline <= target_epsilon)
+  meets = private and bool(headline <= target_epsilon)
   if not meets and not reasons:
     notes.append(f"epsilon {headline:.6g} EXCEEDS the target "
                  f"{target_epsilon:g}: the guarantee is the larger figure")

@@ -153,17 +153,20 @@ _PATH_OPTIONS = ("data_dir", "pe_font_dir")
 
 
 def absolute_paths(values: dict) -> dict:
-  """`values` (Config fields) with relative input paths made absolute."""
+  """`values` (Config fields) with relative input paths made absolute
+  and a leading ~ expanded (in a spec such as npz:~/x.npz the shell does
+  not expand it)."""
   out = dict(values)
+  full = lambda p: os.path.abspath(os.path.expanduser(p))
   for name, prefixes in _PATH_PREFIXES.items():
     v = out.get(name)
     for prefix in prefixes:
       if isinstance(v, str) and v.startswith(prefix) and v != prefix:
-        out[name] = prefix + os.path.abspath(v[len(prefix):])
+        out[name] = prefix + full(v[len(prefix):])
         break
   for name in _PATH_OPTIONS:
     if isinstance(out.get(name), str) and out[name]:
-      out[name] = os.path.abspath(out[name])
+      out[name] = full(out[name])
   return out
 
 
@@ -261,8 +264,8 @@ def _distill(cfg: Config, console: bool = False) -> int:
     pipeline.run(cfg)
     return 0
   # --out is created, locked and checked before any data is read.
-  with pipeline.output_dir(cfg.out, cfg.overwrite,
-                           resume=bool(cfg.resume)) as run_dir:
+  with pipeline.output_dir(cfg.out, cfg.overwrite, resume=bool(cfg.resume),
+                           inputs=pipeline.input_paths(cfg)) as run_dir:
     store = pipeline.stage_store(run_dir)
     if not cfg.quiet:
       print("resolved config:\n" + json.dumps(cfg.to_dict(), indent=2),
@@ -450,8 +453,19 @@ def entry_point() -> int:
   """The `dpgeng` console command (and `python -m dpgeng_jax`): `main` on
   the command line, with freed host memory kept mapped (hostmem;
   `--no-retain-host-memory` turns it off) and the persistent compilation
-  cache (`--no-compile-cache` turns it off)."""
-  return main(None, console=True)
+  cache (`--no-compile-cache` turns it off).
+
+  After an interrupt (status 130) the process ends with os._exit, once
+  its output is flushed: XLA's threads may still hold work of the
+  interrupted computation, and the interpreter's normal teardown then
+  crashed with a segmentation fault in about half of the tries (status
+  139 after the --resume hint)."""
+  code = main(None, console=True)
+  if code == 130:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)  # pylint: disable=protected-access
+  return code
 
 
 def main(argv=None, console: bool = False) -> int:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import warnings
 import zipfile
 import zlib
 from typing import Any, Sequence
@@ -284,6 +285,11 @@ def _images(x: Any, what: str) -> np.ndarray:
         f"{what} images are {x.shape[1]}x{x.shape[2]}; the ConvNet pools "
         "each block's map 2x2, so images need at least 2 pixels per side")
   if x.dtype == np.uint8:
+    if int(x.max()) <= 1:
+      warnings.warn(
+          f"{what} is uint8 with no value above 1: uint8 images are read "
+          "as 0..255, so these are all but black; if they are 0/1 (binary) "
+          "images, pass them as float 0.0/1.0", stacklevel=3)
     return x.astype(np.float32) / np.float32(255.0)
   if x.dtype.name == "bfloat16":  # ml_dtypes' (JAX's), not a numpy floating
     x = x.astype(np.float32)
@@ -292,11 +298,14 @@ def _images(x: Any, what: str) -> np.ndarray:
         f"{what} has dtype {x.dtype}; images must be uint8 (0..255) or float in [0, 1]")
   if not np.all(np.isfinite(x)):
     raise DataError(f"{what} contains NaN or inf pixels")
-  low, high = float(x.min()), float(x.max())
-  if low < 0.0 or high > 1.0:
+  # The message says which side, not the private data's extreme values.
+  below, above = bool(x.min() < 0.0), bool(x.max() > 1.0)
+  if below or above:
+    side = " and ".join(w for w, b in (("below 0", below),
+                                        ("above 1", above)) if b)
     raise DataError(
-        f"{what} has float pixels outside [0, 1] (min {low}, max {high}); "
-        "scale them to [0, 1] or pass uint8")
+        f"{what} has float pixels {side}; float images must be in [0, 1] "
+        "(divide 0..255 values by 255) or pass uint8")
   return x.astype(np.float32)
 
 

@@ -20,10 +20,10 @@ and writes `manifest.json` LAST: a run directory holds a finished run if
 and only if manifest.json exists, and the files it lists are that run's
 whole set. With --overwrite the previous manifest is removed first (its set
 is no longer marked finished) and only this tool's own output names are
-replaced or removed; other files in --out are never touched, and a
+replaced or removed; other files in --out are never touched, a
 folder with one of the tool's names is replaced only if the tool made it
-(it holds the mark `.dpgeng-output`, or a finished run's manifest lists
-it).
+(it holds the mark `.dpgeng-output`), and an --out where an output name
+is one of the run's input files is refused.
 """
 
 from __future__ import annotations
@@ -100,23 +100,42 @@ def writable_dir(path: str, what: str = "--out") -> None:
 
 
 def read_manifest(out: str) -> dict | None:
-  """The finished run's manifest in `out`, or None when there is none."""
-  try:
-    with open(os.path.join(out, MANIFEST)) as f:
-      return json.load(f)
-  except FileNotFoundError:
+  """The finished run's manifest in `out`, or None when there is none.
+
+  An unreadable file, or one that is not a JSON object with a list of
+  names, counts as a finished run's that lists nothing (refused without
+  --overwrite; nothing it names is trusted). A folder or a link named
+  manifest.json is not this tool's: ConfigError (it is never replaced).
+  """
+  path = os.path.join(out, MANIFEST)
+  if not os.path.lexists(path):
     return None
+  if os.path.islink(path) or not os.path.isfile(path):
+    raise ConfigError(f"{path} is a folder or a link, not a manifest of "
+                      "this tool; move it away or choose another directory")
+  try:
+    with open(path) as f:
+      manifest = json.load(f)
   except (OSError, ValueError):
-    return {"files": []}  # unreadable: treated as a finished run of ours
+    return {"files": []}
+  if not isinstance(manifest, dict):
+    return {"files": []}
+  files = manifest.get("files")
+  if not (isinstance(files, list) and all(isinstance(n, str) for n in files)):
+    manifest = {**manifest, "files": []}
+  return manifest
 
 
 class RunDirectory:
   """--out for one run: staged writes, a lock, one publish (see module
-  docstring). Use as a context manager, or `open()` ... `close()`."""
+  docstring). Use as a context manager, or `open()` ... `close()`.
+  `inputs`: the paths of the run's input files, never replaced."""
 
   def __init__(self, out: str, *, overwrite: bool, names: Iterable[str],
-               what: str = "run", resume: bool = False):
+               what: str = "run", resume: bool = False,
+               inputs: Iterable[str] = ()):
     self.out = out
+    self.inputs = tuple(inputs)
     self.overwrite = overwrite
     self.resume = resume
     self.names = tuple(names)
@@ -143,6 +162,7 @@ class RunDirectory:
       if os.path.islink(self.staging):
         raise ConfigError(f"--out {out!r}: {self.staging} is a symbolic "
                           "link, not this tool's staging folder; remove it")
+      self._check_inputs()
       if self.resume:
         self._check_resumable()
       else:
@@ -214,20 +234,35 @@ class RunDirectory:
       raise ConfigError(f"--resume {self.out!r}: no unfinished {self.what} "
                         f"there (no saved stages in {self.staging})")
 
+  def _check_inputs(self) -> None:
+    """Refuses an --out where publishing would replace or delete one of
+    the run's input files (the private dataset, say), with or without
+    --overwrite."""
+    for given in self.inputs:
+      path = os.path.realpath(given)
+      for name in (*self.names, MANIFEST, STAGING):
+        target = os.path.realpath(os.path.join(self.out, name))
+        if path == target or path.startswith(target + os.sep):
+          raise ConfigError(
+              f"--out {self.out!r}: publishing there would replace "
+              f"{os.path.join(self.out, name)}, which holds the input "
+              f"{given!r}; choose another directory")
+
   def _check_conflicts(self) -> None:
     out = self.out
     manifest = read_manifest(out)
-    listed = set(manifest.get("files", [])) if manifest else set()
-    folders = [n for n in self.names if n not in listed
-               and os.path.isdir(os.path.join(out, n))
+    # Only a folder with this tool's mark (written into every folder it
+    # publishes) is ever replaced: a manifest.json anyone can write is no
+    # proof that the folder it names is ours.
+    folders = [n for n in self.names
+               if os.path.isdir(os.path.join(out, n))
                and not os.path.islink(os.path.join(out, n))
                and not os.path.isfile(os.path.join(out, n, FOLDER_MARK))]
     if folders:  # refused even with --overwrite: a whole folder of files
       raise ConfigError(
           f"--out {out!r} holds folders with this tool's output names that "
-          f"no finished {self.what} of it lists: {', '.join(folders)}; "
-          "they are never replaced (move them away or choose another "
-          "directory)")
+          f"it did not write: {', '.join(folders)}; they are never "
+          "replaced (move them away or choose another directory)")
     if self.overwrite:
       return
     if manifest is not None:

@@ -84,13 +84,27 @@ class RunResult:
 # Validation (before anything is computed or written).
 
 
-def output_dir(out: str, overwrite: bool, resume: bool = False
-               ) -> outputs.RunDirectory:
+def output_dir(out: str, overwrite: bool, resume: bool = False,
+               inputs: tuple[str, ...] = ()) -> outputs.RunDirectory:
   """--out as a RunDirectory for this run's output names (not yet open:
   `open()` or `with` creates, locks and checks it). `resume`: continue the
-  unfinished run staged there."""
+  unfinished run staged there; `inputs`: the run's input paths
+  (`input_paths`), which publishing must not replace."""
   return outputs.RunDirectory(out, overwrite=overwrite, names=OUTPUT_FILES,
-                              resume=resume)
+                              resume=resume, inputs=inputs)
+
+
+def input_paths(cfg: Config) -> tuple[str, ...]:
+  """The files and folders a run reads by a path the user gave: an npz
+  dataset, external generated data, a pe:nearest collection, a font
+  folder, a TFDS data folder."""
+  paths = []
+  for spec, prefix in ((cfg.dataset, "npz:"), (cfg.generator, "npz:"),
+                       (cfg.generator, "pe:nearest:")):
+    if spec.startswith(prefix):
+      paths.append(spec[len(prefix):])
+  paths += [p for p in (cfg.pe_font_dir, cfg.data_dir) if p]
+  return tuple(paths)
 
 
 def stage_store(run_dir: outputs.RunDirectory) -> store_lib.StageStore:
@@ -328,7 +342,9 @@ def write_outputs(result: RunResult, out: str, overwrite: bool = False,
   directory opened (and locked) before the run; otherwise one is opened
   here. `store`: the run's saved stages, published as out/stages."""
   if run_dir is None:
-    with output_dir(out, overwrite) as rd:
+    known = {f.name for f in dataclasses.fields(Config)}
+    cfg = Config(**{k: v for k, v in result.config.items() if k in known})
+    with output_dir(out, overwrite, inputs=input_paths(cfg)) as rd:
       return write_outputs(result, out, overwrite, rd)
   if store is not None and store.exists():
     # The published record drops the data's hash, which --resume needs:

@@ -26,9 +26,11 @@ Single-process runs only: a multi-process run does not save stages.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 from typing import Any
 
 import numpy as np
@@ -36,6 +38,10 @@ import numpy as np
 from dpgeng_jax import outputs
 from dpgeng_jax.config import resume_free_fields
 from dpgeng_jax.errors import ConfigError
+
+# Room kept beyond a saved tree's bytes (orbax's metadata, the file
+# system's blocks) by the free-space check before a save.
+_SAVE_MARGIN = 1 << 20
 
 FORMAT = 1
 STATE = "state.json"
@@ -211,13 +217,29 @@ def _plain(obj):
 
 
 def _save_tree(path: str, tree: Any) -> None:
+  """Saves a pytree with orbax. A full disk is an OSError (ENOSPC): checked
+  before the save (orbax reports it from its writer threads as a
+  ValueError, with a traceback per thread), and any failure of the save
+  itself is an OSError naming the path, which the command reports in one
+  line with the --resume command."""
   import jax  # pylint: disable=import-outside-toplevel
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   tree = jax.tree.map(np.asarray, tree)
+  need = sum(a.nbytes for a in jax.tree.leaves(tree)) + _SAVE_MARGIN
+  parent = os.path.dirname(os.path.abspath(path))
+  if shutil.disk_usage(parent).free < need:
+    raise OSError(errno.ENOSPC, f"no space left on the device to save a "
+                  f"stage ({need} bytes needed)", parent)
   ckpt = ocp.StandardCheckpointer()
-  ckpt.save(os.path.abspath(path), tree, force=True)
-  ckpt.wait_until_finished()
-  ckpt.close()
+  try:
+    ckpt.save(os.path.abspath(path), tree, force=True)
+    ckpt.wait_until_finished()
+  except OSError:
+    raise
+  except Exception as e:  # orbax wraps I/O errors (e.g. ENOSPC)
+    raise OSError(errno.EIO, f"saving a stage failed: {e}", path) from e
+  finally:
+    ckpt.close()
 
 
 def _restore_tree(path: str, target: Any = None) -> Any:

@@ -337,6 +337,13 @@ def test_the_report_says_whether_the_target_is_met():
                          public_metadata=[])
   assert not bad["meets_target"]
   assert any("EXCEEDS the target 0.1" in n for n in bad["notes"])
+  # Not private (real-image init, undeclared external data): the figures
+  # are the mechanisms' as configured, never a target met.
+  for kw in ({"private": False}, {"private": True,
+                                  "nonprivate_reasons": ["real images"]}):
+    off = A.privacy_report(ms, target_epsilon=1.0, delta=1e-5,
+                           public_metadata=[], **kw)
+    assert off["epsilon"] <= 1.0 and not off["meets_target"]
   for target in (-1.0, 0.0, float("nan")):
     with pytest.raises(ValueError, match="target_epsilon"):
       A.privacy_report(ms, target_epsilon=target, delta=1e-5, private=True,

@@ -245,8 +245,10 @@ BAD_INPUTS = {
                            x_test=np.zeros((3, 4, 4, 2), np.float32)), "channels"),
     "nan_pixel": (_with_pixel("x_train", np.nan), "NaN or inf"),
     "inf_pixel": (_with_pixel("x_test", np.inf), "NaN or inf"),
-    "float_pixel_above_one": (_with_pixel("x_train", 1.5), r"outside \[0, 1\]"),
-    "float_pixel_below_zero": (_with_pixel("x_test", -0.1), r"outside \[0, 1\]"),
+    "float_pixel_above_one": (_with_pixel("x_train", 1.5),
+                              r"x_train has float pixels above 1;"),
+    "float_pixel_below_zero": (_with_pixel("x_test", -0.1),
+                               r"x_test has float pixels below 0;"),
     "int32_images": (_with(x_train=np.zeros((6, 4, 4, 1), np.int32)), "uint8"),
     "float_labels": (_with(y_train=np.array([0.0, 1, 2, 0, 1, 2])), "integer dtype"),
     "bool_labels": (_with(y_test=np.array([True, False, True])), "integer dtype"),
@@ -287,6 +289,28 @@ BAD_INPUTS = {
 def test_from_arrays_refuses_bad_input_with_a_message_naming_it(make, message):
   with pytest.raises(DataError, match=message):
     data.from_arrays(**make())
+
+
+def test_a_range_error_does_not_print_the_private_extremes():
+  """It printed the data's exact min and max pixel values."""
+  with pytest.raises(DataError) as info:
+    data.from_arrays(**_with_pixel("x_train", 254.996)())
+  assert "254.99" not in str(info.value) and "above 1" in str(info.value)
+
+
+def test_uint8_images_with_no_value_above_one_are_warned_about():
+  """0/1 images stored as uint8 are read as 0..255: all but black (a
+  model trained on them scored chance where float 0/1 scored 100 %)."""
+  v = _valid()
+  binary = (np.random.default_rng(0).random((6, 4, 4, 1)) > 0.5).astype(
+      np.uint8)
+  with pytest.warns(UserWarning, match="pass them as float"):
+    data.from_arrays(binary, v["y_train"], binary[:3], v["y_test"])
+  import warnings
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    data.from_arrays((binary * 255).astype(np.uint8), v["y_train"],
+                     (binary[:3] * 255).astype(np.uint8), v["y_test"])
 
 
 def test_valid_baseline_input_is_accepted():

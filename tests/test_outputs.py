@@ -1,15 +1,19 @@
 """--out as one locked, atomically published set that never touches a
 user's files (outputs.RunDirectory and the `dpgeng distill` command)."""
 
+import collections
+import errno
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
-from dpgeng_jax import cli, data, outputs, pipeline
+from dpgeng_jax import cli, data, outputs, pipeline, store
 
 TINY = ["--method", "ndpdc", "--ipc", "2", "--steps", "2", "--num-queries",
         "2", "--extractor-width", "8", "--deterministic", "--no-eval",
@@ -256,6 +260,99 @@ def test_a_users_folder_with_an_output_name_is_kept_even_with_overwrite(
   assert _distill(out, "--overwrite") == 2
   assert "never replaced" in capsys.readouterr().err
   assert (out / "stages" / "keep.txt").read_text() == "mine"
+
+
+def test_a_manifest_anyone_wrote_is_no_licence_to_delete_a_folder(
+    tmp_path, capsys, monkeypatch):
+  """A manifest.json that lists `stages` (any JSON a user or another tool
+  wrote) made --overwrite delete the user's stages/ folder; only the
+  tool's own mark inside a folder counts now."""
+  out = tmp_path / "out"
+  (out / "stages").mkdir(parents=True)
+  (out / "stages" / "plan.txt").write_text("mine")
+  (out / outputs.MANIFEST).write_text('{"files": ["stages"]}')
+  _no_data_read(monkeypatch)
+  assert _distill(out, "--overwrite") == 2
+  assert "never replaced" in capsys.readouterr().err
+  assert (out / "stages" / "plan.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '"x"', '{"files": 3}',
+                                     '{"files": [1]}'])
+def test_a_manifest_that_is_not_a_json_object_of_names_is_no_crash(
+    tmp_path, capsys, monkeypatch, content):
+  """A list in manifest.json crashed the checks (AttributeError); such a
+  file counts as a finished run's listing nothing."""
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / outputs.MANIFEST).write_text(content)
+  assert outputs.read_manifest(str(out))["files"] == []
+  _no_data_read(monkeypatch)
+  assert _distill(out) == 2
+  assert "already holds a finished run" in capsys.readouterr().err
+
+
+def test_a_folder_named_manifest_json_is_refused_before_any_work(
+    tmp_path, capsys, monkeypatch):
+  """It passed as a finished run, and with --overwrite the run spent its
+  budget and then failed to publish (os.remove on a folder)."""
+  out = tmp_path / "out"
+  (out / outputs.MANIFEST).mkdir(parents=True)
+  (out / outputs.MANIFEST / "mine.txt").write_text("mine")
+  _no_data_read(monkeypatch)
+  for flags in ((), ("--overwrite",)):
+    assert _distill(out, *flags) == 2
+    assert "not a manifest of this tool" in capsys.readouterr().err
+  assert (out / outputs.MANIFEST / "mine.txt").read_text() == "mine"
+
+
+def test_an_out_where_publishing_would_replace_an_input_is_refused(
+    tmp_path, capsys, monkeypatch):
+  """The private dataset at --out/distilled.npz was replaced by the
+  distilled set under --overwrite (the refusal without it even suggested
+  --overwrite)."""
+  out = tmp_path / "out"
+  out.mkdir()
+  rng = np.random.default_rng(0)
+  x, y = rng.random((20, 8, 8, 1)).astype(np.float32), np.arange(20) % 2
+  path = out / "distilled.npz"
+  np.savez(path, x_train=x, y_train=y, x_test=x, y_test=y)
+  before = path.read_bytes()
+  _no_data_read(monkeypatch)
+  for flags in ((), ("--overwrite",)):
+    assert _distill(out, "--dataset", f"npz:{path}", *flags) == 2
+    assert "holds the input" in capsys.readouterr().err
+  assert path.read_bytes() == before
+  nested = out / "stages" / "d.npz"
+  assert pipeline.input_paths(pipeline.Config(
+      dataset=f"npz:{nested}", generator="pe:nearest:/p.npz",
+      pe_font_dir="/f")) == (str(nested), "/p.npz", "/f")
+
+
+def test_a_full_disk_while_saving_a_stage_is_one_os_error(tmp_path,
+                                                          monkeypatch):
+  """orbax reported ENOSPC from its writer threads as ValueError (a
+  traceback per thread, none of the command's one-line message)."""
+  usage = collections.namedtuple("usage", "total used free")
+  monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(1, 1, 10))
+  with pytest.raises(OSError) as e:
+    store._save_tree(str(tmp_path / "t"), {"w": np.ones(8)})
+  assert e.value.errno == errno.ENOSPC
+  assert not (tmp_path / "t").exists()
+
+
+def test_an_interrupted_command_ends_with_os_exit_130(monkeypatch):
+  """The interpreter's teardown after an interrupt crashed in XLA's
+  threads (status 139); the console command ends with os._exit(130)."""
+  def fake_exit(code):
+    raise SystemExit(("os._exit", code))
+  monkeypatch.setattr(cli, "main", lambda argv, console: 130)
+  monkeypatch.setattr(os, "_exit", fake_exit)
+  with pytest.raises(SystemExit) as e:
+    cli.entry_point()
+  assert e.value.code == ("os._exit", 130)
+  monkeypatch.setattr(cli, "main", lambda argv, console: 2)
+  assert cli.entry_point() == 2
 
 
 def test_a_publish_killed_after_its_first_move_can_be_resumed(tmp_path,
