@@ -661,7 +661,7 @@ def privacy_report(mechanisms: Sequence[Mechanism], *, target_epsilon: float,
     })
   private = bool(private) and not reasons
   meets = private and bool(headline <= target_epsilon)
-  if not meets and not reasons:
+  if private and not meets:
     notes.append(f"epsilon {headline:.6g} EXCEEDS the target "
                  f"{target_epsilon:g}: the guarantee is the larger figure")
   notes = [f"NOT private: {r}" for r in reasons] + notes

@@ -150,6 +150,7 @@ def _given_options(argv) -> dict:
 # its --resume then read the same files from any working directory.
 _PATH_PREFIXES = {"dataset": ("npz:",), "generator": ("npz:", "pe:nearest:")}
 _PATH_OPTIONS = ("data_dir", "pe_font_dir")
+_OUTPUT_OPTIONS = ("out", "resume", "tensorboard")
 
 
 def absolute_paths(values: dict) -> dict:
@@ -167,6 +168,9 @@ def absolute_paths(values: dict) -> dict:
   for name in _PATH_OPTIONS:
     if isinstance(out.get(name), str) and out[name]:
       out[name] = full(out[name])
+  for name in _OUTPUT_OPTIONS:  # --out=~/runs: the shell leaves the ~
+    if isinstance(out.get(name), str) and out[name].startswith("~"):
+      out[name] = os.path.expanduser(out[name])
   return out
 
 

@@ -15,9 +15,12 @@ mechanisms in `mechanisms.py` calibrate noise to:
   truncated toward zero to a grid of 2^-bits (no coordinate grows) and
   summed as int32 (`fixed_point_class_sums`, `fixed_point_weighted_sum`),
   bits from the rows of the whole release (`fixed_point_bits`) so that
-  nothing overflows. Integer sums are exact in any order, chunking or
-  device split, so the bound C holds for the computed sums, not only for
-  exact arithmetic: a float32 sum's rounding depends on every row.
+  nothing overflows. Integer sums are exact in any order, so removing a
+  row moves them by exactly that row's quantised vector and the bound C
+  holds for the computed sums, not only for exact arithmetic (a float32
+  sum's rounding depends on every row). A row's own float value can
+  depend on the batch shape (chunk size, devices), which neighbouring
+  datasets share: one release runs one program on one padded shape.
 """
 
 from __future__ import annotations
@@ -177,12 +180,16 @@ def class_sums(values: jax.Array, y: jax.Array, mask: jax.Array,
                     precision=jax.lax.Precision.HIGHEST)
 
 
+MAX_FIXED_POINT_BITS = 100
+
+
 def fixed_point_bits(rows: int, bound: float) -> int:
   """Bits after the binary point for `fixed_point_class_sums` of `rows`
   values of magnitude <= bound: the largest integer s (negative for large
-  bounds) with rows bound 2^s < 2^31, so no int32 sum can overflow.
-  Refused when one row's range [-bound, bound] would hold fewer than 2^8
-  steps of 2^-s (more than 2^23 rows)."""
+  bounds) with rows bound 2^s < 2^31, so no int32 sum can overflow, and
+  at most MAX_FIXED_POINT_BITS. Refused when one row's range [-bound,
+  bound] would hold fewer than 2^8 steps of 2^-s (more than 2^23 rows,
+  or a bound below about 2^-92) or s < -MAX_FIXED_POINT_BITS."""
   if isinstance(rows, bool) or not isinstance(rows, (int, np.integer)):
     raise ValueError(f"rows must be an integer, got {rows!r}")
   if not (rows >= 1 and 0 < float(bound) < math.inf):
@@ -192,10 +199,14 @@ def fixed_point_bits(rows: int, bound: float) -> int:
   s = math.floor(math.log2((2 ** 31 - 1) / (rows * bound)))
   while rows * bound * 2.0 ** s >= 2 ** 31 - 1:  # log2 rounding
     s -= 1
-  if bound * 2.0 ** s < 2 ** 8:
+  # 2^s is applied in float32 (range 2^-126 .. 2^127): s beyond +-100
+  # would turn the scale into inf or 0 (a bound below 1e-21 or above 1e30).
+  s = min(s, MAX_FIXED_POINT_BITS)
+  if bound * 2.0 ** s < 2 ** 8 or s < -MAX_FIXED_POINT_BITS:
     raise ValueError(f"{rows} rows of magnitude <= {bound} leave "
                      f"{math.log2(bound) + s:.1f} bits of resolution per "
-                     "row in an int32 sum (at least 8 needed)")
+                     "row in an int32 sum (at least 8 needed, with a scale "
+                     f"2^s, |s| <= {MAX_FIXED_POINT_BITS})")
   return s
 
 
@@ -259,16 +270,17 @@ def clipped_class_sums(embed_fn: EmbedFn, params: Any, x: jax.Array,
     chunk_size: if set and smaller than n, the rows are embedded in chunks
       of this many (the last one padded with mask-0 rows) by a `lax.scan`
       that accumulates the sums. A performance option only: the result is
-      the same up to float summation order (exactly the same with bits).
-      On CPU, chunks whose activations fit the cache run faster than one
-      large batch.
+      the same up to float rounding (the rows' values may round
+      differently at another chunk size; with bits, their int32 sums add
+      exactly). On CPU, chunks whose activations fit the cache run faster
+      than one large batch.
     bits: if set, the sums are in fixed point, as the releases take them:
       int32 sums of trunc(clip_C(v) 2^bits) (`fixed_point_class_sums`),
-      exact in any order, chunking or device split, so that removing one
-      row moves them by exactly that row's quantised vector, norm <= C
-      (a float32 sum of many rows rounds in a way that depends on every
-      row: measured 1.00012 C over 30000 rows). C must be a finite number
-      and bits at most `fixed_point_bits(total rows, C)`.
+      exact in any order, so that removing one row moves them by exactly
+      that row's quantised vector, norm <= C (a float32 sum of many rows
+      rounds in a way that depends on every row: measured 1.00012 C over
+      30000 rows). C must be a finite number and bits at most
+      `fixed_point_bits(total rows, C)`.
 
   Returns:
     (K, d) float32 sums, or int32 in units of 2^-bits; L2 sensitivity C
@@ -312,10 +324,13 @@ class ClippedClassSum:
   def l2_sensitivity(self) -> float:
     return float(self.clip_norm)
 
-  def __call__(self, params, x, y, mask) -> jax.Array:
+  def __call__(self, params, x, y, mask, bits: int | None = None
+               ) -> jax.Array:
+    """The sums (int32 in fixed point with `bits`, as a release takes
+    them: see `clipped_class_sums`)."""
     return clipped_class_sums(self.embed_fn, params, x, y, mask,
                               num_classes=self.num_classes,
-                              clip_norm=self.clip_norm)
+                              clip_norm=self.clip_norm, bits=bits)
 
 
 def clipped_grad_sum(loss_fn: Callable[..., jax.Array], params: Any,
@@ -390,10 +405,10 @@ def fixed_point_weighted_sum(weights: jax.Array, values: jax.Array,
 
   The products are float32 (the clipped vectors, norm <= C), truncated
   toward zero (no coordinate grows) and added as integers: exact in any
-  order, chunking or device split, so removing one example moves the sum
-  by exactly its quantised clipped vector. `values` must be finite (the
-  callers zero non-finite rows) and |weights_i values_i| 2^bits times the
-  rows of the whole sum below 2^31 (`fixed_point_bits`).
+  order, so removing one example moves the sum by exactly its quantised
+  clipped vector. `values` must be finite (the callers zero non-finite
+  rows) and |weights_i values_i| 2^bits times the rows of the whole sum
+  below 2^31 (`fixed_point_bits`).
   """
   w = weights.astype(jnp.float32).reshape((-1,) + (1,) * (values.ndim - 1))
   q = jnp.trunc(w * values.astype(jnp.float32) * 2.0 ** bits)
@@ -432,7 +447,8 @@ def microbatched(grad_sum_fn: Callable[..., Any],
   up to a multiple of `microbatch`) whose sums are added by
   a `lax.scan`: the per-example gradients of one chunk at a time are in
   memory. Keyword arguments (e.g. `bits`) go to every chunk's call. Same
-  result up to float summation order (exactly the same for int32 sums);
+  result up to float rounding (int32 sums add exactly; a row's value may
+  round differently at another chunk size);
   None or 0 returns grad_sum_fn unchanged."""
   if not microbatch:
     return grad_sum_fn

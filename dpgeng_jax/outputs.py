@@ -126,6 +126,17 @@ def read_manifest(out: str) -> dict | None:
   return manifest
 
 
+def _holds_stage_record(path: str) -> bool:
+  """Whether folder `path` holds a stage record (the `stages` folder a
+  run published before folders carried the tool's mark)."""
+  try:
+    with open(os.path.join(path, "state.json")) as f:
+      record = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return isinstance(record, dict) and {"format", "finished"} <= set(record)
+
+
 class RunDirectory:
   """--out for one run: staged writes, a lock, one publish (see module
   docstring). Use as a context manager, or `open()` ... `close()`.
@@ -163,6 +174,7 @@ class RunDirectory:
         raise ConfigError(f"--out {out!r}: {self.staging} is a symbolic "
                           "link, not this tool's staging folder; remove it")
       self._check_inputs()
+      self._check_folders()  # a resumed run publishes too
       if self.resume:
         self._check_resumable()
       else:
@@ -248,21 +260,39 @@ class RunDirectory:
               f"{os.path.join(self.out, name)}, which holds the input "
               f"{given!r}; choose another directory")
 
+  def _foreign_folders(self) -> list[str]:
+    """The folders with one of the output names that this tool did not
+    make. Ours: it holds the tool's mark (written into every folder it
+    publishes); or, from a version before the mark, a finished run's
+    manifest lists it AND it holds a stage record (state.json with the
+    record's keys). A manifest.json alone, which anyone can write, is no
+    proof."""
+    out = self.out
+    manifest = read_manifest(out)
+    listed = set(manifest["files"]) if manifest else set()
+    foreign = []
+    for name in self.names:
+      path = os.path.join(out, name)
+      if not os.path.isdir(path) or os.path.islink(path):
+        continue
+      if os.path.isfile(os.path.join(path, FOLDER_MARK)):
+        continue
+      if name in listed and _holds_stage_record(path):
+        continue
+      foreign.append(name)
+    return foreign
+
+  def _check_folders(self) -> None:
+    folders = self._foreign_folders()
+    if folders:  # refused even with --overwrite: a whole folder of files
+      raise ConfigError(
+          f"--out {self.out!r} holds folders with this tool's output names "
+          f"that it did not write: {', '.join(folders)}; they are never "
+          "replaced (move them away or choose another directory)")
+
   def _check_conflicts(self) -> None:
     out = self.out
     manifest = read_manifest(out)
-    # Only a folder with this tool's mark (written into every folder it
-    # publishes) is ever replaced: a manifest.json anyone can write is no
-    # proof that the folder it names is ours.
-    folders = [n for n in self.names
-               if os.path.isdir(os.path.join(out, n))
-               and not os.path.islink(os.path.join(out, n))
-               and not os.path.isfile(os.path.join(out, n, FOLDER_MARK))]
-    if folders:  # refused even with --overwrite: a whole folder of files
-      raise ConfigError(
-          f"--out {out!r} holds folders with this tool's output names that "
-          f"it did not write: {', '.join(folders)}; they are never "
-          "replaced (move them away or choose another directory)")
     if self.overwrite:
       return
     if manifest is not None:
@@ -314,6 +344,7 @@ class RunDirectory:
   def publish(self, info: dict | None = None) -> list[str]:
     """Moves the staged files into --out and writes the manifest last."""
     out = self.out
+    self._check_folders()  # again: --out may have changed during the run
     manifest = {"files": list(self._written), **(info or {})}
     atomic_write(os.path.join(self.staging, MANIFEST),
                  lambda f: json.dump(manifest, f, indent=2))

@@ -200,7 +200,8 @@ def sharded_clipped_class_sums(embed_fn, params, x, y, mask, *,
   """`clipping.clipped_class_sums` with the rows split over `mesh`
   (padded to a multiple of the device count). Same (K, d) result, same
   L2 sensitivity C; with `bits` (checked against all the padded rows)
-  the int32 result equals the unsharded one exactly."""
+  the int32 sums add exactly across devices (the same as unsharded
+  wherever the rows' values do not depend on the batch shape)."""
   (x, y), mask = pad_rows((x, y), mask, num_shards(mesh))
   if bits is not None:
     check_fixed_point(bits, x.shape[0], clip_norm)

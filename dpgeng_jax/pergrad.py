@@ -268,7 +268,8 @@ def convnet_clipped_grad_sum(model: ConvNet, params: Any, x: jax.Array,
   chunk=None picks by backend (`default_chunk`); any chunk gives the same
   result up to float summation order. With `bits` the sums are int32 in
   fixed point (`clipping.fixed_point_weighted_sum`), as DP-SGD releases
-  them: exactly the same for any chunk or device split.
+  them: they add exactly over chunks and devices (a row's value may
+  round differently at another chunk size).
   """
   n = x.shape[0]
   if n == 0:
@@ -304,12 +305,18 @@ def convnet_clipped_grad_sum(model: ConvNet, params: Any, x: jax.Array,
       scale = clip_scale(norms, clip_norm)
     return jnp.where(fin & ok_c, scale, 0.0)
 
-  def robust(kernels, norms_c, ok_c):
+  def robust(kernels, norms_c, ok_c, sq):
     """Overflow-safe norms, non-finite rows zeroed (the generic path's
-    semantics)."""
+    semantics). A row whose square sum is finite keeps the plain norm,
+    so its weight (and, in fixed point, its quantised contribution) does
+    not depend on which branch its chunk took: one example's non-finite
+    or huge gradient must not move the other rows' contributions."""
     fin = _finite_rows(kernels, chunk)
     norms = jnp.concatenate([norms_c, _leaf_norms(kernels, fin)], axis=1)
-    w = weights(row_norms(norms)[:, 0], fin, ok_c)
+    safe = jnp.isfinite(sq)
+    norm = jnp.where(safe, jnp.sqrt(jnp.where(safe, sq, 0.0)),
+                     row_norms(norms)[:, 0])
+    w = weights(norm, fin, ok_c)
     return tuple(wsum(w, _clean(k, fin)) for k in kernels), w
 
   def body(acc, c):
@@ -323,12 +330,12 @@ def convnet_clipped_grad_sum(model: ConvNet, params: Any, x: jax.Array,
     for k in kernels:
       sq = sq + jnp.sum(jnp.square(k), axis=tuple(range(1, k.ndim)))
 
-    def plain(kernels, norms_c, ok_c):
+    def plain(kernels, norms_c, ok_c, sq):
       w = weights(jnp.sqrt(sq), jnp.ones(chunk, bool), ok_c)
       return tuple(wsum(w, k) for k in kernels), w
 
     sums, w = jax.lax.cond(jnp.all(jnp.isfinite(sq)), plain, robust,
-                           kernels, norms_c, ok_c)
+                           kernels, norms_c, ok_c, sq)
     return tuple(s + t for s, t in zip(acc, sums)), w
 
   kernel_sums, w = jax.lax.scan(body, init, xs)

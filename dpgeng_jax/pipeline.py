@@ -173,7 +173,8 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
   if jax.process_count() > 1:
     store = None  # stages are saved by single-process runs only
   if store is not None:
-    data_id = store_lib.fingerprint(ds.x_train, ds.y_train, ds.num_classes)
+    data_id = store_lib.fingerprint(ds.x_train, ds.y_train, ds.num_classes,
+                                    (ds.mean, ds.std))
     if store.exists():
       store.check(_resume_view(cfg), data_id, planning.choices(plan))
     else:

@@ -42,6 +42,10 @@ from dpgeng_jax.errors import ConfigError
 # Room kept beyond a saved tree's bytes (orbax's metadata, the file
 # system's blocks) by the free-space check before a save.
 _SAVE_MARGIN = 1 << 20
+# What orbax's errors say when the file system failed (it raises them as
+# ValueError from its writer threads): reported as an OSError.
+_IO_FAILURES = ("No space left", "RESOURCE_EXHAUSTED", "Read-only file",
+                "Permission denied", "quota", "Input/output error")
 
 FORMAT = 1
 STATE = "state.json"
@@ -52,16 +56,23 @@ STAGES = ("calibrate", "class_sizes", "generate", "pool", "query", "expert",
 RESUME_FREE = resume_free_fields()
 
 
-def fingerprint(x_train, y_train, num_classes: int) -> dict:
-  """What identifies the private data on resume (kept in staging only)."""
+def fingerprint(x_train, y_train, num_classes: int,
+                normalisation=None) -> dict:
+  """What identifies the private data on resume (kept in staging only),
+  with the normalisation constants (mean, std) the stages saw: the same
+  pixels under other constants are other inputs to every stage."""
   h = hashlib.sha256()
   for a in (x_train, y_train):
     a = np.ascontiguousarray(a)
     h.update(str((a.dtype.str, a.shape)).encode())
     h.update(a.tobytes())
-  return {"train_sha256": h.hexdigest(), "num_train": int(len(y_train)),
-          "image_shape": list(np.shape(x_train)[1:]),
-          "num_classes": int(num_classes)}
+  out = {"train_sha256": h.hexdigest(), "num_train": int(len(y_train)),
+         "image_shape": list(np.shape(x_train)[1:]),
+         "num_classes": int(num_classes)}
+  if normalisation is not None:
+    out["normalisation"] = [[float(v) for v in part]
+                            for part in normalisation]
+  return out
 
 
 class StageStore:
@@ -120,6 +131,15 @@ class StageStore:
           "change its guarantee or its releases: " + ", ".join(
               f"{k} (saved {saved['config'].get(k)!r}, now "
               f"{config.get(k)!r})" for k in diff))
+    if data is not None and "normalisation" in saved["data"] and (
+        data.get("normalisation") != saved["data"]["normalisation"]):
+      raise ConfigError(
+          "--resume: the data's normalisation constants differ from the "
+          f"saved run's (saved mean, std {saved['data']['normalisation']}, "
+          f"now {data.get('normalisation')}): its saved stages saw the "
+          "images under the saved ones")
+    if data is not None:  # a record saved before normalisation was kept
+      data = {k: v for k, v in data.items() if k in saved["data"]}
     if data is not None and data != saved["data"]:
       raise ConfigError(
           "--resume: the training data differ from the saved run's "
@@ -219,9 +239,9 @@ def _plain(obj):
 def _save_tree(path: str, tree: Any) -> None:
   """Saves a pytree with orbax. A full disk is an OSError (ENOSPC): checked
   before the save (orbax reports it from its writer threads as a
-  ValueError, with a traceback per thread), and any failure of the save
-  itself is an OSError naming the path, which the command reports in one
-  line with the --resume command."""
+  ValueError, with a traceback per thread), and an orbax error that says
+  the file system failed is an OSError naming the path, which the
+  command reports in one line with the --resume command."""
   import jax  # pylint: disable=import-outside-toplevel
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   tree = jax.tree.map(np.asarray, tree)
@@ -234,12 +254,16 @@ def _save_tree(path: str, tree: Any) -> None:
   try:
     ckpt.save(os.path.abspath(path), tree, force=True)
     ckpt.wait_until_finished()
-  except OSError:
+  except Exception as e:
+    try:
+      ckpt.close()
+    except Exception:  # pylint: disable=broad-except
+      pass  # the save's own error is the one to report
+    if not isinstance(e, OSError) and any(
+        m in str(e) for m in _IO_FAILURES):  # orbax wraps I/O errors
+      raise OSError(errno.EIO, f"saving a stage failed: {e}", path) from e
     raise
-  except Exception as e:  # orbax wraps I/O errors (e.g. ENOSPC)
-    raise OSError(errno.EIO, f"saving a stage failed: {e}", path) from e
-  finally:
-    ckpt.close()
+  ckpt.close()
 
 
 def _restore_tree(path: str, target: Any = None) -> Any:

@@ -344,6 +344,7 @@ def test_the_report_says_whether_the_target_is_met():
     off = A.privacy_report(ms, target_epsilon=1.0, delta=1e-5,
                            public_metadata=[], **kw)
     assert off["epsilon"] <= 1.0 and not off["meets_target"]
+    assert not any("EXCEEDS" in n for n in off["notes"])
   for target in (-1.0, 0.0, float("nan")):
     with pytest.raises(ValueError, match="target_epsilon"):
       A.privacy_report(ms, target_epsilon=target, delta=1e-5, private=True,

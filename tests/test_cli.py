@@ -520,5 +520,7 @@ def test_input_paths_are_recorded_absolute_so_a_run_resumes_from_anywhere(
   assert same == {"dataset": "digits", "generator": "pe:text", "data_dir": ""}
   # npz:~/x.npz: the shell expands no ~ inside a spec; looked up as ./~.
   monkeypatch.setenv("HOME", str(tmp_path / "home"))
-  home = cli.absolute_paths({"dataset": "npz:~/x.npz", "out": "~/o"})
+  home = cli.absolute_paths({"dataset": "npz:~/x.npz", "out": "~/o",
+                             "tensorboard": "tb"})
   assert home["dataset"] == f"npz:{tmp_path}/home/x.npz"
+  assert home["out"] == f"{tmp_path}/home/o" and home["tensorboard"] == "tb"

@@ -177,3 +177,15 @@ def test_fixed_point_bits_keep_int32_sums_from_overflowing():
     assert rows * bound * 2.0 ** (s + 1) >= 2 ** 31 - 1
   with pytest.raises(ValueError, match="bits"):
     clipping.fixed_point_bits(10 ** 8, 1.0)
+  # The scale 2^s is applied in float32: a bound of 1e-30 gave s >= 128,
+  # an inf scale and garbage sums; s stays within float32's range.
+  for bound in (1e-20, 1e-6, 1e6, 1e35):
+    s = clipping.fixed_point_bits(10, bound)
+    assert np.isfinite(np.float32(2.0 ** s)) and np.float32(2.0 ** s) > 0
+    v = jnp.full((10, 2), bound * clipping.CLIP_MARGIN, jnp.float32)
+    sums = clipping.fixed_point_class_sums(v, jnp.zeros(10, jnp.int32),
+                                           jnp.ones(10), 1, s)
+    assert np.all(np.asarray(sums) > 0)
+    assert abs(float(sums[0, 0]) * 2.0 ** -s / (10 * bound) - 1) < 0.01
+  with pytest.raises(ValueError, match="bits"):
+    clipping.fixed_point_bits(10, 1e-30)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from dpgeng_jax import cli, data, outputs, pipeline, store
+from dpgeng_jax.errors import ConfigError
 
 TINY = ["--method", "ndpdc", "--ipc", "2", "--steps", "2", "--num-queries",
         "2", "--extractor-width", "8", "--deterministic", "--no-eval",
@@ -275,6 +276,39 @@ def test_a_manifest_anyone_wrote_is_no_licence_to_delete_a_folder(
   assert _distill(out, "--overwrite") == 2
   assert "never replaced" in capsys.readouterr().err
   assert (out / "stages" / "plan.txt").read_text() == "mine"
+
+
+def test_a_finished_run_from_before_the_folder_mark_is_still_replaced(
+    tmp_path):
+  """Runs published before folders carried the mark have an unmarked
+  stages/ that their manifest lists and that holds a stage record:
+  --overwrite replaces it (it was refused as 'not written by the tool')."""
+  out = tmp_path / "out"
+  (out / "stages").mkdir(parents=True)
+  (out / "stages" / "state.json").write_text(
+      '{"format": 1, "finished": ["calibrate"]}')
+  (out / outputs.MANIFEST).write_text('{"files": ["stages"]}')
+  rd = outputs.RunDirectory(str(out), overwrite=True, names=("stages",))
+  with rd:
+    os.mkdir(os.path.join(rd.staging, "stages"))
+    rd.adopt("stages")
+    rd.publish()
+  assert os.listdir(out / "stages") == [outputs.FOLDER_MARK]
+
+
+def test_a_resumed_run_never_replaces_a_users_folder(tmp_path):
+  """--resume skipped the folder check and its publish deleted a user's
+  unmarked stages/ folder."""
+  out = tmp_path / "out"
+  (out / outputs.STAGING).mkdir(parents=True)
+  (out / outputs.STAGING / "x").write_text("staged")
+  (out / "stages").mkdir()
+  (out / "stages" / "mine.txt").write_text("mine")
+  rd = outputs.RunDirectory(str(out), overwrite=False, names=("stages",),
+                            resume=True)
+  with pytest.raises(ConfigError, match="never replaced"):
+    rd.open()
+  assert (out / "stages" / "mine.txt").read_text() == "mine"
 
 
 @pytest.mark.parametrize("content", ["[1, 2]", '"x"', '{"files": 3}',

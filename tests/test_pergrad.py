@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpgeng_jax import pergrad
+from dpgeng_jax import clipping, pergrad
 from dpgeng_jax.clipping import (clipped_class_sums, clipped_grad_sum,
                                  microbatched)
 from dpgeng_jax.models import ConvNet, cross_entropy, embed_fn, init_params
@@ -109,6 +109,29 @@ def test_fixed_point_sum_equals_the_generic_path_and_is_exact_per_row():
     np.testing.assert_array_equal(
         moved, np.concatenate([np.asarray(a).ravel() for a in one]))
     assert np.linalg.norm(moved * 2.0 ** -bits) <= c
+
+
+@pytest.mark.parametrize("bad", [math.nan, 1e30])
+def test_a_non_finite_or_huge_example_moves_no_other_rows_contribution(bad):
+  """Its chunk takes the overflow-safe branch, whose norms rounded
+  differently: adding one example with non-finite (or huge) gradients
+  moved hundreds of OTHER rows' fixed-point coordinates. The sum must
+  move by exactly that example's own contribution."""
+  model, params, x, y = _case("instance")
+  n = x.shape[0]
+  c = 0.05
+  bits = clipping.fixed_point_bits(n, c)
+  f = jax.jit(functools.partial(pergrad.convnet_clipped_grad_sum, model,
+                                clip_norm=c, bits=bits, chunk=n))
+  flat = lambda t: np.concatenate([np.asarray(a, np.int64).ravel()
+                                   for a in jax.tree.leaves(t)])
+  with_bad = flat(f(params, x.at[n - 1].set(bad), y, jnp.ones(n)))
+  without = flat(f(params, x.at[n - 1].set(0.0), y,
+                   jnp.ones(n).at[n - 1].set(0.0)))
+  alone = flat(f(params, x.at[n - 1].set(bad), y,
+                 jnp.zeros(n).at[n - 1].set(1.0)))
+  np.testing.assert_array_equal(with_bad - without, alone)
+  assert np.linalg.norm(alone * 2.0 ** -bits) <= c
 
 
 def test_fixed_point_sums_refuse_too_many_bits_or_no_clipping():

@@ -91,5 +91,6 @@ def test_a_default_precision_weighted_sum_is_caught(monkeypatch):
   # pergrad and clipping.clipped_grad_sum did before).
   monkeypatch.setattr(
       pergrad, "weighted_sum",
-      lambda w, v: jnp.tensordot(w, v.astype(jnp.float32), axes=(0, 0)))
+      lambda w, v, bits=None: jnp.tensordot(w, v.astype(jnp.float32),
+                                            axes=(0, 0)))
   assert _worst_ratio(_pergrad_sum) > 1 + 1e-4

@@ -193,6 +193,25 @@ def test_resume_refuses_other_training_data(tmp_path, monkeypatch, capsys):
   assert "training data differ" in capsys.readouterr().err
 
 
+def test_resume_refuses_other_normalisation_constants(tmp_path):
+  """The same pixels under other constants (an npz run started before a
+  dataset preset chose the dataset's published ones) are other inputs to
+  every saved stage; a record saved before the constants were kept is
+  compared on what it holds."""
+  x = np.zeros((4, 2, 2, 1), np.float32)
+  y = np.arange(4) % 2
+  half = ((0.5,), (0.5,))
+  mnist = ((0.1307,), (0.3081,))
+  st = store.StageStore(str(tmp_path / "s"))
+  st.start({}, store.fingerprint(x, y, 2, half))
+  st.check({}, store.fingerprint(x, y, 2, half))
+  with pytest.raises(cli.ConfigError, match="normalisation constants"):
+    st.check({}, store.fingerprint(x, y, 2, mnist))
+  old = store.StageStore(str(tmp_path / "o"))
+  old.start({}, store.fingerprint(x, y, 2))
+  old.check({}, store.fingerprint(x, y, 2, mnist))
+
+
 def test_only_performance_evaluation_and_output_options_may_change():
   from dpgeng_jax.config import Config
   import dataclasses

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from dpgeng_jax import augment, mechanisms, parallel, pergrad
+from dpgeng_jax import augment, clipping, mechanisms, parallel, pergrad
 from dpgeng_jax.clipping import clipped_class_sums, clipped_grad_sum
 from dpgeng_jax.models import ConvNet, cross_entropy, embed_fn, init_params
 
@@ -235,6 +235,48 @@ def test_sharded_dp_sgd_gradient_without_noise_equals_unsharded(devices=8):
   assert _max_rel_diff(got, want) < 1e-4
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_sharded_query_sizes_its_fixed_point_from_every_device(
+    layout, monkeypatch):
+  """bits must come from the rows of ALL devices (an int32 psum of per-
+  device sums sized for one device's rows could overflow)."""
+  devices = 8
+  x, y, params, aug = _query_setup()
+  data, cap = _sharded(x, y, devices, 0.5, layout)
+  spec = _spec(1.0, 0.5, cap, clip=0.7)
+  seen = []
+  real = mechanisms.sampled_class_sums
+
+  def spy(*args):
+    seen.append(args[-1])
+    return real(*args)
+
+  monkeypatch.setattr(mechanisms, "sampled_class_sums", spy)
+  parallel.sharded_noisy_targets(spec, data, params, aug, jax.random.key(0),
+                                 mesh=parallel.data_mesh(devices))
+  rows = cap * devices * (1 if layout == "flat" else K)
+  assert seen == [clipping.fixed_point_bits(rows, 0.7)]
+
+
+def test_a_sharded_dp_sgd_step_sizes_its_fixed_point_from_every_device():
+  devices = 8
+  model, params, x, y, mask = _convnet()
+  (xs, ys), valid = parallel.pad_rows((x, y), jnp.ones_like(mask), devices)
+  cap = xs.shape[0] // devices
+  real = pergrad.make_grad_sum_fn(model, clip_norm=0.5)
+  seen = []
+
+  def fn(p, b, m, bits=None):
+    seen.append(bits)
+    return real(p, b, m, bits=bits)
+
+  parallel.sharded_dp_sgd_grad(fn, params, xs, ys, valid, jax.random.key(0),
+                               sampling_rate=1.0, capacity=cap,
+                               noise_stddev=0.5, mesh=parallel.data_mesh(
+                                   devices), clip_norm=0.5)
+  assert seen == [clipping.fixed_point_bits(cap * devices, 0.5)]
+
+
 def test_chunked_sharded_class_sums_equal_unsharded():
   x, y, mask = _rows(n=30)
   params = jnp.asarray(np.random.default_rng(1).normal(size=(16, 5)),
@@ -247,14 +289,18 @@ def test_chunked_sharded_class_sums_equal_unsharded():
           params, x, y, mask)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
                              atol=1e-5)
-  # In fixed point (as the releases sum) the split changes nothing at all.
+  # In fixed point (as the releases sum) the int32 sums add exactly: with
+  # an elementwise embedding (each row's value independent of the batch
+  # shape) the split changes nothing at all.
   bits = 20
-  want = clipped_class_sums(_linear, params, x, y, mask, num_classes=K,
+  elementwise = lambda p, xb: jnp.tanh(xb.reshape(xb.shape[0], -1) * p)
+  scale = jnp.asarray(np.random.default_rng(2).normal(size=16), jnp.float32)
+  want = clipped_class_sums(elementwise, scale, x, y, mask, num_classes=K,
                             clip_norm=1.0, chunk_size=7, bits=bits)
   got = jax.jit(functools.partial(
-      parallel.sharded_clipped_class_sums, _linear, num_classes=K,
+      parallel.sharded_clipped_class_sums, elementwise, num_classes=K,
       clip_norm=1.0, mesh=parallel.data_mesh(4), chunk_size=3,
-      bits=bits))(params, x, y, mask)
+      bits=bits))(scale, x, y, mask)
   assert got.dtype == jnp.int32
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
