@@ -245,10 +245,16 @@ def fixed_point_class_sums(values: jax.Array, y: jax.Array, mask: jax.Array,
   _check_class_rows(values, y, mask, num_classes, "fixed_point_class_sums")
   v = values.astype(jnp.float32)
   keep = (jnp.asarray(mask) > 0) & jnp.all(jnp.isfinite(v), axis=1)
-  q = jnp.trunc(jnp.where(keep[:, None], v, 0.0) * 2.0 ** bits).astype(
-      jnp.int32)
+  q = quantise(jnp.where(keep[:, None], v, 0.0), bits)
   return jax.ops.segment_sum(q, jnp.asarray(y, jnp.int32),
                              num_segments=num_classes)
+
+
+def quantise(v: jax.Array, bits: int) -> jax.Array:
+  """trunc(v 2^bits) as int32: the one rounding rule of the fixed-point
+  sums, toward zero, so no coordinate (and no row's norm) grows. v is
+  float32 and finite; 2^bits scales it exactly (a power of two)."""
+  return jnp.trunc(v * 2.0 ** bits).astype(jnp.int32)
 
 
 def clipped_class_sums(embed_fn: EmbedFn, params: Any, x: jax.Array,
@@ -411,8 +417,7 @@ def fixed_point_weighted_sum(weights: jax.Array, values: jax.Array,
   below 2^31 (`fixed_point_bits`).
   """
   w = weights.astype(jnp.float32).reshape((-1,) + (1,) * (values.ndim - 1))
-  q = jnp.trunc(w * values.astype(jnp.float32) * 2.0 ** bits)
-  return jnp.sum(q.astype(jnp.int32), axis=0)
+  return jnp.sum(quantise(w * values.astype(jnp.float32), bits), axis=0)
 
 
 def default_query_chunk() -> int | None:

@@ -186,9 +186,9 @@ def add_gaussian_noise(key: jax.Array, value: jax.Array,
 
   The value (a clipped sum, float32, or integer counts) is widened to
   float64, multiplied by `scale` there if given (PE's vote weight on exact
-  integer counts), the float64 normal draw scaled by stddev is added, and
-  the result is rounded to float32 once. stddev = 0 returns the (scaled)
-  value as float32: the non-private path.
+  integer counts, 2^-bits on fixed-point sums), the float64 normal draw
+  scaled by stddev is added, and the result is rounded to float32 once.
+  stddev = 0 returns the (scaled) value as float32: the non-private path.
   """
   value = jnp.asarray(value)
   check_stddev(stddev)

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from dpgeng_jax import accounting, noise
 from dpgeng_jax.clipping import (CLIP_MARGIN, fixed_point_bits,
-                                 fixed_point_class_sums)
+                                 fixed_point_class_sums, fixed_point_scale)
 from dpgeng_jax.generators import Output
 
 
@@ -107,7 +107,7 @@ def release_class_features(feature_map: FeatureMap, x: jax.Array,
     sums = parallel.sharded_sum(sums_of, mesh)(feature_map, x, y, mask)
   return noise.add_gaussian_noise(
       noise_key, sums, noise_multiplier * GENERATOR_SENSITIVITY,
-      scale=2.0 ** -bits)
+      scale=fixed_point_scale(bits))
 
 
 def count_stddev(noise_multiplier: float) -> float:
