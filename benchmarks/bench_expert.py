@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import inspect
-import math
 import os
 import statistics
 import subprocess
@@ -110,7 +109,6 @@ def main(argv=None):
     args.shapes = [(28, 28, 1)]
 
   import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from dpgeng_jax import (accounting, clipping, estimate, expert,  # pylint: disable=import-outside-toplevel
                           mechanisms, models, pergrad)  # pylint: disable=import-outside-toplevel

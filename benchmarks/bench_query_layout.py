@@ -25,7 +25,6 @@ machine's float32 matmul rate measured in the same process.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import time
 

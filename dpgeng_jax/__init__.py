@@ -18,7 +18,8 @@ from dpgeng_jax.errors import ConfigError, DataError, DpgengError
 from dpgeng_jax import evaluate
 from dpgeng_jax.evaluate import EvalConfig
 from dpgeng_jax.mechanisms import (ClassMajorData, FlatData, QuerySpec,
-                                   SamplingOverflowError, class_major,
+                                   SamplingOverflowError, SumRelease,
+                                   class_major, make_dp_sgd_step,
                                    noisy_class_sums, noisy_targets,
                                    poisson_capacity, poisson_sample)
 from dpgeng_jax import counts
@@ -43,6 +44,7 @@ __all__ = [
     "release_class_counts", "tree_add_gaussian_noise",
     "DataError", "Dataset", "DistillState", "DpgengError", "EvalConfig",
     "QueryPlan", "QuerySpec", "RunResult", "SamplingOverflowError",
+    "SumRelease", "make_dp_sgd_step",
     "accounting", "augment", "class_major", "class_sums", "clip_rows",
     "clip_vector", "clipped_class_sums", "clipped_grad_sum",
     "convnet_clipped_grad_sum", "deterministic_secret_key",

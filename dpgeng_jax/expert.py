@@ -113,11 +113,10 @@ def private_step(grad_sum, cfg: ExpertConfig, noise_multiplier: float,
   gradient sum, overflow), the padded private rows (x, y, valid))."""
   capacity = mechanisms.poisson_capacity([num_rows], cfg.sampling_rate,
                                          log_tail=log_tail)
-  stddev = noise_multiplier * cfg.clip_norm if noise_multiplier else 0.0
+  release = mechanisms.SumRelease(cfg.clip_norm, noise_multiplier)
   rows = tuple(map(jnp.asarray, parallel.padded_rows(
       num_rows, np.asarray(x, np.float32), np.asarray(y, np.int32))))
-
-  bits = mechanisms.release_bits(capacity, cfg.clip_norm, stddev)
+  bits = release.release_bits(capacity)
 
   @jax.jit
   def step(p, xd, yd, valid, key):
@@ -125,9 +124,7 @@ def private_step(grad_sum, cfg: ExpertConfig, noise_multiplier: float,
     idx, mask, over = mechanisms.poisson_sample(
         k_sample, valid[None], cfg.sampling_rate, capacity)
     g = grad_sum(p, (xd[idx[0]], yd[idx[0]]), mask[0], bits=bits)
-    return mechanisms.tree_add_gaussian_noise(
-        k_noise, g, stddev,
-        scale=clipping.fixed_point_scale(bits)), over
+    return release.release(k_noise, g, bits), over
 
   return step, rows
 
@@ -141,11 +138,10 @@ def _sharded_step(grad_sum, cfg, noise_multiplier, x, y, mesh, num_rows,
       log_tail=log_tail - math.log(shards))
   rows = parallel.local_rows(mesh, np.asarray(x, np.float32),
                              np.asarray(y, np.int32), num_rows=num_rows)
-  stddev = noise_multiplier * cfg.clip_norm if noise_multiplier else 0.0
   sharded = jax.jit(functools.partial(
       parallel.sharded_dp_sgd_grad, grad_sum, sampling_rate=cfg.sampling_rate,
-      capacity=capacity, noise_stddev=stddev, mesh=mesh,
-      clip_norm=cfg.clip_norm))
+      capacity=capacity, mesh=mesh,
+      release=mechanisms.SumRelease(cfg.clip_norm, noise_multiplier)))
   return sharded, rows
 
 

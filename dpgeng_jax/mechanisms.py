@@ -378,6 +378,52 @@ def release_bits(rows: int, clip_norm: float,
   return fixed_point_bits(rows, float(clip_norm))
 
 
+@dataclasses.dataclass(frozen=True)
+class SumRelease:
+  """The Gaussian release of a sum of vectors clipped to L2 norm C (a
+  DP-SGD step's gradient sum; a pytree): the sum, taken in fixed point
+  with `release_bits` over all its padded rows, plus N(0, (sigma C)^2) on
+  every coordinate (float64 draw, float64 sum, one rounding). One object
+  carries C and sigma to both halves, so the grad-sum function and the
+  noise cannot disagree about either.
+
+    bits = release.release_bits(rows)          # rows of every chunk/device
+    sums = grad_sum_fn(params, batch, mask, bits=bits)   # clips to C
+    noisy = release.release(noise_key, sums, bits)
+
+  clip_norm inf or noise_multiplier 0 is the non-private path (float32
+  sums, no noise)."""
+  clip_norm: float
+  noise_multiplier: float
+
+  def __post_init__(self):
+    check_clip_norm(self.clip_norm)
+    noise.check_stddev(self.noise_multiplier)
+    if unclipped(self.clip_norm) and self.noise_multiplier > 0:
+      raise ValueError("clip_norm inf with noise_multiplier > 0: the noise "
+                       "std sigma C is infinite")
+
+  @property
+  def l2_sensitivity(self) -> float:
+    return float(self.clip_norm)
+
+  @property
+  def noise_stddev(self) -> float:
+    if not self.noise_multiplier:
+      return 0.0
+    return float(self.noise_multiplier * self.clip_norm)
+
+  def release_bits(self, rows: int) -> int | None:
+    """`release_bits(rows, C, sigma C)`: rows of the whole sum."""
+    return release_bits(rows, self.clip_norm, self.noise_stddev)
+
+  def release(self, key: jax.Array, sums: Any, bits: int | None) -> Any:
+    """sums (a pytree: int32 at 2^-bits, or float32 with bits None) plus
+    N(0, (sigma C)^2) per coordinate, float32 out."""
+    return tree_add_gaussian_noise(key, sums, self.noise_stddev,
+                                   scale=fixed_point_scale(bits))
+
+
 def make_dp_sgd_step(loss_fn: Callable[..., jax.Array] | None, optimizer, *,
                      clip_norm: float, noise_multiplier: float,
                      expected_batch_size: float,
@@ -394,8 +440,8 @@ def make_dp_sgd_step(loss_fn: Callable[..., jax.Array] | None, optimizer, *,
   (params, batch, mask, bits=None) is given, which must clip to the same
   clip_norm (e.g. `pergrad.make_grad_sum_fn`, possibly
   `clipping.microbatched`). With noise, the sums are taken in fixed
-  point, `bits = release_bits(batch rows, C, sigma C)`: grad_sum_fn must
-  then return the int32 sums of trunc(clip_C(g_i) 2^bits)
+  point (`SumRelease`: bits from the batch's rows, C and sigma C):
+  grad_sum_fn must then return the int32 sums of trunc(clip_C(g_i) 2^bits)
   (`clipping.fixed_point_weighted_sum`), to which the noise is added in
   float64 (a float32 sum's rounding depends on every example of the
   batch, so one example could move it by more than C).
@@ -407,16 +453,15 @@ def make_dp_sgd_step(loss_fn: Callable[..., jax.Array] | None, optimizer, *,
   if not size_ok or isinstance(expected_batch_size, bool):
     raise ValueError(f"expected_batch_size must be a finite number > 0 "
                      f"(the public q * N), got {expected_batch_size!r}")
-  stddev = noise_multiplier * clip_norm if noise_multiplier else 0.0
+  spec = SumRelease(clip_norm, noise_multiplier)
   if grad_sum_fn is None:
     grad_sum_fn = lambda p, b, m, bits=None: clipped_grad_sum(
         loss_fn, p, b, m, clip_norm=clip_norm, bits=bits)
 
   def step(params, opt_state, batch, mask, noise_key):
-    bits = release_bits(mask.shape[0], clip_norm, stddev)
-    g = grad_sum_fn(params, batch, mask, bits=bits)
-    g = tree_add_gaussian_noise(noise_key, g, stddev,
-                                scale=fixed_point_scale(bits))
+    bits = spec.release_bits(mask.shape[0])
+    g = spec.release(noise_key, grad_sum_fn(params, batch, mask, bits=bits),
+                     bits)
     g = jax.tree.map(lambda a: a / expected_batch_size, g)
     updates, opt_state = optimizer.update(g, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, g

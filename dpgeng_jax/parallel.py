@@ -43,8 +43,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dpgeng_jax import augment, mechanisms
-from dpgeng_jax.clipping import (check_fixed_point, clipped_class_sums,
-                                 fixed_point_scale)
+from dpgeng_jax.clipping import check_fixed_point, clipped_class_sums
 
 DATA = "data"
 
@@ -284,23 +283,21 @@ def sharded_noisy_targets(spec: mechanisms.QuerySpec,
 def sharded_dp_sgd_grad(grad_sum_fn: Callable[..., Any], params: Any,
                         x: jax.Array, y: jax.Array, valid: jax.Array,
                         secret: jax.Array, *, sampling_rate: float,
-                        capacity: int, noise_stddev: float, mesh: Mesh,
-                        clip_norm: float):
+                        capacity: int, mesh: Mesh,
+                        release: mechanisms.SumRelease):
   """Noisy clipped gradient SUM of one DP-SGD step on sharded data.
 
   x, y, valid: (N_pad, ...) private rows split over `mesh` (valid 0 on
   padding). Each device Poisson-samples its rows into `capacity` slots,
   calls grad_sum_fn(params, (x_b, y_b), mask, bits=bits) with
-  device-varying params (bits: `mechanisms.release_bits` of all the
-  devices' slots and clip_norm, the C that grad_sum_fn clips to; int32
-  sums, added exactly across devices), and noise N(0, stddev^2) is added
+  device-varying params (bits: `release.release_bits` of all the
+  devices' slots; grad_sum_fn clips to release.clip_norm; int32 sums,
+  added exactly across devices), and `release` adds N(0, (sigma C)^2)
   once per coordinate. Returns (noisy gradient sum, overflow flag); the
   caller divides by the public expected batch size.
   """
   k_sample, k_noise = jax.random.split(secret)
-  # Fixed point over every device's slots (`mechanisms.release_bits`).
-  bits = mechanisms.release_bits(capacity * num_shards(mesh), clip_norm,
-                                noise_stddev)
+  bits = release.release_bits(capacity * num_shards(mesh))
 
   def local(p, xs, ys, vs, key):
     p = jax.lax.pcast(p, DATA, to="varying")
@@ -313,9 +310,7 @@ def sharded_dp_sgd_grad(grad_sum_fn: Callable[..., Any], params: Any,
   g, overflow = jax.shard_map(
       local, mesh=mesh, in_specs=(P(), P(DATA), P(DATA), P(DATA), P()),
       out_specs=(P(), P()))(params, x, y, valid, k_sample)
-  return mechanisms.tree_add_gaussian_noise(
-      k_noise, g, noise_stddev,
-      scale=fixed_point_scale(bits)), overflow
+  return release.release(k_noise, g, bits), overflow
 
 
 # ---------------------------------------------------------------------------

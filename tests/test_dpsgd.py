@@ -194,3 +194,31 @@ def test_a_public_batch_size_that_is_not_positive_and_finite_is_refused(size):
   with pytest.raises(ValueError, match="expected_batch_size"):
     make_dp_sgd_step(_loss, optax.sgd(0.1), clip_norm=1.0,
                      noise_multiplier=1.0, expected_batch_size=size)
+
+
+def test_a_sum_release_carries_one_c_and_sigma_to_the_bits_and_the_noise():
+  """The three DP-SGD releases (make_dp_sgd_step, the expert's step, the
+  sharded step) take their fixed point and their noise from one
+  SumRelease: its bits are release_bits of its C and sigma C, its noise
+  std is sigma C (measured on 20000 coordinates of a pytree), and C = inf
+  or sigma = 0 is the float path with no noise."""
+  rel = mechanisms.SumRelease(0.2, 1.5)
+  assert rel.noise_stddev == pytest.approx(0.3) and rel.l2_sensitivity == 0.2
+  assert rel.release_bits(6) == clipping.fixed_point_bits(6, 0.2)
+  tree = {"a": jnp.zeros((100, 100), jnp.int32),
+          "b": jnp.zeros((10000,), jnp.int32)}
+  bits = rel.release_bits(6)
+  out = rel.release(jax.random.key(1), tree, bits)
+  flat = np.concatenate([np.ravel(out["a"]), out["b"]])
+  assert stats.kstest(flat / 0.3, "norm").pvalue > 1e-3
+  assert stats.kstest(flat / 0.2, "norm").pvalue < 1e-6  # sigma, not 1
+  for quiet in (mechanisms.SumRelease(float("inf"), 0.0),
+                mechanisms.SumRelease(0.2, 0.0)):
+    assert quiet.release_bits(6) is None
+    f = {"a": jnp.arange(3.0)}
+    np.testing.assert_array_equal(quiet.release(jax.random.key(1), f, None)
+                                  ["a"], f["a"])
+  with pytest.raises(ValueError, match="infinite"):
+    mechanisms.SumRelease(float("inf"), 1.0)
+  with pytest.raises(ValueError):
+    mechanisms.SumRelease(-1.0, 1.0)

@@ -15,7 +15,6 @@ if __name__ == "__main__":  # not when the test imports dataset() and K
 import functools  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dpgeng_jax import augment, mechanisms, parallel, pergrad  # noqa: E402
@@ -69,7 +68,7 @@ def main():
   grad, over_g = jax.jit(functools.partial(
       parallel.sharded_dp_sgd_grad, pergrad.make_grad_sum_fn(
           model, clip_norm=0.5), sampling_rate=1.0, capacity=n_loc,
-      noise_stddev=0.0, mesh=mesh, clip_norm=0.5))(params, xs, ys,
+      mesh=mesh, release=mechanisms.SumRelease(0.5, 0.0)))(params, xs, ys,
                                     parallel.global_rows(mesh, valid),
                                     secret)
   assert not bool(over) and not bool(over_g)

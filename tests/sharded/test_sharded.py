@@ -228,9 +228,9 @@ def test_sharded_dp_sgd_gradient_without_noise_equals_unsharded(devices=8):
   (xs, ys), valid = parallel.pad_rows((x, y), mask, devices)
   got, over = jax.jit(functools.partial(
       parallel.sharded_dp_sgd_grad, fn, sampling_rate=1.0,
-      capacity=xs.shape[0] // devices, noise_stddev=0.0,
-      mesh=parallel.data_mesh(devices), clip_norm=0.5))(params, xs, ys, valid,
-                                         jax.random.key(0))
+      capacity=xs.shape[0] // devices, mesh=parallel.data_mesh(devices),
+      release=mechanisms.SumRelease(0.5, 0.0)))(params, xs, ys, valid,
+                                                jax.random.key(0))
   assert not bool(over)
   assert _max_rel_diff(got, want) < 1e-4
 
@@ -272,8 +272,8 @@ def test_a_sharded_dp_sgd_step_sizes_its_fixed_point_from_every_device():
 
   parallel.sharded_dp_sgd_grad(fn, params, xs, ys, valid, jax.random.key(0),
                                sampling_rate=1.0, capacity=cap,
-                               noise_stddev=0.5, mesh=parallel.data_mesh(
-                                   devices), clip_norm=0.5)
+                               mesh=parallel.data_mesh(devices),
+                               release=mechanisms.SumRelease(0.5, 1.0))
   assert seen == [clipping.fixed_point_bits(cap * devices, 0.5)]
 
 
