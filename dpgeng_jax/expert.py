@@ -106,13 +106,25 @@ def dp_finetune(params: Any, model: ConvNet, x: np.ndarray, y: np.ndarray,
   return params
 
 
+def step_capacity(cfg: ExpertConfig, num_rows: int, log_tail: float,
+                  mesh=None) -> int:
+  """Padded Poisson slots of one step's batch, per device of `mesh` (all
+  of them without one), for `num_rows` rows (a public bound on N) and
+  overflow probability exp(log_tail) per step."""
+  if mesh is None:
+    return mechanisms.poisson_capacity([num_rows], cfg.sampling_rate,
+                                       log_tail=log_tail)
+  return mechanisms.poisson_capacity(
+      [parallel.rows_per_device(num_rows, mesh)], cfg.sampling_rate,
+      log_tail=log_tail - math.log(parallel.num_shards(mesh)))
+
+
 def private_step(grad_sum, cfg: ExpertConfig, noise_multiplier: float,
                  x: np.ndarray, y: np.ndarray, num_rows: int,
                  log_tail: float):
   """One device: (jitted step(params, x, y, valid, key) -> (noisy clipped
   gradient sum, overflow), the padded private rows (x, y, valid))."""
-  capacity = mechanisms.poisson_capacity([num_rows], cfg.sampling_rate,
-                                         log_tail=log_tail)
+  capacity = step_capacity(cfg, num_rows, log_tail)
   release = mechanisms.SumRelease(cfg.clip_norm, noise_multiplier)
   rows = tuple(map(jnp.asarray, parallel.padded_rows(
       num_rows, np.asarray(x, np.float32), np.asarray(y, np.int32))))
@@ -132,10 +144,7 @@ def private_step(grad_sum, cfg: ExpertConfig, noise_multiplier: float,
 def _sharded_step(grad_sum, cfg, noise_multiplier, x, y, mesh, num_rows,
                   log_tail):
   """The same on a mesh: this process's rows, padded to a public size."""
-  shards = parallel.num_shards(mesh)
-  capacity = mechanisms.poisson_capacity(
-      [parallel.rows_per_device(num_rows, mesh)], cfg.sampling_rate,
-      log_tail=log_tail - math.log(shards))
+  capacity = step_capacity(cfg, num_rows, log_tail, mesh)
   rows = parallel.local_rows(mesh, np.asarray(x, np.float32),
                              np.asarray(y, np.int32), num_rows=num_rows)
   sharded = jax.jit(functools.partial(

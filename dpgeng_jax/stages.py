@@ -211,6 +211,37 @@ def _check_delta(cfg: Config, sizes: counts_lib.ClassSizes) -> None:
             "runs compose" if sizes.policy == "released" else ""))
 
 
+def _check_release_rows(run: Run, budget: Budget,
+                        sizes: counts_lib.ClassSizes) -> None:
+  """Refuses, before the generator, queries or expert steps whose padded
+  Poisson batch is too large for an int32 fixed-point sum (more than 2^23
+  rows, `clipping.fixed_point_bits`), which would otherwise stop the run
+  at that stage after the generator and the pool."""
+  cfg, shards = run.cfg, (1 if run.mesh is None
+                          else parallel.num_shards(run.mesh))
+  checks = []
+  fm = budget.mechanism("feature_matching")
+  if fm is not None and run.plan.feature_matching:
+    checks.append(("feature-matching query", "--sampling-rate", query_capacity(
+        sizes.total_bound, cfg.sampling_rate, budget.log_tail, run.mesh),
+        clip_norm(cfg), fm.noise_multiplier))
+  ex = budget.mechanism("expert")
+  if ex is not None and run.plan.expert:
+    checks.append(("expert step", "--expert-sampling-rate",
+                   expert_lib.step_capacity(
+                       expert_config(cfg), sizes.total_bound,
+                       _tail(budget.log_tail), run.mesh),
+                   cfg.expert_clip_norm, ex.noise_multiplier))
+  for what, flag, capacity, c, sigma in checks:
+    try:
+      mechanisms.SumRelease(c, sigma).release_bits(capacity * shards)
+    except ValueError as e:
+      raise ConfigError(
+          f"a {what}'s Poisson batch would have {capacity * shards} padded "
+          f"rows, too many for its exact fixed-point sum ({e}); lower "
+          f"{flag}") from None
+
+
 def class_sizes(run: Run, budget: Budget, secret: jax.Array
                 ) -> counts_lib.ClassSizes | None:
   """The class sizes the run may use: M_N's release (default), the exact
@@ -237,6 +268,7 @@ def class_sizes(run: Run, budget: Budget, secret: jax.Array
       run.save("class_sizes", arrays={"noisy_counts": noisy})
   if sizes is not None:
     _check_delta(cfg, sizes)
+    _check_release_rows(run, budget, sizes)
   run.timed("class_sizes_s", t0)
   return sizes
 

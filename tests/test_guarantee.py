@@ -4,6 +4,7 @@ released (or declared public), every non-private ingredient marks the run
 target, the target range is handled or refused, and no private array is a
 constant of a compiled program."""
 
+import dataclasses
 import json
 import math
 
@@ -303,3 +304,27 @@ def test_the_count_release_refuses_labels_outside_its_classes():
   with pytest.raises(ValueError, match="labels must be in 0..2"):
     counts.release_class_counts(jax.random.key(0), np.array([0, 0, 5]),
                                 num_classes=3, noise_multiplier=1.0)
+
+
+def test_a_batch_too_large_for_the_fixed_point_sums_is_refused_after_the_counts():
+  """More than 2^23 padded rows in one query or expert step leave fewer
+  than 8 bits per row in an int32 sum; the run refuses right after the
+  count release (before the generator and the pool), naming the flag,
+  and a batch that fits passes."""
+  import types
+  from dpgeng_jax import planning, stages
+  from dpgeng_jax.errors import ConfigError
+  for expert, flag in ((False, "--sampling-rate"),
+                       (True, "--expert-sampling-rate")):
+    cfg = Config(expert=expert, sampling_rate=0.01 if expert else 0.5,
+                 expert_sampling_rate=0.5)
+    plan = planning.resolve(cfg, (8, 8, 1))
+    run = types.SimpleNamespace(cfg=cfg, plan=plan, mesh=None)
+    mechs = [dataclasses.replace(m, noise_multiplier=1.0)
+             for m in planning.mechanisms_for(cfg, plan)]
+    budget = stages.Budget(mechs, None, 1, math.log(1e-12))
+    big = counts.public_sizes(np.repeat(np.arange(2), 9_000_000), 2)
+    with pytest.raises(ConfigError, match=flag):
+      stages._check_release_rows(run, budget, big)
+    small = counts.public_sizes(np.repeat(np.arange(2), 1000), 2)
+    stages._check_release_rows(run, budget, small)
