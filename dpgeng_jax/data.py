@@ -32,7 +32,8 @@ from dpgeng_jax.errors import DataError
 DATASET_SPECS_HELP = (
     "Dataset to distill. 'digits' (default): scikit-learn's bundled 8x8 grey "
     "digits, no download, fixed stratified 80/20 split (1438 train / 359 test). "
-    "'npz:PATH': a .npz file holding x_train, y_train, x_test, y_test; images "
+    "'npz:PATH': a .npz file holding x_train, y_train, x_test, y_test (the "
+    "test arrays may be left out with --no-eval); images "
     "uint8 (0..255) or float in [0, 1], shaped NHWC or NHW, labels integer "
     "0..K-1. 'tfds:NAME[:TRAIN_SPLIT[:TEST_SPLIT]]' (splits default to train and "
     "test, e.g. tfds:mnist or tfds:cifar10:train[:90%]:test): a TFDS dataset "
@@ -77,7 +78,8 @@ class Dataset:
     name: Short name (e.g. 'digits', 'mnist', 'npz:/path/file.npz').
     x_train: float32 (N, H, W, C) training images in [0, 1].
     y_train: int32 (N,) training labels in 0..K-1.
-    x_test: float32 (M, H, W, C) test images in [0, 1].
+    x_test: float32 (M, H, W, C) test images in [0, 1] (M = 0: a train-only
+      dataset, loaded with require_test False).
     y_test: int32 (M,) test labels in 0..K-1.
     num_classes: K; every class has at least one training example.
     mean: Public per-channel normalisation means (length C).
@@ -136,6 +138,7 @@ def from_arrays(
     name: str = "arrays",
     num_classes: int | None = None,
     num_classes_source: str | None = None,
+    require_test: bool = True,
 ) -> Dataset:
   """Validates arrays and returns them as a `Dataset`.
 
@@ -143,7 +146,9 @@ def from_arrays(
   shaped (N, H, W, C) or (N, H, W) (a channel axis is added). C must be 1 or
   3. Labels must be 1-D integers in 0..K-1 with K = `num_classes`, or the
   largest training label + 1 when it is None; every class needs at least one
-  training example and test labels must be training classes.
+  training example and test labels must be training classes. With
+  require_test False the test split may be empty or None (a train-only
+  dataset, for runs that do not evaluate).
 
   Normalisation constants are the published ones when `name` (without TFDS
   config or version) is in the public table and the channel count matches,
@@ -157,6 +162,7 @@ def from_arrays(
     name: Dataset name, also the key into the public normalisation table.
     num_classes: Number of classes K, or None to infer it from y_train.
     num_classes_source: Where a given K comes from, for the report.
+    require_test: Refuse an empty or missing test split.
 
   Returns:
     The validated dataset (float32 images, int32 labels, read-only arrays).
@@ -165,7 +171,10 @@ def from_arrays(
     DataError: if any check fails; the message names the problem.
   """
   x_train = _images(x_train, "x_train")
-  x_test = _images(x_test, "x_test")
+  if x_test is None and y_test is None and not require_test:
+    x_test = np.zeros((0,) + x_train.shape[1:], np.float32)
+    y_test = np.zeros(0, np.int32)
+  x_test = _images(x_test, "x_test", allow_empty=not require_test)
   if x_train.shape[1:] != x_test.shape[1:]:
     raise DataError(
         f"inconsistent image shapes: x_train images are {x_train.shape[1:]} "
@@ -177,7 +186,7 @@ def from_arrays(
       "inferred from the training labels (largest label + 1): public only "
       "if the label set is; declare it with --num-classes")
   num_classes = _num_classes(y_train, num_classes)
-  if y_test.max() >= num_classes:
+  if len(y_test) and y_test.max() >= num_classes:
     raise DataError(
         f"y_test has labels outside the training classes 0..{num_classes - 1}: "
         f"{sorted(set(y_test[y_test >= num_classes].tolist()))[:10]}")
@@ -199,7 +208,8 @@ def load_dataset(spec: str, *, data_dir: str | None = None,
                  num_classes: int | None = None,
                  label_feature: str = "label",
                  image_size: int = 0,
-                 normalisation: str | None = None) -> Dataset:
+                 normalisation: str | None = None,
+                 require_test: bool = True) -> Dataset:
   """Loads a dataset from a spec string (see `DATASET_SPECS_HELP`).
 
   * 'digits': scikit-learn's bundled 8x8 digits, 1797 images, shape (8, 8, 1),
@@ -232,6 +242,8 @@ def load_dataset(spec: str, *, data_dir: str | None = None,
       normalisation constants to use (`--preset mnist` on an npz copy of
       MNIST runs MNIST's protocol); ignored when the table has none for
       it at this channel count.
+    require_test: npz only may go without a test split when this is False
+      (a run that does not evaluate: `--no-eval`); the split is then empty.
 
   Returns:
     The validated dataset.
@@ -246,7 +258,7 @@ def load_dataset(spec: str, *, data_dir: str | None = None,
   if spec == "digits":
     ds = _load_digits()
   elif spec.startswith("npz:"):
-    ds = _load_npz(spec[len("npz:"):], num_classes)
+    ds = _load_npz(spec[len("npz:"):], num_classes, require_test)
   elif spec.startswith("tfds:"):
     ds = _load_tfds(spec[len("tfds:"):], data_dir, label_feature, image_size,
                     num_classes)
@@ -256,7 +268,8 @@ def load_dataset(spec: str, *, data_dir: str | None = None,
     ds = from_arrays(resize_images(ds.x_train, image_size), ds.y_train,
                      resize_images(ds.x_test, image_size), ds.y_test,
                      name=ds.name, num_classes=ds.num_classes,
-                     num_classes_source=ds.num_classes_source)
+                     num_classes_source=ds.num_classes_source,
+                     require_test=require_test)
   if spec.startswith("npz:"):
     return _with_public_normalisation(ds, normalisation)
   if num_classes is not None and num_classes != ds.num_classes:
@@ -266,8 +279,9 @@ def load_dataset(spec: str, *, data_dir: str | None = None,
   return ds
 
 
-def _images(x: Any, what: str) -> np.ndarray:
-  """Checks one split's images and returns them as float32 NHWC in [0, 1]."""
+def _images(x: Any, what: str, allow_empty: bool = False) -> np.ndarray:
+  """Checks one split's images and returns them as float32 NHWC in [0, 1]
+  (no images only where allow_empty: a train-only dataset's test split)."""
   x = np.asarray(x)
   if x.ndim not in (3, 4):
     raise DataError(
@@ -278,12 +292,16 @@ def _images(x: Any, what: str) -> np.ndarray:
     raise DataError(
         f"{what} has {x.shape[-1]} channels (shape {x.shape}); only 1 (grey) or "
         "3 (RGB) channels are supported, with channels last")
-  if 0 in x.shape:
-    raise DataError(f"{what} is empty (shape {x.shape}); it needs examples")
+  if 0 in x.shape[1:] or (x.shape[0] == 0 and not allow_empty):
+    raise DataError(f"{what} is empty (shape {x.shape}); it needs examples"
+                    + (" (a dataset without a test split runs with --no-eval)"
+                       if what == "x_test" else ""))
   if min(x.shape[1:3]) < 2:
     raise DataError(
         f"{what} images are {x.shape[1]}x{x.shape[2]}; the ConvNet pools "
         "each block's map 2x2, so images need at least 2 pixels per side")
+  if x.shape[0] == 0:
+    return np.zeros(x.shape, np.float32)
   if x.dtype == np.uint8:
     if int(x.max()) <= 1:
       warnings.warn(
@@ -320,7 +338,7 @@ def _labels(y: Any, what: str, num_images: int) -> np.ndarray:
     raise DataError(
         f"mismatched lengths: {what} has {len(y)} labels but there are "
         f"{num_images} images")
-  if y.min() < 0:
+  if len(y) and y.min() < 0:
     raise DataError(f"{what} has negative labels (min {y.min()})")
   return y
 
@@ -427,9 +445,10 @@ def _check_npz_file(path: str, how: str = _NPZ_HOW) -> None:
                     f"starts with {head[:4]!r}); {how}")
 
 
-def _load_npz(path: str, num_classes: int | None = None) -> Dataset:
-  """Arrays x_train, y_train, x_test, y_test from a .npz file. Every
-  problem with the file (not a zip archive, empty, truncated, corrupt, a
+def _load_npz(path: str, num_classes: int | None = None,
+              require_test: bool = True) -> Dataset:
+  """Arrays x_train, y_train, x_test, y_test from a .npz file (without
+  require_test, x_test and y_test may both be absent). Every problem with the file (not a zip archive, empty, truncated, corrupt, a
   .npy, a directory, pickled objects) is a DataError naming the file."""
   if not path:
     raise DataError("npz spec needs a path: 'npz:PATH'")
@@ -438,10 +457,13 @@ def _load_npz(path: str, num_classes: int | None = None) -> Dataset:
     with np.load(path, allow_pickle=False) as npz:
       required = ("x_train", "y_train", "x_test", "y_test")
       missing = [k for k in required if k not in npz.files]
+      if (not require_test and missing == ["x_test", "y_test"]):
+        required, missing = required[:2], []
       if missing:
         raise DataError(
             f"{path} lacks the arrays {missing} (it has {sorted(npz.files)}); an npz "
-            "dataset needs x_train, y_train, x_test and y_test")
+            "dataset needs x_train, y_train, x_test and y_test (x_test and "
+            "y_test may both be left out for a run with --no-eval)")
       arrays = []
       for k in required:
         try:
@@ -461,7 +483,10 @@ def _load_npz(path: str, num_classes: int | None = None) -> Dataset:
   except (OSError, ValueError, KeyError) as e:
     raise DataError(f"cannot read {path} as an npz of plain arrays "
                     f"({type(e).__name__}: {e}); {_NPZ_HOW}") from e
+  if len(arrays) == 2:
+    arrays += [None, None]
   return from_arrays(*arrays, name=f"npz:{path}", num_classes=num_classes,
+                     require_test=require_test,
                      num_classes_source=(
                          "declared by the user (--num-classes)"
                          if num_classes is not None else None))

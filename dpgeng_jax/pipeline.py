@@ -122,7 +122,8 @@ def load_data(cfg: Config) -> data_lib.Dataset:
       cfg.dataset, data_dir=cfg.data_dir or None,
       num_classes=cfg.num_classes or None, label_feature=cfg.label_feature,
       image_size=cfg.image_size,
-      normalisation=presets.normalisation_name(cfg))
+      normalisation=presets.normalisation_name(cfg),
+      require_test=not cfg.no_eval)
 
 
 def run(cfg: Config, dataset: data_lib.Dataset | None = None,

@@ -541,7 +541,7 @@ def expert(run: Run, budget: Budget, sizes, pool_: Pool, gen: Generated,
           num_rows=sizes.total_bound,
           expected_size=sizes.total_estimate,
           log_tail=_tail(budget.log_tail))
-    info = {
+    info = {} if not len(ds.y_test) else {  # a train-only dataset: none
         "test_accuracy_pretrained_on_generated": expert_lib.accuracy(
             pool_.trained, model, run.x_test, ds.y_test),
         "test_accuracy_after_dp_finetuning": expert_lib.accuracy(

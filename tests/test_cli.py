@@ -524,3 +524,22 @@ def test_input_paths_are_recorded_absolute_so_a_run_resumes_from_anywhere(
                              "tensorboard": "tb"})
   assert home["dataset"] == f"npz:{tmp_path}/home/x.npz"
   assert home["out"] == f"{tmp_path}/home/o" and home["tensorboard"] == "tb"
+
+
+def test_a_train_only_dataset_runs_with_no_eval_and_is_refused_without(
+    tmp_path, capsys):
+  """An npz with no test split (x_test and y_test left out) is enough for
+  a run that does not evaluate, the expert's information-only accuracies
+  included; a run that evaluates refuses it before writing anything."""
+  spec = _npz(tmp_path / "train_only.npz", x_test=None, y_test=None)
+  out = tmp_path / "run"
+  assert _run(["--out", str(out), "--dataset", spec, "--method", "dpgeng",
+               "--no-eval", "--epsilon", "4", *GEN_TINY, *TINY]) == 0
+  assert (out / "distilled.npz").exists()
+  assert not (out / "metrics.json").exists()
+  capsys.readouterr()
+  refused = tmp_path / "refused"
+  assert _run(["--out", str(refused), "--dataset", spec, *TINY]) == 2
+  err = capsys.readouterr().err
+  assert "x_test" in err and "--no-eval" in err
+  assert not refused.exists()

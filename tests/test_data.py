@@ -560,3 +560,18 @@ def test_a_declared_class_count_is_reported_as_declared_for_tfds(monkeypatch):
   assert ds.num_classes == 2 and "declared" in ds.num_classes_source
   ds = data.load_dataset("tfds:fake", label_feature="attributes/Male")
   assert "inferred" in ds.num_classes_source
+
+
+def test_a_test_split_may_be_empty_only_where_the_caller_allows_it():
+  rng = np.random.default_rng(0)
+  x = rng.random((6, 8, 8, 1)).astype(np.float32)
+  y = np.arange(6) % 3
+  ds = data.from_arrays(x, y, None, None, require_test=False)
+  assert ds.x_test.shape == (0, 8, 8, 1) and ds.y_test.shape == (0,)
+  empty = data.from_arrays(x, y, x[:0], y[:0], require_test=False)
+  assert empty.x_test.shape == (0, 8, 8, 1) and empty.num_classes == 3
+  with pytest.raises(data.DataError, match="x_test is empty.*--no-eval"):
+    data.from_arrays(x, y, x[:0], y[:0])
+  with pytest.raises(data.DataError, match="shapes"):  # still checked
+    data.from_arrays(x, y, np.zeros((0, 4, 4, 1), np.float32), y[:0],
+                     require_test=False)
