@@ -24,6 +24,7 @@ import io
 import json
 import math
 import os
+import textwrap
 import warnings
 from typing import Any
 
@@ -102,14 +103,27 @@ def grid_png(x: np.ndarray, num_classes: int, title: str,
              per: int = MAX_PER_CLASS) -> bytes:
   """A labelled grid: one row per class (its name at the left), the first
   `per` images of each class, white spacing, legible at 8x8 and 32x32."""
+  return _png(grid_figure(x, num_classes, title, class_names, per))
+
+
+def grid_figure(x: np.ndarray, num_classes: int, title: str,
+                class_names: list[str] | None = None,
+                per: int = MAX_PER_CLASS):
+  """The matplotlib Figure of `grid_png`: wide enough for the class names,
+  the title wrapped to its width."""
   h, w = x.shape[1:3]
   cell = max(h, w) * max(1, math.ceil(48 / max(h, w)))
   gap = max(2, cell // 12)
   img = canvas(x, num_classes, per, cell, gap)
   names = class_names or [str(c) for c in range(num_classes)]
-  left, top, bottom = 60, 40, 10
-  fig = _figure(img.shape[1] + left + 10, img.shape[0] + top + bottom)
-  fw, fh = img.shape[1] + left + 10, img.shape[0] + top + bottom
+  # Room for the longest class name at the left (at most 7 px a character
+  # at font size 9) and a title wrapped to the width (7 px at size 10).
+  left = max(60, 16 + 7 * max(len(n) for n in names))
+  fw = img.shape[1] + left + 10
+  lines = textwrap.wrap(title, max(12, (fw - 10) // 7)) or [""]
+  top, bottom = 26 + 14 * len(lines), 10
+  fh = img.shape[0] + top + bottom
+  fig = _figure(fw, fh)
   ax = fig.add_axes((left / fw, bottom / fh, img.shape[1] / fw,
                      img.shape[0] / fh))
   ax.imshow(img, interpolation="nearest")
@@ -120,8 +134,8 @@ def grid_png(x: np.ndarray, num_classes: int, title: str,
   for spine in ax.spines.values():
     spine.set_visible(False)
   ax.tick_params(length=0)
-  fig.suptitle(title, fontsize=10, y=1 - 8 / fh, va="top")
-  return _png(fig)
+  fig.suptitle("\n".join(lines), fontsize=10, y=1 - 8 / fh, va="top")
+  return fig
 
 
 def decoded_png(x_decoded: np.ndarray, num_classes: int, factor: int,

@@ -211,3 +211,27 @@ def test_a_tensorboard_path_that_is_a_file_is_refused_before_any_work(
   assert "--tensorboard" in capsys.readouterr().err
   assert (tmp_path / "tb").read_text() == "mine"
   assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("shape,k,per,names", [
+    ((8, 8, 1), 4, 2, None),  # two narrow columns under a long title
+    ((16, 24, 3), 2, 1, ["a class name of thirty letters", "b"]),
+    ((32, 32, 3), 10, 10, None)])
+def test_a_grid_s_title_and_class_names_lie_inside_the_figure(shape, k, per,
+                                                            names):
+  """A run at IPC 2 cut its grid's title at both sides (the figure was as
+  wide as two cells); long class names were cut at the left."""
+  x = np.zeros((k * per, *shape), np.float32)
+  fig = report.grid_figure(x, k, "distilled set (2 stored images per class, "
+                           "f = 2)", names, per=per)
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  canvas = FigureCanvasAgg(fig)
+  canvas.draw()
+  renderer = canvas.get_renderer()
+  width, height = fig.bbox.width, fig.bbox.height
+  texts = list(fig.texts) + list(fig.axes[0].get_yticklabels())
+  assert len(texts) == 1 + k
+  for t in texts:
+    box = t.get_window_extent(renderer)
+    assert box.x0 >= 0 and box.x1 <= width, t.get_text()
+    assert box.y0 >= 0 and box.y1 <= height, t.get_text()
