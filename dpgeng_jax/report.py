@@ -225,13 +225,15 @@ def class_accuracy_png(per_class, class_names=None) -> bytes:
   ax.bar(np.arange(k), mean, yerr=std, capsize=2, color="#4c72b0")
   ax.axhline(np.nanmean(a), color="k", lw=0.8, ls="--",
              label=f"mean {np.nanmean(a):.1f}")
-  ax.set_xticks(np.arange(k), names, fontsize=8 if k <= 20 else 5,
-                rotation=0 if k <= 20 else 90)
+  # 28 px per class: room for 3 characters side by side at size 8.
+  ax.set_xticks(np.arange(k), names, fontsize=8,
+                rotation=0 if max(map(len, names)) <= 3 else 90)
   ax.set_ylim(0, 100)
   ax.set_xlabel("class")
   ax.set_ylabel("test accuracy %")
-  ax.set_title(f"per-class test accuracy ({a.shape[0]} evaluation models)",
-               fontsize=10)
+  models = a.shape[0]
+  ax.set_title(f"per-class test accuracy ({models} evaluation model"
+               f"{'' if models == 1 else 's'})", fontsize=10)
   ax.legend(fontsize=8, loc="lower right")
   fig.tight_layout()
   return _png(fig)
