@@ -208,7 +208,9 @@ def _check_delta(cfg: Config, sizes: counts_lib.ClassSizes) -> None:
         "delta allows releasing an example outright)" + (
             "; the bound comes from this run's count release, which is "
             "spent: a rerun releases the counts again, and the two "
-            "runs compose" if sizes.policy == "released" else ""))
+            "runs compose (a larger --share-counts or --epsilon tightens "
+            "the bound; --public-class-sizes where they are public)"
+            if sizes.policy == "released" else ""))
 
 
 def _check_release_rows(run: Run, budget: Budget,
@@ -233,13 +235,19 @@ def _check_release_rows(run: Run, budget: Budget,
                        _tail(budget.log_tail), run.mesh),
                    cfg.expert_clip_norm, ex.noise_multiplier))
   for what, flag, capacity, c, sigma in checks:
+    release = mechanisms.SumRelease(c, sigma)
     try:
-      mechanisms.SumRelease(c, sigma).release_bits(capacity * shards)
+      release.release_bits(capacity * shards)
     except ValueError as e:
+      try:
+        release.release_bits(1)
+        fix = f"too many rows: lower {flag}"
+      except ValueError:
+        fix = "the clip norm is too small for any sum: raise it"
       raise ConfigError(
           f"a {what}'s Poisson batch would have {capacity * shards} padded "
-          f"rows, too many for its exact fixed-point sum ({e}); lower "
-          f"{flag}") from None
+          f"rows, and its exact fixed-point sum cannot hold them ({e}); "
+          f"{fix}") from None
 
 
 def class_sizes(run: Run, budget: Budget, secret: jax.Array

@@ -324,7 +324,15 @@ def test_a_batch_too_large_for_the_fixed_point_sums_is_refused_after_the_counts(
              for m in planning.mechanisms_for(cfg, plan)]
     budget = stages.Budget(mechs, None, 1, math.log(1e-12))
     big = counts.public_sizes(np.repeat(np.arange(2), 9_000_000), 2)
-    with pytest.raises(ConfigError, match=flag):
+    with pytest.raises(ConfigError, match=f"too many rows: lower {flag}"):
       stages._check_release_rows(run, budget, big)
     small = counts.public_sizes(np.repeat(np.arange(2), 1000), 2)
     stages._check_release_rows(run, budget, small)
+  tiny_c = types.SimpleNamespace(
+      cfg=Config(clip_norm=1e-30), plan=planning.resolve(
+          Config(clip_norm=1e-30), (8, 8, 1)), mesh=None)
+  mechs = [dataclasses.replace(m, noise_multiplier=1.0) for m in
+           planning.mechanisms_for(tiny_c.cfg, tiny_c.plan)]
+  with pytest.raises(ConfigError, match="clip norm is too small"):
+    stages._check_release_rows(
+        tiny_c, stages.Budget(mechs, None, 1, math.log(1e-12)), small)
