@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import math
 import time
+import warnings
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -649,6 +650,20 @@ def distill_class_chunk(num_classes: int, per_class: int, image_shape,
   return -(-num_classes // chunks)
 
 
+def _warn_unless_finite(losses: np.ndarray, cfg: Config) -> None:
+  """A loss that overflowed float32 (inf or nan) moved the images nowhere
+  useful at that step; the run goes on, and says so."""
+  bad = np.flatnonzero(~np.isfinite(losses))
+  if bad.size:
+    warnings.warn(
+        f"the distillation loss was not finite at {bad.size} of "
+        f"{len(losses)} steps (first at step {bad[0]}): float32 overflowed, "
+        "for example with a clip norm far above the features' scale "
+        f"(--clip-norm {cfg.clip_norm}) or a very large --lr-img "
+        f"({cfg.lr_img}); those steps did not follow the targets",
+        RuntimeWarning, stacklevel=2)
+
+
 def distill_images(run: Run, plan_q: distill.QueryPlan,
                    queries: Queries | None, expert_: Expert | None,
                    images: jax.Array, sizes) -> Distilled:
@@ -669,6 +684,7 @@ def distill_images(run: Run, plan_q: distill.QueryPlan,
                                  distill.init_state(images, opt), step,
                                  queries.targets, counts, run.keys.query)
     images = state.images
+    _warn_unless_finite(np.asarray(losses), cfg)
   shape = run.image_shape
   out = Distilled(
       stored=np.asarray(images).reshape(k * m, *shape),

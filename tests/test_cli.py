@@ -543,3 +543,11 @@ def test_a_train_only_dataset_runs_with_no_eval_and_is_refused_without(
   err = capsys.readouterr().err
   assert "x_test" in err and "--no-eval" in err
   assert not refused.exists()
+
+
+def test_a_distillation_loss_that_overflows_is_reported(tmp_path):
+  """A clip norm of 1e30 makes the noisy targets ~1e30 and every squared
+  distance inf in float32: the run finishes but warns (it was silent)."""
+  with pytest.warns(RuntimeWarning, match="not finite at 3 of 3 steps"):
+    assert _run(["--out", str(tmp_path / "run"), "--clip-norm", "1e30",
+                 "--no-eval", *TINY]) == 0
