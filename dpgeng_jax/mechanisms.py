@@ -384,8 +384,8 @@ class SumRelease:
   DP-SGD step's gradient sum; a pytree): the sum, taken in fixed point
   with `release_bits` over all its padded rows, plus N(0, (sigma C)^2) on
   every coordinate (float64 draw, float64 sum, one rounding). One object
-  carries C and sigma to both halves, so the grad-sum function and the
-  noise cannot disagree about either.
+  carries C and sigma to the fixed point and the noise, so those two
+  cannot disagree; the grad-sum function must clip to release.clip_norm.
 
     bits = release.release_bits(rows)          # rows of every chunk/device
     sums = grad_sum_fn(params, batch, mask, bits=bits)   # clips to C

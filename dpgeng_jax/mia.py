@@ -263,7 +263,7 @@ def members_dataset(ds: data_lib.Dataset, members) -> data_lib.Dataset:
   members = np.asarray(members, bool)
   sub = data_lib.from_arrays(ds.x_train[members], ds.y_train[members],
                              ds.x_test, ds.y_test, name=ds.name,
-                             num_classes=ds.num_classes)
+                             num_classes=ds.num_classes, require_test=False)
   return dataclasses.replace(sub, mean=ds.mean, std=ds.std,
                              normalisation_source=ds.normalisation_source)
 
@@ -408,7 +408,7 @@ def run(cfg: Config, *, shadows: int = DEFAULT_SHADOWS, seed: int = 0,
     cfg: the run's configuration, as for `dpgeng distill`; `cfg.method` may
       also be `random_real`. `cfg.seed` is the target's public seed; shadow
       s uses cfg.seed + 1 + s. `out`, `no_eval` and `references` are
-      ignored.
+      ignored (the attack reads no test split: a train-only npz will do).
     shadows: S >= 2 shadow runs for LiRA.
     seed: public seed of the member splits (target and shadows).
     dataset: the private dataset; default `load_dataset(cfg.dataset)`.
@@ -422,7 +422,7 @@ def run(cfg: Config, *, shadows: int = DEFAULT_SHADOWS, seed: int = 0,
   """
   log = log or (lambda s: None)
   validate(cfg, shadows, seed=seed)
-  ds = dataset or pipeline.load_data(cfg)
+  ds = dataset or pipeline.load_data(cfg, require_test=False)
   masks = member_masks(seed, ds.num_train, 1 + shadows)
   validate(cfg, shadows, ds, masks, seed)
   t0 = time.time()

@@ -116,14 +116,17 @@ def stage_store(run_dir: outputs.RunDirectory) -> store_lib.StageStore:
 # The run.
 
 
-def load_data(cfg: Config) -> data_lib.Dataset:
-  """The dataset that cfg names, loaded as a run loads it."""
+def load_data(cfg: Config, require_test: bool | None = None
+              ) -> data_lib.Dataset:
+  """The dataset that cfg names, loaded as a run loads it (a train-only
+  npz only where require_test is False, by default with --no-eval)."""
   return data_lib.load_dataset(
       cfg.dataset, data_dir=cfg.data_dir or None,
       num_classes=cfg.num_classes or None, label_feature=cfg.label_feature,
       image_size=cfg.image_size,
       normalisation=presets.normalisation_name(cfg),
-      require_test=not cfg.no_eval)
+      require_test=(not cfg.no_eval if require_test is None
+                    else require_test))
 
 
 def run(cfg: Config, dataset: data_lib.Dataset | None = None,
@@ -267,6 +270,9 @@ def _check_before_private_work(cfg: Config, plan, ds: data_lib.Dataset,
   (external generated data is read and checked here)."""
   k, f, m = ds.num_classes, plan.factor, cfg.ipc
   h, w = ds.image_shape[:2]
+  if not cfg.no_eval and not len(ds.y_test):
+    raise ConfigError("the dataset has no test split: evaluation needs one "
+                      "(or run with no_eval, --no-eval)")
   if not init_lib.tiles(h, w, f):
     raise ConfigError(
         f"--factor {f} tiles {f} x {f} images of {h}/{f} x {w}/{f} pixels "

@@ -11,7 +11,7 @@ import math
 
 import jax
 
-from dpgeng_jax import accounting, generators, models, presets
+from dpgeng_jax import accounting, clipping, generators, models, presets
 from dpgeng_jax import data as data_lib
 from dpgeng_jax import init as init_lib
 from dpgeng_jax.config import Config, METHODS
@@ -49,6 +49,12 @@ def validate_config(cfg: Config) -> None:
           f"{name} must be a finite number > 0, got {value} (an infinite "
           "clip norm has unbounded sensitivity: no noise can make it "
           "private)")
+    if private:
+      try:  # a private release sums clipped rows in int32 fixed point
+        clipping.fixed_point_bits(1, value)
+      except ValueError as e:
+        raise ConfigError(f"{name} {value} is outside the range an exact "
+                          f"fixed-point sum can hold ({e})") from None
   for name in ("num_queries", "steps", "extractor_width", "eval_models",
                "eval_epochs", "eval_width"):
     if getattr(cfg, name) < 1:

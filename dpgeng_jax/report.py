@@ -24,7 +24,6 @@ import io
 import json
 import math
 import os
-import textwrap
 import warnings
 from typing import Any
 
@@ -98,6 +97,28 @@ def canvas(x: np.ndarray, num_classes: int, per: int, cell: int,
   return out
 
 
+def _text_px(text: str, size: float) -> float:
+  """Width in pixels of text at font size `size` (100 dpi, the default
+  font), as the Agg renderer draws it."""
+  from matplotlib.backends.backend_agg import RendererAgg
+  from matplotlib.font_manager import FontProperties
+  width, _, _ = RendererAgg(1, 1, 100).get_text_width_height_descent(
+      text, FontProperties(size=size), ismath=False)
+  return width
+
+
+def _wrap(text: str, size: float, width_px: float) -> list[str]:
+  """text in lines of at most width_px at font size `size`, broken at
+  spaces (a word wider than that stays whole, on its own line)."""
+  lines: list[str] = []
+  for word in text.split():
+    if lines and _text_px(lines[-1] + " " + word, size) <= width_px:
+      lines[-1] += " " + word
+    else:
+      lines.append(word)
+  return lines or [""]
+
+
 def grid_png(x: np.ndarray, num_classes: int, title: str,
              class_names: list[str] | None = None,
              per: int = MAX_PER_CLASS) -> bytes:
@@ -116,12 +137,12 @@ def grid_figure(x: np.ndarray, num_classes: int, title: str,
   gap = max(2, cell // 12)
   img = canvas(x, num_classes, per, cell, gap)
   names = class_names or [str(c) for c in range(num_classes)]
-  # Room for the longest class name at the left (at most 7 px a character
-  # at font size 9) and a title wrapped to the width (7 px at size 10).
-  left = max(60, 16 + 7 * max(len(n) for n in names))
+  # Room for the longest class name at the left and a title wrapped to
+  # the figure's width, both measured as the renderer draws them.
+  left = max(60, 16 + math.ceil(max(_text_px(n, 9) for n in names)))
   fw = img.shape[1] + left + 10
-  lines = textwrap.wrap(title, max(12, (fw - 10) // 7)) or [""]
-  top, bottom = 26 + 14 * len(lines), 10
+  lines = _wrap(title, 10, fw - 16)
+  top, bottom = 26 + 15 * len(lines), 10
   fh = img.shape[0] + top + bottom
   fig = _figure(fw, fh)
   ax = fig.add_axes((left / fw, bottom / fh, img.shape[1] / fw,

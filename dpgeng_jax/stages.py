@@ -242,7 +242,7 @@ def _check_release_rows(run: Run, budget: Budget,
     except ValueError as e:
       try:
         release.release_bits(1)
-        fix = f"too many rows: lower {flag}"
+        fix = f"too many rows for this clip norm: lower {flag} (or C)"
       except ValueError:
         fix = "the clip norm is too small for any sum: raise it"
       raise ConfigError(
@@ -650,18 +650,23 @@ def distill_class_chunk(num_classes: int, per_class: int, image_shape,
   return -(-num_classes // chunks)
 
 
-def _warn_unless_finite(losses: np.ndarray, cfg: Config) -> None:
+def _warn_unless_finite(losses: np.ndarray, cfg: Config,
+                        expert: bool) -> None:
   """A loss that overflowed float32 (inf or nan) moved the images nowhere
   useful at that step; the run goes on, and says so."""
   bad = np.flatnonzero(~np.isfinite(losses))
   if bad.size:
+    causes = [f"a very large --lr-img ({cfg.lr_img})"]
+    if not clipping.unclipped(clip_norm(cfg)):
+      causes.insert(0, "a clip norm far above the features' scale "
+                    f"(--clip-norm {cfg.clip_norm})")
+    if expert:
+      causes.append(f"the expert term (--expert-weight {cfg.expert_weight})")
     warnings.warn(
         f"the distillation loss was not finite at {bad.size} of "
-        f"{len(losses)} steps (first at step {bad[0]}): float32 overflowed, "
-        "for example with a clip norm far above the features' scale "
-        f"(--clip-norm {cfg.clip_norm}) or a very large --lr-img "
-        f"({cfg.lr_img}); those steps did not follow the targets",
-        RuntimeWarning, stacklevel=2)
+        f"{len(losses)} steps (first at step {bad[0]}): float32 overflowed,"
+        f" for example from {' or '.join(causes)}; those steps did not "
+        "follow the targets", RuntimeWarning, stacklevel=2)
 
 
 def distill_images(run: Run, plan_q: distill.QueryPlan,
@@ -684,7 +689,7 @@ def distill_images(run: Run, plan_q: distill.QueryPlan,
                                  distill.init_state(images, opt), step,
                                  queries.targets, counts, run.keys.query)
     images = state.images
-    _warn_unless_finite(np.asarray(losses), cfg)
+    _warn_unless_finite(np.asarray(losses), cfg, expert_ is not None)
   shape = run.image_shape
   out = Distilled(
       stored=np.asarray(images).reshape(k * m, *shape),

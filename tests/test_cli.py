@@ -131,6 +131,8 @@ BAD_FLAGS = [
     (["--expert", "--expert-lr", "nan"], "expert_lr"),
     (["--expert", "--expert-weight", "nan"], "expert_weight"),
     (["--clip-norm", "nan"], "clip_norm"),
+    (["--clip-norm", "1e-30"], "exact fixed-point sum"),
+    (["--expert", "--expert-clip-norm", "1e40"], "exact fixed-point sum"),
     (["--image-size", "5000"], "image_size must be 0 (as stored) or 2...1024"),
 ]
 
@@ -551,3 +553,26 @@ def test_a_distillation_loss_that_overflows_is_reported(tmp_path):
   with pytest.warns(RuntimeWarning, match="not finite at 3 of 3 steps"):
     assert _run(["--out", str(tmp_path / "run"), "--clip-norm", "1e30",
                  "--no-eval", *TINY]) == 0
+
+
+def test_a_library_run_on_a_train_only_dataset_that_evaluates_is_refused_first():
+  """A Dataset with an empty test split given to pipeline.run without
+  no_eval crashed in the evaluation, after every release was drawn; it is
+  now refused before any private stage."""
+  from dpgeng_jax import data, pipeline
+  from dpgeng_jax.errors import ConfigError
+  rng = np.random.default_rng(0)
+  ds = data.from_arrays(rng.random((40, 8, 8, 1)).astype(np.float32),
+                        np.arange(40) % 4, None, None, require_test=False)
+  cfg = Config(method="ndpdc", ipc=2, steps=3, num_queries=2,
+               extractor_width=8, eval_width=8, quiet=True)
+  calls = []
+  real = pipeline.stages.class_sizes
+  pipeline.stages.class_sizes = lambda *a: calls.append(a) or real(*a)
+  try:
+    with pytest.raises(ConfigError, match="no test split"):
+      pipeline.run(cfg, dataset=ds, log=None)
+  finally:
+    pipeline.stages.class_sizes = real
+  assert not calls  # refused before the count release
+  pipeline.run(dataclasses.replace(cfg, no_eval=True), dataset=ds, log=None)

@@ -324,7 +324,7 @@ def test_a_batch_too_large_for_the_fixed_point_sums_is_refused_after_the_counts(
              for m in planning.mechanisms_for(cfg, plan)]
     budget = stages.Budget(mechs, None, 1, math.log(1e-12))
     big = counts.public_sizes(np.repeat(np.arange(2), 9_000_000), 2)
-    with pytest.raises(ConfigError, match=f"too many rows: lower {flag}"):
+    with pytest.raises(ConfigError, match=f"too many rows for this clip norm: lower {flag}"):
       stages._check_release_rows(run, budget, big)
     small = counts.public_sizes(np.repeat(np.arange(2), 1000), 2)
     stages._check_release_rows(run, budget, small)

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from dpgeng_jax import cli, mia
+from dpgeng_jax import cli, data, mia
 from dpgeng_jax.config import Config
 from dpgeng_jax.evaluate import EvalConfig
 
@@ -324,3 +324,13 @@ def test_mia_options_are_the_distill_options_plus_its_own():
         "no_eval", "references", "resume", "checkpoint_every")), f.name
   assert cli.mia_config(args) == dataclasses.replace(Config(), ipc=3,
                                                      method="dm")
+
+
+def test_the_member_split_of_a_train_only_dataset_keeps_its_empty_test_split():
+  """The attack reads no test split, so a train-only dataset will do
+  (members_dataset refused it)."""
+  rng = np.random.default_rng(0)
+  ds = data.from_arrays(rng.random((12, 8, 8, 1)).astype(np.float32),
+                        np.arange(12) % 3, None, None, require_test=False)
+  sub = mia.members_dataset(ds, np.arange(12) < 6)
+  assert sub.num_train == 6 and sub.x_test.shape == (0, 8, 8, 1)

@@ -216,14 +216,15 @@ def test_a_tensorboard_path_that_is_a_file_is_refused_before_any_work(
 @pytest.mark.parametrize("shape,k,per,names", [
     ((8, 8, 1), 4, 2, None),  # two narrow columns under a long title
     ((16, 24, 3), 2, 1, ["a class name of thirty letters", "b"]),
+    ((8, 8, 1), 2, 1, ["WWWWWWWWWWWW", "MMMM"]),  # wide capitals
     ((32, 32, 3), 10, 10, None)])
 def test_a_grid_s_title_and_class_names_lie_inside_the_figure(shape, k, per,
                                                             names):
   """A run at IPC 2 cut its grid's title at both sides (the figure was as
   wide as two cells); long class names were cut at the left."""
   x = np.zeros((k * per, *shape), np.float32)
-  fig = report.grid_figure(x, k, "distilled set (2 stored images per class, "
-                           "f = 2)", names, per=per)
+  fig = report.grid_figure(x, k, "DISTILLED SET (2 STORED IMAGES PER CLASS, "
+                           "F = 2)", names, per=per)
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   canvas = FigureCanvasAgg(fig)
   canvas.draw()
