@@ -53,6 +53,10 @@ CAPTIONS = {
 SHARES = {"class_counts": "share_counts", "generator": "share_generator",
           "feature_matching": "share_features", "expert": "share_expert"}
 MAX_PER_CLASS = 10
+# Image grids show at most this many classes (CIFAR-100 whole; beyond it
+# the first ones, and the title says so): 300 classes made 15000-pixel
+# tall figures.
+MAX_CLASSES_SHOWN = 100
 
 
 # ---------------------------------------------------------------------------
@@ -97,6 +101,12 @@ def canvas(x: np.ndarray, num_classes: int, per: int, cell: int,
   return out
 
 
+def _first_classes(x: np.ndarray, num_classes: int, keep: int
+                   ) -> np.ndarray:
+  """The images of the first `keep` classes of class-major x."""
+  return np.asarray(x)[:len(x) // num_classes * keep]
+
+
 def _text_px(text: str, size: float) -> float:
   """Width in pixels of text at font size `size` (100 dpi, the default
   font), as the Agg renderer draws it."""
@@ -131,12 +141,17 @@ def grid_figure(x: np.ndarray, num_classes: int, title: str,
                 class_names: list[str] | None = None,
                 per: int = MAX_PER_CLASS):
   """The matplotlib Figure of `grid_png`: wide enough for the class names,
-  the title wrapped to its width."""
+  the title wrapped to its width; the first MAX_CLASSES_SHOWN classes."""
+  names = list(class_names or [str(c) for c in range(num_classes)])
+  if num_classes > MAX_CLASSES_SHOWN:
+    x = _first_classes(x, num_classes, MAX_CLASSES_SHOWN)
+    title += f" (classes {names[0]}-{names[MAX_CLASSES_SHOWN - 1]} of " \
+             f"{num_classes})"
+    num_classes, names = MAX_CLASSES_SHOWN, names[:MAX_CLASSES_SHOWN]
   h, w = x.shape[1:3]
   cell = max(h, w) * max(1, math.ceil(48 / max(h, w)))
   gap = max(2, cell // 12)
   img = canvas(x, num_classes, per, cell, gap)
-  names = class_names or [str(c) for c in range(num_classes)]
   # Room for the longest class name at the left and a title wrapped to
   # the figure's width, both measured as the renderer draws them.
   left = max(60, 16 + math.ceil(max(_text_px(n, 9) for n in names)))
@@ -171,7 +186,10 @@ def decoded_png(x_decoded: np.ndarray, num_classes: int, factor: int,
 
 
 def iterations_png(history: np.ndarray, class_names=None) -> bytes:
-  """PE's populations side by side: (T + 1, K, m, H, W, C)."""
+  """PE's populations side by side: (T + 1, K, m, H, W, C), the first
+  MAX_CLASSES_SHOWN classes."""
+  total = np.shape(history)[1]
+  history = np.asarray(history)[:, :MAX_CLASSES_SHOWN]
   t, k, m = history.shape[:3]
   h, w = history.shape[3:5]
   cell = max(h, w) * max(1, math.ceil(24 / max(h, w)))
@@ -183,13 +201,18 @@ def iterations_png(history: np.ndarray, class_names=None) -> bytes:
   for b in blocks[1:]:
     row += [sep, b]
   img = np.concatenate(row, 1)
-  left, top = 40, 40
-  fw, fh = img.shape[1] + left + 10, img.shape[0] + top + 10
+  names = list(class_names or [str(c) for c in range(k)])[:k]
+  left = max(40, 12 + math.ceil(max(_text_px(n, 8) for n in names)))
+  fw = img.shape[1] + left + 10
+  lines = _wrap("PE population per iteration (0: before the first vote)"
+                + (f" (classes {names[0]}-{names[-1]} of {total})"
+                   if total > k else ""), 10, fw - 16)
+  top = 26 + 15 * len(lines)
+  fh = img.shape[0] + top + 10
   fig = _figure(fw, fh)
   ax = fig.add_axes((left / fw, 10 / fh, img.shape[1] / fw,
                      img.shape[0] / fh))
   ax.imshow(img, interpolation="nearest")
-  names = class_names or [str(c) for c in range(k)]
   step = img.shape[0] / k
   ax.set_yticks([step * (r + 0.5) for r in range(k)], names, fontsize=8)
   bw = blocks[0].shape[1] + sep.shape[1]
@@ -199,8 +222,7 @@ def iterations_png(history: np.ndarray, class_names=None) -> bytes:
   ax.tick_params(length=0)
   for spine in ax.spines.values():
     spine.set_visible(False)
-  fig.suptitle("PE population per iteration (0: before the first vote)",
-               fontsize=10, y=1 - 4 / fh, va="top")
+  fig.suptitle("\n".join(lines), fontsize=10, y=1 - 4 / fh, va="top")
   return _png(fig)
 
 
@@ -241,14 +263,19 @@ def class_accuracy_png(per_class, class_names=None) -> bytes:
     warnings.simplefilter("ignore", RuntimeWarning)  # a class not tested
     mean, std = np.nanmean(a, 0), np.nanstd(a, 0)
   names = class_names or [str(c) for c in range(k)]
-  fig = _figure(max(480, 28 * k + 120), 360)
+  # 28 px per class (room for 3 characters side by side at size 8) up to
+  # MAX_CLASSES_SHOWN classes; beyond, the same width, every n-th named.
+  per_px = 28 * min(1.0, MAX_CLASSES_SHOWN / k)
+  fig = _figure(max(480, per_px * k + 120), 360)
   ax = fig.add_subplot()
-  ax.bar(np.arange(k), mean, yerr=std, capsize=2, color="#4c72b0")
+  ax.bar(np.arange(k), mean, yerr=std, capsize=2 if k <= 100 else 0,
+         color="#4c72b0")
   ax.axhline(np.nanmean(a), color="k", lw=0.8, ls="--",
              label=f"mean {np.nanmean(a):.1f}")
-  # 28 px per class: room for 3 characters side by side at size 8.
-  ax.set_xticks(np.arange(k), names, fontsize=8,
+  every = math.ceil(k / MAX_CLASSES_SHOWN)
+  ax.set_xticks(np.arange(0, k, every), names[::every], fontsize=8,
                 rotation=0 if max(map(len, names)) <= 3 else 90)
+  ax.set_xlim(-1, k)
   ax.set_ylim(0, 100)
   ax.set_xlabel("class")
   ax.set_ylabel("test accuracy %")

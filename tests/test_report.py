@@ -236,3 +236,26 @@ def test_a_grid_s_title_and_class_names_lie_inside_the_figure(shape, k, per,
     box = t.get_window_extent(renderer)
     assert box.x0 >= 0 and box.x1 <= width, t.get_text()
     assert box.y0 >= 0 and box.y1 <= height, t.get_text()
+
+
+def test_figures_of_many_classes_show_the_first_hundred_and_say_so():
+  """300 classes made 15000-pixel grids; now the first MAX_CLASSES_SHOWN
+  rows (the title names the range) and a bar plot of bounded width."""
+  k, cap = 150, report.MAX_CLASSES_SHOWN
+  x = np.zeros((2 * k, 6, 6, 3), np.float32)
+  fig = report.grid_figure(x, k, "distilled set", per=2)
+  assert len(fig.axes[0].get_yticklabels()) == cap
+  assert f"of {k}" in fig.texts[0].get_text().replace("\n", " ")
+  small = report.grid_figure(x[:2 * cap], cap, "distilled set", per=2)
+  # The same rows drawn (the title may take another line).
+  assert fig.axes[0].bbox.height == small.axes[0].bbox.height
+  import io
+  from PIL import Image
+  hist = np.zeros((2, k, 2, 6, 6, 3), np.float32)
+  tall = Image.open(io.BytesIO(report.iterations_png(hist))).size[1]
+  capped = Image.open(io.BytesIO(report.iterations_png(hist[:, :cap]))
+                      ).size[1]
+  assert capped <= tall <= capped + 3 * 15  # the title's lines at most
+  acc = Image.open(io.BytesIO(report.class_accuracy_png(
+      np.full((1, 300), 0.5).tolist()))).size
+  assert acc[0] <= 28 * cap + 120
