@@ -138,11 +138,23 @@ def poisson_capacity(class_counts, sampling_rate: float,
   elif not log_tail < 0:
     raise ValueError(f"log_tail must be < 0, got {log_tail}")
   # logsf stays accurate far below 1e-16, where binom.isf breaks down.
-  caps = []
-  for n in np.unique(class_counts):
-    log_sf = stats.binom.logsf(np.arange(n + 1), n, sampling_rate)
-    caps.append(int(np.argmax(log_sf <= log_tail)))  # sf(n) = 0
+  caps = [_binomial_capacity(int(n), sampling_rate, log_tail)
+          for n in np.unique(class_counts)]
   return int(min(max(caps), class_counts.max()))
+
+
+def _binomial_capacity(n: int, p: float, log_tail: float) -> int:
+  """Smallest m in [0, n] with log P(Binomial(n, p) > m) <= log_tail
+  (sf(n) = 0): bisection on the non-increasing logsf, about log2(n)
+  evaluations (a scan of all n + 1 took 3.4 s at n = 18 million)."""
+  lo, hi = 0, n  # logsf(hi) <= log_tail always (sf(n) = 0)
+  while lo < hi:
+    mid = (lo + hi) // 2
+    if stats.binom.logsf(mid, n, p) <= log_tail:
+      hi = mid
+    else:
+      lo = mid + 1
+  return lo
 
 
 def poisson_sample(key: jax.Array, valid: jax.Array, sampling_rate: float,

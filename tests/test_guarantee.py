@@ -323,10 +323,10 @@ def test_a_batch_too_large_for_the_fixed_point_sums_is_refused_after_the_counts(
     mechs = [dataclasses.replace(m, noise_multiplier=1.0)
              for m in planning.mechanisms_for(cfg, plan)]
     budget = stages.Budget(mechs, None, 1, math.log(1e-12))
-    big = counts.public_sizes(np.repeat(np.arange(2), 9_000_000), 2)
+    big = counts.released_sizes(np.array([9e6, 9e6]), 1.0, math.log(1e-12))
     with pytest.raises(ConfigError, match=f"too many rows for this clip norm: lower {flag}"):
       stages._check_release_rows(run, budget, big)
-    small = counts.public_sizes(np.repeat(np.arange(2), 1000), 2)
+    small = counts.released_sizes(np.array([1e3, 1e3]), 1.0, math.log(1e-12))
     stages._check_release_rows(run, budget, small)
   tiny_c = types.SimpleNamespace(
       cfg=Config(clip_norm=1e-30), plan=planning.resolve(
