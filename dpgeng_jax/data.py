@@ -448,8 +448,9 @@ def _check_npz_file(path: str, how: str = _NPZ_HOW) -> None:
 def _load_npz(path: str, num_classes: int | None = None,
               require_test: bool = True) -> Dataset:
   """Arrays x_train, y_train, x_test, y_test from a .npz file (without
-  require_test, x_test and y_test may both be absent). Every problem with the file (not a zip archive, empty, truncated, corrupt, a
-  .npy, a directory, pickled objects) is a DataError naming the file."""
+  require_test, x_test and y_test may both be absent). Every problem with
+  the file (not a zip archive, empty, truncated, corrupt, a .npy, a
+  directory, pickled objects) is a DataError naming the file."""
   if not path:
     raise DataError("npz spec needs a path: 'npz:PATH'")
   _check_npz_file(path)

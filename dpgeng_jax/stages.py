@@ -244,7 +244,7 @@ def _check_release_rows(run: Run, budget: Budget,
         release.release_bits(1)
         fix = f"too many rows for this clip norm: lower {flag} (or C)"
       except ValueError:
-        fix = "the clip norm is too small for any sum: raise it"
+        fix = "the clip norm is outside the range of any fixed-point sum"
       raise ConfigError(
           f"a {what}'s Poisson batch would have {capacity * shards} padded "
           f"rows, and its exact fixed-point sum cannot hold them ({e}); "
