@@ -185,6 +185,71 @@ def poisson_sample(key: jax.Array, valid: jax.Array, sampling_rate: float,
 
 
 # ---------------------------------------------------------------------------
+# Gaussian releases of clipped sums (M_F's class sums, DP-SGD's gradients).
+
+
+def release_bits(rows: int, clip_norm: float,
+                noise_stddev: float) -> int | None:
+  """Bits of the fixed-point sums of a noisy release of clipped vectors
+  (DP-SGD's gradients, the queries' embeddings) over `rows` padded rows
+  in all (every chunk and device): `clipping.fixed_point_bits(rows, C)`,
+  each coordinate of a clipped vector being at most C. None (float32
+  sums) without noise or clipping (stddev 0 or C = inf: a release with no
+  guarantee to keep, which then equals the non-private sums; a grid of
+  rows C 2^-31 would lose them for a C far above the vectors' norms)."""
+  if unclipped(clip_norm) or not noise_stddev > 0:
+    return None
+  return fixed_point_bits(rows, float(clip_norm))
+
+
+@dataclasses.dataclass(frozen=True)
+class SumRelease:
+  """The Gaussian release of a sum of vectors clipped to L2 norm C (a
+  DP-SGD step's gradient sum; a pytree): the sum, taken in fixed point
+  with `release_bits` over all its padded rows, plus N(0, (sigma C)^2) on
+  every coordinate (float64 draw, float64 sum, one rounding). One object
+  carries C and sigma to the fixed point and the noise, so those two
+  cannot disagree; the grad-sum function must clip to release.clip_norm.
+
+    bits = release.release_bits(rows)          # rows of every chunk/device
+    sums = grad_sum_fn(params, batch, mask, bits=bits)   # clips to C
+    noisy = release.release(noise_key, sums, bits)
+
+  clip_norm inf or noise_multiplier 0 is the non-private path (float32
+  sums, no noise)."""
+  clip_norm: float
+  noise_multiplier: float
+
+  def __post_init__(self):
+    check_clip_norm(self.clip_norm)
+    noise.check_stddev(self.noise_multiplier)
+    if unclipped(self.clip_norm) and self.noise_multiplier > 0:
+      raise ValueError("clip_norm inf with noise_multiplier > 0: the noise "
+                       "std sigma C is infinite (unclipped sums have no "
+                       "sensitivity to calibrate to)")
+
+  @property
+  def l2_sensitivity(self) -> float:
+    return float(self.clip_norm)
+
+  @property
+  def noise_stddev(self) -> float:
+    if not self.noise_multiplier:
+      return 0.0
+    return float(self.noise_multiplier * self.clip_norm)
+
+  def release_bits(self, rows: int) -> int | None:
+    """`release_bits(rows, C, sigma C)`: rows of the whole sum."""
+    return release_bits(rows, self.clip_norm, self.noise_stddev)
+
+  def release(self, key: jax.Array, sums: Any, bits: int | None) -> Any:
+    """sums (a pytree: int32 at 2^-bits, or float32 with bits None) plus
+    N(0, (sigma C)^2) per coordinate, float32 out."""
+    return tree_add_gaussian_noise(key, sums, self.noise_stddev,
+                                   scale=fixed_point_scale(bits))
+
+
+# ---------------------------------------------------------------------------
 # M_F: noisy per-class feature sums.
 
 
@@ -213,31 +278,29 @@ class QuerySpec:
 
   def __post_init__(self):
     require_int(self.num_classes, "num_classes", 1)
-    check_clip_norm(self.clip_norm)
-    noise.check_stddev(self.noise_multiplier)
-    if math.isinf(float(self.clip_norm)) and self.noise_multiplier > 0:
-      raise ValueError("clip_norm inf with noise_multiplier > 0: the noise "
-                       "std sigma C is infinite (unclipped sums have no "
-                       "sensitivity to calibrate to)")
+    SumRelease(self.clip_norm, self.noise_multiplier)  # checks C, sigma
     _check_rate(self.sampling_rate)
     require_int(self.capacity, "capacity", 0)
     augment.parse_strategy(self.strategy)
 
   @property
+  def sum_release(self) -> SumRelease:
+    """The Gaussian release of this query's clipped class sums."""
+    return SumRelease(self.clip_norm, self.noise_multiplier)
+
+  @property
   def l2_sensitivity(self) -> float:
-    return float(self.clip_norm)
+    return self.sum_release.l2_sensitivity
 
   @property
   def noise_stddev(self) -> float:
-    if self.noise_multiplier == 0.0:
-      return 0.0
-    return float(self.noise_multiplier * self.clip_norm)
+    return self.sum_release.noise_stddev
 
   def release_bits(self, rows: int) -> int | None:
     """Bits of the fixed-point sums over `rows` padded rows in all (every
-    chunk and device of one release): the module's `release_bits` with
+    chunk and device of one release): `SumRelease.release_bits` with
     this query's C and noise."""
-    return release_bits(rows, self.clip_norm, self.noise_stddev)
+    return self.sum_release.release_bits(rows)
 
   def release(self, key: jax.Array, sums: jax.Array,
               bits: int | None) -> jax.Array:
@@ -374,66 +437,6 @@ def poisson_batch_indices(key: jax.Array, num_examples: int,
   idx, mask, over = poisson_sample(key, jnp.ones((1, num_examples)),
                                    sampling_rate, capacity)
   return idx[0], mask[0], over
-
-
-def release_bits(rows: int, clip_norm: float,
-                noise_stddev: float) -> int | None:
-  """Bits of the fixed-point sums of a noisy release of clipped vectors
-  (DP-SGD's gradients, the queries' embeddings) over `rows` padded rows
-  in all (every chunk and device): `clipping.fixed_point_bits(rows, C)`,
-  each coordinate of a clipped vector being at most C. None (float32
-  sums) without noise or clipping (stddev 0 or C = inf: a release with no
-  guarantee to keep, which then equals the non-private sums; a grid of
-  rows C 2^-31 would lose them for a C far above the vectors' norms)."""
-  if unclipped(clip_norm) or not noise_stddev > 0:
-    return None
-  return fixed_point_bits(rows, float(clip_norm))
-
-
-@dataclasses.dataclass(frozen=True)
-class SumRelease:
-  """The Gaussian release of a sum of vectors clipped to L2 norm C (a
-  DP-SGD step's gradient sum; a pytree): the sum, taken in fixed point
-  with `release_bits` over all its padded rows, plus N(0, (sigma C)^2) on
-  every coordinate (float64 draw, float64 sum, one rounding). One object
-  carries C and sigma to the fixed point and the noise, so those two
-  cannot disagree; the grad-sum function must clip to release.clip_norm.
-
-    bits = release.release_bits(rows)          # rows of every chunk/device
-    sums = grad_sum_fn(params, batch, mask, bits=bits)   # clips to C
-    noisy = release.release(noise_key, sums, bits)
-
-  clip_norm inf or noise_multiplier 0 is the non-private path (float32
-  sums, no noise)."""
-  clip_norm: float
-  noise_multiplier: float
-
-  def __post_init__(self):
-    check_clip_norm(self.clip_norm)
-    noise.check_stddev(self.noise_multiplier)
-    if unclipped(self.clip_norm) and self.noise_multiplier > 0:
-      raise ValueError("clip_norm inf with noise_multiplier > 0: the noise "
-                       "std sigma C is infinite")
-
-  @property
-  def l2_sensitivity(self) -> float:
-    return float(self.clip_norm)
-
-  @property
-  def noise_stddev(self) -> float:
-    if not self.noise_multiplier:
-      return 0.0
-    return float(self.noise_multiplier * self.clip_norm)
-
-  def release_bits(self, rows: int) -> int | None:
-    """`release_bits(rows, C, sigma C)`: rows of the whole sum."""
-    return release_bits(rows, self.clip_norm, self.noise_stddev)
-
-  def release(self, key: jax.Array, sums: Any, bits: int | None) -> Any:
-    """sums (a pytree: int32 at 2^-bits, or float32 with bits None) plus
-    N(0, (sigma C)^2) per coordinate, float32 out."""
-    return tree_add_gaussian_noise(key, sums, self.noise_stddev,
-                                   scale=fixed_point_scale(bits))
 
 
 def make_dp_sgd_step(loss_fn: Callable[..., jax.Array] | None, optimizer, *,
