@@ -129,6 +129,26 @@ def _wrap(text: str, size: float, width_px: float) -> list[str]:
   return lines or [""]
 
 
+def _shown_classes(title: str, names: list[str], total: int) -> str:
+  """title, naming the range of classes drawn when not all `total` are."""
+  if len(names) >= total:
+    return title
+  return f"{title} (classes {names[0]}-{names[-1]} of {total})"
+
+
+def _margins(names: list[str], name_size: float, least_left: int,
+             title: str, image_width: int) -> tuple[int, int, list[str], int]:
+  """(left margin, figure width, title lines, top margin) for an image
+  `image_width` pixels wide with the class names at its left (font size
+  name_size) and the title above, wrapped to the width, both measured as
+  the renderer draws them."""
+  left = max(least_left,
+             12 + math.ceil(max(_text_px(n, name_size) for n in names)))
+  width = image_width + left + 10
+  lines = _wrap(title, 10, width - 16)
+  return left, width, lines, 26 + 15 * len(lines)
+
+
 def grid_png(x: np.ndarray, num_classes: int, title: str,
              class_names: list[str] | None = None,
              per: int = MAX_PER_CLASS) -> bytes:
@@ -145,19 +165,15 @@ def grid_figure(x: np.ndarray, num_classes: int, title: str,
   names = list(class_names or [str(c) for c in range(num_classes)])
   if num_classes > MAX_CLASSES_SHOWN:
     x = _first_classes(x, num_classes, MAX_CLASSES_SHOWN)
-    title += f" (classes {names[0]}-{names[MAX_CLASSES_SHOWN - 1]} of " \
-             f"{num_classes})"
-    num_classes, names = MAX_CLASSES_SHOWN, names[:MAX_CLASSES_SHOWN]
+    names = names[:MAX_CLASSES_SHOWN]
+    title = _shown_classes(title, names, num_classes)
+    num_classes = MAX_CLASSES_SHOWN
   h, w = x.shape[1:3]
   cell = max(h, w) * max(1, math.ceil(48 / max(h, w)))
   gap = max(2, cell // 12)
   img = canvas(x, num_classes, per, cell, gap)
-  # Room for the longest class name at the left and a title wrapped to
-  # the figure's width, both measured as the renderer draws them.
-  left = max(60, 16 + math.ceil(max(_text_px(n, 9) for n in names)))
-  fw = img.shape[1] + left + 10
-  lines = _wrap(title, 10, fw - 16)
-  top, bottom = 26 + 15 * len(lines), 10
+  left, fw, lines, top = _margins(names, 9, 60, title, img.shape[1])
+  bottom = 10
   fh = img.shape[0] + top + bottom
   fig = _figure(fw, fh)
   ax = fig.add_axes((left / fw, bottom / fh, img.shape[1] / fw,
@@ -202,12 +218,10 @@ def iterations_png(history: np.ndarray, class_names=None) -> bytes:
     row += [sep, b]
   img = np.concatenate(row, 1)
   names = list(class_names or [str(c) for c in range(k)])[:k]
-  left = max(40, 12 + math.ceil(max(_text_px(n, 8) for n in names)))
-  fw = img.shape[1] + left + 10
-  lines = _wrap("PE population per iteration (0: before the first vote)"
-                + (f" (classes {names[0]}-{names[-1]} of {total})"
-                   if total > k else ""), 10, fw - 16)
-  top = 26 + 15 * len(lines)
+  left, fw, lines, top = _margins(
+      names, 8, 40, _shown_classes(
+          "PE population per iteration (0: before the first vote)", names,
+          total), img.shape[1])
   fh = img.shape[0] + top + 10
   fig = _figure(fw, fh)
   ax = fig.add_axes((left / fw, 10 / fh, img.shape[1] / fw,
