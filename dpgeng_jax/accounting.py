@@ -611,7 +611,9 @@ def privacy_report(mechanisms: Sequence[Mechanism], *, target_epsilon: float,
   eps_ext, delta_ext = external if external else (0.0, 0.0)
   split = split or DeltaSplit(delta, delta_ext, reserve=False)
   d = split.mechanisms
-  interval = pld_interval(target_epsilon)
+  # The discretisation calibration used: the run's mechanisms were
+  # calibrated to the target less the external epsilon.
+  interval = pld_interval(target_epsilon - eps_ext)
   accountant = accountant_for(d) if d > 0 else "pld"
   event = composed_event(mechanisms)
   reasons = list(nonprivate_reasons)

@@ -78,7 +78,8 @@ def dp_finetune(params: Any, model: ConvNet, x: np.ndarray, y: np.ndarray,
   n = len(x)
   num_rows = n if num_rows is None else int(num_rows)
   if num_rows < n:
-    raise ValueError(f"num_rows={num_rows} is below the {n} examples")
+    raise ValueError(f"num_rows={num_rows} is below the number of examples "
+                     "(the message names no private count)")
   expected = cfg.sampling_rate * (n if expected_size is None
                                   else expected_size)
   log_tail = math.log(mechanisms.OVERFLOW_TAIL) if log_tail is None else (

@@ -84,8 +84,8 @@ def class_major(x: np.ndarray, y: np.ndarray, num_classes: int,
   counts = np.bincount(y, minlength=num_classes)
   n_max = int(counts.max()) if rows is None else int(rows)
   if counts.max() > n_max:
-    raise ValueError(f"a class has {counts.max()} examples, above the "
-                     f"padded length {n_max}")
+    raise ValueError(f"a class has more examples than the padded length "
+                     f"{n_max} (the message names no private count)")
   xs = np.zeros((num_classes, n_max, *x.shape[1:]), dtype=x.dtype)
   valid = np.zeros((num_classes, n_max), dtype=np.float32)
   for c in range(num_classes):  # host-side data layout, once per run

@@ -130,7 +130,8 @@ def sharded_class_major(x: np.ndarray, y: np.ndarray, num_classes: int,
   n_loc = max(1, -(-int(counts.max()) // shards))
   if rows_per_shard is not None:
     if rows_per_shard < n_loc:
-      raise ValueError(f"rows_per_shard={rows_per_shard} < {n_loc} needed")
+      raise ValueError(f"rows_per_shard={rows_per_shard} is below what a "
+                       "class needs (the message names no private count)")
     n_loc = rows_per_shard
   xs = np.zeros((num_classes, n_loc, shards, *x.shape[1:]), x.dtype)
   valid = np.zeros((num_classes, n_loc, shards), np.float32)
@@ -383,7 +384,8 @@ def padded_rows(num_rows: int, *arrays: np.ndarray) -> tuple:
   as numpy arrays: the fixed-shape layout of the private data."""
   n = len(arrays[0])
   if num_rows < n:
-    raise ValueError(f"{n} rows exceed the bound num_rows={num_rows}")
+    raise ValueError(f"the rows exceed the bound num_rows={num_rows} (the "
+                     "message names no private count)")
 
   def pad(a):
     a = np.asarray(a)
@@ -403,7 +405,8 @@ def local_rows(mesh: Mesh, *arrays: np.ndarray, num_rows: int | None = None):
   n = len(arrays[0])
   num_rows = n if num_rows is None else int(num_rows)
   if n > num_rows:
-    raise ValueError(f"{n} rows exceed the bound num_rows={num_rows}")
+    raise ValueError(f"the rows exceed the bound num_rows={num_rows} (the "
+                     "message names no private count)")
   rows = process_rows(n)
   local = padded_rows(local_shards(mesh) * rows_per_device(num_rows, mesh),
                       *(np.asarray(a)[rows] for a in arrays))

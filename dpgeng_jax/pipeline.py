@@ -167,13 +167,15 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
   if not cfg.quiet:
     for line in planning.unused_options(cfg, plan):
       print(f"note: {line}", file=sys.stderr, flush=True)
-  # The cost estimate (console only: it reads the true N; config.json
-  # keeps the one recomputed from the released class sizes).
-  est = estimate_lib.estimate(cfg, plan, ds.image_shape, ds.num_train,
-                              len(ds.y_test), ds.num_classes)
-  if not cfg.quiet:
-    print(estimate_lib.format_table(est), flush=True)
-  prog = progress_lib.Progress(est["stages_s"], cfg.quiet)
+  # The cost estimate counts N's examples. N is public only where the
+  # class sizes are (declared public, a run that is not private, or one
+  # that reads no private data): then it is printed now; otherwise once
+  # the count release gives N~ (the true N printed or saved would undo
+  # M_N: one example tells two neighbouring datasets apart).
+  est = None
+  if not plan.count_release:
+    est = _estimate(cfg, plan, ds, ds.num_train)
+  prog = progress_lib.Progress(est and est["stages_s"], cfg.quiet)
   if jax.process_count() > 1:
     store = None  # stages are saved by single-process runs only
   if store is not None:
@@ -205,6 +207,9 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
   budget = stages.calibrate(r)
   prog.start("class_sizes")
   sizes = stages.class_sizes(r, budget, secrets.counts)
+  if est is None:
+    est = _estimate(cfg, plan, ds, max(1, round(sizes.total_estimate)))
+    prog.estimate_s = dict(est["stages_s"])
   prog.start("generate")
   gen, sizes = stages.generate(r, budget, sizes, secrets.gen, generator)
   prog.start("pool")
@@ -224,10 +229,6 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
   prog.start("evaluate")
   metrics = stages.evaluate_set(r, distilled, expert)
   privacy = stages.report(r, budget, sizes, queries)
-  n_public = (max(1, round(sizes.total_estimate)) if sizes is not None
-              else ds.num_train)
-  est = estimate_lib.estimate(cfg, plan, ds.image_shape, n_public,
-                              len(ds.y_test), ds.num_classes, est["rate"])
 
   timings = dict(r.stage_timings(), total_s=time.time() - t0)
   if metrics is not None:
@@ -297,6 +298,17 @@ def _check_before_private_work(cfg: Config, plan, ds: data_lib.Dataset,
               f"{plan.generator} holds too few: add images or lower --ipc"
               if isinstance(generator, External)
               else "raise --generated-per-class"))
+
+
+def _estimate(cfg: Config, plan, ds: data_lib.Dataset,
+              num_train: int) -> dict:
+  """The run's cost estimate for `num_train` examples (a public N: see
+  run), printed unless cfg.quiet."""
+  est = estimate_lib.estimate(cfg, plan, ds.image_shape, num_train,
+                              len(ds.y_test), ds.num_classes)
+  if not cfg.quiet:
+    print(estimate_lib.format_table(est), flush=True)
+  return est
 
 
 def _describe(generator) -> dict:

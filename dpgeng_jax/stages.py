@@ -196,7 +196,24 @@ def calibrate(run: Run) -> Budget:
 # 2. class_sizes: M_N, before any other release.
 
 
-def _check_delta(cfg: Config, sizes: counts_lib.ClassSizes) -> None:
+def _spent_counts(budget: Budget, sizes: counts_lib.ClassSizes,
+                  delta: float) -> str:
+  """What a refusal after the count release says about the release: it
+  is spent (printed bounds are post-processing of it), with its epsilon
+  alone, and a rerun composes with it (its noise is fresh: reruns must not
+  be used to average it away)."""
+  if sizes.policy != "released":
+    return ""
+  m = budget.mechanism("class_counts")
+  eps = accounting.epsilon_of(m.event(), delta)
+  return ("; the bound comes from this run's count release (noise "
+          f"multiplier {m.noise_multiplier:.4g}, epsilon {eps:.4g} alone at "
+          f"delta {delta:g}), which is spent: a rerun releases the counts "
+          "again, and the runs compose")
+
+
+def _check_delta(cfg: Config, sizes: counts_lib.ClassSizes,
+                 budget: Budget | None = None) -> None:
   """delta < 1/N, with N from the public class sizes: by default the
   released upper bound on N (N <= it but for the accounted abort
   probability), so that a delta that passes is below 1/N for the true N,
@@ -207,11 +224,10 @@ def _check_delta(cfg: Config, sizes: counts_lib.ClassSizes) -> None:
         f"delta must be < 1/N = {1.0 / n:.3g} for N <= {n} training "
         f"examples ({sizes.policy} class sizes), got {cfg.delta} (a larger "
         "delta allows releasing an example outright)" + (
-            "; the bound comes from this run's count release, which is "
-            "spent: a rerun releases the counts again, and the two "
-            "runs compose (a larger --share-counts or --epsilon tightens "
-            "the bound; --public-class-sizes where they are public)"
-            if sizes.policy == "released" else ""))
+            _spent_counts(budget, sizes, cfg.delta) + " (a larger "
+            "--share-counts or --epsilon tightens the bound; "
+            "--public-class-sizes where they are public)"
+            if budget is not None and sizes.policy == "released" else ""))
 
 
 def _check_release_rows(run: Run, budget: Budget,
@@ -248,7 +264,7 @@ def _check_release_rows(run: Run, budget: Budget,
       raise ConfigError(
           f"a {what}'s Poisson batch would have {capacity * shards} padded "
           f"rows, and its exact fixed-point sum cannot hold them ({e}); "
-          f"{fix}") from None
+          f"{fix}" + _spent_counts(budget, sizes, cfg.delta)) from None
 
 
 def class_sizes(run: Run, budget: Budget, secret: jax.Array
@@ -276,7 +292,7 @@ def class_sizes(run: Run, budget: Budget, secret: jax.Array
     if not run.done("class_sizes"):
       run.save("class_sizes", arrays={"noisy_counts": noisy})
   if sizes is not None:
-    _check_delta(cfg, sizes)
+    _check_delta(cfg, sizes, budget)
     _check_release_rows(run, budget, sizes)
   run.timed("class_sizes_s", t0)
   return sizes

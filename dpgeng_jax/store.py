@@ -17,9 +17,11 @@ outside `RESUME_FREE` and the dataset's fingerprint), and the run skips
 every finished stage: no private mechanism whose release is saved runs
 again, and the privacy report is the one planned at the start.
 
-The fingerprint of the training data (a SHA-256 of its pixels and labels)
-never leaves the staging area: the published `stages/` copy of the record
-drops it.
+The fingerprint of the training data is an HMAC of its pixels and labels
+under a key kept in the user's cache (`resume_key`), not in the run's
+folder, and the record holds no count of the data: an unfinished run's
+folder tests no candidate dataset. The published `stages/` copy of the
+record drops the fingerprint too.
 
 Single-process runs only: a multi-process run does not save stages.
 """
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import hmac
 import json
 import os
 import shutil
@@ -58,21 +61,62 @@ RESUME_FREE = resume_free_fields()
 
 def fingerprint(x_train, y_train, num_classes: int,
                 normalisation=None) -> dict:
-  """What identifies the private data on resume (kept in staging only),
-  with the normalisation constants (mean, std) the stages saw: the same
-  pixels under other constants are other inputs to every stage."""
-  h = hashlib.sha256()
+  """What identifies the private data on resume, with the normalisation
+  constants (mean, std) the stages saw: the same pixels under other
+  constants are other inputs to every stage. The data enter only through
+  an HMAC-SHA256 of their pixels, labels and shapes under this user's
+  `resume_key`: a plain hash (or N) in an unfinished run's folder would
+  let whoever holds the folder test a candidate dataset, for example D
+  with and without one person."""
+  h = hmac.new(resume_key(), digestmod=hashlib.sha256)
   for a in (x_train, y_train):
     a = np.ascontiguousarray(a)
     h.update(str((a.dtype.str, a.shape)).encode())
     h.update(a.tobytes())
-  out = {"train_sha256": h.hexdigest(), "num_train": int(len(y_train)),
+  out = {"train_hmac": h.hexdigest(),
          "image_shape": list(np.shape(x_train)[1:]),
          "num_classes": int(num_classes)}
   if normalisation is not None:
     out["normalisation"] = [[float(v) for v in part]
                             for part in normalisation]
   return out
+
+
+def resume_key_path() -> str:
+  return outputs.user_cache_path("DPGENG_RESUME_KEY", "resume.key")
+
+
+def resume_key() -> bytes:
+  """This user's secret key for the data fingerprints: 32 bytes of OS
+  entropy, created once (mode 0600) in the user's cache
+  (`DPGENG_RESUME_KEY` names another file), never in a run's folder."""
+  path = resume_key_path()
+  try:
+    with open(path, "rb") as f:
+      key = f.read()
+    if len(key) >= 32:
+      return key
+  except FileNotFoundError:
+    pass
+  except OSError as e:
+    raise ConfigError(f"cannot read the resume key {path}: {e}") from e
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  tmp = f"{path}.{os.getpid()}.tmp"
+  fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(os.urandom(32))
+    try:
+      os.link(tmp, path)      # another process may have made one first
+    except FileExistsError:
+      with open(path, "rb") as f:
+        if len(f.read()) < 32:  # a broken key (not one a run can have used)
+          os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+  with open(path, "rb") as f:
+    return f.read()
 
 
 class StageStore:
@@ -138,15 +182,22 @@ class StageStore:
           f"saved run's (saved mean, std {saved['data']['normalisation']}, "
           f"now {data.get('normalisation')}): its saved stages saw the "
           "images under the saved ones")
+    if data is not None and "train_hmac" not in saved["data"]:
+      raise ConfigError(
+          "--resume: that run was saved by an older dpgeng_jax, whose "
+          "record of the data is a plain hash; finish it with that "
+          "version or start afresh")
     if data is not None:  # a record saved before normalisation was kept
       data = {k: v for k, v in data.items() if k in saved["data"]}
     if data is not None and data != saved["data"]:
       raise ConfigError(
           "--resume: the training data differ from the saved run's "
-          f"(saved {saved['data']['num_train']} examples of shape "
-          f"{saved['data']['image_shape']}, {saved['data']['num_classes']} "
-          f"classes; now {data['num_train']}, {data['image_shape']}, "
-          f"{data['num_classes']}; or the same sizes with other contents)")
+          f"(saved images of shape {saved['data']['image_shape']} in "
+          f"{saved['data']['num_classes']} classes; now "
+          f"{data['image_shape']}, {data['num_classes']}; or other "
+          "examples), or the run was started by another user or machine: "
+          "the data's fingerprint is keyed with the key file "
+          f"{resume_key_path()} of the user who started it")
     if resolved is not None and saved.get("resolved") != resolved:
       was = saved.get("resolved")
       if was is None:
@@ -223,9 +274,11 @@ class StageStore:
       self._write_state()
 
   def published_state(self) -> dict:
-    """The record as published with the run: without the data's hash."""
+    """The record as published with the run: without the data's
+    fingerprint (the record holds no count of the data)."""
     state = json.loads(json.dumps(self.state()))
-    state["data"].pop("train_sha256", None)
+    for key in ("train_hmac", "train_sha256", "num_train"):
+      state["data"].pop(key, None)
     return state
 
 

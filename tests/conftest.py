@@ -25,6 +25,9 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # suite, not in the user's cache.
 os.environ.setdefault("DPGENG_RATE_CACHE", os.path.join(
     tempfile.gettempdir(), "dpgeng_jax_test_machine.json"))
+# The key of the resume fingerprints (store.resume_key), likewise.
+os.environ.setdefault("DPGENG_RESUME_KEY", os.path.join(
+    tempfile.gettempdir(), "dpgeng_jax_test_resume.key"))
 
 import jax  # noqa: E402  (after the variables above)
 

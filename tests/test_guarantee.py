@@ -56,12 +56,21 @@ def _distill(argv):
   return cli.main(["distill", *argv])
 
 
-def test_no_exact_private_count_appears_in_any_output(tmp_path):
+def test_no_exact_private_count_appears_in_any_output(tmp_path, monkeypatch):
   out = tmp_path / "run"
+  estimated_for = []  # the N of every cost estimate (printed, saved)
+  real_estimate = pipeline.estimate_lib.estimate
+
+  def estimate(cfg, plan, shape, num_train, *args, **kwargs):
+    estimated_for.append(num_train)
+    return real_estimate(cfg, plan, shape, num_train, *args, **kwargs)
+
+  monkeypatch.setattr(pipeline.estimate_lib, "estimate", estimate)
   assert _distill(["--dataset", _sized_npz(tmp_path), "--out", str(out),
                    "--deterministic", *GEN_TINY, *TINY]) == 0
   exact = set(SIZES) | {sum(SIZES)}
-  for name in ("privacy.json", "config.json", "metrics.json"):
+  for name in ("privacy.json", "config.json", "metrics.json",
+               "stages/state.json"):
     doc = json.loads((out / name).read_text())
     found = exact & {v for v in _numbers(doc) if float(v).is_integer()}
     assert not found, (name, found)
@@ -77,6 +86,10 @@ def test_no_exact_private_count_appears_in_any_output(tmp_path):
   assert any("NOT public" in line for line in priv["public_metadata"])
   assert all(u >= n for u, n in zip(priv["class_sizes"]["upper_bound"],
                                     SIZES))
+  # The estimate counts M_N's N~ (before the generator's counts refine
+  # it), not N: the deterministic noise moves it by 16 here.
+  assert len(estimated_for) == 1 and estimated_for[0] != sum(SIZES)
+  assert estimated_for[0] <= sum(priv["class_sizes"]["upper_bound"])
 
 
 def test_public_class_sizes_are_used_exactly_and_declared(tmp_path):
@@ -337,3 +350,35 @@ def test_a_batch_too_large_for_the_fixed_point_sums_is_refused_after_the_counts(
   with pytest.raises(ConfigError, match="clip norm is outside the range"):
     stages._check_release_rows(
         tiny_c, stages.Budget(mechs, None, 1, math.log(1e-12)), small)
+
+
+def test_a_bound_below_the_private_rows_is_refused_without_naming_them():
+  """Library callers that pass a public bound smaller than the data get
+  an error that names the bound, not the private count (a message is an
+  output too)."""
+  from dpgeng_jax import mechanisms, parallel
+  x = np.zeros((37, 2, 2, 1), np.float32)
+  y = np.zeros(37, np.int32)
+  mesh = parallel.data_mesh(None)
+  for call in (lambda: mechanisms.class_major(x, y, 2, rows=30),
+               lambda: parallel.padded_rows(30, x, y),
+               lambda: parallel.local_rows(mesh, x, y, num_rows=30),
+               lambda: parallel.sharded_class_major(x, y, 2, 1,
+                                                    rows_per_shard=30)):
+    with pytest.raises(ValueError, match="names no private count") as e:
+      call()
+    assert "37" not in str(e.value)
+
+
+def test_a_refusal_after_the_count_release_names_what_it_spent(tmp_path,
+                                                               capsys):
+  """delta >= 1/N is known only from M_N's bound: the refusal comes after
+  that release, says it is spent (with its epsilon) and that a rerun
+  composes with it, and leaves no output."""
+  out = tmp_path / "run"
+  assert _distill(["--dataset", _sized_npz(tmp_path), "--out", str(out),
+                   "--delta", "0.01", *TINY]) == 2
+  err = capsys.readouterr().err
+  assert "1/N" in err and "which is spent" in err and "compose" in err
+  assert "epsilon" in err and str(sum(SIZES)) not in err
+  assert not out.exists()

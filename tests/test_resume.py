@@ -104,7 +104,8 @@ def test_killed_at_every_stage_boundary_resumes_to_the_same_run(
   np.testing.assert_array_equal(x, want_x)
   assert outputs.read_manifest(str(out)) is not None
   published = json.loads((out / "stages" / store.STATE).read_text())
-  assert "train_sha256" not in published["data"]
+  assert set(published["data"]) == {"image_shape", "num_classes",
+                                    "normalisation"}  # no N, no fingerprint
 
 
 def _count_again(monkeypatch, seen):
@@ -210,6 +211,40 @@ def test_resume_refuses_other_normalisation_constants(tmp_path):
   old = store.StageStore(str(tmp_path / "o"))
   old.start({}, store.fingerprint(x, y, 2))
   old.check({}, store.fingerprint(x, y, 2, mnist))
+
+
+def test_the_data_fingerprint_is_keyed_and_holds_no_count(tmp_path,
+                                                           monkeypatch):
+  """An unfinished run's folder must not let its holder test a candidate
+  dataset (D with or without one person): the record keeps no N and only
+  an HMAC under a key outside the folder; another key (another user or
+  machine) does not match, and a record of the old plain hash is refused."""
+  x = np.arange(4 * 4, dtype=np.float32).reshape(4, 2, 2, 1)
+  y = np.arange(4) % 2
+  key = tmp_path / "keys" / "resume.key"
+  monkeypatch.setenv("DPGENG_RESUME_KEY", str(key))
+  first = store.fingerprint(x, y, 2)
+  assert key.stat().st_mode & 0o777 == 0o600 and len(key.read_bytes()) == 32
+  assert first == store.fingerprint(x, y, 2)          # the key is kept
+  assert "num_train" not in first and "train_sha256" not in first
+  fewer = store.fingerprint(x[:3], y[:3], 2)
+  assert fewer["train_hmac"] != first["train_hmac"]
+  assert {k: v for k, v in fewer.items() if k != "train_hmac"} == {
+      k: v for k, v in first.items() if k != "train_hmac"}
+  st = store.StageStore(str(tmp_path / "s"))
+  st.start({}, first)
+  st.check({}, store.fingerprint(x, y, 2))
+  with pytest.raises(cli.ConfigError, match="training data differ") as e:
+    st.check({}, fewer)
+  assert "3" not in str(e.value).replace(str(key), "")  # no count named
+  monkeypatch.setenv("DPGENG_RESUME_KEY", str(tmp_path / "other.key"))
+  with pytest.raises(cli.ConfigError, match="another user or machine"):
+    st.check({}, store.fingerprint(x, y, 2))
+  old = store.StageStore(str(tmp_path / "o"))
+  old.start({}, {"train_sha256": "ab", "num_train": 4, "image_shape": [2, 2, 1],
+                 "num_classes": 2})
+  with pytest.raises(cli.ConfigError, match="older dpgeng_jax"):
+    old.check({}, first)
 
 
 def test_only_performance_evaluation_and_output_options_may_change():
