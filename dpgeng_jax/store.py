@@ -89,34 +89,52 @@ def resume_key_path() -> str:
 def resume_key() -> bytes:
   """This user's secret key for the data fingerprints: 32 bytes of OS
   entropy, created once (mode 0600) in the user's cache
-  (`DPGENG_RESUME_KEY` names another file), never in a run's folder."""
+  (`DPGENG_RESUME_KEY` names another file), never in a run's folder.
+  Made by linking a finished temporary file into place, so that processes
+  starting together agree on one key. ConfigError if it can be neither
+  read nor made (before any private work: `pipeline.run` fingerprints the
+  data first)."""
   path = resume_key_path()
+  try:
+    key = _read_key(path)
+    if key is not None:
+      return key
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+      with os.fdopen(fd, "wb") as f:
+        f.write(os.urandom(32))
+      try:
+        os.link(tmp, path)    # fails if another process made one first
+      except FileExistsError:
+        if _read_key(path) is None:  # too short: no run can have used it
+          os.replace(tmp, path)
+      except OSError:         # a file system without hard links
+        if not os.path.exists(path):
+          os.replace(tmp, path)
+    finally:
+      if os.path.exists(tmp):
+        os.unlink(tmp)
+    key = _read_key(path)
+  except OSError as e:
+    raise ConfigError(
+        f"cannot read or create the resume key {path} ({e.strerror or e}): "
+        "runs fingerprint their data with it; set DPGENG_RESUME_KEY to a "
+        "file path you can write") from e
+  if key is None:
+    raise ConfigError(f"the resume key {path} holds fewer than 32 bytes")
+  return key
+
+
+def _read_key(path: str) -> bytes | None:
+  """The key in `path`; None if there is none or it is too short."""
   try:
     with open(path, "rb") as f:
       key = f.read()
-    if len(key) >= 32:
-      return key
   except FileNotFoundError:
-    pass
-  except OSError as e:
-    raise ConfigError(f"cannot read the resume key {path}: {e}") from e
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = f"{path}.{os.getpid()}.tmp"
-  fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(os.urandom(32))
-    try:
-      os.link(tmp, path)      # another process may have made one first
-    except FileExistsError:
-      with open(path, "rb") as f:
-        if len(f.read()) < 32:  # a broken key (not one a run can have used)
-          os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-  with open(path, "rb") as f:
-    return f.read()
+    return None
+  return key if len(key) >= 32 else None
 
 
 class StageStore:

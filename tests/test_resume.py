@@ -245,6 +245,13 @@ def test_the_data_fingerprint_is_keyed_and_holds_no_count(tmp_path,
                  "num_classes": 2})
   with pytest.raises(cli.ConfigError, match="older dpgeng_jax"):
     old.check({}, first)
+  short = tmp_path / "short.key"  # a broken key no run can have used
+  short.write_bytes(b"x")
+  monkeypatch.setenv("DPGENG_RESUME_KEY", str(short))
+  assert len(store.resume_key()) == 32 == len(short.read_bytes())
+  monkeypatch.setenv("DPGENG_RESUME_KEY", str(tmp_path))  # a directory
+  with pytest.raises(cli.ConfigError, match="DPGENG_RESUME_KEY"):
+    store.fingerprint(x, y, 2)
 
 
 def test_only_performance_evaluation_and_output_options_may_change():
