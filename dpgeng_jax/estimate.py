@@ -240,11 +240,8 @@ def estimate(cfg: Config, plan, image_shape, num_train: int, num_test: int,
   """{"flops": {stage: FLOPs}, "stages_s": {stage_s: seconds}, "total_s",
   "rate": the machine rate used}. Stage keys match metrics.json's
   timings_s."""
-  uses_text = bool(plan.uses_generated and (plan.generator or "").startswith(
-      "pe:text"))
-  if rate is None or (uses_text and "text_api_s_per_sample" not in rate):
-    rate = machine_rate(image_shape=tuple(image_shape) if uses_text
-                        else None)
+  uses_text = _uses_text(plan)
+  rate = rate_for(plan, image_shape, rate)
   flops = stage_flops(cfg, plan, image_shape, num_train, num_test,
                       num_classes)
   api = flops.pop("pe_api_samples", 0)
@@ -259,6 +256,22 @@ def estimate(cfg: Config, plan, image_shape, num_train: int, num_test: int,
     seconds[f"{stage}_s"] = s
   return {"flops": flops, "pe_api_samples": api, "stages_s": seconds,
           "total_s": sum(seconds.values()), "rate": rate}
+
+
+def _uses_text(plan) -> bool:
+  return bool(plan.uses_generated
+              and (plan.generator or "").startswith("pe:text"))
+
+
+def rate_for(plan, image_shape, rate: dict | None = None) -> dict:
+  """The machine rate `estimate` needs for `plan` (`rate` if it has it):
+  measured (or read from the cache) without any data, so a run measures
+  it before its first release."""
+  uses_text = _uses_text(plan)
+  if rate is None or (uses_text and "text_api_s_per_sample" not in rate):
+    rate = machine_rate(image_shape=tuple(image_shape) if uses_text
+                        else None)
+  return rate
 
 
 def efficiency(stage: str, image_shape) -> float:

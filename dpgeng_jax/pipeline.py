@@ -172,9 +172,11 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
   # that reads no private data): then it is printed now; otherwise once
   # the count release gives N~ (the true N printed or saved would undo
   # M_N: one example tells two neighbouring datasets apart).
+  # The machine's rate is measured (or read) now, before any release.
+  rate = estimate_lib.rate_for(plan, ds.image_shape)
   est = None
   if not plan.count_release:
-    est = _estimate(cfg, plan, ds, ds.num_train)
+    est = _estimate(cfg, plan, ds, ds.num_train, rate)
   prog = progress_lib.Progress(est and est["stages_s"], cfg.quiet)
   if jax.process_count() > 1:
     store = None  # stages are saved by single-process runs only
@@ -208,7 +210,8 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
   prog.start("class_sizes")
   sizes = stages.class_sizes(r, budget, secrets.counts)
   if est is None:
-    est = _estimate(cfg, plan, ds, max(1, round(sizes.total_estimate)))
+    est = _estimate(cfg, plan, ds, max(1, round(sizes.total_estimate)),
+                    rate)
     prog.estimate_s = dict(est["stages_s"])
   prog.start("generate")
   gen, sizes = stages.generate(r, budget, sizes, secrets.gen, generator)
@@ -300,12 +303,12 @@ def _check_before_private_work(cfg: Config, plan, ds: data_lib.Dataset,
               else "raise --generated-per-class"))
 
 
-def _estimate(cfg: Config, plan, ds: data_lib.Dataset,
-              num_train: int) -> dict:
+def _estimate(cfg: Config, plan, ds: data_lib.Dataset, num_train: int,
+              rate: dict) -> dict:
   """The run's cost estimate for `num_train` examples (a public N: see
-  run), printed unless cfg.quiet."""
+  run) at the machine `rate`, printed unless cfg.quiet."""
   est = estimate_lib.estimate(cfg, plan, ds.image_shape, num_train,
-                              len(ds.y_test), ds.num_classes)
+                              len(ds.y_test), ds.num_classes, rate)
   if not cfg.quiet:
     print(estimate_lib.format_table(est), flush=True)
   return est

@@ -34,6 +34,7 @@ import hmac
 import json
 import os
 import shutil
+import warnings
 from typing import Any
 
 import numpy as np
@@ -90,51 +91,49 @@ def resume_key() -> bytes:
   """This user's secret key for the data fingerprints: 32 bytes of OS
   entropy, created once (mode 0600) in the user's cache
   (`DPGENG_RESUME_KEY` names another file), never in a run's folder.
-  Made by linking a finished temporary file into place, so that processes
-  starting together agree on one key. ConfigError if it can be neither
-  read nor made (before any private work: `pipeline.run` fingerprints the
-  data first)."""
-  path = resume_key_path()
+  Made only where no file exists, by linking a finished temporary file
+  into place, so that processes starting together agree on one key; an
+  existing file shorter than 32 bytes is refused, not replaced (it may be
+  a user's file, and replacing it would race). ConfigError if it can be
+  neither read nor made (before any private work: `pipeline.run`
+  fingerprints the data first); a warning if others may read it."""
+  path = os.path.abspath(resume_key_path())
   try:
-    key = _read_key(path)
-    if key is not None:
-      return key
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-      with os.fdopen(fd, "wb") as f:
-        f.write(os.urandom(32))
+    if not os.path.lexists(path):
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      tmp = f"{path}.{os.getpid()}.tmp"
+      fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
       try:
-        os.link(tmp, path)    # fails if another process made one first
-      except FileExistsError:
-        if _read_key(path) is None:  # too short: no run can have used it
-          os.replace(tmp, path)
-      except OSError:         # a file system without hard links
-        if not os.path.exists(path):
-          os.replace(tmp, path)
-    finally:
-      if os.path.exists(tmp):
-        os.unlink(tmp)
-    key = _read_key(path)
+        with os.fdopen(fd, "wb") as f:
+          f.write(os.urandom(32))
+        try:
+          os.link(tmp, path)  # fails if another process made one first
+        except FileExistsError:
+          pass
+        except OSError:       # a file system without hard links
+          if not os.path.lexists(path):
+            os.replace(tmp, path)
+      finally:
+        if os.path.exists(tmp):
+          os.unlink(tmp)
+    with open(path, "rb") as f:
+      key = f.read()
+    mode = os.stat(path).st_mode
   except OSError as e:
     raise ConfigError(
         f"cannot read or create the resume key {path} ({e.strerror or e}): "
         "runs fingerprint their data with it; set DPGENG_RESUME_KEY to a "
         "file path you can write") from e
-  if key is None:
-    raise ConfigError(f"the resume key {path} holds fewer than 32 bytes")
+  if len(key) < 32:
+    raise ConfigError(
+        f"the resume key {path} holds {len(key)} bytes, fewer than 32: "
+        "not a key this tool made; delete it (a run fingerprinted with it "
+        "cannot be resumed) or point DPGENG_RESUME_KEY elsewhere")
+  if mode & 0o077:
+    warnings.warn(f"the resume key {path} may be read by other users "
+                  f"(mode {mode & 0o777:o}); it should be private (chmod "
+                  "600)", stacklevel=2)
   return key
-
-
-def _read_key(path: str) -> bytes | None:
-  """The key in `path`; None if there is none or it is too short."""
-  try:
-    with open(path, "rb") as f:
-      key = f.read()
-  except FileNotFoundError:
-    return None
-  return key if len(key) >= 32 else None
 
 
 class StageStore:
@@ -213,9 +212,10 @@ class StageStore:
           f"(saved images of shape {saved['data']['image_shape']} in "
           f"{saved['data']['num_classes']} classes; now "
           f"{data['image_shape']}, {data['num_classes']}; or other "
-          "examples), or the run was started by another user or machine: "
-          "the data's fingerprint is keyed with the key file "
-          f"{resume_key_path()} of the user who started it")
+          "examples), or the run was started by another user or machine, or "
+          "the key file changed since: the data's fingerprint is keyed "
+          f"with the key file {resume_key_path()} of the user who started "
+          "it")
     if resolved is not None and saved.get("resolved") != resolved:
       was = saved.get("resolved")
       if was is None:

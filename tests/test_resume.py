@@ -245,10 +245,18 @@ def test_the_data_fingerprint_is_keyed_and_holds_no_count(tmp_path,
                  "num_classes": 2})
   with pytest.raises(cli.ConfigError, match="older dpgeng_jax"):
     old.check({}, first)
-  short = tmp_path / "short.key"  # a broken key no run can have used
+  short = tmp_path / "user.txt"  # not a key this tool made: kept as it is
   short.write_bytes(b"x")
   monkeypatch.setenv("DPGENG_RESUME_KEY", str(short))
-  assert len(store.resume_key()) == 32 == len(short.read_bytes())
+  with pytest.raises(cli.ConfigError, match="fewer than 32"):
+    store.resume_key()
+  assert short.read_bytes() == b"x"
+  shared = tmp_path / "shared.key"
+  shared.write_bytes(bytes(range(32)))
+  shared.chmod(0o644)
+  monkeypatch.setenv("DPGENG_RESUME_KEY", str(shared))
+  with pytest.warns(UserWarning, match="other users"):
+    assert store.resume_key() == bytes(range(32))
   monkeypatch.setenv("DPGENG_RESUME_KEY", str(tmp_path))  # a directory
   with pytest.raises(cli.ConfigError, match="DPGENG_RESUME_KEY"):
     store.fingerprint(x, y, 2)
