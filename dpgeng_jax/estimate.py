@@ -10,7 +10,8 @@ step costs 3 forward passes; norms, pooling and the optimiser are left
 out). `machine_rate` measures this backend's float32 matmul rate once (a
 fraction of a second) and caches it per device kind
 ($XDG_CACHE_HOME/dpgeng_jax/machine.json, or DPGENG_RATE_CACHE). The
-expected time of a stage is FLOPs / (rate x efficiency(stage, shape)) +
+expected time of a stage is FLOPs / (rate x efficiency(stage, shape,
+width)) +
 OVERHEAD_S[stage]: the share of the matmul rate the stage reaches and its
 fixed cost (compilation, host work) as measured on the development CPU
 (benchmarks/estimate_check.py, table in benchmarks/RESULTS.md); on other
@@ -50,6 +51,14 @@ EFFICIENCY = {"generation": 0.15, "extractor_pool": 0.35, "queries": 0.15,
 # bench_train_step.py).
 EFFICIENCY_LARGE = {"extractor_pool": 0.55, "distillation": 0.55,
                     "evaluation": 0.5, "expert": 0.2, "queries": 0.3}
+# ...at width 128 (the runs above). On those maps a narrower ConvNet
+# reaches a share about proportional to its width (less work per byte
+# moved): --preset quick (width 32) at 32x32x3, 64x64x3 and 128x128x3
+# reached pool 0.10-0.16, distillation 0.14-0.16, evaluation 0.13-0.18,
+# queries 0.05-0.10 (x (32 / 128) = 0.14, 0.14, 0.13, 0.08 predicted;
+# benchmarks/RESULTS.md, "The cost estimate at width 32"). Wider ones are
+# not assumed faster.
+REFERENCE_WIDTH = 128
 OVERHEAD_S = {"calibration": 0.5, "class_sizes": 0.1, "generation": 2.0,
               "extractor_pool": 4.0, "queries": 2.0, "expert": 6.0,
               "init": 0.5, "distillation": 3.0, "evaluation": 3.0}
@@ -250,7 +259,9 @@ def estimate(cfg: Config, plan, image_shape, num_train: int, num_test: int,
   for stage, fl in flops.items():
     s = OVERHEAD_S.get(stage, 0.0) if (fl or stage in (
         "calibration", "class_sizes")) else 0.0
-    s += fl / (r * efficiency(stage, image_shape))
+    width = cfg.eval_width if stage == "evaluation" else (
+        cfg.extractor_width)
+    s += fl / (r * efficiency(stage, image_shape, width))
     if stage == "generation" and uses_text:
       s += api * rate.get("text_api_s_per_sample", 0.0)
     seconds[f"{stage}_s"] = s
@@ -274,12 +285,15 @@ def rate_for(plan, image_shape, rate: dict | None = None) -> dict:
   return rate
 
 
-def efficiency(stage: str, image_shape) -> float:
+def efficiency(stage: str, image_shape,
+               width: int = REFERENCE_WIDTH) -> float:
   """The share of the matmul rate `stage` is expected to reach on images
-  of `image_shape` (EFFICIENCY, or EFFICIENCY_LARGE for large maps)."""
+  of `image_shape` with ConvNets of `width` channels (EFFICIENCY, or
+  EFFICIENCY_LARGE for large maps, scaled by width / REFERENCE_WIDTH up to
+  1 there)."""
   if image_shape[0] * image_shape[1] >= stem.MIN_PIXELS and (
       stage in EFFICIENCY_LARGE):
-    return EFFICIENCY_LARGE[stage]
+    return EFFICIENCY_LARGE[stage] * min(1.0, width / REFERENCE_WIDTH)
   return EFFICIENCY.get(stage, 0.2)
 
 

@@ -1,5 +1,6 @@
 """The up-front cost estimate and the whole-run progress line."""
 
+import dataclasses
 import json
 
 import jax
@@ -92,6 +93,15 @@ def test_expected_time_is_flops_over_rate_plus_overhead():
   assert big["stages_s"]["distillation_s"] == pytest.approx(
       estimate.OVERHEAD_S["distillation"] + big["flops"]["distillation"]
       / (1e9 * estimate.EFFICIENCY_LARGE["distillation"]))
+  # A narrower ConvNet on large maps: a share in proportion to its width.
+  narrow = dataclasses.replace(cfg, extractor_width=32)
+  small = estimate.estimate(narrow, planning.resolve(narrow, (28, 28, 1)),
+                            (28, 28, 1), 1000, 100, 10, rate)
+  assert small["stages_s"]["distillation_s"] == pytest.approx(
+      estimate.OVERHEAD_S["distillation"] + small["flops"]["distillation"]
+      / (1e9 * estimate.EFFICIENCY_LARGE["distillation"] * 32 / 128))
+  assert estimate.efficiency("distillation", (28, 28, 1), 256) == (
+      estimate.EFFICIENCY_LARGE["distillation"])
   assert estimate.efficiency("generation", (28, 28, 1)) == (
       estimate.EFFICIENCY["generation"])
   assert estimate.efficiency("queries", (8, 8, 1)) == (
