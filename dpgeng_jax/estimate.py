@@ -12,7 +12,8 @@ fraction of a second) and caches it per device kind
 ($XDG_CACHE_HOME/dpgeng_jax/machine.json, or DPGENG_RATE_CACHE). The
 expected time of a stage is FLOPs / (rate x efficiency(stage, shape,
 width)) + OVERHEAD_S[stage]: the share of the matmul rate the stage
-reaches (at the ConvNet's width) and its fixed cost (compilation, host work) as measured on the development CPU
+reaches (at the ConvNet's width) and its fixed cost (compilation, host
+work) as measured on the development CPU
 (benchmarks/estimate_check.py, table in benchmarks/RESULTS.md); on other
 backends the same constants are used until measured there, and the
 report's timing table shows measured / estimate.

@@ -201,8 +201,8 @@ def _spent_counts(budget: Budget, sizes: counts_lib.ClassSizes,
   """What a refusal after the count release says about the release: it
   is spent (printed bounds are post-processing of it), with its epsilon
   alone, and a rerun composes with it (its noise is fresh: reruns must not
-  be used to average it away)."""
-  if sizes.policy != "released":
+  be used to average it away). Empty without a release (or a budget)."""
+  if budget is None or sizes.policy != "released":
     return ""
   m = budget.mechanism("class_counts")
   eps = accounting.epsilon_of(m.event(), delta)
@@ -220,14 +220,14 @@ def _check_delta(cfg: Config, sizes: counts_lib.ClassSizes,
   not only for its noisy estimate."""
   n = sizes.total_bound
   if cfg.delta >= 1.0 / n:
+    spent = _spent_counts(budget, sizes, cfg.delta)
     raise ConfigError(
         f"delta must be < 1/N = {1.0 / n:.3g} for N <= {n} training "
         f"examples ({sizes.policy} class sizes), got {cfg.delta} (a larger "
         "delta allows releasing an example outright)" + (
-            _spent_counts(budget, sizes, cfg.delta) + " (a larger "
-            "--share-counts or --epsilon tightens the bound; "
-            "--public-class-sizes where they are public)"
-            if budget is not None and sizes.policy == "released" else ""))
+            spent + " (a larger --share-counts or --epsilon tightens the "
+            "bound; --public-class-sizes where they are public)"
+            if spent else ""))
 
 
 def _check_release_rows(run: Run, budget: Budget,
