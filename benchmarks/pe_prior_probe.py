@@ -5,7 +5,7 @@
 
 Each --text is a list of `TextConfig` fields (Python keyword syntax) over
 its defaults (--config: `Config` fields for every row, for example the PE
-options); each seed is a run of `--method generator` on --dataset (default
+options; --pe: `pe.PEConfig` fields over those); each seed is a run of `--method generator` on --dataset (default
 the embedded digits; IPC 10, 3 evaluation models x 100 epochs unless
 --config says otherwise), the seed giving the
 public randomness (fresh OS-entropy noise every run). At epsilon 1000 the
@@ -49,6 +49,9 @@ def main() -> None:
   ap.add_argument("--config", default="",
                   help="Config fields over the defaults, for every row "
                   "(for example \"pe_iterations=20\")")
+  ap.add_argument("--pe", default="",
+                  help="PEConfig fields over --config's, for every row "
+                  "(for example \"keep=True,selection='rank'\")")
   ap.add_argument("--dataset", default="digits")
   ap.add_argument("--save", default="")
   ap.add_argument("--last-degree", type=float, default=0.0)
@@ -68,8 +71,9 @@ def main() -> None:
                         "seed": seed, **fields(args.config)})
         api = TextAPI(shape, ds.num_classes, TextConfig(**fields(spec)))
         t = time.time()
-        gen = dataclasses.replace(pe.PrivateEvolution.from_config(cfg),
-                                  api=api)   # cfg's PE options, this API
+        gen = pe.PrivateEvolution.from_config(cfg)
+        gen = dataclasses.replace(gen, api=api, cfg=dataclasses.replace(
+            gen.cfg, **fields(args.pe)))   # cfg's PE options, this API
         r = pipeline.run(cfg, dataset=ds, generator=gen, log=None)
         acc = 100 * r.metrics["test_accuracy_mean"]
         results.setdefault((eps, spec), []).append(acc)
