@@ -5,10 +5,10 @@
 
 Each --text is a list of `TextConfig` fields (Python keyword syntax) over
 its defaults (--config: `Config` fields for every row, for example the PE
-options; --pe: `pe.PEConfig` fields over those); each seed is a run of `--method generator` on --dataset (default
-the embedded digits; IPC 10, 3 evaluation models x 100 epochs unless
---config says otherwise), the seed giving the
-public randomness (fresh OS-entropy noise every run). At epsilon 1000 the
+options; --pe: `pe.PEConfig` fields over those); each seed is a run of
+`--method generator` on --dataset (default the embedded digits; IPC 10, 3
+evaluation models x 100 epochs unless --config says otherwise), the seed
+giving the public randomness (fresh OS-entropy noise every run). At epsilon 1000 the
 votes are exact up to 0.1 vote: what the simulator's prior allows PE to
 reach. --save DIR keeps each run's generated set (x, y) as an npz.
 Two probe-only variants patch the PE loop for every row: --last-degree D
