@@ -362,9 +362,11 @@ def test_fewer_devices_than_the_process_has_sample_without_overflow(
                    "--devices", "2", "--ipc", "2", "--steps", "2",
                    "--num-queries", "2", "--extractor-width", "8",
                    "--generator-steps", "3", "--generator-features", "8",
-                   "--generated-per-class", "8", "--pool-models", "1",
-                   "--pool-checkpoints", "2", "--pool-epochs", "1",
-                   "--expert-steps", "2", "--expert", "--quiet", "--out",
+                   "--generated-per-class", "8", "--pe-iterations", "2",
+                   "--pe-population", "6", "--pe-width", "8",
+                   "--pool-models", "1", "--pool-checkpoints", "2",
+                   "--pool-epochs", "1", "--expert-steps", "2", "--expert",
+                   "--quiet", "--out",
                    str(out)]) == 0
   import json
   priv = json.loads((out / "privacy.json").read_text())
