@@ -44,6 +44,9 @@ COARSE = 30
 # Largest target epsilon the calibration accepts (beyond it the guarantee
 # says nothing and the noise multipliers are below 0.05).
 MAX_EPSILON = 1000.0
+# Smallest (at delta 1e-5 it already calibrates noise multipliers of
+# about 2e5; targets near 1e-300 underflow the search's GDP scale).
+MIN_EPSILON = 1e-6
 # Share of the target delta reserved for abort events (a Poisson batch over
 # its padded capacity, a class above its released upper bound); the
 # mechanisms are accounted at the rest. See `failure_log_tail`.
@@ -365,13 +368,14 @@ def allocate(mechanisms: Sequence[Mechanism], shares: Sequence[float],
 
 
 def validate_target(epsilon: float, delta: float) -> None:
-  """Raises ValueError unless 0 < epsilon <= MAX_EPSILON and 0 < delta < 1
-  (both finite numbers)."""
+  """Raises ValueError unless MIN_EPSILON <= epsilon <= MAX_EPSILON and
+  0 < delta < 1 (both finite numbers)."""
   real = (int, float, np.integer, np.floating)
   if not (isinstance(epsilon, real) and not isinstance(epsilon, bool)
-          and math.isfinite(epsilon) and 0 < epsilon <= MAX_EPSILON):
-    raise ValueError(f"epsilon must be a number in (0, {MAX_EPSILON:g}], got "
-                     f"{epsilon!r}")
+          and math.isfinite(epsilon)
+          and MIN_EPSILON <= epsilon <= MAX_EPSILON):
+    raise ValueError(f"epsilon must be a number in [{MIN_EPSILON:g}, "
+                     f"{MAX_EPSILON:g}], got {epsilon!r}")
   if not (isinstance(delta, real) and not isinstance(delta, bool)
           and 0 < delta < 1):
     raise ValueError(f"delta must be a number in (0, 1), got {delta!r}")

@@ -25,6 +25,7 @@ sample at the run's image shape (cached with the rate).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -216,7 +217,10 @@ def machine_rate(cache: bool = True, image_shape=None) -> dict:
         table = json.load(f)
     except (OSError, ValueError):
       table = {}
-  rate = dict(table.get(key) or measure_rate())
+  if not isinstance(table, dict):  # valid JSON of another shape
+    table = {}
+  entry = table.get(key)
+  rate = dict(entry) if _valid_entry(entry) else measure_rate()
   shape_key = "x".join(str(int(d)) for d in image_shape) if image_shape else ""
   api = dict(rate.get("text_api", {}))
   if shape_key and shape_key not in api:
@@ -228,16 +232,33 @@ def machine_rate(cache: bool = True, image_shape=None) -> dict:
   if cache and changed:
     rate_to_save = {k: v for k, v in rate.items()
                     if k != "text_api_s_per_sample"}
+    tmp = f"{path}.{os.getpid()}.tmp"
     try:
       os.makedirs(os.path.dirname(path), exist_ok=True)
       table[key] = rate_to_save
-      tmp = f"{path}.{os.getpid()}.tmp"
       with open(tmp, "w") as f:
         json.dump(table, f, indent=2)
       os.replace(tmp, path)
-    except OSError:
-      pass  # an unwritable cache: measured again next time
+    except OSError:  # an unwritable cache: measured again next time
+      with contextlib.suppress(OSError):
+        os.remove(tmp)
   return rate
+
+
+def _positive(v) -> bool:
+  return (isinstance(v, (int, float)) and not isinstance(v, bool)
+          and math.isfinite(v) and v > 0)
+
+
+def _valid_entry(entry) -> bool:
+  """Whether a rate-cache entry is one `machine_rate` wrote: a positive
+  finite matmul rate and, if present, a table of positive text-API
+  seconds (anything else is measured again and overwritten)."""
+  if not isinstance(entry, dict) or not _positive(
+      entry.get("matmul_flops_per_s")):
+    return False
+  api = entry.get("text_api", {})
+  return isinstance(api, dict) and all(_positive(v) for v in api.values())
 
 
 # ---------------------------------------------------------------------------

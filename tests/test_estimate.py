@@ -75,6 +75,43 @@ def test_machine_rate_is_measured_once_and_cached(tmp_path, monkeypatch):
   assert estimate.machine_rate()["matmul_flops_per_s"] == 1e10
 
 
+@pytest.mark.parametrize("content", [
+    "null", "[1, 2]", '{"KEY": 5}', '{"KEY": {"device": "x"}}',
+    '{"KEY": {"matmul_flops_per_s": 0}}',
+    '{"KEY": {"matmul_flops_per_s": -1}}',
+    '{"KEY": {"matmul_flops_per_s": "fast"}}',
+    '{"KEY": {"matmul_flops_per_s": 1e10, "text_api": {"8x8x1": -1}}}',
+    '{"KEY": {"matmul_flops_per_s": 1e10, "text_api": [1]}}'])
+def test_a_rate_cache_of_another_shape_is_measured_again(
+    tmp_path, monkeypatch, content):
+  """Valid JSON that machine_rate did not write (a user's edit, another
+  version's) is measured again and overwritten, never a crash or a
+  negative estimate."""
+  path = tmp_path / "machine.json"
+  path.write_text(content.replace("KEY", estimate._device_key()))
+  monkeypatch.setenv("DPGENG_RATE_CACHE", str(path))
+  monkeypatch.setattr(estimate, "measure_rate", lambda: {
+      "matmul_flops_per_s": 2e10, "device": "x"})
+  monkeypatch.setattr(estimate, "text_api_seconds", lambda shape: 0.002)
+  r = estimate.machine_rate(image_shape=(8, 8, 1))
+  assert r["matmul_flops_per_s"] == 2e10
+  assert r["text_api_s_per_sample"] == 0.002
+  saved = json.loads(path.read_text())[estimate._device_key()]
+  assert saved["matmul_flops_per_s"] == 2e10
+
+
+def test_an_unwritable_rate_cache_leaves_no_temporary_file(tmp_path,
+                                                           monkeypatch):
+  target = tmp_path / "d"
+  target.mkdir()  # a directory where the cache file should be
+  monkeypatch.setenv("DPGENG_RATE_CACHE", str(target))
+  monkeypatch.setattr(estimate, "measure_rate", lambda: {
+      "matmul_flops_per_s": 1e10, "device": "x"})
+  assert estimate.machine_rate()["matmul_flops_per_s"] == 1e10
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+  assert not list(target.iterdir())
+
+
 def test_expected_time_is_flops_over_rate_plus_overhead():
   cfg = Config(method="ndpdc")
   plan = planning.resolve(cfg, (8, 8, 1))

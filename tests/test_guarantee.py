@@ -201,7 +201,8 @@ def test_external_declared_epsilon_delta_alone_is_reported(tmp_path):
     (["--clip-norm", "inf"], "clip_norm must be a finite number"),
     (["--clip-norm", "nan"], "clip_norm must be a finite number"),
     (["--expert-clip-norm", "inf"], "expert_clip_norm must be a finite"),
-    (["--epsilon", "1e6"], "epsilon must be a number in (0, 1000]"),
+    (["--epsilon", "1e6"], "epsilon must be a number in [1e-06, 1000]"),
+    (["--epsilon", "1e-300"], "epsilon must be a number in [1e-06, 1000]"),
     (["--epsilon", "inf"], "epsilon must be a number"),
     (["--share-counts", "inf"], "budget shares must be finite"),
 ])
