@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
 
 from dpgeng_jax.config import Config
@@ -300,8 +301,10 @@ def _distill(cfg: Config, console: bool = False) -> int:
     if v is None:
       return "not computed" if pr["private"] else "inf"
     return f"{v:.4f}"
-  print(f"privacy: {'private' if pr['private'] else 'NOT PRIVATE'}; "
-        f"epsilon ({pr.get('accountant', 'pld').upper()}) = "
+  print(f"privacy: private; " if pr["private"] else
+        "privacy: NOT PRIVATE (" + "; ".join(pr["not_private_because"])
+        + "); its accounted mechanisms alone: ", end="")
+  print(f"epsilon ({pr.get('accountant', 'pld').upper()}) = "
         f"{figure(pr.get('epsilon'))} at delta = {pr['delta']:g}; PLD "
         f"{figure(pr['epsilon_pld'])}, RDP {figure(pr['epsilon_rdp'])}, "
         f"GDP-CLT {figure(pr['epsilon_gdp_clt'])}")
@@ -339,7 +342,13 @@ def _plan(cfg: Config) -> int:
       text = "not computed at this delta (see the note)"
     print(f"composed {key[8:]:<8} {text}")
   eps = report["epsilon"]
-  print(f"guarantee: epsilon {'inf' if eps is None else format(eps, '.4f')} "
+  if not report["private"]:
+    print("guarantee: NONE, the run would not be private ("
+          + "; ".join(report["not_private_because"]) + "); its accounted "
+          "mechanisms alone: ", end="")
+  else:
+    print("guarantee: ", end="")
+  print(f"epsilon {'inf' if eps is None else format(eps, '.4f')} "
         f"({report['accountant']}) at "
         f"delta {report['delta']:g} = {report['delta_mechanisms']:.6g} "
         f"(mechanisms) + {report['delta_abort_events']:.3g} (abort events)"
@@ -453,22 +462,44 @@ def _os_reason(e: OSError) -> str:
   return f"{e.strerror or e}" + (f": {where}" if where else "")
 
 
+class Terminated(KeyboardInterrupt):
+  """SIGTERM (a scheduler's or `timeout`'s stop) in the console command:
+  handled as an interrupt (the stages finished before it are saved, the
+  resume line is printed), with status 143."""
+
+
+def _on_sigterm(signum, frame):
+  del signum, frame
+  raise Terminated()
+
+
+def _stopped(e: KeyboardInterrupt) -> str:
+  return "terminated (SIGTERM)" if isinstance(e, Terminated) else (
+      "interrupted")
+
+
+def _stop_status(e: KeyboardInterrupt) -> int:
+  return 128 + signal.SIGTERM if isinstance(e, Terminated) else 130
+
+
 def entry_point() -> int:
   """The `dpgeng` console command (and `python -m dpgeng_jax`): `main` on
   the command line, with freed host memory kept mapped (hostmem;
   `--no-retain-host-memory` turns it off) and the persistent compilation
   cache (`--no-compile-cache` turns it off).
 
-  After an interrupt (status 130) the process ends with os._exit, once
+  SIGTERM is handled as an interrupt (`Terminated`, status 143). After
+  an interrupt (status 130 or 143) the process ends with os._exit, once
   its output is flushed: XLA's threads may still hold work of the
   interrupted computation, and the interpreter's normal teardown then
   crashed with a segmentation fault in about half of the tries (status
   139 after the --resume hint)."""
+  signal.signal(signal.SIGTERM, _on_sigterm)
   code = main(None, console=True)
-  if code == 130:
+  if code in (130, 143):
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(130)  # pylint: disable=protected-access
+    os._exit(code)  # pylint: disable=protected-access
   return code
 
 
@@ -495,10 +526,10 @@ def main(argv=None, console: bool = False) -> int:
         print(f"dpgeng: aborted: {e}\ncontinue with: {resume}",
               file=sys.stderr)
         return 3
-      except KeyboardInterrupt:
-        print(f"\ndpgeng: interrupted; the stages finished before it are "
-              f"saved, continue with: {resume}", file=sys.stderr)
-        return 130
+      except KeyboardInterrupt as e:
+        print(f"\ndpgeng: {_stopped(e)}; the stages finished before it "
+              f"are saved, continue with: {resume}", file=sys.stderr)
+        return _stop_status(e)
       except OSError as e:  # disk full, permissions, a vanished directory
         print(f"dpgeng: error: {_os_reason(e)}\nthe stages finished before "
               f"it are saved; once that is fixed, continue with: {resume}",
@@ -517,9 +548,9 @@ def main(argv=None, console: bool = False) -> int:
   except DpgengError as e:
     print(f"dpgeng: error: {e}", file=sys.stderr)
     return 2
-  except KeyboardInterrupt:  # plan, audit, mia, report: no traceback
-    print("\ndpgeng: interrupted", file=sys.stderr)
-    return 130
+  except KeyboardInterrupt as e:  # plan, audit, mia, report: no traceback
+    print(f"\ndpgeng: {_stopped(e)}", file=sys.stderr)
+    return _stop_status(e)
   except OSError as e:  # the other commands: after their work, say why
     print(f"dpgeng: error: {_os_reason(e)}", file=sys.stderr)
     return 2

@@ -407,6 +407,9 @@ def unused_options(cfg: Config, plan: Plan) -> list[str]:
         () if gen.startswith("pe:nearest") else _NEAREST_OPTIONS) + (
         () if gen == "merf" else _MERF_OPTIONS)
     why[f"the generator is {gen}"] = changed(used)
+  if not cfg.generated_noise_multiplier > 0:
+    why["no --generated-noise-multiplier is declared"] = changed(
+        ("generated_sampling_rate", "generated_steps"))
   if not plan.feature_matching:
     why[f"method {cfg.method} makes no feature-matching queries"] = changed(
         _QUERY_OPTIONS)

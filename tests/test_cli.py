@@ -3,8 +3,10 @@
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -260,15 +262,34 @@ def _save_npz(path, **arrays):
   return str(path)
 
 
-def test_external_generated_data_without_guarantee_is_not_private(tmp_path):
+def test_external_generated_data_without_guarantee_is_not_private(
+    tmp_path, capsys):
   out = tmp_path / "run"
+  gen = _gen_npz(tmp_path)
   assert _run(["--out", str(out), "--method", "dpgeng", "--generator",
-               _gen_npz(tmp_path), "--no-eval", *GEN_TINY, *TINY]) == 0
+               gen, "--no-eval", *GEN_TINY, *TINY]) == 0
   priv = json.loads((out / "privacy.json").read_text())
   assert priv["private"] is False
   assert "no declared guarantee" in priv["notes"][0]
   assert any("no declared guarantee" in r
              for r in priv["not_private_because"])
+  # The console says so where it gives the accounted figure, and gives
+  # no "guarantee" (the figure covers the accounted mechanisms only).
+  said = capsys.readouterr().out
+  line = next(s for s in said.splitlines() if s.startswith("privacy:"))
+  assert line.startswith("privacy: NOT PRIVATE (external generated data "
+                         "came with no declared guarantee); its accounted "
+                         "mechanisms alone: epsilon"), line
+  assert cli.main(["plan", "--method", "dpgeng", "--generator", gen]) == 0
+  said = capsys.readouterr().out
+  line = next(s for s in said.splitlines() if s.startswith("guarantee:"))
+  assert line.startswith("guarantee: NONE, the run would not be private "
+                         "(external generated data came with no declared "
+                         "guarantee); its accounted mechanisms alone: "
+                         "epsilon"), line
+  assert cli.main(["plan", "--method", "dpgeng"]) == 0
+  said = capsys.readouterr().out
+  assert "\nguarantee: epsilon " in said
 
 
 DECLARED = [
@@ -485,6 +506,7 @@ def test_a_user_image_api_from_python(tmp_path):
 
 @pytest.mark.parametrize("error,rc,message", [
     (KeyboardInterrupt(), 130, "interrupted"),
+    (cli.Terminated(), 143, "terminated (SIGTERM)"),
     (OSError(28, "No space left on device", "/x/out/.dpgeng-staging/f"), 1,
      "No space left on device: '/x/out/.dpgeng-staging/f'")])
 def test_interrupts_and_os_errors_end_with_a_line_that_says_how_to_resume(
@@ -505,6 +527,29 @@ def test_ctrl_c_in_plan_is_one_line_not_a_traceback(monkeypatch, capsys):
   monkeypatch.setattr(cli, "_plan", interrupted)
   assert cli.main(["plan", "--epsilon", "1"]) == 130
   assert capsys.readouterr().err.strip() == "dpgeng: interrupted"
+
+
+def test_sigterm_stops_the_command_like_an_interrupt_with_status_143(
+    tmp_path):
+  """A real SIGTERM (a scheduler's stop) to `dpgeng distill` while it
+  runs: the resume line, status 143, no traceback."""
+  out = tmp_path / "out"
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "dpgeng_jax", "distill", "--out", str(out),
+       "--method", "ndpdc", *TINY, "--steps", "100000"],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  staging = out / ".dpgeng-staging"
+  deadline = time.time() + 120
+  while time.time() < deadline and proc.poll() is None and not (
+      staging / "stages").exists():
+    time.sleep(0.05)
+  time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 143, err[-2000:]
+  assert "dpgeng: terminated (SIGTERM)" in err, err[-2000:]
+  assert f"dpgeng distill --resume {out}" in err
+  assert "Traceback" not in err
 
 
 def test_input_paths_are_recorded_absolute_so_a_run_resumes_from_anywhere(

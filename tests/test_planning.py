@@ -77,6 +77,12 @@ def test_one_declared_guarantee_of_npz_data_is_accepted():
      ["--label-feature, --data-dir not used: only tfds: datasets read "
       "them"]),
     ({"dataset": "tfds:mnist", "data_dir": "/x"}, []),
+    ({"generator": "npz:/g.npz", "generated_steps": 5,
+      "generated_sampling_rate": 0.5},
+     ["--generated-sampling-rate, --generated-steps not used: no "
+      "--generated-noise-multiplier is declared"]),
+    ({"generator": "npz:/g.npz", "generated_steps": 5,
+      "generated_noise_multiplier": 3.0}, []),
 ])
 def test_options_a_run_does_not_read_are_named(kw, lines):
   cfg = Config(**kw)
