@@ -301,7 +301,7 @@ def _distill(cfg: Config, console: bool = False) -> int:
     if v is None:
       return "not computed" if pr["private"] else "inf"
     return f"{v:.4f}"
-  print(f"privacy: private; " if pr["private"] else
+  print("privacy: private; " if pr["private"] else
         "privacy: NOT PRIVATE (" + "; ".join(pr["not_private_because"])
         + "); its accounted mechanisms alone: ", end="")
   print(f"epsilon ({pr.get('accountant', 'pld').upper()}) = "
