@@ -422,11 +422,17 @@ def html(privacy: dict, config: dict, metrics: dict | None,
                         + " (NOT private)",
                         f"{100 * r['test_accuracy_mean']:.2f} +- "
                         f"{100 * r['test_accuracy_std']:.2f} %"])
+  # Which figure is the guarantee: the accountant's, and none at all for
+  # a run that is not private (its figures account the mechanisms only).
+  head = privacy.get("accountant", "pld")
+  role = {name: ("the guarantee" if name == head else "cross-check")
+          if private else "its mechanisms alone, NOT a guarantee"
+          for name in ("pld", "rdp")}
   composed = [
       ["target epsilon", privacy.get("target_epsilon")],
       ["delta", privacy.get("delta")],
-      ["epsilon (PLD, the guarantee)", privacy.get("epsilon_pld")],
-      ["epsilon (RDP, cross-check)", privacy.get("epsilon_rdp")],
+      [f"epsilon (PLD, {role['pld']})", privacy.get("epsilon_pld")],
+      [f"epsilon (RDP, {role['rdp']})", privacy.get("epsilon_rdp")],
       ["epsilon (GDP-CLT, the paper's approximation)",
        privacy.get("epsilon_gdp_clt")],
       ["neighbouring relation", privacy.get("neighbouring_relation")],

@@ -169,12 +169,19 @@ def test_secret_keys_hold_128_bits_and_every_half_matters():
 
 
 def test_bernoulli_rate_never_exceeds_p():
-  for p in (0.3, 0.5, 1 / 3):
-    take = np.asarray(noise.bernoulli(KEY, p, (2_000_000,)))
-    rate = take.mean()
-    assert abs(rate - p) < 5 * np.sqrt(p * (1 - p) / take.size)
-    assert np.floor(p * 2.0**32) / 2.0**32 <= p
+  """Each draw is a 32-bit word below floor(p 2^32): the rate is
+  floor(p 2^32) / 2^32 <= p exactly (a statistical band could not see
+  float32's 2^-23 excess, nor jax.random.bernoulli's)."""
+  for p in (0.3, 0.5, 1 / 3, 2.0 ** -23, 1 - 2.0 ** -30):
+    take = np.asarray(noise.bernoulli(KEY, p, (200_000,)))
+    words = np.asarray(jax.random.bits(KEY, (200_000,), jnp.uint32))
+    threshold = int(np.floor(p * 2.0**32))
+    assert threshold / 2.0**32 <= p
+    np.testing.assert_array_equal(take, words < threshold)
+    assert abs(take.mean() - p) < 5 * np.sqrt(p * (1 - p) / take.size) + (
+        1e-5)
   assert np.all(np.asarray(noise.bernoulli(KEY, 1.0, (10,))))
+  assert not np.any(np.asarray(noise.bernoulli(KEY, 0.0, (1000,))))
 
 
 # --- Every release draws its noise from the sampler (today's main used

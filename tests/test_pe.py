@@ -60,20 +60,35 @@ def test_one_example_changes_the_histogram_by_exactly_one(k):
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
-def test_the_release_moves_by_at_most_one_even_with_large_counts(k):
+def test_the_release_moves_by_at_most_one_even_with_large_counts(
+    k, monkeypatch):
   """Float32 sums of 1/sqrt(3) moved by 1.0013 when one of 30000 votes
   of a bin went: the votes are now integers, weighted in float64 with a
-  margin, so the bound holds up to int32 counts."""
+  margin, so the bound holds up to int32 counts. The release's own
+  arguments are checked (the integer counts, the weight it applies in
+  float64, the noise std), then the float64 values it forms from them."""
+  from dpgeng_jax import noise
+  seen = []
+  real = noise.add_gaussian_noise
+
+  def spy(key, value, stddev, scale=None):
+    seen.append((np.asarray(value), stddev, scale))
+    return real(key, value, stddev, scale)
+  monkeypatch.setattr(noise, "add_gaussian_noise", spy)
   for c in (30_000, 2 ** 24 + 1, 2 ** 31 - 1):
     full = jnp.full((1, k), c, jnp.int32)
-    a = np.asarray(pe.release_histogram(jax.random.key(0), full, 0.0, k),
-                   np.float64)
-    b = np.asarray(pe.release_histogram(jax.random.key(0), full - 1, 0.0,
-                                        k), np.float64)
+    seen.clear()
+    a = np.asarray(pe.release_histogram(jax.random.key(0), full, 2.0, k))
+    b = np.asarray(pe.release_histogram(jax.random.key(0), full - 1, 2.0,
+                                        k))
+    (va, sa, wa), (vb, sb, wb) = seen
+    assert va.dtype == vb.dtype == np.int32  # exact counts, not floats
+    assert sa == sb == 2.0 * pe.SENSITIVITY and wa == wb
+    assert wa <= 1 / np.sqrt(k)
     with jax.enable_x64(True):  # the float64 values before the rounding
-      w = jnp.float64(pe.vote_weight(k))
-      wide = float(jnp.linalg.norm(full.astype(jnp.float64) * w
-                                   - (full - 1).astype(jnp.float64) * w))
+      w = jnp.float64(wa)
+      wide = float(jnp.linalg.norm(jnp.asarray(va, jnp.float64) * w
+                                   - jnp.asarray(vb, jnp.float64) * w))
     assert wide <= 1.0, (c, wide)
     assert np.all(np.isfinite(a - b))
 
@@ -198,6 +213,31 @@ def test_without_noise_the_population_approaches_the_private_set():
   gaps.insert(0, _mean_nearest(priv, y, start.images, start.labels))
   assert gaps[-1] < 0.5 * gaps[0], gaps
   assert all(b < a for a, b in zip(gaps, gaps[1:])), gaps
+
+
+def test_every_iteration_draws_fresh_noise_of_std_sigma():
+  """With no votes (all rows padded) the T released histograms are the
+  noise alone: each N(0, sigma^2) per bin (KS; 2/3 and 3/2 of sigma are
+  rejected) and independent of the others (a key reused between
+  iterations would repeat the same noise)."""
+  api = _toy_api()
+  flat = lambda x: x.reshape(x.shape[0], -1)
+  priv = np.random.default_rng(0).random((20, 4, 4, 1)).astype(np.float32)
+  y = np.arange(20, dtype=np.int32) % 2
+  sigma = 2.0
+  _, noisy, _ = pe.evolve(
+      api, flat, jnp.asarray(flat(priv)), jnp.asarray(y), jnp.zeros(20),
+      key=jax.random.key(1), secret=noise.deterministic_secret_key(5), noise_multiplier=sigma,
+      cfg=pe.PEConfig(iterations=3, population=1000, threshold=0.0),
+      num_classes=2, normalize=lambda x: x, per_class=4)
+  assert noisy.shape == (3, 2, 1000)
+  for r in noisy.reshape(3, -1):
+    assert stats.kstest(r, "norm", args=(0, sigma)).pvalue > 1e-4
+    for wrong in (2 / 3, 3 / 2):
+      assert stats.kstest(r, "norm", args=(0, wrong * sigma)).pvalue < 1e-6
+  flat_noise = noisy.reshape(3, -1)
+  corr = np.corrcoef(flat_noise)[np.triu_indices(3, 1)]
+  assert np.all(np.abs(corr) < 0.2), corr
 
 
 def test_lookahead_and_k_votes_run_and_return_the_shape():

@@ -259,3 +259,22 @@ def test_figures_of_many_classes_show_the_first_hundred_and_say_so():
   acc = Image.open(io.BytesIO(report.class_accuracy_png(
       np.full((1, 300), 0.5).tolist()))).size
   assert acc[0] <= 28 * cap + 120
+
+
+@pytest.mark.parametrize("private,accountant,pld,rdp", [
+    (True, "pld", "the guarantee", "cross-check"),
+    (True, "rdp", "cross-check", "the guarantee"),
+    (False, "pld", "its mechanisms alone, NOT a guarantee",
+     "its mechanisms alone, NOT a guarantee")])
+def test_the_report_names_the_guarantee_only_where_the_run_has_one(
+    private, accountant, pld, rdp):
+  """The composed table calls the accountant's figure the guarantee (RDP
+  below PLD's delta range) and, for a run that is not private, neither."""
+  privacy = {"private": private, "accountant": accountant,
+             "not_private_because": [] if private else ["no noise"],
+             "target_epsilon": 1.0, "delta": 1e-5, "epsilon_pld": 0.99,
+             "epsilon_rdp": 1.2, "mechanisms": []}
+  page = report.html(privacy, {"resolved": {}}, None, {})
+  assert f"epsilon (PLD, {pld})" in page
+  assert f"epsilon (RDP, {rdp})" in page
+  assert ("the guarantee" in page) == private
