@@ -140,8 +140,10 @@ def test_calibration_is_right_for_every_delta(delta):
   # (a valid bound at any delta): never the 1e15-1e17 of a broken search.
   for m in cal:
     assert 1.0 < m.noise_multiplier < 200.0, m
-  assert A.epsilon_rdp(event, delta) <= 1.0 + 1e-9 or (
-      A.accountant_for(delta) == "pld")
+  if A.accountant_for(delta) == "rdp":  # the guarantee is RDP's figure
+    assert A.epsilon_rdp(event, delta) == got
+  else:  # RDP's bound is looser than the tight PLD figure, never below
+    assert A.epsilon_rdp(event, delta) >= got - 1e-6
   assert A.accountant_for(delta) == ("pld" if delta >= A.PLD_MIN_DELTA
                                      else "rdp")
 
@@ -188,6 +190,17 @@ def test_large_epsilons_calibrate_quickly(eps):
 def test_epsilon_outside_the_supported_range_is_refused(eps):
   with pytest.raises(ValueError, match="epsilon"):
     A.calibrate(THREE, eps, 1e-5)
+
+
+def test_the_abort_tail_is_the_reserve_over_events_and_one_plus_e_eps():
+  """tau = FAILURE_FRACTION delta / ((1 + e^eps) events), from the
+  formula itself (not from failure_delta, which could share an error)."""
+  tail = A.failure_log_tail(1e-5, 1.0, 1000)
+  assert tail == pytest.approx(math.log(A.FAILURE_FRACTION * 1e-5)
+                               - math.log(1 + math.e) - math.log(1000),
+                               rel=1e-12)
+  assert A.failure_delta(1.0, 1000, tail) == pytest.approx(
+      (1 + math.e) * 1000 * math.exp(tail), rel=1e-12)
 
 
 def test_abort_events_never_overflow_and_fit_in_the_reserve():
@@ -271,6 +284,8 @@ def test_a_large_delta_calibrates_or_says_why_instead_of_a_math_error():
   m = [accounting.Mechanism("feature_matching", 0.0, 0.5, 2)]
   out = accounting.calibrate(m, epsilon=1.0, delta=0.5)
   assert out[0].noise_multiplier > 0
+  got = accounting.epsilon_of(accounting.composed_event(out), 0.5)
+  assert accounting.CALIBRATION_UTILISATION * 1.0 <= got <= 1.0
 
 
 def test_a_mechanism_with_more_releases_than_are_accounted_is_refused_at_once():

@@ -135,7 +135,10 @@ def test_released_bounds_hold_and_a_violation_aborts():
   sizes = counts.released_sizes(noisy, 2.5, math.log(1e-12))
   z = stats.norm.isf(1e-12)  # P(N(0, 1) > z) = tau
   assert np.all(sizes.bound >= noisy + z * 2.5)
-  assert sizes.total_bound <= sizes.bound.sum()
+  # The total's noise has std 2.5 sqrt(3): its bound is tighter than the
+  # sum of the class bounds, and no tighter than z std above the sum.
+  assert sizes.total_bound == math.ceil(noisy.sum() + z * 2.5 * math.sqrt(3))
+  assert sizes.total_bound < sizes.bound.sum()
   np.testing.assert_allclose(sizes.expected_counts(0.5), 0.5 * noisy)
   sizes.check(np.repeat(np.arange(3), [40, 7, 19]))
   with pytest.raises(counts.CountBoundError):

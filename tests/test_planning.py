@@ -97,3 +97,17 @@ def test_defaults_and_presets_name_no_unused_option(preset, method):
   # with a generator (cifar10: merf) under ndpdc says nothing.
   cfg = presets.config(preset, method=method)
   assert planning.unused_options(cfg, planning.resolve(cfg, SHAPE)) == []
+
+
+@pytest.mark.parametrize("kw,events", [
+    # K = 10 classes and the total, 5 queries at p < 1, 3 expert steps.
+    ({"num_queries": 5, "expert": True, "expert_steps": 3}, 11 + 5 + 3),
+    ({"num_queries": 5}, 11 + 5),  # the expert off by default
+    ({"num_queries": 5, "sampling_rate": 1.0}, 11),  # no Poisson overflow
+    ({"num_queries": 5, "public_class_sizes": True}, 5),  # no count release
+    ({"method": "dm"}, 0),
+])
+def test_abort_events_count_every_event_the_delta_reserve_covers(kw,
+                                                                 events):
+  cfg = Config(**kw)
+  assert planning.abort_events(cfg, planning.resolve(cfg), 10) == events
