@@ -83,6 +83,12 @@ def test_two_process_run_gives_the_one_process_sums(tmp_path):
                             jnp.ones(len(x)), num_classes=w.K, clip_norm=0.5)
   np.testing.assert_allclose(got["sums"], np.asarray(want), rtol=1e-4,
                              atol=1e-5)
+  # With noise (sigma 1, C 0.5): both processes hold the same release (the
+  # noise key is broadcast, the noise added once), of std sigma C.
+  noisy = [np.load(f"{out}.noisy{i}.npy") for i in range(2)]
+  np.testing.assert_array_equal(noisy[0], noisy[1])
+  resid = (noisy[0] - got["sums"]).ravel()
+  assert resid.size >= 90 and 0.36 < np.std(resid) < 0.64, np.std(resid)
   loss = lambda p, b: cross_entropy(model, p, *b)
   grad = jax.jit(lambda p: clipped_grad_sum(
       loss, p, (jnp.asarray(x), jnp.asarray(y)), jnp.ones(len(x)),

@@ -12,6 +12,7 @@ if __name__ == "__main__":  # not when the test imports dataset() and K
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_"
                              "force_host_platform_device_count=2").strip()
 
+import dataclasses  # noqa: E402
 import functools  # noqa: E402
 
 import jax  # noqa: E402
@@ -57,6 +58,15 @@ def main():
   sums, over = jax.jit(functools.partial(
       parallel.sharded_noisy_targets, spec, mesh=mesh))(
           data, params, augment.identity_params((K,)), secret)
+
+  # The same query with noise: the key broadcast from process 0 gives
+  # both processes the same noise, added once (each saves its copy).
+  noisy, over_n = jax.jit(functools.partial(
+      parallel.sharded_noisy_targets,
+      dataclasses.replace(spec, noise_multiplier=1.0), mesh=mesh))(
+          data, params, augment.identity_params((K,)), secret)
+  np.save(f"{out}.noisy{pid}.npy", np.asarray(noisy))
+  assert not bool(over_n)
 
   # DP-SGD gradient with q = 1 and no noise: the clipped gradient sum.
   n_loc = 10

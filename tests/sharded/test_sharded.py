@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from dpgeng_jax import augment, clipping, mechanisms, parallel, pergrad
+from dpgeng_jax import (augment, clipping, mechanisms, noise, parallel,
+                        pergrad)
 from dpgeng_jax.clipping import clipped_class_sums, clipped_grad_sum
 from dpgeng_jax.models import ConvNet, cross_entropy, embed_fn, init_params
 
@@ -277,6 +278,33 @@ def test_a_sharded_dp_sgd_step_sizes_its_fixed_point_from_every_device():
   assert seen == [clipping.fixed_point_bits(cap * devices, 0.5)]
 
 
+def test_a_sharded_dp_sgd_step_adds_noise_of_std_sigma_c_once():
+  """No valid rows on any of 8 devices: the step's noisy gradient sum is
+  the noise alone, N(0, (sigma C)^2) per coordinate (KS; 2/3 and 3/2 of
+  the std rejected): added once after the psum, not once per device
+  (which would give sqrt(8) times the std)."""
+  devices = 8
+  model, params, x, y, mask = _convnet()
+  (xs, ys), valid = parallel.pad_rows((x, y), jnp.zeros_like(mask),
+                                      devices)
+  fn = pergrad.make_grad_sum_fn(model, clip_norm=0.5)
+  step = jax.jit(functools.partial(
+      parallel.sharded_dp_sgd_grad, fn, sampling_rate=1.0,
+      capacity=xs.shape[0] // devices, mesh=parallel.data_mesh(devices),
+      release=mechanisms.SumRelease(0.5, 1.0)))
+  z = []
+  for i in range(4):  # 795 parameters per step
+    g, over = step(params, xs, ys, valid, jax.random.fold_in(
+        noise.deterministic_secret_key(8), i))
+    assert not bool(over)
+    z += [np.asarray(a).ravel() for a in jax.tree.leaves(g)]
+  z = np.concatenate(z)
+  assert z.size > 3000
+  assert stats.kstest(z, "norm", args=(0, 0.5)).pvalue > 1e-4
+  for wrong in (2 / 3, 3 / 2):
+    assert stats.kstest(z, "norm", args=(0, 0.5 * wrong)).pvalue < 1e-6
+
+
 def test_chunked_sharded_class_sums_equal_unsharded():
   x, y, mask = _rows(n=30)
   params = jnp.asarray(np.random.default_rng(1).normal(size=(16, 5)),
@@ -345,10 +373,18 @@ def test_sharded_pe_histogram_equals_unsharded(devices, k):
       pe.private_histogram, k=k, chunk=4,
       mesh=parallel.data_mesh(devices)))(pop, x, y, mask)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
-  # The noise is added once, after the sum: the release's noise std is
-  # sigma whatever the device count.
-  z = pe.release_histogram(jax.random.key(0), jnp.zeros((50, 40)), 2.0)
-  assert abs(float(jnp.std(z)) - 2.0) < 0.1
+  # The noise is added once, to the summed histogram: released over 200
+  # keys, the sharded counts' residuals are N(0, sigma^2) per bin.
+  sigma, w = 2.0, pe.vote_weight(k)
+  keys = jax.random.split(noise.deterministic_secret_key(7), 200)
+  noisy = jax.vmap(lambda key: pe.release_histogram(key, got, sigma, k))(
+      keys)
+  resid = (np.asarray(noisy, np.float64)
+           - np.asarray(got, np.float64) * w).ravel()
+  assert stats.kstest(resid, "norm", args=(0, sigma)).pvalue > 1e-4
+  for wrong in (2 / 3, 3 / 2):
+    assert stats.kstest(resid, "norm",
+                        args=(0, wrong * sigma)).pvalue < 1e-6
 
 
 def test_fewer_devices_than_the_process_has_sample_without_overflow(
