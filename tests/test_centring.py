@@ -59,8 +59,15 @@ def test_one_example_moves_a_centred_class_sum_by_at_most_c_attained():
     worst = max(worst, float(jnp.linalg.norm(full - without)))
   assert worst <= clip * (1 + 1e-5)
   assert worst >= clip * (1 - 1e-4)
-  broken = clip_rows(embed(p["net"], x[:1]), clip) - centre[0]
-  assert float(jnp.linalg.norm(broken)) > clip
+  # The broken variant, measured the same way: class sums of
+  # clip(e) - centre move by ||clip(e_i) - centre||, far above C.
+  rows = clip_rows(embed(p["net"], x), clip) - centre[0]
+
+  def broken(m):
+    return jax.ops.segment_sum(rows * m[:, None], y, num_segments=3)
+  worst_broken = max(float(jnp.linalg.norm(
+      broken(mask) - broken(mask.at[i].set(0.0)))) for i in range(6))
+  assert worst_broken > 2 * clip
 
 
 def test_centres_are_the_generated_mean_embedding_under_each_query():
