@@ -137,7 +137,8 @@ def private_step(grad_sum, cfg: ExpertConfig, noise_multiplier: float,
     idx, mask, over = mechanisms.poisson_sample(
         k_sample, valid[None], cfg.sampling_rate, capacity)
     g = grad_sum(p, (xd[idx[0]], yd[idx[0]]), mask[0], bits=bits)
-    return release.release(k_noise, g, bits), over
+    return mechanisms.withheld_on_overflow(
+        release.release(k_noise, g, bits), over), over
 
   return step, rows
 

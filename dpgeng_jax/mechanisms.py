@@ -349,13 +349,15 @@ def noisy_targets(spec: QuerySpec, data: ClassMajorData | FlatData,
 
   Returns:
     (noisy sums (K, d) float32, overflow flag). The caller must raise on
-    overflow (`check_overflow`); the sums are then not to be used.
+    overflow (`check_overflow`); the sums are then NaN
+    (`withheld_on_overflow`).
   """
   k_sample, k_noise = jax.random.split(secret)
   bits = spec.release_bits(batch_rows(spec, data))
   sums, overflow = sampled_class_sums(spec, data, params, aug_params,
                                       k_sample, chunk_size, bits)
-  return spec.release(k_noise, sums, bits), overflow
+  return withheld_on_overflow(spec.release(k_noise, sums, bits),
+                              overflow), overflow
 
 
 def batch_rows(spec: QuerySpec, data: ClassMajorData | FlatData) -> int:
@@ -378,6 +380,11 @@ def sampled_class_sums(spec: QuerySpec, data: ClassMajorData | FlatData,
   if isinstance(data, FlatData):
     return _sampled_flat_sums(spec, data, params, aug_params, sample_key,
                               chunk_size, bits)
+  if tuple(data.valid.shape) != tuple(data.x.shape[:2]):
+    # A wider valid would index past a class's rows, and the gather
+    # clamps: one example counted several times.
+    raise ValueError(f"ClassMajorData: valid has shape {data.valid.shape}, "
+                     f"expected x's first two axes {data.x.shape[:2]}")
   idx, mask, overflow = poisson_sample(sample_key, data.valid,
                                        spec.sampling_rate, spec.capacity)
   xb = jax.vmap(lambda xc, ic: xc[ic])(data.x, idx)  # (K, cap, ...)
@@ -414,6 +421,15 @@ def _sampled_flat_sums(spec, data: FlatData, params, aug_params,
                             clip_norm=spec.clip_norm, chunk_size=chunk_size,
                             bits=bits)
   return sums, overflow
+
+
+def withheld_on_overflow(noisy: Any, overflow) -> Any:
+  """The release with every coordinate NaN where its Poisson batch
+  overflowed: a truncated batch lets one example push another out (L2
+  change 2C, not C), so such a release must never be used; NaN makes a
+  caller that skips `check_overflow` fail loudly instead."""
+  over = jnp.asarray(overflow).astype(bool)
+  return jax.tree.map(lambda a: jnp.where(over, jnp.nan, a), noisy)
 
 
 def check_overflow(overflow) -> None:
@@ -475,8 +491,13 @@ def make_dp_sgd_step(loss_fn: Callable[..., jax.Array] | None, optimizer, *,
 
   def step(params, opt_state, batch, mask, noise_key):
     bits = spec.release_bits(mask.shape[0])
-    g = spec.release(noise_key, grad_sum_fn(params, batch, mask, bits=bits),
-                     bits)
+    sums = grad_sum_fn(params, batch, mask, bits=bits)
+    if bits is not None and not all(
+        jnp.issubdtype(a.dtype, jnp.integer) for a in jax.tree.leaves(sums)):
+      raise ValueError("grad_sum_fn returned float sums where the release "
+                       f"asked for fixed point (bits={bits}): it must pass "
+                       "bits on to clipping (see clipped_grad_sum)")
+    g = spec.release(noise_key, sums, bits)
     g = jax.tree.map(lambda a: a / expected_batch_size, g)
     updates, opt_state = optimizer.update(g, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, g

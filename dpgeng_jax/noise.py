@@ -192,6 +192,12 @@ def add_gaussian_noise(key: jax.Array, value: jax.Array,
   """
   value = jnp.asarray(value)
   check_stddev(stddev)
+  if scale is None and jnp.issubdtype(value.dtype, jnp.integer):
+    # Fixed-point sums are in units of 2^-bits: without their scale the
+    # noise would be 2^bits times too small against them.
+    raise ValueError("integer values (fixed-point sums or counts) need "
+                     "their scale (the value of one unit, e.g. "
+                     "clipping.fixed_point_scale(bits))")
   zero = isinstance(stddev, (int, float)) and stddev == 0
   if zero and scale is None:
     return value.astype(jnp.float32)

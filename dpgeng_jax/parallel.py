@@ -278,7 +278,8 @@ def sharded_noisy_targets(spec: mechanisms.QuerySpec,
       local, mesh=mesh,
       in_specs=(P(), P(), P()) + (split,) * len(data),
       out_specs=(P(), P()))(params, aug_params, k_sample, *data)
-  return spec.release(k_noise, sums, bits), overflow
+  return mechanisms.withheld_on_overflow(
+      spec.release(k_noise, sums, bits), overflow), overflow
 
 
 def sharded_dp_sgd_grad(grad_sum_fn: Callable[..., Any], params: Any,
@@ -311,7 +312,8 @@ def sharded_dp_sgd_grad(grad_sum_fn: Callable[..., Any], params: Any,
   g, overflow = jax.shard_map(
       local, mesh=mesh, in_specs=(P(), P(DATA), P(DATA), P(DATA), P()),
       out_specs=(P(), P()))(params, x, y, valid, k_sample)
-  return release.release(k_noise, g, bits), overflow
+  return mechanisms.withheld_on_overflow(release.release(k_noise, g, bits),
+                                         overflow), overflow
 
 
 # ---------------------------------------------------------------------------

@@ -54,7 +54,13 @@ class FeatureMap(NamedTuple):
     """W ~ N(0, 1 / bandwidth^2): features of a Gaussian kernel with this
     length scale; default bandwidth sqrt(input_dim) (images normalised to
     about unit variance per pixel)."""
-    bw = bandwidth or math.sqrt(input_dim)
+    if bandwidth is not None and (
+        isinstance(bandwidth, bool)
+        or not isinstance(bandwidth, (int, float, np.integer, np.floating))
+        or not 0 < bandwidth < math.inf):
+      raise ValueError(f"bandwidth must be a finite number > 0 (None: "
+                       f"sqrt(input_dim)), got {bandwidth!r}")
+    bw = math.sqrt(input_dim) if bandwidth is None else float(bandwidth)
     w = jax.random.normal(key, (input_dim, num_features)) / bw
     return cls(w)
 

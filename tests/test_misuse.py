@@ -1,0 +1,105 @@
+"""Misuse of the public release functions fails loudly, never silently
+weakens the guarantee (found by a review of the library API)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from dpgeng_jax import augment, expert, mechanisms, noise, pergrad
+from dpgeng_jax.models import ConvNet, init_params
+from dpgeng_jax.clipping import clipped_grad_sum
+
+KEY = noise.deterministic_secret_key(1)
+
+
+def _embed(params, x):
+  del params
+  return x.reshape(x.shape[0], -1)
+
+
+def test_a_query_whose_batch_overflowed_releases_only_nan():
+  """Capacity 1 at rate 1 with two examples of a class: truncation would
+  let one example push the other out (a change of 2C); the sums are NaN
+  beside the overflow flag."""
+  spec = mechanisms.QuerySpec(_embed, 1, 1.0, 1.0, 1.0, 1, strategy="none")
+  x = np.r_[np.ones((1, 1, 1, 1)), -np.ones((1, 1, 1, 1))].astype(
+      np.float32)
+  data = mechanisms.class_major(x, np.array([0, 0]), 1)
+  sums, over = mechanisms.noisy_targets(
+      spec, data, None, augment.identity_params((1,)), KEY)
+  assert bool(over) and np.all(np.isnan(np.asarray(sums)))
+  ok = mechanisms.class_major(x[:1], np.array([0]), 1)
+  sums, over = mechanisms.noisy_targets(
+      spec, ok, None, augment.identity_params((1,)), KEY)
+  assert not bool(over) and np.all(np.isfinite(np.asarray(sums)))
+
+
+def test_an_expert_step_whose_batch_overflowed_releases_only_nan():
+  model = ConvNet(num_classes=2, width=4, depth=1)
+  x = np.zeros((6, 8, 8, 1), np.float32)
+  y = (np.arange(6) % 2).astype(np.int32)
+  params = init_params(model, jax.random.key(0), x.shape[1:])
+  cfg = expert.ExpertConfig(steps=1, sampling_rate=0.5)
+  grad_sum = pergrad.make_grad_sum_fn(model, clip_norm=1.0)
+  # A tail of 1/2: the capacity is the median batch, so a batch at rate
+  # 0.5 over 6 rows overflows for some key.
+  step, rows = expert.private_step(grad_sum, cfg, 1.0, x, y, 6,
+                                   math.log(0.5))
+  for i in range(50):
+    g, over = step(params, *rows, jax.random.fold_in(KEY, i))
+    leaves = [np.asarray(a) for a in jax.tree.leaves(g)]
+    if bool(over):
+      assert all(np.all(np.isnan(a)) for a in leaves)
+      return
+    assert all(np.all(np.isfinite(a)) for a in leaves)
+  pytest.fail("no batch overflowed in 50 draws")
+
+
+def test_class_major_data_whose_valid_is_wider_than_x_is_refused():
+  """The gather clamps indices past a class's rows: one example would be
+  counted three times."""
+  spec = mechanisms.QuerySpec(_embed, 1, 1.0, 0.0, 1.0, 3, strategy="none")
+  data = mechanisms.ClassMajorData(x=jnp.ones((1, 1, 1, 1, 1)),
+                                   valid=jnp.ones((1, 3)))
+  with pytest.raises(ValueError, match="valid has shape"):
+    mechanisms.noisy_targets(spec, data, None,
+                             augment.identity_params((1,)), KEY)
+
+
+def test_integer_sums_without_their_scale_are_refused():
+  """int32 fixed-point sums are in units of 2^-bits: noise added to them
+  without the scale would be 2^bits times too small."""
+  ints = jnp.full((2, 3), 2 ** 27, jnp.int32)
+  with pytest.raises(ValueError, match="need their scale"):
+    noise.add_gaussian_noise(KEY, ints, 1.0)
+  with pytest.raises(ValueError, match="need their scale"):
+    noise.tree_add_gaussian_noise(KEY, {"a": ints}, 1.0)
+  out = noise.add_gaussian_noise(KEY, ints, 1.0, scale=2.0 ** -27)
+  assert np.all(np.abs(np.asarray(out) - 1.0) < 10.0)
+
+
+def test_a_grad_sum_fn_that_ignores_the_fixed_point_is_refused():
+  """A grad_sum_fn returning float sums where the step asked for fixed
+  point would have its gradient scaled by 2^-bits (the noise along)."""
+  def loss(p, b):
+    return jnp.mean((b[0] @ p - b[1]) ** 2)
+  ignores_bits = lambda p, b, m, bits=None: clipped_grad_sum(
+      loss, p, b, m, clip_norm=1.0)
+  step = mechanisms.make_dp_sgd_step(
+      None, optax.sgd(1.0), clip_norm=1.0, noise_multiplier=1.0,
+      expected_batch_size=4.0, grad_sum_fn=ignores_bits)
+  p = jnp.zeros(3)
+  batch = (jnp.ones((4, 3)), jnp.ones(4))
+  with pytest.raises(ValueError, match="fixed point"):
+    step(p, optax.sgd(1.0).init(p), batch, jnp.ones(4), KEY)
+
+
+@pytest.mark.parametrize("bandwidth", [0.0, -1.0, float("inf")])
+def test_a_merf_bandwidth_that_is_not_positive_is_refused(bandwidth):
+  from dpgeng_jax.generators import merf
+  with pytest.raises(ValueError, match="bandwidth"):
+    merf.FeatureMap.create(jax.random.key(0), 4, 3, bandwidth=bandwidth)
