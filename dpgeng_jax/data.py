@@ -115,6 +115,48 @@ class Dataset:
     """int64 (K,) number of training examples of each class."""
     return np.bincount(self.y_train, minlength=self.num_classes)
 
+  def check(self) -> "Dataset":
+    """Raises DataError unless the arrays are what `from_arrays` returns
+    (float32 NHWC images in [0, 1] of one shape, int32 labels in
+    0..K-1, every class in the training split, normalisation constants
+    per channel): a Dataset built directly skips that validation, and a
+    label >= K would otherwise be dropped silently by the private passes.
+    Copies nothing; returns self."""
+    for what, x in (("x_train", self.x_train), ("x_test", self.x_test)):
+      if not (isinstance(x, np.ndarray) and x.dtype == np.float32
+              and x.ndim == 4):
+        raise DataError(f"Dataset.{what} must be a float32 (N, H, W, C) "
+                        "array (build datasets with data.from_arrays)")
+    if self.x_train.shape[0] == 0 or (
+        self.x_test.shape[1:] != self.x_train.shape[1:]
+        and self.x_test.shape[0]):
+      raise DataError("Dataset: x_train is empty or x_test's images have "
+                      "another shape")
+    for what, x in (("x_train", self.x_train), ("x_test", self.x_test)):
+      if x.size and not (np.all(np.isfinite(x)) and x.min() >= 0
+                         and x.max() <= 1):
+        raise DataError(f"Dataset.{what} has pixels outside [0, 1] or "
+                        "non-finite")
+    k = self.num_classes
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 2:
+      raise DataError(f"Dataset.num_classes must be an integer >= 2, got "
+                      f"{k!r}")
+    for what, y, x in (("y_train", self.y_train, self.x_train),
+                       ("y_test", self.y_test, self.x_test)):
+      if not (isinstance(y, np.ndarray) and y.dtype == np.int32
+              and y.shape == (x.shape[0],)):
+        raise DataError(f"Dataset.{what} must be an int32 array of one "
+                        "label per image")
+      if y.size and (y.min() < 0 or y.max() >= k):
+        raise DataError(f"Dataset.{what} has labels outside 0..{k - 1}")
+    if np.any(np.bincount(self.y_train, minlength=k) == 0):
+      raise DataError("Dataset: a class has no training examples")
+    c = self.x_train.shape[-1]
+    if len(self.mean) != c or len(self.std) != c or not all(
+        s > 0 for s in self.std):
+      raise DataError(f"Dataset: mean and std need {c} values each, std > 0")
+    return self
+
   def normalize(self, x: Any) -> Any:
     """Returns (x - mean) / std, broadcasting over the last (channel) axis.
 

@@ -152,7 +152,7 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
   del log  # progress goes through tqdm (disabled by cfg.quiet)
   t0 = time.time()
   validate_config(cfg)
-  ds = dataset or load_data(cfg)
+  ds = dataset.check() if dataset is not None else load_data(cfg)
   if cfg.num_classes and dataset is not None and (
       ds.num_classes != cfg.num_classes):
     raise ConfigError(f"num_classes={cfg.num_classes} but the dataset has "

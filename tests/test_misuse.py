@@ -103,3 +103,29 @@ def test_a_merf_bandwidth_that_is_not_positive_is_refused(bandwidth):
   from dpgeng_jax.generators import merf
   with pytest.raises(ValueError, match="bandwidth"):
     merf.FeatureMap.create(jax.random.key(0), 4, 3, bandwidth=bandwidth)
+
+
+def test_a_dataset_built_directly_is_checked_before_any_private_work():
+  """A Dataset constructed without from_arrays skipped its checks: a label
+  >= K was dropped silently by the queries (run with public class sizes)
+  before a misleading error. run() checks it first."""
+  from dpgeng_jax import data, pipeline
+  from dpgeng_jax.config import Config
+  from dpgeng_jax.errors import DataError
+  rng = np.random.default_rng(0)
+  good = data.from_arrays(rng.random((20, 8, 8, 1)).astype(np.float32),
+                          np.arange(20) % 2,
+                          rng.random((4, 8, 8, 1)).astype(np.float32),
+                          np.arange(4) % 2)
+  assert good.check() is good
+  y = (np.arange(20) % 2).astype(np.int32)
+  y[3] = 7
+  bad = data.Dataset("direct", good.x_train, y, good.x_test, good.y_test,
+                     2, (0.5,), (0.5,), "given")
+  with pytest.raises(DataError, match="labels outside 0..1"):
+    pipeline.run(Config(public_class_sizes=True, method="ndpdc",
+                        quiet=True), dataset=bad)
+  wide = data.Dataset("direct", good.x_train.astype(np.float64), good.y_train,
+                      good.x_test, good.y_test, 2, (0.5,), (0.5,), "given")
+  with pytest.raises(DataError, match="float32"):
+    wide.check()
