@@ -95,7 +95,9 @@ class ClassSizes:
 
     Reads the exact counts; only the abort itself is observable, and its
     probability is accounted (accounting.DeltaSplit)."""
-    exact = np.bincount(np.asarray(y), minlength=self.num_classes)
+    y = np.asarray(y)
+    check_labels(y, self.num_classes, len(y))
+    exact = np.bincount(y, minlength=self.num_classes)
     if np.any(exact > self.bound) or exact.sum() > self.total_bound:
       raise CountBoundError(
           "a class holds more examples than the upper bound derived from "
@@ -189,7 +191,9 @@ def public_sizes(y: np.ndarray, num_classes: int,
                  policy: str = "declared public") -> ClassSizes:
   """Exact class sizes, for data whose sizes are public knowledge (or a
   non-private run: policy 'exact (not private)')."""
-  exact = np.bincount(np.asarray(y), minlength=num_classes)
+  y = np.asarray(y)
+  check_labels(y, num_classes, len(y))
+  exact = np.bincount(y, minlength=num_classes)
   return ClassSizes(exact.astype(np.float64), exact.astype(np.int64), policy)
 
 

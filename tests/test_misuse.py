@@ -129,3 +129,26 @@ def test_a_dataset_built_directly_is_checked_before_any_private_work():
                       good.x_test, good.y_test, 2, (0.5,), (0.5,), "given")
   with pytest.raises(DataError, match="float32"):
     wide.check()
+
+
+@pytest.mark.parametrize("y", [[0, -1, 1], [0, 2, 1], [0.0, 1.0, 1.0]])
+def test_pe_votes_refuse_labels_outside_the_classes(y):
+  """A -1 label voted in class K-1 and a float one was truncated."""
+  from dpgeng_jax.generators import pe
+  pop = jnp.zeros((2, 4, 3))
+  with pytest.raises(ValueError, match="labels"):
+    pe.vote_counts(pop, jnp.ones((3, 3)), np.asarray(y), jnp.ones(3))
+
+
+def test_class_size_helpers_refuse_labels_outside_the_classes():
+  """public_sizes([0, 1, 5], 2) said 6 classes; check() failed on a
+  broadcast error."""
+  from dpgeng_jax import counts
+  with pytest.raises(ValueError, match="labels must be in 0..1"):
+    counts.public_sizes(np.array([0, 1, 5]), 2)
+  sizes = counts.public_sizes(np.array([0, 1, 1]), 2)
+  assert sizes.num_classes == 2
+  with pytest.raises(ValueError, match="labels must be in 0..1"):
+    sizes.check(np.array([0, 1, 2]))
+  with pytest.raises(ValueError, match="labels must be in 0..1"):
+    sizes.check(np.array([0, -1]))

@@ -44,6 +44,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dpgeng_jax import accounting, noise
+from dpgeng_jax.clipping import check_labels
 from dpgeng_jax.config import Config
 from dpgeng_jax.generators import Context, Output, apis, embeddings
 
@@ -108,6 +109,7 @@ def vote_counts(pop_emb: jax.Array, priv_emb: jax.Array, y: jax.Array,
     raise ValueError(f"k = {k} votes need a population of >= k per class "
                      f"(got {pop})")
   n = priv_emb.shape[0]
+  check_labels(y, num_classes, n)  # a -1 would vote in class K-1
   chunk = max(1, min(chunk, n))
   pad = (-n) % chunk
   priv = jnp.pad(priv_emb.astype(jnp.float32), ((0, pad), (0, 0)))
