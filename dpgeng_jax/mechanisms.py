@@ -109,10 +109,16 @@ class FlatData(NamedTuple):
 
 
 def _check_rate(sampling_rate) -> None:
-  if not (isinstance(sampling_rate, (int, float, np.floating))
-          and 0 < sampling_rate <= 1):
-    raise ValueError(f"sampling rate must be in (0, 1], got "
-                     f"{sampling_rate!r}")
+  """A concrete number in (0, 1] (a Python, NumPy or 0-d JAX scalar; the
+  rate sizes the padded batch, so it cannot be traced)."""
+  try:
+    ok = (not isinstance(sampling_rate, bool) and np.ndim(sampling_rate) == 0
+          and 0 < float(sampling_rate) <= 1)
+  except (TypeError, ValueError, jax.errors.ConcretizationTypeError):
+    ok = False
+  if not ok:
+    raise ValueError(f"sampling rate must be a concrete number in (0, 1], "
+                     f"got {sampling_rate!r}")
 
 
 def poisson_capacity(class_counts, sampling_rate: float,

@@ -152,3 +152,16 @@ def test_class_size_helpers_refuse_labels_outside_the_classes():
     sizes.check(np.array([0, 1, 2]))
   with pytest.raises(ValueError, match="labels must be in 0..1"):
     sizes.check(np.array([0, -1]))
+
+
+def test_a_jax_scalar_sampling_rate_is_accepted_and_a_traced_one_refused():
+  spec = mechanisms.QuerySpec(_embed, 2, 1.0, 1.0, jnp.asarray(0.5), 4)
+  assert float(spec.sampling_rate) == 0.5
+  assert mechanisms.poisson_capacity([40], jnp.float32(0.5)) == (
+      mechanisms.poisson_capacity([40], 0.5))
+
+  @jax.jit
+  def traced(rate):
+    return mechanisms.poisson_capacity([40], rate)
+  with pytest.raises(ValueError, match="concrete number"):
+    traced(0.5)
