@@ -34,3 +34,22 @@ import jax  # noqa: E402  (after the variables above)
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def noise_calls(monkeypatch):
+  """What the releases hand the noise sampler: a list that fills with
+  (value as numpy, stddev, scale) per `noise.add_gaussian_noise` call
+  (eager calls only: under jit the value is a tracer)."""
+  from dpgeng_jax import noise
+  seen = []
+  real = noise.add_gaussian_noise
+
+  def spy(key, value, stddev, scale=None):
+    seen.append((np.asarray(value), stddev, scale))
+    return real(key, value, stddev, scale)
+  monkeypatch.setattr(noise, "add_gaussian_noise", spy)
+  return seen
