@@ -25,7 +25,6 @@ sample at the run's image shape (cached with the rate).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -232,16 +231,13 @@ def machine_rate(cache: bool = True, image_shape=None) -> dict:
   if cache and changed:
     rate_to_save = {k: v for k, v in rate.items()
                     if k != "text_api_s_per_sample"}
-    tmp = f"{path}.{os.getpid()}.tmp"
+    from dpgeng_jax import outputs
     try:
       os.makedirs(os.path.dirname(path), exist_ok=True)
       table[key] = rate_to_save
-      with open(tmp, "w") as f:
-        json.dump(table, f, indent=2)
-      os.replace(tmp, path)
-    except OSError:  # an unwritable cache: measured again next time
-      with contextlib.suppress(OSError):
-        os.remove(tmp)
+      outputs.atomic_write(path, lambda f: json.dump(table, f, indent=2))
+    except OSError:
+      pass  # an unwritable cache: measured again next time
   return rate
 
 
