@@ -497,13 +497,10 @@ def make_dp_sgd_step(loss_fn: Callable[..., jax.Array] | None, optimizer, *,
 
   def step(params, opt_state, batch, mask, noise_key):
     bits = spec.release_bits(mask.shape[0])
-    sums = grad_sum_fn(params, batch, mask, bits=bits)
-    if bits is not None and not all(
-        jnp.issubdtype(a.dtype, jnp.integer) for a in jax.tree.leaves(sums)):
-      raise ValueError("grad_sum_fn returned float sums where the release "
-                       f"asked for fixed point (bits={bits}): it must pass "
-                       "bits on to clipping (see clipped_grad_sum)")
-    g = spec.release(noise_key, sums, bits)
+    # A grad_sum_fn returning float sums where bits asked for fixed point
+    # is refused by the noise sampler (a scale needs integer values).
+    g = spec.release(noise_key, grad_sum_fn(params, batch, mask, bits=bits),
+                     bits)
     g = jax.tree.map(lambda a: a / expected_batch_size, g)
     updates, opt_state = optimizer.update(g, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, g

@@ -192,12 +192,19 @@ def add_gaussian_noise(key: jax.Array, value: jax.Array,
   """
   value = jnp.asarray(value)
   check_stddev(stddev)
-  if scale is None and jnp.issubdtype(value.dtype, jnp.integer):
-    # Fixed-point sums are in units of 2^-bits: without their scale the
-    # noise would be 2^bits times too small against them.
+  # A scale goes with integer values only, both ways: fixed-point sums are
+  # in units of 2^-bits, so without their scale the noise would be 2^bits
+  # times too small against them, and float sums scaled by 2^-bits (a sum
+  # function that ignored the bits it was given) would shrink the release.
+  integer = jnp.issubdtype(value.dtype, jnp.integer)
+  if integer and scale is None:
     raise ValueError("integer values (fixed-point sums or counts) need "
                      "their scale (the value of one unit, e.g. "
                      "clipping.fixed_point_scale(bits))")
+  if scale is not None and not integer:
+    raise ValueError(f"a scale is the unit of integer (fixed point) sums, "
+                     f"but the values are {value.dtype}: a sum function "
+                     "must pass bits on to clipping (see clipped_grad_sum)")
   zero = isinstance(stddev, (int, float)) and stddev == 0
   if zero and scale is None:
     return value.astype(jnp.float32)

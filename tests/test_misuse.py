@@ -78,6 +78,8 @@ def test_integer_sums_without_their_scale_are_refused():
     noise.add_gaussian_noise(KEY, ints, 1.0)
   with pytest.raises(ValueError, match="need their scale"):
     noise.tree_add_gaussian_noise(KEY, {"a": ints}, 1.0)
+  with pytest.raises(ValueError, match="fixed point"):  # and vice versa
+    noise.add_gaussian_noise(KEY, jnp.ones(3), 1.0, scale=2.0 ** -27)
   out = noise.add_gaussian_noise(KEY, ints, 1.0, scale=2.0 ** -27)
   assert np.all(np.abs(np.asarray(out) - 1.0) < 10.0)
 

@@ -125,7 +125,8 @@ def test_jit_equals_eager_and_chunking_does_not_change_votes():
 def test_the_noise_has_the_claimed_std():
   sigma = 3.0
   z = np.asarray(pe.release_histogram(noise.deterministic_secret_key(1),
-                                      jnp.zeros((100, 200)), sigma)).ravel()
+                                      jnp.zeros((100, 200), jnp.int32),
+                                      sigma)).ravel()
   assert stats.kstest(z / sigma, "norm").pvalue > 1e-3
   for wrong in (2 / 3, 3 / 2):
     assert stats.kstest(z / (wrong * sigma), "norm").pvalue < 1e-6
