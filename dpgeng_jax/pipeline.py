@@ -28,7 +28,7 @@ from dpgeng_jax import presets, progress as progress_lib, report as report_lib
 from dpgeng_jax.generators.external import External
 from dpgeng_jax import planning, store as store_lib
 from dpgeng_jax.config import Config
-from dpgeng_jax.errors import ConfigError
+from dpgeng_jax.errors import ConfigError, DataError
 # The plan of a configuration (reads no data), re-exported: pipeline is
 # the module users import.
 from dpgeng_jax.planning import (Plan, abort_events, delta_split,  # noqa: F401
@@ -152,6 +152,15 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
   del log  # progress goes through tqdm (disabled by cfg.quiet)
   t0 = time.time()
   validate_config(cfg)
+  if jax.process_count() > 1 and (cfg.resume or (
+      store is not None and store.exists())):
+    # Runs over several processes save no stages: resumed so, every
+    # mechanism would be drawn again with fresh noise beside the saved
+    # (and then published) releases of the killed run.
+    raise ConfigError(
+        "--resume continues a run in one process only: a run over several "
+        "processes saves no stages, so it would draw every release again "
+        "beside the saved ones; resume without --num-processes")
   ds = dataset.check() if dataset is not None else load_data(cfg)
   if cfg.num_classes and dataset is not None and (
       ds.num_classes != cfg.num_classes):
@@ -292,6 +301,16 @@ def _check_before_private_work(cfg: Config, plan, ds: data_lib.Dataset,
   if isinstance(generator, External):
     y_ext = generator.load(tuple(ds.image_shape), k)[1]
     per_class = int(np.min(np.bincount(y_ext, minlength=k)))
+  preflight = getattr(generator, "preflight", None)
+  if plan.uses_generated and preflight is not None:
+    # The generator's options, checked before the count release: a run
+    # refused after it would have spent a release (and a rerun composes).
+    try:
+      preflight(tuple(ds.image_shape), k)
+    except (ValueError, OSError) as e:
+      if isinstance(e, DataError):
+        raise
+      raise ConfigError(f"generator {plan.generator}: {e}") from e
   if planning.selects_generated(cfg, plan):
     if per_class < m * f * f:
       raise ConfigError(

@@ -315,6 +315,13 @@ def mechanisms_for(cfg: Config, plan: Plan) -> list[accounting.Mechanism]:
                                       cfg.expert_sampling_rate,
                                       cfg.expert_steps))
     shares.append(cfg.share_expert)
+  names = [m.name for m in (*plan.fixed, *mechs)]
+  if len(set(names)) < len(names):
+    # The stages find their calibrated noise by name: a plug-in's
+    # mechanism named like another would be handed that one's noise.
+    raise ConfigError(
+        f"the run's private mechanisms need distinct names, got {names}: "
+        "rename the generator's mechanisms")
   if cfg.method == "dm":
     return mechs
   split = delta_split(cfg, plan)

@@ -348,6 +348,23 @@ def generator_context(run: Run, sizes, generator) -> generators.Context:
       quiet=run.cfg.quiet)
 
 
+def _check_calibrated(templates, calibrated, generator: str) -> None:
+  """The releases the generator will make (its mechanisms' templates) are
+  the ones the calibration accounted: a resumed run loads the saved
+  calibration, and a generator given from Python could differ from the
+  one calibrated under the same name (say, more PE iterations)."""
+  for t, m in zip(templates, calibrated):
+    made = (t.sampling_rate, t.steps, t.sensitivity)
+    if m is None or (m.sampling_rate, m.steps, m.sensitivity) != made:
+      had = ("none" if m is None else
+             f"{m.steps} at sampling rate {m.sampling_rate:g}")
+      raise ConfigError(
+          f"generator {generator}: its mechanism {t.name!r} makes "
+          f"{t.steps} releases at sampling rate {t.sampling_rate:g}, but "
+          f"the calibration accounted {had}: the run would not be private "
+          f"as stated; give the generator the run was calibrated for")
+
+
 def generate(run: Run, budget: Budget, sizes, secret: jax.Array,
              generator: generators.DPGenerator):
   """M_G through the run's generator plug-in: (Generated or None, the
@@ -356,6 +373,8 @@ def generate(run: Run, budget: Budget, sizes, secret: jax.Array,
   if not plan.uses_generated:
     return None, sizes
   mechs = [budget.mechanism(m.name) for m in plan.generator_mechanisms]
+  if not run.done("generate"):
+    _check_calibrated(plan.generator_mechanisms, mechs, plan.generator)
   if run.done("generate"):
     saved = run.load("generate")
     arrays, info = saved[0], saved[2] or {}

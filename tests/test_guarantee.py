@@ -386,3 +386,62 @@ def test_a_refusal_after_the_count_release_names_what_it_spent(tmp_path,
   assert "1/N" in err and "which is spent" in err and "compose" in err
   assert "epsilon" in err and str(sum(SIZES)) not in err
   assert not out.exists()
+
+
+class _Pixels255:
+  """A user image API answering in 0..255, not [0, 1]."""
+
+  def random(self, key, labels):
+    from dpgeng_jax.generators import apis
+    labels = np.asarray(labels)
+    return apis.Samples(np.full((len(labels), 8, 8, 1), 200.0, np.float32),
+                        labels)
+
+  def variation(self, key, samples, degree):
+    return self.random(key, samples.labels)
+
+
+@pytest.mark.parametrize("how", ["texts", "user api"])
+def test_a_bad_generator_option_is_refused_before_the_count_release(
+    tmp_path, monkeypatch, capsys, how):
+  """Class texts no font draws, or a user API's out-of-range answer, were
+  found at the generator's first call, after the count release: the run
+  was refused with a release spent (and a rerun composes with it)."""
+  def spent(*a, **k):
+    raise AssertionError("the class counts were released")
+  monkeypatch.setattr(counts, "release_class_counts", spent)
+  ds = _sized_npz(tmp_path)
+  if how == "texts":
+    assert _distill(["--dataset", ds, "--out", str(tmp_path / "run"),
+                     "--pe-texts", "\U00013000,a,b,c", *TINY, *GEN_TINY]) == 2
+    assert "no font has glyphs" in capsys.readouterr().err
+  else:
+    from dpgeng_jax.errors import ConfigError
+    from dpgeng_jax.generators import pe
+    cfg = Config(dataset=ds, ipc=2, steps=3, num_queries=2, eval_epochs=1,
+                 eval_models=1, extractor_width=8, eval_width=8, quiet=True,
+                 pe_iterations=1, pe_population=4, generated_per_class=8)
+    with pytest.raises(ConfigError, match="outside \\[0, 1\\]"):
+      pipeline.run(cfg, generator=pe.PrivateEvolution(
+          _Pixels255(), pe.PEConfig(iterations=1, population=4)))
+
+
+def test_generator_mechanisms_named_like_the_runs_own_are_refused():
+  """The stages find their calibrated noise by name: a plug-in mechanism
+  called "feature_matching" was handed its own (smaller) noise by the
+  query stage."""
+  from dpgeng_jax import accounting, planning
+  from dpgeng_jax.errors import ConfigError
+  from dpgeng_jax.generators import pe
+
+  class Named(pe.PrivateEvolution):
+    def mechanisms(self):
+      return (accounting.Mechanism("feature_matching", 0.0, 1.0, 1,
+                                   sensitivity="1"),)
+
+  cfg = Config(method="dpgeng")
+  plan = planning.resolve(cfg, (8, 8, 1), Named("text"))
+  with pytest.raises(ConfigError, match="distinct names"):
+    planning.mechanisms_for(cfg, plan)
+  plan = planning.resolve(cfg, (8, 8, 1), pe.PrivateEvolution("text"))
+  assert len(planning.mechanisms_for(cfg, plan)) == 3

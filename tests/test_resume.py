@@ -369,3 +369,51 @@ def test_a_resumed_run_reports_the_times_of_the_process_that_ran_each_stage(
   assert {"generate", "pool", "query"} <= set(
       metrics["resumed"]["stages_loaded"])
   assert "init" not in metrics["resumed"]["stages_loaded"]
+
+
+def test_a_resume_over_several_processes_is_refused_before_any_release(
+    tmp_path, monkeypatch, calls, capsys):
+  """Runs over several processes save no stages: resumed so, they drew
+  every release again with fresh noise, and the killed run's saved
+  releases were published beside the new ones (privacy.json accounting
+  for one set)."""
+  import jax
+  out = _killed_run(tmp_path, monkeypatch, after="generate")
+  calls.update({m: 0 for m in MECHANISMS})
+  _count_again(monkeypatch, calls)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  assert cli.main(["distill", "--resume", str(out), "--quiet"]) == 2
+  err = capsys.readouterr().err
+  assert "--resume continues a run in one process only" in err
+  assert calls == {m: 0 for m in MECHANISMS}
+  assert _visible(out) == []
+  monkeypatch.undo()
+  # As one process the same run resumes.
+  assert cli.main(["distill", "--resume", str(out), "--quiet"]) == 0
+  assert "privacy.json" in _visible(out)
+
+
+def test_a_generator_making_other_releases_than_calibrated_is_refused(
+    tmp_path, monkeypatch, calls):
+  """Resumed with a PE given from Python under the same name but with
+  more iterations, the run loaded the saved calibration (2 releases) and
+  made 3 at its noise, reporting 2."""
+  from dpgeng_jax.config import Config
+  from dpgeng_jax.errors import ConfigError
+  out = _killed_run(tmp_path, monkeypatch, after="calibrate")
+  calls.update({m: 0 for m in MECHANISMS})
+  _count_again(monkeypatch, calls)
+  st = store.StageStore(os.path.join(out, outputs.STAGING,
+                                     pipeline.STAGES_DIR))
+  cfg = Config(**{**st.config(), "resume": str(out)})
+  more = pe.PrivateEvolution("text", pe.PEConfig(iterations=3,
+                                                 population=4, k=4))
+  with pytest.raises(ConfigError, match="makes 3 releases .* the "
+                     "calibration accounted 2 at sampling rate 1"):
+    pipeline.run(cfg, store=st, generator=more)
+  assert calls["generator"] == 0
+  # Called directly, PE itself refuses a mechanism of other steps.
+  from dpgeng_jax import accounting
+  with pytest.raises(ValueError, match="PE releases 3 histograms"):
+    more.generate(None, None, [accounting.Mechanism("generator", 1.0, 1.0,
+                                                    2, sensitivity="1")])

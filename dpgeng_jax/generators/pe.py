@@ -339,7 +339,27 @@ class PrivateEvolution:
     raise ValueError(f"unknown PE API {self.api!r}; expected text, "
                      "nearest:PATH or an ImageAPI object")
 
+  def preflight(self, image_shape, num_classes: int) -> None:
+    """Builds the API and checks one `random` image per class (shape,
+    range, labels): a bad option (a font directory, the class texts, a
+    collection, a user API's answer) fails here, before the run's first
+    release, not after it. Public work only."""
+    api = self.image_api(tuple(image_shape), num_classes)
+    labels = _class_major(num_classes, 1)
+    _checked(api.random(jax.random.key(0), labels), labels,
+             tuple(image_shape), "the image API's random")
+
   def generate(self, ctx: Context, secret: jax.Array, mechanisms) -> Output:
+    if not self.cfg.public_only:
+      (mech,) = self.mechanisms()
+      given = list(mechanisms)
+      if (len(given) != 1 or given[0].steps != mech.steps
+          or given[0].sampling_rate != mech.sampling_rate):
+        raise ValueError(
+            f"PE releases {mech.steps} histograms of the whole dataset "
+            f"(one mechanism: steps {mech.steps}, sampling rate 1), but "
+            f"was given {given}: calibrate the mechanism of this "
+            "PrivateEvolution's mechanisms()")
     sigma = 0.0 if self.cfg.public_only else mechanisms[0].noise_multiplier
     k_api, k_embed, k_evolve = jax.random.split(ctx.key, 3)
     api = self.image_api(ctx.image_shape, ctx.num_classes, k_api)
