@@ -476,9 +476,11 @@ def test_a_user_image_api_from_python(tmp_path):
   from dpgeng_jax import pipeline
   from dpgeng_jax.generators import apis, pe
   calls = {"random": 0, "variation": 0}
+  asked = []
 
   def random_fn(key, labels):
     calls["random"] += 1
+    asked.append(len(labels))
     return np.asarray(jax.random.uniform(key, (len(labels), 8, 8, 1)))
 
   def variation_fn(key, images, labels, degree):
@@ -494,7 +496,8 @@ def test_a_user_image_api_from_python(tmp_path):
                eval_width=8, extractor_width=8, generated_per_class=8,
                deterministic=True, quiet=True)
   result = pipeline.run(cfg, generator=gen)
-  assert calls == {"random": 1, "variation": 2}
+  # One image per class checked before any release, then the population.
+  assert calls == {"random": 2, "variation": 2} and asked == [10, 40]
   assert result.config["resolved"]["generator"] == "pe:user"
   assert _mechanism(result.privacy, "generator")["steps"] == 2
   # config.json said pe_iterations 10 (the configuration's, unused).

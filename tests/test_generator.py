@@ -213,3 +213,13 @@ def test_fixed_point_bits_keep_int32_sums_from_overflowing():
     assert abs(float(sums[0, 0]) * 2.0 ** -s / (10 * bound) - 1) < 0.01
   with pytest.raises(ValueError, match="bits"):
     clipping.fixed_point_bits(10, 1e-30)
+
+
+@pytest.mark.parametrize("rate,steps", [(0.5, 1), (1.0, 2)])
+def test_merf_refuses_noise_calibrated_for_other_releases(rate, steps):
+  """Noise calibrated for a subsampled release (or two releases) was
+  used as given for one release of the whole dataset."""
+  from dpgeng_jax import accounting
+  m = accounting.Mechanism("generator", 2.0, rate, steps, sensitivity="1")
+  with pytest.raises(ValueError, match="merf makes the releases"):
+    G.Merf(8, 1).generate(None, None, [m])

@@ -414,6 +414,7 @@ def test_a_generator_making_other_releases_than_calibrated_is_refused(
   assert calls["generator"] == 0
   # Called directly, PE itself refuses a mechanism of other steps.
   from dpgeng_jax import accounting
-  with pytest.raises(ValueError, match="PE releases 3 histograms"):
+  with pytest.raises(ValueError, match="pe:text makes the releases .*1.0, "
+                     "3, .1.*given mechanisms calibrated for .*1.0, 2, "):
     more.generate(None, None, [accounting.Mechanism("generator", 1.0, 1.0,
                                                     2, sensitivity="1")])

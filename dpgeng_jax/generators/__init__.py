@@ -78,6 +78,24 @@ class DPGenerator(Protocol):
     ...
 
 
+def check_mechanisms(generator, given) -> list:
+  """`given` (calibrated mechanisms handed to `generate`) as a list, after
+  checking that they are the releases `generator` makes: its
+  mechanisms()'s names, sampling rates, steps and sensitivities in order.
+  Noise calibrated for other releases (fewer steps, a subsampled rate)
+  would not give the guarantee it was calibrated for."""
+  given = list(given)
+  want = [(m.name, m.sampling_rate, m.steps, m.sensitivity)
+          for m in generator.mechanisms()]
+  got = [(m.name, m.sampling_rate, m.steps, m.sensitivity) for m in given]
+  if got != want:
+    raise ValueError(
+        f"{generator.name} makes the releases (name, sampling rate, steps, "
+        f"sensitivity) {want}, but was given mechanisms calibrated for "
+        f"{got}: calibrate the templates of its mechanisms()")
+  return given
+
+
 GENERATOR_SPECS = "pe:text | pe:nearest:PATH | merf | npz:PATH"
 
 

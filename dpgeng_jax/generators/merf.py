@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from dpgeng_jax import accounting, noise
 from dpgeng_jax.clipping import (CLIP_MARGIN, fixed_point_bits,
                                  fixed_point_class_sums, fixed_point_scale)
-from dpgeng_jax.generators import Output
+from dpgeng_jax.generators import Output, check_mechanisms
 
 
 class FeatureMap(NamedTuple):
@@ -230,7 +230,7 @@ class Merf:
     return ()
 
   def generate(self, ctx, secret, mechanisms):
-    (mech,) = mechanisms
+    (mech,) = check_mechanisms(self, mechanisms)
     k_map, k_fit, k_sample = jax.random.split(ctx.key, 3)
     fmap = FeatureMap.create(k_map, int(np.prod(ctx.image_shape)),
                              self.num_features)

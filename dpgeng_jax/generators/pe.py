@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from dpgeng_jax import accounting, noise
 from dpgeng_jax.clipping import check_labels
 from dpgeng_jax.config import Config
-from dpgeng_jax.generators import Context, Output, apis, embeddings
+from dpgeng_jax.generators import Context, Output, apis, check_mechanisms, embeddings
 
 SENSITIVITY = 1.0  # L2, add/remove one example (module docstring)
 # The vote weight's margin below 1/sqrt(k): float64 rounds c w with a
@@ -351,15 +351,7 @@ class PrivateEvolution:
 
   def generate(self, ctx: Context, secret: jax.Array, mechanisms) -> Output:
     if not self.cfg.public_only:
-      (mech,) = self.mechanisms()
-      given = list(mechanisms)
-      if (len(given) != 1 or given[0].steps != mech.steps
-          or given[0].sampling_rate != mech.sampling_rate):
-        raise ValueError(
-            f"PE releases {mech.steps} histograms of the whole dataset "
-            f"(one mechanism: steps {mech.steps}, sampling rate 1), but "
-            f"was given {given}: calibrate the mechanism of this "
-            "PrivateEvolution's mechanisms()")
+      mechanisms = check_mechanisms(self, mechanisms)
     sigma = 0.0 if self.cfg.public_only else mechanisms[0].noise_multiplier
     k_api, k_embed, k_evolve = jax.random.split(ctx.key, 3)
     api = self.image_api(ctx.image_shape, ctx.num_classes, k_api)
