@@ -331,9 +331,13 @@ def _images(x: Any, what: str, allow_empty: bool = False) -> np.ndarray:
   if x.ndim == 3:
     x = x[..., None]
   if x.shape[-1] not in (1, 3):
+    first = (x.ndim == 4 and x.shape[1] in (1, 3)
+             and x.shape[-1] != x.shape[1])
     raise DataError(
         f"{what} has {x.shape[-1]} channels (shape {x.shape}); only 1 (grey) or "
-        "3 (RGB) channels are supported, with channels last")
+        "3 (RGB) channels are supported, with channels last" + (
+            "; these look channels-first (N, C, H, W): pass "
+            "x.transpose(0, 2, 3, 1)" if first else ""))
   if 0 in x.shape[1:] or (x.shape[0] == 0 and not allow_empty):
     raise DataError(f"{what} is empty (shape {x.shape}); it needs examples"
                     + (" (a dataset without a test split runs with --no-eval)"
@@ -374,8 +378,11 @@ def _labels(y: Any, what: str, num_images: int) -> np.ndarray:
   y = np.asarray(y)
   if not np.issubdtype(y.dtype, np.integer):
     raise DataError(f"{what} has dtype {y.dtype}; labels must have an integer dtype")
+  if y.ndim == 2 and y.shape[1] == 1:
+    y = y[:, 0]  # a column, as Keras's CIFAR arrays hold them
   if y.ndim != 1:
-    raise DataError(f"{what} must be 1-D (N,), got shape {y.shape}")
+    raise DataError(f"{what} must be 1-D (N,) or a column (N, 1), got shape "
+                    f"{y.shape}")
   if len(y) != num_images:
     raise DataError(
         f"mismatched lengths: {what} has {len(y)} labels but there are "

@@ -243,6 +243,9 @@ BAD_INPUTS = {
                                  "inconsistent image shapes"),
     "two_channels": (_with(x_train=np.zeros((6, 4, 4, 2), np.float32),
                            x_test=np.zeros((3, 4, 4, 2), np.float32)), "channels"),
+    "channels_first": (_with(x_train=np.zeros((6, 3, 4, 4), np.float32),
+                             x_test=np.zeros((3, 3, 4, 4), np.float32)),
+                       r"channels-first .* x.transpose\(0, 2, 3, 1\)"),
     "nan_pixel": (_with_pixel("x_train", np.nan), "NaN or inf"),
     "inf_pixel": (_with_pixel("x_test", np.inf), "NaN or inf"),
     "float_pixel_above_one": (_with_pixel("x_train", 1.5),
@@ -253,6 +256,8 @@ BAD_INPUTS = {
     "float_labels": (_with(y_train=np.array([0.0, 1, 2, 0, 1, 2])), "integer dtype"),
     "bool_labels": (_with(y_test=np.array([True, False, True])), "integer dtype"),
     "2d_labels": (_with(y_train=np.array([[0, 1, 2, 0, 1, 2]])), "1-D"),
+    "one_hot_labels": (_with(y_train=np.eye(3, dtype=np.int64)[
+        [0, 1, 2, 0, 1, 2]]), r"or a column \(N, 1\), got shape \(6, 3\)"),
     "negative_label": (_with(y_train=np.array([0, 1, 2, 0, 1, -1])), "negative"),
     "label_not_below_num_classes": (_with(num_classes=2), "num_classes=2"),
     "test_label_outside_training_classes": (_with(y_test=np.array([0, 1, 3])),
@@ -283,6 +288,18 @@ BAD_INPUTS = {
     "empty_test_split": (_with(x_test=np.zeros((0, 4, 4, 1), np.float32),
                                y_test=np.zeros((0,), np.int64)), "x_test is empty"),
 }
+
+
+def test_column_labels_load_as_their_vector():
+  """Keras keeps CIFAR's labels as an (N, 1) column; they were refused."""
+  arrays = _valid()
+  column = data.from_arrays(**{**arrays,
+                               "y_train": arrays["y_train"][:, None],
+                               "y_test": arrays["y_test"][:, None]})
+  flat = data.from_arrays(**arrays)
+  np.testing.assert_array_equal(column.y_train, flat.y_train)
+  np.testing.assert_array_equal(column.y_test, flat.y_test)
+  assert column.y_train.ndim == 1
 
 
 @pytest.mark.parametrize("make, message", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
