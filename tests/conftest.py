@@ -9,6 +9,12 @@ import tempfile
 _CACHE = os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR",
     os.path.join(tempfile.gettempdir(), "dpgeng_jax_test_xla_cache"))
+# One cache per pytest-xdist worker (jax writes an entry in place, so a
+# worker could read another's half-written file); the subprocesses a
+# worker starts inherit its directory.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if _WORKER and not _CACHE.endswith("_" + _WORKER):
+  _CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = f"{_CACHE}_{_WORKER}"
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # Compile for compile speed: the suite's programs are many and small, so
 # XLA:CPU's LLVM optimisation (level 2 by default) costs more than it saves
@@ -53,3 +59,14 @@ def noise_calls(monkeypatch):
     return real(key, value, stddev, scale)
   monkeypatch.setattr(noise, "add_gaussian_noise", spy)
   return seen
+
+
+# Files that run for minutes in subprocesses of their own (8 fake devices,
+# two processes, whole commands): collected first, so that with -n 2 the
+# other worker runs the rest of the suite beside them, not after them.
+_FIRST = ("test_parallel.py", "test_compile_cache.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  items.sort(key=lambda item: item.path.name not in _FIRST)  # stable

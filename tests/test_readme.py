@@ -24,7 +24,7 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
 def test_ci_runs_the_readme_test_command():
   readme = (ROOT / "README.md").read_text()
   ci = (ROOT / ".ci" / "run").read_text()
-  assert 'pip install ".[test]" && python -m pytest -q' in readme
+  assert 'pip install ".[test]" && python -m pytest -q -n 2' in readme
   assert 'pip install --quiet ".[test]"' in ci
-  assert "python -m pytest -q" in ci
+  assert "python -m pytest -q -n 2" in ci
   assert os.access(ROOT / ".ci" / "run", os.X_OK)
