@@ -9,12 +9,9 @@ import tempfile
 _CACHE = os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR",
     os.path.join(tempfile.gettempdir(), "dpgeng_jax_test_xla_cache"))
-# One cache per pytest-xdist worker (jax writes an entry in place, so a
-# worker could read another's half-written file); the subprocesses a
-# worker starts inherit its directory.
-_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
-if _WORKER and not _CACHE.endswith("_" + _WORKER):
-  _CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = f"{_CACHE}_{_WORKER}"
+# Shared by the pytest-xdist workers (-n 2): a program one compiled the
+# other reads. jax writes an entry in place; an entry read half-written
+# fails to load, and jax then warns and compiles it (compiler.py).
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # Compile for compile speed: the suite's programs are many and small, so
 # XLA:CPU's LLVM optimisation (level 2 by default) costs more than it saves
