@@ -373,8 +373,6 @@ def generate(run: Run, budget: Budget, sizes, secret: jax.Array,
   if not plan.uses_generated:
     return None, sizes
   mechs = [budget.mechanism(m.name) for m in plan.generator_mechanisms]
-  if not run.done("generate"):
-    _check_calibrated(plan.generator_mechanisms, mechs, plan.generator)
   if run.done("generate"):
     saved = run.load("generate")
     arrays, info = saved[0], saved[2] or {}
@@ -382,6 +380,7 @@ def generate(run: Run, budget: Budget, sizes, secret: jax.Array,
         arrays.pop("x_gen"), arrays.pop("y_gen"),
         arrays.pop("noisy_counts", None), info.get("count_std"), arrays)
   else:
+    _check_calibrated(plan.generator_mechanisms, mechs, plan.generator)
     try:
       out = generator.generate(generator_context(run, sizes, generator),
                                secret, mechs)

@@ -46,7 +46,8 @@ from tqdm.auto import tqdm
 from dpgeng_jax import accounting, noise
 from dpgeng_jax.clipping import check_labels
 from dpgeng_jax.config import Config
-from dpgeng_jax.generators import Context, Output, apis, check_mechanisms, embeddings
+from dpgeng_jax.generators import (Context, Output, apis, check_mechanisms,
+                                   embeddings)
 
 SENSITIVITY = 1.0  # L2, add/remove one example (module docstring)
 # The vote weight's margin below 1/sqrt(k): float64 rounds c w with a
