@@ -197,16 +197,16 @@ def calibrate(run: Run) -> Budget:
 
 
 def _spent_counts(budget: Budget, sizes: counts_lib.ClassSizes,
-                  delta: float) -> str:
+                  delta: float, lead: str = "the bound comes from") -> str:
   """What a refusal after the count release says about the release: it
   is spent (printed bounds are post-processing of it), with its epsilon
   alone, and a rerun composes with it (its noise is fresh: reruns must not
   be used to average it away). Empty without a release (or a budget)."""
-  if budget is None or sizes.policy != "released":
+  if budget is None or sizes is None or sizes.policy != "released":
     return ""
   m = budget.mechanism("class_counts")
   eps = accounting.epsilon_of(m.event(), delta)
-  return ("; the bound comes from this run's count release (noise "
+  return (f"; {lead} this run's count release (noise "
           f"multiplier {m.noise_multiplier:.4g}, epsilon {eps:.4g} alone at "
           f"delta {delta:g}), which is spent: a rerun releases the counts "
           "again, and the runs compose")
@@ -384,10 +384,11 @@ def generate(run: Run, budget: Budget, sizes, secret: jax.Array,
     try:
       out = generator.generate(generator_context(run, sizes, generator),
                                secret, mechs)
-    except (ValueError, OSError) as e:  # API options (fonts, texts, files)
+    except (ValueError, OSError) as e:  # an API's answer at a later call
       if isinstance(e, DataError):
         raise
-      raise ConfigError(f"generator {plan.generator}: {e}") from e
+      raise ConfigError(f"generator {plan.generator}: {e}" + _spent_counts(
+          budget, sizes, run.cfg.delta, "it failed after")) from e
     arrays = {"x_gen": out.x, "y_gen": out.y, **out.arrays}
     if out.counts is not None:
       arrays["noisy_counts"] = out.counts

@@ -445,3 +445,31 @@ def test_generator_mechanisms_named_like_the_runs_own_are_refused():
     planning.mechanisms_for(cfg, plan)
   plan = planning.resolve(cfg, (8, 8, 1), pe.PrivateEvolution("text"))
   assert len(planning.mechanisms_for(cfg, plan)) == 3
+
+
+class _BadVariation(_Pixels255):
+  """A user API whose random images are fine and whose variation is not."""
+
+  def random(self, key, labels):
+    from dpgeng_jax.generators import apis
+    labels = np.asarray(labels)
+    return apis.Samples(np.full((len(labels), 8, 8, 1), 0.5, np.float32),
+                        labels)
+
+  def variation(self, key, samples, degree):
+    return _Pixels255.random(self, key, samples.labels)
+
+
+def test_a_generator_failing_after_the_count_release_says_it_is_spent(
+    tmp_path):
+  """The check before the releases sees only `random`: a variation that
+  fails later is refused with the count release named as spent."""
+  from dpgeng_jax.errors import ConfigError
+  from dpgeng_jax.generators import pe
+  cfg = Config(dataset=_sized_npz(tmp_path), ipc=2, steps=3, num_queries=2,
+               eval_epochs=1, eval_models=1, extractor_width=8,
+               eval_width=8, quiet=True, generated_per_class=8)
+  with pytest.raises(ConfigError, match="variation.*outside .* it failed "
+                     "after this run's count release .* which is spent"):
+    pipeline.run(cfg, generator=pe.PrivateEvolution(
+        _BadVariation(), pe.PEConfig(iterations=1, population=4)))
