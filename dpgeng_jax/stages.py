@@ -348,23 +348,6 @@ def generator_context(run: Run, sizes, generator) -> generators.Context:
       quiet=run.cfg.quiet)
 
 
-def _check_calibrated(templates, calibrated, generator: str) -> None:
-  """The releases the generator will make (its mechanisms' templates) are
-  the ones the calibration accounted: a resumed run loads the saved
-  calibration, and a generator given from Python could differ from the
-  one calibrated under the same name (say, more PE iterations)."""
-  for t, m in zip(templates, calibrated):
-    made = (t.sampling_rate, t.steps, t.sensitivity)
-    if m is None or (m.sampling_rate, m.steps, m.sensitivity) != made:
-      had = ("none" if m is None else
-             f"{m.steps} at sampling rate {m.sampling_rate:g}")
-      raise ConfigError(
-          f"generator {generator}: its mechanism {t.name!r} makes "
-          f"{t.steps} releases at sampling rate {t.sampling_rate:g}, but "
-          f"the calibration accounted {had}: the run would not be private "
-          f"as stated; give the generator the run was calibrated for")
-
-
 def generate(run: Run, budget: Budget, sizes, secret: jax.Array,
              generator: generators.DPGenerator):
   """M_G through the run's generator plug-in: (Generated or None, the
@@ -380,7 +363,14 @@ def generate(run: Run, budget: Budget, sizes, secret: jax.Array,
         arrays.pop("x_gen"), arrays.pop("y_gen"),
         arrays.pop("noisy_counts", None), info.get("count_std"), arrays)
   else:
-    _check_calibrated(plan.generator_mechanisms, mechs, plan.generator)
+    try:  # the releases it makes are the calibrated ones (a resumed run
+      # loads the saved calibration; a plug-in given from Python may make
+      # others under the same name, say more PE iterations)
+      generators.check_mechanisms(generator,
+                                  [m for m in mechs if m is not None])
+    except ValueError as e:
+      raise ConfigError(f"generator {plan.generator}: {e}; the run would "
+                        "not be private as stated") from e
     try:
       out = generator.generate(generator_context(run, sizes, generator),
                                secret, mechs)

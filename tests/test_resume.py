@@ -408,8 +408,9 @@ def test_a_generator_making_other_releases_than_calibrated_is_refused(
   cfg = Config(**{**st.config(), "resume": str(out)})
   more = pe.PrivateEvolution("text", pe.PEConfig(iterations=3,
                                                  population=4, k=4))
-  with pytest.raises(ConfigError, match="makes 3 releases .* the "
-                     "calibration accounted 2 at sampling rate 1"):
+  with pytest.raises(ConfigError, match="makes the releases .*'generator', "
+                     "1.0, 3, '1'.* calibrated for .*'generator', 1.0, 2, "
+                     "'1'.* not be private as stated"):
     pipeline.run(cfg, store=st, generator=more)
   assert calls["generator"] == 0
   # Called directly, PE itself refuses a mechanism of other steps.
