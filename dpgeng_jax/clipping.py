@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpgeng_jax.errors import require_int
+
 EmbedFn = Callable[[Any, jax.Array], jax.Array]
 
 
@@ -60,7 +62,12 @@ def check_clip_norm(clip_norm) -> None:
   rather than unclipped rows."""
   if isinstance(clip_norm, jax.core.Tracer):
     return
-  c = float(np.asarray(clip_norm))
+  a = np.asarray(clip_norm)
+  if a.ndim != 0 or not (np.issubdtype(a.dtype, np.number)
+                         and not np.issubdtype(a.dtype, np.bool_)):
+    raise ValueError(f"clip_norm must be one number (inf: no clipping), "
+                     f"got {clip_norm!r}")
+  c = float(a)
   if not c > 0:
     raise ValueError(f"clip_norm must be > 0 (inf: no clipping), got {c}")
 
@@ -102,6 +109,7 @@ def clip_rows(v: jax.Array, clip_norm: float) -> jax.Array:
   (`clip_vector` clips one array of any shape as a whole).
   """
   check_clip_norm(clip_norm)
+  v = jnp.asarray(v)
   if jnp.ndim(v) != 2:
     raise ValueError(f"clip_rows clips the rows of an (n, d) array, got "
                      f"shape {jnp.shape(v)}; flatten each example first")
@@ -292,8 +300,9 @@ def clipped_class_sums(embed_fn: EmbedFn, params: Any, x: jax.Array,
     (K, d) float32 sums, or int32 in units of 2^-bits; L2 sensitivity C
     under add/remove of one row.
   """
-  if chunk_size is not None and chunk_size < 1:
-    raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+  if chunk_size is not None:
+    require_int(chunk_size, "chunk_size", 1)
+  x, y, mask = jnp.asarray(x), jnp.asarray(y), jnp.asarray(mask)
   if x.shape[0] == 0:
     raise ValueError(f"need n >= 1 rows, got x {x.shape}")
   check_mask(mask, x.shape[0])
@@ -362,9 +371,10 @@ def clipped_grad_sum(loss_fn: Callable[..., jax.Array], params: Any,
     gradients contribute zero; the L2 sensitivity under add/remove of one
     example is C.
   """
-  n = jax.tree.leaves(batch)[0].shape[0]
+  n = batch_rows(batch)
   if n == 0:
     raise ValueError("need n >= 1 examples, got an empty batch")
+  mask = jnp.asarray(mask)
   check_mask(mask, n)
   check_clip_norm(clip_norm)
   if bits is not None:
@@ -428,6 +438,21 @@ def default_query_chunk() -> int | None:
   return 100 if jax.default_backend() == "cpu" else None
 
 
+def batch_rows(batch: Any) -> int:
+  """The common leading axis of a batch's leaves (its rows); ValueError
+  for a batch with no array or leaves of different lengths (vmap's own
+  error names neither)."""
+  shapes = [np.shape(a) for a in jax.tree.leaves(batch)]
+  if not shapes or any(not s for s in shapes):
+    raise ValueError("the batch must be arrays (or a pytree of arrays) "
+                     "with a leading axis of examples")
+  rows = {s[0] for s in shapes}
+  if len(rows) > 1:
+    raise ValueError(f"the batch's arrays must share their leading axis "
+                     f"(one row per example), got lengths {sorted(rows)}")
+  return shapes[0][0]
+
+
 def split_rows(tree: Any, target: int) -> Any:
   """Every leaf (a common leading axis of n rows) as (chunks, size, ...):
   the fewest chunks of at most `target` rows, all of one size, the last
@@ -455,12 +480,14 @@ def microbatched(grad_sum_fn: Callable[..., Any],
   result up to float rounding (int32 sums add exactly; a row's value may
   round differently at another chunk size);
   None or 0 returns grad_sum_fn unchanged."""
-  if not microbatch:
+  if microbatch is None:
     return grad_sum_fn
-  if microbatch < 1:
-    raise ValueError(f"microbatch={microbatch} must be >= 1")
+  require_int(microbatch, "microbatch", 0)
+  if microbatch == 0:
+    return grad_sum_fn
 
   def chunked(params, batch, mask, **kwargs):
+    mask = jnp.asarray(mask)
     if microbatch >= mask.shape[0]:
       return grad_sum_fn(params, batch, mask, **kwargs)
     batch_c, mask_c = split_rows((batch, mask), microbatch)

@@ -25,7 +25,8 @@ def require_int(value, what: str, minimum: int) -> None:
   import numbers  # pylint: disable=import-outside-toplevel
   if (not isinstance(value, numbers.Integral) or isinstance(value, bool)
       or value < minimum):
-    raise ConfigError(f"{what} must be an integer >= {minimum}, got {value}")
+    shown = repr(value) if isinstance(value, str) else value
+    raise ConfigError(f"{what} must be an integer >= {minimum}, got {shown}")
 
 
 class PrivacyAbort(RuntimeError):

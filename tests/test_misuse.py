@@ -167,3 +167,69 @@ def test_a_jax_scalar_sampling_rate_is_accepted_and_a_traced_one_refused():
     return mechanisms.poisson_capacity([40], rate)
   with pytest.raises(ValueError, match="concrete number"):
     traced(0.5)
+
+
+MALFORMED = {
+    "clip_norm_array": (dict(clip_norm=jnp.array([1.0, 2.0])),
+                        "clip_norm must be one number"),
+    "clip_norm_string": (dict(clip_norm="1"), "clip_norm must be one number"),
+    "clip_norm_bool": (dict(clip_norm=True), "clip_norm must be one number"),
+    "chunk_size_float": (dict(chunk_size=2.5),
+                         "chunk_size must be an integer >= 1, got 2.5"),
+}
+
+
+@pytest.mark.parametrize("change, message", MALFORMED.values(),
+                         ids=MALFORMED.keys())
+def test_malformed_sum_arguments_are_named_not_deep_jax_errors(change,
+                                                               message):
+  """They failed inside numpy or jnp.pad with messages naming neither
+  the argument nor the function (an array C: 'only 0-dimensional arrays
+  can be converted', a float chunk: 'pad_width must be of integral
+  type')."""
+  from dpgeng_jax.clipping import clipped_class_sums
+  args = dict(num_classes=2, clip_norm=1.0) | change
+  with pytest.raises(ValueError, match=message):
+    clipped_class_sums(_embed, None, jnp.ones((4, 3)), jnp.array([0, 1, 0, 1]),
+                       jnp.ones(4), **args)
+
+
+def test_array_likes_are_taken_as_arrays_with_the_same_sums():
+  """Lists for x, labels and mask (and clip_rows' rows) give the sums of
+  the arrays they hold; a list mask had failed in the gradient sum with
+  "'>' not supported between 'list' and 'int'"."""
+  from dpgeng_jax.clipping import clip_rows, clipped_class_sums
+  x = np.arange(12, dtype=np.float32).reshape(4, 3) / 10
+  y, m = [0, 1, 0, 1], [1.0, 1.0, 0.0, 1.0]
+  want = clipped_class_sums(_embed, None, jnp.asarray(x), jnp.asarray(y),
+                            jnp.asarray(m), num_classes=2, clip_norm=1.0)
+  got = clipped_class_sums(_embed, None, x.tolist(), y, m, num_classes=2,
+                           clip_norm=1.0)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  np.testing.assert_array_equal(np.asarray(clip_rows(x.tolist(), 1.0)),
+                                np.asarray(clip_rows(jnp.asarray(x), 1.0)))
+
+  def loss(p, b):
+    return jnp.sum(b * p)
+
+  g_list = clipped_grad_sum(loss, 1.0, jnp.asarray(x), m, clip_norm=1.0)
+  g_arr = clipped_grad_sum(loss, 1.0, jnp.asarray(x), jnp.asarray(m),
+                           clip_norm=1.0)
+  np.testing.assert_array_equal(np.asarray(g_list), np.asarray(g_arr))
+
+
+def test_a_batch_whose_arrays_differ_in_length_is_refused_by_name():
+  def loss(p, b):
+    return jnp.sum(b[0] * p) + jnp.sum(b[1])
+
+  with pytest.raises(ValueError, match=r"share their leading axis .* "
+                     r"got lengths \[3, 4\]"):
+    clipped_grad_sum(loss, 1.0, (jnp.ones((4, 3)), jnp.ones((3, 2))),
+                     jnp.ones(4), clip_norm=1.0)
+
+
+@pytest.mark.parametrize("microbatch", [2.5, "2", -1, True])
+def test_a_microbatch_that_is_not_a_count_is_refused(microbatch):
+  from dpgeng_jax.clipping import microbatched
+  with pytest.raises(ValueError, match="microbatch must be an integer >= 0"):
+    microbatched(lambda p, b, m: jnp.sum(b), microbatch)
