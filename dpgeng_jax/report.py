@@ -25,6 +25,7 @@ import json
 import math
 import os
 import warnings
+import zipfile
 from typing import Any
 
 import numpy as np
@@ -508,7 +509,6 @@ def rebuild(out: str) -> list[str]:
   names are written, and only into a directory holding a finished run
   (outputs.amend_finished)."""
   from dpgeng_jax import outputs
-  from dpgeng_jax.errors import ConfigError
   if not os.path.isdir(out):
     raise ConfigError(f"{out!r} does not exist or is not a directory")
   manifest = outputs.read_manifest(out)
@@ -518,11 +518,37 @@ def rebuild(out: str) -> list[str]:
         f"{out!r} holds no finished dpgeng run (no manifest.json of this "
         "tool)" + (f"; it holds an unfinished one: finish it with `dpgeng "
                    f"distill --resume {out}`" if unfinished else ""))
-  privacy = _load_json(os.path.join(out, "privacy.json"))
-  config = _load_json(os.path.join(out, "config.json"))
-  if privacy is None or config is None:
-    raise ConfigError(f"{out!r}: privacy.json or config.json is missing")
-  metrics = _load_json(os.path.join(out, "metrics.json"))
+  try:
+    files = _files_from_run(out, manifest)
+  except ConfigError:
+    raise
+  except (KeyError, IndexError, TypeError, ValueError, AttributeError,
+          OSError, zipfile.BadZipFile) as e:
+    raise ConfigError(
+        f"{out!r}: cannot rebuild the report from the run's files "
+        f"({type(e).__name__}: {e}); they are not as the run wrote them "
+        "(edited or damaged): run the distillation again") from e
+  return outputs.amend_finished(out, files)
+
+
+def _files_from_run(out: str, manifest: dict) -> dict[str, bytes]:
+  """The PNGs and report.html drawn from the run's files in `out`."""
+  records = {}
+  for name in ("privacy.json", "config.json", "metrics.json"):
+    path = os.path.join(out, name)
+    if not os.path.exists(path):
+      if name != "metrics.json":  # a --no-eval run has none
+        raise ConfigError(f"{out!r}: {name} is missing")
+      records[name] = None
+      continue
+    records[name] = _load_json(path)
+    if not isinstance(records[name], dict):
+      kind = {list: "an array", str: "a string", bool: "a boolean",
+              int: "a number", float: "a number"}.get(
+                  type(records[name]), "null")
+      raise ConfigError(f"{out!r}: {name} holds {kind}, not the run's "
+                        "record (a JSON object)")
+  privacy, config, metrics = records.values()
   with np.load(os.path.join(out, "distilled.npz")) as d:
     arrays = {k: d[k] for k in d.files}
   gen = {}
@@ -552,4 +578,4 @@ def rebuild(out: str) -> list[str]:
         pngs[name] = f.read()
   files = dict(pngs)
   files[REPORT] = html(privacy, config, metrics, pngs).encode()
-  return outputs.amend_finished(out, files)
+  return files

@@ -200,6 +200,43 @@ def test_report_of_a_run_with_a_damaged_json_file_is_a_one_line_error(
   assert "Traceback" not in err
 
 
+DAMAGED = {
+    "privacy_a_list": ("privacy.json", "[]", "privacy.json holds an array"),
+    "privacy_null": ("privacy.json", "null", "privacy.json holds null"),
+    "config_a_number": ("config.json", "3", "config.json holds a number"),
+    "mechanisms_a_string": ("privacy.json", '{"mechanisms": "x"}',
+                            "cannot rebuild the report"),
+    "mechanisms_of_numbers": ("privacy.json", '{"mechanisms": [1, 2]}',
+                              "cannot rebuild the report"),
+    "accuracy_a_string": ("metrics.json", '{"test_accuracy_mean": "x"}',
+                          "cannot rebuild the report"),
+    "distilled_not_npz": ("distilled.npz", "junk", "cannot rebuild the report"),
+    "privacy_missing": ("privacy.json", None, "privacy.json is missing"),
+}
+
+
+@pytest.mark.parametrize("name, text, message", DAMAGED.values(),
+                         ids=DAMAGED.keys())
+def test_report_of_run_files_that_are_not_the_runs_is_a_one_line_error(
+    finished_run, tmp_path, capsys, name, text, message):
+  """Valid JSON that is not the run's record (edited or damaged) ended in
+  tracebacks ('list' object has no attribute 'get', string indices must
+  be integers); nothing is written then."""
+  import shutil
+  out = tmp_path / "run"
+  shutil.copytree(finished_run, out)
+  before = (out / "report.html").read_bytes()
+  if text is None:
+    (out / name).unlink()
+  else:
+    (out / name).write_text(text)
+  assert cli.main(["report", str(out)]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("dpgeng: error:") and message in err, err
+  assert "Traceback" not in err and err.count("\n") == 1
+  assert (out / "report.html").read_bytes() == before
+
+
 def test_a_tensorboard_path_that_is_a_file_is_refused_before_any_work(
     tmp_path, capsys, monkeypatch):
   from dpgeng_jax import data
