@@ -181,7 +181,12 @@ class Budget:
 def calibrate(run: Run) -> Budget:
   cfg, plan, t0 = run.cfg, run.plan, time.time()
   if run.done("calibrate"):  # the noise the saved releases were drawn with
-    mechs = [accounting.Mechanism(**m) for m in run.load("calibrate")[2]]
+    saved = run.load("calibrate")[2]
+    try:
+      mechs = [accounting.Mechanism(**m) for m in saved]
+    except TypeError as e:
+      raise ConfigError(store_lib.damaged(
+          run.store.path, f"its calibration: {e}")) from e
   else:
     mechs = planning.mechanisms_for(cfg, plan)
     run.save("calibrate", info=[dataclasses.asdict(m) for m in mechs])

@@ -35,6 +35,7 @@ import json
 import os
 import shutil
 import warnings
+import zipfile
 from typing import Any
 
 import numpy as np
@@ -160,9 +161,22 @@ class StageStore:
       except (OSError, ValueError) as e:
         raise ConfigError(f"cannot read the saved stages {self.path}: "
                           f"{e}") from e
+      if not isinstance(self._state, dict):
+        kind = type(self._state).__name__
+        self._state = None
+        raise ConfigError(damaged(self.path, f"its record is a JSON {kind}"
+                                   ", not an object"))
       if self._state.get("format") != FORMAT:
-        raise ConfigError(f"{self.path} has format "
-                          f"{self._state.get('format')}; expected {FORMAT}")
+        got, self._state = self._state.get("format"), None
+        raise ConfigError(f"{self.path} has format {got}; expected "
+                          f"{FORMAT}")
+      kinds = {"config": dict, "data": dict, "finished": list, "info": dict}
+      bad = [k for k, kind in kinds.items()
+             if not isinstance(self._state.get(k), kind)]
+      if bad:
+        self._state = None
+        raise ConfigError(damaged(self.path, "its record lacks or "
+                                   f"mistypes {', '.join(bad)}"))
     return self._state
 
   def _write_state(self) -> None:
@@ -263,15 +277,23 @@ class StageStore:
     """(arrays, trees, info) of a finished stage; `targets` gives the
     structure of trees that are not plain nested dicts."""
     d = os.path.join(self.root, name)
-    arrays = {}
-    if os.path.exists(os.path.join(d, "arrays.npz")):
-      with np.load(os.path.join(d, "arrays.npz"), allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
-    trees = {}
-    for key in sorted(os.listdir(d)) if os.path.isdir(d) else ():
-      if os.path.isdir(os.path.join(d, key)):
-        trees[key] = _restore_tree(os.path.join(d, key),
-                                   (targets or {}).get(key))
+    arrays, trees = Saved(d), Saved(d)
+    try:
+      npz = os.path.join(d, "arrays.npz")
+      if os.path.exists(npz):
+        if not zipfile.is_zipfile(npz):
+          raise ConfigError(damaged(d, "arrays.npz is not an npz (zip) "
+                                     "archive"))
+        with np.load(npz, allow_pickle=False) as z:
+          arrays.update({k: z[k] for k in z.files})
+      for key in sorted(os.listdir(d)) if os.path.isdir(d) else ():
+        if os.path.isdir(os.path.join(d, key)):
+          trees[key] = _restore_tree(os.path.join(d, key),
+                                     (targets or {}).get(key))
+    except ConfigError:
+      raise
+    except Exception as e:  # zip, npz and orbax errors of a damaged file
+      raise ConfigError(damaged(d, f"{type(e).__name__}: {e}")) from e
     return arrays, trees, self.state()["info"].get(name)
 
   def save_timings(self, timings: dict) -> None:
@@ -298,6 +320,31 @@ class StageStore:
     for key in ("train_hmac", "train_sha256", "num_train"):
       state["data"].pop(key, None)
     return state
+
+
+def damaged(path: str, what: str) -> str:
+  """The message refusing a resume from a damaged or edited stage."""
+  return (f"--resume: the saved stages cannot be read, {path} is damaged "
+          f"({what}). A new run (without --resume) draws every release "
+          "again: a new budget, which composes with the releases this run "
+          "already made")
+
+
+class Saved(dict):
+  """A saved stage's arrays or trees: a missing one (a damaged or edited
+  stage folder) is a ConfigError naming the folder, not a KeyError."""
+
+  def __init__(self, path: str):
+    super().__init__()
+    self.path = path
+
+  def __missing__(self, key):
+    raise ConfigError(damaged(self.path, f"{key!r} is missing"))
+
+  def pop(self, key, *default):
+    if key not in self and not default:
+      return self.__missing__(key)
+    return super().pop(key, *default)
 
 
 def _plain(obj):
@@ -341,8 +388,10 @@ def _restore_tree(path: str, target: Any = None) -> Any:
   import jax  # pylint: disable=import-outside-toplevel
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   ckpt = ocp.StandardCheckpointer()
-  if target is not None:
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-  tree = ckpt.restore(os.path.abspath(path), target)
-  ckpt.close()
+  try:
+    if target is not None:
+      target = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    tree = ckpt.restore(os.path.abspath(path), target)
+  finally:  # its threads outlive a failed restore otherwise
+    ckpt.close()
   return jax.tree.map(jax.numpy.asarray, tree)  # device arrays, as saved

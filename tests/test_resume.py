@@ -419,3 +419,51 @@ def test_a_generator_making_other_releases_than_calibrated_is_refused(
                      "3, .1.*given mechanisms calibrated for .*1.0, 2, "):
     more.generate(None, None, [accounting.Mechanism("generator", 1.0, 1.0,
                                                     2, sensitivity="1")])
+
+
+def _edit_state(path, change):
+  state = json.loads(path.read_text())
+  change(state)
+  path.write_text(json.dumps(state))
+
+
+DAMAGED = {
+    "record_a_list": (lambda d: (d / "state.json").write_text("[]"),
+                      "its record is a JSON list"),
+    "record_without_config": (
+        lambda d: _edit_state(d / "state.json", lambda s: s.pop("config")),
+        "lacks or mistypes config"),
+    "calibration_edited": (
+        lambda d: _edit_state(d / "state.json", lambda s: s["info"].update(
+            calibrate=[{"x": 1}])), "its calibration"),
+    "targets_not_npz": (lambda d: (d / "query" / "arrays.npz").write_text(
+        "junk"), "arrays.npz is not an npz (zip) archive"),
+    "targets_missing": (lambda d: np.savez(d / "query" / "arrays.npz"),
+                        "'targets' is missing"),
+    "generated_set_deleted": (lambda d: (d / "generate" / "arrays.npz"
+                                         ).unlink(), "'x_gen' is missing"),
+    "pool_deleted": (lambda d: __import__("shutil").rmtree(d / "pool" /
+                                                           "pool"),
+                     "'pool' is missing"),
+}
+
+
+@pytest.mark.parametrize("damage, message", DAMAGED.values(),
+                         ids=DAMAGED.keys())
+def test_a_damaged_stage_folder_is_a_one_line_refusal_releasing_nothing(
+    tmp_path, monkeypatch, capsys, damage, message):
+  """A damaged or edited saved stage ended the resume in a traceback
+  (KeyError 'targets', "'list' object has no attribute 'get'", numpy's
+  pickle error for a file that is not an npz); it is refused, naming the
+  folder and that a new run composes, and no private mechanism runs."""
+  out = _killed_run(tmp_path, monkeypatch)
+  damage(out / outputs.STAGING / "stages")
+  seen = {m: 0 for m in MECHANISMS}
+  _count_again(monkeypatch, seen)
+  assert cli.main(["distill", "--resume", str(out), "--quiet"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("dpgeng: error: --resume: the saved stages cannot "
+                        "be read") and message in err, err
+  assert "composes with the releases this run already made" in err
+  assert seen == {m: 0 for m in MECHANISMS}
+  assert _visible(out) == []
