@@ -375,3 +375,43 @@ def test_an_epsilon_the_mechanisms_cannot_spend_is_named_in_the_message():
   with pytest.raises(ValueError, match="epsilon 999 at delta 1e-05 is more "
                      "than these mechanisms spend"):
     A.calibrate([A.Mechanism("f", 0.0, 0.5, 20)], 999.0, 1e-5)
+
+
+def _gaussian_epsilon(sigma: float, delta: float) -> float:
+  """The exact epsilon of one Gaussian release (sensitivity 1) at delta
+  (Balle and Wang 2018), in log space so that epsilon can be 1e5."""
+  from scipy import optimize, stats
+
+  def log_delta(eps):
+    a = stats.norm.logcdf(-eps * sigma + 0.5 / sigma)
+    b = eps + stats.norm.logcdf(-eps * sigma - 0.5 / sigma)
+    return a + math.log1p(-math.exp(b - a)) - math.log(delta)
+
+  return optimize.brentq(log_delta, 0.0, 1 / sigma ** 2 + 10 / sigma,
+                         xtol=1e-9)
+
+
+def test_an_event_with_very_little_noise_is_accounted_coarser_not_out_of_memory():
+  """sigma 0.001 at interval 1e-4 asked dp_accounting for a PLD of 1e9
+  points (76 GiB, `dpgeng audit --noise-multipliers 0.001`); it is built
+  at the coarser interval that keeps it to MAX_PLD_POINTS, still an
+  upper bound within 1e-4 of the exact epsilon (504265); the events the
+  driver calibrates keep their interval."""
+  ev = dp_accounting.GaussianDpEvent(0.001)
+  interval = A.feasible_interval(ev, 1e-4)
+  assert interval > 1e-4
+  assert (1 / 0.001 ** 2 + 20 / 0.001) / interval <= A.MAX_PLD_POINTS
+  exact = _gaussian_epsilon(0.001, 1e-5)
+  got = A.epsilon_pld(ev, 1e-5)
+  assert exact <= got <= exact * (1 + 1e-4), (got, exact)
+  # a self-composed Gaussian counts as one of sigma / sqrt(count)
+  twice = dp_accounting.SelfComposedDpEvent(
+      dp_accounting.GaussianDpEvent(0.001 * math.sqrt(2)), 2)
+  assert A.feasible_interval(twice, 1e-4) == pytest.approx(interval)
+  for m in [A.Mechanism("generator", 0.5, 1.0, 10),
+            A.Mechanism("feature_matching", 1.0, 0.5, 40)]:
+    assert A.feasible_interval(m.event(), 1e-4) == 1e-4
+  # and where the interval is kept, the exact figure is met as well
+  assert _gaussian_epsilon(0.5, 1e-5) <= A.epsilon_pld(
+      dp_accounting.GaussianDpEvent(0.5), 1e-5) <= _gaussian_epsilon(
+          0.5, 1e-5) * (1 + 1e-3)
