@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import jax
+import numpy as np
 
 from dpgeng_jax import accounting, clipping, generators, models, presets
 from dpgeng_jax import data as data_lib
@@ -20,8 +22,38 @@ from dpgeng_jax.generators.apis.text import MAX_MARKS
 from dpgeng_jax.generators.embeddings import EMBEDDINGS
 
 
+# Options naming a file or folder: a pathlib.Path is as good as a str.
+_PATHS = ("data_dir", "out", "pe_font_dir", "resume", "tensorboard")
+
+
+def _check_types(cfg: Config) -> None:
+  """Each option has its default's type (a Config built from Python can
+  hold anything): text for text, a real number for a float (an int is
+  one), an int that is not a bool for an int, a bool for a flag; a
+  path-like object where the option is a path."""
+  import numbers  # pylint: disable=import-outside-toplevel
+  for f in dataclasses.fields(cfg):
+    value, default = getattr(cfg, f.name), f.default
+    if isinstance(default, bool):
+      ok, kind = isinstance(value, (bool, np.bool_)), "True or False"
+    elif isinstance(default, int):
+      ok, kind = (isinstance(value, int)
+                  and not isinstance(value, bool)), "an integer"
+    elif isinstance(default, float):
+      ok, kind = (isinstance(value, numbers.Real)
+                  and not isinstance(value, (bool, np.bool_))), "a number"
+    elif isinstance(default, str):
+      ok, kind = isinstance(value, str) or (
+          f.name in _PATHS and isinstance(value, os.PathLike)), "text"
+    else:
+      continue
+    if not ok:
+      raise ConfigError(f"{f.name} must be {kind}, got {value!r}")
+
+
 def validate_config(cfg: Config) -> None:
   """Raises ConfigError naming the first invalid value (reads no data)."""
+  _check_types(cfg)
   if cfg.method not in METHODS:
     raise ConfigError(f"unknown method {cfg.method!r}; expected one of "
                       f"{METHODS}")
@@ -119,14 +151,10 @@ def validate_config(cfg: Config) -> None:
                       f"{cfg.checkpoint_every}")
   if not -2**63 <= cfg.seed < 2**63:
     raise ConfigError(f"seed must fit in 64 bits, got {cfg.seed}")
-  # Every other number: nan or inf would train silently to nan; an int
-  # option given a float or a bool (from Python) is refused.
+  # Every other number: nan or inf would train silently to nan (the
+  # types were checked first, `_check_types`).
   for f in dataclasses.fields(cfg):
     value = getattr(cfg, f.name)
-    default = f.default
-    if (isinstance(default, int) and not isinstance(default, bool)
-        and (isinstance(value, bool) or not isinstance(value, int))):
-      raise ConfigError(f"{f.name} must be an integer, got {value!r}")
     if (isinstance(value, float) and not math.isfinite(value)
         and not (f.name in ("clip_norm", "expert_clip_norm")
                  and value == math.inf)):

@@ -111,3 +111,37 @@ def test_abort_events_count_every_event_the_delta_reserve_covers(kw,
                                                                  events):
   cfg = Config(**kw)
   assert planning.abort_events(cfg, planning.resolve(cfg), 10) == events
+
+
+WRONG_TYPES = {
+    "dataset_a_number": (dict(dataset=3), "dataset must be text, got 3"),
+    "method_none": (dict(method=None), "method must be text, got None"),
+    "epsilon_text": (dict(epsilon="1"), "epsilon must be a number, got '1'"),
+    "clip_norm_text": (dict(clip_norm="inf"),
+                       "clip_norm must be a number, got 'inf'"),
+    "delta_a_bool": (dict(delta=True), "delta must be a number, got True"),
+    "ipc_a_float": (dict(ipc=2.5), "ipc must be an integer, got 2.5"),
+    "steps_a_bool": (dict(steps=True), "steps must be an integer, got True"),
+    "flag_text": (dict(quiet="no"), "quiet must be True or False, got 'no'"),
+    "out_a_number": (dict(out=5), "out must be text, got 5"),
+}
+
+
+@pytest.mark.parametrize("kw, message", WRONG_TYPES.values(),
+                         ids=WRONG_TYPES.keys())
+def test_an_option_of_another_type_is_refused_by_name(kw, message):
+  """A Config built from Python can hold anything: a number for the
+  dataset failed with "'int' object has no attribute 'startswith'", a
+  text clip norm with "'>' not supported between 'str' and 'int'", and a
+  text flag ("no") was simply true."""
+  with pytest.raises(ConfigError, match=message):
+    planning.validate_config(Config(**kw))
+
+
+def test_paths_may_be_path_objects():
+  import pathlib
+  planning.validate_config(Config(out=pathlib.Path("o"),
+                                  tensorboard=pathlib.Path("tb"),
+                                  data_dir=pathlib.Path("d")))
+  with pytest.raises(ConfigError, match="dataset must be text"):
+    planning.validate_config(Config(dataset=pathlib.Path("x.npz")))
