@@ -292,7 +292,9 @@ class StageStore:
                                      (targets or {}).get(key))
     except ConfigError:
       raise
-    except Exception as e:  # zip, npz and orbax errors of a damaged file
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError,
+            EOFError, zipfile.BadZipFile) as e:  # a damaged file's errors
+      # (zip, npz and orbax, whose tensorstore reads raise ValueError)
       raise ConfigError(damaged(d, f"{type(e).__name__}: {e}")) from e
     return arrays, trees, self.state()["info"].get(name)
 
