@@ -62,8 +62,14 @@ def noise_calls(monkeypatch):
 # two processes, whole commands): collected first, so that with -n 2 the
 # other worker runs the rest of the suite beside them, not after them.
 _FIRST = ("test_parallel.py", "test_compile_cache.py")
+# Then the files of whole runs on several image shapes (a minute or more
+# each from an empty compilation cache), so that the short files fill in
+# at the end instead of one of these running alone on the last worker.
+_NEXT = ("test_shapes.py", "test_cli.py", "test_audit.py",
+         "test_centring.py", "test_resume.py", "test_guarantee.py")
 
 
 def pytest_collection_modifyitems(config, items):
   del config
-  items.sort(key=lambda item: item.path.name not in _FIRST)  # stable
+  items.sort(key=lambda item: (item.path.name not in _FIRST,
+                               item.path.name not in _NEXT))  # stable
