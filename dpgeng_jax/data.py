@@ -331,17 +331,19 @@ def _images(x: Any, what: str, allow_empty: bool = False) -> np.ndarray:
   if x.ndim == 3:
     x = x[..., None]
   if x.shape[-1] not in (1, 3):
-    first = (x.ndim == 4 and x.shape[1] in (1, 3)
-             and x.shape[-1] != x.shape[1])
     keep = {2: ":1", 4: ":3"}.get(x.shape[-1])  # grey or RGB + alpha
+    if x.shape[1] in (1, 3) and x.shape[-1] != x.shape[1]:
+      hint = ("; these look channels-first (N, C, H, W): pass "
+              "x.transpose(0, 2, 3, 1)")
+    elif keep:
+      hint = (f"; if the last channel is opacity, drop it: pass "
+              f"x[..., {keep}] (blended onto a background first where it "
+              "is not opaque)")
+    else:
+      hint = ""
     raise DataError(
         f"{what} has {x.shape[-1]} channels (shape {x.shape}); only 1 (grey) or "
-        "3 (RGB) channels are supported, with channels last" + (
-            "; these look channels-first (N, C, H, W): pass "
-            "x.transpose(0, 2, 3, 1)" if first else
-            f"; if the last channel is opacity, drop it: pass x[..., {keep}] "
-            "(blended onto a background first where it is not opaque)"
-            if keep else ""))
+        "3 (RGB) channels are supported, with channels last" + hint)
   if 0 in x.shape[1:] or (x.shape[0] == 0 and not allow_empty):
     raise DataError(f"{what} is empty (shape {x.shape}); it needs examples"
                     + (" (a dataset without a test split runs with --no-eval)"

@@ -228,6 +228,12 @@ def _with(**changes: Any) -> Callable[[], dict[str, Any]]:
   return lambda: {**_valid(), **changes}
 
 
+def _with_images(*shape: int) -> Callable[[], dict[str, Any]]:
+  """Both splits' images of one other shape (H, W, C), all zero."""
+  return _with(x_train=np.zeros((6, *shape), np.float32),
+               x_test=np.zeros((3, *shape), np.float32))
+
+
 def _with_pixel(split: str, value: float) -> Callable[[], dict[str, Any]]:
   def make():
     arrays = _valid()
@@ -241,17 +247,12 @@ BAD_INPUTS = {
     "rank_5_images": (_with(x_test=np.zeros((3, 4, 4, 1, 1), np.float32)), "rank"),
     "train_test_shapes_differ": (_with(x_test=np.zeros((3, 5, 4, 1), np.float32)),
                                  "inconsistent image shapes"),
-    "two_channels": (_with(x_train=np.zeros((6, 4, 4, 2), np.float32),
-                           x_test=np.zeros((3, 4, 4, 2), np.float32)),
+    "two_channels": (_with_images(4, 4, 2),
                      r"2 channels .* opacity, drop it: pass x\[\.\.\., :1\]"),
-    "rgba": (_with(x_train=np.zeros((6, 4, 4, 4), np.float32),
-                   x_test=np.zeros((3, 4, 4, 4), np.float32)),
+    "rgba": (_with_images(4, 4, 4),
              r"4 channels .* opacity, drop it: pass x\[\.\.\., :3\]"),
-    "five_channels": (_with(x_train=np.zeros((6, 4, 4, 5), np.float32),
-                            x_test=np.zeros((3, 4, 4, 5), np.float32)),
-                      r"5 channels .*channels last$"),
-    "channels_first": (_with(x_train=np.zeros((6, 3, 4, 4), np.float32),
-                             x_test=np.zeros((3, 3, 4, 4), np.float32)),
+    "five_channels": (_with_images(4, 4, 5), r"5 channels .*channels last$"),
+    "channels_first": (_with_images(3, 4, 4),
                        r"channels-first .* x.transpose\(0, 2, 3, 1\)"),
     "nan_pixel": (_with_pixel("x_train", np.nan), "NaN or inf"),
     "inf_pixel": (_with_pixel("x_test", np.inf), "NaN or inf"),
