@@ -76,36 +76,46 @@ def _png(fig) -> bytes:
 
 
 def canvas(x: np.ndarray, num_classes: int, per: int, cell: int,
-           gap: int) -> np.ndarray:
+           gap: int, labels: np.ndarray | None = None) -> np.ndarray:
   """uint8 (rows, cols, 3) image: the first `per` images of every class
-  (x class-major, in [0, 1]) upscaled to `cell` pixels (nearest), one row
-  per class, `gap` white pixels between and around cells."""
+  (in [0, 1]) upscaled to `cell` pixels (nearest), one row per class,
+  `gap` white pixels between and around cells. Without `labels` x is
+  class-major with the same number of images per class; with them (one
+  per image) the classes may have any sizes, and a class with fewer than
+  `per` images (or none) leaves the rest of its row white."""
   n, h, w, c = x.shape
-  have = n // num_classes
-  per = min(per, have)
   x = np.clip(np.asarray(x, np.float32), 0.0, 1.0)
-  x = x.reshape(num_classes, have, h, w, c)[:, :per]
-  if c == 1:
-    x = np.repeat(x, 3, axis=-1)
-  elif c != 3:
-    x = np.repeat(x.mean(-1, keepdims=True), 3, axis=-1)
+  if labels is None:
+    rows = list(x.reshape(num_classes, n // num_classes, h, w, c)[:, :per])
+  else:
+    labels = np.asarray(labels).reshape(-1)
+    rows = [x[labels == r][:per] for r in range(num_classes)]
+  per = min(per, max([len(r) for r in rows], default=0))
   s = max(1, cell // max(h, w))
-  x = x.repeat(s, axis=2).repeat(s, axis=3)
   ch, cw = h * s, w * s
-  out = np.full((num_classes * (ch + gap) + gap, per * (cw + gap) + gap, 3),
-                255, np.uint8)
-  img = (np.nan_to_num(np.clip(x, 0, 1)) * 255).round().astype(np.uint8)
-  for r in range(num_classes):
-    for j in range(per):
+  out = np.full((num_classes * (ch + gap) + gap, max(per, 1) * (cw + gap)
+                 + gap, 3), 255, np.uint8)
+  for r, row in enumerate(rows):
+    if c == 1:
+      row = np.repeat(row, 3, axis=-1)
+    elif c != 3:
+      row = np.repeat(row.mean(-1, keepdims=True), 3, axis=-1)
+    row = row.repeat(s, axis=1).repeat(s, axis=2)
+    img = (np.nan_to_num(row) * 255).round().astype(np.uint8)
+    for j in range(len(img)):
       y0, x0 = gap + r * (ch + gap), gap + j * (cw + gap)
-      out[y0:y0 + ch, x0:x0 + cw] = img[r, j]
+      out[y0:y0 + ch, x0:x0 + cw] = img[j]
   return out
 
 
-def _first_classes(x: np.ndarray, num_classes: int, keep: int
-                   ) -> np.ndarray:
-  """The images of the first `keep` classes of class-major x."""
-  return np.asarray(x)[:len(x) // num_classes * keep]
+def _first_classes(x: np.ndarray, num_classes: int, keep: int,
+                   labels: np.ndarray | None = None):
+  """(x, labels) restricted to the first `keep` classes: a prefix of
+  class-major x without labels, the images labelled below `keep` with."""
+  if labels is None:
+    return np.asarray(x)[:len(x) // num_classes * keep], None
+  labels = np.asarray(labels).reshape(-1)
+  return np.asarray(x)[labels < keep], labels[labels < keep]
 
 
 def _text_px(text: str, size: float) -> float:
@@ -152,27 +162,30 @@ def _margins(names: list[str], name_size: float, least_left: int,
 
 def grid_png(x: np.ndarray, num_classes: int, title: str,
              class_names: list[str] | None = None,
-             per: int = MAX_PER_CLASS) -> bytes:
+             per: int = MAX_PER_CLASS,
+             labels: np.ndarray | None = None) -> bytes:
   """A labelled grid: one row per class (its name at the left), the first
-  `per` images of each class, white spacing, legible at 8x8 and 32x32."""
-  return _png(grid_figure(x, num_classes, title, class_names, per))
+  `per` images of each class, white spacing, legible at 8x8 and 32x32.
+  x is class-major, or grouped by `labels` where they are given."""
+  return _png(grid_figure(x, num_classes, title, class_names, per, labels))
 
 
 def grid_figure(x: np.ndarray, num_classes: int, title: str,
                 class_names: list[str] | None = None,
-                per: int = MAX_PER_CLASS):
+                per: int = MAX_PER_CLASS,
+                labels: np.ndarray | None = None):
   """The matplotlib Figure of `grid_png`: wide enough for the class names,
   the title wrapped to its width; the first MAX_CLASSES_SHOWN classes."""
   names = list(class_names or [str(c) for c in range(num_classes)])
   if num_classes > MAX_CLASSES_SHOWN:
-    x = _first_classes(x, num_classes, MAX_CLASSES_SHOWN)
+    x, labels = _first_classes(x, num_classes, MAX_CLASSES_SHOWN, labels)
     names = names[:MAX_CLASSES_SHOWN]
     title = _shown_classes(title, names, num_classes)
     num_classes = MAX_CLASSES_SHOWN
   h, w = x.shape[1:3]
   cell = max(h, w) * max(1, math.ceil(48 / max(h, w)))
   gap = max(2, cell // 12)
-  img = canvas(x, num_classes, per, cell, gap)
+  img = canvas(x, num_classes, per, cell, gap, labels)
   left, fw, lines, top = _margins(names, 9, 60, title, img.shape[1])
   bottom = 10
   fh = img.shape[0] + top + bottom
@@ -323,11 +336,9 @@ def figures(*, x: np.ndarray, y: np.ndarray, factor: int = 1,
     out["init_grid.png"] = grid_png(x_init, k, "initialisation",
                                     class_names)
   if x_generated is not None and len(x_generated):
-    if y_generated is not None:  # class-major for the grid
-      order = np.argsort(np.asarray(y_generated), kind="stable")
-      x_generated = np.asarray(x_generated)[order]
+    # External generated data may hold any number of images per class.
     out["generated_grid.png"] = grid_png(x_generated, k, "DP-generated set",
-                                         class_names)
+                                         class_names, labels=y_generated)
   if history is not None:
     out["generator_iterations.png"] = iterations_png(history, class_names)
   if metrics:

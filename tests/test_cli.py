@@ -251,10 +251,12 @@ def test_generator_only_baseline_spends_budget_on_generation_only(tmp_path):
 
 
 def _gen_npz(tmp_path):
+  """External generated data, 41 images: 5 of class 0, 4 of the others
+  (any class sizes are allowed; the generated grid once assumed equal)."""
   rng = np.random.default_rng(1)
   return "npz:" + _save_npz(tmp_path / "gen.npz",
-                            x=rng.random((40, 8, 8, 1)).astype(np.float32),
-                            y=np.arange(40) % 10)
+                            x=rng.random((41, 8, 8, 1)).astype(np.float32),
+                            y=np.arange(41) % 10)
 
 
 def _save_npz(path, **arrays):

@@ -113,6 +113,27 @@ def test_grid_cells_are_separated_by_white_gaps(shape):
   assert png[:4] == b"\x89PNG"
 
 
+def test_grid_groups_images_by_label_and_leaves_short_rows_white():
+  # External generated data: any class sizes, any order (3, 1 and 0
+  # images), each image in its own class's row; missing cells white.
+  k, per, cell, gap = 3, 4, 8, 2
+  x = np.stack([np.full((8, 8, 1), v, np.float32) for v in
+                (0.0, 0.2, 0.4, 0.6)])
+  labels = np.array([1, 0, 0, 0])
+  img = report.canvas(x, k, per, cell, gap, labels)
+  assert img.shape == (k * (cell + gap) + gap, 3 * (cell + gap) + gap, 3)
+  def cell_value(r, j):
+    y0, x0 = gap + r * (cell + gap), gap + j * (cell + gap)
+    return np.unique(img[y0:y0 + cell, x0:x0 + cell])
+  assert [cell_value(0, j).tolist() for j in range(3)] == [[51], [102],
+                                                          [153]]
+  assert cell_value(1, 0).tolist() == [0]
+  assert cell_value(1, 1).tolist() == cell_value(2, 0).tolist() == [255]
+  pngs = report.figures(x=np.zeros((3, 8, 8, 1)), y=np.arange(3),
+                        x_generated=x, y_generated=labels)
+  assert pngs["generated_grid.png"][:4] == b"\x89PNG"
+
+
 def test_per_class_accuracies_match_a_direct_count():
   model = models.ConvNet(4, width=8, depth=1, norm="instance")
   key = jax.random.key(0)
