@@ -135,19 +135,30 @@ class ClassSizes:
 
 
 def class_tally(y: np.ndarray, num_classes: int) -> np.ndarray:
-  """Exact class counts, tallied on the host: (K,) float32 (exact for
-  counts below 2^24). Labels outside 0..K-1 are refused (a longer tally
-  would release counts of classes that do not exist)."""
+  """Exact class counts, tallied on the host: (K,) int32. Labels outside
+  0..K-1 are refused (a longer tally would release counts of classes that
+  do not exist). Integers, not float32: float32 counts above 2^24 round
+  to even numbers, so removing one example could move a count by 2,
+  twice the sensitivity the release is accounted with."""
   y = np.asarray(y)
   check_labels(y, num_classes, len(y))
-  return np.bincount(y, minlength=num_classes).astype(np.float32)
+  tally = np.bincount(y, minlength=num_classes)
+  if tally.max() >= 2**31:
+    raise ValueError(f"a class of {tally.max()} examples is beyond the "
+                     "int32 tally (2^31)")
+  return tally.astype(np.int32)
 
 
 def noisy_counts(key: jax.Array, tally: jax.Array,
                  noise_multiplier: float) -> jax.Array:
-  """tally + N(0, sigma_N^2) per class (atom-free sampler); jittable."""
+  """tally + N(0, sigma_N^2) per class (atom-free sampler), float32;
+  jittable. An integer tally is widened to float64 exactly before the
+  noise is added (noise.add_gaussian_noise with unit scale)."""
+  tally = jnp.asarray(tally)
+  scale = 1.0 if jnp.issubdtype(tally.dtype, jnp.integer) else None
   return noise.add_gaussian_noise(key, tally,
-                                  noise_multiplier * COUNT_SENSITIVITY)
+                                  noise_multiplier * COUNT_SENSITIVITY,
+                                  scale)
 
 
 def release_class_counts(key: jax.Array, y: np.ndarray, *, num_classes: int,

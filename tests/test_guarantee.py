@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from dpgeng_jax import cli, counts, pipeline
+from dpgeng_jax import cli, counts, noise, pipeline
 from dpgeng_jax.config import Config
 from dpgeng_jax.data import from_arrays
 
@@ -121,13 +121,31 @@ def test_number_of_classes_source_is_reported(tmp_path):
 
 
 def test_count_release_is_sized_counts_plus_gaussian_noise():
-  from dpgeng_jax import noise
   y = np.repeat(np.arange(3), [40, 7, 19])
   keys = [noise.deterministic_secret_key(i) for i in range(400)]
   rel = np.stack([np.asarray(counts.release_class_counts(
       k, y, num_classes=3, noise_multiplier=2.5)) for k in keys])
   resid = (rel - np.array([40, 7, 19])).ravel()
   assert stats.kstest(resid, "norm", args=(0, 2.5)).pvalue > 1e-3
+
+
+def test_count_release_moves_by_one_above_2_24_examples():
+  """Classes of 2^24 + 2 and 2^24 + 1 examples (neighbours): the tallies
+  differ by exactly 1 (sensitivity 1). A float32 tally rounded them to
+  2^24 + 2 and 2^24, a move of 2. The noise is added to the exact count:
+  the releases of 2^24 + 1, rounded to float32 (spacing 2) only after
+  the noise, average to 2^24 + 1, not to a pre-rounded 2^24."""
+  n = 2**24 + 2
+  y = np.zeros(n + 1, np.int32)
+  y[-1] = 1
+  big, small = counts.class_tally(y, 2), counts.class_tally(y[1:], 2)
+  assert big.dtype == np.int32 and big.tolist() == [n, 1]
+  assert int(big[0]) - int(small[0]) == 1
+  rel = np.stack([np.asarray(counts._noisy(
+      noise.deterministic_secret_key(i), small, 1.0), np.float64)
+      for i in range(300)])
+  assert abs(rel[:, 0].mean() - (n - 1)) < 0.3  # std of the mean ~0.07
+  assert abs(rel[:, 1].mean() - 1.0) < 0.3
 
 
 def test_released_bounds_hold_and_a_violation_aborts():
