@@ -114,11 +114,31 @@ def test_poisson_capacity_meets_the_tail_bound():
 @pytest.mark.parametrize("log_tail", [np.log(0.5), np.log(1e-12), -1000.0])
 def test_the_capacity_search_equals_a_scan_of_every_batch_size(n, p,
                                                                log_tail):
-  """The bisection finds the first m whose logsf is <= the tail, as a
-  scan over all m = 0..n does (the scan took 3.4 s at 18 million rows)."""
-  scan = int(np.argmax(stats.binom.logsf(np.arange(n + 1), n, p)
-                       <= log_tail))
-  assert poisson_capacity([n], p, log_tail=log_tail) == scan
+  """The bisection finds the first m whose tail P(Binomial(n, p) > m) is
+  <= e^log_tail, as a scan over all m = 0..n of the exact tail does (a
+  log-space sum of the pmf, which does not underflow where scipy's logsf
+  does, at e^-745); at most one more where the tail is below e^-700 and
+  the search uses an upper bound of it (the scan took 3.4 s at 18
+  million rows)."""
+  logpmf = stats.binom.logpmf(np.arange(n + 1), n, p)
+  tail = np.r_[np.logaddexp.accumulate(logpmf[::-1])[::-1][1:], -np.inf]
+  tol = 1e-9  # the two sums' rounding (P = 0.5 exactly at n 7, p 0.5)
+  scan = int(np.argmax(tail <= log_tail + tol))
+  cap = poisson_capacity([n], p, log_tail=log_tail)
+  assert tail[cap] <= log_tail + tol
+  assert cap - scan in ((0,) if log_tail > -700 else (0, 1))
+
+
+def test_the_capacity_holds_where_scipys_logsf_underflows():
+  """Epsilon near the accepted maximum asks for tails near e^-921; logsf
+  is -inf from about e^-745, so a search on it took a capacity whose true
+  overflow probability was e^-746.7 (a review's case: 1800 rows, p 0.5)."""
+  n, p, log_tail = 1800, 0.5, -920.99
+  cap = poisson_capacity([n], p, log_tail=log_tail)
+  ks = np.arange(cap + 1, n + 1)
+  true = float(np.logaddexp.reduce(stats.binom.logpmf(ks, n, p)))
+  assert true <= log_tail
+  assert stats.binom.logpmf(cap, n, p) > log_tail  # one less would fail
 
 
 def test_secret_keys_come_from_os_entropy_and_differ():
