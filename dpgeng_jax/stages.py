@@ -818,6 +818,11 @@ def public_metadata(ds: data_lib.Dataset,
       "all hyperparameters in config.json",
       "the test split is not protected: metrics.json and the expert's test "
       "accuracy are non-private functions of it, for information",
+      "not protected either: the stage times (timings_s) and peak memory "
+      "(peak_rss_mb) in the run's files, which grow with N; and input "
+      "validation, a precondition: a training set with an empty class, a "
+      "label outside 0..K-1 or a pixel outside the image range is refused "
+      "before any release, and the refusal is not private",
   ]
   return out
 

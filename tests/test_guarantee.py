@@ -84,6 +84,9 @@ def test_no_exact_private_count_appears_in_any_output(tmp_path, monkeypatch):
   assert counts_mech["sampling_rate"] == 1.0 and counts_mech["steps"] == 1
   assert counts_mech["l2_sensitivity"] == "1"
   assert any("NOT public" in line for line in priv["public_metadata"])
+  assert any("timings_s" in line and "peak_rss_mb" in line
+             and "input validation" in line
+             for line in priv["public_metadata"])
   assert all(u >= n for u, n in zip(priv["class_sizes"]["upper_bound"],
                                     SIZES))
   # The estimate counts M_N's N~ (before the generator's counts refine
