@@ -221,9 +221,20 @@ class Plan:
 def choices(plan: Plan) -> dict:
   """What the `auto` options resolved to: a resumed run must resolve them
   the same way (a newer version may change a default; store.check)."""
-  return {"init": plan.init, "extractors": plan.extractors,
-          "centre": plan.centre, "factor": plan.factor, "depth": plan.depth,
-          "expert": plan.expert, "generator": plan.generator}
+  out = {"init": plan.init, "extractors": plan.extractors,
+         "centre": plan.centre, "factor": plan.factor, "depth": plan.depth,
+         "expert": plan.expert, "generator": plan.generator}
+  if plan.external is not None or plan.fixed:
+    # External generated data's declared guarantee: a generator given from
+    # Python is known by its name only, and the saved calibration holds
+    # the declaration the run started with. (JSON types: lists, floats.)
+    out["generator_guarantee"] = {
+        "epsilon_delta": (None if plan.external is None
+                          else [float(v) for v in plan.external]),
+        "mechanisms": [[m.name, float(m.noise_multiplier),
+                        float(m.sampling_rate), int(m.steps)]
+                       for m in plan.fixed]}
+  return out
 
 
 def selects_generated(cfg: Config, plan: Plan) -> bool:

@@ -240,7 +240,8 @@ class StageStore:
             "version or start afresh")
       raise ConfigError(
           "--resume: the saved run's `auto` options resolved differently "
-          "(a default changed since it started): " + ", ".join(
+          "(a default changed since it started) or its generator declares "
+          "another guarantee: " + ", ".join(
               f"{k} (saved {was.get(k)!r}, now {resolved.get(k)!r})"
               for k in sorted(set(was) | set(resolved))
               if was.get(k) != resolved.get(k))

@@ -145,3 +145,30 @@ def test_paths_may_be_path_objects():
                                   data_dir=pathlib.Path("d")))
   with pytest.raises(ConfigError, match="dataset must be text"):
     planning.validate_config(Config(dataset=pathlib.Path("x.npz")))
+
+
+def test_a_generator_given_from_python_is_resumed_only_with_its_guarantee(
+    tmp_path):
+  """choices() records external data's declared guarantee, so a resume
+  with the same file declared otherwise is refused (the saved calibration
+  holds the first declaration; the name alone would match)."""
+  from dpgeng_jax import store
+  from dpgeng_jax.errors import ConfigError
+  from dpgeng_jax.generators.external import External
+  cfg = Config()
+  def choices(gen):
+    return planning.choices(planning.resolve(cfg, SHAPE, gen))
+  first = choices(External("g.npz", mu=0.5))
+  assert first["generator_guarantee"]["mechanisms"] == [
+      ["external_generator", 2.0, 1.0, 1]]
+  assert choices(External("g.npz", epsilon=0.5, delta=1e-6))[
+      "generator_guarantee"] == {"epsilon_delta": [0.5, 1e-6],
+                                 "mechanisms": []}
+  assert "generator_guarantee" not in planning.choices(
+      planning.resolve(cfg, SHAPE))
+  store.StageStore(str(tmp_path / "s")).start({}, {}, first)
+  st = store.StageStore(str(tmp_path / "s"))  # reads the saved JSON
+  st.check({}, None, choices(External("g.npz", mu=0.5)))  # the same
+  with pytest.raises(ConfigError, match="declares another guarantee: "
+                     "generator_guarantee .*2.0.* now .*1.0"):
+    st.check({}, None, choices(External("g.npz", mu=1.0)))
