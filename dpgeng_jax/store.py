@@ -23,6 +23,11 @@ folder, and the record holds no count of the data: an unfinished run's
 folder tests no candidate dataset. The published `stages/` copy of the
 record drops the fingerprint too.
 
+Each finished stage's files are recorded by their SHA-256 in the record
+(`digests`), and a resume first compares them: a file changed, added or
+missing since the save (a damaged disk, an edit) is refused in one line
+before anything reads it.
+
 Single-process runs only: a multi-process run does not save stages.
 """
 
@@ -270,6 +275,7 @@ class StageStore:
       _save_tree(os.path.join(d, key), tree)
     state = self.state()
     state["info"][name] = info
+    state.setdefault("digests", {})[name] = _digests(d)
     if name not in state["finished"]:
       state["finished"].append(name)
     self._write_state()
@@ -278,6 +284,7 @@ class StageStore:
     """(arrays, trees, info) of a finished stage; `targets` gives the
     structure of trees that are not plain nested dicts."""
     d = os.path.join(self.root, name)
+    self._check_digests(name, d)
     arrays, trees = Saved(d), Saved(d)
     try:
       npz = os.path.join(d, "arrays.npz")
@@ -298,6 +305,36 @@ class StageStore:
       # (zip, npz and orbax, whose tensorstore reads raise ValueError)
       raise ConfigError(damaged(d, f"{type(e).__name__}: {e}")) from e
     return arrays, trees, self.state()["info"].get(name)
+
+  def _check_digests(self, name: str, d: str) -> None:
+    """Refuses a stage whose files differ from the SHA-256 digests recorded
+    when it was saved (a record without them, from an older version, is
+    not checked)."""
+    digests = self.state().get("digests", {})
+    want = digests.get(name) if isinstance(digests, dict) else None
+    if want is None and isinstance(digests, dict):
+      return
+    if not (isinstance(want, dict)
+            and all(isinstance(v, str) for v in want.values())):
+      raise ConfigError(damaged(self.path, "its record mistypes the "
+                                f"digests of {name}"))
+    try:
+      have = _digests(d)
+    except OSError as e:
+      raise ConfigError(damaged(d, f"{type(e).__name__}: {e}")) from e
+    if have == want:
+      return
+    parts = []
+    for what, names in (
+        ("changed", [k for k in want if k in have and have[k] != want[k]]),
+        ("missing", [k for k in want if k not in have]),
+        ("added", [k for k in have if k not in want])):
+      if names:
+        names = sorted(names)
+        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+        parts.append(f"{what} {', '.join(names[:3])}{more}")
+    raise ConfigError(damaged(d, "its files differ from those saved: "
+                              + "; ".join(parts)))
 
   def save_timings(self, timings: dict) -> None:
     """Records stage times (seconds by timing key) over the saved ones."""
@@ -355,6 +392,22 @@ def _plain(obj):
   if hasattr(obj, "tolist"):
     return np.asarray(obj).tolist()
   return str(obj)
+
+
+def _digests(d: str) -> dict[str, str]:
+  """SHA-256 of every file under d, by its path relative to d ('/'
+  separators)."""
+  out = {}
+  for root, dirs, files in os.walk(d):
+    dirs.sort()
+    for name in sorted(files):
+      path = os.path.join(root, name)
+      h = hashlib.sha256()
+      with open(path, "rb") as f:
+        for block in iter(lambda f=f: f.read(1 << 20), b""):
+          h.update(block)
+      out[os.path.relpath(path, d).replace(os.sep, "/")] = h.hexdigest()
+  return out
 
 
 def _save_tree(path: str, tree: Any) -> None:

@@ -427,6 +427,36 @@ def _edit_state(path, change):
   path.write_text(json.dumps(state))
 
 
+def _without_digests(damage):
+  """The damage in a record saved before stages had digests (an older
+  version): the loaders' own checks must name it."""
+  def both(d):
+    _edit_state(d / "state.json", lambda s: s.pop("digests"))
+    damage(d)
+  return both
+
+
+def _reshaped_generated_set(d):
+  with np.load(d / "generate" / "arrays.npz") as z:
+    a = {k: z[k] for k in z.files}
+  a["x_gen"] = a["x_gen"][:, :4, :4]  # a valid npz of other shapes
+  np.savez(d / "generate" / "arrays.npz", **a)
+
+
+def _flip_a_byte(path):
+  b = bytearray(path.read_bytes())
+  b[len(b) // 2] ^= 0xFF
+  path.write_bytes(bytes(b))
+
+
+def _targets_not_npz(d):
+  (d / "query" / "arrays.npz").write_text("junk")
+
+
+def _pool_deleted(d):
+  __import__("shutil").rmtree(d / "pool" / "pool")
+
+
 DAMAGED = {
     "record_a_list": (lambda d: (d / "state.json").write_text("[]"),
                       "its record is a JSON list"),
@@ -436,15 +466,32 @@ DAMAGED = {
     "calibration_edited": (
         lambda d: _edit_state(d / "state.json", lambda s: s["info"].update(
             calibrate=[{"x": 1}])), "its calibration"),
-    "targets_not_npz": (lambda d: (d / "query" / "arrays.npz").write_text(
-        "junk"), "arrays.npz is not an npz (zip) archive"),
+    "digests_edited": (
+        lambda d: _edit_state(d / "state.json", lambda s: s["digests"]
+                              .update(query=["x"])),
+        "mistypes the digests of query"),
+    "targets_not_npz": (_targets_not_npz, "its files differ from those "
+                        "saved: changed arrays.npz"),
     "targets_missing": (lambda d: np.savez(d / "query" / "arrays.npz"),
-                        "'targets' is missing"),
+                        "changed arrays.npz"),
     "generated_set_deleted": (lambda d: (d / "generate" / "arrays.npz"
-                                         ).unlink(), "'x_gen' is missing"),
-    "pool_deleted": (lambda d: __import__("shutil").rmtree(d / "pool" /
-                                                           "pool"),
-                     "'pool' is missing"),
+                                         ).unlink(), "missing arrays.npz"),
+    "generated_set_reshaped": (_reshaped_generated_set,
+                               "generate is damaged (its files differ from "
+                               "those saved: changed arrays.npz"),
+    "pool_deleted": (_pool_deleted, "missing pool/"),
+    "pool_byte_flipped": (lambda d: _flip_a_byte(sorted(
+        (d / "pool" / "pool").rglob("d/*"))[0]), "changed pool/"),
+    "file_added": (lambda d: (d / "query" / "extra.npz").write_text("x"),
+                   "added extra.npz"),
+    "older_record_targets_not_npz": (_without_digests(_targets_not_npz),
+                                     "arrays.npz is not an npz (zip) "
+                                     "archive"),
+    "older_record_targets_missing": (_without_digests(
+        lambda d: np.savez(d / "query" / "arrays.npz")),
+        "'targets' is missing"),
+    "older_record_pool_deleted": (_without_digests(_pool_deleted),
+                                  "'pool' is missing"),
 }
 
 
