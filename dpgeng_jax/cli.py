@@ -242,8 +242,21 @@ def _use_compile_cache(cfg: Config) -> None:
   holds code and public constants only."""
   if cfg.no_compile_cache:
     return
+  path = compile_cache_dir()
+  try:
+    os.makedirs(path, exist_ok=True)
+    writable = os.access(path, os.W_OK | os.X_OK)
+  except OSError as e:
+    writable, why = False, e.strerror or str(e)
+  else:
+    why = "not writable"
+  if not writable:  # JAX would warn at every compilation instead
+    print(f"dpgeng: compiling without the compilation cache: {path} "
+          f"cannot be used ({why}); set DPGENG_CACHE_DIR, or pass "
+          "--no-compile-cache to silence this", file=sys.stderr)
+    return
   import jax
-  jax.config.update("jax_compilation_cache_dir", compile_cache_dir())
+  jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 

@@ -104,3 +104,26 @@ print(jax.jit(lambda w: (private * w).sum())(2.0))  # closes over the data
                         text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert _found(cache, _private_windows(x))
+
+
+def test_an_unusable_cache_directory_is_one_line_and_no_cache(
+    tmp_path, monkeypatch, capsys):
+  """A cache path that cannot be created (here below a regular file; a
+  read-only home alike) turns the cache off with one line, instead of a
+  JAX warning at every compilation; a usable one is set."""
+  import jax
+  from dpgeng_jax import cli
+  from dpgeng_jax.config import Config
+  set_ = {}
+  monkeypatch.setattr(jax.config, "update",
+                      lambda k, v: set_.__setitem__(k, v))
+  (tmp_path / "afile").write_text("x")
+  monkeypatch.setenv("DPGENG_CACHE_DIR", str(tmp_path / "afile" / "xla"))
+  cli._use_compile_cache(Config())
+  err = capsys.readouterr().err
+  assert set_ == {} and len(err.splitlines()) == 1
+  assert err.startswith("dpgeng: compiling without the compilation cache")
+  monkeypatch.setenv("DPGENG_CACHE_DIR", str(tmp_path / "ok"))
+  cli._use_compile_cache(Config())
+  assert set_["jax_compilation_cache_dir"] == str(tmp_path / "ok")
+  assert capsys.readouterr().err == ""
