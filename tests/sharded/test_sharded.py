@@ -172,8 +172,8 @@ def test_noise_is_added_once_whatever_the_device_count(devices, layout):
   def spec(sigma):
     return dataclasses.replace(_spec(sigma, 1.0, cap), strategy="none")
 
-  clean = parallel.sharded_noisy_targets(spec(0.0), data, params, aug,
-                                         jax.random.key(0), mesh=mesh)[0]
+  clean = jax.jit(lambda s: parallel.sharded_noisy_targets(  # traced once
+      spec(0.0), data, params, aug, s, mesh=mesh)[0])(jax.random.key(0))
   f = jax.jit(jax.vmap(lambda s: parallel.sharded_noisy_targets(
       spec(2.0), data, params, aug, s, mesh=mesh)[0]))
   outs = f(jax.random.split(jax.random.key(7), 300))
@@ -253,8 +253,9 @@ def test_a_sharded_query_sizes_its_fixed_point_from_every_device(
     return real(*args)
 
   monkeypatch.setattr(mechanisms, "sampled_class_sums", spy)
-  parallel.sharded_noisy_targets(spec, data, params, aug, jax.random.key(0),
-                                 mesh=parallel.data_mesh(devices))
+  query = jax.jit(functools.partial(  # jitted: traced once, not op by op
+      parallel.sharded_noisy_targets, spec, mesh=parallel.data_mesh(devices)))
+  jax.block_until_ready(query(data, params, aug, jax.random.key(0)))
   rows = cap * devices * (1 if layout == "flat" else K)
   assert seen == [clipping.fixed_point_bits(rows, 0.7)]
 
@@ -271,10 +272,11 @@ def test_a_sharded_dp_sgd_step_sizes_its_fixed_point_from_every_device():
     seen.append(bits)
     return real(p, b, m, bits=bits)
 
-  parallel.sharded_dp_sgd_grad(fn, params, xs, ys, valid, jax.random.key(0),
-                               sampling_rate=1.0, capacity=cap,
-                               mesh=parallel.data_mesh(devices),
-                               release=mechanisms.SumRelease(0.5, 1.0))
+  step = jax.jit(functools.partial(  # jitted: traced once, not op by op
+      parallel.sharded_dp_sgd_grad, fn, sampling_rate=1.0, capacity=cap,
+      mesh=parallel.data_mesh(devices),
+      release=mechanisms.SumRelease(0.5, 1.0)))
+  jax.block_until_ready(step(params, xs, ys, valid, jax.random.key(0)))
   assert seen == [clipping.fixed_point_bits(cap * devices, 0.5)]
 
 
@@ -446,8 +448,9 @@ def test_winograd_convnet_sharded_equals_unsharded(path):
   mesh = parallel.data_mesh(4)
   if path == "query":
     embed = embed_fn(model)
-    want = clipped_class_sums(embed, params, x, y, mask, num_classes=K,
-                              clip_norm=0.5)
+    want = jax.jit(functools.partial(  # traced once, not op by op
+        clipped_class_sums, embed, num_classes=K, clip_norm=0.5))(
+            params, x, y, mask)
     got = jax.jit(functools.partial(
         parallel.sharded_clipped_class_sums, embed, num_classes=K,
         clip_norm=0.5, mesh=mesh))(params, x, y, mask)
