@@ -10,7 +10,10 @@ options; --pe: `pe.PEConfig` fields over those); each seed is a run of
 evaluation models x 100 epochs unless --config says otherwise), the seed
 giving the public randomness (fresh OS-entropy noise every run). At epsilon 1000 the
 votes are exact up to 0.1 vote: what the simulator's prior allows PE to
-reach. --save DIR keeps each run's generated set (x, y) as an npz.
+reach. (Since 2026-12-06 a private run at epsilon 1000 is refused, its
+noise being too small for the sampler's support; such rows now need
+`--config deterministic=True`, a fixed noise key: not private, the same
+measurement.) --save DIR keeps each run's generated set (x, y) as an npz.
 Two probe-only variants patch the PE loop for every row: --last-degree D
 varies the final draw (the generated set) at degree max(D, 0) instead of
 0; --noise-schedule late|early scales the noise of release t by w_t,

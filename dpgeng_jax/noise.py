@@ -25,10 +25,16 @@ The sampler here (`standard_normal`, `add_gaussian_noise`):
 * adds sigma * z to the float64 value of the sum and rounds to float32
   ONCE. Rounding the exact-Gaussian release is post-processing.
 
-Residual caveat: with probability 2^-128 per coordinate (all 128 exponent
-bits zero) u is capped at 2^-129, i.e. |z| at about 13.2 sigma; the float64
-ndtri and the 2^-52 grid of u deform the law by ~1e-15 relatively. Neither
-is accounted; both are far below any delta the library accepts.
+Residual caveats: with probability 2^-128 per coordinate (all 128
+exponent bits zero) u is capped at 2^-129, i.e. |z| at about 13.2 sigma;
+the law is exact out to EXACT_Z (13.1). At a very small noise multiplier
+sigma a neighbouring release (shifted by 1/sigma standard deviations)
+lands beyond that with a probability that is not small: the delta this
+adds is `support_delta`, and a run whose calibrated noise would make it
+above SUPPORT_FRACTION * delta (and above SUPPORT_FLOOR) is refused (planning.mechanisms_for; at
+the default shares, epsilon 200 at delta 1e-5 passes with room and 1000
+is refused). The float64 ndtri and the 2^-52 grid of u deform the law by
+~1e-15 relatively. Neither is accounted.
 
 Secret keys (`secret_key`) hold 128 bits of OS entropy: they use the
 `threefry2x32x2` PRNG defined here, two independent Threefry-2x32 streams
@@ -50,6 +56,11 @@ from jax.extend import random as jex_random
 _HALF = "threefry2x32"
 WORDS_PER_NORMAL = 6  # sign + mantissa (2 words), exponent stream (4 words)
 EXPONENT_BITS = 128
+# |z| out to which the sampler's law is exact (u / 2 >= 2^-129), and the
+# share of a run's delta that its bounded support may add at most.
+EXACT_Z = 13.10862617448018  # -ndtri(2^-(EXPONENT_BITS + 1))
+SUPPORT_FRACTION = 1e-9
+SUPPORT_FLOOR = 2.0**-100  # below this, as negligible as the 2^-128 cap
 
 
 # ---------------------------------------------------------------------------
@@ -124,6 +135,22 @@ def _leading_zeros(words: jax.Array) -> jax.Array:
     total = total + jnp.where(still_zero, jax.lax.clz(w).astype(jnp.int32), 0)
     still_zero = still_zero & (w == 0)
   return total
+
+
+def support_delta(mechanisms) -> float:
+  """Upper bound on the delta that the sampler's bounded support adds to a
+  run's mechanisms (accounting.Mechanism: noise multiplier sigma relative
+  to the L2 sensitivity, steps releases).
+
+  The law is exact for |z| <= EXACT_Z. A neighbouring dataset moves a
+  release by at most 1/sigma noise standard deviations in L2, worst on one
+  coordinate (the tail below is convex in the shift); the outputs whose
+  other-dataset z would lie beyond EXACT_Z, where that law is not exact
+  (or zero), have probability at most P(Z > EXACT_Z - 1/sigma) per
+  release. Counted in full, summed over releases."""
+  from scipy import special  # pylint: disable=import-outside-toplevel
+  return float(sum(m.steps * special.ndtr(1.0 / m.noise_multiplier - EXACT_Z)
+                   for m in mechanisms if m.noise_multiplier > 0))
 
 
 def standard_normal_from_bits(words: jax.Array) -> jax.Array:

@@ -13,7 +13,8 @@ import os
 import jax
 import numpy as np
 
-from dpgeng_jax import accounting, clipping, generators, models, presets
+from dpgeng_jax import (accounting, clipping, generators, models, noise,
+                        presets)
 from dpgeng_jax import data as data_lib
 from dpgeng_jax import init as init_lib
 from dpgeng_jax.config import Config, METHODS
@@ -386,7 +387,28 @@ def mechanisms_for(cfg: Config, plan: Plan) -> list[accounting.Mechanism]:
                                fixed=plan.fixed)
   except ValueError as e:
     raise ConfigError(str(e)) from e
+  if not cfg.deterministic:  # a deterministic run claims no guarantee
+    _check_sampler_support(cfg, cal)
   return [*plan.fixed, *cal]
+
+
+def _check_sampler_support(cfg: Config, cal) -> None:
+  """Refuses noise so small that the sampler's bounded support (exact out
+  to noise.EXACT_Z standard deviations) would add more than
+  noise.SUPPORT_FRACTION of delta (noise.support_delta), or 2^-100 where
+  that is larger (the size of the support's own unaccounted mass, 2^-128
+  per coordinate, at any noise)."""
+  extra = noise.support_delta(cal)
+  if extra > max(noise.SUPPORT_FRACTION * cfg.delta, noise.SUPPORT_FLOOR):
+    low = min(cal, key=lambda m: m.noise_multiplier)
+    raise ConfigError(
+        f"epsilon {cfg.epsilon} at delta {cfg.delta:g} needs noise as small "
+        f"as {low.noise_multiplier:.3g} times the sensitivity "
+        f"({low.name}): the noise sampler is exact out to "
+        f"{noise.EXACT_Z:.1f} standard deviations, so a neighbouring "
+        f"dataset's releases would add about {extra:.2g} to delta, beyond "
+        "what is accounted; lower epsilon or give that mechanism a larger "
+        "share")
 
 
 def nonprivate_reasons(cfg: Config, plan: Plan) -> list[str]:

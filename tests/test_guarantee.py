@@ -241,7 +241,7 @@ def test_unsupported_privacy_settings_are_refused(tmp_path, capsys, flags,
 
 @pytest.mark.parametrize("epsilon,delta", [("1", "1e-16"), ("1", "1e-30"),
                                            ("100", "1e-5"),
-                                           ("1000", "1e-5")])
+                                           ("200", "1e-5")])
 def test_plan_is_right_across_the_range(capsys, epsilon, delta):
   assert cli.main(["plan", "--epsilon", epsilon, "--delta", delta]) == 0
   report = pipeline.plan_budget(Config(epsilon=float(epsilon),
@@ -254,6 +254,40 @@ def test_plan_is_right_across_the_range(capsys, epsilon, delta):
   assert 0 < report["delta_abort_events"] < report["delta"]
   assert report["delta_mechanisms"] + report["delta_abort_events"] == (
       pytest.approx(float(delta), rel=1e-12))
+
+
+@pytest.mark.parametrize("kw", [{"epsilon": 1000.0}, {"epsilon": 300.0},
+                                {"epsilon": 150.0, "share_counts": 100.0}])
+def test_noise_too_small_for_the_samplers_support_is_refused(kw):
+  """The sampler is exact out to EXACT_Z standard deviations: at epsilon
+  1000 the count release's noise multiplier is 0.084, and a neighbour's
+  release (1/0.084 = 11.9 sd away) lands beyond that with probability
+  0.12, far above delta (a review's case). Refused unless deterministic."""
+  from dpgeng_jax.errors import ConfigError
+  with pytest.raises(ConfigError, match="noise sampler is exact out to "
+                     "13.1 standard deviations"):
+    pipeline.plan_budget(Config(**kw))
+  pipeline.plan_budget(Config(deterministic=True, **kw))
+
+
+def test_the_samplers_support_bound_matches_its_draws():
+  """EXACT_Z is where the sampler's law stops being exact (exponent 127
+  of 128), its largest draw lies just beyond (all exponent bits zero), and
+  support_delta is the normal tail beyond EXACT_Z - 1/sigma per release."""
+  import jax.numpy as jnp
+  from dpgeng_jax import accounting, noise
+  def z(exponent_words):
+    words = jnp.asarray([[0x80000000], [0]]  # mantissa 0: the smallest u
+                        + [[w] for w in exponent_words], jnp.uint32)
+    with jax.enable_x64(True):
+      return abs(float(noise.standard_normal_from_bits(words)[0]))
+  deepest_exact = z([0, 0, 0, 1])  # e = 127: u / 2 in [2^-129, 2^-128)
+  cap = z([0, 0, 0, 0])            # all 128 bits zero
+  assert deepest_exact <= noise.EXACT_Z < cap < noise.EXACT_Z + 0.06
+  m = accounting.Mechanism("m", 0.0839, 1.0, 3)
+  assert noise.support_delta([m]) == pytest.approx(
+      3 * stats.norm.sf(noise.EXACT_Z - 1 / 0.0839), rel=1e-9)
+  assert noise.support_delta([accounting.Mechanism("m", 2.8, 1.0, 10)]) < 1e-30
 
 
 def test_plan_refuses_an_epsilon_it_cannot_calibrate(capsys):
