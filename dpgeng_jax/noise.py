@@ -22,8 +22,15 @@ The sampler here (`standard_normal`, `add_gaussian_noise`):
   float64 evaluation of ndtri (relative error ~1e-15) and the 2^-52
   resolution of u: neighbouring attainable values of z are ~2^-52 / |z|
   apart, far below the float32 spacing of any release, out to |z| ~ 13;
-* adds sigma * z to the float64 value of the sum and rounds to float32
-  ONCE. Rounding the exact-Gaussian release is post-processing.
+* adds sigma * z to the float64 value of the sum, rounds that to the
+  nearest multiple of sigma * 2^-20 (SNAP) and then to float32.
+  Rounding the exact-Gaussian release is post-processing. The grid comes
+  first because near 0 float32 is finer than the lattice of the sampler's
+  attainable values, which differs between two sums a neighbour apart:
+  unsnapped, an output within ~2e-9 sigma of 0 could tell them apart (a
+  review measured ~1e-9 delta per changed coordinate and release); a grid
+  cell holds ~1e9 attainable values, so its probability is the Gaussian's
+  to ~1e-9 relatively.
 
 Residual caveats: with probability 2^-128 per coordinate (all 128
 exponent bits zero) u is capped at 2^-129, i.e. |z| at about 13.2 sigma;
@@ -60,6 +67,8 @@ EXPONENT_BITS = 128
 # share of a run's delta that its bounded support may add at most.
 EXACT_Z = 13.10862617448018  # -ndtri(2^-(EXPONENT_BITS + 1))
 SUPPORT_FRACTION = 1e-9
+# Releases are rounded to multiples of stddev * SNAP (add_gaussian_noise).
+SNAP = 2.0**-20
 SUPPORT_FLOOR = 2.0**-100  # below this, as negligible as the 2^-128 cap
 
 
@@ -245,7 +254,14 @@ def add_gaussian_noise(key: jax.Array, value: jax.Array,
     if zero:
       return wide.astype(jnp.float32)
     z = standard_normal_from_bits(words)
-    out = wide + jnp.asarray(stddev, jnp.float64) * z
+    sd = jnp.asarray(stddev, jnp.float64)
+    out = wide + sd * z
+    # Snapped to the public grid of multiples of sd * SNAP before the
+    # float32 rounding (post-processing): near 0 float32 is finer than the
+    # sampler's lattice, and each output would pin one float64 draw, on a
+    # lattice that differs between neighbouring datasets.
+    q = jnp.where(sd > 0, sd * SNAP, 1.0)
+    out = jnp.where(sd > 0, jnp.round(out / q) * q, out)
     return out.astype(jnp.float32)
 
 

@@ -122,12 +122,14 @@ def test_attainable_values_are_far_denser_than_float32_releases():
   assert abs(fast[1] - fast[0]) > 0.05
 
 
-def test_release_is_the_float64_sum_rounded_once():
+def test_release_is_the_float64_sum_snapped_then_rounded_once():
   v = jnp.asarray(np.random.default_rng(0).normal(size=1000) * 1e3,
                   jnp.float32)
   got = noise.add_gaussian_noise(KEY, v, 2.5)
   words = np.asarray(jax.random.bits(KEY, (6, 1000), jnp.uint32))
-  want = (np.asarray(v, np.float64) + 2.5 * _numpy_normal_from_bits(words)
+  q = 2.5 * noise.SNAP  # the public grid of the release
+  want = (np.round((np.asarray(v, np.float64)
+                    + 2.5 * _numpy_normal_from_bits(words)) / q) * q
           ).astype(np.float32)
   np.testing.assert_array_equal(np.asarray(got), want)
   assert got.dtype == jnp.float32
@@ -253,3 +255,19 @@ def test_tree_noise_is_one_draw_split_over_the_leaves():
   assert stats.kstest(b, stats.norm(scale=2.0).cdf).pvalue > 1e-3
   assert stats.kstest(a, stats.norm(scale=3.0).cdf).pvalue < 1e-6
   assert abs(np.corrcoef(a, b)[0, 1]) < 0.04
+
+
+def test_releases_are_snapped_to_the_public_grid():
+  """Every noisy value is a multiple of stddev * 2^-20 (exactly, in
+  float32 below 16 stddev, for a power-of-two stddev): near 0 an unsnapped float32 output pinned one
+  float64 draw of the sampler, whose lattice differs between two sums a
+  neighbour apart (0.3 and 0.3 - 3 * 2^-20 here)."""
+  for value in (0.3, 0.3 - 3 * 2.0**-20):
+    for sd in (1.0, 0.25):
+      out = np.asarray(noise.add_gaussian_noise(
+          KEY, jnp.full((20000,), value, jnp.float32), sd), np.float64)
+      small = out[np.abs(out) < 8 * sd]
+      assert len(small) > 19000
+      k = small / (sd * noise.SNAP)
+      np.testing.assert_allclose(k, np.round(k), rtol=0, atol=1e-6)
+      assert np.any(np.abs(small) < 1e-3 * sd)  # near 0 too
