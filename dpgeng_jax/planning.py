@@ -22,6 +22,8 @@ from dpgeng_jax.errors import ConfigError
 from dpgeng_jax.generators.apis.text import MAX_MARKS
 from dpgeng_jax.generators.embeddings import EMBEDDINGS
 
+MIN_SHARE, MAX_SHARE = 1e-6, 1e6  # budget shares, relative weights
+
 
 # Options naming a file or folder: a pathlib.Path is as good as a str.
 _PATHS = ("data_dir", "out", "pe_font_dir", "resume", "tensorboard")
@@ -113,6 +115,13 @@ def validate_config(cfg: Config) -> None:
     if not (value > 0 and math.isfinite(value)):
       raise ConfigError(f"budget shares must be finite and > 0, got "
                         f"{name} = {value}")
+    if not MIN_SHARE <= value <= MAX_SHARE:
+      # Relative weights: beyond these a mechanism's noise multiplier
+      # overflows the float32 release (its noisy counts became inf after
+      # the count release was spent) or the search divides by zero.
+      raise ConfigError(f"budget shares must be in [{MIN_SHARE:g}, "
+                        f"{MAX_SHARE:g}] (relative weights), got "
+                        f"{name} = {value:g}")
   declared = (cfg.generated_epsilon, cfg.generated_delta, cfg.generated_mu,
               cfg.generated_noise_multiplier)
   if any(not (v >= 0 and math.isfinite(v)) for v in declared):

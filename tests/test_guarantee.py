@@ -229,6 +229,12 @@ def test_external_declared_epsilon_delta_alone_is_reported(tmp_path):
     (["--epsilon", "1e-300"], "epsilon must be a number in [1e-06, 1000]"),
     (["--epsilon", "inf"], "epsilon must be a number"),
     (["--share-counts", "inf"], "budget shares must be finite"),
+    # A share this small made the noisy counts inf after their release
+    # (OverflowError), or the calibration divide by zero.
+    (["--share-counts", "1e-300"], "budget shares must be in [1e-06, "
+                                   "1e+06]"),
+    (["--share-features", "5e-324"], "budget shares must be in"),
+    (["--share-expert", "1e9"], "budget shares must be in"),
 ])
 def test_unsupported_privacy_settings_are_refused(tmp_path, capsys, flags,
                                                   message):
