@@ -38,10 +38,11 @@ the law is exact out to EXACT_Z (13.1). At a very small noise multiplier
 sigma a neighbouring release (shifted by 1/sigma standard deviations)
 lands beyond that with a probability that is not small: the delta this
 adds is `support_delta`, and a run whose calibrated noise would make it
-above SUPPORT_FRACTION * delta (and above SUPPORT_FLOOR) is refused (planning.mechanisms_for; at
-the default shares, epsilon 200 at delta 1e-5 passes with room and 1000
-is refused). The float64 ndtri and the 2^-52 grid of u deform the law by
-~1e-15 relatively. Neither is accounted.
+above SUPPORT_FRACTION * delta (and above SUPPORT_FLOOR) is refused
+(planning.mechanisms_for; at the default shares and delta 1e-5, epsilon
+200 passes and 300 is refused). The float64 ndtri and the 2^-52 grid of
+u deform the law by ~1e-15 relatively. Neither the cap's own 2^-128 nor
+that deformation is accounted.
 
 Secret keys (`secret_key`) hold 128 bits of OS entropy: they use the
 `threefry2x32x2` PRNG defined here, two independent Threefry-2x32 streams
