@@ -245,12 +245,10 @@ def _use_compile_cache(cfg: Config) -> None:
   path = compile_cache_dir()
   try:
     os.makedirs(path, exist_ok=True)
-    writable = os.access(path, os.W_OK | os.X_OK)
+    why = None if os.access(path, os.W_OK | os.X_OK) else "not writable"
   except OSError as e:
-    writable, why = False, e.strerror or str(e)
-  else:
-    why = "not writable"
-  if not writable:  # JAX would warn at every compilation instead
+    why = e.strerror or str(e)
+  if why:  # JAX would warn at every compilation instead
     print(f"dpgeng: compiling without the compilation cache: {path} "
           f"cannot be used ({why}); set DPGENG_CACHE_DIR, or pass "
           "--no-compile-cache to silence this", file=sys.stderr)

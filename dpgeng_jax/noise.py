@@ -68,9 +68,9 @@ EXPONENT_BITS = 128
 # share of a run's delta that its bounded support may add at most.
 EXACT_Z = 13.10862617448018  # -ndtri(2^-(EXPONENT_BITS + 1))
 SUPPORT_FRACTION = 1e-9
+SUPPORT_FLOOR = 2.0**-100  # below this, as negligible as the 2^-128 cap
 # Releases are rounded to multiples of stddev * SNAP (add_gaussian_noise).
 SNAP = 2.0**-20
-SUPPORT_FLOOR = 2.0**-100  # below this, as negligible as the 2^-128 cap
 
 
 # ---------------------------------------------------------------------------

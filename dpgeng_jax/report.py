@@ -85,11 +85,8 @@ def canvas(x: np.ndarray, num_classes: int, per: int, cell: int,
   `per` images (or none) leaves the rest of its row white."""
   n, h, w, c = x.shape
   x = np.clip(np.asarray(x, np.float32), 0.0, 1.0)
-  if labels is None:
-    rows = list(x.reshape(num_classes, n // num_classes, h, w, c)[:, :per])
-  else:
-    labels = np.asarray(labels).reshape(-1)
-    rows = [x[labels == r][:per] for r in range(num_classes)]
+  labels = _labels(n, num_classes, labels)
+  rows = [x[labels == r][:per] for r in range(num_classes)]
   per = min(per, max([len(r) for r in rows], default=0))
   s = max(1, cell // max(h, w))
   ch, cw = h * s, w * s
@@ -108,13 +105,19 @@ def canvas(x: np.ndarray, num_classes: int, per: int, cell: int,
   return out
 
 
+def _labels(n: int, num_classes: int, labels=None) -> np.ndarray:
+  """The labels of n images: as given, or those of class-major images
+  with the same number per class."""
+  if labels is None:
+    return np.repeat(np.arange(num_classes), n // num_classes)
+  return np.asarray(labels).reshape(-1)
+
+
 def _first_classes(x: np.ndarray, num_classes: int, keep: int,
                    labels: np.ndarray | None = None):
-  """(x, labels) restricted to the first `keep` classes: a prefix of
-  class-major x without labels, the images labelled below `keep` with."""
-  if labels is None:
-    return np.asarray(x)[:len(x) // num_classes * keep], None
-  labels = np.asarray(labels).reshape(-1)
+  """(x, labels) of the images of the first `keep` classes (x
+  class-major, or grouped by `labels` where they are given)."""
+  labels = _labels(len(x), num_classes, labels)
   return np.asarray(x)[labels < keep], labels[labels < keep]
 
 
