@@ -35,6 +35,7 @@ ADJACENCY = "add-or-remove-one"
 # loss range grows with it, and the relative error stays below 1e-4 *
 # steps per mechanism). PLD figures are pessimistic at any discretisation.
 PLD_DISCRETIZATION = 1e-4
+PLD_RELATIVE_FLOOR = 1e-4
 # Calibration is accepted once the composed epsilon is within this fraction
 # of the target (never above it).
 CALIBRATION_UTILISATION = 0.995
@@ -47,6 +48,9 @@ MAX_EPSILON = 1000.0
 # Smallest (at delta 1e-5 it already calibrates noise multipliers of
 # about 2e5; targets near 1e-300 underflow the search's GDP scale).
 MIN_EPSILON = 1e-6
+# The GDP scales (total mu) the calibration searches: beyond them the noise
+# multipliers are around 1e8 or 1e-4 (MAX_EPSILON needs about 0.05).
+SCALE_RANGE = (1e-8, 1e4)
 # Share of the target delta reserved for abort events (a Poisson batch over
 # its padded capacity, a class above its released upper bound); the
 # mechanisms are accounted at the rest. See `failure_log_tail`.
@@ -170,13 +174,19 @@ PLD_MIN_DELTA = 1e-12
 
 
 def pld_interval(epsilon: float = 1.0) -> float:
-  """PLD discretisation for a target epsilon: PLD_DISCRETIZATION up to
-  epsilon 1, proportionally coarser above: a relative resolution of 1e-4
-  of epsilon (the privacy-loss range grows with epsilon, and the build
-  time with range / interval; the figures stay pessimistic upper bounds).
-  Measured on the default dpgeng mechanisms at epsilon 10: 9.97467 at
-  interval 2e-5, 1e-4 and 1e-3 alike (1e-3 builds 7x faster than 1e-4)."""
-  return PLD_DISCRETIZATION * max(1.0, float(epsilon))
+  """PLD discretisation for a target epsilon: PLD_DISCRETIZATION times
+  epsilon, a relative resolution of 1e-4 of epsilon at any target (the
+  privacy-loss range grows with epsilon, and the build time with range /
+  interval; the figures stay pessimistic upper bounds). Above epsilon 1
+  this keeps the build fast (measured on the default dpgeng mechanisms at
+  epsilon 10: 9.97467 at interval 2e-5, 1e-4 and 1e-3 alike, 1e-3 building
+  7x faster than 1e-4); below it, a fixed interval would be a growing
+  fraction of the target (the pessimistic rounding alone put epsilon 1e-4
+  at delta 1e-8 out of reach), down to epsilon PLD_RELATIVE_FLOOR: finer
+  PLDs made the search hunt among figures that the FFT's rounding leaves
+  non-monotone (measured: epsilon 1e-6 at delta 1e-5 took 307 PLD builds
+  and 330 s at interval 1e-10, 2.5 s at 1e-4)."""
+  return PLD_DISCRETIZATION * max(float(epsilon), PLD_RELATIVE_FLOOR)
 
 
 def accountant_for(delta: float) -> str:
@@ -235,10 +245,13 @@ class _NonPrivate(Exception):
 # dp_accounting's Gaussian PLD holds about (1/sigma^2 + 20/sigma) / interval
 # points (measured: 3.5e7 at sigma 0.02 and interval 1e-4, 5.7 GB and 46 s
 # to build; 1e9 at sigma 0.001, which asked for 76 GiB). An event with that
-# little noise (epsilon above ~1400 from one such release) is accounted at
-# the coarser interval that keeps its PLD to MAX_PLD_POINTS: still a
-# pessimistic upper bound, at a resolution far finer than its epsilon.
-MAX_PLD_POINTS = 1e7
+# little noise for its interval (epsilon above ~1400 from one release; or
+# a tiny target epsilon, whose interval is tiny, at a delta so large that
+# the noise is near 1) is accounted at the coarser interval that keeps its
+# PLD to MAX_PLD_POINTS: still a pessimistic upper bound. The default
+# mechanisms at epsilon 1 stay under it (about 2e5 points); at 1e7 a
+# `dpgeng plan` at epsilon 1e-4 and delta 0.01 took 113 s, at 3e5 20 s.
+MAX_PLD_POINTS = 3e5
 
 
 def _smallest_sigma(event: dp_accounting.DpEvent, count: int = 1) -> float:
@@ -331,9 +344,43 @@ def epsilon_rdp(event: dp_accounting.DpEvent, delta: float) -> float:
   verbosity = absl_logging.get_verbosity()
   absl_logging.set_verbosity(absl_logging.ERROR)
   try:
-    return float(acc.compose(event).get_epsilon(delta))
+    eps = float(acc.compose(event).get_epsilon(delta))
   finally:
     absl_logging.set_verbosity(verbosity)
+  if eps <= 0 and _has_sampling(event):
+    # dp_accounting answers 0 wherever an order's RDP comes out negative,
+    # which its Poisson-subsampled Gaussian formula does at extreme noise
+    # (measured: -3e-13 at sampling rate 0.01 and noise 1e8; 0 returned
+    # at rate 1e-9 and noise 1e3). The event with the sampling dropped
+    # (each subsampled Gaussian as its plain Gaussian) bounds it from
+    # above and is computed in closed form.
+    return epsilon_rdp(_without_sampling(event), delta)
+  return eps
+
+
+def _has_sampling(event: dp_accounting.DpEvent) -> bool:
+  if isinstance(event, dp_accounting.PoissonSampledDpEvent):
+    return True
+  if isinstance(event, dp_accounting.SelfComposedDpEvent):
+    return _has_sampling(event.event)
+  if isinstance(event, dp_accounting.ComposedDpEvent):
+    return any(_has_sampling(e) for e in event.events)
+  return False
+
+
+def _without_sampling(event: dp_accounting.DpEvent) -> dp_accounting.DpEvent:
+  """`event` with every Poisson-sampled event replaced by the event it
+  samples: no more private (subsampling only amplifies)."""
+  if isinstance(event, dp_accounting.PoissonSampledDpEvent):
+    return _without_sampling(event.event)
+  if isinstance(event, dp_accounting.SelfComposedDpEvent):
+    return dp_accounting.SelfComposedDpEvent(_without_sampling(event.event),
+                                             event.count)
+  if isinstance(event, dp_accounting.ComposedDpEvent):
+    return dp_accounting.ComposedDpEvent(
+        [_without_sampling(e) for e in event.events])
+  return event
+
 
 
 def gdp_mu(mechanism: Mechanism) -> float:
@@ -476,6 +523,19 @@ def _calibrate(mechanisms, epsilon, delta, shares, fixed):
         [*fixed, *allocate(mechanisms, shares, math.exp(t))])))
 
   coarse_eps, fine_eps = at(coarse), at(fine)
+  least = fine_eps(math.log(SCALE_RANGE[0]))
+  if least > CALIBRATION_UTILISATION * epsilon:
+    rdp_hint = (
+        f" (below delta {PLD_MIN_DELTA:g} the run is accounted with RDP, "
+        "whose conversion to (epsilon, delta) alone costs about log(1/delta)"
+        f" / 1023; where the mechanisms' part of delta is at least "
+        f"{PLD_MIN_DELTA:g} the run is accounted with PLD)" if accountant_for(delta) == "rdp" else "")
+    raise ValueError(
+        f"epsilon {epsilon:g} at delta {delta:g} cannot be certified: the "
+        f"{accountant_for(delta).upper()} accountant still gives epsilon "
+        f"{least:.4g} for these mechanisms at the most noise the "
+        f"calibration searches (a GDP scale of {SCALE_RANGE[0]:g}){rdp_hint};"
+        " raise epsilon or delta")
   low_ok = CALIBRATION_UTILISATION * epsilon
   aim = epsilon * (1 + CALIBRATION_UTILISATION) / 2
   root = math.log(_gdp_mu_for_epsilon(epsilon, delta))
@@ -499,7 +559,11 @@ def _calibrate(mechanisms, epsilon, delta, shares, fixed):
     target = min(max(target + (aim - got), 0.5 * aim), 2 * aim)
   # Fallback: bisection on the fine figure itself.
   lo, hi = _bracket(fine_eps, aim, root)
-  for _ in range(100):
+  # Until the figure lands in [low_ok, epsilon] or the scale is pinned to
+  # 1e-6: at a large delta epsilon falls to 0 at a finite noise, so a
+  # small target sits on a cliff that no scale may land on; lo (epsilon
+  # at most the target, maybe 0: a stronger guarantee) is then the answer.
+  while hi - lo > 1e-6:
     mid = (lo + hi) / 2
     if fine_eps(mid) <= epsilon:
       lo = mid
@@ -530,7 +594,11 @@ def _solve(eps_of, target: float, guess: float, rtol: float = 2e-4) -> float:
       return t1
     if f1 == f0:
       break
-    t0, t1, f0 = t1, t1 - f1 * (t1 - t0) / (f1 - f0), f1
+    # At most one e-fold of the scale per step: where the figure is flat
+    # (an accountant's floor) an unbounded secant step ran the scale to
+    # exp(-1e4) = 0.
+    step = min(max(-f1 * (t1 - t0) / (f1 - f0), -1.0), 1.0)
+    t0, t1, f0 = t1, t1 + step, f1
   lo, hi = _bracket(eps_of, target, guess)
   return optimize.brentq(lambda t: eps_of(t) - target, lo, hi, xtol=1e-5,
                          maxiter=100)
@@ -548,11 +616,11 @@ def _bracket(eps_of, target: float, guess: float) -> tuple[float, float]:
   lo, hi = guess - 0.1, guess + 0.1
   while eps_of(hi) <= target:
     lo, hi = hi, hi + 0.5
-    if hi > math.log(1e4):
+    if hi > math.log(SCALE_RANGE[1]):
       raise _NoNoiseNeeded(eps_of(hi))
   while eps_of(lo) > target:
     lo, hi = lo - 0.5, lo
-    if lo < math.log(1e-8):
+    if lo < math.log(SCALE_RANGE[0]):
       raise ValueError(f"epsilon {target:g} is out of reach: even "
                        "negligible noise-to-signal ratios exceed it")
   return lo, hi
@@ -560,11 +628,13 @@ def _bracket(eps_of, target: float, guess: float) -> tuple[float, float]:
 
 def _gdp_mu_for_epsilon(epsilon: float, delta: float) -> float:
   """The mu whose GDP epsilon at delta is `epsilon` (a starting guess)."""
-  hi = 1.0
+  lo, hi = 1.0, 1.0
   while gdp_epsilon(hi, delta) < epsilon:
-    hi *= 2
+    lo, hi = hi, hi * 2
+  while gdp_epsilon(lo, delta) >= epsilon:
+    lo, hi = lo / 2, lo
   return float(optimize.brentq(lambda m: gdp_epsilon(m, delta) - epsilon,
-                               1e-6, hi, xtol=1e-6))
+                               lo, hi, xtol=1e-3 * lo))
 
 
 def failure_log_tail(delta: float, epsilon: float, events: int) -> float:

@@ -412,10 +412,71 @@ def test_an_event_with_very_little_noise_is_accounted_coarser_not_out_of_memory(
       dp_accounting.GaussianDpEvent(0.001 * math.sqrt(2)), 2)
   assert A.feasible_interval(twice, 1e-4) == pytest.approx(interval)
   monkeypatch.undo()  # the real cap for the driver's events
-  for m in [A.Mechanism("generator", 0.5, 1.0, 10),
-            A.Mechanism("feature_matching", 1.0, 0.5, 40)]:
-    assert A.feasible_interval(m.event(), 1e-4) == 1e-4
+  for eps in (1.0, 10.0, 100.0):  # calibrated at the usual targets
+    for m in A.calibrate(THREE, eps, 1e-5):
+      assert A.feasible_interval(m.event(), A.pld_interval(eps)) == (
+          A.pld_interval(eps)), (eps, m)
   # and where the interval is kept, the exact figure is met as well
   assert _gaussian_epsilon(0.5, 1e-5) <= A.epsilon_pld(
       dp_accounting.GaussianDpEvent(0.5), 1e-5) <= _gaussian_epsilon(
           0.5, 1e-5) * (1 + 1e-3)
+
+
+@pytest.mark.parametrize("eps,delta", [(1e-4, 1e-8), (1e-6, 1e-8),
+                                       (0.01, 1e-12), (1e-6, 1e-5)])
+def test_small_epsilons_calibrate_at_small_deltas(eps, delta):
+  """Each failed before: (1e-4, 1e-8) as 'out of reach' (a fixed PLD
+  interval of 1e-4 is the target itself), (1e-6, 1e-8) in the starting
+  guess's bracket, (0.01, 1e-12) as a ZeroDivisionError (a secant step
+  ran the noise scale to exp(-1e4) = 0)."""
+  t = time.time()
+  cal = A.calibrate(THREE, eps, delta)
+  got = A.epsilon_of(A.composed_event(cal), delta, A.pld_interval(eps))
+  assert A.CALIBRATION_UTILISATION * eps <= got <= eps
+  assert time.time() - t < 60  # a guard against a hunting search (330 s)
+
+
+def test_pld_interval_is_relative_to_epsilon_down_to_its_floor():
+  assert A.pld_interval(10.0) == pytest.approx(1e-3)
+  assert A.pld_interval(0.01) == pytest.approx(1e-6)
+  assert A.pld_interval(1e-6) == pytest.approx(
+      A.PLD_DISCRETIZATION * A.PLD_RELATIVE_FLOOR)
+
+
+def test_rdp_figures_never_fall_to_zero_from_dp_accountings_rounding():
+  # dp_accounting's subsampled-Gaussian RDP comes out slightly negative at
+  # extreme noise, and it then answers epsilon 0: shown here, so that the
+  # test fails if dp_accounting changes and the fallback is no longer hit.
+  event = dp_accounting.SelfComposedDpEvent(
+      dp_accounting.PoissonSampledDpEvent(
+          1e-9, dp_accounting.GaussianDpEvent(1e3)), 1000)
+  raw = rdp.RdpAccountant(
+      neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+  assert raw.compose(event).get_epsilon(1e-30) == 0
+  # Without sampling the same noise is 1000 plain Gaussians, a bound from
+  # above, whose conversion to delta 1e-30 alone costs about 0.06.
+  plain = dp_accounting.SelfComposedDpEvent(
+      dp_accounting.GaussianDpEvent(1e3), 1000)
+  got = A.epsilon_rdp(event, 1e-30)
+  assert got == A.epsilon_rdp(plain, 1e-30) > 0.05
+  both = dp_accounting.ComposedDpEvent([event, A.gaussian_event(1e6)])
+  assert A.epsilon_rdp(both, 1e-30) > 0.05
+
+
+@pytest.mark.parametrize("delta", [1e-13, 1e-30])
+def test_a_target_below_what_the_accountant_resolves_is_refused_at_once(
+    delta):
+  # Before: accepted after 35-55 s with a reported epsilon of 0.0 (the
+  # search had run the noise up to where dp_accounting answers 0), or
+  # refused as "out of reach" after seconds.
+  scale = math.log(A.SCALE_RANGE[0])
+  least = A.epsilon_rdp(A.composed_event(A.allocate(THREE, [1.0] * 3,
+                                                    math.exp(scale))), delta)
+  assert least > 0.02
+  t = time.time()
+  with pytest.raises(ValueError, match="cannot be certified.*RDP"):
+    A.calibrate(THREE, least * 0.9, delta)
+  assert time.time() - t < 5
+  cal = A.calibrate(THREE, least * 1.2, delta)
+  got = A.epsilon_rdp(A.composed_event(cal), delta)
+  assert A.CALIBRATION_UTILISATION * least * 1.2 <= got <= least * 1.2
