@@ -19,6 +19,7 @@ import json
 import os
 import signal
 import sys
+import warnings
 
 from dpgeng_jax.config import Config
 from dpgeng_jax.errors import ConfigError, DpgengError, PrivacyAbort
@@ -334,8 +335,10 @@ def _distill(cfg: Config, console: bool = False) -> int:
 
 
 def _plan(cfg: Config) -> int:
-  from dpgeng_jax import pipeline
+  from dpgeng_jax import data, pipeline
 
+  if cfg.dataset.startswith("npz:"):  # plan reads no data, but a typo shows
+    data._check_npz_file(cfg.dataset[len("npz:"):])
   report = pipeline.plan_budget(cfg)
   print(f"method {cfg.method}: target epsilon {cfg.epsilon:g} at delta "
         f"{cfg.delta:g} ({report['neighbouring_relation']})")
@@ -493,6 +496,16 @@ def _stop_status(e: KeyboardInterrupt) -> int:
   return 128 + signal.SIGTERM if isinstance(e, Terminated) else 130
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_default_formatwarning = warnings.formatwarning
+
+
+def _format_warning(message, category, filename, lineno, line=None):
+  if os.path.abspath(filename).startswith(_PACKAGE_DIR + os.sep):
+    return f"dpgeng: warning: {message}\n"
+  return _default_formatwarning(message, category, filename, lineno, line)
+
+
 def entry_point() -> int:
   """The `dpgeng` console command (and `python -m dpgeng_jax`): `main` on
   the command line, with freed host memory kept mapped (hostmem;
@@ -504,8 +517,12 @@ def entry_point() -> int:
   its output is flushed: XLA's threads may still hold work of the
   interrupted computation, and the interpreter's normal teardown then
   crashed with a segmentation fault in about half of the tries (status
-  139 after the --resume hint)."""
+  139 after the --resume hint).
+
+  Warnings raised in this package print as one line, `dpgeng: warning:
+  ...` (the default format showed a line of the package's source)."""
   signal.signal(signal.SIGTERM, _on_sigterm)
+  warnings.formatwarning = _format_warning
   code = main(None, console=True)
   if code in (130, 143):
     sys.stdout.flush()

@@ -291,6 +291,11 @@ def _check_before_private_work(cfg: Config, plan, ds: data_lib.Dataset,
         f"--factor {f} tiles {f} x {f} images of {h}/{f} x {w}/{f} pixels "
         f"into each stored image, which needs the height and width of the "
         f"images ({h}x{w}) to be multiples of {f}; use --factor 1")
+  if min(h, w) // f < 2:
+    raise ConfigError(
+        f"--factor {f} on {h}x{w} images leaves tiles of {h // f}x{w // f} "
+        "pixels, which hold one colour each (images need 2 pixels a side); "
+        "use --factor 1")
   if plan.init == "real" and m * f * f > int(np.min(ds.class_counts)):
     # Only in runs that are not private (real images are released).
     raise ConfigError(

@@ -30,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from dpgeng_jax.errors import ConfigError
+from dpgeng_jax import data as data_lib
+from dpgeng_jax.errors import ConfigError, DataError
 
 REPORT = "report.html"
 FIGURES = ("grid.png", "decoded_grid.png", "init_grid.png",
@@ -545,6 +546,19 @@ def rebuild(out: str) -> list[str]:
   return outputs.amend_finished(out, files)
 
 
+def _npz(out: str, name: str) -> dict:
+  """The arrays of the run's npz file `name`; a file that is no npz archive
+  is named as such (np.load would call it pickled data)."""
+  try:
+    data_lib._check_npz_file(os.path.join(out, name), "the run wrote it "
+                             "with np.savez")
+  except DataError as e:
+    raise ConfigError(f"{out!r}: {e}; edited or damaged: run the "
+                      "distillation again") from None
+  with np.load(os.path.join(out, name)) as d:
+    return {k: d[k] for k in d.files}
+
+
 def _files_from_run(out: str, manifest: dict) -> dict[str, bytes]:
   """The PNGs and report.html drawn from the run's files in `out`."""
   records = {}
@@ -563,21 +577,19 @@ def _files_from_run(out: str, manifest: dict) -> dict[str, bytes]:
       raise ConfigError(f"{out!r}: {name} holds {kind}, not the run's "
                         "record (a JSON object)")
   privacy, config, metrics = records.values()
-  with np.load(os.path.join(out, "distilled.npz")) as d:
-    arrays = {k: d[k] for k in d.files}
+  arrays = _npz(out, "distilled.npz")
   gen = {}
-  gen_path = os.path.join(out, "stages", "generate", "arrays.npz")
-  if os.path.exists(gen_path):
-    with np.load(gen_path) as g:
-      gen = {k: g[k] for k in g.files}
+  gen_path = os.path.join("stages", "generate", "arrays.npz")
+  if os.path.exists(os.path.join(out, gen_path)):
+    gen = _npz(out, gen_path)
   x_init = None
-  init_path = os.path.join(out, "stages", "init", "arrays.npz")
+  init_path = os.path.join("stages", "init", "arrays.npz")
   norm = config.get("normalisation")
-  if norm and os.path.exists(init_path):
-    with np.load(init_path) as g:
-      x_init = (g["images"].reshape(-1, *arrays["x"].shape[1:])
-                * np.asarray(norm["std"], np.float32)
-                + np.asarray(norm["mean"], np.float32))
+  if norm and os.path.exists(os.path.join(out, init_path)):
+    g = _npz(out, init_path)
+    x_init = (g["images"].reshape(-1, *arrays["x"].shape[1:])
+              * np.asarray(norm["std"], np.float32)
+              + np.asarray(norm["mean"], np.float32))
   pngs = figures(x=arrays["x"], y=arrays["y"],
                  factor=int(arrays.get("factor", 1)),
                  x_decoded=arrays.get("x_decoded"), x_init=x_init,

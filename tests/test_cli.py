@@ -626,3 +626,20 @@ def test_a_library_run_on_a_train_only_dataset_that_evaluates_is_refused_first()
     pipeline.stages.class_sizes = real
   assert not calls  # refused before the count release
   pipeline.run(dataclasses.replace(cfg, no_eval=True), dataset=ds, log=None)
+
+
+def test_the_packages_warnings_print_as_one_line_on_the_console():
+  # The default format printed a line of dpgeng_jax's source under each.
+  import warnings
+  from dpgeng_jax import data
+  line = cli._format_warning("x is uint8", UserWarning, data.__file__, 360)
+  assert line == "dpgeng: warning: x is uint8\n"
+  other = cli._format_warning("elsewhere", UserWarning, "/x/site.py", 3)
+  assert other == warnings.formatwarning("elsewhere", UserWarning,
+                                         "/x/site.py", 3)
+
+
+def test_plan_names_an_npz_dataset_that_is_not_there(tmp_path, capsys):
+  # plan reads no data; it printed a whole plan for a mistyped path.
+  assert cli.main(["plan", "--dataset", f"npz:{tmp_path}/nope.npz"]) == 2
+  assert "npz file not found" in capsys.readouterr().err

@@ -108,7 +108,7 @@ def test_external_generated_data_loads_when_valid(tmp_path):
 
 @pytest.mark.parametrize("arrays,message", [
     ({"x": np.zeros((12, 4, 4, 1), np.float32), "y": GOOD_Y}, "shape"),
-    ({"x": GOOD_X, "y": np.arange(12) % 2}, "no training examples"),
+    ({"x": GOOD_X, "y": np.arange(12) % 2}, "no image of class(es) [2]"),
     ({"x": np.where(np.arange(12)[:, None, None, None] == 3, np.nan, GOOD_X),
       "y": GOOD_Y}, "NaN"),
     ({"x": GOOD_X}, "lacks"),
@@ -125,6 +125,7 @@ def test_bad_external_generated_data_is_refused(tmp_path, arrays, message):
   assert message.lower() in str(e.value).lower()
   assert "x_train" not in str(e.value)  # the file's arrays are x and y
   assert "y_train" not in str(e.value) and "splits" not in str(e.value)
+  assert "training" not in str(e.value)  # the file holds generated images
 
 
 def test_a_file_that_is_not_an_npz_is_named_so(tmp_path):

@@ -231,7 +231,9 @@ DAMAGED = {
                               "cannot rebuild the report"),
     "accuracy_a_string": ("metrics.json", '{"test_accuracy_mean": "x"}',
                           "cannot rebuild the report"),
-    "distilled_not_npz": ("distilled.npz", "junk", "cannot rebuild the report"),
+    # np.load called it "pickled (object) data"
+    "distilled_not_npz": ("distilled.npz", "junk",
+                          "distilled.npz is not an npz file"),
     "privacy_missing": ("privacy.json", None, "privacy.json is missing"),
 }
 

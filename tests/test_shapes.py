@@ -86,3 +86,14 @@ def test_factor_two_on_odd_sides_is_refused_before_any_release(tmp_path,
                    "--factor", "2", "--out", str(out), *SMALL]) == 2
   assert "multiples of 2" in capsys.readouterr().err
   assert not out.exists()
+
+
+def test_factor_two_on_images_under_four_pixels_a_side_is_refused(tmp_path,
+                                                                  capsys):
+  # 2x2 images ran on 1x1 tiles (one colour each) at 20 % accuracy.
+  spec = _dataset(tmp_path / "d.npz", (2, 6, 1))
+  assert cli.main(["distill", "--dataset", spec, "--delta", "1e-3",
+                   "--factor", "2", "--out", str(tmp_path / "run"),
+                   *SMALL]) == 2
+  assert "tiles of 1x3 pixels" in capsys.readouterr().err
+  assert not (tmp_path / "run").exists()

@@ -44,6 +44,11 @@ def load_external(path: str, *, image_shape, num_classes: int,
     if y.max() >= num_classes:
       raise DataError(f"y has labels >= the private data's {num_classes} "
                       f"classes (max {y.max()})")
+    missing = np.flatnonzero(np.bincount(y, minlength=num_classes) == 0)
+    if missing.size:
+      raise DataError(f"no image of class(es) {missing[:10].tolist()}; "
+                      f"every class 0..{num_classes - 1} of the private data "
+                      "needs generated images")
     g = from_arrays(x, y, x[:1], y[:1], name=f"{what}:{path}",
                     num_classes=num_classes)
   except DataError as e:
