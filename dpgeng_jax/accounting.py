@@ -524,7 +524,7 @@ def _calibrate(mechanisms, epsilon, delta, shares, fixed):
 
   coarse_eps, fine_eps = at(coarse), at(fine)
   least = fine_eps(math.log(SCALE_RANGE[0]))
-  if least > CALIBRATION_UTILISATION * epsilon:
+  if least >= epsilon:
     rdp_hint = (
         f" (below delta {PLD_MIN_DELTA:g} the run is accounted with RDP, "
         "whose conversion to (epsilon, delta) alone costs about log(1/delta)"

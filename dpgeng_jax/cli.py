@@ -335,10 +335,8 @@ def _distill(cfg: Config, console: bool = False) -> int:
 
 
 def _plan(cfg: Config) -> int:
-  from dpgeng_jax import data, pipeline
+  from dpgeng_jax import pipeline
 
-  if cfg.dataset.startswith("npz:"):  # plan reads no data, but a typo shows
-    data._check_npz_file(cfg.dataset[len("npz:"):])
   report = pipeline.plan_budget(cfg)
   print(f"method {cfg.method}: target epsilon {cfg.epsilon:g} at delta "
         f"{cfg.delta:g} ({report['neighbouring_relation']})")

@@ -638,8 +638,3 @@ def test_the_packages_warnings_print_as_one_line_on_the_console():
   assert other == warnings.formatwarning("elsewhere", UserWarning,
                                          "/x/site.py", 3)
 
-
-def test_plan_names_an_npz_dataset_that_is_not_there(tmp_path, capsys):
-  # plan reads no data; it printed a whole plan for a mistyped path.
-  assert cli.main(["plan", "--dataset", f"npz:{tmp_path}/nope.npz"]) == 2
-  assert "npz file not found" in capsys.readouterr().err
