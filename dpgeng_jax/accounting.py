@@ -31,9 +31,9 @@ from scipy import optimize, special
 from dpgeng_jax.errors import ConfigError, require_int
 
 ADJACENCY = "add-or-remove-one"
-# PLD discretisation at epsilon <= 10; above, it grows with epsilon (the
-# loss range grows with it, and the relative error stays below 1e-4 *
-# steps per mechanism). PLD figures are pessimistic at any discretisation.
+# PLD discretisation relative to the target epsilon (`pld_interval`; an
+# event with little noise for it is built coarser, `feasible_interval`).
+# PLD figures are pessimistic at any discretisation.
 PLD_DISCRETIZATION = 1e-4
 PLD_RELATIVE_FLOOR = 1e-4
 # Calibration is accepted once the composed epsilon is within this fraction
@@ -539,6 +539,9 @@ def _calibrate(mechanisms, epsilon, delta, shares, fixed):
   low_ok = CALIBRATION_UTILISATION * epsilon
   aim = epsilon * (1 + CALIBRATION_UTILISATION) / 2
   root = math.log(_gdp_mu_for_epsilon(epsilon, delta))
+  if least > aim:  # reachable only in the last half-percent: no room to aim
+    return allocate(mechanisms, shares,
+                    math.exp(_bisect(fine_eps, epsilon, low_ok, root)))
   target = aim
   if coarse is not fine:
     # The pessimistic discretisation's excess grows about linearly with
@@ -558,23 +561,27 @@ def _calibrate(mechanisms, epsilon, delta, shares, fixed):
     # Near the root fine = coarse - bias: move the coarse aim by the miss.
     target = min(max(target + (aim - got), 0.5 * aim), 2 * aim)
   # Fallback: bisection on the fine figure itself.
-  lo, hi = _bracket(fine_eps, aim, root)
-  # Until the figure lands in [low_ok, epsilon] or the scale is pinned to
-  # 1e-6: at a large delta epsilon falls to 0 at a finite noise, so a
-  # small target sits on a cliff that no scale may land on; lo (epsilon
-  # at most the target, maybe 0: a stronger guarantee) is then the answer.
-  while hi - lo > 1e-6:
+  return allocate(mechanisms, shares,
+                  math.exp(_bisect(fine_eps, epsilon, low_ok, root)))
+
+
+def _bisect(fine_eps, epsilon: float, low_ok: float, root: float) -> float:
+  """The log GDP scale with fine_eps in [low_ok, epsilon], by bisection
+  from `root`; or, once the scale is pinned to 1e-6 (at a large delta
+  epsilon falls to 0 at a finite noise, so a small target sits on a cliff
+  that no scale may land on; or only the most noise searched reaches the
+  target), the largest scale found with fine_eps <= epsilon, a figure
+  below the band (maybe 0: a stronger guarantee)."""
+  lo, hi = _bracket(fine_eps, epsilon, root)
+  while hi - lo > 1e-6 and not low_ok <= fine_eps(lo):
     mid = (lo + hi) / 2
     if fine_eps(mid) <= epsilon:
       lo = mid
-      if fine_eps(mid) >= low_ok:
-        break
     else:
       hi = mid
   if not fine_eps(lo) <= epsilon:
-    raise ValueError(f"calibration to epsilon {epsilon} at delta {delta} "
-                     "failed")
-  return allocate(mechanisms, shares, math.exp(lo))
+    raise ValueError(f"calibration to epsilon {epsilon} failed")
+  return lo
 
 
 def _solve(eps_of, target: float, guess: float, rtol: float = 2e-4) -> float:
@@ -613,16 +620,17 @@ class _NoNoiseNeeded(ValueError):
 def _bracket(eps_of, target: float, guess: float) -> tuple[float, float]:
   """(lo, hi) in log GDP scale with eps_of(lo) <= target < eps_of(hi)
   (epsilon increases with the scale)."""
-  lo, hi = guess - 0.1, guess + 0.1
+  least, most = math.log(SCALE_RANGE[0]), math.log(SCALE_RANGE[1])
+  lo, hi = max(guess - 0.1, least), min(guess + 0.1, most)
   while eps_of(hi) <= target:
-    lo, hi = hi, hi + 0.5
-    if hi > math.log(SCALE_RANGE[1]):
+    if hi >= most:
       raise _NoNoiseNeeded(eps_of(hi))
+    lo, hi = hi, min(hi + 0.5, most)
   while eps_of(lo) > target:
-    lo, hi = lo - 0.5, lo
-    if lo < math.log(SCALE_RANGE[0]):
+    if lo <= least:
       raise ValueError(f"epsilon {target:g} is out of reach: even "
                        "negligible noise-to-signal ratios exceed it")
+    lo, hi = max(lo - 0.5, least), lo
   return lo, hi
 
 
@@ -794,7 +802,7 @@ def privacy_report(mechanisms: Sequence[Mechanism], *, target_epsilon: float,
       "epsilon_pld": _finite_or_none(eps_pld),
       "epsilon_rdp": _finite_or_none(eps_rdp),
       "epsilon_gdp_clt": _finite_or_none(eps_clt),
-      "pld_discretization": interval,
+      "pld_discretization": feasible_interval(event, interval),
       "mechanisms": per,
       "external_generated_data": (
           {"epsilon": eps_ext, "delta": delta_ext} if external else None),
