@@ -15,6 +15,7 @@ import time
 
 from dpgeng_jax import accounting, planning
 from dpgeng_jax.config import Config
+from dpgeng_jax.errors import ConfigError
 
 
 def main() -> None:
@@ -22,8 +23,10 @@ def main() -> None:
   built: collections.Counter = collections.Counter()
 
   def counting(event, delta, interval=accounting.PLD_DISCRETIZATION):
-    if (repr(event), float(interval)) not in accounting._PLD_CACHE:
-      built[f"{interval:.2g}"] += 1
+    used = accounting.feasible_interval(event, interval)
+    if (accounting._event_key(event), float(used)) not in (
+        accounting._PLD_CACHE):
+      built[f"{used:.2g}"] += 1
     return orig(event, delta, interval)
 
   accounting.epsilon_pld = counting
@@ -39,9 +42,16 @@ def main() -> None:
         accounting._PLD_CACHE.clear()
         built.clear()
         t = time.perf_counter()
-        mechs = planning.mechanisms_for(cfg, plan)
+        try:
+          mechs = planning.mechanisms_for(cfg, plan)
+        except ConfigError as e:  # e.g. noise too small for the sampler
+          mechs = str(e)
         dt = time.perf_counter() - t
         best = dt if best is None else min(best, dt)
+      if isinstance(mechs, str):
+        print(f"| {method} | {eps:g} | {best:.3f} | refused: "
+              f"{mechs[:60]}... | |")
+        continue
       got = orig(accounting.composed_event(mechs),
                  planning.delta_split(cfg, plan).mechanisms,
                  accounting.pld_interval(eps))

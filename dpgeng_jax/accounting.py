@@ -382,7 +382,6 @@ def _without_sampling(event: dp_accounting.DpEvent) -> dp_accounting.DpEvent:
   return event
 
 
-
 def gdp_mu(mechanism: Mechanism) -> float:
   """Gaussian-DP mu of a mechanism: exact 1/sigma for one Gaussian, the CLT
   approximation p * sqrt(T (exp(1/sigma^2) - 1)) (Bu et al.) otherwise."""
@@ -525,11 +524,11 @@ def _calibrate(mechanisms, epsilon, delta, shares, fixed):
   coarse_eps, fine_eps = at(coarse), at(fine)
   least = fine_eps(math.log(SCALE_RANGE[0]))
   if least >= epsilon:
-    rdp_hint = (
+    rdp_hint = "" if accountant_for(delta) == "pld" else (
         f" (below delta {PLD_MIN_DELTA:g} the run is accounted with RDP, "
         "whose conversion to (epsilon, delta) alone costs about log(1/delta)"
-        f" / 1023; where the mechanisms' part of delta is at least "
-        f"{PLD_MIN_DELTA:g} the run is accounted with PLD)" if accountant_for(delta) == "rdp" else "")
+        " / 1023; where the mechanisms' part of delta is at least "
+        f"{PLD_MIN_DELTA:g} the run is accounted with PLD)")
     raise ValueError(
         f"epsilon {epsilon:g} at delta {delta:g} cannot be certified: the "
         f"{accountant_for(delta).upper()} accountant still gives epsilon "
