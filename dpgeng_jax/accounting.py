@@ -347,25 +347,16 @@ def epsilon_rdp(event: dp_accounting.DpEvent, delta: float) -> float:
     eps = float(acc.compose(event).get_epsilon(delta))
   finally:
     absl_logging.set_verbosity(verbosity)
-  if eps <= 0 and _has_sampling(event):
+  plain = _without_sampling(event) if eps <= 0 else event
+  if plain != event:
     # dp_accounting answers 0 wherever an order's RDP comes out negative,
     # which its Poisson-subsampled Gaussian formula does at extreme noise
     # (measured: -3e-13 at sampling rate 0.01 and noise 1e8; 0 returned
     # at rate 1e-9 and noise 1e3). The event with the sampling dropped
     # (each subsampled Gaussian as its plain Gaussian) bounds it from
     # above and is computed in closed form.
-    return epsilon_rdp(_without_sampling(event), delta)
+    return epsilon_rdp(plain, delta)
   return eps
-
-
-def _has_sampling(event: dp_accounting.DpEvent) -> bool:
-  if isinstance(event, dp_accounting.PoissonSampledDpEvent):
-    return True
-  if isinstance(event, dp_accounting.SelfComposedDpEvent):
-    return _has_sampling(event.event)
-  if isinstance(event, dp_accounting.ComposedDpEvent):
-    return any(_has_sampling(e) for e in event.events)
-  return False
 
 
 def _without_sampling(event: dp_accounting.DpEvent) -> dp_accounting.DpEvent:
