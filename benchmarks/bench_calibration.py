@@ -22,12 +22,13 @@ def main() -> None:
   orig = accounting.epsilon_pld
   built: collections.Counter = collections.Counter()
 
-  def counting(event, delta, interval=accounting.PLD_DISCRETIZATION):
-    used = accounting.feasible_interval(event, interval)
+  def counting(event, delta, interval=accounting.PLD_DISCRETIZATION,
+               max_points=accounting.MAX_PLD_POINTS):
+    used = accounting.feasible_interval(event, interval, max_points)
     if (accounting._event_key(event), float(used)) not in (
         accounting._PLD_CACHE):
       built[f"{used:.2g}"] += 1
-    return orig(event, delta, interval)
+    return orig(event, delta, interval, max_points)
 
   accounting.epsilon_pld = counting
   print("| method | epsilon | seconds | PLDs built (interval: count) | "

@@ -312,7 +312,7 @@ def _distill(cfg: Config, console: bool = False) -> int:
   def figure(v):  # None: no finite epsilon, or PLD below its delta range
     if v is None:
       return "not computed" if pr["private"] else "inf"
-    return f"{v:.4f}"
+    return _epsilon_text(v)
   print("privacy: private; " if pr["private"] else
         "privacy: NOT PRIVATE (" + "; ".join(pr["not_private_because"])
         + "); its accounted mechanisms alone: ", end="")
@@ -334,6 +334,12 @@ def _distill(cfg: Config, console: bool = False) -> int:
   return 0
 
 
+def _epsilon_text(v: float) -> str:
+  """An epsilon to 4 decimals, or to 4 significant digits below 0.01 (a
+  target of 1e-6 printed as 0.0000)."""
+  return format(v, ".4f") if v == 0 or abs(v) >= 0.01 else format(v, ".4g")
+
+
 def _plan(cfg: Config) -> int:
   from dpgeng_jax import pipeline
 
@@ -346,10 +352,10 @@ def _plan(cfg: Config) -> int:
     e = m["epsilon_alone"]
     print(f"{m['name']:<20} {m['noise_multiplier']:>12.4f} "
           f"{m['sampling_rate']:>11.4g} {m['steps']:>7d} "
-          f"{'inf' if e is None else format(e, '.4f'):>10}")
+          f"{'inf' if e is None else _epsilon_text(e):>10}")
   for key in ("epsilon_pld", "epsilon_rdp", "epsilon_gdp_clt"):
     v = report[key]
-    text = "inf" if v is None else format(v, ".4f")
+    text = "inf" if v is None else _epsilon_text(v)
     if v is None and key == "epsilon_pld" and report["accountant"] != "pld":
       text = "not computed at this delta (see the note)"
     print(f"composed {key[8:]:<8} {text}")
@@ -360,7 +366,7 @@ def _plan(cfg: Config) -> int:
           "mechanisms alone: ", end="")
   else:
     print("guarantee: ", end="")
-  print(f"epsilon {'inf' if eps is None else format(eps, '.4f')} "
+  print(f"epsilon {'inf' if eps is None else _epsilon_text(eps)} "
         f"({report['accountant']}) at "
         f"delta {report['delta']:g} = {report['delta_mechanisms']:.6g} "
         f"(mechanisms) + {report['delta_abort_events']:.3g} (abort events)"

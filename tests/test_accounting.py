@@ -513,3 +513,31 @@ def test_the_report_names_the_pld_interval_it_used():
       r["delta_mechanisms"])
   assert again == pytest.approx(r["epsilon_pld"], rel=1e-9)
   assert again <= 0.5
+
+
+def test_where_the_point_cap_binds_the_search_still_runs_on_coarse_plds(
+    monkeypatch):
+  """A tiny target at a large delta needs little noise for its tiny
+  interval, so MAX_PLD_POINTS binds. The coarse search's PLDs have their
+  own cap, COARSE times lower: before, coarse and fine PLDs were the same
+  capped ones, and `dpgeng plan --epsilon 0.01 --delta 0.3` spent 47 s
+  building them. Every build is recorded: only the fine checks may reach
+  the fine cap, and the result still meets the target."""
+  built = []
+  real = A._pld_of
+
+  def record(event, interval, count=1):
+    if count == 1:  # the top-level call of epsilon_pld
+      s = A._smallest_sigma(event)
+      built.append((1 / s ** 2 + 20 / s) / interval)
+    return real(event, interval, count)
+
+  monkeypatch.setattr(A, "_pld_of", record)
+  A._PLD_CACHE.clear()
+  mechs = [A.Mechanism("a", 1.0, 1.0, 10), A.Mechanism("b", 1.0, 0.5, 40)]
+  out = A.calibrate(mechs, 0.01, 0.3)
+  fine = A.epsilon_pld(A.composed_event(out), 0.3, A.pld_interval(0.01))
+  assert A.CALIBRATION_UTILISATION * 0.01 <= fine <= 0.01
+  assert max(built) > A.MAX_PLD_POINTS / 2  # the fine cap binds here
+  big = [p for p in built if p > 1.01 * A.MAX_PLD_POINTS / A.COARSE]
+  assert len(big) <= 6, (len(big), len(built))

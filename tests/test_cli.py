@@ -638,3 +638,15 @@ def test_the_packages_warnings_print_as_one_line_on_the_console():
   assert other == warnings.formatwarning("elsewhere", UserWarning,
                                          "/x/site.py", 3)
 
+
+
+def test_plan_prints_a_tiny_epsilon_with_its_digits(capsys):
+  """Epsilons below 0.01 print to 4 significant digits: a target of 2e-5
+  was shown as 'guarantee: epsilon 0.0000'."""
+  assert cli.main(["plan", "--epsilon", "2e-5", "--method", "ndpdc"]) == 0
+  out = capsys.readouterr().out
+  line = next(x for x in out.splitlines() if x.startswith("guarantee:"))
+  got = float(line.split()[2])
+  assert 0.995 * 2e-5 <= got <= 2e-5, line
+  pld = next(x for x in out.splitlines() if x.startswith("composed pld"))
+  assert float(pld.split()[2]) == pytest.approx(got, rel=1e-3), pld
