@@ -75,7 +75,8 @@ def fingerprint(x_train, y_train, num_classes: int,
   `resume_key`: a plain hash (or N) in an unfinished run's folder would
   let whoever holds the folder test a candidate dataset, for example D
   with and without one person."""
-  h = hmac.new(resume_key(), digestmod=hashlib.sha256)
+  key = resume_key()
+  h = hmac.new(key, digestmod=hashlib.sha256)
   for a in (x_train, y_train):
     a = np.ascontiguousarray(a)
     h.update(str((a.dtype.str, a.shape)).encode())
@@ -83,6 +84,8 @@ def fingerprint(x_train, y_train, num_classes: int,
   out = {"train_hmac": h.hexdigest(),
          "image_shape": list(np.shape(x_train)[1:]),
          "num_classes": int(num_classes)}
+  if key is _PROCESS_KEY.get("key"):
+    out["resume_key"] = "this process only"
   if normalisation is not None:
     out["normalisation"] = [[float(v) for v in part]
                             for part in normalisation]
@@ -93,6 +96,10 @@ def resume_key_path() -> str:
   return outputs.user_cache_path("DPGENG_RESUME_KEY", "resume.key")
 
 
+# The key of a process whose user cache cannot hold one (see resume_key).
+_PROCESS_KEY: dict = {}
+
+
 def resume_key() -> bytes:
   """This user's secret key for the data fingerprints: 32 bytes of OS
   entropy, created once (mode 0600) in the user's cache
@@ -100,9 +107,13 @@ def resume_key() -> bytes:
   Made only where no file exists, by linking a finished temporary file
   into place, so that processes starting together agree on one key; an
   existing file shorter than 32 bytes is refused, not replaced (it may be
-  a user's file, and replacing it would race). ConfigError if it can be
-  neither read nor made (before any private work: `pipeline.run`
-  fingerprints the data first); a warning if others may read it."""
+  a user's file, and replacing it would race); a warning if others may
+  read it. A file named by DPGENG_RESUME_KEY that can be neither read nor
+  made is a ConfigError (before any private work: `pipeline.run`
+  fingerprints the data first); where the default one cannot be (a
+  read-only or missing home, as in many containers) the run goes on with
+  a key of this process only, with a warning: its folder cannot be
+  resumed, and says so (`fingerprint`, `StageStore.check`)."""
   path = os.path.abspath(resume_key_path())
   try:
     if not os.path.lexists(path):
@@ -126,10 +137,20 @@ def resume_key() -> bytes:
       key = f.read()
     mode = os.stat(path).st_mode
   except OSError as e:
-    raise ConfigError(
-        f"cannot read or create the resume key {path} ({e.strerror or e}): "
-        "runs fingerprint their data with it; set DPGENG_RESUME_KEY to a "
-        "file path you can write") from e
+    if os.environ.get("DPGENG_RESUME_KEY"):
+      raise ConfigError(
+          f"cannot read or create the resume key {path} ("
+          f"{e.strerror or e}): runs fingerprint their data with it; set "
+          "DPGENG_RESUME_KEY to a file path you can write") from e
+    if "key" not in _PROCESS_KEY:
+      warnings.warn(
+          f"cannot read or create the resume key {path} ("
+          f"{e.strerror or e}): an interrupted run cannot be resumed (its "
+          "data's fingerprint is keyed for this process only); set "
+          "DPGENG_RESUME_KEY to a file path you can write to make runs "
+          "resumable", stacklevel=2)
+      _PROCESS_KEY["key"] = os.urandom(32)
+    return _PROCESS_KEY["key"]
   if len(key) < 32:
     raise ConfigError(
         f"the resume key {path} holds {len(key)} bytes, fewer than 32: "
@@ -218,6 +239,15 @@ class StageStore:
           f"saved run's (saved mean, std {saved['data']['normalisation']}, "
           f"now {data.get('normalisation')}): its saved stages saw the "
           "images under the saved ones")
+    for record, when in ((saved["data"], "was started"),
+                         (data or {}, "runs now")):
+      if "resume_key" in record:
+        raise ConfigError(
+            f"--resume: that run cannot be resumed: it {when} without a "
+            f"resume key (the key file {resume_key_path()} could not be "
+            "read or made), so its data cannot be recognised; set "
+            "DPGENG_RESUME_KEY to a file path you can write and start "
+            "afresh")
     if data is not None and "train_hmac" not in saved["data"]:
       raise ConfigError(
           "--resume: that run was saved by an older dpgeng_jax, whose "

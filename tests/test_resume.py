@@ -262,6 +262,45 @@ def test_the_data_fingerprint_is_keyed_and_holds_no_count(tmp_path,
     store.fingerprint(x, y, 2)
 
 
+def test_a_home_without_room_for_the_key_runs_but_cannot_resume(
+    tmp_path, monkeypatch, capsys):
+  """Where the default key file can be neither read nor made (a read-only
+  or missing home, as in containers; here its folder is under a plain
+  file, which stops root too) the run goes on, with one warning, under a
+  key of this process only, and its folder says it cannot be resumed;
+  a key file the user named (DPGENG_RESUME_KEY) is still required."""
+  blocker = tmp_path / "not_a_dir"
+  blocker.write_text("")
+  monkeypatch.delenv("DPGENG_RESUME_KEY")
+  monkeypatch.setenv("XDG_CACHE_HOME", str(blocker / "cache"))
+  monkeypatch.setattr(store, "_PROCESS_KEY", {})
+  x = np.arange(16, dtype=np.float32).reshape(4, 2, 2, 1)
+  y = np.arange(4) % 2
+  with pytest.warns(UserWarning, match="cannot be resumed"):
+    first = store.fingerprint(x, y, 2)
+  assert first["resume_key"] == "this process only"
+  assert store.fingerprint(x, y, 2) == first  # one key for the process
+  assert not (blocker / "cache").exists()
+  out = tmp_path / "run"
+  _kill_after(monkeypatch, 2)
+  with pytest.raises(Killed):
+    cli.main(["distill", "--out", str(out), *FLAGS])
+  monkeypatch.undo()  # a fresh process
+  monkeypatch.delenv("DPGENG_RESUME_KEY")
+  monkeypatch.setenv("XDG_CACHE_HOME", str(blocker / "cache"))
+  monkeypatch.setattr(store, "_PROCESS_KEY", {})
+  capsys.readouterr()
+  assert cli.main(["distill", "--resume", str(out), "--quiet"]) == 2
+  err = capsys.readouterr().err
+  assert "cannot be resumed" in err and "DPGENG_RESUME_KEY" in err, err
+  # A fresh run in the same home finishes.
+  assert cli.main(["distill", "--out", str(tmp_path / "b"), *FLAGS]) == 0
+  assert (tmp_path / "b" / "distilled.npz").exists()
+  monkeypatch.setenv("DPGENG_RESUME_KEY", str(blocker / "key"))
+  with pytest.raises(cli.ConfigError, match="DPGENG_RESUME_KEY"):
+    store.resume_key()
+
+
 def test_only_performance_evaluation_and_output_options_may_change():
   from dpgeng_jax.config import Config
   import dataclasses
