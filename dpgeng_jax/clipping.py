@@ -44,14 +44,19 @@ def row_norms(v: jax.Array) -> jax.Array:
 
   Rows are scaled by their largest entry before squaring, so rows of
   magnitude 1e30 get their true norm instead of inf; zero rows get norm 0
-  with a zero (not nan) gradient.
+  with a zero (not nan) gradient. Rows whose largest entry passes 2^100
+  are first scaled by 2^-100 (exact): XLA divides by multiplying with the
+  reciprocal, and 1 / m for m above 8.5e37 is a subnormal that the CPU
+  flushes to zero, which gave such rows norm 0, so they went unclipped
+  (a review's finding). A norm beyond float32's range is inf.
   """
   m = jax.lax.stop_gradient(jnp.max(jnp.abs(v), axis=-1, keepdims=True))
-  safe_m = jnp.where(m > 0, m, 1.0)
-  sq = jnp.sum(jnp.square(v / safe_m), axis=-1, keepdims=True)
+  pre = jnp.where(m > 2.0 ** 100, 2.0 ** -100, 1.0)
+  safe_m = jnp.where(m > 0, m * pre, 1.0)
+  sq = jnp.sum(jnp.square(v * pre / safe_m), axis=-1, keepdims=True)
   nonzero = sq > 0
-  return jnp.where(nonzero, safe_m * jnp.sqrt(jnp.where(nonzero, sq, 1.0)),
-                   0.0)
+  return jnp.where(nonzero, safe_m * jnp.sqrt(jnp.where(nonzero, sq, 1.0))
+                   * jnp.where(pre < 1, 2.0 ** 100, 1.0), 0.0)
 
 
 def check_clip_norm(clip_norm) -> None:
@@ -102,8 +107,11 @@ def unclipped(clip_norm) -> bool:
 def clip_rows(v: jax.Array, clip_norm: float) -> jax.Array:
   """Clips every row of `v` (shape (n, d)) to L2 norm <= clip_norm.
 
-  Computed in float32. Non-finite rows become zero. Safe (finite values and
-  gradients) for zero rows; clip_norm = inf is the identity on finite rows.
+  Computed in float32. Non-finite rows become zero, and so may a row whose
+  norm passes C by a factor of about 2^126 (its weight C / norm is a
+  subnormal, which the CPU flushes to zero): either way its norm is <= C.
+  Safe (finite values and gradients) for zero rows; clip_norm = inf is the
+  identity on finite rows.
   `v` must have rank 2: the norm is over the last axis, so an (n, h, w)
   array would be clipped per (n, h) row, each example up to h C
   (`clip_vector` clips one array of any shape as a whole).

@@ -264,3 +264,52 @@ def test_chunked_sums_name_a_label_count_that_does_not_match_the_rows():
   with pytest.raises(ValueError, match=r"labels of shape \(4,\) for 5 rows"):
     clipped_class_sums(_lin, None, x, jnp.array([0, 1, 2, 0]), m,
                        num_classes=3, clip_norm=1.0, chunk_size=2)
+
+
+@pytest.mark.parametrize("top", [1e36, 9e37, 2e38, 3.4e38])
+def test_rows_near_float32s_largest_are_measured_and_bounded(top):
+  """XLA divides by multiplying with the reciprocal, and 1 / m above
+  8.5e37 is a subnormal the CPU flushes to zero: row_norms gave such rows
+  norm 0, so clip_rows, clipped_grad_sum and clipped_class_sums passed
+  them through unclipped (one example moved a sum of sensitivity 1 by
+  2e38; a review's finding). Their norms are now right (inf beyond
+  float32), and every clipped row has norm <= C (a row whose clip weight
+  C / norm is itself subnormal contributes zero)."""
+  rng = np.random.default_rng(2)
+  v = np.zeros((6, 9), np.float32)
+  v[0, 0] = top
+  v[1, :3] = [top, -top / 2, top / 4]
+  v[2] = rng.uniform(-1, 1, 9) * top
+  v[3, 4] = -top
+  v[4, :2] = [top, 1.0]
+  v[5] = rng.normal(size=9)
+  want = np.linalg.norm(v.astype(np.float64), axis=1)
+  got = np.asarray(clipping.row_norms(jnp.asarray(v)), np.float64)[:, 0]
+  for g, w in zip(got, want):
+    if w > np.finfo(np.float32).max:
+      assert g == np.inf
+    else:
+      assert g == pytest.approx(w, rel=1e-6)
+  for c in (1.0, 1e-3, 1e30):
+    out = np.asarray(clip_rows(jnp.asarray(v), c), np.float64)
+    assert np.all(np.linalg.norm(out, axis=1) <= c), (c, out)
+  # One such example moves a clipped gradient sum by at most C.
+  params = {"w": jnp.ones((2,))}
+
+  def loss(p, ex):
+    x, t = ex
+    return jnp.sum((x @ p["w"] - t) ** 2)
+
+  x = jnp.array([[1.0, 2.0], [0.5, 0.1], [top ** 0.5 * 0.7, 0.0]])
+  t = jnp.zeros(3)
+  with_it = clipping.clipped_grad_sum(loss, params, (x, t), jnp.ones(3), clip_norm=1.0)
+  without = clipping.clipped_grad_sum(loss, params, (x, t), jnp.array([1.0, 1, 0]),
+                             clip_norm=1.0)
+  moved = np.linalg.norm(np.asarray(with_it["w"], np.float64)
+                         - np.asarray(without["w"], np.float64))
+  assert moved <= 1.0, moved
+  emb = lambda p, a: a.reshape(a.shape[0], -1)  # noqa: E731
+  rows = jnp.asarray(v).reshape(6, 9, 1, 1)
+  sums = clipped_class_sums(emb, None, rows, jnp.zeros(6, jnp.int32),
+                            jnp.ones(6), num_classes=1, clip_norm=1.0)
+  assert float(jnp.linalg.norm(sums)) <= 6.0
