@@ -291,6 +291,7 @@ def epsilon_pld(event: dp_accounting.DpEvent, delta: float,
   little noise is accounted at a coarser interval (`feasible_interval`
   with `max_points`)."""
   _check_delta(delta)
+  check_event(event)
   interval = feasible_interval(event, interval, max_points)
   key = (_event_key(event), float(interval))
   if key not in _PLD_CACHE:
@@ -335,11 +336,45 @@ def _check_delta(delta) -> None:
     raise ValueError(f"delta must be in (0, 1), got {delta}")
 
 
+def check_event(event: dp_accounting.DpEvent) -> None:
+  """Raises ValueError for an event the accountants would misread: a
+  Gaussian noise multiplier that is nan or negative (RDP accounts nan as
+  epsilon 0), a sampling probability outside [0, 1], a self-composition
+  count that is not an integer >= 1, or a kind of event this library
+  does not emit. The library's own constructors make only valid ones; a
+  hand-built event is checked before it is accounted."""
+  if isinstance(event, dp_accounting.SelfComposedDpEvent):
+    c = event.count
+    if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or c < 1:
+      raise ValueError(f"a self-composed event needs an integer count >= 1, "
+                       f"got {c!r}")
+    check_event(event.event)
+  elif isinstance(event, dp_accounting.ComposedDpEvent):
+    for e in event.events:
+      check_event(e)
+  elif isinstance(event, dp_accounting.GaussianDpEvent):
+    if not float(event.noise_multiplier) >= 0:
+      raise ValueError(f"a Gaussian event's noise multiplier must be >= 0, "
+                       f"got {event.noise_multiplier}")
+  elif isinstance(event, dp_accounting.PoissonSampledDpEvent):
+    if not 0 <= float(event.sampling_probability) <= 1:
+      raise ValueError(f"a sampling probability must be in [0, 1], got "
+                       f"{event.sampling_probability}")
+    if not isinstance(event.event, dp_accounting.GaussianDpEvent):
+      raise ValueError(f"unsupported event {event}: only Poisson-sampled "
+                       "Gaussians are accounted here")
+    check_event(event.event)
+  elif not isinstance(event, (dp_accounting.NoOpDpEvent,
+                              dp_accounting.NonPrivateDpEvent)):
+    raise ValueError(f"unsupported event {event!r}")
+
+
 def epsilon_rdp(event: dp_accounting.DpEvent, delta: float) -> float:
   """RDP epsilon of `event` at `delta` (dp_accounting's RdpAccountant,
   add-or-remove-one): a valid, looser bound at any delta; the cross-check
   of the PLD figure and the accountant below PLD_MIN_DELTA."""
   _check_delta(delta)
+  check_event(event)
   acc = rdp.RdpAccountant(
       neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
   # dp_accounting logs a warning for every fractional order whose series
@@ -384,7 +419,10 @@ def gdp_mu(mechanism: Mechanism) -> float:
     return math.inf
   if p >= 1.0:
     return math.sqrt(t) / s
-  return p * math.sqrt(t * math.expm1(1.0 / s**2))
+  try:
+    return p * math.sqrt(t * math.expm1(1.0 / s**2))
+  except OverflowError:  # sigma below ~0.038: the CLT mu is infinite
+    return math.inf
 
 
 def gdp_delta(mu: float, epsilon: float) -> float:
@@ -726,8 +764,14 @@ def privacy_report(mechanisms: Sequence[Mechanism], *, target_epsilon: float,
     raise ValueError(f"target_epsilon must be finite and > 0, got "
                      f"{target_epsilon}")
   _check_delta(delta)
+  target_epsilon, delta = float(target_epsilon), float(delta)  # JSON types
   notes = list(notes)
-  eps_ext, delta_ext = external if external else (0.0, 0.0)
+  eps_ext, delta_ext = map(float, external) if external else (0.0, 0.0)
+  if not (0 <= eps_ext < math.inf and 0 <= delta_ext <= delta):
+    # A negative declaration would lower the headline figure.
+    raise ValueError(f"an external guarantee needs 0 <= epsilon < inf and "
+                     f"0 <= delta <= the total delta {delta:g}, got "
+                     f"{external}")
   split = split or DeltaSplit(delta, delta_ext, reserve=False)
   d = split.mechanisms
   # The discretisation calibration used: the run's mechanisms were
@@ -774,9 +818,9 @@ def privacy_report(mechanisms: Sequence[Mechanism], *, target_epsilon: float,
          else epsilon_of(m.event(), d, interval))
     per.append({
         "name": m.name,
-        "noise_multiplier": m.noise_multiplier,
-        "sampling_rate": m.sampling_rate,
-        "steps": m.steps,
+        "noise_multiplier": float(m.noise_multiplier),
+        "sampling_rate": float(m.sampling_rate),
+        "steps": int(m.steps),
         "l2_sensitivity": m.sensitivity,
         "epsilon_alone": _finite_or_none(e),
     })

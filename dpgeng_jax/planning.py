@@ -13,8 +13,8 @@ import os
 import jax
 import numpy as np
 
-from dpgeng_jax import (accounting, clipping, generators, models, noise,
-                        presets)
+from dpgeng_jax import (accounting, augment, clipping, generators, models,
+                        noise, presets)
 from dpgeng_jax import data as data_lib
 from dpgeng_jax import init as init_lib
 from dpgeng_jax.config import Config, METHODS
@@ -42,9 +42,15 @@ def _check_types(cfg: Config) -> None:
     elif isinstance(default, int):
       ok, kind = (isinstance(value, int)
                   and not isinstance(value, bool)), "an integer"
+      if not ok and isinstance(value, np.integer):
+        kind += " (a Python int: int(x) for a numpy integer)"
     elif isinstance(default, float):
-      ok, kind = (isinstance(value, numbers.Real)
+      # float covers numpy's float64; a float32 would not go into JSON.
+      ok, kind = (isinstance(value, (int, float))
                   and not isinstance(value, (bool, np.bool_))), "a number"
+      if not ok and isinstance(value, numbers.Real) and not isinstance(
+          value, (bool, np.bool_)):
+        kind += " (a Python float: float(x) for a numpy scalar)"
     elif isinstance(default, str):
       ok, kind = isinstance(value, str) or (
           f.name in _PATHS and isinstance(value, os.PathLike)), "text"
@@ -60,6 +66,12 @@ def validate_config(cfg: Config) -> None:
   if cfg.method not in METHODS:
     raise ConfigError(f"unknown method {cfg.method!r}; expected one of "
                       f"{METHODS}")
+  for f in dataclasses.fields(cfg):  # the CLI's choices, from Python too
+    choices = f.metadata.get("choices")
+    if choices is not None and getattr(cfg, f.name) not in choices:
+      raise ConfigError(f"{f.name} must be one of {tuple(choices)}, got "
+                        f"{getattr(cfg, f.name)!r}")
+  augment.parse_strategy(cfg.strategy)  # ConfigError naming the part
   try:
     accounting.validate_target(cfg.epsilon, cfg.delta)
   except ValueError as e:
@@ -299,6 +311,13 @@ def resolve(cfg: Config, image_shape=None,
   external = gen.declared if gen else None
   fixed = tuple(gen.fixed()) if gen else ()
   gen_reads = bool(gen and gen.reads_private)
+  if gen_reads and not (tuple(gen.mechanisms()) or fixed or external
+                        or gen.nonprivate_reason):
+    raise ConfigError(
+        f"generator {gen.name} reads the private data (reads_private) but "
+        "declares no mechanism, no fixed mechanism, no guarantee and no "
+        "nonprivate_reason: what it releases would be unaccounted; give "
+        "its mechanisms() (the run calibrates their noise)")
   feature_matching = cfg.method != "generator"
   reads = gen_reads or feature_matching or expert
   depth = cfg.depth or (models.default_depth(size) if size else 0)

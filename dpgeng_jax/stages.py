@@ -384,6 +384,15 @@ def generate(run: Run, budget: Budget, sizes, secret: jax.Array,
         raise
       raise ConfigError(f"generator {plan.generator}: {e}" + _spent_counts(
           budget, sizes, run.cfg.delta, "it failed after")) from e
+    try:  # a plug-in's answer, as external files are checked
+      out.x, out.y = generators.check_images(
+          out.x, out.y, image_shape=run.image_shape,
+          num_classes=run.num_classes)
+    except DataError as e:
+      raise ConfigError(
+          f"generator {plan.generator} returned images the run cannot use: "
+          f"{e}" + _spent_counts(budget, sizes, run.cfg.delta,
+                                 "it failed after")) from e
     arrays = {"x_gen": out.x, "y_gen": out.y, **out.arrays}
     if out.counts is not None:
       arrays["noisy_counts"] = out.counts

@@ -541,3 +541,46 @@ def test_where_the_point_cap_binds_the_search_still_runs_on_coarse_plds(
   assert max(built) > A.MAX_PLD_POINTS / 2  # the fine cap binds here
   big = [p for p in built if p > 1.01 * A.MAX_PLD_POINTS / A.COARSE]
   assert len(big) <= 6, (len(big), len(built))
+
+
+@pytest.mark.parametrize("event,message", [
+    (dp_accounting.GaussianDpEvent(float("nan")), "noise multiplier"),
+    (dp_accounting.GaussianDpEvent(-1.0), "noise multiplier"),
+    (dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(1.0), 0),
+     "count >= 1"),
+    (dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(1.0),
+                                       2.5), "count >= 1"),
+    (dp_accounting.PoissonSampledDpEvent(
+        1.5, dp_accounting.GaussianDpEvent(1.0)), "sampling probability"),
+    (dp_accounting.LaplaceDpEvent(1.0), "unsupported"),
+], ids=["nan", "negative", "count 0", "count 2.5", "rate 1.5", "laplace"])
+def test_a_hand_built_event_the_accountants_would_misread_is_refused(
+    event, message):
+  """RDP accounted a nan noise multiplier as epsilon 0 (at delta 1e-13 the
+  run's own accountant); a count of 0 or 2.5 died in a division or was
+  taken (a review's findings). Both accountants refuse them."""
+  for delta in (1e-5, 1e-13):
+    with pytest.raises(ValueError, match=message):
+      A.epsilon_of(event, delta)
+  with pytest.raises(ValueError, match=message):
+    A.epsilon_rdp(event, 1e-5)
+
+
+def test_the_report_refuses_a_negative_external_guarantee_and_is_json():
+  """external = (-5, 0) subtracted 5 from the headline and turned
+  'meets_target' true; numpy scalars made the report unwritable; a
+  Poisson mechanism with noise below 0.038 died in the CLT figure."""
+  import json
+  m = [A.Mechanism("m", np.float32(1.2), np.float64(0.5), np.int64(20))]
+  for bad in ((-5.0, 0.0), (1.0, -1e-6), (1.0, 2e-5), (math.inf, 0.0)):
+    with pytest.raises(ValueError, match="external guarantee"):
+      A.privacy_report(m, target_epsilon=10.0, delta=1e-5, private=True,
+                       public_metadata=(), external=bad)
+  rep = A.privacy_report(m, target_epsilon=np.float64(10.0),
+                         delta=np.float64(1e-5), private=True,
+                         public_metadata=())
+  json.dumps(rep)
+  tiny = A.privacy_report([A.Mechanism("m", 0.03, 0.5, 2)],
+                          target_epsilon=1000.0, delta=1e-5, private=True,
+                          public_metadata=())
+  assert tiny["epsilon_gdp_clt"] is None and tiny["epsilon"] is not None

@@ -534,3 +534,82 @@ def test_a_generator_failing_after_the_count_release_says_it_is_spent(
                      "after this run's count release .* which is spent"):
     pipeline.run(cfg, generator=pe.PrivateEvolution(
         _BadVariation(), pe.PEConfig(iterations=1, population=4)))
+
+
+class _RawGenerator:
+  """A user's DPGenerator that is not PE: no mechanism, reads nothing
+  private, and answers with `bad` applied to good images."""
+  name = "user"
+  declared = None
+  nonprivate_reason = None
+  reads_private = False
+
+  def __init__(self, bad=None):
+    self.bad = bad
+
+  def mechanisms(self):
+    return ()
+
+  def fixed(self):
+    return ()
+
+  def generate(self, ctx, secret, mechanisms):
+    from dpgeng_jax.generators import Output
+    y = np.repeat(np.arange(ctx.num_classes), ctx.per_class)
+    x = np.random.default_rng(0).random(
+        (len(y), *ctx.image_shape)).astype(np.float32)
+    if self.bad:
+      x, y = self.bad(x, y)
+    return Output(x, y)
+
+
+def _gen_cfg(tmp_path):
+  return Config(dataset=_sized_npz(tmp_path), ipc=2, steps=3, num_queries=2,
+                eval_epochs=1, eval_models=1, extractor_width=8,
+                eval_width=8, quiet=True, generated_per_class=8,
+                pool_models=1, pool_epochs=1, out=str(tmp_path / "run"))
+
+
+@pytest.mark.parametrize("bad,message", [
+    (lambda x, y: (np.where(x > 0.99, np.nan, x), y), "NaN"),
+    (lambda x, y: (x * 255, y), "above 1"),
+    (lambda x, y: (x, np.where(y == 3, 2, y)), "no image of class(es) [3]"),
+    (lambda x, y: (x, np.where(y == 0, 7, y)), "labels >= the private data"),
+    (lambda x, y: (x, y.astype(np.float32)), "integer dtype"),
+    (lambda x, y: (x[:, :4], y), "shape"),
+    (lambda x, y: (x, y[:-1]), "mismatched lengths"),
+], ids=["nan", "0..255 floats", "missing class", "label out of range",
+        "float labels", "other shape", "fewer labels"])
+def test_a_plug_ins_unusable_images_are_refused_in_one_line(tmp_path, bad,
+                                                            message):
+  """A plug-in's Output is checked as an external file is (before, NaN
+  pixels, labels out of range and 0..255 floats ran to a 'private' result
+  and a missing class died in a modulo by zero), with the spent count
+  release named; the run publishes nothing."""
+  from dpgeng_jax.errors import ConfigError
+  with pytest.raises(ConfigError, match="returned images the run cannot "
+                     "use") as e:
+    pipeline.run(_gen_cfg(tmp_path), generator=_RawGenerator(bad))
+  assert message in str(e.value) and "which is spent" in str(e.value)
+  assert not (tmp_path / "run" / "distilled.npz").exists()
+
+
+def test_a_plug_in_that_reads_private_data_unaccounted_is_refused(
+    tmp_path, monkeypatch):
+  """reads_private with no mechanism, fixed mechanism, declared guarantee
+  or non-private reason would release private data with nothing in the
+  report (it was reported private); refused before any release."""
+  from dpgeng_jax.errors import ConfigError
+
+  def spent(*a, **k):
+    raise AssertionError("the class counts were released")
+
+  monkeypatch.setattr(counts, "release_class_counts", spent)
+  gen = _RawGenerator()
+  gen.reads_private = True
+  with pytest.raises(ConfigError, match="reads the private data .* "
+                     "unaccounted"):
+    pipeline.run(_gen_cfg(tmp_path), generator=gen)
+  gen.nonprivate_reason = "a test's copy of the data"
+  from dpgeng_jax import planning
+  assert planning.resolve(Config(), (8, 8, 1), gen).generator_nonprivate

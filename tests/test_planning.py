@@ -1,5 +1,6 @@
 """Resolution of `auto` options and what the pool stage trains."""
 
+import numpy as np
 import pytest
 
 from dpgeng_jax import planning, presets
@@ -172,3 +173,25 @@ def test_a_generator_given_from_python_is_resumed_only_with_its_guarantee(
   with pytest.raises(ConfigError, match="declares another guarantee: "
                      "generator_guarantee .*2.0.* now .*1.0"):
     st.check({}, None, choices(External("g.npz", mu=1.0)))
+
+
+@pytest.mark.parametrize("kw, says", [
+    ({"init": "bogus"}, "init must be one of"),
+    ({"extractors": "bogus"}, "extractors must be one of"),
+    ({"centre_features": "bogus"}, "centre_features must be one of"),
+    ({"conv_impl": "bogus"}, "conv_impl must be one of"),
+    ({"pe_polarity": "bogus"}, "pe_polarity must be one of"),
+    ({"strategy": "color_bogus"}, "unknown augmentation component 'bogus'"),
+    ({"ipc": np.int64(2)}, "int\\(x\\) for a numpy integer"),
+    ({"lr_img": np.float32(np.inf)}, "float\\(x\\) for a numpy scalar"),
+    ({"expert_lr": np.float32(0.1)}, "float\\(x\\) for a numpy scalar"),
+])
+def test_a_config_from_python_is_checked_as_the_command_line_is(kw, says):
+  """The CLI's choices held only for the CLI: from Python, init, extractors
+  and centre_features 'bogus' ran with a silent fallback, conv_impl and
+  strategy failed after the count release, and a numpy float32 inf passed
+  the finiteness check (a float32 would not go into config.json either);
+  a review's findings. All are refused before any data is read."""
+  with pytest.raises(ConfigError, match=says):
+    planning.validate_config(Config(**kw))
+  planning.validate_config(Config(lr_img=np.float64(0.1)))  # a float

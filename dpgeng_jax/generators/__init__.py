@@ -96,6 +96,32 @@ def check_mechanisms(generator, given) -> list:
   return given
 
 
+def check_images(x, y, *, image_shape, num_classes: int):
+  """Generated images and labels as the stages read them: (x float32 in
+  [0, 1], y int32). Refused with DataError (naming the arrays x and y;
+  the caller says whose they are): images the private data's checks
+  refuse (rank, channels, non-finite or out-of-range pixels; uint8 is
+  read as 0..255), another image shape than the private data's, labels
+  that are not integers in 0..K-1 one per image, a class with no image.
+  For external files and for every plug-in's `Output`."""
+  from dpgeng_jax.data import _images, _labels
+  from dpgeng_jax.errors import DataError
+  x = _images(np.asarray(x), "x")
+  y = _labels(y, "y", len(x))
+  if y.max() >= num_classes:
+    raise DataError(f"y has labels >= the private data's {num_classes} "
+                    f"classes (max {y.max()})")
+  missing = np.flatnonzero(np.bincount(y, minlength=num_classes) == 0)
+  if missing.size:
+    raise DataError(f"no image of class(es) {missing[:10].tolist()}; "
+                    f"every class 0..{num_classes - 1} of the private data "
+                    "needs generated images")
+  if tuple(x.shape[1:]) != tuple(image_shape):
+    raise DataError(f"x has images of shape {tuple(x.shape[1:])}, the "
+                    f"private data {tuple(image_shape)}")
+  return x, y.astype(np.int32)
+
+
 GENERATOR_SPECS = "pe:text | pe:nearest:PATH | merf | npz:PATH"
 
 

@@ -20,8 +20,8 @@ def load_external(path: str, *, image_shape, num_classes: int,
   labels out of range, a class with no image. Returns (x float32 in
   [0, 1], y).
   """
-  from dpgeng_jax.data import (  # D's checks
-      _check_npz_file, _images, _labels, from_arrays)
+  from dpgeng_jax.data import _check_npz_file
+  from dpgeng_jax.generators import check_images
   try:
     _check_npz_file(path, f"{what} is a zip archive of the arrays x and "
                     "y: np.savez(PATH, x=..., y=...)")
@@ -39,25 +39,10 @@ def load_external(path: str, *, image_shape, num_classes: int,
       raise
     raise DataError(f"cannot read {what} {path!r}: {e}") from e
   try:
-    x = _images(x, "x")  # errors name this file's arrays
-    y = _labels(y, "y", len(x))
-    if y.max() >= num_classes:
-      raise DataError(f"y has labels >= the private data's {num_classes} "
-                      f"classes (max {y.max()})")
-    missing = np.flatnonzero(np.bincount(y, minlength=num_classes) == 0)
-    if missing.size:
-      raise DataError(f"no image of class(es) {missing[:10].tolist()}; "
-                      f"every class 0..{num_classes - 1} of the private data "
-                      "needs generated images")
-    g = from_arrays(x, y, x[:1], y[:1], name=f"{what}:{path}",
-                    num_classes=num_classes)
+    return check_images(x, y, image_shape=image_shape,
+                        num_classes=num_classes)
   except DataError as e:
     raise DataError(f"{what} {path!r}: {e}") from e
-  if tuple(g.image_shape) != tuple(image_shape):
-    raise DataError(f"{what} {path!r} has images of shape "
-                    f"{tuple(g.image_shape)}, the private data "
-                    f"{tuple(image_shape)}")
-  return g.x_train, g.y_train
 
 
 class External:
