@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -277,12 +278,33 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
       x_init=_denormalize(ds, x_init))
 
 
+def _distilled_state_bytes(num_classes: int, ipc: int, image_shape) -> int:
+  """float32 bytes of the distilled images, their gradient and Adam's two
+  moments: the least the distillation holds (before any activation)."""
+  return 4 * 4 * num_classes * ipc * int(np.prod(image_shape))
+
+
+def _physical_memory() -> int:
+  """This machine's memory in bytes (inf where the OS does not say)."""
+  try:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  except (ValueError, OSError, AttributeError):
+    return math.inf
+
+
 def _check_before_private_work(cfg: Config, plan, ds: data_lib.Dataset,
                                generator) -> None:
   """Checks that need the data's public shape, before any private stage
   (external generated data is read and checked here)."""
   k, f, m = ds.num_classes, plan.factor, cfg.ipc
   h, w = ds.image_shape[:2]
+  held = _distilled_state_bytes(k, m, ds.image_shape)
+  if held > _physical_memory():
+    raise ConfigError(
+        f"ipc {m} for {k} classes of {'x'.join(map(str, ds.image_shape))} "
+        f"images: the distilled set and its optimiser state alone need "
+        f"{held / 2 ** 30:.3g} GiB, more than this machine's "
+        f"{_physical_memory() / 2 ** 30:.3g} GiB; lower --ipc")
   if not cfg.no_eval and not len(ds.y_test):
     raise ConfigError("the dataset has no test split: evaluation needs one "
                       "(or run with no_eval, --no-eval)")

@@ -217,6 +217,15 @@ def _spent_counts(budget: Budget, sizes: counts_lib.ClassSizes,
           "again, and the runs compose")
 
 
+def _spent_generator(mechs) -> str:
+  """What a generator that failed may have spent of its own releases."""
+  names = [m.name for m in mechs if m is not None]
+  if not names:
+    return ""
+  return (f"; so may be the generator's own releases ({', '.join(names)})"
+          " that it drew before it failed")
+
+
 def _check_delta(cfg: Config, sizes: counts_lib.ClassSizes,
                  budget: Budget | None = None) -> None:
   """delta < 1/N, with N from the public class sizes: by default the
@@ -383,7 +392,8 @@ def generate(run: Run, budget: Budget, sizes, secret: jax.Array,
       if isinstance(e, DataError):
         raise
       raise ConfigError(f"generator {plan.generator}: {e}" + _spent_counts(
-          budget, sizes, run.cfg.delta, "it failed after")) from e
+          budget, sizes, run.cfg.delta, "it failed after")
+          + _spent_generator(mechs)) from e
     try:  # a plug-in's answer, as external files are checked
       out.x, out.y = generators.check_images(
           out.x, out.y, image_shape=run.image_shape,
@@ -392,7 +402,8 @@ def generate(run: Run, budget: Budget, sizes, secret: jax.Array,
       raise ConfigError(
           f"generator {plan.generator} returned images the run cannot use: "
           f"{e}" + _spent_counts(budget, sizes, run.cfg.delta,
-                                 "it failed after")) from e
+                                 "it failed after")
+          + _spent_generator(mechs)) from e
     arrays = {"x_gen": out.x, "y_gen": out.y, **out.arrays}
     if out.counts is not None:
       arrays["noisy_counts"] = out.counts

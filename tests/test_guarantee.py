@@ -613,3 +613,16 @@ def test_a_plug_in_that_reads_private_data_unaccounted_is_refused(
   gen.nonprivate_reason = "a test's copy of the data"
   from dpgeng_jax import planning
   assert planning.resolve(Config(), (8, 8, 1), gen).generator_nonprivate
+
+
+def test_an_ipc_whose_distilled_set_cannot_fit_is_refused_before_release(
+    tmp_path, monkeypatch):
+  """ipc 10^9 died in an XLA check failure (a process abort) after the
+  releases had been drawn (a review's finding): refused first."""
+  def spent(*a, **k):
+    raise AssertionError("the class counts were released")
+
+  monkeypatch.setattr(counts, "release_class_counts", spent)
+  assert _distill(["--dataset", _sized_npz(tmp_path), "--out",
+                   str(tmp_path / "run"), *TINY, "--ipc", "1000000000"]) == 2
+  assert not (tmp_path / "run").exists()
