@@ -309,16 +309,17 @@ def _distill(cfg: Config, console: bool = False) -> int:
           f"{e.strerror or e}") from e
   pr = result.privacy
 
-  def figure(v):  # None: no finite epsilon, or PLD below its delta range
+  def figure(v, missing="inf"):  # None: no finite epsilon (or no PLD)
     if v is None:
-      return "not computed" if pr["private"] else "inf"
+      return missing if pr["private"] else "inf"
     return _epsilon_text(v)
   print("privacy: private; " if pr["private"] else
         "privacy: NOT PRIVATE (" + "; ".join(pr["not_private_because"])
         + "); its accounted mechanisms alone: ", end="")
   print(f"epsilon ({pr.get('accountant', 'pld').upper()}) = "
         f"{figure(pr.get('epsilon'))} at delta = {pr['delta']:g}; PLD "
-        f"{figure(pr['epsilon_pld'])}, RDP {figure(pr['epsilon_rdp'])}, "
+        f"{figure(pr['epsilon_pld'], 'not computed')}, RDP "
+        f"{figure(pr['epsilon_rdp'])}, "
         f"GDP-CLT {figure(pr['epsilon_gdp_clt'])}")
   if result.metrics is not None:
     m = result.metrics

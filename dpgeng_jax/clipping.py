@@ -40,7 +40,9 @@ EmbedFn = Callable[[Any, jax.Array], jax.Array]
 
 
 def row_norms(v: jax.Array) -> jax.Array:
-  """L2 norms of the rows of finite `v`, (n, d) -> (n, 1).
+  """L2 norms of the rows of `v`, (n, d) -> (n, 1): inf for a row with an
+  infinite entry (per-layer norms that overflowed, in pergrad), nan rows
+  are the caller's to remove.
 
   Rows are scaled by their largest entry before squaring, so rows of
   magnitude 1e30 get their true norm instead of inf; zero rows get norm 0
@@ -55,8 +57,11 @@ def row_norms(v: jax.Array) -> jax.Array:
   safe_m = jnp.where(m > 0, m * pre, 1.0)
   sq = jnp.sum(jnp.square(v * pre / safe_m), axis=-1, keepdims=True)
   nonzero = sq > 0
-  return jnp.where(nonzero, safe_m * jnp.sqrt(jnp.where(nonzero, sq, 1.0))
+  norm = jnp.where(nonzero, safe_m * jnp.sqrt(jnp.where(nonzero, sq, 1.0))
                    * jnp.where(pre < 1, 2.0 ** 100, 1.0), 0.0)
+  # m = inf made sq nan, which read as a zero row: norm 0, weight 1, the
+  # row unclipped (a review's finding, through pergrad's layer norms).
+  return jnp.where(m == jnp.inf, jnp.inf, norm)
 
 
 def check_clip_norm(clip_norm) -> None:

@@ -278,10 +278,13 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
       x_init=_denormalize(ds, x_init))
 
 
-def _distilled_state_bytes(num_classes: int, ipc: int, image_shape) -> int:
-  """float32 bytes of the distilled images, their gradient and Adam's two
-  moments: the least the distillation holds (before any activation)."""
-  return 4 * 4 * num_classes * ipc * int(np.prod(image_shape))
+def _distilled_state_bytes(num_classes: int, ipc: int, image_shape,
+                           optimised: bool = True) -> int:
+  """float32 bytes of the distilled images and, where they are
+  `optimised`, their gradient and Adam's two moments: the least the run
+  holds (before any activation)."""
+  return (4 if optimised else 1) * 4 * num_classes * ipc * int(
+      np.prod(image_shape))
 
 
 def _physical_memory() -> int:
@@ -298,7 +301,8 @@ def _check_before_private_work(cfg: Config, plan, ds: data_lib.Dataset,
   (external generated data is read and checked here)."""
   k, f, m = ds.num_classes, plan.factor, cfg.ipc
   h, w = ds.image_shape[:2]
-  held = _distilled_state_bytes(k, m, ds.image_shape)
+  held = _distilled_state_bytes(k, m, ds.image_shape,
+                                optimised=cfg.method != "generator")
   if held > _physical_memory():
     raise ConfigError(
         f"ipc {m} for {k} classes of {'x'.join(map(str, ds.image_shape))} "

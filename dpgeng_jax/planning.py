@@ -38,7 +38,9 @@ def _check_types(cfg: Config) -> None:
   for f in dataclasses.fields(cfg):
     value, default = getattr(cfg, f.name), f.default
     if isinstance(default, bool):
-      ok, kind = isinstance(value, (bool, np.bool_)), "True or False"
+      ok, kind = isinstance(value, bool), "True or False"
+      if isinstance(value, np.bool_):  # config.json would hold "True"
+        kind += " (a Python bool: bool(x) for numpy's)"
     elif isinstance(default, int):
       ok, kind = (isinstance(value, int)
                   and not isinstance(value, bool)), "an integer"

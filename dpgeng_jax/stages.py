@@ -217,13 +217,16 @@ def _spent_counts(budget: Budget, sizes: counts_lib.ClassSizes,
           "again, and the runs compose")
 
 
-def _spent_generator(mechs) -> str:
-  """What a generator that failed may have spent of its own releases."""
-  names = [m.name for m in mechs if m is not None]
+def _spent_generator(mechs, finished: bool = False) -> str:
+  """What a generator that failed (or `finished` with an unusable answer)
+  spent of its own releases."""
+  names = ", ".join(m.name for m in mechs if m is not None)
   if not names:
     return ""
-  return (f"; so may be the generator's own releases ({', '.join(names)})"
-          " that it drew before it failed")
+  if finished:
+    return f"; so are the generator's own releases ({names})"
+  return (f"; so may be the generator's own releases ({names}) that it "
+          "drew before it failed")
 
 
 def _check_delta(cfg: Config, sizes: counts_lib.ClassSizes,
@@ -403,7 +406,7 @@ def generate(run: Run, budget: Budget, sizes, secret: jax.Array,
           f"generator {plan.generator} returned images the run cannot use: "
           f"{e}" + _spent_counts(budget, sizes, run.cfg.delta,
                                  "it failed after")
-          + _spent_generator(mechs)) from e
+          + _spent_generator(mechs, finished=True)) from e
     arrays = {"x_gen": out.x, "y_gen": out.y, **out.arrays}
     if out.counts is not None:
       arrays["noisy_counts"] = out.counts

@@ -527,7 +527,7 @@ def test_where_the_point_cap_binds_the_search_still_runs_on_coarse_plds(
   real = A._pld_of
 
   def record(event, interval, count=1):
-    if count == 1:  # the top-level call of epsilon_pld
+    if count == 1:  # a build (each part of a composed event too)
       s = A._smallest_sigma(event)
       built.append((1 / s ** 2 + 20 / s) / interval)
     return real(event, interval, count)

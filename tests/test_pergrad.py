@@ -309,3 +309,34 @@ def test_batched_path_takes_a_traced_clip_norm():
   with pytest.raises(ValueError, match="n >= 1 examples"):
     pergrad.convnet_clipped_grad_sum(model, params, x[:0], y[:0], m[:0],
                                      clip_norm=1.0)
+
+
+def test_a_layer_norm_that_overflows_is_clipped_not_passed_through():
+  """One example's per-layer gradient norm overflowing to inf (finite
+  entries, an infinite sum of squares: here a last norm layer's bias of
+  5e37) made row_norms over the layer norms nan, read as a zero row: clip
+  weight 1 and the gradient summed unclipped, 3.8e38 away from the sum
+  without that example (a review's finding). Now its norm is inf and
+  the example moves the sum by at most C."""
+  from dpgeng_jax import clipping
+  assert float(clipping.row_norms(jnp.array([[jnp.inf, 1.0]]))[0, 0]) == (
+      math.inf)
+  model = ConvNet(num_classes=10, width=16, depth=2)
+  params = dict(init_params(model, jax.random.key(0), (8, 8, 1)))
+  params["norm1"] = dict(params["norm1"],
+                         bias=jnp.full_like(params["norm1"]["bias"], 5e37))
+  params["head"] = dict(params["head"],
+                        kernel=jnp.zeros_like(params["head"]["kernel"]))
+  x = jax.random.uniform(jax.random.key(1), (4, 8, 8, 1))
+  y = jnp.arange(4)
+  f = functools.partial(pergrad.convnet_clipped_grad_sum, model,
+                        clip_norm=1.0, chunk=4)
+  n = x.shape[0]
+  for drop in (0, 3):
+    a = f(params, x, y, jnp.ones(n))
+    b = f(params, x, y, jnp.ones(n).at[drop].set(0.0))
+    moved = np.sqrt(sum(np.sum(np.square(np.asarray(u, np.float64)
+                                         - np.asarray(v, np.float64)))
+                        for u, v in zip(jax.tree.leaves(a),
+                                        jax.tree.leaves(b))))
+    assert moved <= 1.0, (drop, moved)

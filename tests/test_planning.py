@@ -185,6 +185,7 @@ def test_a_generator_given_from_python_is_resumed_only_with_its_guarantee(
     ({"ipc": np.int64(2)}, "int\\(x\\) for a numpy integer"),
     ({"lr_img": np.float32(np.inf)}, "float\\(x\\) for a numpy scalar"),
     ({"expert_lr": np.float32(0.1)}, "float\\(x\\) for a numpy scalar"),
+    ({"quiet": np.bool_(True)}, "bool\\(x\\) for numpy's"),
 ])
 def test_a_config_from_python_is_checked_as_the_command_line_is(kw, says):
   """The CLI's choices held only for the CLI: from Python, init, extractors
