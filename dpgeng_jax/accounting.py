@@ -51,6 +51,9 @@ MIN_EPSILON = 1e-6
 # The GDP scales (total mu) the calibration searches: beyond them the noise
 # multipliers are around 1e8 or 1e-4 (MAX_EPSILON needs about 0.05).
 SCALE_RANGE = (1e-8, 1e4)
+# The largest ratio of two budget shares `calibrate` takes (the driver's
+# options keep to 1e-6..1e6, planning.MIN_SHARE and MAX_SHARE).
+MAX_SHARE_RATIO = 1e12
 # Share of the target delta reserved for abort events (a Poisson batch over
 # its padded capacity, a class above its released upper bound); the
 # mechanisms are accounted at the rest. See `failure_log_tail`.
@@ -554,6 +557,10 @@ def _calibrate(mechanisms, epsilon, delta, shares, fixed):
   if len(shares) != len(mechanisms) or not all(
       math.isfinite(w) and w > 0 for w in shares):
     raise ValueError(f"need one finite share > 0 per mechanism, got {shares}")
+  if max(shares) > MAX_SHARE_RATIO * min(shares):
+    # Relative weights: a share of 1e-320 beside 1 divided by zero.
+    raise ValueError(f"shares are relative weights within a factor of "
+                     f"{MAX_SHARE_RATIO:g} of each other, got {shares}")
 
   def at(accountant):
     return functools.lru_cache(None)(lambda t: accountant(composed_event(

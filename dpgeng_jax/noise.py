@@ -242,6 +242,13 @@ def add_gaussian_noise(key: jax.Array, value: jax.Array,
     raise ValueError(f"a scale is the unit of integer (fixed point) sums, "
                      f"but the values are {value.dtype}: a sum function "
                      "must pass bits on to clipping (see clipped_grad_sum)")
+  if scale is not None and not isinstance(scale, jax.core.Tracer):
+    unit = float(np.asarray(scale))
+    if not (math.isfinite(unit) and unit > 0):
+      # An infinite unit would publish each coordinate's sign (inf, nan
+      # or -inf, which no noise masks); 0 or a negative one is a bug.
+      raise ValueError(f"scale (the value of one integer unit) must be "
+                       f"finite and > 0, got {unit}")
   zero = isinstance(stddev, (int, float)) and stddev == 0
   if zero and scale is None:
     return value.astype(jnp.float32)

@@ -584,3 +584,12 @@ def test_the_report_refuses_a_negative_external_guarantee_and_is_json():
                           target_epsilon=1000.0, delta=1e-5, private=True,
                           public_metadata=())
   assert tiny["epsilon_gdp_clt"] is None and tiny["epsilon"] is not None
+
+
+def test_shares_far_apart_are_refused_not_divided_by_zero():
+  """shares (1e-320, 1) died in a ZeroDivisionError (a review's finding);
+  relative weights within MAX_SHARE_RATIO are calibrated."""
+  with pytest.raises(ValueError, match="relative weights"):
+    A.calibrate(THREE[:2], 1.0, 1e-5, shares=[1e-320, 1.0])
+  got = A.calibrate(THREE[:2], 1.0, 1e-5, shares=[1e-6, 1e5])
+  assert got[0].noise_multiplier > got[1].noise_multiplier

@@ -8,6 +8,8 @@ conditional far tail through its bits), its resolution, that a float32
 sampler fails the same checks, and that every release uses it.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -271,3 +273,13 @@ def test_releases_are_snapped_to_the_public_grid():
       k = small / (sd * noise.SNAP)
       np.testing.assert_allclose(k, np.round(k), rtol=0, atol=1e-6)
       assert np.any(np.abs(small) < 1e-3 * sd)  # near 0 too
+
+
+@pytest.mark.parametrize("scale", [math.inf, math.nan, 0.0, -1.0])
+def test_a_unit_that_is_not_finite_and_positive_is_refused(scale):
+  """An infinite unit released inf, nan or -inf per coordinate, so each
+  coordinate's sign of the sum, which no noise masks (a review's
+  finding); 0 or a negative unit is a caller's bug."""
+  with pytest.raises(ValueError, match="finite and > 0"):
+    noise.add_gaussian_noise(noise.deterministic_secret_key(0),
+                             jnp.array([3, -2, 0], jnp.int32), 1.0, scale)
