@@ -295,6 +295,9 @@ def epsilon_pld(event: dp_accounting.DpEvent, delta: float,
   with `max_points`)."""
   _check_delta(delta)
   check_event(event)
+  if not (0 < float(interval) < math.inf and float(max_points) >= 1):
+    raise ValueError(f"the PLD interval must be finite and > 0 and "
+                     f"max_points >= 1, got {interval} and {max_points}")
   interval = feasible_interval(event, interval, max_points)
   key = (_event_key(event), float(interval))
   if key not in _PLD_CACHE:

@@ -82,6 +82,8 @@ def class_major(x: np.ndarray, y: np.ndarray, num_classes: int,
   y = np.asarray(y)
   check_labels(y, num_classes, len(x))
   counts = np.bincount(y, minlength=num_classes)
+  if rows is not None:
+    require_int(rows, "rows", 1)  # 2.5 was truncated to 2
   n_max = int(counts.max()) if rows is None else int(rows)
   if counts.max() > n_max:
     raise ValueError(f"a class has more examples than the padded length "

@@ -300,6 +300,7 @@ def gaussian_noise(key: jax.Array, shape, stddev: float) -> jax.Array:
   rounds twice, which re-introduces a (small) dependence of the rounding
   pattern on the sum.
   """
+  shape = (shape,) if isinstance(shape, (int, np.integer)) else shape
   return add_gaussian_noise(key, jnp.zeros(tuple(shape), jnp.float32),
                             stddev)
 

@@ -233,3 +233,21 @@ def test_a_microbatch_that_is_not_a_count_is_refused(microbatch):
   from dpgeng_jax.clipping import microbatched
   with pytest.raises(ValueError, match="microbatch must be an integer >= 0"):
     microbatched(lambda p, b, m: jnp.sum(b), microbatch)
+
+
+def test_small_misuses_of_the_library_get_clear_answers():
+  """From a review of the library API: an int shape for gaussian_noise
+  ("'int' object is not iterable"), a fractional class_major padding
+  (2.5 truncated to 2) and a nan or inf PLD interval (a float-to-int
+  error, an IndexError)."""
+  import dp_accounting
+  from dpgeng_jax import accounting, mechanisms, noise
+  from dpgeng_jax.errors import ConfigError
+  assert noise.gaussian_noise(noise.deterministic_secret_key(0), 3,
+                              1.0).shape == (3,)
+  with pytest.raises(ConfigError, match="rows must be an integer"):
+    mechanisms.class_major(np.zeros((4, 2)), np.array([0, 1, 0, 1]), 2,
+                           rows=2.5)
+  for bad in (float("nan"), float("inf"), 0.0):
+    with pytest.raises(ValueError, match="PLD interval"):
+      accounting.epsilon_of(dp_accounting.GaussianDpEvent(1.0), 1e-5, bad)
