@@ -224,9 +224,9 @@ def _spent_generator(mechs, finished: bool = False) -> str:
   if not names:
     return ""
   if finished:
-    return f"; so are the generator's own releases ({names})"
-  return (f"; so may be the generator's own releases ({names}) that it "
-          "drew before it failed")
+    return f"; the generator's own releases ({names}) are spent as well"
+  return (f"; any of the generator's own releases ({names}) drawn before "
+          "it failed are spent as well")
 
 
 def _check_delta(cfg: Config, sizes: counts_lib.ClassSizes,
