@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import Any
 
 import jax
@@ -111,6 +112,29 @@ def _random_bits(key: jax.Array, bit_width: int, shape) -> jax.Array:
 SECRET_IMPL = jex_random.define_prng_impl(
     key_shape=(4,), seed=_seed, split=_split, random_bits=_random_bits,
     fold_in=_fold_in, name="threefry2x32x2", tag="tf2x2")
+
+
+class PublicKeyWarning(UserWarning):
+  """Noise or sampling drawn from a key that is not of this library's
+  secret kind (`secret_key`, `deterministic_secret_key`)."""
+
+
+def warn_unless_secret(key: jax.Array, what: str) -> None:
+  """Warns (PublicKeyWarning) when `key` is not of the secret keys' kind:
+  a `jax.random.key(seed)` or `PRNGKey(seed)` from a seed that is
+  published makes the release reproducible by anyone, so not private.
+  A key split or folded from a secret key keeps its kind. Not an error:
+  a user may hold a secret threefry key of their own."""
+  try:
+    kind = jax.random.key_impl(key)
+  except (TypeError, ValueError):  # a raw uint32 key (jax's default kind)
+    kind = "raw uint32"
+  if kind != SECRET_IMPL:
+    warnings.warn(
+        f"{what} drawn from a {kind} key, not from this library's secret "
+        "keys (noise.secret_key()): if the key comes from a seed that is "
+        "published, the release is not private", PublicKeyWarning,
+        stacklevel=3)
 
 
 def secret_key() -> jax.Array:
@@ -253,6 +277,7 @@ def add_gaussian_noise(key: jax.Array, value: jax.Array,
   if zero and scale is None:
     return value.astype(jnp.float32)
   if not zero:
+    warn_unless_secret(key, "Gaussian noise")
     words = jax.random.bits(key, (WORDS_PER_NORMAL, *value.shape),
                             jnp.uint32)
   with jax.enable_x64(True):
@@ -316,4 +341,5 @@ def bernoulli(key: jax.Array, p: float, shape) -> jax.Array:
   if p >= 1.0:
     return jnp.ones(tuple(shape), bool)
   threshold = np.uint32(int(np.floor(float(p) * 2.0**32)))
+  warn_unless_secret(key, "Poisson sampling")
   return jax.random.bits(key, tuple(shape), jnp.uint32) < threshold

@@ -283,3 +283,28 @@ def test_a_unit_that_is_not_finite_and_positive_is_refused(scale):
   with pytest.raises(ValueError, match="finite and > 0"):
     noise.add_gaussian_noise(noise.deterministic_secret_key(0),
                              jnp.array([3, -2, 0], jnp.int32), 1.0, scale)
+
+
+def test_a_release_from_a_key_of_another_kind_warns():
+  """noise and sampling from jax.random.key(seed) or PRNGKey(seed) (a
+  seed that may be published: anyone could redraw the noise) warn, under
+  jit too; the library's secret keys, deterministic ones and keys split
+  from them do not (a review's finding: every release function took any
+  key without a word)."""
+  import warnings
+  x = jnp.zeros(3)
+  for key in (jax.random.key(0), jax.random.PRNGKey(0)):
+    with pytest.warns(noise.PublicKeyWarning, match="not private"):
+      noise.add_gaussian_noise(key, x, 1.0)
+    with pytest.warns(noise.PublicKeyWarning, match="Poisson sampling"):
+      noise.bernoulli(key, 0.5, (3,))
+  with pytest.warns(noise.PublicKeyWarning):
+    jax.jit(lambda k: noise.add_gaussian_noise(k, x, 1.0))(
+        jax.random.key(1))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", noise.PublicKeyWarning)
+    for key in (noise.secret_key(), noise.deterministic_secret_key(0),
+                jax.random.split(noise.secret_key(), 2)[1]):
+      noise.add_gaussian_noise(key, x, 1.0)
+      noise.bernoulli(key, 0.5, (3,))
+    noise.add_gaussian_noise(jax.random.key(0), x, 0.0)  # no noise drawn
