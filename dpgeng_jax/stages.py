@@ -40,7 +40,7 @@ from dpgeng_jax import parallel, planning
 from dpgeng_jax import progress as progress_lib
 from dpgeng_jax import store as store_lib
 from dpgeng_jax.config import Config
-from dpgeng_jax.errors import ConfigError, DataError
+from dpgeng_jax.errors import ConfigError, DataError, PrivacyAbort
 
 STAGES = store_lib.STAGES
 
@@ -391,8 +391,11 @@ def generate(run: Run, budget: Budget, sizes, secret: jax.Array,
     try:
       out = generator.generate(generator_context(run, sizes, generator),
                                secret, mechs)
-    except (ValueError, OSError) as e:  # an API's answer at a later call
-      if isinstance(e, DataError):
+    except (ValueError, OSError, RuntimeError) as e:
+      # An API's answer at a later call (a user's model server down is a
+      # RuntimeError; so is XLA's out of memory): the releases are named.
+      # An abort (accounted in delta, nothing released) stays one.
+      if isinstance(e, (DataError, PrivacyAbort)):
         raise
       raise ConfigError(f"generator {plan.generator}: {e}" + _spent_counts(
           budget, sizes, run.cfg.delta, "it failed after")

@@ -626,3 +626,47 @@ def test_an_ipc_whose_distilled_set_cannot_fit_is_refused_before_release(
   assert _distill(["--dataset", _sized_npz(tmp_path), "--out",
                    str(tmp_path / "run"), *TINY, "--ipc", "1000000000"]) == 2
   assert not (tmp_path / "run").exists()
+
+
+class _ServerDown(_BadVariation):
+  """A user API whose variation raises what a remote model's client
+  raises when its server is down."""
+
+  def variation(self, key, samples, degree):
+    raise RuntimeError("my diffusion server is down")
+
+
+def test_a_runtime_error_of_a_users_api_after_a_release_names_it_spent(
+    tmp_path):
+  """A RuntimeError from the user's API came out as a bare traceback
+  without the note that the count release (and the generator's first
+  histogram) are spent (a review's finding)."""
+  from dpgeng_jax.errors import ConfigError
+  from dpgeng_jax.generators import pe
+  cfg = Config(dataset=_sized_npz(tmp_path), ipc=2, steps=3, num_queries=2,
+               eval_epochs=1, eval_models=1, extractor_width=8,
+               eval_width=8, quiet=True, generated_per_class=8)
+  with pytest.raises(ConfigError, match="server is down; it failed after "
+                     "this run's count release .* which is spent.* "
+                     "generator's own releases"):
+    pipeline.run(cfg, generator=pe.PrivateEvolution(
+        _ServerDown(), pe.PEConfig(iterations=2, population=4)))
+
+
+def test_an_abort_inside_a_generator_stays_an_abort(tmp_path):
+  """A PrivacyAbort (a RuntimeError: nothing released, accounted in delta)
+  raised while generating is not turned into a refusal that calls the
+  releases spent."""
+  from dpgeng_jax.errors import PrivacyAbort
+  from dpgeng_jax.generators import pe
+
+  class Aborts(_BadVariation):
+    def variation(self, key, samples, degree):
+      raise PrivacyAbort("a class above its released bound")
+
+  cfg = Config(dataset=_sized_npz(tmp_path), ipc=2, steps=3, num_queries=2,
+               eval_epochs=1, eval_models=1, extractor_width=8,
+               eval_width=8, quiet=True, generated_per_class=8)
+  with pytest.raises(PrivacyAbort, match="released bound"):
+    pipeline.run(cfg, generator=pe.PrivateEvolution(
+        Aborts(), pe.PEConfig(iterations=2, population=4)))
