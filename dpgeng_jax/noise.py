@@ -293,8 +293,12 @@ def add_gaussian_noise(key: jax.Array, value: jax.Array,
     # float32 rounding (post-processing): near 0 float32 is finer than the
     # sampler's lattice, and each output would pin one float64 draw, on a
     # lattice that differs between neighbouring datasets.
+    # A stddev so small (below ~1e-290) that out / q overflows leaves out
+    # as drawn: its noise is below float32's resolution of out anyway.
     q = jnp.where(sd > 0, sd * SNAP, 1.0)
-    out = jnp.where(sd > 0, jnp.round(out / q) * q, out)
+    steps = out / q
+    out = jnp.where((sd > 0) & jnp.isfinite(steps), jnp.round(steps) * q,
+                    out)
     return out.astype(jnp.float32)
 
 

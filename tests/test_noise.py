@@ -275,6 +275,17 @@ def test_releases_are_snapped_to_the_public_grid():
       assert np.any(np.abs(small) < 1e-3 * sd)  # near 0 too
 
 
+def test_a_tiny_stddev_gives_finite_values():
+  """A positive stddev so small that value / (stddev * 2^-20) overflows
+  float64 (1e-300 against 3e38) released -inf before (a review's finding);
+  such noise is below float32's resolution, so the value comes back."""
+  x = jnp.array([1.0, 0.0, -3e38, 3e38], jnp.float32)
+  for sd in (1e-250, 1e-300, 1e-305):
+    out = noise.add_gaussian_noise(KEY, x, sd)
+    assert np.all(np.isfinite(out)), (sd, out)
+    np.testing.assert_array_equal(np.abs(out), np.abs(x))
+
+
 @pytest.mark.parametrize("scale", [math.inf, math.nan, 0.0, -1.0])
 def test_a_unit_that_is_not_finite_and_positive_is_refused(scale):
   """An infinite unit released inf, nan or -inf per coordinate, so each
