@@ -155,6 +155,26 @@ _PATH_OPTIONS = ("data_dir", "pe_font_dir")
 _OUTPUT_OPTIONS = ("out", "resume", "tensorboard")
 
 
+def missing_inputs(values: dict) -> list[str]:
+  """Notes for the input files and directories `values` (Config fields)
+  name that do not exist (`plan` reads no data, so it says so instead of
+  failing)."""
+  notes = []
+  for name, prefixes in _PATH_PREFIXES.items():
+    v = values.get(name)
+    for prefix in prefixes:
+      if isinstance(v, str) and v.startswith(prefix):
+        path = os.path.expanduser(v[len(prefix):])
+        if not os.path.isfile(path):
+          notes.append(f"--{name} {v}: no such file here")
+        break
+  for name in _PATH_OPTIONS:
+    v = values.get(name)
+    if isinstance(v, str) and v and not os.path.isdir(os.path.expanduser(v)):
+      notes.append(f"--{name.replace('_', '-')} {v}: no such directory here")
+  return notes
+
+
 def absolute_paths(values: dict) -> dict:
   """`values` (Config fields) with relative input paths made absolute
   and a leading ~ expanded (in a spec such as npz:~/x.npz the shell does
@@ -377,6 +397,8 @@ def _plan(cfg: Config) -> int:
     print("note:", note)
   from dpgeng_jax import planning
   for line in planning.unused_options(cfg, planning.resolve(cfg)):
+    print("note:", line)
+  for line in missing_inputs(dataclasses.asdict(cfg)):
     print("note:", line)
   if cfg.delta >= 1e-3:
     print(f"note: a run refuses a delta of 1/N or more (N's upper bound "

@@ -366,6 +366,22 @@ def test_plan_reads_no_data_and_prints_the_allocation(monkeypatch, capsys):
   pld_line = next(l for l in out.splitlines() if "composed pld" in l)
   assert 0.98 * 2 <= float(pld_line.split()[-1]) <= 2
   assert "not used" not in out
+  assert "note: --dataset npz:/does/not/exist.npz: no such file here" in out
+
+
+def test_plan_notes_input_files_that_exist_only_when_they_do_not(
+    tmp_path, capsys):
+  real = tmp_path / "g.npz"
+  real.write_bytes(b"")
+  for gen, missing in ((f"pe:nearest:{real}", False),
+                       (f"pe:nearest:{tmp_path}/none.npz", True),
+                       (f"npz:{tmp_path}/none.npz", True)):
+    assert cli.main(["plan", "--epsilon", "2", "--generator", gen]) == 0
+    out = capsys.readouterr().out
+    assert ("no such file" in out) == missing, out
+  assert cli.main(["plan", "--epsilon", "2", "--pe-font-dir",
+                   str(tmp_path / "fonts")]) == 0
+  assert "fonts: no such directory here" in capsys.readouterr().out
 
 
 def test_plan_refuses_an_image_size_that_distill_refuses(capsys):
