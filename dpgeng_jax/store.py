@@ -49,6 +49,9 @@ from dpgeng_jax import outputs
 from dpgeng_jax.config import resume_free_fields
 from dpgeng_jax.errors import ConfigError
 
+# The suffix of a stage's second folder: a re-saved stage alternates
+# between `name` and `name + _RESAVED` (StageStore.save).
+_RESAVED = ".next"
 # Room kept beyond a saved tree's bytes (orbax's metadata, the file
 # system's blocks) by the free-space check before a save.
 _SAVE_MARGIN = 1 << 20
@@ -291,12 +294,28 @@ class StageStore:
   def finished(self, name: str) -> bool:
     return self._state is not None and name in self._state["finished"]
 
+  def folder(self, name: str) -> str:
+    """The folder of a stage's files: `name`, or after a re-save (a
+    distillation checkpoint) the one the record names."""
+    dirs = self.state().get("folders", {})
+    sub = dirs.get(name, name) if isinstance(dirs, dict) else name
+    if sub not in (name, name + _RESAVED):
+      raise ConfigError(damaged(self.path, f"its record names folder "
+                                f"{sub!r} for {name}"))
+    return os.path.join(self.root, sub)
+
   def save(self, name: str, arrays: dict | None = None,
            trees: dict | None = None, info: Any = None) -> None:
     """Saves one stage's result and then marks it finished (a kill in
-    between leaves it unfinished: it runs again on resume)."""
+    between leaves it unfinished: it runs again on resume). A stage saved
+    before (a distillation checkpoint) is written to the other of its two
+    folders and the record switched to it in one write, so a kill or a
+    full disk during the save leaves the previous checkpoint readable."""
     assert name in STAGES or name.startswith("distill@"), name
     d = os.path.join(self.root, name)
+    if self.finished(name) and self.folder(name) == d:
+      d += _RESAVED
+    shutil.rmtree(d, ignore_errors=True)  # a save that did not finish
     os.makedirs(d, exist_ok=True)
     if arrays:
       outputs.atomic_write(os.path.join(d, "arrays.npz"), lambda f: np.savez(
@@ -306,14 +325,22 @@ class StageStore:
     state = self.state()
     state["info"][name] = info
     state.setdefault("digests", {})[name] = _digests(d)
+    folders = state.setdefault("folders", {})
+    if os.path.basename(d) == name:
+      folders.pop(name, None)
+    else:
+      folders[name] = os.path.basename(d)
     if name not in state["finished"]:
       state["finished"].append(name)
     self._write_state()
+    other = os.path.join(self.root, name) if d.endswith(_RESAVED) else (
+        d + _RESAVED)
+    shutil.rmtree(other, ignore_errors=True)  # the superseded checkpoint
 
   def load(self, name: str, targets: dict | None = None):
     """(arrays, trees, info) of a finished stage; `targets` gives the
     structure of trees that are not plain nested dicts."""
-    d = os.path.join(self.root, name)
+    d = self.folder(name)
     self._check_digests(name, d)
     arrays, trees = Saved(d), Saved(d)
     try:

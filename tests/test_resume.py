@@ -108,6 +108,57 @@ def test_killed_at_every_stage_boundary_resumes_to_the_same_run(
                                     "normalisation"}  # no N, no fingerprint
 
 
+def test_killed_while_saving_a_distillation_checkpoint_resumes(
+    tmp_path, monkeypatch, calls, uninterrupted):
+  """A kill (or a full disk) while the second distillation checkpoint was
+  written left arrays.npz new and the state tree half deleted under the
+  first checkpoint's digests: the resume refused the whole run as damaged
+  (a review's finding). The re-save goes to the stage's other folder and
+  the record switches in one write, so the first checkpoint is resumed;
+  the superseded folder is removed once a later save lands."""
+  out = tmp_path / "run"
+  real = store._save_tree
+  seen = []
+
+  def save_tree(path, tree):
+    seen.append(path)
+    if os.path.basename(os.path.dirname(path)).startswith("distill") and (
+        sum("distill" in p for p in seen) == 2):
+      raise Killed(path)
+    real(path, tree)
+
+  monkeypatch.setattr(store, "_save_tree", save_tree)
+  with pytest.raises(Killed):
+    cli.main(["distill", "--out", str(out), *FLAGS])
+  staged = out / outputs.STAGING / "stages"
+  assert (staged / "distill.next" / "arrays.npz").exists()
+  state = json.loads((staged / store.STATE).read_text())
+  assert state["info"]["distill"] == {"step": 3}
+  monkeypatch.undo()
+  _count_again(monkeypatch, calls)
+  assert cli.main(["distill", "--resume", str(out), "--quiet"]) == 0
+  assert calls == {m: 1 for m in MECHANISMS}
+  priv, x = _outputs(out)
+  assert priv == uninterrupted[0]
+  np.testing.assert_array_equal(x, uninterrupted[1])
+  kept = sorted(p.name for p in (out / "stages").iterdir()
+                if p.name.startswith("distill"))
+  assert len(kept) == 1, kept
+
+
+def test_a_stage_saved_again_switches_folders_in_one_record_write(tmp_path):
+  st = store.StageStore(str(tmp_path / "s"))
+  st.start({}, {})
+  for step in range(1, 5):
+    st.save("distill", arrays={"losses": np.arange(step)},
+            info={"step": step})
+    arrays, _, info = store.StageStore(st.root).load("distill")
+    assert info == {"step": step}
+    np.testing.assert_array_equal(arrays["losses"], np.arange(step))
+    assert sorted(os.listdir(st.root)) == sorted(
+        [store.STATE, "distill" + (".next" if step % 2 == 0 else "")])
+
+
 def _count_again(monkeypatch, seen):
   def counting(name, fn):
     def wrapped(*a, **k):
