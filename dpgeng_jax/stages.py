@@ -178,15 +178,40 @@ class Budget:
     return by_name(self.mechs, name)
 
 
+def _check_saved_calibration(saved: list, now: list, path: str) -> None:
+  """Refuses a saved calibration that differs from the one this
+  configuration calibrates to (the checked options and `auto` choices are
+  the saved run's, so they agree unless the record was edited): the
+  privacy report of a resumed run is computed from the saved mechanisms,
+  and an edited noise multiplier there would understate what the saved
+  releases cost (a review's finding: epsilon 0.69 reported for a run
+  calibrated to 10)."""
+  def key(m):
+    return (m.name, m.sampling_rate, m.steps, m.sensitivity)
+  same = len(saved) == len(now) and all(
+      key(a) == key(b) and math.isclose(a.noise_multiplier,
+                                        b.noise_multiplier, rel_tol=1e-9)
+      for a, b in zip(saved, now))
+  if not same:
+    raise ConfigError(store_lib.damaged(path, (
+        "its calibration differs from the one its configuration "
+        "calibrates to: saved " + ", ".join(
+            f"{m.name} {m.noise_multiplier:.6g}" for m in saved)
+        + "; now " + ", ".join(f"{m.name} {m.noise_multiplier:.6g}"
+                                for m in now))))
+
+
 def calibrate(run: Run) -> Budget:
   cfg, plan, t0 = run.cfg, run.plan, time.time()
   if run.done("calibrate"):  # the noise the saved releases were drawn with
     saved = run.load("calibrate")[2]
     try:
       mechs = [accounting.Mechanism(**m) for m in saved]
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
       raise ConfigError(store_lib.damaged(
           run.store.path, f"its calibration: {e}")) from e
+    _check_saved_calibration(mechs, planning.mechanisms_for(cfg, plan),
+                             run.store.path)
   else:
     mechs = planning.mechanisms_for(cfg, plan)
     run.save("calibrate", info=[dataclasses.asdict(m) for m in mechs])

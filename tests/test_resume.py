@@ -556,6 +556,12 @@ DAMAGED = {
     "calibration_edited": (
         lambda d: _edit_state(d / "state.json", lambda s: s["info"].update(
             calibrate=[{"x": 1}])), "its calibration"),
+    "calibration_noise_edited": (
+        lambda d: _edit_state(d / "state.json", lambda s: [
+            m.update(noise_multiplier=10 * m["noise_multiplier"])
+            for m in s["info"]["calibrate"]]),
+        "its calibration differs from the one its configuration "
+        "calibrates to"),
     "digests_edited": (
         lambda d: _edit_state(d / "state.json", lambda s: s["digests"]
                               .update(query=["x"])),
