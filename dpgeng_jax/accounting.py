@@ -866,5 +866,63 @@ def privacy_report(mechanisms: Sequence[Mechanism], *, target_epsilon: float,
   }
 
 
+def check_report(record: dict, rel_tol: float = 1e-6) -> list[str]:
+  """What in a privacy.json `record` (privacy_report's dict) disagrees
+  with its own mechanisms: its composed epsilon figures and accountant
+  recomputed from the listed mechanisms, delta split and external
+  guarantee, its headline and `meets_target` from those. Empty when all
+  agree. (`dpgeng report` rebuilds a report from the file and must not
+  repeat a hand-edited headline.)"""
+  problems = []
+  try:
+    mechs = [Mechanism(m["name"], m["noise_multiplier"], m["sampling_rate"],
+                       m["steps"], m.get("l2_sensitivity", "C"))
+             for m in record["mechanisms"]]
+    target = float(record["target_epsilon"])
+    d = float(record["delta_mechanisms"])
+    parts = (float(record["delta_external"]),
+             float(record["delta_abort_events"]), d)
+    ext = record.get("external_generated_data") or {}
+    eps_ext = float(ext.get("epsilon", 0.0))
+  except (KeyError, TypeError, ValueError, AttributeError) as e:
+    return [f"its fields cannot be read ({type(e).__name__}: {e})"]
+  if not math.isclose(sum(parts), float(record.get("delta", -1)),
+                      rel_tol=1e-9):
+    problems.append(f"delta {record.get('delta')} is not the sum of its "
+                    f"parts {sum(parts):g}")
+  if not mechs or d <= 0 or any(m.noise_multiplier <= 0 for m in mechs):
+    want = {"epsilon_rdp": eps_ext if not mechs and d > 0 else None}
+  else:
+    event = composed_event(mechs)
+    want = {"epsilon_rdp": epsilon_rdp(event, d) + eps_ext}
+    if record.get("accountant") != accountant_for(d):
+      problems.append(f"accountant {record.get('accountant')!r} is not "
+                      f"the one for delta {d:g} ({accountant_for(d)!r})")
+    elif accountant_for(d) == "pld":
+      want["epsilon_pld"] = epsilon_pld(
+          event, d, pld_interval(target - eps_ext)) + eps_ext
+  for key, value in want.items():
+    got = record.get(key)
+    if value is None or not math.isfinite(value):
+      ok = got is None
+    else:
+      ok = isinstance(got, (int, float)) and math.isclose(
+          got, value, rel_tol=rel_tol)
+    if not ok:
+      problems.append(f"{key} {got} where its mechanisms give "
+                      f"{_finite_or_none(value)}")
+  headline = record.get("epsilon_pld" if record.get("accountant") == "pld"
+                        else "epsilon_rdp")
+  if record.get("epsilon") != headline:
+    problems.append(f"epsilon {record.get('epsilon')} is not its "
+                    f"accountant's figure {headline}")
+  meets = bool(record.get("private")) and headline is not None and (
+      headline <= target)
+  if record.get("meets_target") != meets:
+    problems.append(f"meets_target {record.get('meets_target')} where "
+                    f"its figures give {meets}")
+  return problems
+
+
 def _finite_or_none(x):
   return float(x) if x is not None and np.isfinite(x) else None

@@ -559,6 +559,27 @@ def _npz(out: str, name: str) -> dict:
     return {k: d[k] for k in d.files}
 
 
+def _check_privacy_record(out: str, privacy: dict, config: dict) -> None:
+  """Refuses a privacy.json whose figures its own mechanisms do not give,
+  or whose target is not config.json's: the report repeats its figures,
+  and a hand-edited headline was shown as the guarantee (a review's
+  finding)."""
+  from dpgeng_jax import accounting
+  problems = accounting.check_report(privacy)
+  for key, name in (("epsilon", "target_epsilon"), ("delta", "delta")):
+    if key in config and not (
+        isinstance(privacy.get(name), (int, float))
+        and isinstance(config[key], (int, float))
+        and math.isclose(privacy[name], config[key], rel_tol=1e-12)):
+      problems.append(f"{name} {privacy.get(name)} is not config.json's "
+                      f"{key} {config[key]}")
+  if problems:
+    raise ConfigError(
+        f"{out!r}: privacy.json is not as the run wrote it (edited or "
+        "damaged): " + "; ".join(problems) + "; run the distillation "
+        "again")
+
+
 def _files_from_run(out: str, manifest: dict) -> dict[str, bytes]:
   """The PNGs and report.html drawn from the run's files in `out`."""
   records = {}
@@ -577,6 +598,7 @@ def _files_from_run(out: str, manifest: dict) -> dict[str, bytes]:
       raise ConfigError(f"{out!r}: {name} holds {kind}, not the run's "
                         "record (a JSON object)")
   privacy, config, metrics = records.values()
+  _check_privacy_record(out, privacy, config)
   arrays = _npz(out, "distilled.npz")
   gen = {}
   gen_path = os.path.join("stages", "generate", "arrays.npz")

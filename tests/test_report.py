@@ -226,9 +226,9 @@ DAMAGED = {
     "privacy_null": ("privacy.json", "null", "privacy.json holds null"),
     "config_a_number": ("config.json", "3", "config.json holds a number"),
     "mechanisms_a_string": ("privacy.json", '{"mechanisms": "x"}',
-                            "cannot rebuild the report"),
+                            "privacy.json is not as the run wrote it"),
     "mechanisms_of_numbers": ("privacy.json", '{"mechanisms": [1, 2]}',
-                              "cannot rebuild the report"),
+                              "privacy.json is not as the run wrote it"),
     "accuracy_a_string": ("metrics.json", '{"test_accuracy_mean": "x"}',
                           "cannot rebuild the report"),
     # np.load called it "pickled (object) data"
@@ -338,3 +338,65 @@ def test_the_report_names_the_guarantee_only_where_the_run_has_one(
   assert f"epsilon (PLD, {pld})" in page
   assert f"epsilon (RDP, {rdp})" in page
   assert ("the guarantee" in page) == private
+
+
+def _edited(field, value):
+  def edit(p):
+    p[field] = value
+  return edit
+
+
+def _noise_edited(p):
+  p["mechanisms"][1]["noise_multiplier"] *= 10
+
+
+EDITED = {
+    "headline": (_edited("epsilon", 0.5), "epsilon 0.5 is not its "
+                 "accountant's figure"),
+    "every_figure": (lambda p: p.update(epsilon=0.5, epsilon_pld=0.5,
+                                        epsilon_rdp=0.5),
+                     "epsilon_pld 0.5 where its mechanisms give"),
+    "a_noise_multiplier": (_noise_edited, "where its mechanisms give"),
+    "target": (_edited("target_epsilon", 40.0),
+               "target_epsilon 40.0 is not config.json's epsilon 4"),
+    "delta": (_edited("delta", 1e-3), "is not the sum of its parts"),
+    "meets_target": (_edited("meets_target", True), "meets_target True "
+                     "where its figures give False"),
+}
+
+
+@pytest.mark.parametrize("edit, message", EDITED.values(), ids=EDITED.keys())
+def test_report_of_an_edited_privacy_record_is_refused(
+    finished_run, tmp_path, capsys, edit, message):
+  """`dpgeng report` repeated a privacy.json whose epsilon was set to 0.5
+  by hand as the run's guarantee (a review's finding); its figures are
+  recomputed from its mechanisms and its target compared with
+  config.json's."""
+  import shutil
+  out = tmp_path / "run"
+  shutil.copytree(finished_run, out)
+  privacy = json.loads((out / "privacy.json").read_text())
+  assert len(privacy["mechanisms"]) == 4
+  edit(privacy)
+  (out / "privacy.json").write_text(json.dumps(privacy))
+  assert cli.main(["report", str(out)]) == 2
+  err = capsys.readouterr().err
+  assert "privacy.json is not as the run wrote it" in err and message in err, (
+      err)
+
+
+def test_check_report_accepts_the_records_privacy_report_writes():
+  from dpgeng_jax import accounting
+  mechs = [accounting.Mechanism("class_counts", 20.0, 1.0, 1, "1"),
+           accounting.Mechanism("queries", 5.0, 0.5, 40)]
+  common = dict(target_epsilon=1.0, public_metadata=[], private=True)
+  for kw in (dict(delta=1e-5, split=accounting.DeltaSplit(1e-5)),
+             dict(delta=1e-5, external=(0.2, 1e-7),
+                  split=accounting.DeltaSplit(1e-5, 1e-7)),
+             dict(delta=1e-11, split=accounting.DeltaSplit(1e-11)),  # rdp
+             dict(delta=1e-5)):
+    rec = json.loads(json.dumps(accounting.privacy_report(mechs, **common,
+                                                          **kw)))
+    assert accounting.check_report(rec) == [], kw
+  rec["epsilon_rdp"] *= 0.9
+  assert accounting.check_report(rec)[0].startswith("epsilon_rdp")
