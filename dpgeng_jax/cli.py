@@ -402,8 +402,9 @@ def _plan(cfg: Config) -> int:
     print("note:", line)
   if cfg.delta >= 1e-3:
     print(f"note: a run refuses a delta of 1/N or more (N's upper bound "
-          f"from the released class counts): delta {cfg.delta:g} suits "
-          f"only datasets of fewer than {1 / cfg.delta:.0f} examples")
+          f"from the released class counts, N plus a margin of the count "
+          f"noise): delta {cfg.delta:g} suits only datasets whose bound is "
+          f"below {1 / cfg.delta:.0f} examples")
   from dpgeng_jax import estimate
   known = estimate.known_shape(cfg)
   if known is None:

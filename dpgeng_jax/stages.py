@@ -29,6 +29,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy import special
 from tqdm.auto import tqdm
 
 from dpgeng_jax import accounting, clipping, data as data_lib, distill
@@ -272,6 +273,28 @@ def _check_delta(cfg: Config, sizes: counts_lib.ClassSizes,
             if spent else ""))
 
 
+def _check_delta_before_release(cfg: Config, k: int, sigma: float,
+                                log_tail: float) -> None:
+  """Refuses, before the count release, a delta that `_check_delta` would
+  refuse after it with probability >= 1/2 whatever the data: the released
+  bound on N is the noisy total plus z sigma sqrt(K) (counts.
+  released_sizes), whose median is N + z sigma sqrt(K) >= K + z sigma
+  sqrt(K), every class holding an example (a review's finding: 10 images
+  at delta 0.09 spent the release, then were refused)."""
+  z = 0.0 if log_tail is None else float(-special.ndtri_exp(log_tail))
+  floor = k + z * sigma * math.sqrt(k)
+  if cfg.delta * floor >= 1.0:
+    raise ConfigError(
+        f"delta {cfg.delta:g} is too large for this run's count release: "
+        f"a run refuses delta >= 1/N with N's upper bound from the noisy "
+        f"counts, which is about N + {z * sigma * math.sqrt(k):.3g} "
+        f"(noise multiplier {sigma:.4g}, {k} classes), so at least "
+        f"{math.ceil(floor)} here whatever the data, and the run would be "
+        "refused after spending the release; lower --delta (below "
+        f"{1 / floor:.3g}), raise --share-counts or --epsilon, or declare "
+        "the class sizes with --public-class-sizes where they are public")
+
+
 def _check_release_rows(run: Run, budget: Budget,
                         sizes: counts_lib.ClassSizes) -> None:
   """Refuses, before the generator, queries or expert steps whose padded
@@ -323,6 +346,7 @@ def class_sizes(run: Run, budget: Budget, secret: jax.Array
     sizes = counts_lib.public_sizes(ds.y_train, ds.num_classes)
   else:
     sigma = budget.mechanism("class_counts").noise_multiplier
+    _check_delta_before_release(cfg, ds.num_classes, sigma, budget.log_tail)
     if run.done("class_sizes"):
       noisy = run.load("class_sizes")[0]["noisy_counts"]
     else:

@@ -442,11 +442,35 @@ def test_a_refusal_after_the_count_release_names_what_it_spent(tmp_path,
   composes with it, and leaves no output."""
   out = tmp_path / "run"
   assert _distill(["--dataset", _sized_npz(tmp_path), "--out", str(out),
-                   "--delta", "0.01", *TINY]) == 2
+                   "--delta", "0.005", *TINY]) == 2
   err = capsys.readouterr().err
   assert "1/N" in err and "which is spent" in err and "compose" in err
   assert "epsilon" in err and str(sum(SIZES)) not in err
   assert not out.exists()
+
+
+def test_a_delta_the_count_release_would_refuse_anyway_is_refused_before_it(
+    tmp_path, capsys, monkeypatch):
+  """With K classes the released bound on N is at least about K + z sigma
+  sqrt(K) whatever the data (its median for N = K), so a delta above 1/that
+  was refused only after the release had been spent (a review's finding:
+  10 images at delta 0.09); it is refused before, and a delta just below
+  that floor still gets to the release."""
+  from dpgeng_jax import counts as counts_lib
+  released = []
+  real = counts_lib.release_class_counts
+  monkeypatch.setattr(counts_lib, "release_class_counts",
+                      lambda *a, **k: released.append(1) or real(*a, **k))
+  out = tmp_path / "run"
+  assert _distill(["--dataset", _sized_npz(tmp_path), "--out", str(out),
+                   "--delta", "0.01", *TINY]) == 2
+  err = capsys.readouterr().err
+  assert "too large for this run's count release" in err, err
+  assert "spent" not in err.replace("after spending", "") and not released
+  below = float(err.split("(below ")[1].split(")")[0])
+  assert _distill(["--dataset", _sized_npz(tmp_path), "--out", str(out),
+                   "--delta", str(0.9 * below), *TINY]) == 2
+  assert "which is spent" in capsys.readouterr().err and released
 
 
 class _Pixels255:
