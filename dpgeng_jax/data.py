@@ -443,9 +443,16 @@ def _with_public_normalisation(ds: Dataset, name: str | None) -> Dataset:
   """ds with the published constants of dataset `name` where the table
   has them for its channel count (unchanged otherwise)."""
   key = (name or "").split("/")[0].split(":")[0]
-  if key not in _PUBLIC_NORMALISATION or len(
-      _PUBLIC_NORMALISATION[key][0]) != ds.image_shape[2]:
+  if key not in _PUBLIC_NORMALISATION:
     return ds
+  channels = len(_PUBLIC_NORMALISATION[key][0])
+  if channels != ds.image_shape[2]:
+    why = (f"the {key} preset's published normalisation constants are for "
+           f"{channels}-channel images and these have {ds.image_shape[2]}: "
+           "they are not used")
+    warnings.warn(why + " (the data-independent default is)", stacklevel=3)
+    return dataclasses.replace(ds, normalisation_source=(
+        f"{ds.normalisation_source} ({why})"))
   mean, std, source = _public_normalisation(key, ds.image_shape[2])
   return dataclasses.replace(ds, mean=mean, std=std,
                              normalisation_source=source + (

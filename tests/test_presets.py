@@ -155,8 +155,13 @@ def test_an_npz_copy_under_a_dataset_preset_takes_its_normalisation(
   assert "mnist preset" in ds.normalisation_source
   ds = pipeline.load_data(presets.config("cifar10,quick", dataset=three))
   assert ds.mean == (0.4914, 0.4822, 0.4465)
-  for cfg in (presets.config("mnist", dataset=three),
-              presets.config("", dataset=one),
+  for cfg in (presets.config("", dataset=one),
               presets.config("quick", dataset=one)):
     assert pipeline.load_data(cfg).mean == (0.5,) * (
         3 if cfg.dataset == three else 1)
+  # ...and a preset whose constants do not fit the channels says so.
+  with pytest.warns(UserWarning, match="for 1-channel images and these have "
+                    "3: they are not used"):
+    ds = pipeline.load_data(presets.config("mnist", dataset=three))
+  assert ds.mean == (0.5,) * 3
+  assert "mnist preset's published" in ds.normalisation_source
