@@ -113,6 +113,8 @@ def _add_audit_parser(sub) -> None:
                      "multiplier: each must FAIL")
   audit.add_argument("--out", default=None,
                      help="directory for audit.json; None: print only")
+  audit.add_argument("--overwrite", action="store_true",
+                     help="replace an audit.json already in --out")
 
 
 def _add_mia_parser(sub) -> None:
@@ -423,6 +425,15 @@ def _audit(args: argparse.Namespace) -> int:
   if args.out is not None and os.path.exists(args.out) and not os.path.isdir(
       args.out):
     raise ConfigError(f"--out {args.out!r} exists and is not a directory")
+  target = None if args.out is None else os.path.join(args.out, "audit.json")
+  if target is not None and os.path.lexists(target) and (
+      not args.overwrite or os.path.isdir(target)
+      or os.path.islink(target)):
+    raise ConfigError(
+        f"--out {args.out!r} already holds audit.json"
+        + (" as a folder or a link; choose another directory"
+           if os.path.isdir(target) or os.path.islink(target)
+           else "; choose another directory or pass --overwrite"))
   if args.out is not None:
     from dpgeng_jax import outputs
     outputs.writable_dir(args.out)

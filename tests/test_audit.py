@@ -220,6 +220,31 @@ def test_audit_refuses_a_file_as_output_directory(tmp_path, capsys):
   assert out.read_text() == "x"
 
 
+def test_audit_keeps_an_audit_json_already_there_unless_told(
+    tmp_path, capsys, monkeypatch):
+  """`dpgeng audit --out DIR` replaced a user's DIR/audit.json silently,
+  and failed on an audit.json folder only after the whole audit (a
+  review's finding): both are refused first; --overwrite replaces a
+  file."""
+  (tmp_path / "audit.json").write_text('{"mine": 1}')
+  (tmp_path / "d" / "audit.json").mkdir(parents=True)
+  ran = []
+  real = audit.audit_all
+  monkeypatch.setattr(audit, "audit_all",
+                      lambda *a, **k: ran.append(1) or real(*a, **k))
+  flags = ["--trials", "100", "--mechanisms", "class_counts"]
+  for out in (tmp_path, tmp_path / "d"):
+    assert cli.main(["audit", "--out", str(out), *flags]) == 2
+    assert "already holds audit.json" in capsys.readouterr().err
+  assert cli.main(["audit", "--out", str(tmp_path / "d"), *flags,
+                   "--overwrite"]) == 2
+  assert not ran and (tmp_path / "audit.json").read_text() == '{"mine": 1}'
+  assert cli.main(["audit", "--out", str(tmp_path), *flags,
+                   "--overwrite"]) == 0
+  assert ran and "records" in json.loads(
+      (tmp_path / "audit.json").read_text())
+
+
 def test_private_distill_run_writes_no_key_material(tmp_path, monkeypatch,
                                                     capsys):
   real_secret_key = mechanisms.secret_key
