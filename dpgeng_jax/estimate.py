@@ -29,6 +29,7 @@ import json
 import math
 import os
 import time
+import warnings
 
 from dpgeng_jax import planning, stem
 from dpgeng_jax.config import Config
@@ -209,15 +210,23 @@ def machine_rate(cache: bool = True, image_shape=None) -> dict:
   that shape, under "text_api_s_per_sample")."""
   path = rate_cache_path()
   key = _device_key()
-  table = {}
+  table, foreign = {}, False
   if cache:
     try:
       with open(path) as f:
         table = json.load(f)
-    except (OSError, ValueError):
+    except FileNotFoundError:
       table = {}
+    except (OSError, ValueError):
+      table, foreign = {}, os.path.lexists(path)
   if not isinstance(table, dict):  # valid JSON of another shape
-    table = {}
+    table, foreign = {}, True
+  if foreign:  # perhaps a user's file (DPGENG_RATE_CACHE): never replaced
+    warnings.warn(f"the machine-rate cache {path} is not a table this tool "
+                  "wrote; it is left as it is and the rate is measured "
+                  "again (delete it, or point DPGENG_RATE_CACHE elsewhere, "
+                  "to cache the rate)", stacklevel=2)
+    cache = False
   entry = table.get(key)
   rate = dict(entry) if _valid_entry(entry) else measure_rate()
   shape_key = "x".join(str(int(d)) for d in image_shape) if image_shape else ""

@@ -75,8 +75,25 @@ def test_machine_rate_is_measured_once_and_cached(tmp_path, monkeypatch):
   assert estimate.machine_rate()["matmul_flops_per_s"] == 1e10
 
 
+@pytest.mark.parametrize("content", ["null", "[1, 2]", "my notes\n"])
+def test_a_rate_cache_path_holding_something_else_is_never_replaced(
+    tmp_path, monkeypatch, content):
+  """DPGENG_RATE_CACHE naming a user's file (text, or JSON that is not a
+  table) replaced it with the rate table (a review's finding): it is
+  left as it is, with a warning, and the rate measured."""
+  path = tmp_path / "notes.txt"
+  path.write_text(content)
+  monkeypatch.setenv("DPGENG_RATE_CACHE", str(path))
+  monkeypatch.setattr(estimate, "measure_rate", lambda: {
+      "matmul_flops_per_s": 2e10, "device": "x"})
+  with pytest.warns(UserWarning, match="not a table this tool wrote"):
+    assert estimate.machine_rate()["matmul_flops_per_s"] == 2e10
+  assert path.read_text() == content
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
 @pytest.mark.parametrize("content", [
-    "null", "[1, 2]", '{"KEY": 5}', '{"KEY": {"device": "x"}}',
+    '{"KEY": 5}', '{"KEY": {"device": "x"}}',
     '{"KEY": {"matmul_flops_per_s": 0}}',
     '{"KEY": {"matmul_flops_per_s": -1}}',
     '{"KEY": {"matmul_flops_per_s": "fast"}}',
@@ -84,9 +101,9 @@ def test_machine_rate_is_measured_once_and_cached(tmp_path, monkeypatch):
     '{"KEY": {"matmul_flops_per_s": 1e10, "text_api": [1]}}'])
 def test_a_rate_cache_of_another_shape_is_measured_again(
     tmp_path, monkeypatch, content):
-  """Valid JSON that machine_rate did not write (a user's edit, another
-  version's) is measured again and overwritten, never a crash or a
-  negative estimate."""
+  """A table whose entry machine_rate did not write (a user's edit,
+  another version's) is measured again and overwritten, never a crash or
+  a negative estimate."""
   path = tmp_path / "machine.json"
   path.write_text(content.replace("KEY", estimate._device_key()))
   monkeypatch.setenv("DPGENG_RATE_CACHE", str(path))
@@ -107,7 +124,8 @@ def test_an_unwritable_rate_cache_leaves_no_temporary_file(tmp_path,
   monkeypatch.setenv("DPGENG_RATE_CACHE", str(target))
   monkeypatch.setattr(estimate, "measure_rate", lambda: {
       "matmul_flops_per_s": 1e10, "device": "x"})
-  assert estimate.machine_rate()["matmul_flops_per_s"] == 1e10
+  with pytest.warns(UserWarning, match="left as it is"):
+    assert estimate.machine_rate()["matmul_flops_per_s"] == 1e10
   assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
   assert not list(target.iterdir())
 
