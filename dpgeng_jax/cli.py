@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import signal
 import sys
 import warnings
@@ -195,6 +196,10 @@ def absolute_paths(values: dict) -> dict:
   for name in _OUTPUT_OPTIONS:  # --out=~/runs: the shell leaves the ~
     if isinstance(out.get(name), str) and out[name].startswith("~"):
       out[name] = os.path.expanduser(out[name])
+  # A resumed run writes its events where the first process meant them,
+  # from any working directory.
+  if isinstance(out.get("tensorboard"), str) and out["tensorboard"]:
+    out["tensorboard"] = os.path.abspath(out["tensorboard"])
   return out
 
 
@@ -584,7 +589,7 @@ def main(argv=None, console: bool = False) -> int:
       cfg = config_from_args(args, argv)
       if cfg.resume:
         cfg = resume_config(cfg, sys.argv[1:] if argv is None else argv)
-      resume = f"dpgeng distill --resume {cfg.out}"
+      resume = f"dpgeng distill --resume {shlex.quote(cfg.out)}"
       try:
         return _distill(cfg, console)
       except PrivacyAbort as e:

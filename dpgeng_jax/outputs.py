@@ -32,6 +32,7 @@ import errno
 import fcntl
 import json
 import os
+import shlex
 import shutil
 import tempfile
 from typing import Any, Callable, Iterable
@@ -304,7 +305,7 @@ class RunDirectory:
           f"--out {out!r} holds an unfinished {self.what} (stopped before "
           f"it was published: killed, interrupted or failed; its saved "
           f"stages are in {self.staging}); continue it with --resume "
-          f"{out}, pass --overwrite to discard it, or choose another "
+          f"{shlex.quote(out)}, pass --overwrite to discard it, or choose another "
           "directory")
     foreign = [n for n in self.names if os.path.lexists(os.path.join(out, n))]
     if foreign:

@@ -24,6 +24,7 @@ import io
 import json
 import math
 import os
+import shlex
 import warnings
 import zipfile
 from typing import Any
@@ -532,7 +533,7 @@ def rebuild(out: str) -> list[str]:
     raise ConfigError(
         f"{out!r} holds no finished dpgeng run (no manifest.json of this "
         "tool)" + (f"; it holds an unfinished one: finish it with `dpgeng "
-                   f"distill --resume {out}`" if unfinished else ""))
+                   f"distill --resume {shlex.quote(out)}`" if unfinished else ""))
   try:
     files = _files_from_run(out, manifest)
   except ConfigError:

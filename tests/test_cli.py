@@ -591,7 +591,10 @@ def test_input_paths_are_recorded_absolute_so_a_run_resumes_from_anywhere(
   home = cli.absolute_paths({"dataset": "npz:~/x.npz", "out": "~/o",
                              "tensorboard": "tb"})
   assert home["dataset"] == f"npz:{tmp_path}/home/x.npz"
-  assert home["out"] == f"{tmp_path}/home/o" and home["tensorboard"] == "tb"
+  assert home["out"] == f"{tmp_path}/home/o"
+  # A relative --tensorboard went to the resuming process's working
+  # directory (a review's finding): recorded absolute like the inputs.
+  assert home["tensorboard"] == f"{tmp_path}/tb"
 
 
 def test_a_train_only_dataset_runs_with_no_eval_and_is_refused_without(

@@ -427,15 +427,18 @@ def test_a_privacy_abort_exits_3_and_the_run_resumes(tmp_path, monkeypatch,
   def overflow(*a, **k):
     raise mechanisms.SamplingOverflowError("a Poisson batch overflowed")
 
-  out = tmp_path / "run"
+  import shlex
+  out = tmp_path / "my run"  # the printed command is shell-quoted
   with monkeypatch.context() as m:
     m.setattr(stages, "answer_queries", overflow)
     assert cli.main(["distill", "--out", str(out), *FLAGS]) == 3
   err = capsys.readouterr().err
-  assert "aborted" in err and f"--resume {out}" in err
+  assert "aborted" in err
+  command = err.split("continue with: ")[1].splitlines()[0]
+  assert shlex.split(command) == ["dpgeng", "distill", "--resume", str(out)]
   assert _visible(out) == []
   calls.update({k: 0 for k in MECHANISMS})
-  assert cli.main(["distill", "--resume", str(out), "--quiet"]) == 0
+  assert cli.main(shlex.split(command)[1:] + ["--quiet"]) == 0
   assert calls == {"class_counts": 0, "generator": 0, "queries": 1,
                    "expert": 1}
 
