@@ -154,7 +154,7 @@ class RunDirectory:
     self.what = what
     self.staging = os.path.join(out, STAGING)
     self._lock_fd: int | None = None
-    self._created = False
+    self._created: list[str] = []
     self._written: list[str] = []
     self._before_move: dict[str, Callable[[], None]] = {}
 
@@ -164,7 +164,13 @@ class RunDirectory:
     out = self.out
     if os.path.exists(out) and not os.path.isdir(out):
       raise ConfigError(f"--out {out!r} exists and is not a directory")
-    self._created = not os.path.exists(out)
+    # The folders this run makes: --out and any missing parents, removed
+    # again by close() if the run leaves them empty.
+    self._created = []
+    parent = os.path.abspath(out)
+    while not os.path.lexists(parent) and parent != os.path.dirname(parent):
+      self._created.append(parent)
+      parent = os.path.dirname(parent)
     try:
       os.makedirs(out, exist_ok=True)
     except OSError as e:
@@ -402,11 +408,12 @@ class RunDirectory:
         pass
       os.close(self._lock_fd)
       self._lock_fd = None
-    if self._created:
+    for made in self._created:  # deepest first, each only if empty
       try:
-        os.rmdir(self.out)  # only if empty
+        os.rmdir(made)
       except OSError:
-        pass
+        break
+    self._created = []
 
   def __enter__(self) -> "RunDirectory":
     return self.open()

@@ -172,13 +172,13 @@ BAD_DATA = [
 def test_bad_data_fails_cleanly_and_writes_nothing(tmp_path, capsys, arrays,
                                                    message):
   spec = _npz(tmp_path / "d.npz", **arrays)
-  out = tmp_path / "out"
+  out = tmp_path / "p1" / "p2" / "out"  # its parents are made, then removed
   assert _run(["--out", str(out), "--dataset", spec, "--delta", "1e-3",
                *TINY]) == 2
   err = capsys.readouterr().err
   assert err.startswith("dpgeng: error:")
   assert message.lower() in err.lower(), err
-  assert not out.exists()
+  assert not (tmp_path / "p1").exists()
 
 
 def test_npz_dataset_runs_end_to_end(tmp_path):
