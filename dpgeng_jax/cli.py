@@ -212,6 +212,12 @@ def resume_config(cfg: Config, argv) -> Config:
   store = store_lib.StageStore(os.path.join(cfg.resume, outputs.STAGING,
                                          pipeline.STAGES_DIR))
   if not store.exists():
+    if os.path.isfile(os.path.join(cfg.resume, outputs.STAGING,
+                                   outputs.MANIFEST)):
+      # A publish stopped before its manifest moved: opening the folder
+      # completes it (or says what else is there).
+      with pipeline.output_dir(cfg.resume, False, resume=True):
+        pass
     if outputs.read_manifest(cfg.resume) is not None:
       raise ConfigError(f"--resume {cfg.resume!r}: that run has finished; "
                         "there is nothing to resume")

@@ -138,6 +138,10 @@ def _holds_stage_record(path: str) -> bool:
   return isinstance(record, dict) and {"format", "finished"} <= set(record)
 
 
+# Staged names of our folders a publish replaces (deleted with staging).
+_REPLACED = ".replaced-"
+
+
 class RunDirectory:
   """--out for one run: staged writes, a lock, one publish (see module
   docstring). Use as a context manager, or `open()` ... `close()`.
@@ -181,8 +185,15 @@ class RunDirectory:
         raise ConfigError(f"--out {out!r}: {self.staging} is a symbolic "
                           "link, not this tool's staging folder; remove it")
       self._check_inputs()
+      completed = self._complete_publish()
       self._check_folders()  # a resumed run publishes too
       if self.resume:
+        if completed:
+          raise ConfigError(
+              f"--resume {out!r}: that {self.what} had finished, but its "
+              "publishing was stopped before its manifest.json was "
+              "written; every output was in place, and it is complete "
+              "now: there is nothing to resume")
         self._check_resumable()
       else:
         self._check_conflicts()
@@ -338,7 +349,8 @@ class RunDirectory:
             before_move: Callable[[], None] | None = None) -> None:
     """Publishes `name`, a file or directory already in the staging
     directory (such as the saved stages); `before_move` runs just before
-    it moves (a publish stopped earlier leaves it as it was)."""
+    it moves (a publish stopped earlier leaves it as it was) and may
+    return a callable that undoes it, called if the move fails."""
     if name not in self.names:
       raise ValueError(f"{name!r} is not one of the output names")
     if not os.path.lexists(os.path.join(self.staging, name)):
@@ -364,15 +376,22 @@ class RunDirectory:
         os.path.join(self.staging, n)))
     for name in order:
       src, dst = os.path.join(self.staging, name), os.path.join(out, name)
-      if name in self._before_move:
-        self._before_move[name]()
       if os.path.isdir(src) and not os.path.islink(src):
         atomic_write(os.path.join(src, FOLDER_MARK), lambda f: None)
       if os.path.isdir(dst) and not os.path.islink(dst):
-        shutil.rmtree(dst)  # our name (refused without --overwrite)
+        # Our name (refused without --overwrite), moved aside in one
+        # rename and deleted with the staging folder: a folder that cannot
+        # be deleted no longer stops the publish half-way through it.
+        os.replace(dst, os.path.join(self.staging, _REPLACED + name))
       elif os.path.isdir(src) and os.path.lexists(dst):
         os.remove(dst)  # a file or a link (never its target) in its place
-      os.replace(src, dst)
+      undo = self._before_move[name]() if name in self._before_move else None
+      try:
+        os.replace(src, dst)
+      except BaseException:
+        if callable(undo):  # the staged folder stays resumable
+          undo()
+        raise
     for name in self.names:  # our names a replaced run left behind
       path = os.path.join(out, name)
       if name not in self._written and os.path.lexists(path):
@@ -383,6 +402,27 @@ class RunDirectory:
     os.replace(os.path.join(self.staging, MANIFEST), old)
     shutil.rmtree(self.staging, ignore_errors=True)
     return [os.path.join(out, n) for n in self._written]
+
+  def _complete_publish(self) -> bool:
+    """Finishes a publish stopped after every output had moved and before
+    its manifest did (the staging folder holds only the staged manifest,
+    or that and replaced folders): the run had finished; returns whether
+    it did that. Before, neither --resume, a new run nor `dpgeng report`
+    would take such a folder."""
+    staged = os.path.join(self.staging, MANIFEST)
+    if not os.path.isfile(staged) or os.path.lexists(
+        os.path.join(self.out, MANIFEST)):
+      return False
+    rest = [n for n in os.listdir(self.staging)
+            if n != MANIFEST and not n.startswith(_REPLACED)]
+    manifest = read_manifest(self.staging)
+    if rest or not manifest or not all(
+        os.path.lexists(os.path.join(self.out, n))
+        for n in manifest["files"]):
+      return False
+    os.replace(staged, os.path.join(self.out, MANIFEST))
+    shutil.rmtree(self.staging, ignore_errors=True)
+    return True
 
   # -- end ---------------------------------------------------------------
 

@@ -423,9 +423,14 @@ def write_outputs(result: RunResult, out: str, overwrite: bool = False,
     # The published record drops the data's hash, which --resume needs:
     # written only as the stages move (the last move before the manifest).
     def published_record():
-      state = store.published_state()
+      whole, state = store.state(), store.published_state()
       outputs.atomic_write(store.path,
                            lambda f: json.dump(state, f, indent=2))
+
+      def undo():  # the move failed: the run stays resumable
+        outputs.atomic_write(store.path,
+                             lambda f: json.dump(whole, f, indent=2))
+      return undo
     run_dir.adopt(STAGES_DIR, before_move=published_record)
   decoded = {} if result.x_decoded is None else {
       "x_decoded": result.x_decoded, "y_decoded": result.y_decoded}

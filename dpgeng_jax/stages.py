@@ -196,7 +196,8 @@ def _check_saved_calibration(saved: list, now: list, path: str) -> None:
   if not same:
     raise ConfigError(store_lib.damaged(path, (
         "its calibration differs from the one its configuration "
-        "calibrates to: saved " + ", ".join(
+        "calibrates to (the record was edited, or the run is resumed with "
+        "a generator that makes other releases): saved " + ", ".join(
             f"{m.name} {m.noise_multiplier:.6g}" for m in saved)
         + "; now " + ", ".join(f"{m.name} {m.noise_multiplier:.6g}"
                                 for m in now))))

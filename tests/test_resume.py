@@ -490,7 +490,8 @@ def test_a_generator_making_other_releases_than_calibrated_is_refused(
     tmp_path, monkeypatch, calls):
   """Resumed with a PE given from Python under the same name but with
   more iterations, the run loaded the saved calibration (2 releases) and
-  made 3 at its noise, reporting 2."""
+  made 3 at its noise, reporting 2. The saved calibration is now checked
+  against the one this configuration and generator give, first."""
   from dpgeng_jax.config import Config
   from dpgeng_jax.errors import ConfigError
   out = _killed_run(tmp_path, monkeypatch, after="calibrate")
@@ -501,9 +502,8 @@ def test_a_generator_making_other_releases_than_calibrated_is_refused(
   cfg = Config(**{**st.config(), "resume": str(out)})
   more = pe.PrivateEvolution("text", pe.PEConfig(iterations=3,
                                                  population=4, k=4))
-  with pytest.raises(ConfigError, match="makes the releases .*'generator', "
-                     "1.0, 3, '1'.* calibrated for .*'generator', 1.0, 2, "
-                     "'1'.* not be private as stated"):
+  with pytest.raises(ConfigError, match="its calibration differs .* "
+                     "resumed with a generator that makes other releases"):
     pipeline.run(cfg, store=st, generator=more)
   assert calls["generator"] == 0
   # Called directly, PE itself refuses a mechanism of other steps.
@@ -613,3 +613,64 @@ def test_a_damaged_stage_folder_is_a_one_line_refusal_releasing_nothing(
   assert "composes with the releases this run already made" in err
   assert seen == {m: 0 for m in MECHANISMS}
   assert _visible(out) == []
+
+
+def _failing_replace(monkeypatch, fails):
+  """os.replace failing (PermissionError) on the moves `fails(src, dst)`
+  picks, once."""
+  real, failed = os.replace, []
+
+  def replace(src, dst, *a, **k):
+    if not failed and fails(str(src), str(dst)):
+      failed.append(src)
+      raise PermissionError(13, "Permission denied", str(dst))
+    return real(src, dst, *a, **k)
+
+  monkeypatch.setattr(os, "replace", replace)
+  return failed
+
+
+def test_a_publish_failing_as_the_stages_move_leaves_the_run_resumable(
+    tmp_path, monkeypatch, capsys, calls):
+  """The published record (without the data's fingerprint) was written
+  into the staged stages before they moved; a move that failed left a
+  record --resume refused as an older version's, and the old run's
+  stages folder half deleted (a review's finding). The record is put
+  back when the move fails and the old folder is moved aside whole."""
+  out = tmp_path / "run"
+  assert cli.main(["distill", "--out", str(out), *FLAGS]) == 0
+  staged_stages = os.path.join(outputs.STAGING, "stages")
+  failed = _failing_replace(monkeypatch, lambda s, d: s.endswith(
+      staged_stages) and d == str(out / "stages"))
+  assert cli.main(["distill", "--out", str(out), "--overwrite",
+                   *FLAGS]) == 1
+  assert failed
+  err = capsys.readouterr().err
+  assert "Permission denied" in err and "continue with" in err
+  monkeypatch.undo()
+  _count_again(monkeypatch, calls)
+  calls.update({k: 0 for k in MECHANISMS})
+  assert cli.main(["distill", "--resume", str(out), "--quiet"]) == 0
+  assert calls == {k: 0 for k in MECHANISMS}  # every stage was saved
+  assert outputs.read_manifest(str(out)) is not None
+  assert not (out / outputs.STAGING).exists()
+
+
+def test_a_publish_stopped_before_its_manifest_is_completed_not_stuck(
+    tmp_path, monkeypatch, capsys):
+  """Stopped after every output had moved but before manifest.json:
+  --resume said there was nothing to resume, a new run that there was
+  an unfinished one to resume, and `dpgeng report` to resume it (a
+  review's finding). The next command on the folder completes it."""
+  out = tmp_path / "run"
+  failed = _failing_replace(monkeypatch, lambda s, d: d == str(
+      out / outputs.MANIFEST))
+  assert cli.main(["distill", "--out", str(out), *FLAGS]) == 1
+  assert failed and outputs.read_manifest(str(out)) is None
+  monkeypatch.undo()
+  capsys.readouterr()
+  assert cli.main(["distill", "--resume", str(out), "--quiet"]) == 2
+  assert "it is complete now" in capsys.readouterr().err
+  assert outputs.read_manifest(str(out)) is not None
+  assert not (out / outputs.STAGING).exists()
+  assert cli.main(["report", str(out)]) == 0
