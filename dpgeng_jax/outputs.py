@@ -317,13 +317,14 @@ class RunDirectory:
       raise ConfigError(f"--out {out!r} already holds a finished "
                         f"{self.what}; choose another directory or pass "
                         "--overwrite")
-    if os.path.isdir(self.staging) and os.listdir(self.staging):
+    if os.path.isdir(self.staging) and [
+        n for n in os.listdir(self.staging) if not n.startswith(_REPLACED)]:
       raise ConfigError(
           f"--out {out!r} holds an unfinished {self.what} (stopped before "
           f"it was published: killed, interrupted or failed; its saved "
           f"stages are in {self.staging}); continue it with --resume "
-          f"{shlex.quote(out)}, pass --overwrite to discard it, or choose another "
-          "directory")
+          f"{shlex.quote(out)}, pass --overwrite to discard it, or choose "
+          "another directory")
     foreign = [n for n in self.names if os.path.lexists(os.path.join(out, n))]
     if foreign:
       raise ConfigError(
