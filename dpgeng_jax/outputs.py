@@ -463,6 +463,21 @@ class RunDirectory:
     self.close()
 
 
+def in_use(out: str) -> bool:
+  """Whether a live process holds `out`'s run lock (a run still going)."""
+  try:
+    fd = os.open(os.path.join(out, LOCK), os.O_RDONLY | os.O_NOFOLLOW)
+  except OSError:
+    return False
+  try:
+    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+  except OSError:
+    return True
+  finally:
+    os.close(fd)  # also releases a lock taken here
+  return False
+
+
 def amend_finished(out: str, files: dict[str, bytes],
                    what: str = "run") -> list[str]:
   """Adds or replaces files of a FINISHED run in `out` (such as a rebuilt

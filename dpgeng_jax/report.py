@@ -530,10 +530,14 @@ def rebuild(out: str) -> list[str]:
   manifest = outputs.read_manifest(out)
   if manifest is None or manifest.get("tool") != "dpgeng_jax":
     unfinished = os.path.isdir(os.path.join(out, outputs.STAGING))
+    if unfinished and outputs.in_use(out):
+      raise ConfigError(f"{out!r} holds a run that is still going (its "
+                        "lock is held); build its report once it finishes")
     raise ConfigError(
         f"{out!r} holds no finished dpgeng run (no manifest.json of this "
         "tool)" + (f"; it holds an unfinished one: finish it with `dpgeng "
-                   f"distill --resume {shlex.quote(out)}`" if unfinished else ""))
+                   f"distill --resume {shlex.quote(out)}`"
+                   if unfinished else ""))
   try:
     files = _files_from_run(out, manifest)
   except ConfigError:

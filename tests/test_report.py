@@ -77,6 +77,17 @@ def test_report_of_a_directory_without_a_finished_run_is_an_error(tmp_path,
   assert f"dpgeng distill --resume {tmp_path}" in capsys.readouterr().err
   assert cli.main(["report", str(tmp_path / "nowhere")]) == 2
   assert "does not exist" in capsys.readouterr().err
+  # A run still going (its lock held) is not called unfinished.
+  rd = outputs.RunDirectory(str(tmp_path / "going"), overwrite=False,
+                            names=("x",)).open()
+  try:
+    assert cli.main(["report", str(tmp_path / "going")]) == 2
+    assert "still going" in capsys.readouterr().err
+  finally:
+    rd.close()
+  (tmp_path / "going" / ".dpgeng-staging").mkdir(parents=True)
+  assert cli.main(["report", str(tmp_path / "going")]) == 2
+  assert "--resume" in capsys.readouterr().err
 
 
 def test_amending_a_run_never_replaces_a_file_it_did_not_write(tmp_path):
