@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import operator
 from typing import Sequence
 
 import dp_accounting
@@ -139,6 +140,13 @@ class Mechanism:
       raise ValueError(f"{self.name}: noise_multiplier must be finite and "
                        f">= 0, got {self.noise_multiplier}")
     _rate(self.sampling_rate, f"{self.name}: ")
+    steps = self.steps
+    if not isinstance(steps, (bool, np.bool_)) and hasattr(
+        steps, "__index__"):  # numpy and JAX integer scalars: a Python int
+      try:
+        object.__setattr__(self, "steps", operator.index(steps))
+      except TypeError:
+        pass  # a float array: refused below
     require_int(self.steps, f"{self.name}: steps", 1)
     if self.steps > MAX_STEPS:
       raise ConfigError(
@@ -342,6 +350,9 @@ def _check_delta(delta) -> None:
     raise ValueError(f"delta must be in (0, 1), got {delta}")
 
 
+MAX_NOISE_MULTIPLIER = 1e100
+
+
 def check_event(event: dp_accounting.DpEvent) -> None:
   """Raises ValueError for an event the accountants would misread: a
   Gaussian noise multiplier that is nan or negative (RDP accounts nan as
@@ -359,9 +370,13 @@ def check_event(event: dp_accounting.DpEvent) -> None:
     for e in event.events:
       check_event(e)
   elif isinstance(event, dp_accounting.GaussianDpEvent):
-    if not float(event.noise_multiplier) >= 0:
-      raise ValueError(f"a Gaussian event's noise multiplier must be >= 0, "
-                       f"got {event.noise_multiplier}")
+    if not 0 <= float(event.noise_multiplier) <= MAX_NOISE_MULTIPLIER:
+      # Beyond it the accountants overflow (sigma^2) or divide inf by inf.
+      raise ValueError(f"a Gaussian event's noise multiplier must be in "
+                       f"[0, {MAX_NOISE_MULTIPLIER:g}], got "
+                       f"{event.noise_multiplier} (a release with more noise "
+                       "than that has epsilon 0 to double precision: leave "
+                       "it out of the composition)")
   elif isinstance(event, dp_accounting.PoissonSampledDpEvent):
     if not 0 <= float(event.sampling_probability) <= 1:
       raise ValueError(f"a sampling probability must be in [0, 1], got "
@@ -775,6 +790,9 @@ def privacy_report(mechanisms: Sequence[Mechanism], *, target_epsilon: float,
                      f"{target_epsilon}")
   _check_delta(delta)
   target_epsilon, delta = float(target_epsilon), float(delta)  # JSON types
+  if not isinstance(private, (bool, np.bool_)):
+    # bool("no") is True: a flag that is not a bool says nothing.
+    raise ValueError(f"private must be True or False, got {private!r}")
   notes = list(notes)
   eps_ext, delta_ext = map(float, external) if external else (0.0, 0.0)
   if not (0 <= eps_ext < math.inf and 0 <= delta_ext <= delta):

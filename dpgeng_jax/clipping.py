@@ -393,12 +393,23 @@ def clipped_grad_sum(loss_fn: Callable[..., jax.Array], params: Any,
   if bits is not None:
     check_fixed_point(bits, n, clip_norm)
 
+  if not jax.tree.leaves(params):
+    raise ValueError("params has no arrays: there is nothing to "
+                     "differentiate")
+  # Inside a caller's shard_map, the gradient of a device-invariant
+  # (replicated) parameter is summed over the devices, so each
+  # "per-example" gradient would be a sum of one example per device,
+  # clipped as one: params are made to vary like the batch first.
+  params = vary_like(params, (batch, mask))
+
   def one(p, ex):
     return jax.grad(loss_fn)(p, jax.tree.map(lambda a: a[None], ex))
 
   grads = jax.vmap(one, in_axes=(None, 0))(params, batch)
-  leaves = [g.astype(jnp.float32).reshape(g.shape[0], -1)
-            for g in jax.tree.leaves(grads)]
+  # float32 first, as the sums: a float64 value beyond float32's range is
+  # non-finite here and zeroed, not turned into inf (times 0: NaN) later.
+  grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+  leaves = [g.reshape(g.shape[0], -1) for g in jax.tree.leaves(grads)]
   flat = jnp.concatenate(leaves, axis=1)
   finite = jnp.all(jnp.isfinite(flat), axis=1)
   flat = jnp.where(finite[:, None], flat, 0.0)
@@ -408,6 +419,31 @@ def clipped_grad_sum(loss_fn: Callable[..., jax.Array], params: Any,
       lambda g: weighted_sum(weights, jnp.where(jnp.isfinite(g), g, 0.0),
                              bits),
       grads)
+
+
+def _varying_axes(a) -> frozenset:
+  """The shard_map mesh axes `a` varies over (empty outside shard_map)."""
+  t = jax.typeof(a)
+  manual = getattr(t, "manual_axis_type", None)  # jax 0.10
+  if manual is not None:
+    return frozenset(manual.varying)
+  return frozenset(getattr(t, "vma", ()))
+
+
+def vary_like(params: Any, refs: Any) -> Any:
+  """params with each leaf made device-varying (jax.lax.pcast) over the
+  shard_map axes that the leaves of `refs` vary over and it does not: a
+  no-op outside shard_map. Per-example gradients of the result are each
+  example's own (see parallel.py's sharp edge)."""
+  axes = frozenset().union(*(_varying_axes(a) for a in jax.tree.leaves(refs)))
+  if not axes:
+    return params
+
+  def vary(p):
+    missing = tuple(sorted(axes - _varying_axes(p)))
+    return jax.lax.pcast(p, missing, to="varying") if missing else p
+
+  return jax.tree.map(vary, params)
 
 
 def weighted_sum(weights: jax.Array, values: jax.Array,

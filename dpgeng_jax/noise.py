@@ -346,4 +346,19 @@ def bernoulli(key: jax.Array, p: float, shape) -> jax.Array:
     return jnp.ones(tuple(shape), bool)
   threshold = np.uint32(int(np.floor(float(p) * 2.0**32)))
   warn_unless_secret(key, "Poisson sampling")
-  return jax.random.bits(key, tuple(shape), jnp.uint32) < threshold
+  return jax.random.bits(sampling_stream(key), tuple(shape),
+                         jnp.uint32) < threshold
+
+
+# Sampling draws its words from the key folded with this tag, the noise
+# from the key itself: a caller who passes one key to both (DP-SGD's
+# sampling and its noise_key, say) gets independent draws. Drawn from the
+# same key they were the same words, and each noise coordinate's sign
+# told whether that example was sampled (a review's finding).
+SAMPLING_TAG = 0x5A3D1E
+
+
+def sampling_stream(key: jax.Array) -> jax.Array:
+  """The key `bernoulli` draws its words from (domain-separated from the
+  Gaussian noise's)."""
+  return jax.random.fold_in(key, SAMPLING_TAG)

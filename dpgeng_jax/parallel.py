@@ -164,7 +164,8 @@ def shard_capacity(valid: np.ndarray, shards: int, sampling_rate: float,
 
 
 def sharded_sum(fn: Callable[..., Any], mesh: Mesh, *,
-                vary_params: bool = True) -> Callable[..., Any]:
+                vary_params: bool = True,
+                integer_sums_fit: bool = False) -> Callable[..., Any]:
   """Data-parallel version of a per-example sum.
 
   fn(params, *rows) must return a pytree of sums over the leading axis of
@@ -173,12 +174,25 @@ def sharded_sum(fn: Callable[..., Any], mesh: Mesh, *,
   (their length must be a multiple of the device count; see `pad_rows`),
   runs fn on each device with params made device-varying, and adds the
   local sums with psum. The result is replicated.
+
+  Integer sums are refused unless `integer_sums_fit` says they cannot
+  overflow when added over ALL devices (fixed-point bits checked against
+  every device's rows, or vote counts): bits sized for one device's rows
+  let the int32 psum wrap around silently.
   """
 
   def local(params, *rows):
     if vary_params:
       params = jax.lax.pcast(params, DATA, to="varying")
-    return jax.lax.psum(fn(params, *rows), DATA)
+    sums = fn(params, *rows)
+    if not integer_sums_fit and any(
+        jnp.issubdtype(a.dtype, jnp.integer) for a in jax.tree.leaves(sums)):
+      raise ValueError(
+          "fn returned integer (fixed-point) sums, whose bits must fit the "
+          "rows of every device, not one: pass bits (and clip_norm) to "
+          "sharded_grad_sum or sharded_clipped_class_sums, which check "
+          "them and hand them to fn")
+    return jax.lax.psum(sums, DATA)
 
   def call(params, *rows):
     n = jax.tree.leaves(rows)[0].shape[0]
@@ -207,7 +221,8 @@ def sharded_clipped_class_sums(embed_fn, params, x, y, mask, *,
     check_fixed_point(bits, x.shape[0], clip_norm)
   fn = functools.partial(_class_sums_rows, embed_fn, num_classes, clip_norm,
                          chunk_size, bits)
-  return sharded_sum(fn, mesh)(params, x, y, mask)
+  return sharded_sum(fn, mesh, integer_sums_fit=bits is not None)(
+      params, x, y, mask)
 
 
 def _class_sums_rows(embed_fn, num_classes, clip_norm, chunk_size, bits,
@@ -218,18 +233,34 @@ def _class_sums_rows(embed_fn, num_classes, clip_norm, chunk_size, bits,
 
 
 def sharded_grad_sum(grad_sum_fn: Callable[..., Any], params, batch, mask, *,
-                     mesh: Mesh, vary_params: bool = True):
+                     mesh: Mesh, vary_params: bool = True,
+                     bits: int | None = None,
+                     clip_norm: float | None = None):
   """grad_sum_fn(params, batch, mask) -> clipped gradient sum (for example
   `functools.partial(clipping.clipped_grad_sum, loss_fn, clip_norm=C)`),
   with the batch split over `mesh` and the local sums added by psum.
 
+  With `bits` (and the clip_norm C that grad_sum_fn clips to) the sums are
+  int32 in fixed point: bits are checked against all the padded rows of
+  every device and passed on as grad_sum_fn(params, batch, mask,
+  bits=bits). A grad_sum_fn returning integer sums otherwise (bits fixed
+  inside it) is refused: bits sized for one device wrap the int32 psum.
+
   With vary_params=False the per-example gradients of the replicated
-  parameters are summed over devices BEFORE clipping (the sharp edge this
-  module exists to avoid); only tests use it.
+  parameters are summed over devices BEFORE clipping by a grad_sum_fn
+  that does not make them vary itself (the sharp edge this module exists
+  to avoid; clipping.clipped_grad_sum and pergrad do); only tests use it.
   """
   batch, mask = pad_rows(batch, mask, num_shards(mesh))
-  return sharded_sum(grad_sum_fn, mesh, vary_params=vary_params)(
-      params, batch, mask)
+  fn = grad_sum_fn
+  if bits is not None:
+    if clip_norm is None:
+      raise ValueError("bits need the clip_norm grad_sum_fn clips to, to "
+                       "check them against all the rows")
+    check_fixed_point(bits, mask.shape[0], clip_norm)
+    fn = lambda p, b, m: grad_sum_fn(p, b, m, bits=bits)
+  return sharded_sum(fn, mesh, vary_params=vary_params,
+                     integer_sums_fit=bits is not None)(params, batch, mask)
 
 
 # ---------------------------------------------------------------------------

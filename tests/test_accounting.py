@@ -593,3 +593,25 @@ def test_shares_far_apart_are_refused_not_divided_by_zero():
     A.calibrate(THREE[:2], 1.0, 1e-5, shares=[1e-320, 1.0])
   got = A.calibrate(THREE[:2], 1.0, 1e-5, shares=[1e-6, 1e5])
   assert got[0].noise_multiplier > got[1].noise_multiplier
+
+
+def test_hand_built_figures_from_jax_scalars_and_huge_noise_are_clear():
+  """A review's findings: Mechanism(steps=jnp.int32(10)) was refused as
+  "got 10"; a Gaussian event of infinite noise or 1e300 died in the
+  accountants (NaN to int, OverflowError); privacy_report(private="no")
+  reported a private run."""
+  import jax.numpy as jnp
+  from dpgeng_jax.errors import ConfigError
+  m = accounting.Mechanism("q", jnp.float32(2.0), jnp.float32(0.5),
+                           jnp.int32(10))
+  assert m.steps == 10 and type(m.steps) is int
+  assert m.event() == accounting.Mechanism("q", 2.0, 0.5, 10).event()
+  with pytest.raises(ConfigError, match="integer"):
+    accounting.Mechanism("q", 2.0, 0.5, jnp.float32(10))
+  for sigma in (math.inf, 1e300):
+    for fn in (accounting.epsilon_pld, accounting.epsilon_rdp):
+      with pytest.raises(ValueError, match="noise multiplier must be in"):
+        fn(accounting.gaussian_event(sigma), 1e-5)
+  with pytest.raises(ValueError, match="private must be True or False"):
+    accounting.privacy_report([], target_epsilon=1.0, delta=1e-5,
+                              private="no", public_metadata=[])

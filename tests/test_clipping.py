@@ -313,3 +313,23 @@ def test_rows_near_float32s_largest_are_measured_and_bounded(top):
   sums = clipped_class_sums(emb, None, rows, jnp.zeros(6, jnp.int32),
                             jnp.ones(6), num_classes=1, clip_norm=1.0)
   assert float(jnp.linalg.norm(sums)) <= 6.0
+
+
+def test_float64_gradients_beyond_float32_are_zeroed_not_nan():
+  """With float64 parameters, a masked example whose gradient is beyond
+  float32's range turned the whole float sum into NaN (its value became
+  inf after the finiteness test, and 0 * inf is NaN; a review's finding):
+  a NaN release tells the neighbours apart. It contributes nothing."""
+  with jax.enable_x64(True):
+    x = jnp.array([[0.5, 0.0], [1e39, 0.0]], jnp.float64)
+    loss = lambda p, b: jnp.sum(p * b)
+    for mask in ([1.0, 0.0], [1.0, 1.0]):
+      got = clipping.clipped_grad_sum(loss, jnp.zeros(2, jnp.float64), x,
+                                      jnp.array(mask), clip_norm=1.0)
+      np.testing.assert_array_equal(np.asarray(got), [0.5, 0.0])
+
+
+def test_params_without_arrays_are_refused():
+  with pytest.raises(ValueError, match="params has no arrays"):
+    clipping.clipped_grad_sum(lambda p, b: jnp.sum(b), {}, jnp.ones((2, 1)),
+                              jnp.ones(2), clip_norm=1.0)

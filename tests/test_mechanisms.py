@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from dpgeng_jax import augment, clipping, mechanisms
+from dpgeng_jax import augment, clipping, mechanisms, noise
 from dpgeng_jax.clipping import clip_rows, clipped_class_sums
 from dpgeng_jax.mechanisms import (QuerySpec, class_major, noisy_class_sums,
                                    noisy_targets, poisson_capacity,
@@ -158,7 +158,7 @@ def _reference_sums(x, y, params, secret, p, strategy, aug_params, k):
   """Unclipped, noiseless sums recomputed by hand from the same draw."""
   data = class_major(x, y, k)
   k_sample, _ = jax.random.split(secret)
-  take = np.asarray(jax.random.bernoulli(k_sample, p, data.valid.shape)
+  take = np.asarray(noise.bernoulli(k_sample, p, data.valid.shape)
                     & (data.valid > 0))
   out = np.zeros((k, 16))
   for c in range(k):

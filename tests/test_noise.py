@@ -178,7 +178,8 @@ def test_bernoulli_rate_never_exceeds_p():
   float32's 2^-23 excess, nor jax.random.bernoulli's)."""
   for p in (0.3, 0.5, 1 / 3, 2.0 ** -23, 1 - 2.0 ** -30):
     take = np.asarray(noise.bernoulli(KEY, p, (200_000,)))
-    words = np.asarray(jax.random.bits(KEY, (200_000,), jnp.uint32))
+    words = np.asarray(jax.random.bits(noise.sampling_stream(KEY),
+                                       (200_000,), jnp.uint32))
     threshold = int(np.floor(p * 2.0**32))
     assert threshold / 2.0**32 <= p
     np.testing.assert_array_equal(take, words < threshold)
@@ -273,6 +274,18 @@ def test_releases_are_snapped_to_the_public_grid():
       k = small / (sd * noise.SNAP)
       np.testing.assert_allclose(k, np.round(k), rtol=0, atol=1e-6)
       assert np.any(np.abs(small) < 1e-3 * sd)  # near 0 too
+
+
+def test_one_key_for_sampling_and_noise_gives_independent_draws():
+  """Sampling and noise drew the same words from one key: with p = 0.5
+  every noise coordinate was positive exactly where its example was not
+  sampled (a review's finding, passing one key to both). Now the sign
+  agrees with the sampling about half the time."""
+  n = 4000
+  take = np.asarray(noise.bernoulli(KEY, 0.5, (n,)))
+  z = np.asarray(noise.add_gaussian_noise(KEY, jnp.zeros(n), 1.0))
+  agree = np.mean((z > 0) == take)
+  assert abs(agree - 0.5) < 4 * 0.5 / np.sqrt(n), agree
 
 
 def test_a_tiny_stddev_gives_finite_values():

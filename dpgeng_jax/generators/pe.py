@@ -145,8 +145,10 @@ def private_histogram(pop_emb, priv_emb, y, mask, *, k: int = 1,
   if mesh is None:
     return fn(pop_emb, priv_emb, y, mask)
   from dpgeng_jax import parallel
+  # Counts of at most N votes per bin: the int32 psum cannot overflow.
   return parallel.sharded_sum(lambda p, *r: fn(p, *r), mesh,
-                              vary_params=False)(pop_emb, priv_emb, y, mask)
+                              vary_params=False, integer_sums_fit=True)(
+                                  pop_emb, priv_emb, y, mask)
 
 
 def release_histogram(key: jax.Array, counts: jax.Array,

@@ -94,17 +94,38 @@ def test_sharded_clipped_grad_sums_equal_unsharded(devices, path):
   assert _max_rel_diff(got, want) < 1e-4
 
 
+def _naive_clipped_grad_sum(loss, params, batch, mask, *, clip_norm):
+  """clipped_grad_sum without its guard (clipping.vary_like): the
+  deliberately broken variant."""
+  grads = jax.vmap(lambda p, ex: jax.grad(loss)(
+      p, jax.tree.map(lambda a: a[None], ex)), in_axes=(None, 0))(
+          params, batch)
+  flat = jnp.concatenate([g.reshape(g.shape[0], -1)
+                          for g in jax.tree.leaves(grads)], axis=1)
+  w = clipping.clip_scale(jnp.linalg.norm(flat, axis=1), clip_norm) * mask
+  return jax.tree.map(lambda g: jnp.tensordot(w, g, axes=(0, 0)), grads)
+
+
 def test_naive_shard_map_without_pcast_breaks_per_example_clipping():
   """Without making the parameters device-varying, shard_map sums each
-  per-example gradient over devices before it is clipped."""
+  per-example gradient over devices before it is clipped: the naive
+  variant is caught. clipped_grad_sum makes its parameters vary like the
+  batch itself, so it stays exact inside a user's own shard_map over
+  replicated parameters (a review's finding: one example counted 4C
+  there, and still 3C when masked out)."""
   model, params, x, y, mask = _convnet()
   loss = lambda p, b: cross_entropy(model, p, *b)
-  fn = functools.partial(clipped_grad_sum, loss, clip_norm=0.5)
   want = _reference_grad_sum()
-  naive = jax.jit(lambda p, b, m: parallel.sharded_grad_sum(
-      fn, p, b, m, mesh=parallel.data_mesh(8), vary_params=False))(
-          params, (x, y), mask)
-  assert _max_rel_diff(naive, want) > 0.1
+  for fn, broken in ((functools.partial(_naive_clipped_grad_sum, loss,
+                                        clip_norm=0.5), True),
+                     (functools.partial(clipped_grad_sum, loss,
+                                        clip_norm=0.5), False)):
+    got = jax.jit(lambda p, b, m, fn=fn: parallel.sharded_grad_sum(
+        fn, p, b, m, mesh=parallel.data_mesh(8), vary_params=False))(
+            params, (x, y), mask)
+    assert (_max_rel_diff(got, want) > 0.1) == broken
+    if not broken:
+      assert _max_rel_diff(got, want) < 1e-4
 
 
 def _query_setup(n=40, seed=3):
@@ -481,3 +502,30 @@ def test_fused_first_block_pergrad_sharded_equals_unsharded():
   got = jax.jit(lambda p, b, m: parallel.sharded_grad_sum(
       fn, p, b, m, mesh=parallel.data_mesh(4)))(params, (x, y), mask)
   assert _max_rel_diff(got, want) < 1e-4
+
+
+def test_fixed_point_grad_sums_are_checked_against_every_device_s_rows():
+  """bits sized for one device's rows, baked into grad_sum_fn, let the
+  int32 psum wrap around (5 examples read as -3; a review's finding):
+  such integer sums are refused; bits given to sharded_grad_sum are
+  checked against all rows and the sums are exact."""
+  mesh = parallel.data_mesh(4)
+  loss = lambda p, b: jnp.sum(p * b)
+  x = jnp.full((8, 1), 5.0)
+  one_device = clipping.fixed_point_bits(8 // 4, 1.0)
+  baked = functools.partial(clipped_grad_sum, loss, clip_norm=1.0,
+                            bits=one_device)
+  with pytest.raises(ValueError, match="integer .fixed-point. sums"):
+    parallel.sharded_grad_sum(baked, jnp.zeros(1), x, jnp.ones(8),
+                              mesh=mesh)
+  fn = functools.partial(clipped_grad_sum, loss, clip_norm=1.0)
+  with pytest.raises(ValueError, match="overflows"):
+    parallel.sharded_grad_sum(fn, jnp.zeros(1), x, jnp.ones(8), mesh=mesh,
+                              bits=one_device, clip_norm=1.0)
+  bits = clipping.fixed_point_bits(8, 1.0)
+  for k in range(1, 9):
+    m = jnp.array([1.0] * k + [0.0] * (8 - k))
+    got = parallel.sharded_grad_sum(fn, jnp.zeros(1), x, m, mesh=mesh,
+                                    bits=bits, clip_norm=1.0)
+    assert got.dtype == jnp.int32
+    assert abs(float(got[0]) * 2.0**-bits - k) < 1e-4  # clip: 1 - 4e-6
