@@ -196,8 +196,10 @@ def _check_saved_calibration(saved: list, now: list, path: str) -> None:
   if not same:
     raise ConfigError(store_lib.damaged(path, (
         "its calibration differs from the one its configuration "
-        "calibrates to (the record was edited, or the run is resumed with "
-        "a generator that makes other releases): saved " + ", ".join(
+        "calibrates to (the record was edited, the run is resumed with "
+        "a generator that makes other releases, or by a version that "
+        "calibrates otherwise: finish it with the version that started "
+        "it): saved " + ", ".join(
             f"{m.name} {m.noise_multiplier:.6g}" for m in saved)
         + "; now " + ", ".join(f"{m.name} {m.noise_multiplier:.6g}"
                                 for m in now))))
@@ -347,10 +349,11 @@ def class_sizes(run: Run, budget: Budget, secret: jax.Array
     sizes = counts_lib.public_sizes(ds.y_train, ds.num_classes)
   else:
     sigma = budget.mechanism("class_counts").noise_multiplier
-    _check_delta_before_release(cfg, ds.num_classes, sigma, budget.log_tail)
     if run.done("class_sizes"):
       noisy = run.load("class_sizes")[0]["noisy_counts"]
     else:
+      _check_delta_before_release(cfg, ds.num_classes, sigma,
+                                  budget.log_tail)
       noisy = np.asarray(counts_lib.release_class_counts(
           secret, ds.y_train, num_classes=ds.num_classes,
           noise_multiplier=sigma))
