@@ -580,9 +580,9 @@ def _check_privacy_record(out: str, privacy: dict, config: dict) -> None:
                       f"{key} {config[key]}")
   if problems:
     raise ConfigError(
-        f"{out!r}: privacy.json is not as the run wrote it (edited or "
-        "damaged): " + "; ".join(problems) + "; run the distillation "
-        "again")
+        f"{out!r}: privacy.json is not as the run wrote it (edited, "
+        "damaged, or written by a version that accounts otherwise): "
+        + "; ".join(problems) + "; run the distillation again")
 
 
 def _files_from_run(out: str, manifest: dict) -> dict[str, bytes]:
