@@ -191,6 +191,12 @@ def validate_config(cfg: Config) -> None:
       raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
 
 
+# PE's lookahead multiplies its variations per iteration; beyond this it
+# is hours of rendering for no measured gain (RESULTS.md: lookahead 4 did
+# not help).
+MAX_LOOKAHEAD = 100
+
+
 def _validate_pe(cfg: Config) -> None:
   for name in ("pe_iterations", "pe_population", "pe_k", "pe_nearest_k"):
     if getattr(cfg, name) < 1:
@@ -201,6 +207,9 @@ def _validate_pe(cfg: Config) -> None:
   for name in ("pe_lookahead", "pe_marks"):
     if getattr(cfg, name) < 0:
       raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+  if cfg.pe_lookahead > MAX_LOOKAHEAD:
+    raise ConfigError(f"pe_lookahead must be <= {MAX_LOOKAHEAD} (variations "
+                      f"per candidate per iteration), got {cfg.pe_lookahead}")
   if cfg.pe_marks > MAX_MARKS:
     raise ConfigError(f"pe_marks must be <= {MAX_MARKS}, got "
                       f"{cfg.pe_marks}")

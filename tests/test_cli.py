@@ -136,6 +136,8 @@ BAD_FLAGS = [
     (["--clip-norm", "1e-30"], "exact fixed-point sum"),
     (["--expert", "--expert-clip-norm", "1e40"], "exact fixed-point sum"),
     (["--image-size", "5000"], "image_size must be 0 (as stored) or 2...1024"),
+    # Hours of rendering, past the count release (a review's finding).
+    (["--pe-lookahead", "101"], "pe_lookahead must be <= 100"),
 ]
 
 

@@ -486,6 +486,41 @@ def test_nearest_api_draws_from_the_class_and_hops_to_neighbours():
                                 np.sort(same[np.argsort(d)[:3]]))
 
 
+def test_a_font_folder_that_adds_no_font_is_refused_and_links_do_not_loop(
+    tmp_path):
+  """A review's findings: an empty folder, or one of a corrupt .ttf, ran
+  with matplotlib's fonts only while the report named the folder's; a
+  link loop in it hung the run (a recursive glob follows links)."""
+  import shutil
+  from dpgeng_jax.generators.apis import text
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  corrupt = tmp_path / "corrupt"
+  corrupt.mkdir()
+  (corrupt / "x.ttf").write_bytes(np.random.default_rng(0).bytes(5000))
+  for folder, unreadable in ((empty, 0), (corrupt, 1)):
+    with pytest.raises(ValueError, match=f"no font under --pe-font-dir .*"
+                       f"{unreadable} of them unreadable"):
+      TextAPI((16, 16, 1), 2, TextConfig(font_dir=str(folder)))
+  good = tmp_path / "good"
+  (good / "sub").mkdir(parents=True)
+  shutil.copy(text.shipped_font_files()[0], good / "sub" / "mine.ttf")
+  (good / "loop").symlink_to("..")
+  (good / "sub" / "self").symlink_to(".")
+  fonts = text.usable_fonts(("0", "1"), str(good))
+  assert [f for f in fonts if f.startswith(str(good))] == [
+      str(good / "sub" / "mine.ttf")]
+
+
+def test_a_huge_nearest_k_is_the_class_size():
+  """k_max = 1e9 asked for a (n, 1e9) table (1.5 TiB; a review's
+  finding): no class has more neighbours than images."""
+  x = np.random.default_rng(0).random((5, 4, 4, 1)).astype(np.float32)
+  y = np.array([0, 0, 0, 1, 1], np.int32)
+  api = NearestAPI(x, y, 2, k_max=10**9)
+  assert api.k_max == 3 and api.neighbours.shape == (5, 3)
+
+
 def test_a_class_smaller_than_k_keeps_each_image_its_own_first_neighbour():
   """np.resize refilled the table of a small class row-major: rows took
   other images' neighbours, and a hop at degree 0 (PE's last variation)

@@ -36,7 +36,9 @@ class NearestAPI:
     self.by_class = [np.flatnonzero(self.y == c) for c in range(num_classes)]
     if any(len(i) == 0 for i in self.by_class):
       raise ValueError("the collection lacks images of some class")
-    self.k_max = max(1, int(k_max))
+    # No class has more neighbours than images: a larger k_max only
+    # repeats them (and a huge one asked for a (n, k_max) table).
+    self.k_max = max(1, min(int(k_max), max(map(len, self.by_class))))
     e = self.x.reshape(len(self.x), -1) if embed is None else np.asarray(
         embed(self.x), np.float32)
     # Per image, its k_max nearest images of the same class (itself first).

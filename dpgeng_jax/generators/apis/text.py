@@ -61,21 +61,32 @@ def usable_fonts(texts, font_dir: str = "",
   from matplotlib.ft2font import FT2Font
   files = [f for f in shipped_font_files()
            if not any(s in os.path.basename(f) for s in _NOT_TEXT)]
+  own = []
   if font_dir:
     if not os.path.isdir(font_dir):
       raise ValueError(f"font directory {font_dir!r} does not exist")
-    for ext in ("ttf", "otf", "TTF", "OTF"):
-      files += sorted(glob.glob(os.path.join(font_dir, "**", f"*.{ext}"),
-                                recursive=True))
+    # os.walk does not follow links to folders (a recursive glob did, and
+    # a link loop in the folder hung the run).
+    for root, dirs, names in os.walk(font_dir):
+      dirs.sort()
+      own += [os.path.join(root, n) for n in sorted(names)
+              if n.lower().endswith((".ttf", ".otf"))]
   chars = sorted(set("".join(texts)) - {" "})
-  usable = []
-  for f in files:
+  usable, unreadable = [], 0
+  for f in files + own:
     try:
       font = FT2Font(f)
-    except (OSError, RuntimeError):
+    except (OSError, RuntimeError, ValueError):
+      unreadable += f in own
       continue
     if all(font.get_char_index(ord(ch)) != 0 for ch in chars):
       usable.append(f)
+  if font_dir and not set(own) & set(usable):
+    # The report says the folder's fonts were used: none would have been.
+    raise ValueError(
+        f"no font under --pe-font-dir {font_dir!r} draws all of "
+        f"{''.join(chars)!r} ({len(own)} .ttf/.otf files, {unreadable} of "
+        "them unreadable)")
   if stroke_fonts:
     usable += strokes.usable(texts)
   if not usable:
