@@ -164,7 +164,8 @@ class Config:
   pe_width: int = _f(64, "width of PE's embedding ConvNet (random or "
                      "trained)", "method")
   pe_texts: str = _f("", "text API: comma-separated text of every class "
-                     "(default the class index as a digit)", "method")
+                     "(default the class index as a digit; a text cannot "
+                     "hold a comma)", "method")
   pe_font_dir: str = _f("", "text API: a directory of extra .ttf/.otf fonts "
                         "(besides matplotlib's)", "method")
   pe_stroke_fonts: bool = _f(False, "text API: also draw with the Hershey "

@@ -328,6 +328,10 @@ def test_text_api_uses_given_class_texts_and_refuses_bad_ones():
     with pytest.raises(ValueError, match="visible character"):
       TextAPI((16, 16, 1), 2, TextConfig(texts=(blank, "a")))
   assert TextAPI((16, 16, 1), 2, TextConfig(texts=("é", "7"))).texts
+  # Two classes of one text draw the same glyphs (a review's finding:
+  # accepted without a word).
+  with pytest.warns(UserWarning, match=r"share the texts \['1'\]"):
+    TextAPI((16, 16, 1), 3, TextConfig(texts=("1", "2", "1")))
 
 
 def test_text_api_polarity():

@@ -30,6 +30,7 @@ import functools
 import glob
 import math
 import os
+import warnings
 
 import jax
 import numpy as np
@@ -146,6 +147,12 @@ class TextAPI:
       raise ValueError("every class text must have a visible character "
                        "(spaces, zero-width and control characters draw "
                        "nothing)")
+    same = sorted({t for t in texts if texts.count(t) > 1})
+    if same:
+      # Public choices, but such classes' samples are the same glyphs:
+      # their votes cannot tell the classes apart.
+      warnings.warn(f"classes share the texts {same}: the text API draws "
+                    "the same glyphs for them", stacklevel=2)
     if cfg.polarity not in POLARITIES:
       raise ValueError(f"polarity must be one of {POLARITIES}")
     require_int(cfg.marks, "marks", 0)
