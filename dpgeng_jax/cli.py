@@ -433,20 +433,9 @@ def _plan(cfg: Config) -> int:
 def _audit(args: argparse.Namespace) -> int:
   from dpgeng_jax import audit
 
-  if args.out is not None and os.path.exists(args.out) and not os.path.isdir(
-      args.out):
-    raise ConfigError(f"--out {args.out!r} exists and is not a directory")
-  target = None if args.out is None else os.path.join(args.out, "audit.json")
-  if target is not None and os.path.lexists(target) and (
-      not args.overwrite or os.path.isdir(target)
-      or os.path.islink(target)):
-    raise ConfigError(
-        f"--out {args.out!r} already holds audit.json"
-        + (" as a folder or a link; choose another directory"
-           if os.path.isdir(target) or os.path.islink(target)
-           else "; choose another directory or pass --overwrite"))
   if args.out is not None:
     from dpgeng_jax import outputs
+    outputs.check_output_file(args.out, "audit.json", args.overwrite)
     outputs.writable_dir(args.out)
   records = audit.audit_all(
       tuple(args.noise_multipliers), trials=args.trials, delta=args.delta,

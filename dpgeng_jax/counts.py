@@ -178,6 +178,18 @@ def release_class_counts(key: jax.Array, y: np.ndarray, *, num_classes: int,
 _noisy = jax.jit(noisy_counts, static_argnums=2)
 
 
+def bound_z(log_tail: float | None) -> float:
+  """z with P(N(0, 1) > z) = tau = exp(log_tail) (0 without a tail)."""
+  return 0.0 if log_tail is None else float(-special.ndtri_exp(log_tail))
+
+
+def total_margin(num_classes: int, noise_multiplier: float,
+                 log_tail: float | None) -> float:
+  """What `released_sizes` adds to the noisy total for its bound on N:
+  z sigma_N sqrt(K) (the noise of the sum has std sigma_N sqrt(K))."""
+  return bound_z(log_tail) * noise_multiplier * math.sqrt(num_classes)
+
+
 def released_sizes(noisy_counts, noise_multiplier: float,
                    log_tail: float) -> ClassSizes:
   """Post-processing of the count release: estimates and upper bounds.
@@ -188,10 +200,10 @@ def released_sizes(noisy_counts, noise_multiplier: float,
   tau, K + 1 abort events in all.
   """
   est = np.asarray(noisy_counts, np.float64)
-  z = float(-special.ndtri_exp(log_tail))  # P(N(0, 1) > z) = tau
+  z = bound_z(log_tail)
   bound = np.maximum(np.ceil(est + z * noise_multiplier), 1).astype(np.int64)
-  total = int(max(1, math.ceil(est.sum() + z * noise_multiplier
-                               * math.sqrt(len(est)))))
+  total = int(max(1, math.ceil(est.sum() + total_margin(
+      len(est), noise_multiplier, log_tail))))
   return ClassSizes(est, bound, "released", float(noise_multiplier),
                     float(log_tail), total,
                     estimate_std=float(noise_multiplier * COUNT_SENSITIVITY),

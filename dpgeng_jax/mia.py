@@ -461,11 +461,7 @@ OUTPUT_FILE = "mia.json"
 def check_output_dir(out: str, overwrite: bool) -> None:
   """Refuses a non-directory `out` and, unless `overwrite`, an existing
   out/mia.json (checked before any computation)."""
-  if os.path.exists(out) and not os.path.isdir(out):
-    raise ConfigError(f"--out {out!r} exists and is not a directory")
-  if not overwrite and os.path.exists(os.path.join(out, OUTPUT_FILE)):
-    raise ConfigError(f"--out {out!r} already holds {OUTPUT_FILE}; choose "
-                      "another directory or pass --overwrite")
+  outputs.check_output_file(out, OUTPUT_FILE, overwrite)
 
 
 def write_records(records: Sequence[MiaRecord], out: str) -> str:

@@ -463,6 +463,23 @@ class RunDirectory:
     self.close()
 
 
+def check_output_file(out: str, name: str, overwrite: bool) -> None:
+  """Refuses, before any work, an `out` that is not a directory and an
+  out/`name` already there unless `overwrite` (a folder or a link of that
+  name always): for the commands that write one file (audit, mia)."""
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ConfigError(f"--out {out!r} exists and is not a directory")
+  target = os.path.join(out, name)
+  if not os.path.lexists(target):
+    return
+  if os.path.isdir(target) or os.path.islink(target):
+    raise ConfigError(f"--out {out!r} already holds {name} as a folder or "
+                      "a link; choose another directory")
+  if not overwrite:
+    raise ConfigError(f"--out {out!r} already holds {name}; choose another "
+                      "directory or pass --overwrite")
+
+
 def in_use(out: str) -> bool:
   """Whether a live process holds `out`'s run lock (a run still going)."""
   try:

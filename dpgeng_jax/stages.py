@@ -29,7 +29,6 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy import special
 from tqdm.auto import tqdm
 
 from dpgeng_jax import accounting, clipping, data as data_lib, distill
@@ -284,13 +283,13 @@ def _check_delta_before_release(cfg: Config, k: int, sigma: float,
   released_sizes), whose median is N + z sigma sqrt(K) >= K + z sigma
   sqrt(K), every class holding an example (a review's finding: 10 images
   at delta 0.09 spent the release, then were refused)."""
-  z = 0.0 if log_tail is None else float(-special.ndtri_exp(log_tail))
-  floor = k + z * sigma * math.sqrt(k)
+  margin = counts_lib.total_margin(k, sigma, log_tail)
+  floor = k + margin
   if cfg.delta * floor >= 1.0:
     raise ConfigError(
         f"delta {cfg.delta:g} is too large for this run's count release: "
         f"a run refuses delta >= 1/N with N's upper bound from the noisy "
-        f"counts, which is about N + {z * sigma * math.sqrt(k):.3g} "
+        f"counts, which is about N + {margin:.3g} "
         f"(noise multiplier {sigma:.4g}, {k} classes), so at least "
         f"{math.ceil(floor)} here whatever the data, and the run would be "
         "refused after spending the release; lower --delta (below "
