@@ -888,8 +888,8 @@ def check_report(record: dict, rel_tol: float = 1e-6) -> list[str]:
   """What in a privacy.json `record` (privacy_report's dict) disagrees
   with its own mechanisms: its composed epsilon figures and accountant
   recomputed from the listed mechanisms, delta split and external
-  guarantee, its headline and `meets_target` from those. Empty when all
-  agree. (`dpgeng report` rebuilds a report from the file and must not
+  guarantee, each mechanism's epsilon alone, its headline and
+  `meets_target` from those. Empty when all agree. (`dpgeng report` rebuilds a report from the file and must not
   repeat a hand-edited headline.)"""
   problems = []
   try:
@@ -929,6 +929,18 @@ def check_report(record: dict, rel_tol: float = 1e-6) -> list[str]:
     if not ok:
       problems.append(f"{key} {got} where its mechanisms give "
                       f"{_finite_or_none(value)}")
+  interval = pld_interval(target - eps_ext)
+  for m, listed in zip(mechs, record["mechanisms"]):
+    # Each mechanism's own figure, as privacy_report computes it.
+    alone = (math.inf if m.noise_multiplier <= 0 or d <= 0
+             else epsilon_of(m.event(), d, interval))
+    got = listed.get("epsilon_alone")
+    ok = got is None if not math.isfinite(alone) else (
+        isinstance(got, (int, float)) and math.isclose(got, alone,
+                                                       rel_tol=rel_tol))
+    if not ok:
+      problems.append(f"{m.name}'s epsilon_alone {got} where its "
+                      f"parameters give {_finite_or_none(alone)}")
   headline = record.get("epsilon_pld" if record.get("accountant") == "pld"
                         else "epsilon_rdp")
   if record.get("epsilon") != headline:

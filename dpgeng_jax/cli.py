@@ -23,7 +23,8 @@ import sys
 import warnings
 
 from dpgeng_jax.config import Config
-from dpgeng_jax.errors import ConfigError, DpgengError, PrivacyAbort
+from dpgeng_jax.errors import (ConfigError, DpgengError, PrivacyAbort,
+                               StageFailed)
 
 
 def _flag(name: str) -> str:
@@ -325,8 +326,10 @@ def _distill(cfg: Config, console: bool = False) -> int:
             store.state()["finished"]), flush=True)
     try:
       result = pipeline.run(cfg, store=store)
-    except DpgengError:
-      if not cfg.resume:  # bad input: nothing to resume, nothing written
+    except DpgengError as e:
+      # Bad input: nothing to resume, nothing written; but a stage that
+      # failed after saved releases leaves a run to resume.
+      if not cfg.resume and not isinstance(e, StageFailed):
         run_dir.discard()
       raise
     paths = pipeline.write_outputs(result, cfg.out, run_dir=run_dir,
@@ -587,6 +590,10 @@ def main(argv=None, console: bool = False) -> int:
       resume = f"dpgeng distill --resume {shlex.quote(cfg.out)}"
       try:
         return _distill(cfg, console)
+      except StageFailed as e:
+        print(f"dpgeng: error: {e}\nonce that is fixed, continue with: "
+              f"{resume}", file=sys.stderr)
+        return 2
       except PrivacyAbort as e:
         # A rare event paid for in delta: nothing of the aborted mechanism
         # was released; the releases saved before it are reused.

@@ -19,6 +19,12 @@ class ConfigError(DpgengError):
   """A configuration value (budget, IPC, output directory, ...) is invalid."""
 
 
+class StageFailed(ConfigError):
+  """A stage failed (a generator's image API down, say) after private
+  releases that are saved: the run is kept and `--resume` reuses them once
+  the cause is fixed, instead of a new run drawing them again."""
+
+
 def require_int(value, what: str, minimum: int) -> None:
   """Raises ConfigError unless `value` is an integer (not a bool) >=
   `minimum`; the message names it as `what`."""
@@ -32,4 +38,5 @@ def require_int(value, what: str, minimum: int) -> None:
 class PrivacyAbort(RuntimeError):
   """A run aborted on a rare event whose probability is accounted in delta
   (a Poisson batch above its padded capacity, a class above its released
-  upper bound). Nothing is released; re-running is safe."""
+  upper bound). The release it occurs in is withheld; those saved before
+  it are kept, and resuming (`--resume`) reuses them."""

@@ -257,7 +257,12 @@ class RunDirectory:
     self._lock_fd = fd
 
   def _check_resumable(self) -> None:
-    if read_manifest(self.out) is not None:
+    # A staged stage record is an unfinished run (a publish moves it out
+    # of staging before its manifest), also where the manifest of an
+    # earlier run it was to replace (--overwrite) is still there.
+    staged = os.listdir(self.staging) if os.path.isdir(self.staging) else []
+    if read_manifest(self.out) is not None and not any(
+        _holds_stage_record(os.path.join(self.staging, n)) for n in staged):
       raise ConfigError(f"--resume {self.out!r}: that {self.what} has "
                         "finished; there is nothing to resume")
     if not (os.path.isdir(self.staging) and os.listdir(self.staging)):

@@ -19,6 +19,7 @@ PUBLIC keys and the store; never a secret key.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import math
@@ -40,7 +41,8 @@ from dpgeng_jax import parallel, planning
 from dpgeng_jax import progress as progress_lib
 from dpgeng_jax import store as store_lib
 from dpgeng_jax.config import Config
-from dpgeng_jax.errors import ConfigError, DataError, PrivacyAbort
+from dpgeng_jax.errors import (ConfigError, DataError, PrivacyAbort,
+                               StageFailed)
 
 STAGES = store_lib.STAGES
 
@@ -230,31 +232,52 @@ def calibrate(run: Run) -> Budget:
 
 
 def _spent_counts(budget: Budget, sizes: counts_lib.ClassSizes,
-                  delta: float, lead: str = "the bound comes from") -> str:
+                  delta: float, lead: str = "the bound comes from",
+                  saved: bool = False) -> str:
   """What a refusal after the count release says about the release: it
   is spent (printed bounds are post-processing of it), with its epsilon
   alone, and a rerun composes with it (its noise is fresh: reruns must not
-  be used to average it away). Empty without a release (or a budget)."""
+  be used to average it away). `saved`: the run is kept, and a --resume
+  (whose options pass the check) reuses the release. Empty without a
+  release (or a budget)."""
   if budget is None or sizes is None or sizes.policy != "released":
     return ""
   m = budget.mechanism("class_counts")
   eps = accounting.epsilon_of(m.event(), delta)
+  rerun = ("it is saved, and --resume reuses it (with options that pass "
+           "this check); a new run would release the counts again, and "
+           "the runs compose" if saved else
+           "a rerun releases the counts again, and the runs compose")
   return (f"; {lead} this run's count release (noise "
           f"multiplier {m.noise_multiplier:.4g}, epsilon {eps:.4g} alone at "
-          f"delta {delta:g}), which is spent: a rerun releases the counts "
-          "again, and the runs compose")
+          f"delta {delta:g}), which is spent: {rerun}")
 
 
-def _spent_generator(mechs, finished: bool = False) -> str:
+def _spent_generator(mechs, finished: bool = False,
+                     saved: int = 0) -> str:
   """What a generator that failed (or `finished` with an unusable answer)
-  spent of its own releases."""
+  spent of its own releases; `saved` of them are checkpointed, which a
+  resumed run reuses."""
   names = ", ".join(m.name for m in mechs if m is not None)
   if not names:
     return ""
   if finished:
     return f"; the generator's own releases ({names}) are spent as well"
+  kept = (f" ({saved} of them are saved and a resumed run reuses them)"
+          if saved else "")
   return (f"; any of the generator's own releases ({names}) drawn before "
-          "it failed are spent as well")
+          f"it failed are spent as well{kept}")
+
+
+def _partial_count(run: Run) -> int:
+  """How many releases the generate stage has checkpointed."""
+  if run.store is None:
+    return 0
+  try:
+    saved = run.store.partial("generate") or {}
+  except ConfigError:
+    return 0
+  return max((len(np.atleast_1d(v)) for v in saved.values()), default=0)
 
 
 def _check_delta(cfg: Config, sizes: counts_lib.ClassSizes,
@@ -331,7 +354,8 @@ def _check_release_rows(run: Run, budget: Budget,
       raise ConfigError(
           f"a {what}'s Poisson batch would have {capacity * shards} padded "
           f"rows, and its exact fixed-point sum cannot hold them ({e}); "
-          f"{fix}" + _spent_counts(budget, sizes, cfg.delta)) from None
+          f"{fix}" + _spent_counts(budget, sizes, cfg.delta,
+                                   saved=bool(cfg.resume))) from None
 
 
 def class_sizes(run: Run, budget: Budget, secret: jax.Array
@@ -426,6 +450,7 @@ def generate(run: Run, budget: Budget, sizes, secret: jax.Array,
     return None, sizes
   mechs = [budget.mechanism(m.name) for m in plan.generator_mechanisms]
   if run.done("generate"):
+    run.store.drop_partial("generate")  # a kill just after the save
     saved = run.load("generate")
     arrays, info = saved[0], saved[2] or {}
     out = generators.Output(
@@ -440,18 +465,27 @@ def generate(run: Run, budget: Budget, sizes, secret: jax.Array,
     except ValueError as e:
       raise ConfigError(f"generator {plan.generator}: {e}; the run would "
                         "not be private as stated") from e
+    ctx = generator_context(run, sizes, generator)
+    if run.store is not None:  # its releases so far, saved as drawn
+      ctx = dataclasses.replace(
+          ctx, saved=run.store.partial("generate"),
+          checkpoint=lambda arrays: run.store.save_partial("generate",
+                                                           arrays))
     try:
-      out = generator.generate(generator_context(run, sizes, generator),
-                               secret, mechs)
+      out = generator.generate(ctx, secret, mechs)
     except (ValueError, OSError, RuntimeError) as e:
       # An API's answer at a later call (a user's model server down is a
-      # RuntimeError; so is XLA's out of memory): the releases are named.
-      # An abort (accounted in delta, nothing released) stays one.
-      if isinstance(e, (DataError, PrivacyAbort)):
+      # RuntimeError; so is XLA's out of memory): the releases are named,
+      # and the run stays resumable with those that were saved. An abort
+      # (accounted in delta, nothing released) stays one.
+      if isinstance(e, PrivacyAbort):
         raise
-      raise ConfigError(f"generator {plan.generator}: {e}" + _spent_counts(
-          budget, sizes, run.cfg.delta, "it failed after")
-          + _spent_generator(mechs)) from e
+      kept = _partial_count(run) > 0 or (run.plan.count_release
+                                         and run.done("class_sizes"))
+      raise (StageFailed if kept else ConfigError)(
+          f"generator {plan.generator}: {e}" + _spent_counts(
+              budget, sizes, run.cfg.delta, "it failed after", saved=kept)
+          + _spent_generator(mechs, saved=_partial_count(run))) from e
     try:  # a plug-in's answer, as external files are checked
       out.x, out.y = generators.check_images(
           out.x, out.y, image_shape=run.image_shape,
@@ -466,6 +500,8 @@ def generate(run: Run, budget: Budget, sizes, secret: jax.Array,
     if out.counts is not None:
       arrays["noisy_counts"] = out.counts
     run.save("generate", arrays=arrays, info={"count_std": out.count_std})
+    if run.store is not None:
+      run.store.drop_partial("generate")
   if out.counts is not None and out.count_std and sizes is not None:
     # Post-processing: a generator release that carries noisy class counts
     # refines M_N's estimate (inverse-variance combination).
@@ -833,7 +869,7 @@ def evaluate_set(run: Run, distilled: Distilled,
       "eval_models", "eval_epochs", "eval_width", "references")}
   saved = run.load("evaluate")[2] if run.done("evaluate") else None
   if saved and saved["options"] == options:
-    metrics = saved["metrics"]
+    metrics = copy.deepcopy(saved["metrics"])
   else:
     ecfg = eval_config(cfg, run.plan.depth)
     metrics = _evaluate(run.keys.eval, distilled.decoded, distilled.y_decoded,
@@ -851,7 +887,10 @@ def evaluate_set(run: Run, distilled: Distilled,
           quiet, "reference: full training set", mesh)
       metrics["references_note"] = (
           "references are NOT private: they train on real training images")
-    run.save("evaluate", info={"options": options, "metrics": metrics})
+    # A copy: what is added to `metrics` later (timings, memory) is not
+    # this stage's result and stays out of the stage record.
+    run.save("evaluate", info={"options": options,
+                               "metrics": copy.deepcopy(metrics)})
     run.timed("evaluation_s", t0)
   if expert_ is not None:
     metrics["expert"] = expert_.info
@@ -926,8 +965,10 @@ def report(run: Run, budget: Budget, sizes,
              "probability_per_event": math.exp(budget.log_tail),
              "what": "a class above its released upper bound (K + 1 bounds)"
              " and a Poisson batch above its padded capacity (per query,"
-             " per expert step); each aborts the run before anything is"
-             " released",
+             " per expert step); each aborts the run: the release it"
+             " occurs in is withheld and never used (those saved before it"
+             " are kept, and --resume reuses them), so the run differs from"
+             " one that never aborts only on these events",
              "delta_added": accounting.failure_delta(
                  cfg.epsilon, budget.events, budget.log_tail)}
     if queries is not None:

@@ -64,6 +64,8 @@ FORMAT = 1
 STATE = "state.json"
 STAGES = ("calibrate", "class_sizes", "generate", "pool", "query", "expert",
           "init", "distill", "evaluate", "report")
+# The suffix of a stage's checkpointed releases (StageStore.save_partial).
+PARTIAL = "@partial"
 # Options that change neither the guarantee nor any release: they may
 # differ between a run and its resumption (config.py's groups).
 RESUME_FREE = resume_free_fields()
@@ -311,7 +313,41 @@ class StageStore:
     before (a distillation checkpoint) is written to the other of its two
     folders and the record switched to it in one write, so a kill or a
     full disk during the save leaves the previous checkpoint readable."""
-    assert name in STAGES or name.startswith("distill@"), name
+    self._save(name, arrays, trees, info)
+
+  def save_partial(self, stage: str, arrays: dict) -> None:
+    """Checkpoints the releases a stage has made so far (PE's noisy
+    histograms), under `stage + PARTIAL`, as soon as each is drawn and
+    before anything derived from it leaves the process: a resumed run
+    reuses them (`partial`) and draws only the rest, so no release is
+    drawn twice. `drop_partial` removes them once the stage is saved."""
+    self._save(stage + PARTIAL, arrays, None, None)
+
+  def partial(self, stage: str) -> dict | None:
+    """The arrays `save_partial` kept for `stage` (None: none)."""
+    name = stage + PARTIAL
+    if not (self.exists() and name in self.state()["finished"]):
+      return None
+    return dict(self.load(name)[0])
+
+  def drop_partial(self, stage: str) -> None:
+    """Forgets and deletes `stage`'s checkpointed releases (the finished
+    stage holds them)."""
+    name = stage + PARTIAL
+    state = self.state()
+    if name in state["finished"] or name in state["info"]:
+      for key in ("info", "digests", "folders"):
+        if isinstance(state.get(key), dict):
+          state[key].pop(name, None)
+      if name in state["finished"]:
+        state["finished"].remove(name)
+      self._write_state()
+    for d in (name, name + _RESAVED):
+      shutil.rmtree(os.path.join(self.root, d), ignore_errors=True)
+
+  def _save(self, name: str, arrays: dict | None, trees: dict | None,
+            info: Any) -> None:
+    assert name.removesuffix(PARTIAL) in STAGES, name
     d = os.path.join(self.root, name)
     if self.finished(name) and self.folder(name) == d:
       d += _RESAVED

@@ -404,3 +404,51 @@ def test_a_publish_killed_after_its_first_move_can_be_resumed(tmp_path,
   assert cli.main(["distill", "--resume", str(out), "--quiet"]) == 0
   assert outputs.read_manifest(str(out)) is not None
   assert (out / pipeline.STAGES_DIR / outputs.FOLDER_MARK).exists()
+
+
+def test_an_overwrite_killed_before_its_publish_resumes_over_the_old_run(
+    tmp_path, monkeypatch, capsys):
+  """--overwrite over a finished run, stopped after its count release:
+  the old run's manifest is still there, yet the printed --resume
+  continues the new run (it had been refused as "finished", leaving only a
+  new --overwrite, which draws the saved releases again) and replaces the
+  old outputs when it publishes."""
+  out = tmp_path / "run"
+  assert _distill(out) == 0
+  old = (out / "privacy.json").read_bytes()
+  real = store.StageStore.save
+
+  def save(self, name, *a, **k):
+    real(self, name, *a, **k)
+    if name == "class_sizes":
+      raise KeyboardInterrupt
+  monkeypatch.setattr(store.StageStore, "save", save)
+  assert _distill(out, "--seed", "1", "--overwrite") == 130
+  monkeypatch.undo()
+  assert f"continue with: dpgeng distill --resume {out}" in (
+      capsys.readouterr().err)
+  assert (out / "privacy.json").read_bytes() == old
+  assert cli.main(["distill", "--resume", str(out), "--quiet"]) == 0
+  assert json.loads((out / "config.json").read_text())["seed"] == 1
+  assert outputs.read_manifest(str(out)) is not None
+  assert not (out / outputs.STAGING).exists()
+  capsys.readouterr()
+  assert cli.main(["distill", "--resume", str(out), "--quiet"]) == 2
+  assert "that run has finished" in capsys.readouterr().err
+
+
+def test_the_published_stage_record_keeps_only_the_evaluation_result(
+    tmp_path):
+  """The evaluate stage's record holds what that stage computed; the
+  timings and memory figures added to metrics.json afterwards (figures
+  that grow with N) are not copied into stages/state.json."""
+  out = tmp_path / "run"
+  flags = [f for f in TINY if f != "--no-eval"]
+  assert cli.main(["distill", "--out", str(out), *flags, "--eval-models",
+                   "1", "--eval-epochs", "1", "--eval-width", "8"]) == 0
+  metrics = json.loads((out / "metrics.json").read_text())
+  assert {"timings_s", "peak_rss_mb"} <= set(metrics)
+  record = json.loads((out / pipeline.STAGES_DIR / store.STATE).read_text())
+  saved = record["info"]["evaluate"]["metrics"]
+  assert saved["test_accuracy_mean"] == metrics["test_accuracy_mean"]
+  assert not {"timings_s", "peak_rss_mb", "method"} & set(saved)

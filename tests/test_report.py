@@ -373,6 +373,9 @@ EDITED = {
     "delta": (_edited("delta", 1e-3), "is not the sum of its parts"),
     "meets_target": (_edited("meets_target", True), "meets_target True "
                      "where its figures give False"),
+    "a_mechanisms_epsilon_alone": (
+        lambda p: p["mechanisms"][2].update(epsilon_alone=0.01),
+        "epsilon_alone 0.01 where its parameters give"),
 }
 
 
@@ -411,3 +414,9 @@ def test_check_report_accepts_the_records_privacy_report_writes():
     assert accounting.check_report(rec) == [], kw
   rec["epsilon_rdp"] *= 0.9
   assert accounting.check_report(rec)[0].startswith("epsilon_rdp")
+  rec = accounting.privacy_report(mechs, **common, delta=1e-5)
+  rec["mechanisms"][0]["epsilon_alone"] /= 2
+  assert accounting.check_report(rec) == [
+      f"class_counts's epsilon_alone {rec['mechanisms'][0]['epsilon_alone']}"
+      f" where its parameters give "
+      f"{2 * rec['mechanisms'][0]['epsilon_alone']}"]

@@ -46,6 +46,14 @@ class Context:
   per_class: int           # generated images per class to return
   model: Any = None        # the run's ConvNet family (for embeddings)
   quiet: bool = True
+  # Resuming a stage killed part-way: `checkpoint(arrays)` saves releases
+  # as they are drawn (a generator whose releases, or anything derived
+  # from them, leave the process before `generate` returns, such as
+  # PE's queries to an image API, must save each release before that);
+  # a resumed run hands them back as `saved` and they are reused, not
+  # drawn again. None: no store (nothing is resumed).
+  saved: dict | None = None
+  checkpoint: Callable[[dict], None] | None = None
 
 
 @dataclasses.dataclass

@@ -50,6 +50,7 @@ from dpgeng_jax.generators import (Context, Output, apis, check_mechanisms,
                                    embeddings)
 
 SENSITIVITY = 1.0  # L2, add/remove one example (module docstring)
+RELEASES = "noisy_histograms"  # the T releases, as saved and published
 # The vote weight's margin below 1/sqrt(k): float64 rounds c w with a
 # relative error <= 2^-53, so k bins whose integer counts change by 1 move
 # by <= sqrt(k) w (1 + 2^-52 c) <= 1 for every count c < 2^31.
@@ -205,13 +206,25 @@ def _checked(out, labels: np.ndarray, image_shape, what: str):
 def evolve(api, embed, priv_emb, y, mask, *, key: jax.Array,
            secret: jax.Array, noise_multiplier: float, cfg: PEConfig,
            num_classes: int, normalize, per_class: int, mesh=None,
-           progress=None, image_shape=None):
+           progress=None, image_shape=None, released=None,
+           on_release=None):
   """PE's T iterations (module docstring). Returns (final Samples with
   `per_class` images per class, class-major; noisy histograms (T, K, N_s);
   history (T + 1, K, m, H, W, C): the first m images per class of the
   initial and of every later population). Every answer of the API is
-  checked (`_checked`; image_shape None: the shape of its first answer)."""
+  checked (`_checked`; image_shape None: the shape of its first answer).
+
+  Resuming: `released` holds the first t noisy histograms an earlier
+  attempt drew (its checkpoints); they are used as they are, the loop
+  replaying its public steps (draws and variations) up to iteration t,
+  and only the T - t others are drawn, at their own iterations' keys.
+  `on_release(noisy)` is called with all the histograms so far as soon as
+  each new one is drawn, before the API sees anything derived from it: a
+  kill after that call loses no release (a resumed run reuses it), and a
+  kill before it lost only a release nothing outside the process saw."""
   pop_n, t_max = cfg.population, cfg.iterations
+  released = _saved_releases(released, t_max, num_classes, pop_n,
+                             cfg.public_only)
   k_random, k_loop = jax.random.split(key)
   first = _class_major(num_classes, pop_n)
   samples = _checked(api.random(k_random, first), first, image_shape,
@@ -223,7 +236,6 @@ def evolve(api, embed, priv_emb, y, mask, *, key: jax.Array,
                                                               :cfg.history]]
   hist_fn = jax.jit(functools.partial(private_histogram, k=cfg.k,
                                       chunk=cfg.chunk, mesh=mesh))
-  released = []
   for t in range(t_max):
     k_look, k_draw, k_var = jax.random.split(jax.random.fold_in(k_loop, t),
                                              3)
@@ -231,13 +243,18 @@ def evolve(api, embed, priv_emb, y, mask, *, key: jax.Array,
     if cfg.public_only:  # the same loop without votes: uniform draws
       weights = np.ones((num_classes, pop_n))
     else:
-      cand = _candidate_embeddings(api, embed, samples, k_look, degree,
-                                   cfg.lookahead, normalize, image_shape)
-      hist = hist_fn(cand.reshape(num_classes, pop_n, -1), priv_emb, y,
-                     mask)
-      noisy = np.asarray(release_histogram(
-          jax.random.fold_in(secret, t), hist, noise_multiplier, cfg.k))
-      released.append(noisy)
+      if t < len(released):  # drawn by an earlier attempt: reused
+        noisy = released[t]
+      else:
+        cand = _candidate_embeddings(api, embed, samples, k_look, degree,
+                                     cfg.lookahead, normalize, image_shape)
+        hist = hist_fn(cand.reshape(num_classes, pop_n, -1), priv_emb, y,
+                       mask)
+        noisy = np.asarray(release_histogram(
+            jax.random.fold_in(secret, t), hist, noise_multiplier, cfg.k))
+        released.append(noisy)
+        if on_release is not None:
+          on_release(np.stack(released))
       h = cfg.threshold * noise_multiplier * SENSITIVITY
       weights = np.maximum(noisy - h, 0.0)
     n_next = per_class if t == t_max - 1 else pop_n
@@ -255,6 +272,24 @@ def evolve(api, embed, priv_emb, y, mask, *, key: jax.Array,
   released = np.stack(released) if released else np.zeros(
       (0, num_classes, pop_n), np.float32)
   return samples, released, np.stack([h[:, :m] for h in history])
+
+
+def _saved_releases(saved, iterations: int, num_classes: int,
+                    population: int, public_only: bool) -> list:
+  """An earlier attempt's checkpointed histograms as a list, checked
+  against this configuration (at most T of shape (K, N_s), finite)."""
+  if saved is None:
+    return []
+  saved = np.asarray(saved, np.float32)
+  if public_only or saved.ndim != 3 or saved.shape[0] > iterations or (
+      saved.shape[1:] != (num_classes, population)) or not np.all(
+          np.isfinite(saved)):
+    raise ValueError(
+        f"saved PE releases of shape {saved.shape} do not fit "
+        f"{iterations} iterations of {num_classes} x {population} "
+        "candidates" + (" (a public-only run releases none)"
+                        if public_only else ""))
+  return list(saved)
 
 
 def _candidate_embeddings(api, embed, samples, key, degree, lookahead,
@@ -376,7 +411,10 @@ class PrivateEvolution:
           secret=secret, noise_multiplier=sigma,
           cfg=self.cfg, num_classes=ctx.num_classes,
           normalize=ctx.normalize, per_class=ctx.per_class, mesh=ctx.mesh,
-          progress=bar.update, image_shape=ctx.image_shape)
+          progress=bar.update, image_shape=ctx.image_shape,
+          released=(ctx.saved or {}).get(RELEASES),
+          on_release=None if ctx.checkpoint is None else (
+              lambda noisy: ctx.checkpoint({RELEASES: noisy})))
     arrays = {"history": history}
     if self.cfg.public_only:
       return Output(final.images, final.labels, arrays=arrays)
@@ -386,4 +424,4 @@ class PrivateEvolution:
     unit = count_estimates(noisy[0], self.cfg.k)[1]
     std = unit * sigma * SENSITIVITY / math.sqrt(len(noisy))
     return Output(final.images, final.labels, counts, std,
-                  {"noisy_histograms": noisy, **arrays})
+                  {RELEASES: noisy, **arrays})

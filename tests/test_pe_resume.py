@@ -1,0 +1,131 @@
+"""A run killed or failing part-way through Private Evolution resumes from
+the noisy histograms it had drawn (store.save_partial): none is drawn
+twice, though an image API saw what each selected, and the resumed run
+ends as an uninterrupted one."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from dpgeng_jax import cli, outputs, store
+from dpgeng_jax.generators import pe
+from dpgeng_jax.generators.apis import text
+
+ITERATIONS = 3
+FLAGS = ["--method", "generator", "--ipc", "1", "--no-eval",
+         "--pe-iterations", str(ITERATIONS), "--pe-population", "4",
+         "--generated-per-class", "4", "--pool-models", "1",
+         "--pool-checkpoints", "1", "--pool-epochs", "1",
+         "--extractor-width", "8", "--deterministic", "--quiet"]
+
+
+class Killed(BaseException):
+  """Stands for SIGKILL in-process: no `except Exception` sees it."""
+
+
+@pytest.fixture
+def releases(monkeypatch):
+  """Counts PE's histogram releases (over every process of a run)."""
+  seen = []
+  monkeypatch.setattr(pe, "release_histogram", _counter(seen))
+  return seen
+
+
+def _fail_at_variation(monkeypatch, nth: int, error: BaseException):
+  """The text API's nth variation call raises `error` (after the
+  iteration's release: the API is what sees the selection)."""
+  real, calls = text.TextAPI.variation, [0]
+
+  def variation(self, *a, **k):
+    calls[0] += 1
+    if calls[0] == nth:
+      raise error
+    return real(self, *a, **k)
+  monkeypatch.setattr(text.TextAPI, "variation", variation)
+
+
+def _published(out):
+  priv = json.loads((out / "privacy.json").read_text())
+  with np.load(out / "distilled.npz") as d:
+    x = d["x"]
+  with np.load(out / "stages" / "generate" / "arrays.npz") as g:
+    hist = g[pe.RELEASES]
+  return priv, x, hist
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  out = tmp_path_factory.mktemp("whole") / "run"
+  assert cli.main(["distill", "--out", str(out), *FLAGS]) == 0
+  return _published(out)
+
+
+def test_a_run_killed_after_a_pe_release_reuses_it_on_resume(
+    tmp_path, monkeypatch, releases, uninterrupted):
+  """Killed in iteration 2's variation (its release saved, the API asked),
+  resumed: PE draws only iteration 3's histogram, and the run equals an
+  uninterrupted one (deterministic test mode: the same noise)."""
+  out = tmp_path / "run"
+  _fail_at_variation(monkeypatch, 2, Killed())
+  with pytest.raises(Killed):
+    cli.main(["distill", "--out", str(out), *FLAGS])
+  assert len(releases) == 2
+  saved = store.StageStore(str(out / outputs.STAGING / "stages"))
+  assert saved.partial("generate")[pe.RELEASES].shape[0] == 2
+  assert not saved.finished("generate")
+  releases.clear()
+  assert cli.main(["distill", "--resume", str(out), "--quiet"]) == 0
+  assert len(releases) == ITERATIONS - 2
+  priv, x, hist = _published(out)
+  want_priv, want_x, want_hist = uninterrupted
+  assert priv == want_priv
+  np.testing.assert_array_equal(hist, want_hist)
+  np.testing.assert_array_equal(x, want_x)
+  record = json.loads((out / "stages" / store.STATE).read_text())
+  assert not any(store.PARTIAL in n for n in record["finished"])
+  assert not any(store.PARTIAL in n for n in os.listdir(out / "stages"))
+
+
+def test_an_image_api_failing_mid_run_keeps_the_run_to_resume(
+    tmp_path, monkeypatch, capsys, releases, uninterrupted):
+  """An API that fails at its second variation (a model server down) in a
+  fresh run: exit 2 naming the saved releases and the --resume command,
+  the run kept; resumed once the API works, it draws the rest only."""
+  out = tmp_path / "run"
+  _fail_at_variation(monkeypatch, 2, RuntimeError("server down"))
+  assert cli.main(["distill", "--out", str(out), *FLAGS]) == 2
+  err = capsys.readouterr().err
+  assert "server down" in err and "2 of them are saved" in err
+  assert f"continue with: dpgeng distill --resume {out}" in err
+  monkeypatch.undo()
+  releases.clear()
+  monkeypatch.setattr(pe, "release_histogram", _counter(releases))
+  assert cli.main(["distill", "--resume", str(out), "--quiet"]) == 0
+  assert len(releases) == ITERATIONS - 2
+  want_priv, _, want_hist = uninterrupted
+  priv, _, hist = _published(out)
+  assert priv == want_priv
+  np.testing.assert_array_equal(hist, want_hist)
+
+
+def _counter(seen):
+  real = pe.release_histogram
+
+  def counting(*a, **k):
+    seen.append(1)
+    return real(*a, **k)
+  return counting
+
+
+def test_saved_releases_that_do_not_fit_the_configuration_are_refused():
+  cfg = pe.PEConfig(iterations=2, population=4)
+  with pytest.raises(ValueError, match="do not fit"):
+    pe._saved_releases(np.zeros((3, 2, 4)), 2, 2, 4, False)  # too many
+  with pytest.raises(ValueError, match="do not fit"):
+    pe._saved_releases(np.zeros((1, 2, 5)), 2, 2, 4, False)  # other N_s
+  with pytest.raises(ValueError, match="public-only"):
+    pe._saved_releases(np.zeros((1, 2, 4)), 2, 2, 4, True)
+  assert len(pe._saved_releases(np.zeros((2, 2, 4)), cfg.iterations, 2,
+                                cfg.population, False)) == 2
