@@ -889,8 +889,9 @@ def check_report(record: dict, rel_tol: float = 1e-6) -> list[str]:
   with its own mechanisms: its composed epsilon figures and accountant
   recomputed from the listed mechanisms, delta split and external
   guarantee, each mechanism's epsilon alone, its headline and
-  `meets_target` from those. Empty when all agree. (`dpgeng report` rebuilds a report from the file and must not
-  repeat a hand-edited headline.)"""
+  `meets_target` from those. Empty when all agree. (`dpgeng report`
+  rebuilds a report from the file and must not repeat a hand-edited
+  headline.)"""
   problems = []
   try:
     mechs = [Mechanism(m["name"], m["noise_multiplier"], m["sampling_rate"],

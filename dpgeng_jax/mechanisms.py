@@ -279,8 +279,8 @@ class SumRelease:
   def release(self, key: jax.Array, sums: Any, bits: int | None) -> Any:
     """sums (a pytree: int32 at 2^-bits, or float32 with bits None) plus
     N(0, (sigma C)^2) per coordinate, float32 out."""
-    return tree_add_gaussian_noise(key, sums, self.noise_stddev,
-                                   scale=fixed_point_scale(bits))
+    return noise.tree_add_gaussian_noise(key, sums, self.noise_stddev,
+                                         scale=fixed_point_scale(bits))
 
 
 # ---------------------------------------------------------------------------
@@ -340,8 +340,8 @@ class QuerySpec:
               bits: int | None) -> jax.Array:
     """sums (int32 at 2^-bits, or float32 with bits None) plus N(0,
     (sigma C)^2) per coordinate: float64 draw, float64 sum, one rounding."""
-    return add_gaussian_noise(key, sums, self.noise_stddev,
-                              scale=fixed_point_scale(bits))
+    return noise.add_gaussian_noise(key, sums, self.noise_stddev,
+                                    scale=fixed_point_scale(bits))
 
 
 def augment_class_major(x: jax.Array, aug_params: augment.AugmentParams,

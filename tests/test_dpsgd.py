@@ -7,7 +7,7 @@ import optax
 import pytest
 from scipy import stats
 
-from dpgeng_jax import clipping, mechanisms
+from dpgeng_jax import clipping, mechanisms, noise
 from dpgeng_jax.clipping import clipped_grad_sum
 from dpgeng_jax.mechanisms import make_dp_sgd_step, poisson_batch_indices
 from dpgeng_jax.models import ConvNet, init_params
@@ -189,6 +189,23 @@ def test_poisson_batch_indices_cover_each_example_at_the_rate():
     counts[i[m > 0]] += 1
   assert not np.any(np.asarray(over))
   assert np.all(np.abs(counts / 3000 - 0.25) < 5 * np.sqrt(0.25 * 0.75 / 3000))
+
+
+def test_poisson_batch_indices_are_exactly_the_rows_whose_word_is_below_q():
+  """Exact: row i is in the batch iff word i of the key's sampling stream
+  is below floor(q 2^32), once, in increasing order, and the mask counts
+  them (2000 rows: a rate 5 % above q flips about 25 of them)."""
+  n, q = 2000, 0.25
+  for seed in range(2):
+    key = noise.deterministic_secret_key(seed)
+    idx, mask, over = poisson_batch_indices(key, n, q, n)
+    assert not bool(over)
+    words = np.asarray(jax.random.bits(noise.sampling_stream(key), (1, n),
+                                       jnp.uint32))[0]
+    want = np.flatnonzero(words < np.uint32(np.floor(q * 2**32)))
+    taken = np.asarray(mask) > 0
+    np.testing.assert_array_equal(np.asarray(idx)[taken], want)
+    assert taken.sum() == len(want) and np.all(taken[:len(want)])
 
 
 @pytest.mark.parametrize("size", [0, -3, float("nan"), float("inf")])

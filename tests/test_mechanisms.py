@@ -84,6 +84,42 @@ def test_poisson_sampling_includes_each_example_with_rate_p():
   assert sizes.std() > 1.0
 
 
+def _sampled_entries(key, valid, p):
+  """Which entries a Poisson sample of `valid` at rate p takes, rebuilt
+  from the sampling stream (noise.bernoulli's definition, written out
+  here): the valid entries whose 32-bit word is below floor(p 2^32)."""
+  words = np.asarray(jax.random.bits(noise.sampling_stream(key),
+                                     np.shape(valid), jnp.uint32))
+  return (words < np.uint32(math.floor(p * 2**32))) & (np.asarray(valid) > 0)
+
+
+def _taken(idx, mask, n):
+  """The (K, n) table of entries that (idx, mask) packs, each once."""
+  idx, mask = np.asarray(idx), np.asarray(mask)
+  taken = np.zeros((idx.shape[0], n), int)
+  for c in range(idx.shape[0]):
+    np.add.at(taken[c], idx[c][mask[c] > 0], 1)
+  assert taken.max() <= 1, "an entry packed twice"
+  return taken.astype(bool)
+
+
+@pytest.mark.parametrize("p", [0.3, 0.75])
+def test_poisson_sample_takes_exactly_the_entries_whose_word_is_below_p(p):
+  """Exact, not a frequency band: each valid entry is in the batch iff
+  its word of the key's sampling stream is below floor(p 2^32), padding
+  never, and the mask counts the taken entries. 1190 valid entries: a
+  rate 5 % above p flips some of them (about 18 at p = 0.3)."""
+  valid = jnp.asarray(np.r_[np.ones(400), np.zeros(20)][None].repeat(3, 0))
+  valid = valid.at[1, 390:].set(0.0)  # classes of other sizes
+  for seed in range(2):
+    key = noise.deterministic_secret_key(seed)
+    idx, mask, over = poisson_sample(key, valid, p, 420)
+    assert not bool(over)
+    want = _sampled_entries(key, valid, p)
+    np.testing.assert_array_equal(_taken(idx, mask, 420), want)
+    np.testing.assert_array_equal(np.asarray(mask).sum(1), want.sum(1))
+
+
 def test_capacity_overflow_is_flagged_and_raises():
   valid = jnp.ones((1, 100))
   _, mask, over = poisson_sample(jax.random.key(0), valid, 0.9, 10)
@@ -267,25 +303,27 @@ def test_flat_query_equals_class_major_when_every_row_is_taken(strategy):
 
 
 def test_flat_query_sums_exactly_the_sampled_rows():
-  """p = 0.5: the sums are those of the rows `poisson_sample` draws from
-  the query's sampling key, never of padding."""
-  x, y = _data(n=30, k=3)
+  """p = 0.5: the sums are those of the rows the query's sampling key
+  takes (rebuilt from its sampling stream, not by `poisson_sample`, the
+  function under test), never of padding. 240 rows: a query sampled at a
+  rate 5 % above p would sum some 6 other rows."""
+  x, y = _data(n=240, k=3)
   params = jnp.ones((16, 16)) * 0.1
   aug = augment.sample_params(jax.random.key(2), "flip", batch_shape=(3,))
-  spec = _spec(clip=math.inf, sigma=0.0, p=0.5, cap=40, strategy="flip")
+  spec = _spec(clip=math.inf, sigma=0.0, p=0.5, cap=160, strategy="flip")
   secret = jax.random.key(7)
-  data = _flat(x, y, rows=45)
+  data = _flat(x, y, rows=250)
   got, over = noisy_targets(spec, data, params, aug, secret)
   assert not bool(over)
   k_sample, _ = jax.random.split(secret)
-  idx, mask, _ = poisson_sample(k_sample, data.valid[None], 0.5, 40)
-  rows = np.asarray(idx[0])[np.asarray(mask[0]) > 0]
-  assert 0 < len(rows) < 30 and rows.max() < 30  # a real subsample
+  rows = np.flatnonzero(_sampled_entries(k_sample, data.valid[None], 0.5)[0])
+  assert 0 < len(rows) < 240 and rows.max() < 240  # a real subsample
+  one = jax.jit(lambda xi, p_i: _embed(params, augment.apply(xi, p_i,
+                                                             "flip"))[0])
   want = np.zeros((3, 16))
-  for i in rows:
-    p_i = jax.tree.map(lambda a: a[y[i]], aug)
-    want[y[i]] += np.asarray(_embed(params, augment.apply(
-        jnp.asarray(x[i:i + 1]), p_i, "flip")))[0]
+  for i in rows:  # one row at a time, with its class's parameters
+    p_i = jax.tree.map(lambda a, c=y[i]: a[c], aug)
+    want[y[i]] += np.asarray(one(jnp.asarray(x[i:i + 1]), p_i))
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 

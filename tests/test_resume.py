@@ -190,6 +190,11 @@ def _killed_run(tmp_path, monkeypatch, after="query"):
     (["--num-queries", "3"], "num_queries"),
     (["--seed", "1"], "seed"),
     (["--references"], "references"),   # would make the run not private
+    # C and the rates: the saved releases were clipped and sampled with
+    # the saved ones (the calibration check sees no C).
+    (["--clip-norm", "2"], ": clip_norm (saved 1.0, now 2.0)"),
+    (["--expert-clip-norm", "2"], "expert_clip_norm (saved 1.0, now 2.0)"),
+    (["--sampling-rate", "0.3"], "sampling_rate (saved 0.5, now 0.3)"),
     (["--out", "elsewhere"], "--out 'elsewhere' names another one"),
 ])
 def test_resume_refuses_options_that_change_the_guarantee_or_a_release(
@@ -353,15 +358,29 @@ def test_a_home_without_room_for_the_key_runs_but_cannot_resume(
 
 
 def test_only_performance_evaluation_and_output_options_may_change():
-  from dpgeng_jax.config import Config
-  import dataclasses
-  groups = {f.name: f.metadata["group"] for f in dataclasses.fields(Config)}
+  """Pinned by name, not rebuilt from the groups config.py gives its
+  fields (a field put in the wrong group would move both sides): a
+  resumption may change these options and no other."""
+  from dpgeng_jax import config
   assert store.RESUME_FREE == {
-      n for n, g in groups.items()
-      if g in ("performance", "evaluation", "output")} - {"references"}
-  assert {"epsilon", "delta", "seed", "dataset", "steps", "num_queries",
-          "deterministic", "public_class_sizes"}.isdisjoint(
-              store.RESUME_FREE)
+      "checkpoint_every", "conv_impl", "coordinator_address", "data_dir",
+      "devices", "eval_epochs", "eval_models", "eval_width", "microbatch",
+      "no_compile_cache", "no_eval", "no_retain_host_memory",
+      "num_processes", "out", "overwrite", "process_id", "quiet", "resume",
+      "tensorboard"}
+  assert store.RESUME_FREE.isdisjoint(config.privacy_fields())
+  # The options that set a mechanism or its sensitivity, by name.
+  guarantee = {
+      "epsilon", "delta", "clip_norm", "sampling_rate", "num_queries",
+      "share_generator", "share_features", "share_expert", "share_counts",
+      "public_class_sizes", "expert_steps", "expert_sampling_rate",
+      "expert_clip_norm", "generated_epsilon", "generated_delta",
+      "generated_mu", "generated_noise_multiplier",
+      "generated_sampling_rate", "generated_steps", "pe_iterations",
+      "pe_public_only", "deterministic"}
+  assert guarantee <= set(config.privacy_fields())
+  assert {"seed", "dataset", "steps", "references", "method",
+          "generator"}.isdisjoint(store.RESUME_FREE)
 
 
 def test_resume_may_change_performance_and_evaluation_options(
