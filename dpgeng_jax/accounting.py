@@ -351,6 +351,7 @@ def _check_delta(delta) -> None:
 
 
 MAX_NOISE_MULTIPLIER = 1e100
+MIN_NOISE_MULTIPLIER = 1e-100
 
 
 def check_event(event: dp_accounting.DpEvent) -> None:
@@ -370,13 +371,21 @@ def check_event(event: dp_accounting.DpEvent) -> None:
     for e in event.events:
       check_event(e)
   elif isinstance(event, dp_accounting.GaussianDpEvent):
-    if not 0 <= float(event.noise_multiplier) <= MAX_NOISE_MULTIPLIER:
+    sigma = float(event.noise_multiplier)
+    if not 0 <= sigma <= MAX_NOISE_MULTIPLIER:
       # Beyond it the accountants overflow (sigma^2) or divide inf by inf.
       raise ValueError(f"a Gaussian event's noise multiplier must be in "
                        f"[0, {MAX_NOISE_MULTIPLIER:g}], got "
                        f"{event.noise_multiplier} (a release with more noise "
                        "than that has epsilon 0 to double precision: leave "
                        "it out of the composition)")
+    if 0 < sigma < MIN_NOISE_MULTIPLIER:
+      # Below it sigma^2 underflows (the accountants divide by zero).
+      raise ValueError(f"a Gaussian event's noise multiplier must be 0 (no "
+                       f"noise) or at least {MIN_NOISE_MULTIPLIER:g}, got "
+                       f"{event.noise_multiplier} (a release with less noise "
+                       "than that has no finite epsilon to double "
+                       "precision)")
   elif isinstance(event, dp_accounting.PoissonSampledDpEvent):
     if not 0 <= float(event.sampling_probability) <= 1:
       raise ValueError(f"a sampling probability must be in [0, 1], got "

@@ -549,9 +549,12 @@ def _statistics(run, data, key: jax.Array, trials: int,
 
 def _validate(noise_multiplier, sampling_rate, trials, delta, confidence):
   if not (isinstance(noise_multiplier, (int, float))
-          and math.isfinite(noise_multiplier) and noise_multiplier > 0):
-    raise ConfigError(f"noise multiplier must be a finite number > 0, got "
-                      f"{noise_multiplier}")
+          and accounting.MIN_NOISE_MULTIPLIER <= noise_multiplier
+          <= accounting.MAX_NOISE_MULTIPLIER):
+    raise ConfigError(
+        f"noise multiplier must be a number in "
+        f"[{accounting.MIN_NOISE_MULTIPLIER:g}, "
+        f"{accounting.MAX_NOISE_MULTIPLIER:g}], got {noise_multiplier}")
   if not 0 < sampling_rate <= 1:
     raise ConfigError(f"sampling rate must be in (0, 1], got "
                       f"{sampling_rate}")

@@ -34,6 +34,7 @@ import json
 import os
 import shlex
 import shutil
+import stat
 import tempfile
 from typing import Any, Callable, Iterable
 
@@ -62,7 +63,9 @@ def atomic_write(path: str, write: Callable[[Any], None], mode: str = "w"
                              suffix=".tmp")
   try:
     os.fchmod(fd, 0o666 & ~_umask())
-    with os.fdopen(fd, mode) as f:
+    # Text as UTF-8 whatever the locale (report.html holds the dataset's
+    # path and the class texts, which a C locale cannot encode).
+    with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
       write(f)
     os.replace(tmp, path)
   except BaseException:
@@ -117,7 +120,7 @@ def read_manifest(out: str) -> dict | None:
   try:
     with open(path) as f:
       manifest = json.load(f)
-  except (OSError, ValueError):
+  except (OSError, ValueError, RecursionError):
     return {"files": []}
   if not isinstance(manifest, dict):
     return {"files": []}
@@ -228,6 +231,15 @@ class RunDirectory:
           ) from None
         raise ConfigError(f"--out {self.out!r} is not writable: "
                           f"{_reason(e)}") from e
+      st = os.fstat(fd)
+      if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        # A hard link (or a FIFO) in the lock's place: writing the pid
+        # would replace the contents of a file elsewhere.
+        os.close(fd)
+        what = ("not a regular file" if not stat.S_ISREG(st.st_mode)
+                else "a hard link to another file")
+        raise ConfigError(f"--out {self.out!r}: its lock {path} is {what}, "
+                          "not a file this tool made; remove it")
       try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
       except OSError as e:
@@ -472,6 +484,8 @@ def check_output_file(out: str, name: str, overwrite: bool) -> None:
   """Refuses, before any work, an `out` that is not a directory and an
   out/`name` already there unless `overwrite` (a folder or a link of that
   name always): for the commands that write one file (audit, mia)."""
+  if not out:
+    raise ConfigError("--out is empty; give the directory to write to")
   if os.path.exists(out) and not os.path.isdir(out):
     raise ConfigError(f"--out {out!r} exists and is not a directory")
   target = os.path.join(out, name)

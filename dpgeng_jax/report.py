@@ -25,6 +25,7 @@ import json
 import math
 import os
 import shlex
+import stat
 import warnings
 import zipfile
 from typing import Any
@@ -508,15 +509,49 @@ def html(privacy: dict, config: dict, metrics: dict | None,
 # From a finished run directory.
 
 
-def _load_json(path: str) -> dict | None:
+# The most a file of the run is read into memory for the report (its
+# JSON records and the PNGs it copies); the tool writes far smaller ones.
+MAX_READ = 64 << 20
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _regular_file(path: str, limit: int | None = MAX_READ) -> None:
+  """Refuses a run file that is a link, a FIFO, a device or larger than
+  `limit` bytes: the tool writes regular files, and reading a planted
+  link would copy someone else's file into the report, a FIFO hang it."""
   try:
-    with open(path) as f:
-      return json.load(f)
+    st = os.lstat(path)
+  except FileNotFoundError:
+    return
+  if not stat.S_ISREG(st.st_mode):
+    raise ConfigError(f"{path} is not a regular file (a link, a folder or "
+                      "a device); the run writes regular files there")
+  if limit is not None and st.st_size > limit:
+    raise ConfigError(f"{path} holds {st.st_size} bytes, more than any "
+                      f"file the run writes there ({limit})")
+
+
+def _read(path: str) -> bytes:
+  """The bytes of a regular file of the run (`_regular_file`), opened
+  without following a link placed after the check."""
+  _regular_file(path)
+  fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
+               | getattr(os, "O_NONBLOCK", 0))
+  with os.fdopen(fd, "rb") as f:
+    return f.read(MAX_READ + 1)[:MAX_READ]
+
+
+def _load_json(path: str) -> dict | None:
+  if not os.path.lexists(path):
+    return None
+  try:
+    return json.loads(_read(path))
   except FileNotFoundError:
     return None
-  except ValueError as e:  # not JSON (a damaged or hand-edited file)
-    raise ConfigError(f"{path} is not readable JSON ({e}); the report "
-                      "is built from the run's JSON files") from None
+  except (ValueError, RecursionError) as e:  # not JSON (damaged, edited)
+    raise ConfigError(f"{path} is not readable JSON ({type(e).__name__}: "
+                      f"{e}); the report is built from the run's JSON "
+                      "files") from None
 
 
 def rebuild(out: str) -> list[str]:
@@ -543,7 +578,8 @@ def rebuild(out: str) -> list[str]:
   except ConfigError:
     raise
   except (KeyError, IndexError, TypeError, ValueError, AttributeError,
-          OSError, zipfile.BadZipFile) as e:
+          OSError, zipfile.BadZipFile, ArithmeticError, RecursionError,
+          MemoryError) as e:
     raise ConfigError(
         f"{out!r}: cannot rebuild the report from the run's files "
         f"({type(e).__name__}: {e}); they are not as the run wrote them "
@@ -555,6 +591,7 @@ def _npz(out: str, name: str) -> dict:
   """The arrays of the run's npz file `name`; a file that is no npz archive
   is named as such (np.load would call it pickled data)."""
   try:
+    _regular_file(os.path.join(out, name), limit=None)
     data_lib._check_npz_file(os.path.join(out, name), "the run wrote it "
                              "with np.savez")
   except DataError as e:
@@ -626,9 +663,11 @@ def _files_from_run(out: str, manifest: dict) -> dict[str, bytes]:
   for name in FIGURES:  # figures this run has but we cannot redraw
     path = os.path.join(out, name)
     if name not in pngs and name in manifest.get("files", []) and (
-        os.path.exists(path)):
-      with open(path, "rb") as f:
-        pngs[name] = f.read()
+        os.path.lexists(path)):
+      raw = _read(path)
+      if not raw.startswith(PNG_SIGNATURE):
+        raise ConfigError(f"{path} is not a PNG image; the run wrote one")
+      pngs[name] = raw
   files = dict(pngs)
   files[REPORT] = html(privacy, config, metrics, pngs).encode()
   return files

@@ -189,7 +189,7 @@ class StageStore:
       try:
         with open(self.path) as f:
           self._state = json.load(f)
-      except (OSError, ValueError) as e:
+      except (OSError, ValueError, RecursionError) as e:
         raise ConfigError(f"cannot read the saved stages {self.path}: "
                           f"{e}") from e
       if not isinstance(self._state, dict):

@@ -595,7 +595,7 @@ def test_shares_far_apart_are_refused_not_divided_by_zero():
   assert got[0].noise_multiplier > got[1].noise_multiplier
 
 
-def test_hand_built_figures_from_jax_scalars_and_huge_noise_are_clear():
+def test_hand_built_figures_from_jax_scalars_and_huge_or_tiny_noise_are_clear():
   """A review's findings: Mechanism(steps=jnp.int32(10)) was refused as
   "got 10"; a Gaussian event of infinite noise or 1e300 died in the
   accountants (NaN to int, OverflowError); privacy_report(private="no")
@@ -612,6 +612,14 @@ def test_hand_built_figures_from_jax_scalars_and_huge_noise_are_clear():
     for fn in (accounting.epsilon_pld, accounting.epsilon_rdp):
       with pytest.raises(ValueError, match="noise multiplier must be in"):
         fn(accounting.gaussian_event(sigma), 1e-5)
+  # sigma^2 underflowed to 0 below ~1e-154: ZeroDivisionError in the
+  # accountants (reachable from --generated-noise-multiplier, audit).
+  for sigma in (1e-200, 1e-300):
+    for fn in (accounting.epsilon_pld, accounting.epsilon_rdp):
+      with pytest.raises(ValueError, match="must be 0 .no noise. or at "):
+        fn(accounting.gaussian_event(sigma), 1e-5)
+  assert accounting.epsilon_rdp(accounting.gaussian_event(1e-100),
+                                1e-5) > 1e100
   with pytest.raises(ValueError, match="private must be True or False"):
     accounting.privacy_report([], target_epsilon=1.0, delta=1e-5,
                               private="no", public_metadata=[])

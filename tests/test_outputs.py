@@ -452,3 +452,40 @@ def test_the_published_stage_record_keeps_only_the_evaluation_result(
   saved = record["info"]["evaluate"]["metrics"]
   assert saved["test_accuracy_mean"] == metrics["test_accuracy_mean"]
   assert not {"timings_s", "peak_rss_mb", "method"} & set(saved)
+
+
+def test_a_hard_link_in_the_locks_place_is_refused_and_its_file_kept(
+    tmp_path, capsys, monkeypatch):
+  """O_NOFOLLOW stops a symbolic link, not a hard one: the pid was written
+  into whatever file the lock's name was linked to, even by a refused
+  run."""
+  _no_data_read(monkeypatch)
+  out = tmp_path / "run"
+  out.mkdir()
+  mine = tmp_path / "notes.txt"
+  mine.write_bytes(b"my notes")
+  os.link(mine, out / outputs.LOCK)
+  assert _distill(out) == 2
+  assert "a hard link to another file" in capsys.readouterr().err
+  assert mine.read_bytes() == b"my notes"
+
+
+def test_text_outputs_are_utf8_whatever_the_locale(tmp_path):
+  """report.html holds the dataset's path and the class texts: written in
+  an ASCII locale's encoding, a path like dse/ with an accent stopped the
+  finished run at its publish with a traceback."""
+  path = tmp_path / "r.html"
+  code = ("import sys; from dpgeng_jax import outputs; "
+          "outputs.atomic_write(sys.argv[1], lambda f: f.write('npz:/d\\u00e9/"
+          "\\u4e2d.npz'))")
+  env = {**os.environ, "PYTHONUTF8": "0", "LC_ALL": "C", "LANG": "C"}
+  env.pop("PYTHONIOENCODING", None)
+  subprocess.run([sys.executable, "-X", "utf8=0", "-c", code, str(path)],
+                 env=env, check=True, capture_output=True)
+  assert path.read_bytes().decode("utf-8") == "npz:/d\u00e9/\u4e2d.npz"
+
+
+@pytest.mark.parametrize("command", ["audit", "mia"])
+def test_an_empty_out_is_refused_before_the_work(command, capsys):
+  assert cli.main([command, "--out", ""]) == 2
+  assert "--out is empty" in capsys.readouterr().err

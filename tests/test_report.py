@@ -420,3 +420,55 @@ def test_check_report_accepts_the_records_privacy_report_writes():
       f"class_counts's epsilon_alone {rec['mechanisms'][0]['epsilon_alone']}"
       f" where its parameters give "
       f"{2 * rec['mechanisms'][0]['epsilon_alone']}"]
+
+
+def test_report_never_copies_a_planted_link_fifo_or_non_png_into_the_run(
+    finished_run, tmp_path, capsys):
+  """A figure the report cannot redraw is copied from the run: a link
+  planted in its place (to a secret file) was read and its bytes embedded
+  in report.html and saved in the run; a FIFO as privacy.json hung the
+  command. Each is refused in one line, before anything is written."""
+  import shutil
+  out = tmp_path / "run"
+  shutil.copytree(finished_run, out)
+  secret = tmp_path / "secret.txt"
+  secret.write_bytes(b"someone's private key")
+  manifest = json.loads((out / "manifest.json").read_text())
+  name = "generator_iterations.png"  # a DP-MERF run draws none
+  assert name not in manifest["files"]
+  manifest["files"].append(name)
+  (out / "manifest.json").write_text(json.dumps(manifest))
+  before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+  os.symlink(secret, out / name)
+  assert cli.main(["report", str(out)]) == 2
+  assert "is not a regular file" in capsys.readouterr().err
+  os.remove(out / name)
+  (out / name).write_bytes(b"someone's private key")
+  assert cli.main(["report", str(out)]) == 2
+  assert "is not a PNG image" in capsys.readouterr().err
+  os.remove(out / name)
+  os.remove(out / "privacy.json")
+  os.mkfifo(out / "privacy.json")
+  assert cli.main(["report", str(out)]) == 2
+  assert "privacy.json is not a regular file" in capsys.readouterr().err
+  after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+  assert {p: b for p, b in after.items() if p.name != "privacy.json"} == {
+      p: b for p, b in before.items() if p.name != "privacy.json"}
+
+
+def test_report_of_deeply_nested_or_overflowing_json_is_one_line(
+    finished_run, tmp_path, capsys):
+  """Crafted records ended in a traceback (RecursionError, OverflowError);
+  each is now a one-line refusal, status 2."""
+  import shutil
+  out = tmp_path / "run"
+  shutil.copytree(finished_run, out)
+  good = (out / "metrics.json").read_text()
+  for text in ("[" * 100000 + "]" * 100000,
+               good.replace('"test_accuracy_mean": ',
+                            '"test_accuracy_mean": 1' + "0" * 400 + ", "
+                            '"_": ', 1)):
+    (out / "metrics.json").write_text(text)
+    assert cli.main(["report", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dpgeng: error:") and "Traceback" not in err
