@@ -351,7 +351,10 @@ def _check_delta(delta) -> None:
 
 
 MAX_NOISE_MULTIPLIER = 1e100
-MIN_NOISE_MULTIPLIER = 1e-100
+# Below it the accountants overflow (sigma^2 underflows below ~1e-154;
+# dp_accounting's PLD raises OverflowError below ~7e-5); one release
+# at 1e-3 already has epsilon 5e5 at delta 1e-5.
+MIN_NOISE_MULTIPLIER = 1e-3
 
 
 def check_event(event: dp_accounting.DpEvent) -> None:
@@ -380,12 +383,11 @@ def check_event(event: dp_accounting.DpEvent) -> None:
                        "than that has epsilon 0 to double precision: leave "
                        "it out of the composition)")
     if 0 < sigma < MIN_NOISE_MULTIPLIER:
-      # Below it sigma^2 underflows (the accountants divide by zero).
       raise ValueError(f"a Gaussian event's noise multiplier must be 0 (no "
                        f"noise) or at least {MIN_NOISE_MULTIPLIER:g}, got "
-                       f"{event.noise_multiplier} (a release with less noise "
-                       "than that has no finite epsilon to double "
-                       "precision)")
+                       f"{event.noise_multiplier} (one release at "
+                       f"{MIN_NOISE_MULTIPLIER:g} already has epsilon about "
+                       "5e5; the accountants overflow below it)")
   elif isinstance(event, dp_accounting.PoissonSampledDpEvent):
     if not 0 <= float(event.sampling_probability) <= 1:
       raise ValueError(f"a sampling probability must be in [0, 1], got "

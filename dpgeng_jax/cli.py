@@ -296,7 +296,7 @@ def _use_compile_cache(cfg: Config) -> None:
 
 def _distill(cfg: Config, console: bool = False) -> int:
   # Imported here so that `--help` and argument errors are instant.
-  from dpgeng_jax import parallel, pipeline
+  from dpgeng_jax import parallel, pipeline, store as store_lib
 
   # Multi-host: start JAX's distributed runtime before any device is used
   # (a no-op for a single process).
@@ -323,7 +323,8 @@ def _distill(cfg: Config, console: bool = False) -> int:
             flush=True)
       if cfg.resume:
         print("resuming after the stages " + ", ".join(
-            store.state()["finished"]), flush=True)
+            n for n in store.state()["finished"]
+            if store_lib.PARTIAL not in n), flush=True)
     try:
       result = pipeline.run(cfg, store=store)
     except DpgengError as e:

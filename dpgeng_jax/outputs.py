@@ -232,7 +232,10 @@ class RunDirectory:
         raise ConfigError(f"--out {self.out!r} is not writable: "
                           f"{_reason(e)}") from e
       st = os.fstat(fd)
-      if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+      if st.st_nlink == 0:  # removed by its holder since our open
+        os.close(fd)
+        continue
+      if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
         # A hard link (or a FIFO) in the lock's place: writing the pid
         # would replace the contents of a file elsewhere.
         os.close(fd)
@@ -272,7 +275,9 @@ class RunDirectory:
     # A staged stage record is an unfinished run (a publish moves it out
     # of staging before its manifest), also where the manifest of an
     # earlier run it was to replace (--overwrite) is still there.
-    staged = os.listdir(self.staging) if os.path.isdir(self.staging) else []
+    staged = [n for n in (os.listdir(self.staging)
+                          if os.path.isdir(self.staging) else [])
+              if not n.startswith(_REPLACED)]  # a publish's old folders
     if read_manifest(self.out) is not None and not any(
         _holds_stage_record(os.path.join(self.staging, n)) for n in staged):
       raise ConfigError(f"--resume {self.out!r}: that {self.what} has "

@@ -538,7 +538,11 @@ def _read(path: str) -> bytes:
   fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
                | getattr(os, "O_NONBLOCK", 0))
   with os.fdopen(fd, "rb") as f:
-    return f.read(MAX_READ + 1)[:MAX_READ]
+    raw = f.read(MAX_READ + 1)
+  if len(raw) > MAX_READ:  # it grew since the check
+    raise ConfigError(f"{path} holds more than {MAX_READ} bytes, more "
+                      "than any file the run writes there")
+  return raw
 
 
 def _load_json(path: str) -> dict | None:

@@ -261,10 +261,11 @@ def _spent_generator(mechs, finished: bool = False,
   names = ", ".join(m.name for m in mechs if m is not None)
   if not names:
     return ""
-  if finished:
-    return f"; the generator's own releases ({names}) are spent as well"
   kept = (f" ({saved} of them are saved and a resumed run reuses them)"
           if saved else "")
+  if finished:
+    return (f"; the generator's own releases ({names}) are spent as "
+            f"well{kept}")
   return (f"; any of the generator's own releases ({names}) drawn before "
           f"it failed are spent as well{kept}")
 
@@ -465,13 +466,13 @@ def generate(run: Run, budget: Budget, sizes, secret: jax.Array,
     except ValueError as e:
       raise ConfigError(f"generator {plan.generator}: {e}; the run would "
                         "not be private as stated") from e
-    ctx = generator_context(run, sizes, generator)
-    if run.store is not None:  # its releases so far, saved as drawn
-      ctx = dataclasses.replace(
-          ctx, saved=run.store.partial("generate"),
-          checkpoint=lambda arrays: run.store.save_partial("generate",
-                                                           arrays))
     try:
+      ctx = generator_context(run, sizes, generator)
+      if run.store is not None:  # its releases so far, saved as drawn
+        ctx = dataclasses.replace(
+            ctx, saved=run.store.partial("generate"),
+            checkpoint=lambda arrays: run.store.save_partial("generate",
+                                                             arrays))
       out = generator.generate(ctx, secret, mechs)
     except (ValueError, OSError, RuntimeError) as e:
       # An API's answer at a later call (a user's model server down is a
@@ -491,11 +492,14 @@ def generate(run: Run, budget: Budget, sizes, secret: jax.Array,
           out.x, out.y, image_shape=run.image_shape,
           num_classes=run.num_classes)
     except DataError as e:
-      raise ConfigError(
+      kept = _partial_count(run) > 0 or (run.plan.count_release
+                                         and run.done("class_sizes"))
+      raise (StageFailed if kept else ConfigError)(
           f"generator {plan.generator} returned images the run cannot use: "
           f"{e}" + _spent_counts(budget, sizes, run.cfg.delta,
-                                 "it failed after")
-          + _spent_generator(mechs, finished=True)) from e
+                                 "it failed after", saved=kept)
+          + _spent_generator(mechs, finished=True,
+                             saved=_partial_count(run))) from e
     arrays = {"x_gen": out.x, "y_gen": out.y, **out.arrays}
     if out.counts is not None:
       arrays["noisy_counts"] = out.counts

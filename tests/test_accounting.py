@@ -612,14 +612,16 @@ def test_hand_built_figures_from_jax_scalars_and_huge_or_tiny_noise_are_clear():
     for fn in (accounting.epsilon_pld, accounting.epsilon_rdp):
       with pytest.raises(ValueError, match="noise multiplier must be in"):
         fn(accounting.gaussian_event(sigma), 1e-5)
-  # sigma^2 underflowed to 0 below ~1e-154: ZeroDivisionError in the
-  # accountants (reachable from --generated-noise-multiplier, audit).
-  for sigma in (1e-200, 1e-300):
+  # Tiny noise crashed the accountants (ZeroDivisionError below ~1e-154,
+  # PLD's OverflowError below ~7e-5), reachable from
+  # --generated-noise-multiplier and audit.
+  for sigma in (1e-5, 1e-20, 1e-200, 1e-300):
     for fn in (accounting.epsilon_pld, accounting.epsilon_rdp):
       with pytest.raises(ValueError, match="must be 0 .no noise. or at "):
         fn(accounting.gaussian_event(sigma), 1e-5)
-  assert accounting.epsilon_rdp(accounting.gaussian_event(1e-100),
-                                1e-5) > 1e100
+  least = accounting.gaussian_event(accounting.MIN_NOISE_MULTIPLIER)
+  assert accounting.epsilon_pld(least, 1e-5) > 1e5
+  assert accounting.epsilon_rdp(least, 1e-5) > 1e5
   with pytest.raises(ValueError, match="private must be True or False"):
     accounting.privacy_report([], target_epsilon=1.0, delta=1e-5,
                               private="no", public_metadata=[])

@@ -464,7 +464,10 @@ def test_a_hard_link_in_the_locks_place_is_refused_and_its_file_kept(
   out.mkdir()
   mine = tmp_path / "notes.txt"
   mine.write_bytes(b"my notes")
-  os.link(mine, out / outputs.LOCK)
+  try:
+    os.link(mine, out / outputs.LOCK)
+  except OSError:
+    pytest.skip("this file system has no hard links")
   assert _distill(out) == 2
   assert "a hard link to another file" in capsys.readouterr().err
   assert mine.read_bytes() == b"my notes"

@@ -129,3 +129,41 @@ def test_saved_releases_that_do_not_fit_the_configuration_are_refused():
     pe._saved_releases(np.zeros((1, 2, 4)), 2, 2, 4, True)
   assert len(pe._saved_releases(np.zeros((2, 2, 4)), cfg.iterations, 2,
                                 cfg.population, False)) == 2
+
+
+def test_saved_releases_drawn_with_other_pe_settings_are_refused():
+  """A plug-in given from Python is not in the saved configuration: its
+  settings travel with the checkpoint, and another k (say) would reuse
+  votes cast for other candidates."""
+  gen = pe.PrivateEvolution("text", pe.PEConfig(iterations=2, k=1))
+  saved = {pe.RELEASES: np.zeros((1, 2, 4)), pe.SETUP: gen._setup(3.0)}
+  assert gen._saved_releases(saved, 3.0).shape == (1, 2, 4)
+  assert gen._saved_releases(None, 3.0) is None
+  for other, sigma in ((pe.PrivateEvolution(
+      "text", pe.PEConfig(iterations=2, k=2)), 3.0), (gen, 2.5)):
+    with pytest.raises(ValueError, match="drawn with other settings"):
+      other._saved_releases(saved, sigma)
+
+
+def test_a_generated_set_the_run_cannot_use_keeps_the_run_to_resume(
+    tmp_path, monkeypatch, capsys, releases):
+  """The plug-in's answer refused after all its releases (the counts'
+  and PE's, saved): the run is kept, and a resume (the plug-in fixed)
+  draws none of them again."""
+  from dpgeng_jax import generators
+  from dpgeng_jax.errors import DataError
+  out = tmp_path / "run"
+
+  def refuse(*a, **k):
+    raise DataError("no image of class(es) [3]")
+  monkeypatch.setattr(generators, "check_images", refuse)
+  assert cli.main(["distill", "--out", str(out), *FLAGS]) == 2
+  err = capsys.readouterr().err
+  assert "returned images the run cannot use" in err
+  assert f"{ITERATIONS} of them are saved" in err
+  assert f"continue with: dpgeng distill --resume {out}" in err
+  monkeypatch.undo()
+  releases.clear()
+  monkeypatch.setattr(pe, "release_histogram", _counter(releases))
+  assert cli.main(["distill", "--resume", str(out), "--quiet"]) == 0
+  assert releases == []

@@ -448,7 +448,10 @@ def test_report_never_copies_a_planted_link_fifo_or_non_png_into_the_run(
   assert "is not a PNG image" in capsys.readouterr().err
   os.remove(out / name)
   os.remove(out / "privacy.json")
-  os.mkfifo(out / "privacy.json")
+  try:
+    os.mkfifo(out / "privacy.json")
+  except OSError:
+    pytest.skip("this file system has no FIFOs")
   assert cli.main(["report", str(out)]) == 2
   assert "privacy.json is not a regular file" in capsys.readouterr().err
   after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 
 import jax
@@ -51,6 +52,7 @@ from dpgeng_jax.generators import (Context, Output, apis, check_mechanisms,
 
 SENSITIVITY = 1.0  # L2, add/remove one example (module docstring)
 RELEASES = "noisy_histograms"  # the T releases, as saved and published
+SETUP = "setup"  # beside checkpointed releases: the settings they need
 # The vote weight's margin below 1/sqrt(k): float64 rounds c w with a
 # relative error <= 2^-53, so k bins whose integer counts change by 1 move
 # by <= sqrt(k) w (1 + 2^-52 c) <= 1 for every count c < 2^31.
@@ -387,6 +389,30 @@ class PrivateEvolution:
     _checked(api.random(jax.random.key(0), labels), labels,
              tuple(image_shape), "the image API's random")
 
+  def _setup(self, sigma: float) -> np.ndarray:
+    """What the saved releases depend on besides the public keys (a
+    configuration's fields, checked on resume, do not cover a plug-in
+    given from Python): the settings that shape a release, its noise and
+    the API's name."""
+    fields = {k: v for k, v in dataclasses.asdict(self.cfg).items()
+              if k not in ("chunk", "history")}  # no release changes
+    return np.asarray(json.dumps({**fields, "noise_multiplier": sigma,
+                                  "api": self.name}, sort_keys=True))
+
+  def _saved_releases(self, saved, sigma: float):
+    """The releases an earlier attempt checkpointed, if drawn with these
+    settings (refused otherwise: votes for other candidates)."""
+    if not saved or RELEASES not in saved:
+      return None
+    if str(saved.get(SETUP)) != str(self._setup(sigma)):
+      raise ValueError(
+          f"the {len(saved[RELEASES])} saved PE releases of this run were "
+          f"drawn with other settings ({saved.get(SETUP)}, now "
+          f"{self._setup(sigma)}): resume with the generator that drew "
+          "them, or start a new run (--overwrite; those releases are "
+          "spent)")
+    return saved[RELEASES]
+
   def generate(self, ctx: Context, secret: jax.Array, mechanisms) -> Output:
     if not self.cfg.public_only:
       mechanisms = check_mechanisms(self, mechanisms)
@@ -412,9 +438,10 @@ class PrivateEvolution:
           cfg=self.cfg, num_classes=ctx.num_classes,
           normalize=ctx.normalize, per_class=ctx.per_class, mesh=ctx.mesh,
           progress=bar.update, image_shape=ctx.image_shape,
-          released=(ctx.saved or {}).get(RELEASES),
+          released=self._saved_releases(ctx.saved, sigma),
           on_release=None if ctx.checkpoint is None else (
-              lambda noisy: ctx.checkpoint({RELEASES: noisy})))
+              lambda noisy: ctx.checkpoint({
+                  RELEASES: noisy, SETUP: self._setup(sigma)})))
     arrays = {"history": history}
     if self.cfg.public_only:
       return Output(final.images, final.labels, arrays=arrays)
