@@ -538,6 +538,12 @@ def amend_finished(out: str, files: dict[str, bytes],
       raise ConfigError(
           f"{out!r} holds files named {', '.join(foreign)} that its run "
           "did not write; they are left alone (move them away first)")
+    folders = [n for n in files if os.path.isdir(os.path.join(out, n))
+               and not os.path.islink(os.path.join(out, n))]
+    if folders:  # refused before any write (not half-way through them)
+      raise ConfigError(
+          f"{out!r} holds folders named {', '.join(folders)} where the run "
+          "wrote files; they are left alone (move them away first)")
     for name, data in files.items():
       atomic_write(os.path.join(out, name), lambda f, d=data: f.write(d),
                    mode="wb")

@@ -475,3 +475,20 @@ def test_report_of_deeply_nested_or_overflowing_json_is_one_line(
     assert cli.main(["report", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("dpgeng: error:") and "Traceback" not in err
+
+
+def test_report_over_a_folder_in_an_outputs_place_writes_nothing(
+    finished_run, tmp_path, capsys):
+  """A folder where report.html was: the rebuild had rewritten the PNGs
+  and then failed, leaving them out of step with report.html and the
+  manifest; it is refused before any write."""
+  import shutil
+  out = tmp_path / "run"
+  shutil.copytree(finished_run, out)
+  os.remove(out / "report.html")
+  (out / "report.html").mkdir()
+  before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+  assert cli.main(["report", str(out)]) == 2
+  assert "holds folders named report.html" in capsys.readouterr().err
+  assert {p: p.stat().st_mtime_ns for p in out.rglob("*")
+          if p.is_file()} == before
