@@ -84,10 +84,16 @@ def test_two_process_run_gives_the_one_process_sums(tmp_path):
   np.testing.assert_allclose(got["sums"], np.asarray(want), rtol=1e-4,
                              atol=1e-5)
   # With noise (sigma 1, C 0.5): both processes hold the same release (the
-  # noise key is broadcast, the noise added once), of std sigma C.
+  # noise key is broadcast, the noise added once), and what it added is
+  # the one-process release's noise for that key, of std sigma C (the
+  # band alone let 0.75-1.25 sigma pass).
   noisy = [np.load(f"{out}.noisy{i}.npy") for i in range(2)]
+  alone = [np.load(f"{out}.noise{i}.npy") for i in range(2)]
   np.testing.assert_array_equal(noisy[0], noisy[1])
-  resid = (noisy[0] - got["sums"]).ravel()
+  np.testing.assert_array_equal(alone[0], alone[1])
+  resid = noisy[0] - got["sums"]
+  np.testing.assert_allclose(resid, alone[0], rtol=0, atol=1e-5 * max(
+      1.0, float(np.abs(noisy[0]).max())))
   assert resid.size >= 90 and 0.36 < np.std(resid) < 0.64, np.std(resid)
   loss = lambda p, b: cross_entropy(model, p, *b)
   grad = jax.jit(lambda p: clipped_grad_sum(

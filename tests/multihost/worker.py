@@ -67,6 +67,16 @@ def main():
           data, params, augment.identity_params((K,)), secret)
   np.save(f"{out}.noisy{pid}.npy", np.asarray(noisy))
   assert not bool(over_n)
+  # The noise alone, from the same key on this process's first device
+  # (the one-process release of no rows): what the sharded release must
+  # have added to its sums.
+  empty = mechanisms.ClassMajorData(np.zeros((K, 4, 8, 8, 1), np.float32),
+                                    np.zeros((K, 4), np.float32))
+  alone, _ = jax.jit(functools.partial(
+      mechanisms.noisy_targets,
+      dataclasses.replace(spec, noise_multiplier=1.0)))(
+          empty, params, augment.identity_params((K,)), secret)
+  np.save(f"{out}.noise{pid}.npy", np.asarray(alone))
 
   # DP-SGD gradient with q = 1 and no noise: the clipped gradient sum.
   n_loc = 10
