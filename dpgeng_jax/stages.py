@@ -270,6 +270,14 @@ def _spent_generator(mechs, finished: bool = False,
           f"it failed are spent as well{kept}")
 
 
+def _releases_saved(run: Run) -> bool:
+  """Whether the run's store holds a private release (the counts', or a
+  generator's checkpointed ones): a failure then keeps the run to
+  resume (StageFailed) instead of a new run drawing them again."""
+  return _partial_count(run) > 0 or (run.plan.count_release
+                                     and run.done("class_sizes"))
+
+
 def _partial_count(run: Run) -> int:
   """How many releases the generate stage has checkpointed."""
   if run.store is None:
@@ -481,8 +489,7 @@ def generate(run: Run, budget: Budget, sizes, secret: jax.Array,
       # (accounted in delta, nothing released) stays one.
       if isinstance(e, PrivacyAbort):
         raise
-      kept = _partial_count(run) > 0 or (run.plan.count_release
-                                         and run.done("class_sizes"))
+      kept = _releases_saved(run)
       raise (StageFailed if kept else ConfigError)(
           f"generator {plan.generator}: {e}" + _spent_counts(
               budget, sizes, run.cfg.delta, "it failed after", saved=kept)
@@ -492,8 +499,7 @@ def generate(run: Run, budget: Budget, sizes, secret: jax.Array,
           out.x, out.y, image_shape=run.image_shape,
           num_classes=run.num_classes)
     except DataError as e:
-      kept = _partial_count(run) > 0 or (run.plan.count_release
-                                         and run.done("class_sizes"))
+      kept = _releases_saved(run)
       raise (StageFailed if kept else ConfigError)(
           f"generator {plan.generator} returned images the run cannot use: "
           f"{e}" + _spent_counts(budget, sizes, run.cfg.delta,
