@@ -271,15 +271,21 @@ class RunDirectory:
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     self._lock_fd = fd
 
+  def _staged(self) -> list[str]:
+    """What the staging folder holds, less the old folders a publish moved
+    aside there (deleted with it; they are no run)."""
+    if not os.path.isdir(self.staging):
+      return []
+    return [n for n in os.listdir(self.staging)
+            if not n.startswith(_REPLACED)]
+
   def _check_resumable(self) -> None:
     # A staged stage record is an unfinished run (a publish moves it out
     # of staging before its manifest), also where the manifest of an
     # earlier run it was to replace (--overwrite) is still there.
-    staged = [n for n in (os.listdir(self.staging)
-                          if os.path.isdir(self.staging) else [])
-              if not n.startswith(_REPLACED)]  # a publish's old folders
     if read_manifest(self.out) is not None and not any(
-        _holds_stage_record(os.path.join(self.staging, n)) for n in staged):
+        _holds_stage_record(os.path.join(self.staging, n))
+        for n in self._staged()):
       raise ConfigError(f"--resume {self.out!r}: that {self.what} has "
                         "finished; there is nothing to resume")
     if not (os.path.isdir(self.staging) and os.listdir(self.staging)):
@@ -339,8 +345,7 @@ class RunDirectory:
       raise ConfigError(f"--out {out!r} already holds a finished "
                         f"{self.what}; choose another directory or pass "
                         "--overwrite")
-    if os.path.isdir(self.staging) and [
-        n for n in os.listdir(self.staging) if not n.startswith(_REPLACED)]:
+    if self._staged():
       raise ConfigError(
           f"--out {out!r} holds an unfinished {self.what} (stopped before "
           f"it was published: killed, interrupted or failed; its saved "

@@ -546,8 +546,6 @@ def _read(path: str) -> bytes:
 
 
 def _load_json(path: str) -> dict | None:
-  if not os.path.lexists(path):
-    return None
   try:
     return json.loads(_read(path))
   except FileNotFoundError:

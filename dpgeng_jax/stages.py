@@ -270,12 +270,18 @@ def _spent_generator(mechs, finished: bool = False,
           f"it failed are spent as well{kept}")
 
 
-def _releases_saved(run: Run) -> bool:
-  """Whether the run's store holds a private release (the counts', or a
-  generator's checkpointed ones): a failure then keeps the run to
-  resume (StageFailed) instead of a new run drawing them again."""
-  return _partial_count(run) > 0 or (run.plan.count_release
-                                     and run.done("class_sizes"))
+def _generator_failed(run: Run, budget: Budget, sizes, mechs, what: str,
+                      finished: bool = False) -> ConfigError:
+  """The error for a generator that failed after the count release, naming
+  what is spent: StageFailed (the run is kept to resume) where the store
+  holds a private release (the counts', or the generator's checkpointed
+  ones), so that a new run does not draw them again; else ConfigError."""
+  saved = _partial_count(run)
+  kept = saved > 0 or (run.plan.count_release and run.done("class_sizes"))
+  return (StageFailed if kept else ConfigError)(
+      what + _spent_counts(budget, sizes, run.cfg.delta, "it failed after",
+                           saved=kept)
+      + _spent_generator(mechs, finished=finished, saved=saved))
 
 
 def _partial_count(run: Run) -> int:
@@ -489,23 +495,16 @@ def generate(run: Run, budget: Budget, sizes, secret: jax.Array,
       # (accounted in delta, nothing released) stays one.
       if isinstance(e, PrivacyAbort):
         raise
-      kept = _releases_saved(run)
-      raise (StageFailed if kept else ConfigError)(
-          f"generator {plan.generator}: {e}" + _spent_counts(
-              budget, sizes, run.cfg.delta, "it failed after", saved=kept)
-          + _spent_generator(mechs, saved=_partial_count(run))) from e
+      raise _generator_failed(run, budget, sizes, mechs,
+                              f"generator {plan.generator}: {e}") from e
     try:  # a plug-in's answer, as external files are checked
       out.x, out.y = generators.check_images(
           out.x, out.y, image_shape=run.image_shape,
           num_classes=run.num_classes)
     except DataError as e:
-      kept = _releases_saved(run)
-      raise (StageFailed if kept else ConfigError)(
-          f"generator {plan.generator} returned images the run cannot use: "
-          f"{e}" + _spent_counts(budget, sizes, run.cfg.delta,
-                                 "it failed after", saved=kept)
-          + _spent_generator(mechs, finished=True,
-                             saved=_partial_count(run))) from e
+      raise _generator_failed(
+          run, budget, sizes, mechs, f"generator {plan.generator} returned "
+          f"images the run cannot use: {e}", finished=True) from e
     arrays = {"x_gen": out.x, "y_gen": out.y, **out.arrays}
     if out.counts is not None:
       arrays["noisy_counts"] = out.counts

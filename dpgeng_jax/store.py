@@ -333,17 +333,7 @@ class StageStore:
   def drop_partial(self, stage: str) -> None:
     """Forgets and deletes `stage`'s checkpointed releases (the finished
     stage holds them)."""
-    name = stage + PARTIAL
-    state = self.state()
-    if name in state["finished"] or name in state["info"]:
-      for key in ("info", "digests", "folders"):
-        if isinstance(state.get(key), dict):
-          state[key].pop(name, None)
-      if name in state["finished"]:
-        state["finished"].remove(name)
-      self._write_state()
-    for d in (name, name + _RESAVED):
-      shutil.rmtree(os.path.join(self.root, d), ignore_errors=True)
+    self.forget(stage + PARTIAL)
 
   def _save(self, name: str, arrays: dict | None, trees: dict | None,
             info: Any) -> None:
@@ -440,11 +430,17 @@ class StageStore:
     return dict(self.state().get("timings_s", {})) if self.exists() else {}
 
   def forget(self, name: str) -> None:
-    """Marks a stage unfinished (a superseded distillation checkpoint)."""
+    """Removes a saved stage: its record entries and its folders."""
     state = self.state()
-    if name in state["finished"]:
-      state["finished"].remove(name)
+    if name in state["finished"] or name in state["info"]:
+      for key in ("info", "digests", "folders"):
+        if isinstance(state.get(key), dict):
+          state[key].pop(name, None)
+      if name in state["finished"]:
+        state["finished"].remove(name)
       self._write_state()
+    for d in (name, name + _RESAVED):
+      shutil.rmtree(os.path.join(self.root, d), ignore_errors=True)
 
   def published_state(self) -> dict:
     """The record as published with the run: without the data's

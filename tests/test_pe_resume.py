@@ -122,13 +122,13 @@ def _counter(seen):
 def test_saved_releases_that_do_not_fit_the_configuration_are_refused():
   cfg = pe.PEConfig(iterations=2, population=4)
   with pytest.raises(ValueError, match="do not fit"):
-    pe._saved_releases(np.zeros((3, 2, 4)), 2, 2, 4, False)  # too many
+    pe._checked_releases(np.zeros((3, 2, 4)), 2, 2, 4, False)  # too many
   with pytest.raises(ValueError, match="do not fit"):
-    pe._saved_releases(np.zeros((1, 2, 5)), 2, 2, 4, False)  # other N_s
+    pe._checked_releases(np.zeros((1, 2, 5)), 2, 2, 4, False)  # other N_s
   with pytest.raises(ValueError, match="public-only"):
-    pe._saved_releases(np.zeros((1, 2, 4)), 2, 2, 4, True)
-  assert len(pe._saved_releases(np.zeros((2, 2, 4)), cfg.iterations, 2,
-                                cfg.population, False)) == 2
+    pe._checked_releases(np.zeros((1, 2, 4)), 2, 2, 4, True)
+  assert len(pe._checked_releases(np.zeros((2, 2, 4)), cfg.iterations, 2,
+                                  cfg.population, False)) == 2
 
 
 def test_saved_releases_drawn_with_other_pe_settings_are_refused():
@@ -137,12 +137,12 @@ def test_saved_releases_drawn_with_other_pe_settings_are_refused():
   votes cast for other candidates."""
   gen = pe.PrivateEvolution("text", pe.PEConfig(iterations=2, k=1))
   saved = {pe.RELEASES: np.zeros((1, 2, 4)), pe.SETUP: gen._setup(3.0)}
-  assert gen._saved_releases(saved, 3.0).shape == (1, 2, 4)
-  assert gen._saved_releases(None, 3.0) is None
+  assert gen._saved_releases(saved, gen._setup(3.0)).shape == (1, 2, 4)
+  assert gen._saved_releases(None, gen._setup(3.0)) is None
   for other, sigma in ((pe.PrivateEvolution(
       "text", pe.PEConfig(iterations=2, k=2)), 3.0), (gen, 2.5)):
     with pytest.raises(ValueError, match="drawn with other settings"):
-      other._saved_releases(saved, sigma)
+      other._saved_releases(saved, other._setup(sigma))
 
 
 def test_a_generated_set_the_run_cannot_use_keeps_the_run_to_resume(

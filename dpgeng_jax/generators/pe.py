@@ -225,8 +225,8 @@ def evolve(api, embed, priv_emb, y, mask, *, key: jax.Array,
   kill after that call loses no release (a resumed run reuses it), and a
   kill before it lost only a release nothing outside the process saw."""
   pop_n, t_max = cfg.population, cfg.iterations
-  released = _saved_releases(released, t_max, num_classes, pop_n,
-                             cfg.public_only)
+  released = _checked_releases(released, t_max, num_classes, pop_n,
+                               cfg.public_only)
   k_random, k_loop = jax.random.split(key)
   first = _class_major(num_classes, pop_n)
   samples = _checked(api.random(k_random, first), first, image_shape,
@@ -276,8 +276,8 @@ def evolve(api, embed, priv_emb, y, mask, *, key: jax.Array,
   return samples, released, np.stack([h[:, :m] for h in history])
 
 
-def _saved_releases(saved, iterations: int, num_classes: int,
-                    population: int, public_only: bool) -> list:
+def _checked_releases(saved, iterations: int, num_classes: int,
+                      population: int, public_only: bool) -> list:
   """An earlier attempt's checkpointed histograms as a list, checked
   against this configuration (at most T of shape (K, N_s), finite)."""
   if saved is None:
@@ -399,24 +399,24 @@ class PrivateEvolution:
     return np.asarray(json.dumps({**fields, "noise_multiplier": sigma,
                                   "api": self.name}, sort_keys=True))
 
-  def _saved_releases(self, saved, sigma: float):
+  def _saved_releases(self, saved, setup: np.ndarray):
     """The releases an earlier attempt checkpointed, if drawn with these
-    settings (refused otherwise: votes for other candidates)."""
+    settings, `_setup` (refused otherwise: votes for other candidates)."""
     if not saved or RELEASES not in saved:
       return None
-    if str(saved.get(SETUP)) != str(self._setup(sigma)):
+    if str(saved.get(SETUP)) != str(setup):
       raise ValueError(
           f"the {len(saved[RELEASES])} saved PE releases of this run were "
-          f"drawn with other settings ({saved.get(SETUP)}, now "
-          f"{self._setup(sigma)}): resume with the generator that drew "
-          "them, or start a new run (--overwrite; those releases are "
-          "spent)")
+          f"drawn with other settings ({saved.get(SETUP)}, now {setup}): "
+          "resume with the generator that drew them, or start a new run "
+          "(--overwrite; those releases are spent)")
     return saved[RELEASES]
 
   def generate(self, ctx: Context, secret: jax.Array, mechanisms) -> Output:
     if not self.cfg.public_only:
       mechanisms = check_mechanisms(self, mechanisms)
     sigma = 0.0 if self.cfg.public_only else mechanisms[0].noise_multiplier
+    setup = self._setup(sigma)
     k_api, k_embed, k_evolve = jax.random.split(ctx.key, 3)
     api = self.image_api(ctx.image_shape, ctx.num_classes, k_api)
     embed = embeddings.make(self.cfg.embedding, key=k_embed, api=api,
@@ -438,10 +438,10 @@ class PrivateEvolution:
           cfg=self.cfg, num_classes=ctx.num_classes,
           normalize=ctx.normalize, per_class=ctx.per_class, mesh=ctx.mesh,
           progress=bar.update, image_shape=ctx.image_shape,
-          released=self._saved_releases(ctx.saved, sigma),
+          released=self._saved_releases(ctx.saved, setup),
           on_release=None if ctx.checkpoint is None else (
-              lambda noisy: ctx.checkpoint({
-                  RELEASES: noisy, SETUP: self._setup(sigma)})))
+              lambda noisy: ctx.checkpoint({RELEASES: noisy,
+                                            SETUP: setup})))
     arrays = {"history": history}
     if self.cfg.public_only:
       return Output(final.images, final.labels, arrays=arrays)
