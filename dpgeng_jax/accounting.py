@@ -59,6 +59,11 @@ MAX_SHARE_RATIO = 1e12
 # its padded capacity, a class above its released upper bound); the
 # mechanisms are accounted at the rest. See `failure_log_tail`.
 FAILURE_FRACTION = 1e-3
+# Share of the target delta reserved for the noise sampler's bounded support
+# (noise.support_delta: where a neighbour's release lies beyond the depth
+# out to which the sampler's law is exact); a run whose noise would need
+# more is refused (planning.mechanisms_for).
+SUPPORT_FRACTION = 1e-9
 
 
 # ---------------------------------------------------------------------------
@@ -750,23 +755,31 @@ def failure_delta(epsilon: float, events: int, log_tail: float) -> float:
 class DeltaSplit:
   """How the target delta is spent.
 
-  total = external + abort + mechanisms, where `external` is the declared
-  delta of external generated data (basic composition), `abort` the
-  FAILURE_FRACTION * total reserved for abort events when the run has any
-  (`failure_log_tail`), and `mechanisms` the delta at which the run's own
-  composed event is accounted.
+  total = external + abort + sampler + mechanisms, where `external` is the
+  declared delta of external generated data (basic composition), `abort`
+  the FAILURE_FRACTION * total reserved for abort events when the run has
+  any (`failure_log_tail`), `sampler` the SUPPORT_FRACTION * total
+  reserved for the noise sampler's bounded support when `support` is set
+  (a run that draws noise; noise.support_delta must fit in it), and
+  `mechanisms` the delta at which the run's own composed event is
+  accounted.
   """
   total: float
   external: float = 0.0
   reserve: bool = True
+  support: bool = False
 
   @property
   def abort(self) -> float:
     return FAILURE_FRACTION * self.total if self.reserve else 0.0
 
   @property
+  def sampler(self) -> float:
+    return SUPPORT_FRACTION * self.total if self.support else 0.0
+
+  @property
   def mechanisms(self) -> float:
-    return self.total - self.external - self.abort
+    return self.total - self.external - self.abort - self.sampler
 
   def log_tail(self, epsilon: float, events: int) -> float:
     """log tau for `events` abort events (see `failure_log_tail`)."""
@@ -876,6 +889,7 @@ def privacy_report(mechanisms: Sequence[Mechanism], *, target_epsilon: float,
       "delta": split.total,
       "delta_mechanisms": d,
       "delta_abort_events": split.abort,
+      "delta_sampler_support": split.sampler,
       "delta_external": split.external,
       "abort_events": abort_events,
       "neighbouring_relation": ADJACENCY,
@@ -911,7 +925,8 @@ def check_report(record: dict, rel_tol: float = 1e-6) -> list[str]:
     target = float(record["target_epsilon"])
     d = float(record["delta_mechanisms"])
     parts = (float(record["delta_external"]),
-             float(record["delta_abort_events"]), d)
+             float(record["delta_abort_events"]),
+             float(record.get("delta_sampler_support", 0.0)), d)
     ext = record.get("external_generated_data") or {}
     eps_ext = float(ext.get("epsilon", 0.0))
   except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -958,6 +973,13 @@ def check_report(record: dict, rel_tol: float = 1e-6) -> list[str]:
   if record.get("epsilon") != headline:
     problems.append(f"epsilon {record.get('epsilon')} is not its "
                     f"accountant's figure {headline}")
+  if record.get("private") and mechs:
+    from dpgeng_jax import noise  # pylint: disable=import-outside-toplevel
+    extra = noise.support_delta(mechs)
+    if extra > max(parts[2], noise.SUPPORT_FLOOR):
+      problems.append(f"its noise is too small for the sampler's support: "
+                      f"{extra:.3g} more delta than the {parts[2]:.3g} "
+                      "reserved (delta_sampler_support)")
   meets = bool(record.get("private")) and headline is not None and (
       headline <= target)
   if record.get("meets_target") != meets:

@@ -408,6 +408,8 @@ def _plan(cfg: Config) -> int:
         f"({report['accountant']}) at "
         f"delta {report['delta']:g} = {report['delta_mechanisms']:.6g} "
         f"(mechanisms) + {report['delta_abort_events']:.3g} (abort events)"
+        + (f" + {report['delta_sampler_support']:.3g} (sampler support)"
+           if report.get("delta_sampler_support") else "")
         + (f" + {report['delta_external']:.3g} (external)"
            if report["delta_external"] else ""))
   for note in report["notes"]:

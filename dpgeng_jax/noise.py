@@ -37,12 +37,15 @@ exponent bits zero) u is capped at 2^-129, i.e. |z| at about 13.2 sigma;
 the law is exact out to EXACT_Z (13.1). At a very small noise multiplier
 sigma a neighbouring release (shifted by 1/sigma standard deviations)
 lands beyond that with a probability that is not small: the delta this
-adds is `support_delta`, and a run whose calibrated noise would make it
-above SUPPORT_FRACTION * delta (and above SUPPORT_FLOOR) is refused
-(planning.mechanisms_for; at the default shares and delta 1e-5, epsilon
-200 passes and 300 is refused). The float64 ndtri and the 2^-52 grid of
-u deform the law by ~1e-15 relatively. Neither the cap's own 2^-128 nor
-that deformation is accounted.
+adds is `support_delta`. A run reserves accounting.SUPPORT_FRACTION of
+its delta for it (privacy.json's `delta_sampler_support`, part of the
+headline delta), and a run whose calibrated noise would need more (and
+more than SUPPORT_FLOOR) is refused (planning.mechanisms_for; at the
+default shares and delta 1e-5, epsilon 200 passes and 300 is refused).
+The float64 ndtri and the 2^-52 grid of u deform the law by ~1e-15
+relatively. Neither the cap's own 2^-128, nor that deformation, nor a
+support_delta below SUPPORT_FLOOR beyond the reserve (delta < 8e-22) is
+accounted.
 
 Secret keys (`secret_key`) hold 128 bits of OS entropy: they use the
 `threefry2x32x2` PRNG defined here, two independent Threefry-2x32 streams
@@ -65,10 +68,8 @@ from jax.extend import random as jex_random
 _HALF = "threefry2x32"
 WORDS_PER_NORMAL = 6  # sign + mantissa (2 words), exponent stream (4 words)
 EXPONENT_BITS = 128
-# |z| out to which the sampler's law is exact (u / 2 >= 2^-129), and the
-# share of a run's delta that its bounded support may add at most.
+# |z| out to which the sampler's law is exact (u / 2 >= 2^-129).
 EXACT_Z = 13.10862617448018  # -ndtri(2^-(EXPONENT_BITS + 1))
-SUPPORT_FRACTION = 1e-9
 SUPPORT_FLOOR = 2.0**-100  # below this, as negligible as the 2^-128 cap
 # Releases are rounded to multiples of stddev * SNAP (add_gaussian_noise).
 SNAP = 2.0**-20

@@ -368,10 +368,12 @@ def abort_events(cfg: Config, plan: Plan, num_classes: int) -> int:
 def delta_split(cfg: Config, plan: Plan) -> accounting.DeltaSplit:
   """How the run spends its delta (reads no data): a reserve for abort
   events whenever it has any (their count does not change the split, only
-  the per-event tail)."""
+  the per-event tail), and one for the noise sampler's bounded support
+  (noise.support_delta) whenever it draws noise."""
   return accounting.DeltaSplit(cfg.delta,
                                plan.external[1] if plan.external else 0.0,
-                               reserve=abort_events(cfg, plan, 1) > 0)
+                               reserve=abort_events(cfg, plan, 1) > 0,
+                               support=cfg.method != "dm")
 
 
 def mechanisms_for(cfg: Config, plan: Plan) -> list[accounting.Mechanism]:
@@ -427,19 +429,21 @@ def mechanisms_for(cfg: Config, plan: Plan) -> list[accounting.Mechanism]:
   except ValueError as e:
     raise ConfigError(str(e)) from e
   if not cfg.deterministic:  # a deterministic run claims no guarantee
-    _check_sampler_support(cfg, cal)
+    _check_sampler_support(cfg, [*plan.fixed, *cal], split)
   return [*plan.fixed, *cal]
 
 
-def _check_sampler_support(cfg: Config, cal) -> None:
+def _check_sampler_support(cfg: Config, mechs, split) -> None:
   """Refuses noise so small that the sampler's bounded support (exact out
-  to noise.EXACT_Z standard deviations) would add more than
-  noise.SUPPORT_FRACTION of delta (noise.support_delta), or 2^-100 where
-  that is larger (the size of the support's own unaccounted mass, 2^-128
-  per coordinate, at any noise)."""
-  extra = noise.support_delta(cal)
-  if extra > max(noise.SUPPORT_FRACTION * cfg.delta, noise.SUPPORT_FLOOR):
-    low = min(cal, key=lambda m: m.noise_multiplier)
+  to noise.EXACT_Z standard deviations) would add more to delta
+  (noise.support_delta) than the split reserves for it
+  (accounting.SUPPORT_FRACTION of delta), or 2^-100 where that is larger
+  (the size of the support's own unaccounted mass, 2^-128 per coordinate,
+  at any noise)."""
+  extra = noise.support_delta(mechs)
+  if extra > max(split.sampler, noise.SUPPORT_FLOOR):
+    low = min((m for m in mechs if m.noise_multiplier > 0),
+              key=lambda m: m.noise_multiplier)
     raise ConfigError(
         f"epsilon {cfg.epsilon} at delta {cfg.delta:g} needs noise as small "
         f"as {low.noise_multiplier:.3g} times the sensitivity "

@@ -456,6 +456,8 @@ def html(privacy: dict, config: dict, metrics: dict | None,
       ["neighbouring relation", privacy.get("neighbouring_relation")],
       ["delta of the mechanisms", privacy.get("delta_mechanisms")],
       ["delta of the abort events", privacy.get("delta_abort_events")],
+      ["delta reserved for the noise sampler's bounded support",
+       privacy.get("delta_sampler_support")],
   ]
   ext = privacy.get("external_generated_data")
   parts = [

@@ -255,11 +255,21 @@ def test_plan_is_right_across_the_range(capsys, epsilon, delta):
   assert 0.995 * float(epsilon) <= report["epsilon"] <= float(epsilon)
   for m in report["mechanisms"]:
     assert 0 < m["noise_multiplier"] < 1e3, m
-  # The headline delta holds the abort events' share.
+  # The headline delta holds the abort events' and the sampler's shares,
+  # and the sampler's support adds no more than its share.
+  from dpgeng_jax import accounting, noise
   assert report["delta"] == float(delta)
   assert 0 < report["delta_abort_events"] < report["delta"]
-  assert report["delta_mechanisms"] + report["delta_abort_events"] == (
-      pytest.approx(float(delta), rel=1e-12))
+  assert report["delta_sampler_support"] == pytest.approx(
+      accounting.SUPPORT_FRACTION * float(delta), rel=1e-12)
+  assert report["delta_mechanisms"] + report["delta_abort_events"] + (
+      report["delta_sampler_support"]) == pytest.approx(float(delta),
+                                                        rel=1e-15)
+  mechs = [accounting.Mechanism(m["name"], m["noise_multiplier"],
+                                m["sampling_rate"], m["steps"])
+           for m in report["mechanisms"]]
+  assert noise.support_delta(mechs) <= max(report["delta_sampler_support"],
+                                           noise.SUPPORT_FLOOR)
 
 
 @pytest.mark.parametrize("kw", [{"epsilon": 1000.0}, {"epsilon": 300.0},
@@ -274,6 +284,30 @@ def test_noise_too_small_for_the_samplers_support_is_refused(kw):
                      "13.1 standard deviations"):
     pipeline.plan_budget(Config(**kw))
   pipeline.plan_budget(Config(deterministic=True, **kw))
+
+
+def test_privacy_report_flags_noise_beyond_the_samplers_reserve():
+  """check_report recomputes the sampler's support delta from the listed
+  mechanisms: a record whose noise needs more than its reserve (here a
+  noise multiplier of 0.15: a neighbour 6.7 sd away reaches the sampler's
+  inexact tail with probability ~6e-11, above the 1e-14 reserved at
+  delta 1e-5) is flagged; 0.2 (~3e-16) fits; a record with no reserve
+  (written before it existed) is flagged only above 2^-100."""
+  from dpgeng_jax import accounting as A
+  split = A.DeltaSplit(1e-5, support=True)
+  def record(sigma, split=split):
+    return A.privacy_report([A.Mechanism("m", sigma, 1.0, 1)],
+                            target_epsilon=1000.0, delta=1e-5, private=True,
+                            public_metadata=[], split=split)
+  assert record(0.15)["delta_sampler_support"] == pytest.approx(1e-14)
+  assert [p for p in A.check_report(record(0.15)) if "sampler" in p]
+  assert not A.check_report(record(0.2))
+  old = record(3.0, A.DeltaSplit(1e-5))
+  del old["delta_sampler_support"]
+  assert not A.check_report(old)
+  old = record(0.2, A.DeltaSplit(1e-5))
+  del old["delta_sampler_support"]
+  assert [p for p in A.check_report(old) if "sampler" in p]
 
 
 def test_the_samplers_support_bound_matches_its_draws():
