@@ -514,6 +514,10 @@ def html(privacy: dict, config: dict, metrics: dict | None,
 # The most a file of the run is read into memory for the report (its
 # JSON records and the PNGs it copies); the tool writes far smaller ones.
 MAX_READ = 64 << 20
+# The arrays of one npz file of a run, uncompressed (its zip directory's
+# sizes, checked before any is read: a small compressed file could
+# otherwise expand to more memory than the machine has).
+MAX_NPZ_BYTES = 8 << 30
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -601,8 +605,52 @@ def _npz(out: str, name: str) -> dict:
   except DataError as e:
     raise ConfigError(f"{out!r}: {e}; edited or damaged: run the "
                       "distillation again") from None
-  with np.load(os.path.join(out, name)) as d:
+  path = os.path.join(out, name)
+  with zipfile.ZipFile(path) as z:
+    size = sum(i.file_size for i in z.infolist())
+  if size > MAX_NPZ_BYTES:
+    raise ConfigError(f"{path} expands to {size} bytes, more than the "
+                      f"{MAX_NPZ_BYTES} a report reads; edited or damaged: "
+                      "run the distillation again")
+  with np.load(path, allow_pickle=False) as d:
     return {k: d[k] for k in d.files}
+
+
+def _check_arrays(out: str, x, y, what: str, class_major: bool,
+                  num_classes: int | None = None) -> int:
+  """Refuses images and labels that are not as the run writes them:
+  images (n, H, W, C) of finite numbers, integer labels (n,) in
+  [0, num_classes) (class-major with the same number per class for the
+  distilled set, whose labels define the classes); returns the number of
+  classes. A report draws one grid row per class: a label of 10^8 in an
+  edited file would have allocated rows for all of them."""
+  x, y = np.asarray(x), np.asarray(y)
+  problem = None
+  if x.ndim != 4 or not x.size:
+    problem = f"images of shape {x.shape}, not (n, H, W, C)"
+  elif not (np.issubdtype(x.dtype, np.floating)
+            or np.issubdtype(x.dtype, np.integer)):
+    problem = f"images of dtype {x.dtype}"
+  elif not np.all(np.isfinite(x)):
+    problem = "images with non-finite values"
+  elif (y.ndim != 1 or len(y) != len(x)
+        or not np.issubdtype(y.dtype, np.integer)):
+    problem = (f"labels of shape {y.shape} and dtype {y.dtype} for "
+               f"{len(x)} images")
+  elif y.min() < 0 or (num_classes is not None and y.max() >= num_classes):
+    problem = (f"labels in [{y.min()}, {y.max()}], outside [0, "
+               f"{num_classes})")
+  elif class_major:
+    k = int(y.max()) + 1
+    if len(y) % k or not np.array_equal(
+        y, np.repeat(np.arange(k), len(y) // k)):
+      problem = ("labels that are not class-major with the same number "
+                 "of images per class")
+  if problem:
+    raise ConfigError(f"{out!r}: {what} holds {problem}; the run wrote "
+                      "otherwise (edited or damaged): run the "
+                      "distillation again")
+  return int(y.max()) + 1
 
 
 def _check_privacy_record(out: str, privacy: dict, config: dict) -> None:
@@ -646,10 +694,19 @@ def _files_from_run(out: str, manifest: dict) -> dict[str, bytes]:
   privacy, config, metrics = records.values()
   _check_privacy_record(out, privacy, config)
   arrays = _npz(out, "distilled.npz")
+  k = _check_arrays(out, arrays["x"], arrays["y"], "distilled.npz",
+                    class_major=True)
+  if "x_decoded" in arrays and "y_decoded" in arrays:
+    _check_arrays(out, arrays["x_decoded"], arrays["y_decoded"],
+                  "distilled.npz's decoded images", class_major=True,
+                  num_classes=k)
   gen = {}
   gen_path = os.path.join("stages", "generate", "arrays.npz")
   if os.path.exists(os.path.join(out, gen_path)):
     gen = _npz(out, gen_path)
+    if "x_gen" in gen and "y_gen" in gen:
+      _check_arrays(out, gen["x_gen"], gen.get("y_gen"), gen_path,
+                    class_major=False, num_classes=k)
   x_init = None
   init_path = os.path.join("stages", "init", "arrays.npz")
   norm = config.get("normalisation")

@@ -271,6 +271,74 @@ def test_report_of_run_files_that_are_not_the_runs_is_a_one_line_error(
   assert (out / "report.html").read_bytes() == before
 
 
+def _huge_label(d):
+  d["y"] = d["y"].copy()
+  d["y"][-1] = 10 ** 8  # one grid row per class: 10^8 rows
+
+
+def _gen_label_beyond(d):
+  d["y_gen"] = d["y_gen"].copy()
+  d["y_gen"][0] = 10 ** 8
+
+
+def _nan_image(d):
+  d["x"] = d["x"].copy()
+  d["x"][0, 0, 0, 0] = np.nan
+
+
+def _float_labels(d):
+  d["y"] = d["y"].astype(np.float32)
+
+
+CRAFTED = {
+    "label_1e8": ("distilled.npz", _huge_label, "labels that are not "
+                  "class-major"),
+    "generated_label_1e8": ("stages/generate/arrays.npz", _gen_label_beyond,
+                            "labels in [0, 100000000], outside [0, "),
+    "nan_image": ("distilled.npz", _nan_image, "non-finite"),
+    "float_labels": ("distilled.npz", _float_labels, "dtype float32"),
+}
+
+
+@pytest.mark.parametrize("name, edit, message", CRAFTED.values(),
+                         ids=CRAFTED.keys())
+def test_report_of_crafted_run_arrays_is_a_one_line_error(
+    finished_run, tmp_path, capsys, name, edit, message):
+  """Arrays that are not as the run writes them are refused before any
+  figure is drawn: a label of 10^8 made the report allocate grid rows for
+  10^8 classes."""
+  import shutil
+  out = tmp_path / "run"
+  shutil.copytree(finished_run, out)
+  before = (out / "report.html").read_bytes()
+  with np.load(out / name) as z:
+    d = {k: z[k] for k in z.files}
+  edit(d)
+  np.savez(out / name, **d)
+  assert cli.main(["report", str(out)]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("dpgeng: error:") and message in err, err
+  assert "Traceback" not in err and err.count("\n") == 1
+  assert (out / "report.html").read_bytes() == before
+
+
+def test_report_refuses_an_npz_that_expands_beyond_its_limit(
+    finished_run, tmp_path, capsys, monkeypatch):
+  """The zip directory's uncompressed sizes are checked before any array
+  is read (a few kilobytes of compressed zeros can expand to gigabytes);
+  shown with the limit lowered below the run's own distilled.npz."""
+  import shutil
+  out = tmp_path / "run"
+  shutil.copytree(finished_run, out)
+  size = (out / "distilled.npz").stat().st_size
+  monkeypatch.setattr(report, "MAX_NPZ_BYTES", size // 2)
+  assert cli.main(["report", str(out)]) == 2
+  err = capsys.readouterr().err
+  assert "distilled.npz expands to" in err and "Traceback" not in err
+  monkeypatch.setattr(report, "MAX_NPZ_BYTES", size)
+  assert cli.main(["report", str(out)]) == 0
+
+
 def test_a_tensorboard_path_that_is_a_file_is_refused_before_any_work(
     tmp_path, capsys, monkeypatch):
   from dpgeng_jax import data
