@@ -164,6 +164,9 @@ class RunDirectory:
     self._created: list[str] = []
     self._written: list[str] = []
     self._before_move: dict[str, Callable[[], None]] = {}
+    # How messages name the directory: the option a run was given it by
+    # (`dpgeng report DIR` takes it as an argument: amend_finished).
+    self.label = f"--out {out!r}"
 
   # -- start -------------------------------------------------------------
 
@@ -226,10 +229,10 @@ class RunDirectory:
       except OSError as e:
         if e.errno == errno.ELOOP:
           raise ConfigError(
-              f"--out {self.out!r}: its lock {path} is a symbolic link; "
+              f"{self.label}: its lock {path} is a symbolic link; "
               "remove it (this tool only writes a regular file there)"
           ) from None
-        raise ConfigError(f"--out {self.out!r} is not writable: "
+        raise ConfigError(f"{self.label} is not writable: "
                           f"{_reason(e)}") from e
       st = os.fstat(fd)
       if st.st_nlink == 0:  # removed by its holder since our open
@@ -241,7 +244,7 @@ class RunDirectory:
         os.close(fd)
         what = ("not a regular file" if not stat.S_ISREG(st.st_mode)
                 else "a hard link to another file")
-        raise ConfigError(f"--out {self.out!r}: its lock {path} is {what}, "
+        raise ConfigError(f"{self.label}: its lock {path} is {what}, "
                           "not a file this tool made; remove it")
       try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -250,7 +253,7 @@ class RunDirectory:
         os.close(fd)
         if e.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
           raise ConfigError(
-              f"--out {self.out!r} is in use by another run (pid "
+              f"{self.label} is in use by another run (pid "
               f"{holder or '?'}; lock {path}); wait for it or choose "
               "another directory") from None
         raise ConfigError(f"cannot lock {path}: {_reason(e)}") from e
@@ -534,6 +537,7 @@ def amend_finished(out: str, files: dict[str, bytes],
   if manifest is None:
     raise ConfigError(f"{out!r} holds no finished {what} (no {MANIFEST})")
   rd = RunDirectory(out, overwrite=False, names=tuple(files), what=what)
+  rd.label = f"the {what} directory {out!r}"
   rd._lock()
   try:
     listed = list(manifest.get("files", []))

@@ -108,6 +108,21 @@ def test_amending_a_run_never_replaces_a_file_it_did_not_write(tmp_path):
   assert not (tmp_path / outputs.LOCK).exists()
 
 
+def test_amending_a_locked_run_names_the_directory_not_an_option(tmp_path):
+  """`dpgeng report DIR` takes the directory as an argument: a lock held
+  by another process is reported without the distill option's name."""
+  import fcntl
+  (tmp_path / "manifest.json").write_text(json.dumps(
+      {"files": ["grid.png"], "tool": "dpgeng_jax"}))
+  with open(tmp_path / outputs.LOCK, "w") as held:
+    fcntl.flock(held, fcntl.LOCK_EX)
+    with pytest.raises(ConfigError) as e:
+      outputs.amend_finished(str(tmp_path), {"grid.png": b"new"})
+  assert str(e.value).startswith(f"the run directory {str(tmp_path)!r} is "
+                                 "in use by another run")
+  assert "--out" not in str(e.value)
+
+
 @pytest.mark.parametrize("shape", [(8, 8, 1), (28, 28, 1), (32, 32, 3)])
 def test_grid_cells_are_separated_by_white_gaps(shape):
   k, per = 3, 4
