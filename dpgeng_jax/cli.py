@@ -327,10 +327,14 @@ def _distill(cfg: Config, console: bool = False) -> int:
             if store_lib.PARTIAL not in n), flush=True)
     try:
       result = pipeline.run(cfg, store=store)
-    except DpgengError as e:
+    except BaseException as e:
       # Bad input: nothing to resume, nothing written; but a stage that
-      # failed after saved releases leaves a run to resume.
-      if not cfg.resume and not isinstance(e, StageFailed):
+      # failed after saved releases leaves a run to resume. Anything else
+      # (an interrupt, a crash) keeps the saved stages, if there are any:
+      # with none, a kept staging folder made the next run there refused
+      # as an unfinished run that no --resume could finish.
+      if not cfg.resume and not isinstance(e, StageFailed) and (
+          isinstance(e, DpgengError) or not _any_saved(store)):
         run_dir.discard()
       raise
     paths = pipeline.write_outputs(result, cfg.out, run_dir=run_dir,
@@ -370,6 +374,22 @@ def _distill(cfg: Config, console: bool = False) -> int:
               f" +- {100 * m[key]['test_accuracy_std']:.2f} %")
   print("wrote " + ", ".join(paths))
   return 0
+
+
+def _any_saved(store) -> bool:
+  """Whether the run's stage store holds a finished stage (or a
+  generator's saved releases)."""
+  try:
+    return bool(store is not None and store.state().get("finished"))
+  except DpgengError:  # an unreadable record: keep what is there
+    return True
+
+
+def _resumable(out: str) -> bool:
+  """Whether `out` holds an unfinished run (its staging folder survives a
+  run that stopped only if a stage was saved)."""
+  from dpgeng_jax import outputs
+  return os.path.isdir(os.path.join(out, outputs.STAGING))
 
 
 def _epsilon_text(v: float) -> str:
@@ -604,13 +624,16 @@ def main(argv=None, console: bool = False) -> int:
               file=sys.stderr)
         return 3
       except KeyboardInterrupt as e:
-        print(f"\ndpgeng: {_stopped(e)}; the stages finished before it "
-              f"are saved, continue with: {resume}", file=sys.stderr)
+        print(f"\ndpgeng: {_stopped(e)}; " + (
+            f"the stages finished before it are saved, continue with: "
+            f"{resume}" if _resumable(cfg.out) else
+            "no stage had finished: nothing to resume"), file=sys.stderr)
         return _stop_status(e)
       except OSError as e:  # disk full, permissions, a vanished directory
-        print(f"dpgeng: error: {_os_reason(e)}\nthe stages finished before "
-              f"it are saved; once that is fixed, continue with: {resume}",
-              file=sys.stderr)
+        print(f"dpgeng: error: {_os_reason(e)}\n" + (
+            f"the stages finished before it are saved; once that is "
+            f"fixed, continue with: {resume}" if _resumable(cfg.out) else
+            "no stage had finished: nothing to resume"), file=sys.stderr)
         return 1
     if args.command == "plan":
       return _plan(config_from_args(args, argv))

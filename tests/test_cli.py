@@ -532,16 +532,41 @@ def test_a_user_image_api_from_python(tmp_path):
     (cli.Terminated(), 143, "terminated (SIGTERM)"),
     (OSError(28, "No space left on device", "/x/out/.dpgeng-staging/f"), 1,
      "No space left on device: '/x/out/.dpgeng-staging/f'")])
+@pytest.mark.parametrize("saved", [True, False])
 def test_interrupts_and_os_errors_end_with_a_line_that_says_how_to_resume(
-    tmp_path, capsys, monkeypatch, error, rc, message):
+    tmp_path, capsys, monkeypatch, error, rc, message, saved):
+  """The --resume line where the run left saved stages (its staging
+  folder); where none had finished (stopped while loading or compiling)
+  it said the stages were saved and gave a --resume that then failed."""
+  from dpgeng_jax import outputs
+  out = tmp_path / "out"
   def fail(cfg, console):
+    if saved:
+      os.makedirs(out / outputs.STAGING)
     raise error
   monkeypatch.setattr(cli, "_distill", fail)
-  out = tmp_path / "out"
   assert _run(["--out", str(out), *TINY]) == rc
   err = capsys.readouterr().err
-  assert message in err and f"dpgeng distill --resume {out}" in err
-  assert "Traceback" not in err
+  assert message in err and "Traceback" not in err
+  assert (f"dpgeng distill --resume {out}" in err) == saved
+  assert ("no stage had finished: nothing to resume" in err) == (not saved)
+
+
+def test_a_crash_before_any_stage_finished_leaves_no_unfinished_run(
+    tmp_path, capsys, monkeypatch):
+  """An error that is not the tool's own (here an OverflowError) raised
+  before any stage was saved discarded nothing: the next run in that
+  --out was refused as an unfinished run that no --resume could finish."""
+  from dpgeng_jax import outputs, pipeline
+  def crash(cfg, store=None):
+    raise OverflowError("boom")
+  monkeypatch.setattr(pipeline, "run", crash)
+  out = tmp_path / "out"
+  with pytest.raises(OverflowError):
+    cli.main(["distill", "--out", str(out), *TINY])
+  assert not (out / outputs.STAGING).exists()
+  monkeypatch.undo()
+  assert cli.main(["distill", "--out", str(out), *TINY]) == 0
 
 
 def test_ctrl_c_in_plan_is_one_line_not_a_traceback(monkeypatch, capsys):
@@ -561,10 +586,15 @@ def test_sigterm_stops_the_command_like_an_interrupt_with_status_143(
       [sys.executable, "-m", "dpgeng_jax", "distill", "--out", str(out),
        "--method", "ndpdc", *TINY, "--steps", "100000"],
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  staging = out / ".dpgeng-staging"
+  state = out / ".dpgeng-staging" / "stages" / "state.json"
+
+  def saved():  # the count release is saved (the record written whole)
+    try:
+      return "class_sizes" in json.loads(state.read_text())["finished"]
+    except (OSError, ValueError, KeyError):
+      return False
   deadline = time.time() + 120
-  while time.time() < deadline and proc.poll() is None and not (
-      staging / "stages").exists():
+  while time.time() < deadline and proc.poll() is None and not saved():
     time.sleep(0.05)
   time.sleep(0.5)
   proc.send_signal(signal.SIGTERM)
