@@ -59,6 +59,12 @@ MAX_SHARE_RATIO = 1e12
 # its padded capacity, a class above its released upper bound); the
 # mechanisms are accounted at the rest. See `failure_log_tail`.
 FAILURE_FRACTION = 1e-3
+# The smallest sampling rate and target delta accounted: below them the
+# accountants' arithmetic overflows (a rate of 1e-160 squared its
+# reciprocal past a float; a delta of 5e-324 left no room below it for
+# the abort and sampler reserves), and no dataset needs them.
+MIN_SAMPLING_RATE = 1e-12
+MIN_DELTA = 1e-300
 # Share of the target delta reserved for the noise sampler's bounded support
 # (noise.support_delta: where a neighbour's release lies beyond the depth
 # out to which the sampler's law is exact); a run whose noise would need
@@ -81,10 +87,12 @@ def _noise(noise_multiplier) -> float:
 
 
 def _rate(sampling_rate, what: str = "") -> float:
-  """The sampling rate as a float, refused unless in (0, 1] (nan too)."""
+  """The sampling rate as a float, refused unless in [MIN_SAMPLING_RATE,
+  1] (nan too)."""
   q = float(sampling_rate)
-  if not 0 < q <= 1:
-    raise ValueError(f"{what}sampling_rate must be in (0, 1], got {q}")
+  if not MIN_SAMPLING_RATE <= q <= 1:
+    raise ValueError(f"{what}sampling_rate must be in [{MIN_SAMPLING_RATE:g}"
+                     f", 1], got {q}")
   return q
 
 

@@ -149,7 +149,8 @@ class Dataset:
                         "label per image")
       if y.size and (y.min() < 0 or y.max() >= k):
         raise DataError(f"Dataset.{what} has labels outside 0..{k - 1}")
-    if np.any(np.bincount(self.y_train, minlength=k) == 0):
+    if k > len(self.y_train) or np.any(
+        np.bincount(self.y_train, minlength=k) == 0):
       raise DataError("Dataset: a class has no training examples")
     c = self.x_train.shape[-1]
     if len(self.mean) != c or len(self.std) != c or not all(
@@ -394,7 +395,8 @@ def _labels(y: Any, what: str, num_images: int) -> np.ndarray:
         f"mismatched lengths: {what} has {len(y)} labels but there are "
         f"{num_images} images")
   if len(y) and y.min() < 0:
-    raise DataError(f"{what} has negative labels (min {y.min()})")
+    # No value: error messages do not print the private data's extremes.
+    raise DataError(f"{what} has negative labels")
   return y
 
 
@@ -416,9 +418,13 @@ def _num_classes(y_train: np.ndarray, num_classes: int | None) -> int:
   if num_classes < 2:
     raise DataError(f"num_classes must be >= 2 (a classifier needs two "
                     f"classes), got {num_classes}")
+  if num_classes > len(y_train):
+    # Before any tally of K entries (10^12 asked for 7 TiB): every class
+    # needs a training example.
+    raise DataError(f"num_classes={num_classes} is more than there are "
+                    "training examples: every class needs one")
   if y_train.max() >= num_classes:
-    raise DataError(
-        f"y_train has labels >= num_classes={num_classes} (max {y_train.max()})")
+    raise DataError(f"y_train has labels >= num_classes={num_classes}")
   return int(num_classes)
 
 
@@ -492,6 +498,10 @@ def _check_npz_file(path: str, how: str = _NPZ_HOW) -> None:
     raise DataError(f"{path} is a directory, not an npz file; {how}")
   if not os.path.exists(path):
     raise DataError(f"npz file not found: {path}")
+  if not os.path.isfile(path):
+    # A FIFO with no writer blocked the run at the read below.
+    raise DataError(f"{path} is not a regular file (a pipe or a device); "
+                    f"{how}")
   try:
     with open(path, "rb") as f:
       head = f.read(8)
@@ -505,6 +515,28 @@ def _check_npz_file(path: str, how: str = _NPZ_HOW) -> None:
   if not head.startswith(_ZIP_MAGIC):
     raise DataError(f"{path} is not an npz file (not a zip archive: it "
                     f"starts with {head[:4]!r}); {how}")
+  try:
+    with zipfile.ZipFile(path) as z:
+      size = sum(i.file_size for i in z.infolist())
+  except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+    raise DataError(f"{path} is truncated or corrupt ({type(e).__name__}: "
+                    f"{e}); write it again") from e
+  memory = _physical_memory()
+  if memory and size > memory:
+    # Checked before any array is read: a small compressed file can
+    # declare arrays that do not fit (the allocation failed, or the
+    # kernel's out-of-memory killer ended the process).
+    raise DataError(f"{path} holds {size / 2**30:.1f} GiB of arrays "
+                    f"uncompressed, more than this machine's memory "
+                    f"({memory / 2**30:.1f} GiB)")
+
+
+def _physical_memory() -> int:
+  """This machine's physical memory in bytes (0 where it is unknown)."""
+  try:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  except (ValueError, OSError, AttributeError):
+    return 0
 
 
 def _load_npz(path: str, num_classes: int | None = None,
@@ -543,6 +575,9 @@ def _load_npz(path: str, num_classes: int | None = None,
   except (zipfile.BadZipFile, EOFError, zlib.error) as e:
     raise DataError(f"{path} is truncated or corrupt ({type(e).__name__}: "
                     f"{e}); write it again") from e
+  except MemoryError as e:
+    raise DataError(f"{path}: its arrays do not fit in this machine's "
+                    f"memory ({e})") from e
   except (OSError, ValueError, KeyError) as e:
     raise DataError(f"cannot read {path} as an npz of plain arrays "
                     f"({type(e).__name__}: {e}); {_NPZ_HOW}") from e

@@ -78,6 +78,9 @@ def validate_config(cfg: Config) -> None:
     accounting.validate_target(cfg.epsilon, cfg.delta)
   except ValueError as e:
     raise ConfigError(str(e)) from e
+  if cfg.delta < accounting.MIN_DELTA:
+    raise ConfigError(f"delta must be >= {accounting.MIN_DELTA:g}, got "
+                      f"{cfg.delta:g}")
   if cfg.ipc < 1:
     raise ConfigError(f"ipc must be >= 1, got {cfg.ipc}")
   data_lib.check_spec(cfg.dataset)
@@ -87,9 +90,12 @@ def validate_config(cfg: Config) -> None:
       or cfg.image_size > data_lib.MAX_IMAGE_SIZE):
     raise ConfigError(f"image_size must be 0 (as stored) or 2..."
                       f"{data_lib.MAX_IMAGE_SIZE}, got {cfg.image_size}")
-  if not 0 < cfg.sampling_rate <= 1:
-    raise ConfigError(f"sampling_rate must be in (0, 1], got "
-                      f"{cfg.sampling_rate}")
+  for name in ("sampling_rate", "expert_sampling_rate",
+               "generated_sampling_rate"):
+    value = getattr(cfg, name)
+    if not accounting.MIN_SAMPLING_RATE <= value <= 1:
+      low = accounting.MIN_SAMPLING_RATE
+      raise ConfigError(f"{name} must be in [{low:g}, 1], got {value}")
   private = cfg.method != "dm"
   for name in ("clip_norm", "expert_clip_norm"):
     value = getattr(cfg, name)
@@ -101,7 +107,7 @@ def validate_config(cfg: Config) -> None:
     if private:
       try:  # a private release sums clipped rows in int32 fixed point
         clipping.fixed_point_bits(1, value)
-      except ValueError as e:
+      except (ValueError, OverflowError) as e:
         raise ConfigError(f"{name} {value} is outside the range an exact "
                           f"fixed-point sum can hold ({e})") from None
   for name in ("num_queries", "steps", "extractor_width", "eval_models",
@@ -120,9 +126,6 @@ def validate_config(cfg: Config) -> None:
   except ValueError as e:
     raise ConfigError(str(e)) from e
   _validate_pe(cfg)
-  if not 0 < cfg.expert_sampling_rate <= 1:
-    raise ConfigError(f"expert_sampling_rate must be in (0, 1], got "
-                      f"{cfg.expert_sampling_rate}")
   for name in ("share_generator", "share_features", "share_expert",
                "share_counts"):
     value = getattr(cfg, name)
@@ -155,8 +158,6 @@ def validate_config(cfg: Config) -> None:
   if cfg.generated_epsilon > 0 and not 0 <= cfg.generated_delta < cfg.delta:
     raise ConfigError(f"generated_delta must be in [0, delta = {cfg.delta})"
                       f", got {cfg.generated_delta}")
-  if not 0 < cfg.generated_sampling_rate <= 1:
-    raise ConfigError("generated_sampling_rate must be in (0, 1]")
   if cfg.depth < 0:
     raise ConfigError(f"depth must be >= 0 (0 = automatic), got {cfg.depth}")
   if cfg.num_classes < 0 or cfg.num_classes == 1:

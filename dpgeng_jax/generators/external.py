@@ -27,17 +27,21 @@ def load_external(path: str, *, image_shape, num_classes: int,
                     "y: np.savez(PATH, x=..., y=...)")
   except DataError as e:
     raise DataError(f"cannot read {what} {path!r}: {e}") from None
+  import zipfile
+  import zlib
   try:
-    with np.load(path) as f:
+    with np.load(path, allow_pickle=False) as f:
       missing = [k for k in ("x", "y") if k not in f.files]
       if missing:
         raise DataError(f"{what} {path!r} lacks array(s) {missing} "
                         f"(found {sorted(f.files)})")
       x, y = f["x"], f["y"]
-  except (OSError, ValueError) as e:
+  except (OSError, ValueError, zipfile.BadZipFile, EOFError, zlib.error,
+          MemoryError) as e:
     if isinstance(e, DataError):
       raise
-    raise DataError(f"cannot read {what} {path!r}: {e}") from e
+    raise DataError(f"cannot read {what} {path!r} ({type(e).__name__}: "
+                    f"{e}); write it again") from e
   try:
     return check_images(x, y, image_shape=image_shape,
                         num_classes=num_classes)

@@ -70,8 +70,10 @@ def usable_fonts(texts, font_dir: str = "",
     # a link loop in the folder hung the run).
     for root, dirs, names in os.walk(font_dir):
       dirs.sort()
+      # Regular files only: a FIFO named like a font blocked the run.
       own += [os.path.join(root, n) for n in sorted(names)
-              if n.lower().endswith((".ttf", ".otf"))]
+              if n.lower().endswith((".ttf", ".otf"))
+              and os.path.isfile(os.path.join(root, n))]
   chars = sorted(set("".join(texts)) - {" "})
   usable, unreadable = [], 0
   for f in files + own:

@@ -1,0 +1,151 @@
+"""Hostile or unusual inputs to `dpgeng distill` and `dpgeng plan` end in
+one `dpgeng: error:` line before any work, not in a traceback, a hang or
+gigabytes of memory (found by a fuzzing review of the command line)."""
+
+import os
+import zipfile
+
+import numpy as np
+import pytest
+
+from dpgeng_jax import cli
+
+
+def _dataset(path, n=40, classes=4, shape=(8, 8)):
+  rng = np.random.default_rng(0)
+  np.savez(path, x_train=rng.integers(0, 256, (n, *shape), dtype=np.uint8),
+           y_train=np.arange(n) % classes,
+           x_test=rng.integers(0, 256, (12, *shape), dtype=np.uint8),
+           y_test=np.arange(12) % classes)
+  return path
+
+
+def _one_line_error(capsys, argv, message):
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("dpgeng: error:") and message in err, err
+  assert "Traceback" not in err and err.count("\n") == 1, err
+  return err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--sampling-rate", "1e-160"], "sampling_rate must be in [1e-12, 1]"),
+    (["--expert", "--expert-sampling-rate", "1e-300"],
+     "expert_sampling_rate must be in [1e-12, 1]"),
+    (["--clip-norm", "1e-300"], "outside the range an exact fixed-point"),
+    (["--delta", "5e-324"], "delta must be >= 1e-300"),
+])
+def test_tiny_budget_values_are_refused_in_one_line(capsys, flags, message):
+  """They ended in OverflowError tracebacks (a rate of 1e-160 squared its
+  reciprocal past a float) or in scipy's 'f(a) and f(b) must have
+  different signs'."""
+  _one_line_error(capsys, ["plan", *flags], message)
+
+
+def test_the_smallest_delta_still_plans(capsys):
+  assert cli.main(["plan", "--delta", "1e-300"]) == 0
+  assert "at delta 1e-300" in capsys.readouterr().out
+
+
+def test_a_pipe_as_an_input_file_is_refused_not_waited_on(tmp_path, capsys):
+  """A FIFO with no writer blocked the run forever at the npz check."""
+  fifo = tmp_path / "data.npz"
+  os.mkfifo(fifo)
+  _one_line_error(capsys, ["distill", "--dataset", f"npz:{fifo}", "--out",
+                           str(tmp_path / "out")], "is not a regular file")
+  _one_line_error(capsys, ["distill", "--generator", f"npz:{fifo}",
+                           "--generated-epsilon", "1", "--out",
+                           str(tmp_path / "out")], "is not a regular file")
+  assert not (tmp_path / "out").exists()
+
+
+def test_a_pipe_named_like_a_font_is_skipped(tmp_path):
+  from dpgeng_jax.generators.apis import text
+  fonts = tmp_path / "fonts"
+  fonts.mkdir()
+  os.mkfifo(fonts / "a.ttf")
+  with pytest.raises(ValueError, match="0 .ttf/.otf files"):
+    text.usable_fonts(["0"], str(fonts))
+
+
+def _truncated(path):
+  np.savez(path, x=np.zeros((8, 8, 8, 1), np.float32), y=np.arange(8) % 4)
+  raw = path.read_bytes()
+  path.write_bytes(raw[:len(raw) // 2])
+
+
+def _corrupt(path):
+  np.savez_compressed(path, x=np.zeros((8, 8, 8, 1), np.float32),
+                      y=np.arange(8) % 4)
+  raw = bytearray(path.read_bytes())
+  for i in range(60, 80):
+    raw[i] ^= 0xFF
+  path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("damage", [_truncated, _corrupt])
+@pytest.mark.parametrize("spec", ["npz:", "pe:nearest:"])
+def test_a_damaged_generator_file_is_a_one_line_error(tmp_path, capsys,
+                                                      damage, spec):
+  """The dataset loader named a truncated or corrupt file; the external
+  and nearest-image generators let zipfile's and zlib's errors through."""
+  data = _dataset(tmp_path / "d.npz")
+  gen = tmp_path / "g.npz"
+  damage(gen)
+  extra = ["--generated-epsilon", "1"] if spec == "npz:" else []
+  _one_line_error(capsys, ["distill", "--dataset", f"npz:{data}",
+                           "--generator", f"{spec}{gen}", *extra,
+                           "--delta", "1e-3", "--out",
+                           str(tmp_path / "out")], str(gen))
+  assert not (tmp_path / "out").exists()
+
+
+def test_a_huge_declared_number_of_classes_is_refused_before_any_tally(
+    tmp_path, capsys):
+  """--num-classes 10^12 was tallied first (np.bincount of 10^12 entries:
+  a MemoryError traceback; 10^9 took 9 GB and 22 s)."""
+  data = _dataset(tmp_path / "d.npz")
+  _one_line_error(capsys, ["distill", "--dataset", f"npz:{data}",
+                           "--num-classes", str(10 ** 12), "--out",
+                           str(tmp_path / "out")],
+                  "num_classes=1000000000000 is more than there are "
+                  "training examples")
+
+
+def test_label_errors_do_not_print_the_private_labels(tmp_path, capsys):
+  """Like the pixel range errors, label errors say which side is out of
+  range, not the private data's extreme value."""
+  data = tmp_path / "d.npz"
+  rng = np.random.default_rng(0)
+  np.savez(data, x_train=rng.integers(0, 256, (40, 8, 8), dtype=np.uint8),
+           y_train=np.r_[np.arange(39) % 4, 987],
+           x_test=rng.integers(0, 256, (12, 8, 8), dtype=np.uint8),
+           y_test=np.arange(12) % 4)
+  err = _one_line_error(capsys, ["distill", "--dataset", f"npz:{data}",
+                                 "--num-classes", "4", "--out",
+                                 str(tmp_path / "out")],
+                        "y_train has labels >= num_classes=4")
+  assert "987" not in err
+  np.savez(data, x_train=rng.integers(0, 256, (40, 8, 8), dtype=np.uint8),
+           y_train=np.r_[np.arange(39) % 4, -654],
+           x_test=rng.integers(0, 256, (12, 8, 8), dtype=np.uint8),
+           y_test=np.arange(12) % 4)
+  err = _one_line_error(capsys, ["distill", "--dataset", f"npz:{data}",
+                                 "--out", str(tmp_path / "out")],
+                        "negative labels")
+  assert "654" not in err
+
+
+def test_an_npz_declaring_more_than_the_machines_memory_is_refused_unread(
+    tmp_path, capsys, monkeypatch):
+  """The zip directory's sizes are checked before np.load allocates (a
+  91 MB file of deflated zeros declared 19.5 GiB); shown with the
+  machine's memory made smaller than the file's arrays."""
+  from dpgeng_jax import data as data_lib
+  path = _dataset(tmp_path / "d.npz")
+  with zipfile.ZipFile(path) as z:
+    size = sum(i.file_size for i in z.infolist())
+  monkeypatch.setattr(data_lib, "_physical_memory", lambda: size - 1)
+  _one_line_error(capsys, ["distill", "--dataset", f"npz:{path}", "--out",
+                           str(tmp_path / "out")],
+                  "more than this machine's memory")
