@@ -803,23 +803,46 @@ def distill_class_chunk(num_classes: int, per_class: int, image_shape,
   return -(-num_classes // chunks)
 
 
+def _overflow_causes(cfg: Config, expert: bool) -> str:
+  """The options whose extreme values overflow the distillation in
+  float32, for its warning and error."""
+  causes = [f"a very large --lr-img ({cfg.lr_img})"]
+  if not clipping.unclipped(clip_norm(cfg)):
+    causes.insert(0, "a clip norm far above the features' scale "
+                  f"(--clip-norm {cfg.clip_norm})")
+  if expert:
+    causes.append(f"the expert term (--expert-weight {cfg.expert_weight}, "
+                  f"--expert-lr {cfg.expert_lr}, --expert-tau "
+                  f"{cfg.expert_tau})")
+  return " or ".join(causes)
+
+
 def _warn_unless_finite(losses: np.ndarray, cfg: Config,
                         expert: bool) -> None:
   """A loss that overflowed float32 (inf or nan) moved the images nowhere
-  useful at that step; the run goes on, and says so."""
+  useful at that step; the run goes on, and says so (images that became
+  non-finite are refused: `_check_images_finite`)."""
   bad = np.flatnonzero(~np.isfinite(losses))
   if bad.size:
-    causes = [f"a very large --lr-img ({cfg.lr_img})"]
-    if not clipping.unclipped(clip_norm(cfg)):
-      causes.insert(0, "a clip norm far above the features' scale "
-                    f"(--clip-norm {cfg.clip_norm})")
-    if expert:
-      causes.append(f"the expert term (--expert-weight {cfg.expert_weight})")
     warnings.warn(
         f"the distillation loss was not finite at {bad.size} of "
         f"{len(losses)} steps (first at step {bad[0]}): float32 overflowed,"
-        f" for example from {' or '.join(causes)}; those steps did not "
-        "follow the targets", RuntimeWarning, stacklevel=2)
+        f" for example from {_overflow_causes(cfg, expert)}; those steps "
+        "did not follow the targets", RuntimeWarning, stacklevel=2)
+
+
+def _check_images_finite(images: np.ndarray, cfg: Config,
+                         expert: bool) -> None:
+  """Refuses to publish a distilled set with non-finite pixels (an expert
+  trained at --expert-lr 1e30 made every pixel nan, and the run had
+  published them with status 0)."""
+  bad = ~np.isfinite(images)
+  if bad.any():
+    raise ConfigError(
+        f"the distilled images are not finite ({bad.mean():.0%} of their "
+        f"pixels are inf or nan): float32 overflowed, for example from "
+        f"{_overflow_causes(cfg, expert)}; nothing is published, run again "
+        "with smaller values")
 
 
 def distill_images(run: Run, plan_q: distill.QueryPlan,
@@ -843,6 +866,7 @@ def distill_images(run: Run, plan_q: distill.QueryPlan,
                                  queries.targets, counts, run.keys.query)
     images = state.images
     _warn_unless_finite(np.asarray(losses), cfg, expert_ is not None)
+    _check_images_finite(np.asarray(images), cfg, expert_ is not None)
   shape = run.image_shape
   out = Distilled(
       stored=np.asarray(images).reshape(k * m, *shape),

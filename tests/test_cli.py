@@ -656,6 +656,23 @@ def test_a_distillation_loss_that_overflows_is_reported(tmp_path):
                  "--no-eval", *TINY]) == 0
 
 
+def test_non_finite_distilled_images_are_refused_not_published(tmp_path,
+                                                              capsys):
+  """An expert trained at --expert-lr 1e30 made every distilled pixel
+  nan; the run published them with status 0 and a warning that named
+  other options. It is refused, naming the expert's, and leaves nothing
+  to resume (the saved stages would distil the same way)."""
+  out = tmp_path / "run"
+  with pytest.warns(RuntimeWarning, match="--expert-lr 1e"):
+    assert cli.main(["distill", "--out", str(out), "--generator", "merf",
+                     "--expert-lr", "1e30", "--no-eval", *GEN_TINY,
+                     *TINY]) == 2
+  err = capsys.readouterr().err
+  assert "the distilled images are not finite" in err
+  assert "--expert-lr 1e+30" in err and "Traceback" not in err
+  assert not out.exists()
+
+
 def test_a_library_run_on_a_train_only_dataset_that_evaluates_is_refused_first():
   """A Dataset with an empty test split given to pipeline.run without
   no_eval crashed in the evaluation, after every release was drawn; it is
