@@ -364,16 +364,37 @@ def initialize(coordinator_address: str | None = None,
   single-process run and nothing happens. On CPU the cross-process
   collectives use gloo. Returns whether a distributed runtime is running.
   Must run before anything touches a device.
+
+  Raises ConfigError (a ValueError) for settings JAX would fail on later
+  with a traceback or a C++ abort: a missing or malformed address, process
+  count or id, and a coordinator that a process other than 0 cannot reach
+  within `timeout_s` (waited for in Python, so an interrupt stops it; JAX's
+  own wait ignored SIGTERM for its whole timeout).
   """
+  from dpgeng_jax.errors import ConfigError
   address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
   procs = num_processes or _env_int("JAX_NUM_PROCESSES")
   pid = process_id if process_id is not None else _env_int("JAX_PROCESS_ID")
   if address is None and procs is None:
+    if pid is not None:
+      raise ConfigError(f"process id {pid} given without a coordinator "
+                        "address and a number of processes (--coordinator-"
+                        "address, --num-processes)")
     return False
   if procs is not None and procs < 1:
-    raise ValueError(f"num_processes={procs} must be >= 1")
-  if procs is not None and pid is not None and not 0 <= pid < procs:
-    raise ValueError(f"process_id={pid} is outside [0, {procs})")
+    raise ConfigError(f"num_processes={procs} must be >= 1")
+  missing = [name for name, v in (("a coordinator address", address),
+                                  ("the number of processes", procs),
+                                  ("this process's id", pid)) if v is None]
+  if missing:
+    raise ConfigError("a multi-process run needs " + " and ".join(missing)
+                      + " (--coordinator-address HOST:PORT, --num-processes"
+                      ", --process-id)")
+  if not 0 <= pid < procs:
+    raise ConfigError(f"process_id={pid} is outside [0, {procs})")
+  host, port = _host_port(address)
+  if pid > 0:
+    _wait_for(host, port, timeout_s)
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(
       coordinator_address=address, num_processes=procs, process_id=pid,
@@ -381,9 +402,43 @@ def initialize(coordinator_address: str | None = None,
   return True
 
 
+def _host_port(address: str) -> tuple[str, int]:
+  from dpgeng_jax.errors import ConfigError
+  host, sep, port = address.rpartition(":")
+  if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+    raise ConfigError(f"coordinator address {address!r} is not HOST:PORT")
+  return host.strip("[]"), int(port)
+
+
+def _wait_for(host: str, port: int, timeout_s: float) -> None:
+  """Waits until the coordinator accepts connections (it may start after
+  this process), polling, for at most timeout_s seconds."""
+  import socket
+  import time
+  from dpgeng_jax.errors import ConfigError
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      with socket.create_connection((host, port), timeout=2.0):
+        return
+    except OSError as e:
+      if time.monotonic() >= deadline:
+        raise ConfigError(
+            f"cannot reach the coordinator {host}:{port} within "
+            f"{timeout_s:g} s ({e.strerror or e}); start process 0 first "
+            "or check --coordinator-address") from None
+    time.sleep(0.5)
+
+
 def _env_int(name: str) -> int | None:
+  from dpgeng_jax.errors import ConfigError
   value = os.environ.get(name)
-  return None if value in (None, "") else int(value)
+  if value in (None, ""):
+    return None
+  try:
+    return int(value)
+  except ValueError:
+    raise ConfigError(f"{name}={value!r} is not an integer") from None
 
 
 def is_writer() -> bool:

@@ -149,3 +149,38 @@ def test_an_npz_declaring_more_than_the_machines_memory_is_refused_unread(
   _one_line_error(capsys, ["distill", "--dataset", f"npz:{path}", "--out",
                            str(tmp_path / "out")],
                   "more than this machine's memory")
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--num-processes", "-3"], "num_processes=-3 must be >= 1"),
+    (["--num-processes", "2", "--process-id", "5",
+      "--coordinator-address", "127.0.0.1:1"], "process_id=5 is outside"),
+    (["--num-processes", "1", "--coordinator-address", "garbage"],
+     "needs this process's id"),
+    (["--num-processes", "1", "--process-id", "0", "--coordinator-address",
+      "garbage"], "'garbage' is not HOST:PORT"),
+    (["--process-id", "3"], "process id 3 given without a coordinator"),
+])
+def test_bad_multi_process_settings_are_one_line_errors(tmp_path, capsys,
+                                                        flags, message):
+  """They were ValueError and IndexError tracebacks from JAX's start-up,
+  or (a lone --process-id) silently a single-process run."""
+  _one_line_error(capsys, ["distill", *flags, "--out", str(tmp_path / "o")],
+                  message)
+
+
+def test_an_unreachable_coordinator_is_an_error_not_a_five_minute_hang():
+  """A process other than 0 waits for the coordinator in Python (JAX's own
+  wait ignored SIGTERM and ended in a C++ abort after 300 s)."""
+  import socket
+  import time
+  from dpgeng_jax import parallel
+  from dpgeng_jax.errors import ConfigError
+  with socket.socket() as s:  # a port nobody listens on
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  t = time.monotonic()
+  with pytest.raises(ConfigError, match=f"cannot reach the coordinator "
+                     f"127.0.0.1:{port} within 1 s"):
+    parallel.initialize(f"127.0.0.1:{port}", 2, 1, timeout_s=1)
+  assert time.monotonic() - t < 10
