@@ -376,11 +376,26 @@ def _distill(cfg: Config, console: bool = False) -> int:
   return 0
 
 
+def _out_of_memory(e: BaseException) -> bool:
+  """Whether `e` is the host or an accelerator running out of memory."""
+  import jax
+  return isinstance(e, MemoryError) or (
+      isinstance(e, jax.errors.JaxRuntimeError)
+      and "RESOURCE_EXHAUSTED" in str(e))
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip().splitlines()
+  return (text[0] if text else type(e).__name__)[:300]
+
+
 def _any_saved(store) -> bool:
   """Whether the run's stage store holds a finished stage (or a
   generator's saved releases)."""
+  if store is None or not store.exists():
+    return False
   try:
-    return bool(store is not None and store.state().get("finished"))
+    return bool(store.state().get("finished"))
   except DpgengError:  # an unreadable record: keep what is there
     return True
 
@@ -634,6 +649,18 @@ def main(argv=None, console: bool = False) -> int:
             f"the stages finished before it are saved; once that is "
             f"fixed, continue with: {resume}" if _resumable(cfg.out) else
             "no stage had finished: nothing to resume"), file=sys.stderr)
+        return 1
+      except Exception as e:  # pylint: disable=broad-except
+        if not _out_of_memory(e):
+          raise
+        print(f"dpgeng: error: out of memory ({_first_line(e)}); lower the "
+              "sizes of the stage that ran out (widths, --ipc, "
+              "--generated-per-class, --microbatch, --devices)\n" + (
+                  f"the stages finished before it are saved; continue "
+                  f"with: {resume} (a changed option that alters a "
+                  "release is refused there)" if _resumable(cfg.out) else
+                  "no stage had finished: nothing to resume"),
+              file=sys.stderr)
         return 1
     if args.command == "plan":
       return _plan(config_from_args(args, argv))

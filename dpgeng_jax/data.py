@@ -18,6 +18,7 @@ computed from the (private) training images.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import warnings
@@ -521,8 +522,8 @@ def _check_npz_file(path: str, how: str = _NPZ_HOW) -> None:
   except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
     raise DataError(f"{path} is truncated or corrupt ({type(e).__name__}: "
                     f"{e}); write it again") from e
-  memory = _physical_memory()
-  if memory and size > memory:
+  memory = physical_memory()
+  if size > memory:
     # Checked before any array is read: a small compressed file can
     # declare arrays that do not fit (the allocation failed, or the
     # kernel's out-of-memory killer ended the process).
@@ -531,12 +532,12 @@ def _check_npz_file(path: str, how: str = _NPZ_HOW) -> None:
                     f"({memory / 2**30:.1f} GiB)")
 
 
-def _physical_memory() -> int:
-  """This machine's physical memory in bytes (0 where it is unknown)."""
+def physical_memory() -> float:
+  """This machine's memory in bytes (inf where the OS does not say)."""
   try:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
   except (ValueError, OSError, AttributeError):
-    return 0
+    return math.inf
 
 
 def _load_npz(path: str, num_classes: int | None = None,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -287,14 +286,6 @@ def _distilled_state_bytes(num_classes: int, ipc: int, image_shape,
       np.prod(image_shape))
 
 
-def _physical_memory() -> int:
-  """This machine's memory in bytes (inf where the OS does not say)."""
-  try:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-  except (ValueError, OSError, AttributeError):
-    return math.inf
-
-
 def _check_before_private_work(cfg: Config, plan, ds: data_lib.Dataset,
                                generator) -> None:
   """Checks that need the data's public shape, before any private stage
@@ -303,12 +294,14 @@ def _check_before_private_work(cfg: Config, plan, ds: data_lib.Dataset,
   h, w = ds.image_shape[:2]
   held = _distilled_state_bytes(k, m, ds.image_shape,
                                 optimised=cfg.method != "generator")
-  if held > _physical_memory():
+  memory = data_lib.physical_memory()
+  if held > memory:
     raise ConfigError(
         f"ipc {m} for {k} classes of {'x'.join(map(str, ds.image_shape))} "
         f"images: the distilled set and its optimiser state alone need "
         f"{held / 2 ** 30:.3g} GiB, more than this machine's "
-        f"{_physical_memory() / 2 ** 30:.3g} GiB; lower --ipc")
+        f"{memory / 2 ** 30:.3g} GiB; lower --ipc")
+  _check_array_sizes(cfg, plan, ds, memory)
   if not cfg.no_eval and not len(ds.y_test):
     raise ConfigError("the dataset has no test split: evaluation needs one "
                       "(or run with no_eval, --no-eval)")
@@ -351,6 +344,43 @@ def _check_before_private_work(cfg: Config, plan, ds: data_lib.Dataset,
               f"{plan.generator} holds too few: add images or lower --ipc"
               if isinstance(generator, External)
               else "raise --generated-per-class"))
+
+
+def _check_array_sizes(cfg: Config, plan, ds: data_lib.Dataset,
+                       memory: float) -> None:
+  """Refuses, before any private stage, sizes of which one array alone
+  exceeds the machine's memory (a ConvNet of width 200000 ended in an
+  out-of-memory traceback, 5 x 10^7 generated images per class in a C++
+  abort, some after releases were spent)."""
+  pixels = int(np.prod(ds.image_shape))
+  k = ds.num_classes
+  sizes = [("--extractor-width", cfg.extractor_width,
+            "a 3x3 convolution kernel of the extractors",
+            9 * cfg.extractor_width ** 2 * 4),
+           ("--eval-width", cfg.eval_width,
+            "a 3x3 convolution kernel of the evaluation models",
+            9 * cfg.eval_width ** 2 * 4)]
+  builtin = plan.uses_generated and not plan.external
+  if builtin:
+    sizes.append(("--generated-per-class", cfg.generated_per_class,
+                   "the generated set", k * cfg.generated_per_class
+                   * pixels * 4))
+  if builtin and cfg.generator.startswith("pe"):
+    sizes += [("--pe-population", cfg.pe_population,
+               "the Private Evolution population",
+               k * cfg.pe_population * pixels * 4),
+              ("--pe-width", cfg.pe_width,
+               "a 3x3 convolution kernel of the PE embedding",
+               9 * cfg.pe_width ** 2 * 4)]
+  if builtin and cfg.generator == "merf":
+    sizes.append(("--generator-features", cfg.generator_features,
+                  "DP-MERF's random-feature matrix",
+                  cfg.generator_features * pixels * 4))
+  for option, value, what, need in sizes:
+    if need > memory:
+      raise ConfigError(
+          f"{option} {value}: {what} alone needs {need / 2 ** 30:.3g} GiB, "
+          f"more than this machine's {memory / 2 ** 30:.3g} GiB; lower it")
 
 
 def _estimate(cfg: Config, plan, ds: data_lib.Dataset, num_train: int,

@@ -145,7 +145,7 @@ def test_an_npz_declaring_more_than_the_machines_memory_is_refused_unread(
   path = _dataset(tmp_path / "d.npz")
   with zipfile.ZipFile(path) as z:
     size = sum(i.file_size for i in z.infolist())
-  monkeypatch.setattr(data_lib, "_physical_memory", lambda: size - 1)
+  monkeypatch.setattr(data_lib, "physical_memory", lambda: size - 1)
   _one_line_error(capsys, ["distill", "--dataset", f"npz:{path}", "--out",
                            str(tmp_path / "out")],
                   "more than this machine's memory")
@@ -184,3 +184,54 @@ def test_an_unreachable_coordinator_is_an_error_not_a_five_minute_hang():
                      f"127.0.0.1:{port} within 1 s"):
     parallel.initialize(f"127.0.0.1:{port}", 2, 1, timeout_s=1)
   assert time.monotonic() - t < 10
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--extractor-width", "200000"], "--extractor-width 200000: a 3x3 "
+     "convolution kernel of the extractors alone needs"),
+    (["--eval-width", "200000"], "--eval-width 200000"),
+    (["--generated-per-class", "50000000"], "--generated-per-class 50000000:"
+     " the generated set alone needs"),
+    (["--pe-population", "50000000"], "--pe-population 50000000"),
+    (["--generator", "merf", "--generator-features", "1000000000"],
+     "--generator-features 1000000000: DP-MERF's random-feature matrix"),
+])
+def test_sizes_whose_arrays_cannot_fit_are_refused_before_any_release(
+    tmp_path, capsys, monkeypatch, flags, message):
+  """Only --ipc had such a check: these ended in out-of-memory tracebacks
+  or a C++ abort, some after the count release. Refused before it."""
+  from dpgeng_jax import pipeline
+  calls = []
+  monkeypatch.setattr(pipeline.stages, "class_sizes",
+                      lambda *a: calls.append(a))
+  _one_line_error(capsys, ["distill", *flags, "--out", str(tmp_path / "o")],
+                  message)
+  assert not calls and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("error", [
+    MemoryError("Unable to allocate 2.98 GiB"),
+    "jax",  # XLA's RESOURCE_EXHAUSTED
+])
+def test_running_out_of_memory_mid_run_is_one_line_with_the_resume_hint(
+    tmp_path, capsys, monkeypatch, error):
+  """An allocation that fails inside a stage ended in a traceback; it is
+  one line, with the --resume line where stages were saved."""
+  import jax
+  from dpgeng_jax import outputs, pipeline
+  if error == "jax":
+    error = jax.errors.JaxRuntimeError(
+        "RESOURCE_EXHAUSTED: Out of memory allocating 1440000000000 bytes")
+  out = tmp_path / "o"
+
+  def run(cfg, store=None):
+    store.start({}, {})
+    store.save("calibrate", info=[])  # a finished stage
+    raise error
+  monkeypatch.setattr(pipeline, "run", run)
+  assert cli.main(["distill", "--out", str(out), "--quiet"]) == 1
+  err = capsys.readouterr().err
+  assert err.startswith("dpgeng: error: out of memory (") and (
+      "Traceback" not in err)
+  assert f"continue with: dpgeng distill --resume {out}" in err
+  assert (out / outputs.STAGING).is_dir()
