@@ -378,6 +378,12 @@ def _images(x: Any, what: str, allow_empty: bool = False) -> np.ndarray:
     raise DataError(
         f"{what} has float pixels {side}; float images must be in [0, 1] "
         "(divide 0..255 values by 255) or pass uint8")
+  if x.max() <= 1.0 / 255.0:
+    # As the uint8 case above: no value is printed, only the symptom.
+    warnings.warn(
+        f"{what} is float with no value above 1/255: these are all but "
+        "black; if they were divided by 255 twice, divide them once",
+        stacklevel=3)
   return x.astype(np.float32)
 
 

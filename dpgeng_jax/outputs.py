@@ -172,6 +172,10 @@ class RunDirectory:
 
   def open(self) -> "RunDirectory":
     out = self.out
+    if os.path.islink(out) and not os.path.exists(out):
+      raise ConfigError(f"--out {out!r} is a symbolic link to "
+                        f"{os.readlink(out)!r}, which does not exist; create "
+                        "its target or choose another directory")
     if os.path.exists(out) and not os.path.isdir(out):
       raise ConfigError(f"--out {out!r} exists and is not a directory")
     # The folders this run makes: --out and any missing parents, removed

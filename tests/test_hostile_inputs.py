@@ -3,6 +3,7 @@ one `dpgeng: error:` line before any work, not in a traceback, a hang or
 gigabytes of memory (found by a fuzzing review of the command line)."""
 
 import os
+import warnings
 import zipfile
 
 import numpy as np
@@ -235,3 +236,25 @@ def test_running_out_of_memory_mid_run_is_one_line_with_the_resume_hint(
       "Traceback" not in err)
   assert f"continue with: dpgeng distill --resume {out}" in err
   assert (out / outputs.STAGING).is_dir()
+
+
+def test_an_out_that_is_a_dangling_link_is_named_as_one(tmp_path, capsys):
+  """It said 'cannot create --out ...: File exists'."""
+  link = tmp_path / "out"
+  os.symlink(tmp_path / "nowhere", link)
+  _one_line_error(capsys, ["distill", "--out", str(link)],
+                  "is a symbolic link to")
+  assert os.path.islink(link) and not (tmp_path / "nowhere").exists()
+
+
+def test_float_images_scaled_twice_are_warned_about():
+  from dpgeng_jax import data
+  rng = np.random.default_rng(0)
+  x = (rng.integers(0, 256, (20, 8, 8, 1)) / 255.0 / 255.0).astype(
+      np.float32)
+  y = np.arange(20) % 2
+  with pytest.warns(UserWarning, match="no value above 1/255"):
+    data.from_arrays(x, y, x[:4], y[:4])
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    data.from_arrays(x * 255.0, y, x[:4] * 255.0, y[:4])
