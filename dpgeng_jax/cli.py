@@ -635,8 +635,9 @@ def main(argv=None, console: bool = False) -> int:
       except PrivacyAbort as e:
         # A rare event paid for in delta: nothing of the aborted mechanism
         # was released; the releases saved before it are reused.
-        print(f"dpgeng: aborted: {e}\ncontinue with: {resume}",
-              file=sys.stderr)
+        print(f"dpgeng: aborted: {e}\n" + (
+            f"continue with: {resume}" if _resumable(cfg.out) else
+            "no stage had finished: nothing to resume"), file=sys.stderr)
         return 3
       except KeyboardInterrupt as e:
         print(f"\ndpgeng: {_stopped(e)}; " + (

@@ -156,8 +156,10 @@ def check_labels(y, num_classes: int, rows: int) -> None:
   if not np.issubdtype(a.dtype, np.integer):
     raise ValueError(f"labels must be integers, got dtype {a.dtype}")
   if a.size and (a.min() < 0 or a.max() >= num_classes):
-    raise ValueError(f"labels must be in 0..{num_classes - 1}, got "
-                     f"{a.min()}..{a.max()}")
+    # Which side, not the private labels' extreme values.
+    side = "negative labels" if a.min() < 0 else (
+        f"labels >= {num_classes}")
+    raise ValueError(f"labels must be in 0..{num_classes - 1}, got {side}")
 
 
 def check_mask(mask, rows: int) -> None:

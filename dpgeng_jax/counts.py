@@ -144,8 +144,8 @@ def class_tally(y: np.ndarray, num_classes: int) -> np.ndarray:
   check_labels(y, num_classes, len(y))
   tally = np.bincount(y, minlength=num_classes)
   if tally.max() >= 2**31:
-    raise ValueError(f"a class of {tally.max()} examples is beyond the "
-                     "int32 tally (2^31)")
+    raise ValueError("a class of 2^31 examples or more is beyond the "
+                     "int32 tally")
   return tally.astype(np.int32)
 
 

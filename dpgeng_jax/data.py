@@ -541,9 +541,10 @@ def _check_npz_file(path: str, how: str = _NPZ_HOW) -> None:
 def physical_memory() -> float:
   """This machine's memory in bytes (inf where the OS does not say)."""
   try:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    size = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
   except (ValueError, OSError, AttributeError):
     return math.inf
+  return size if size > 0 else math.inf  # -1: the value is unknown
 
 
 def _load_npz(path: str, num_classes: int | None = None,

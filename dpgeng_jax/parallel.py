@@ -383,44 +383,54 @@ def initialize(coordinator_address: str | None = None,
     return False
   if procs is not None and procs < 1:
     raise ConfigError(f"num_processes={procs} must be >= 1")
-  missing = [name for name, v in (("a coordinator address", address),
-                                  ("the number of processes", procs),
-                                  ("this process's id", pid)) if v is None]
-  if missing:
-    raise ConfigError("a multi-process run needs " + " and ".join(missing)
-                      + " (--coordinator-address HOST:PORT, --num-processes"
-                      ", --process-id)")
-  if not 0 <= pid < procs:
+  if procs is not None and pid is not None and not 0 <= pid < procs:
     raise ConfigError(f"process_id={pid} is outside [0, {procs})")
-  host, port = _host_port(address)
-  if pid > 0:
-    _wait_for(host, port, timeout_s)
+  waited = 0.0
+  if address is not None:
+    host, port = _host_port(address)
+    if pid is not None and pid > 0:  # (an id JAX detects: JAX waits)
+      waited = _wait_for(host, port, timeout_s)
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(
-      coordinator_address=address, num_processes=procs, process_id=pid,
-      local_device_ids=local_device_ids, initialization_timeout=timeout_s)
+  try:  # what is not given JAX detects on a cluster (SLURM, MPI, TPU)
+    jax.distributed.initialize(
+        coordinator_address=address, num_processes=procs, process_id=pid,
+        local_device_ids=local_device_ids,
+        initialization_timeout=max(1, int(timeout_s - waited)))
+  except ValueError as e:  # e.g. no id given and no cluster to detect it
+    raise ConfigError(f"cannot start the multi-process run: {e} "
+                      "(--coordinator-address HOST:PORT, --num-processes, "
+                      "--process-id)") from None
   return True
 
 
 def _host_port(address: str) -> tuple[str, int]:
+  """(host, port) of HOST:PORT, an IPv6 host in brackets ([::1]:1234)."""
   from dpgeng_jax.errors import ConfigError
   host, sep, port = address.rpartition(":")
-  if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
-    raise ConfigError(f"coordinator address {address!r} is not HOST:PORT")
-  return host.strip("[]"), int(port)
+  if host.startswith("[") and host.endswith("]"):
+    host = host[1:-1]
+  elif ":" in host:  # bare IPv6, or a scheme such as dns:///
+    host = ""
+  if not (sep and host and "/" not in host and "[" not in host
+          and "]" not in host and port.isdigit() and 0 < int(port) < 65536):
+    raise ConfigError(f"coordinator address {address!r} is not HOST:PORT "
+                      "(an IPv6 host in brackets: [::1]:1234)")
+  return host, int(port)
 
 
-def _wait_for(host: str, port: int, timeout_s: float) -> None:
+def _wait_for(host: str, port: int, timeout_s: float) -> float:
   """Waits until the coordinator accepts connections (it may start after
-  this process), polling, for at most timeout_s seconds."""
+  this process), polling, for at most timeout_s seconds; returns the
+  seconds waited."""
   import socket
   import time
   from dpgeng_jax.errors import ConfigError
-  deadline = time.monotonic() + timeout_s
+  start = time.monotonic()
+  deadline = start + timeout_s
   while True:
     try:
       with socket.create_connection((host, port), timeout=2.0):
-        return
+        return time.monotonic() - start
     except OSError as e:
       if time.monotonic() >= deadline:
         raise ConfigError(

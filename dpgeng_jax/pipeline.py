@@ -356,10 +356,11 @@ def _check_array_sizes(cfg: Config, plan, ds: data_lib.Dataset,
   k = ds.num_classes
   sizes = [("--extractor-width", cfg.extractor_width,
             "a 3x3 convolution kernel of the extractors",
-            9 * cfg.extractor_width ** 2 * 4),
-           ("--eval-width", cfg.eval_width,
-            "a 3x3 convolution kernel of the evaluation models",
-            9 * cfg.eval_width ** 2 * 4)]
+            9 * cfg.extractor_width ** 2 * 4)]
+  if not cfg.no_eval:
+    sizes.append(("--eval-width", cfg.eval_width,
+                  "a 3x3 convolution kernel of the evaluation models",
+                  9 * cfg.eval_width ** 2 * 4))
   builtin = plan.uses_generated and not plan.external
   if builtin:
     sizes.append(("--generated-per-class", cfg.generated_per_class,

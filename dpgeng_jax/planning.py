@@ -92,10 +92,10 @@ def validate_config(cfg: Config) -> None:
                       f"{data_lib.MAX_IMAGE_SIZE}, got {cfg.image_size}")
   for name in ("sampling_rate", "expert_sampling_rate",
                "generated_sampling_rate"):
-    value = getattr(cfg, name)
-    if not accounting.MIN_SAMPLING_RATE <= value <= 1:
-      low = accounting.MIN_SAMPLING_RATE
-      raise ConfigError(f"{name} must be in [{low:g}, 1], got {value}")
+    try:
+      accounting.check_sampling_rate(getattr(cfg, name), name)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
   private = cfg.method != "dm"
   for name in ("clip_norm", "expert_clip_norm"):
     value = getattr(cfg, name)
@@ -374,7 +374,10 @@ def delta_split(cfg: Config, plan: Plan) -> accounting.DeltaSplit:
   return accounting.DeltaSplit(cfg.delta,
                                plan.external[1] if plan.external else 0.0,
                                reserve=abort_events(cfg, plan, 1) > 0,
-                               support=cfg.method != "dm")
+                               support=cfg.method != "dm" and (
+                                   plan.count_release
+                                   or bool(plan.generator_mechanisms)
+                                   or plan.feature_matching or plan.expert))
 
 
 def mechanisms_for(cfg: Config, plan: Plan) -> list[accounting.Mechanism]:
@@ -430,7 +433,9 @@ def mechanisms_for(cfg: Config, plan: Plan) -> list[accounting.Mechanism]:
   except ValueError as e:
     raise ConfigError(str(e)) from e
   if not cfg.deterministic:  # a deterministic run claims no guarantee
-    _check_sampler_support(cfg, [*plan.fixed, *cal], split)
+    # The calibrated mechanisms: the noise this run's sampler draws (a
+    # declared external guarantee's noise was drawn elsewhere).
+    _check_sampler_support(cfg, cal, split)
   return [*plan.fixed, *cal]
 
 

@@ -514,10 +514,6 @@ def html(privacy: dict, config: dict, metrics: dict | None,
 # The most a file of the run is read into memory for the report (its
 # JSON records and the PNGs it copies); the tool writes far smaller ones.
 MAX_READ = 64 << 20
-# The arrays of one npz file of a run, uncompressed (its zip directory's
-# sizes, checked before any is read: a small compressed file could
-# otherwise expand to more memory than the machine has).
-MAX_NPZ_BYTES = 8 << 30
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -597,7 +593,9 @@ def rebuild(out: str) -> list[str]:
 
 def _npz(out: str, name: str) -> dict:
   """The arrays of the run's npz file `name`; a file that is no npz archive
-  is named as such (np.load would call it pickled data)."""
+  is named as such (np.load would call it pickled data), and one whose
+  arrays exceed the machine's memory is refused unread (data.
+  _check_npz_file)."""
   try:
     _regular_file(os.path.join(out, name), limit=None)
     data_lib._check_npz_file(os.path.join(out, name), "the run wrote it "
@@ -606,12 +604,6 @@ def _npz(out: str, name: str) -> dict:
     raise ConfigError(f"{out!r}: {e}; edited or damaged: run the "
                       "distillation again") from None
   path = os.path.join(out, name)
-  with zipfile.ZipFile(path) as z:
-    size = sum(i.file_size for i in z.infolist())
-  if size > MAX_NPZ_BYTES:
-    raise ConfigError(f"{path} expands to {size} bytes, more than the "
-                      f"{MAX_NPZ_BYTES} a report reads; edited or damaged: "
-                      "run the distillation again")
   with np.load(path, allow_pickle=False) as d:
     return {k: d[k] for k in d.files}
 

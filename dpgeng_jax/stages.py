@@ -841,8 +841,10 @@ def _check_images_finite(images: np.ndarray, cfg: Config,
     raise ConfigError(
         f"the distilled images are not finite ({bad.mean():.0%} of their "
         f"pixels are inf or nan): float32 overflowed, for example from "
-        f"{_overflow_causes(cfg, expert)}; nothing is published, run again "
-        "with smaller values")
+        f"{_overflow_causes(cfg, expert)}; nothing is published, but this "
+        "run's releases (the budget of its privacy plan) were drawn and "
+        "are spent: a rerun with smaller values draws them again, and the "
+        "runs compose")
 
 
 def distill_images(run: Run, plan_q: distill.QueryPlan,

@@ -291,8 +291,9 @@ def test_privacy_report_flags_noise_beyond_the_samplers_reserve():
   mechanisms: a record whose noise needs more than its reserve (here a
   noise multiplier of 0.15: a neighbour 6.7 sd away reaches the sampler's
   inexact tail with probability ~6e-11, above the 1e-14 reserved at
-  delta 1e-5) is flagged; 0.2 (~3e-16) fits; a record with no reserve
-  (written before it existed) is flagged only above 2^-100."""
+  delta 1e-5) is flagged; 0.2 (~3e-16) fits. Not checked: a declared
+  external guarantee's noise (drawn by another sampler) and a record
+  written before the reserve existed (its headline did not claim it)."""
   from dpgeng_jax import accounting as A
   split = A.DeltaSplit(1e-5, support=True)
   def record(sigma, split=split):
@@ -302,12 +303,35 @@ def test_privacy_report_flags_noise_beyond_the_samplers_reserve():
   assert record(0.15)["delta_sampler_support"] == pytest.approx(1e-14)
   assert [p for p in A.check_report(record(0.15)) if "sampler" in p]
   assert not A.check_report(record(0.2))
-  old = record(3.0, A.DeltaSplit(1e-5))
+  old = record(0.15, A.DeltaSplit(1e-5))
   del old["delta_sampler_support"]
   assert not A.check_report(old)
-  old = record(0.2, A.DeltaSplit(1e-5))
-  del old["delta_sampler_support"]
-  assert [p for p in A.check_report(old) if "sampler" in p]
+  declared = A.privacy_report(
+      [A.Mechanism("external_generator", 0.15, 1.0, 1,
+                   sensitivity="declared")], target_epsilon=1000.0,
+      delta=1e-5, private=True, public_metadata=[], split=split)
+  assert not A.check_report(declared)
+
+
+def test_a_declared_external_guarantee_is_not_held_to_this_samplers_support(
+    tmp_path):
+  """External generated data declared with mu = 6 (noise 1/6 of its
+  sensitivity, drawn by whoever made the data): planned at epsilon 100;
+  the support check covers only the noise this run calibrates and draws."""
+  from dpgeng_jax import accounting, noise
+  np.savez(tmp_path / "g.npz", x=np.zeros((20, 8, 8, 1), np.float32),
+           y=np.arange(20) % 10)
+  report = pipeline.plan_budget(Config(
+      generator=f"npz:{tmp_path / 'g.npz'}", generated_mu=6.0,
+      epsilon=100.0, delta=1e-5))
+  declared = [m for m in report["mechanisms"]
+              if m["name"] == "external_generator"]
+  assert declared and declared[0]["noise_multiplier"] == pytest.approx(1 / 6)
+  drawn = [accounting.Mechanism(m["name"], m["noise_multiplier"],
+                                m["sampling_rate"], m["steps"])
+           for m in report["mechanisms"] if m["name"] != "external_generator"]
+  assert noise.support_delta(drawn) <= report["delta_sampler_support"]
+  assert not accounting.check_report(report)
 
 
 def test_the_samplers_support_bound_matches_its_draws():

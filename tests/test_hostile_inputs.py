@@ -156,8 +156,8 @@ def test_an_npz_declaring_more_than_the_machines_memory_is_refused_unread(
     (["--num-processes", "-3"], "num_processes=-3 must be >= 1"),
     (["--num-processes", "2", "--process-id", "5",
       "--coordinator-address", "127.0.0.1:1"], "process_id=5 is outside"),
-    (["--num-processes", "1", "--coordinator-address", "garbage"],
-     "needs this process's id"),
+    (["--num-processes", "2", "--process-id", "1", "--coordinator-address",
+      "::1"], "'::1' is not HOST:PORT"),
     (["--num-processes", "1", "--process-id", "0", "--coordinator-address",
       "garbage"], "'garbage' is not HOST:PORT"),
     (["--process-id", "3"], "process id 3 given without a coordinator"),
@@ -165,9 +165,28 @@ def test_an_npz_declaring_more_than_the_machines_memory_is_refused_unread(
 def test_bad_multi_process_settings_are_one_line_errors(tmp_path, capsys,
                                                         flags, message):
   """They were ValueError and IndexError tracebacks from JAX's start-up,
-  or (a lone --process-id) silently a single-process run."""
+  or (a lone --process-id) silently a single-process run. (What is not
+  given JAX may detect on a cluster: a missing id is JAX's to refuse.)"""
   _one_line_error(capsys, ["distill", *flags, "--out", str(tmp_path / "o")],
                   message)
+
+
+def test_a_process_id_that_jax_cannot_detect_is_a_one_line_error(tmp_path):
+  """No --process-id and no cluster to detect it from: JAX's ValueError
+  ('The process id of the current process must be defined') was a
+  traceback. A fresh process: JAX starts only before any computation."""
+  import subprocess
+  import sys
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(("JAX_", "SLURM_", "OMPI_", "PMI_"))}
+  proc = subprocess.run(
+      [sys.executable, "-m", "dpgeng_jax", "distill", "--num-processes", "2",
+       "--coordinator-address", "127.0.0.1:1", "--out", str(tmp_path / "o")],
+      capture_output=True, text=True, timeout=120, env=env)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.startswith("dpgeng: error: cannot start the "
+                                "multi-process run: "), proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
 
 
 def test_an_unreachable_coordinator_is_an_error_not_a_five_minute_hang():
@@ -201,10 +220,13 @@ def test_sizes_whose_arrays_cannot_fit_are_refused_before_any_release(
     tmp_path, capsys, monkeypatch, flags, message):
   """Only --ipc had such a check: these ended in out-of-memory tracebacks
   or a C++ abort, some after the count release. Refused before it."""
-  from dpgeng_jax import pipeline
+  from dpgeng_jax import data as data_lib, pipeline
   calls = []
   monkeypatch.setattr(pipeline.stages, "class_sizes",
                       lambda *a: calls.append(a))
+  # 16 GiB: each size below needs more, whatever this machine has (the
+  # digits' own arrays need far less).
+  monkeypatch.setattr(data_lib, "physical_memory", lambda: 16 * 2 ** 30)
   _one_line_error(capsys, ["distill", *flags, "--out", str(tmp_path / "o")],
                   message)
   assert not calls and not (tmp_path / "o").exists()

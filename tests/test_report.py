@@ -337,20 +337,22 @@ def test_report_of_crafted_run_arrays_is_a_one_line_error(
   assert (out / "report.html").read_bytes() == before
 
 
-def test_report_refuses_an_npz_that_expands_beyond_its_limit(
+def test_report_refuses_an_npz_that_expands_beyond_memory(
     finished_run, tmp_path, capsys, monkeypatch):
   """The zip directory's uncompressed sizes are checked before any array
   is read (a few kilobytes of compressed zeros can expand to gigabytes);
-  shown with the limit lowered below the run's own distilled.npz."""
+  shown with the machine's memory made smaller than distilled.npz."""
   import shutil
+  from dpgeng_jax import data as data_lib
   out = tmp_path / "run"
   shutil.copytree(finished_run, out)
   size = (out / "distilled.npz").stat().st_size
-  monkeypatch.setattr(report, "MAX_NPZ_BYTES", size // 2)
+  monkeypatch.setattr(data_lib, "physical_memory", lambda: size // 2)
   assert cli.main(["report", str(out)]) == 2
   err = capsys.readouterr().err
-  assert "distilled.npz expands to" in err and "Traceback" not in err
-  monkeypatch.setattr(report, "MAX_NPZ_BYTES", size)
+  assert "distilled.npz holds" in err and "more than this machine's " \
+      "memory" in err and "Traceback" not in err
+  monkeypatch.setattr(data_lib, "physical_memory", lambda: 64 * size)
   assert cli.main(["report", str(out)]) == 0
 
 
