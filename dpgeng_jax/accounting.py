@@ -949,6 +949,15 @@ def check_report(record: dict, rel_tol: float = 1e-6) -> list[str]:
                       rel_tol=1e-9):
     problems.append(f"delta {record.get('delta')} is not the sum of its "
                     f"parts {sum(parts):g}")
+  total = float(record.get("delta", 0.0) or 0.0)
+  for key, part, fraction in (("delta_abort_events", parts[1],
+                               FAILURE_FRACTION),
+                              ("delta_sampler_support", parts[2],
+                               SUPPORT_FRACTION)):
+    # A reserve is its fixed share of delta, or none: a larger one would
+    # lower the mechanisms' delta that the figures are checked at.
+    if part and not math.isclose(part, fraction * total, rel_tol=1e-9):
+      problems.append(f"{key} {part:g} is not {fraction:g} of delta")
   if not mechs or d <= 0 or any(m.noise_multiplier <= 0 for m in mechs):
     want = {"epsilon_rdp": eps_ext if not mechs and d > 0 else None}
   else:

@@ -306,6 +306,11 @@ def test_privacy_report_flags_noise_beyond_the_samplers_reserve():
   old = record(0.15, A.DeltaSplit(1e-5))
   del old["delta_sampler_support"]
   assert not A.check_report(old)
+  edited = record(0.2)
+  edited["delta_sampler_support"] *= 1e3  # taken from the mechanisms' part
+  edited["delta_mechanisms"] -= edited["delta_sampler_support"] * (1 - 1e-3)
+  assert [p for p in A.check_report(edited)
+          if "delta_sampler_support" in p and "of delta" in p]
   declared = A.privacy_report(
       [A.Mechanism("external_generator", 0.15, 1.0, 1,
                    sensitivity="declared")], target_epsilon=1000.0,
