@@ -119,14 +119,28 @@ def stage_store(run_dir: outputs.RunDirectory) -> store_lib.StageStore:
 def load_data(cfg: Config, require_test: bool | None = None
               ) -> data_lib.Dataset:
   """The dataset that cfg names, loaded as a run loads it (a train-only
-  npz only where require_test is False, by default with --no-eval)."""
-  return data_lib.load_dataset(
-      cfg.dataset, data_dir=cfg.data_dir or None,
-      num_classes=cfg.num_classes or None, label_feature=cfg.label_feature,
-      image_size=cfg.image_size,
-      normalisation=presets.normalisation_name(cfg),
-      require_test=(not cfg.no_eval if require_test is None
-                    else require_test))
+  npz only where require_test is False, by default with --no-eval).
+  An error names the data options a --preset supplied (the user gave
+  none of them)."""
+  try:
+    return data_lib.load_dataset(
+        cfg.dataset, data_dir=cfg.data_dir or None,
+        num_classes=cfg.num_classes or None, label_feature=cfg.label_feature,
+        image_size=cfg.image_size,
+        normalisation=presets.normalisation_name(cfg),
+        require_test=(not cfg.no_eval if require_test is None
+                      else require_test))
+  except data_lib.DataError as e:
+    used = {k: v for k, v in (presets.values(cfg.preset) if cfg.preset
+                              else {}).items()
+            if k in ("num_classes", "label_feature", "image_size")
+            and getattr(cfg, k) == v}
+    if not used:
+      raise
+    raise data_lib.DataError(
+        f"{e} (from --preset {cfg.preset}: " + ", ".join(
+            f"{k}={v!r}" for k, v in used.items())
+        + "; give the option to override it)") from e
 
 
 def run(cfg: Config, dataset: data_lib.Dataset | None = None,

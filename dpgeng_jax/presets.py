@@ -100,6 +100,9 @@ for _p in PRESETS.values():  # a preset names real options only
 def names(spec: str) -> list[str]:
   """'cifar10,quick' -> ['cifar10', 'quick'], each checked."""
   out = [s.strip() for s in spec.split(",") if s.strip()]
+  if spec.strip() and not out:  # ", ," was recorded as a preset
+    raise ConfigError(f"--preset {spec!r} names no preset; choose from "
+                      + ", ".join(PRESETS))
   for n in out:
     if n not in PRESETS:
       raise ConfigError(f"unknown preset {n!r}; choose from "

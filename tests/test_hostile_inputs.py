@@ -280,3 +280,24 @@ def test_float_images_scaled_twice_are_warned_about():
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     data.from_arrays(x * 255.0, y, x[:4] * 255.0, y[:4])
+
+
+def test_a_preset_of_only_commas_is_refused(capsys):
+  """It ran as no preset while config.json recorded ", ," as one."""
+  _one_line_error(capsys, ["plan", "--preset", ", ,"], "names no preset")
+
+
+def test_a_data_error_names_the_values_a_preset_supplied(tmp_path, capsys):
+  """--preset celeb_a sets num_classes 2: the error blamed num_classes=2,
+  which the user never gave."""
+  data = _dataset(tmp_path / "d.npz")
+  err = _one_line_error(capsys, ["distill", "--preset", "celeb_a",
+                                 "--dataset", f"npz:{data}", "--out",
+                                 str(tmp_path / "o")],
+                        "y_train has labels >= num_classes=2")
+  assert "(from --preset celeb_a: " in err and "num_classes=2" in err
+  err = _one_line_error(capsys, ["distill", "--preset", "celeb_a",
+                                 "--num-classes", "3", "--dataset",
+                                 f"npz:{data}", "--out",
+                                 str(tmp_path / "o")], "num_classes=3")
+  assert "num_classes=2" not in err
