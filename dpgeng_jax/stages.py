@@ -916,6 +916,10 @@ def evaluate_set(run: Run, distilled: Distilled,
       metrics["reference_random_real_subset"] = _evaluate(
           run.keys.eval, xr, yr, run.x_test, ds.y_test, k, ecfg, quiet,
           "reference: random real subset", mesh)
+      # A class smaller than IPC gives all of its images (not private:
+      # the reference reads the real data).
+      metrics["reference_random_real_subset"]["images_per_class"] = (
+          np.bincount(yr, minlength=k).tolist())
       metrics["reference_full_training_set"] = _evaluate(
           run.keys.eval, run.x_train, ds.y_train, run.x_test, ds.y_test, k,
           dataclasses.replace(ecfg, epochs=max(1, cfg.eval_epochs // 10)),

@@ -718,3 +718,22 @@ def test_plan_prints_a_tiny_epsilon_with_its_digits(capsys):
   assert 0.995 * 2e-5 <= got <= 2e-5, line
   pld = next(x for x in out.splitlines() if x.startswith("composed pld"))
   assert float(pld.split()[2]) == pytest.approx(got, rel=1e-3), pld
+
+
+def test_the_real_subset_reference_says_how_many_images_each_class_had(
+    tmp_path):
+  """A class smaller than IPC gives all its images to the (non-private)
+  random real subset; metrics.json says so instead of silently using
+  fewer."""
+  rng = np.random.default_rng(0)
+  y = np.r_[np.zeros(30, int), np.ones(2, int)]
+  data = tmp_path / "d.npz"
+  np.savez(data, x_train=rng.integers(0, 256, (32, 8, 8), dtype=np.uint8),
+           y_train=y, x_test=rng.integers(0, 256, (6, 8, 8), dtype=np.uint8),
+           y_test=np.arange(6) % 2)
+  out = tmp_path / "run"
+  assert _run(["--dataset", f"npz:{data}", "--out", str(out), "--delta",
+               "1e-3", "--references", *TINY, "--ipc", "3"]) == 0
+  ref = json.loads((out / "metrics.json").read_text())[
+      "reference_random_real_subset"]
+  assert ref["images_per_class"] == [3, 2]
