@@ -65,6 +65,7 @@ FAILURE_FRACTION = 1e-3
 # the abort and sampler reserves), and no dataset needs them.
 MIN_SAMPLING_RATE = 1e-12
 MIN_DELTA = 1e-300
+_SMALLEST_NORMAL = float(np.finfo(np.float64).tiny)  # 2.2e-308
 # Share of the target delta reserved for the noise sampler's bounded support
 # (noise.support_delta: where a neighbour's release lies beyond the depth
 # out to which the sampler's law is exact); a run whose noise would need
@@ -545,6 +546,11 @@ def validate_target(epsilon: float, delta: float) -> None:
   if not (isinstance(delta, real) and not isinstance(delta, bool)
           and 0 < delta < 1):
     raise ValueError(f"delta must be a number in (0, 1), got {delta!r}")
+  if delta < _SMALLEST_NORMAL:
+    # A subnormal delta: the conversion's root search lost its bracket
+    # (scipy's "f(a) and f(b) must have different signs" at 5e-324).
+    raise ValueError(f"delta must be at least {_SMALLEST_NORMAL:g} (the "
+                     f"smallest normal float), got {delta!r}")
 
 
 def calibrate(mechanisms: Sequence[Mechanism], epsilon: float, delta: float,

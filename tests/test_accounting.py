@@ -625,3 +625,12 @@ def test_hand_built_figures_from_jax_scalars_and_huge_or_tiny_noise_are_clear():
   with pytest.raises(ValueError, match="private must be True or False"):
     accounting.privacy_report([], target_epsilon=1.0, delta=1e-5,
                               private="no", public_metadata=[])
+
+
+def test_a_subnormal_delta_is_refused_by_name_in_the_library():
+  """accounting.calibrate at delta 5e-324 ended in scipy's 'f(a) and f(b)
+  must have different signs'; 1e-300 (the CLI's floor) calibrates."""
+  with pytest.raises(ValueError, match="smallest normal float"):
+    A.calibrate([A.Mechanism("m", 0.0, 1.0, 1)], 1.0, 5e-324)
+  assert A.calibrate([A.Mechanism("m", 0.0, 1.0, 1)], 1.0, 1e-300)[
+      0].noise_multiplier > 0
