@@ -466,6 +466,10 @@ def _plan(cfg: Config) -> int:
           f"loaded (the shape and size of {cfg.dataset} are not known here)")
   else:
     n_train, n_test, shape, k = known
+    if cfg.num_classes and cfg.num_classes != k:
+      print(f"note: --num-classes {cfg.num_classes}, but {cfg.dataset} has "
+            f"{k} classes: `dpgeng distill` refuses that (the estimate "
+            f"below is for {k})")
     print(estimate.format_table(estimate.estimate(
         cfg, planning.resolve(cfg, shape), shape, n_train, n_test, k)))
   return 0

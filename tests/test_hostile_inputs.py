@@ -301,3 +301,13 @@ def test_a_data_error_names_the_values_a_preset_supplied(tmp_path, capsys):
                                  f"npz:{data}", "--out",
                                  str(tmp_path / "o")], "num_classes=3")
   assert "num_classes=2" not in err
+
+
+def test_plan_says_when_a_declared_class_count_does_not_fit_the_dataset(
+    capsys):
+  """It printed a normal plan for --num-classes 10^12 on the digits."""
+  assert cli.main(["plan", "--num-classes", str(10 ** 12)]) == 0
+  assert "note: --num-classes 1000000000000, but digits has 10 classes" in (
+      capsys.readouterr().out)
+  assert cli.main(["plan", "--num-classes", "10"]) == 0
+  assert "--num-classes" not in capsys.readouterr().out
