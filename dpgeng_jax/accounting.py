@@ -845,6 +845,13 @@ def privacy_report(mechanisms: Sequence[Mechanism], *, target_epsilon: float,
                      f"0 <= delta <= the total delta {delta:g}, got "
                      f"{external}")
   split = split or DeltaSplit(delta, delta_ext, reserve=False)
+  if not (math.isclose(split.total, delta, rel_tol=1e-12)
+          and math.isclose(split.external, delta_ext, rel_tol=1e-12,
+                           abs_tol=0.0)):
+    # A split of another total, or without the external delta, made the
+    # headline delta understate what the run spends.
+    raise ValueError(f"split {split} does not match delta {delta:g} and "
+                     f"the external delta {delta_ext:g}")
   d = split.mechanisms
   # The discretisation calibration used: the run's mechanisms were
   # calibrated to the target less the external epsilon.
@@ -855,6 +862,16 @@ def privacy_report(mechanisms: Sequence[Mechanism], *, target_epsilon: float,
   unbounded = any(m.noise_multiplier <= 0 for m in mechanisms) or d <= 0
   if any(m.noise_multiplier <= 0 for m in mechanisms):
     reasons.append("a mechanism has no noise")
+  elif private:
+    from dpgeng_jax import noise  # pylint: disable=import-outside-toplevel
+    extra = noise.support_delta([m for m in mechanisms
+                                 if m.sensitivity != "declared"])
+    if extra > max(split.sampler, noise.SUPPORT_FLOOR):
+      # check_report's test: such noise needs more delta than the split
+      # reserves for the sampler's bounded support.
+      reasons.append(f"its noise is too small for the sampler's support "
+                     f"({extra:.3g} more delta than the "
+                     f"{split.sampler:.3g} reserved)")
   if d <= 0:
     reasons.append("no delta is left for the mechanisms")
   # The epsilon figures account the mechanisms as configured; "private"

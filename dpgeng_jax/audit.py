@@ -485,7 +485,7 @@ def _pe_setup(sigma, clip, p, copies) -> _Setup:
 
   def release(data, sigma_, key):
     counts = pe.private_histogram(pop, *data, k=_PE_VOTES)
-    return pe.release_histogram(key, counts, sigma_, _PE_VOTES).reshape(-1)
+    return pe.release_histogram(key, counts, sigma_, k=_PE_VOTES).reshape(-1)
 
   # The canary's own votes (a one-row histogram) give u; the noiseless
   # histogram of D' centres s.

@@ -558,4 +558,6 @@ def microbatched(grad_sum_fn: Callable[..., Any],
     total, _ = jax.lax.scan(body, init, (batch_c, mask_c))
     return total
 
+  if hasattr(grad_sum_fn, "clip_norm"):  # what it clips to, kept
+    chunked.clip_norm = grad_sum_fn.clip_norm
   return chunked

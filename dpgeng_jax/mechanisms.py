@@ -504,7 +504,8 @@ def make_dp_sgd_step(loss_fn: Callable[..., jax.Array] | None, optimizer, *,
   The clipped sum is `clipped_grad_sum(loss_fn, ...)` unless grad_sum_fn
   (params, batch, mask, bits=None) is given, which must clip to the same
   clip_norm (e.g. `pergrad.make_grad_sum_fn`, possibly
-  `clipping.microbatched`). With noise, the sums are taken in fixed
+  `clipping.microbatched`; one that carries a `clip_norm` attribute, as
+  those do, is refused where it differs). With noise, the sums are taken in fixed
   point (`SumRelease`: bits from the batch's rows, C and sigma C):
   grad_sum_fn must then return the int32 sums of trunc(clip_C(g_i) 2^bits)
   (`clipping.fixed_point_weighted_sum`), to which the noise is added in
@@ -519,6 +520,12 @@ def make_dp_sgd_step(loss_fn: Callable[..., jax.Array] | None, optimizer, *,
     raise ValueError(f"expected_batch_size must be a finite number > 0 "
                      f"(the public q * N), got {expected_batch_size!r}")
   spec = SumRelease(clip_norm, noise_multiplier)
+  declared = getattr(grad_sum_fn, "clip_norm", None)
+  if declared is not None and float(declared) != float(clip_norm):
+    # The noise is sigma * clip_norm: sums clipped to more would be
+    # released with less noise than their sensitivity needs.
+    raise ValueError(f"grad_sum_fn clips to {declared}, the step's "
+                     f"clip_norm is {clip_norm}: they must be the same")
   if grad_sum_fn is None:
     grad_sum_fn = lambda p, b, m, bits=None: clipped_grad_sum(
         loss_fn, p, b, m, clip_norm=clip_norm, bits=bits)

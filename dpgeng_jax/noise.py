@@ -313,6 +313,14 @@ def tree_add_gaussian_noise(key: jax.Array, tree: Any, stddev: float,
   leaves, treedef = jax.tree.flatten(tree)
   if not leaves:
     return tree
+  integer = {bool(jnp.issubdtype(jnp.result_type(a), jnp.integer))
+             for a in leaves}
+  if len(integer) > 1:
+    # Concatenated, integer leaves became floats and passed the
+    # integer-needs-its-scale check of add_gaussian_noise unseen.
+    raise ValueError("tree_add_gaussian_noise got integer and float leaves "
+                     "in one tree: fixed-point sums (integers at `scale`) "
+                     "and float sums need separate releases")
   flat = jnp.concatenate([jnp.ravel(a) for a in leaves])
   noisy = add_gaussian_noise(key, flat, stddev, scale=scale)
   out, start = [], 0

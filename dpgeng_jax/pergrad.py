@@ -367,11 +367,13 @@ def default_chunk() -> int | None:
 def make_grad_sum_fn(model: ConvNet, *, clip_norm: float):
   """grad_sum_fn(params, (x, y), mask, bits=None) for
   `mechanisms.make_dp_sgd_step` and `parallel.sharded_grad_sum`, via the
-  batched-matmul path (int32 fixed-point sums when bits is set)."""
+  batched-matmul path (int32 fixed-point sums when bits is set). The
+  function carries its `clip_norm`, which make_dp_sgd_step checks."""
 
   def grad_sum(params, batch, mask, bits=None):
     x, y = batch
     return convnet_clipped_grad_sum(model, params, x, y, mask,
                                     clip_norm=clip_norm, bits=bits)
 
+  grad_sum.clip_norm = clip_norm
   return grad_sum

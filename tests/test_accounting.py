@@ -634,3 +634,21 @@ def test_a_subnormal_delta_is_refused_by_name_in_the_library():
     A.calibrate([A.Mechanism("m", 0.0, 1.0, 1)], 1.0, 5e-324)
   assert A.calibrate([A.Mechanism("m", 0.0, 1.0, 1)], 1.0, 1e-300)[
       0].noise_multiplier > 0
+
+
+def test_privacy_report_refuses_a_split_of_another_delta():
+  """A split of another total, or one without the external delta, made
+  the headline understate the run's delta (1e-5 reported where the
+  mechanisms were accounted at 9.99e-6 and the external data added
+  5e-6)."""
+  m = A.Mechanism("q", 1.0, 0.1, 100)
+  kw = dict(target_epsilon=10.0, delta=1e-5, private=True,
+            public_metadata=[])
+  with pytest.raises(ValueError, match="does not match"):
+    A.privacy_report([m], external=(0.5, 5e-6), split=A.DeltaSplit(1e-5),
+                     **kw)
+  with pytest.raises(ValueError, match="does not match"):
+    A.privacy_report([m], split=A.DeltaSplit(1e-3), **kw)
+  r = A.privacy_report([m], external=(0.5, 5e-6),
+                       split=A.DeltaSplit(1e-5, 5e-6), **kw)
+  assert r["delta_external"] == 5e-6 and not A.check_report(r)

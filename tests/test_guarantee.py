@@ -300,10 +300,18 @@ def test_privacy_report_flags_noise_beyond_the_samplers_reserve():
     return A.privacy_report([A.Mechanism("m", sigma, 1.0, 1)],
                             target_epsilon=1000.0, delta=1e-5, private=True,
                             public_metadata=[], split=split)
-  assert record(0.15)["delta_sampler_support"] == pytest.approx(1e-14)
-  assert [p for p in A.check_report(record(0.15)) if "sampler" in p]
-  assert not A.check_report(record(0.2))
-  old = record(0.15, A.DeltaSplit(1e-5))
+  low = record(0.15)
+  assert low["delta_sampler_support"] == pytest.approx(1e-14)
+  # privacy_report says so itself: not private, and why ...
+  assert not low["private"] and "sampler's support" in (
+      low["not_private_because"][0])
+  assert not A.check_report(low)
+  # ... and check_report catches a record edited to claim otherwise.
+  edited = dict(low, private=True, not_private_because=[],
+                meets_target=low["epsilon"] <= 1000.0)
+  assert [p for p in A.check_report(edited) if "sampler" in p]
+  assert record(0.2)["private"] and not A.check_report(record(0.2))
+  old = dict(edited)
   del old["delta_sampler_support"]
   assert not A.check_report(old)
   edited = record(0.2)

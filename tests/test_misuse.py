@@ -251,3 +251,25 @@ def test_small_misuses_of_the_library_get_clear_answers():
   for bad in (float("nan"), float("inf"), 0.0):
     with pytest.raises(ValueError, match="PLD interval"):
       accounting.epsilon_of(dp_accounting.GaussianDpEvent(1.0), 1e-5, bad)
+
+
+def test_a_dp_sgd_step_refuses_a_grad_sum_that_clips_to_another_norm():
+  """pergrad's grad_sum_fn clipping to 1.5 under a step calibrated for
+  1.0 was accepted at 2 rows (one example moved the release by 1.4975
+  against noise sigma * 1.0); it carries its clip norm, kept through
+  microbatching, and the step compares them."""
+  from dpgeng_jax import clipping as clipping_lib
+  model = ConvNet(num_classes=2, width=4, depth=1)
+  for fn in (pergrad.make_grad_sum_fn(model, clip_norm=1.5),
+             clipping_lib.microbatched(
+                 pergrad.make_grad_sum_fn(model, clip_norm=1.5), 2)):
+    assert fn.clip_norm == 1.5
+    with pytest.raises(ValueError, match="clips to 1.5, the step's "
+                       "clip_norm is 1.0"):
+      mechanisms.make_dp_sgd_step(None, optax.sgd(1.0), clip_norm=1.0,
+                                  noise_multiplier=1.0,
+                                  expected_batch_size=1.0, grad_sum_fn=fn)
+  mechanisms.make_dp_sgd_step(
+      None, optax.sgd(1.0), clip_norm=1.5, noise_multiplier=1.0,
+      expected_batch_size=1.0,
+      grad_sum_fn=pergrad.make_grad_sum_fn(model, clip_norm=1.5))

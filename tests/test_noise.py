@@ -332,3 +332,14 @@ def test_a_release_from_a_key_of_another_kind_warns():
       noise.add_gaussian_noise(key, x, 1.0)
       noise.bernoulli(key, 0.5, (3,))
     noise.add_gaussian_noise(jax.random.key(0), x, 0.0)  # no noise drawn
+
+
+def test_a_tree_mixing_integer_and_float_leaves_is_refused():
+  """Concatenated, an int32 leaf of fixed-point sums became float32 and
+  was released at unit 1, without the scale that add_gaussian_noise
+  demands of integer values."""
+  import jax.numpy as jnp
+  tree = {"a": jnp.array([3, 2 ** 25 + 1], jnp.int32), "b": jnp.zeros(2)}
+  with pytest.raises(ValueError, match="integer and float leaves"):
+    noise.tree_add_gaussian_noise(noise.deterministic_secret_key(0), tree,
+                                  1.0)

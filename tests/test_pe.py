@@ -49,7 +49,7 @@ def _max_sensitivity(hist_fn, k, trials=20):
 def _released(pop, x, y, mask, *, k):
   """The noiseless release, weighted as the mechanism weights it."""
   return pe.release_histogram(jax.random.key(0), pe.vote_counts(
-      pop, x, y, mask, k=k), 0.0, k)
+      pop, x, y, mask, k=k), 0.0, k=k)
 
 
 @pytest.mark.parametrize("k", [1, 3])
@@ -71,9 +71,9 @@ def test_the_release_moves_by_at_most_one_even_with_large_counts(
   for c in (30_000, 2 ** 24 + 1, 2 ** 31 - 1):
     full = jnp.full((1, k), c, jnp.int32)
     seen.clear()
-    a = np.asarray(pe.release_histogram(jax.random.key(0), full, 2.0, k))
+    a = np.asarray(pe.release_histogram(jax.random.key(0), full, 2.0, k=k))
     b = np.asarray(pe.release_histogram(jax.random.key(0), full - 1, 2.0,
-                                        k))
+                                        k=k))
     (va, sa, wa), (vb, sb, wb) = seen
     assert va.dtype == vb.dtype == np.int32  # exact counts, not floats
     assert sa == sb == 2.0 * pe.SENSITIVITY and wa == wb
@@ -126,7 +126,7 @@ def test_the_noise_has_the_claimed_std():
   sigma = 3.0
   z = np.asarray(pe.release_histogram(noise.deterministic_secret_key(1),
                                       jnp.zeros((100, 200), jnp.int32),
-                                      sigma)).ravel()
+                                      sigma, k=1)).ravel()
   assert stats.kstest(z / sigma, "norm").pvalue > 1e-3
   for wrong in (2 / 3, 3 / 2):
     assert stats.kstest(z / (wrong * sigma), "norm").pvalue < 1e-6
@@ -137,7 +137,7 @@ def test_noise_zero_releases_the_histogram():
   for k in (1, 2):
     counts = pe.vote_counts(pop, x, y, mask, k=k)
     np.testing.assert_array_equal(pe.release_histogram(
-        jax.random.key(0), counts, 0.0, k), pe.vote_histogram(
+        jax.random.key(0), counts, 0.0, k=k), pe.vote_histogram(
             pop, x, y, mask, k=k))
 
 
@@ -254,7 +254,7 @@ def test_every_iteration_releases_exactly_the_noise_of_its_own_key():
   for t in range(3):
     want = np.asarray(pe.release_histogram(
         jax.random.fold_in(secret, t), jnp.zeros((2, pop), jnp.int32),
-        sigma, k))
+        sigma, k=k))
     np.testing.assert_array_equal(noisy[t], want)
   assert 0.5 < np.std(noisy) / sigma < 1.5  # noise, not zeros
 
@@ -620,3 +620,20 @@ def test_the_degree_schedule_ends_at_zero_whatever_the_iterations(t):
   assert d == sorted(d, reverse=True)
   if t > 1:
     assert d[0] == 1.0
+
+
+def test_the_histogram_release_needs_the_votes_per_example():
+  """k had a default of 1: counts made with k = 4 (L2 change 2 per
+  example) were released at weight 1, twice the accounted sensitivity."""
+  with pytest.raises(TypeError, match="k"):
+    pe.release_histogram(jax.random.key(0), jnp.zeros((2, 3), jnp.int32),
+                         1.0)  # pylint: disable=missing-kwoa
+
+
+def test_votes_refuse_a_mask_that_is_not_one_value_per_row():
+  """A mask of shape (n, 1) or (1,) failed deep inside the chunked scan
+  ('different leading axis sizes'); it is named."""
+  pop, x, y, mask = _toy()
+  for bad in (mask[:, None], mask[:1], jnp.ones(()), jnp.ones(2 * len(y))):
+    with pytest.raises(ValueError, match="mask must have shape"):
+      pe.vote_counts(pop, x, y, bad, k=1)

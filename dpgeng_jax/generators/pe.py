@@ -45,7 +45,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dpgeng_jax import accounting, noise
-from dpgeng_jax.clipping import check_labels
+from dpgeng_jax.clipping import check_labels, check_mask
 from dpgeng_jax.config import Config
 from dpgeng_jax.generators import (Context, Output, apis, check_mechanisms,
                                    embeddings)
@@ -114,6 +114,7 @@ def vote_counts(pop_emb: jax.Array, priv_emb: jax.Array, y: jax.Array,
                      f"(got {pop})")
   n = priv_emb.shape[0]
   check_labels(y, num_classes, n)  # a -1 would vote in class K-1
+  check_mask(mask, n)  # a mask of another shape failed deep in the scan
   chunk = max(1, min(chunk, n))
   pad = (-n) % chunk
   priv = jnp.pad(priv_emb.astype(jnp.float32), ((0, pad), (0, 0)))
@@ -155,9 +156,11 @@ def private_histogram(pop_emb, priv_emb, y, mask, *, k: int = 1,
 
 
 def release_histogram(key: jax.Array, counts: jax.Array,
-                      noise_multiplier: float, k: int = 1) -> jax.Array:
+                      noise_multiplier: float, *, k: int) -> jax.Array:
   """counts vote_weight(k) + N(0, sigma^2) on every bin (sensitivity 1),
-  weighted and noised in float64 and rounded once to float32."""
+  weighted and noised in float64 and rounded once to float32. `k` is the
+  votes per example of `vote_counts` that made the counts, and has no
+  default: a default of 1 under-noised counts made with k = 4 by 2x."""
   return noise.add_gaussian_noise(key, counts, noise_multiplier * SENSITIVITY,
                                   scale=vote_weight(k))
 
@@ -253,7 +256,7 @@ def evolve(api, embed, priv_emb, y, mask, *, key: jax.Array,
         hist = hist_fn(cand.reshape(num_classes, pop_n, -1), priv_emb, y,
                        mask)
         noisy = np.asarray(release_histogram(
-            jax.random.fold_in(secret, t), hist, noise_multiplier, cfg.k))
+            jax.random.fold_in(secret, t), hist, noise_multiplier, k=cfg.k))
         released.append(noisy)
         if on_release is not None:
           on_release(np.stack(released))

@@ -400,7 +400,7 @@ def test_sharded_pe_histogram_equals_unsharded(devices, k):
   # keys, the sharded counts' residuals are N(0, sigma^2) per bin.
   sigma, w = 2.0, pe.vote_weight(k)
   keys = jax.random.split(noise.deterministic_secret_key(7), 200)
-  noisy = jax.vmap(lambda key: pe.release_histogram(key, got, sigma, k))(
+  noisy = jax.vmap(lambda key: pe.release_histogram(key, got, sigma, k=k))(
       keys)
   resid = (np.asarray(noisy, np.float64)
            - np.asarray(got, np.float64) * w).ravel()
