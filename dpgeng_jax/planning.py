@@ -74,13 +74,13 @@ def validate_config(cfg: Config) -> None:
       raise ConfigError(f"{f.name} must be one of {tuple(choices)}, got "
                         f"{getattr(cfg, f.name)!r}")
   augment.parse_strategy(cfg.strategy)  # ConfigError naming the part
+  if isinstance(cfg.delta, float) and 0 < cfg.delta < accounting.MIN_DELTA:
+    raise ConfigError(f"delta must be >= {accounting.MIN_DELTA:g}, got "
+                      f"{cfg.delta:g}")
   try:
     accounting.validate_target(cfg.epsilon, cfg.delta)
   except ValueError as e:
     raise ConfigError(str(e)) from e
-  if cfg.delta < accounting.MIN_DELTA:
-    raise ConfigError(f"delta must be >= {accounting.MIN_DELTA:g}, got "
-                      f"{cfg.delta:g}")
   if cfg.ipc < 1:
     raise ConfigError(f"ipc must be >= 1, got {cfg.ipc}")
   data_lib.check_spec(cfg.dataset)
