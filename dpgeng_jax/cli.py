@@ -566,9 +566,35 @@ class Terminated(KeyboardInterrupt):
   resume line is printed), with status 143."""
 
 
+# The re-delivery of a SIGTERM whose exception was lost (see _on_sigterm).
+_redeliver = None
+
+
 def _on_sigterm(signum, frame):
-  del signum, frame
+  """Raises Terminated, and sends SIGTERM again in a second unless the
+  command catches it first (`_stop_redelivery`): raised inside a callback
+  whose exceptions Python ignores (XLA's garbage-collection callback), it
+  was printed as 'Exception ignored' and the run went on."""
+  global _redeliver  # pylint: disable=global-statement
+  del frame
+  import threading
+  if _redeliver is None or not _redeliver.is_alive():
+    _redeliver = threading.Timer(1.0, os.kill, (os.getpid(), signum))
+    _redeliver.daemon = True
+    _redeliver.start()
   raise Terminated()
+
+
+def _stop_redelivery() -> None:
+  if _redeliver is not None:
+    _redeliver.cancel()
+
+
+def _unraisable(info) -> None:
+  """sys.unraisablehook: a Terminated lost in such a callback is delivered
+  again (_on_sigterm), so it is not printed as a traceback."""
+  if not isinstance(info.exc_value, Terminated):
+    sys.__unraisablehook__(info)
 
 
 def _stopped(e: KeyboardInterrupt) -> str:
@@ -606,6 +632,7 @@ def entry_point() -> int:
   Warnings raised in this package print as one line, `dpgeng: warning:
   ...` (the default format showed a line of the package's source)."""
   signal.signal(signal.SIGTERM, _on_sigterm)
+  sys.unraisablehook = _unraisable
   warnings.formatwarning = _format_warning
   code = main(None, console=True)
   if code in (130, 143):
@@ -644,6 +671,7 @@ def main(argv=None, console: bool = False) -> int:
             "no stage had finished: nothing to resume"), file=sys.stderr)
         return 3
       except KeyboardInterrupt as e:
+        _stop_redelivery()
         print(f"\ndpgeng: {_stopped(e)}; " + (
             f"the stages finished before it are saved, continue with: "
             f"{resume}" if _resumable(cfg.out) else
@@ -681,6 +709,7 @@ def main(argv=None, console: bool = False) -> int:
     print(f"dpgeng: error: {e}", file=sys.stderr)
     return 2
   except KeyboardInterrupt as e:  # plan, audit, mia, report: no traceback
+    _stop_redelivery()
     print(f"\ndpgeng: {_stopped(e)}", file=sys.stderr)
     return _stop_status(e)
   except OSError as e:  # the other commands: after their work, say why

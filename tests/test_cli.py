@@ -737,3 +737,34 @@ def test_the_real_subset_reference_says_how_many_images_each_class_had(
   ref = json.loads((out / "metrics.json").read_text())[
       "reference_random_real_subset"]
   assert ref["images_per_class"] == [3, 2]
+
+
+def test_a_sigterm_lost_in_an_ignored_callback_is_delivered_again(
+    monkeypatch):
+  """Raised inside XLA's garbage-collection callback, whose exceptions
+  Python only prints ('Exception ignored ... Traceback'), the Terminated
+  was lost and the run went on: the handler sends SIGTERM again a second
+  later unless the command caught it, and the hook prints nothing for it."""
+  got = []
+  old = signal.signal(signal.SIGTERM, lambda s, f: got.append(s))
+  try:
+    with pytest.raises(cli.Terminated):
+      cli._on_sigterm(signal.SIGTERM, None)  # lost: nobody catches it
+    deadline = time.time() + 10
+    while not got and time.time() < deadline:
+      time.sleep(0.05)
+    assert got == [signal.SIGTERM]
+    with pytest.raises(cli.Terminated):
+      cli._on_sigterm(signal.SIGTERM, None)
+    cli._stop_redelivery()  # caught by the command: no second signal
+    time.sleep(1.5)
+    assert got == [signal.SIGTERM]
+  finally:
+    signal.signal(signal.SIGTERM, old)
+  printed = []
+  monkeypatch.setattr(sys, "__unraisablehook__", printed.append)
+  info = type("U", (), {"exc_value": cli.Terminated()})()
+  cli._unraisable(info)
+  other = type("U", (), {"exc_value": ValueError("x")})()
+  cli._unraisable(other)
+  assert printed == [other]

@@ -3,6 +3,9 @@ generator, brought with the guarantee the user declares for them."""
 
 from __future__ import annotations
 
+import zipfile
+import zlib
+
 import numpy as np
 
 from dpgeng_jax import accounting
@@ -27,8 +30,6 @@ def load_external(path: str, *, image_shape, num_classes: int,
                     "y: np.savez(PATH, x=..., y=...)")
   except DataError as e:
     raise DataError(f"cannot read {what} {path!r}: {e}") from None
-  import zipfile
-  import zlib
   try:
     with np.load(path, allow_pickle=False) as f:
       missing = [k for k in ("x", "y") if k not in f.files]
