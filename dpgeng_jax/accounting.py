@@ -864,11 +864,8 @@ def privacy_report(mechanisms: Sequence[Mechanism], *, target_epsilon: float,
     reasons.append("a mechanism has no noise")
   elif private:
     from dpgeng_jax import noise  # pylint: disable=import-outside-toplevel
-    extra = noise.support_delta([m for m in mechanisms
-                                 if m.sensitivity != "declared"])
-    if extra > max(split.sampler, noise.SUPPORT_FLOOR):
-      # check_report's test: such noise needs more delta than the split
-      # reserves for the sampler's bounded support.
+    extra = noise.support_excess(mechanisms, split.sampler)
+    if extra:  # more delta than the split reserves for the sampler
       reasons.append(f"its noise is too small for the sampler's support "
                      f"({extra:.3g} more delta than the "
                      f"{split.sampler:.3g} reserved)")
@@ -1019,15 +1016,12 @@ def check_report(record: dict, rel_tol: float = 1e-6) -> list[str]:
   if record.get("epsilon") != headline:
     problems.append(f"epsilon {record.get('epsilon')} is not its "
                     f"accountant's figure {headline}")
-  drawn = [m for m in mechs if m.sensitivity != "declared"]
-  if record.get("private") and drawn and (
-      "delta_sampler_support" in record):
-    # The noise this run's sampler drew (a declared external guarantee's
-    # was drawn elsewhere); a record written before the reserve existed
-    # has none to check against.
+  if record.get("private") and "delta_sampler_support" in record:
+    # A record written before the reserve existed has none to check
+    # against.
     from dpgeng_jax import noise  # pylint: disable=import-outside-toplevel
-    extra = noise.support_delta(drawn)
-    if extra > max(parts[2], noise.SUPPORT_FLOOR):
+    extra = noise.support_excess(mechs, parts[2])
+    if extra:
       problems.append(f"its noise is too small for the sampler's support: "
                       f"{extra:.3g} more delta than the {parts[2]:.3g} "
                       "reserved (delta_sampler_support)")

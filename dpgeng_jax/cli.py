@@ -400,11 +400,14 @@ def _any_saved(store) -> bool:
     return True
 
 
-def _resumable(out: str) -> bool:
-  """Whether `out` holds an unfinished run (its staging folder survives a
-  run that stopped only if a stage was saved)."""
+def _resume_line(out: str, line: str) -> str:
+  """`line` (how to resume) where `out` holds an unfinished run (its
+  staging folder survives a run that stopped only if a stage was saved);
+  else that there is nothing to resume."""
   from dpgeng_jax import outputs
-  return os.path.isdir(os.path.join(out, outputs.STAGING))
+  if os.path.isdir(os.path.join(out, outputs.STAGING)):
+    return line
+  return "no stage had finished: nothing to resume"
 
 
 def _epsilon_text(v: float) -> str:
@@ -666,34 +669,31 @@ def main(argv=None, console: bool = False) -> int:
       except PrivacyAbort as e:
         # A rare event paid for in delta: nothing of the aborted mechanism
         # was released; the releases saved before it are reused.
-        print(f"dpgeng: aborted: {e}\n" + (
-            f"continue with: {resume}" if _resumable(cfg.out) else
-            "no stage had finished: nothing to resume"), file=sys.stderr)
+        print(f"dpgeng: aborted: {e}\n"
+              + _resume_line(cfg.out, f"continue with: {resume}"),
+              file=sys.stderr)
         return 3
       except KeyboardInterrupt as e:
         _stop_redelivery()
-        print(f"\ndpgeng: {_stopped(e)}; " + (
-            f"the stages finished before it are saved, continue with: "
-            f"{resume}" if _resumable(cfg.out) else
-            "no stage had finished: nothing to resume"), file=sys.stderr)
+        print(f"\ndpgeng: {_stopped(e)}; " + _resume_line(
+            cfg.out, f"the stages finished before it are saved, continue "
+            f"with: {resume}"), file=sys.stderr)
         return _stop_status(e)
       except OSError as e:  # disk full, permissions, a vanished directory
-        print(f"dpgeng: error: {_os_reason(e)}\n" + (
-            f"the stages finished before it are saved; once that is "
-            f"fixed, continue with: {resume}" if _resumable(cfg.out) else
-            "no stage had finished: nothing to resume"), file=sys.stderr)
+        print(f"dpgeng: error: {_os_reason(e)}\n" + _resume_line(
+            cfg.out, f"the stages finished before it are saved; once that "
+            f"is fixed, continue with: {resume}"), file=sys.stderr)
         return 1
       except Exception as e:  # pylint: disable=broad-except
         if not _out_of_memory(e):
           raise
         print(f"dpgeng: error: out of memory ({_first_line(e)}); lower the "
               "sizes of the stage that ran out (widths, --ipc, "
-              "--generated-per-class, --microbatch, --devices)\n" + (
-                  f"the stages finished before it are saved; continue "
-                  f"with: {resume} (a changed option that alters a "
-                  "release is refused there)" if _resumable(cfg.out) else
-                  "no stage had finished: nothing to resume"),
-              file=sys.stderr)
+              "--generated-per-class, --microbatch, --devices)\n"
+              + _resume_line(cfg.out, f"the stages finished before it are "
+                             f"saved; continue with: {resume} (a changed "
+                             "option that alters a release is refused "
+                             "there)"), file=sys.stderr)
         return 1
     if args.command == "plan":
       return _plan(config_from_args(args, argv))

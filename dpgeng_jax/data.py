@@ -547,6 +547,10 @@ def physical_memory() -> float:
   return size if size > 0 else math.inf  # -1: the value is unknown
 
 
+# What np.load raises for a truncated or corrupt npz archive.
+NPZ_DAMAGE = (zipfile.BadZipFile, EOFError, zlib.error)
+
+
 def _load_npz(path: str, num_classes: int | None = None,
               require_test: bool = True) -> Dataset:
   """Arrays x_train, y_train, x_test, y_test from a .npz file (without
@@ -580,7 +584,7 @@ def _load_npz(path: str, num_classes: int | None = None,
               "arrays (uint8 or float images, integer labels)") from None
   except DataError:
     raise
-  except (zipfile.BadZipFile, EOFError, zlib.error) as e:
+  except NPZ_DAMAGE as e:
     raise DataError(f"{path} is truncated or corrupt ({type(e).__name__}: "
                     f"{e}); write it again") from e
   except MemoryError as e:

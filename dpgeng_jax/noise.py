@@ -188,6 +188,16 @@ def support_delta(mechanisms) -> float:
                    for m in mechanisms if m.noise_multiplier > 0))
 
 
+def support_excess(mechanisms, reserved: float) -> float:
+  """The support delta of the mechanisms whose noise this sampler draws
+  (a "declared" external guarantee's was drawn elsewhere) where it exceeds
+  the delta `reserved` for it and SUPPORT_FLOOR; 0 where it fits. The one
+  test of planning's refusal, privacy_report and check_report."""
+  extra = support_delta([m for m in mechanisms
+                         if getattr(m, "sensitivity", None) != "declared"])
+  return extra if extra > max(reserved, SUPPORT_FLOOR) else 0.0
+
+
 def standard_normal_from_bits(words: jax.Array) -> jax.Array:
   """Exact-law N(0, 1) draws from random words, as float64.
 

@@ -368,13 +368,16 @@ def _check_array_sizes(cfg: Config, plan, ds: data_lib.Dataset,
   abort, some after releases were spent)."""
   pixels = int(np.prod(ds.image_shape))
   k = ds.num_classes
+
+  def kernel(width):  # bytes of a float32 3x3 kernel, width -> width
+    return 9 * width ** 2 * 4
   sizes = [("--extractor-width", cfg.extractor_width,
             "a 3x3 convolution kernel of the extractors",
-            9 * cfg.extractor_width ** 2 * 4)]
+            kernel(cfg.extractor_width))]
   if not cfg.no_eval:
     sizes.append(("--eval-width", cfg.eval_width,
                   "a 3x3 convolution kernel of the evaluation models",
-                  9 * cfg.eval_width ** 2 * 4))
+                  kernel(cfg.eval_width)))
   builtin = plan.uses_generated and not plan.external
   if builtin:
     sizes.append(("--generated-per-class", cfg.generated_per_class,
@@ -386,7 +389,7 @@ def _check_array_sizes(cfg: Config, plan, ds: data_lib.Dataset,
                k * cfg.pe_population * pixels * 4),
               ("--pe-width", cfg.pe_width,
                "a 3x3 convolution kernel of the PE embedding",
-               9 * cfg.pe_width ** 2 * 4)]
+               kernel(cfg.pe_width))]
   if builtin and cfg.generator == "merf":
     sizes.append(("--generator-features", cfg.generator_features,
                   "DP-MERF's random-feature matrix",

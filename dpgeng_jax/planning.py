@@ -374,15 +374,13 @@ def delta_split(cfg: Config, plan: Plan) -> accounting.DeltaSplit:
   return accounting.DeltaSplit(cfg.delta,
                                plan.external[1] if plan.external else 0.0,
                                reserve=abort_events(cfg, plan, 1) > 0,
-                               support=cfg.method != "dm" and (
-                                   plan.count_release
-                                   or bool(plan.generator_mechanisms)
-                                   or plan.feature_matching or plan.expert))
+                               support=cfg.method != "dm" and bool(
+                                   _uncalibrated(cfg, plan)[0]))
 
 
-def mechanisms_for(cfg: Config, plan: Plan) -> list[accounting.Mechanism]:
-  """The run's private mechanisms with calibrated noise (reads no data);
-  checks every declared external guarantee against the target."""
+def _uncalibrated(cfg: Config, plan: Plan):
+  """(the run's mechanisms whose noise it calibrates and draws, before
+  calibration; their budget shares)."""
   mechs, shares = [], []
   if plan.count_release:
     mechs.append(accounting.Mechanism("class_counts", 0.0, 1.0, 1,
@@ -400,6 +398,13 @@ def mechanisms_for(cfg: Config, plan: Plan) -> list[accounting.Mechanism]:
                                       cfg.expert_sampling_rate,
                                       cfg.expert_steps))
     shares.append(cfg.share_expert)
+  return mechs, shares
+
+
+def mechanisms_for(cfg: Config, plan: Plan) -> list[accounting.Mechanism]:
+  """The run's private mechanisms with calibrated noise (reads no data);
+  checks every declared external guarantee against the target."""
+  mechs, shares = _uncalibrated(cfg, plan)
   names = [m.name for m in (*plan.fixed, *mechs)]
   if len(set(names)) < len(names):
     # The stages find their calibrated noise by name: a plug-in's
@@ -446,8 +451,8 @@ def _check_sampler_support(cfg: Config, mechs, split) -> None:
   (accounting.SUPPORT_FRACTION of delta), or 2^-100 where that is larger
   (the size of the support's own unaccounted mass, 2^-128 per coordinate,
   at any noise)."""
-  extra = noise.support_delta(mechs)
-  if extra > max(split.sampler, noise.SUPPORT_FLOOR):
+  extra = noise.support_excess(mechs, split.sampler)
+  if extra:
     low = min((m for m in mechs if m.noise_multiplier > 0),
               key=lambda m: m.noise_multiplier)
     raise ConfigError(

@@ -596,14 +596,13 @@ def _npz(out: str, name: str) -> dict:
   is named as such (np.load would call it pickled data), and one whose
   arrays exceed the machine's memory is refused unread (data.
   _check_npz_file)."""
+  path = os.path.join(out, name)
   try:
-    _regular_file(os.path.join(out, name), limit=None)
-    data_lib._check_npz_file(os.path.join(out, name), "the run wrote it "
-                             "with np.savez")
+    _regular_file(path, limit=None)
+    data_lib._check_npz_file(path, "the run wrote it with np.savez")
   except DataError as e:
     raise ConfigError(f"{out!r}: {e}; edited or damaged: run the "
                       "distillation again") from None
-  path = os.path.join(out, name)
   with np.load(path, allow_pickle=False) as d:
     return {k: d[k] for k in d.files}
 

@@ -3,9 +3,6 @@ generator, brought with the guarantee the user declares for them."""
 
 from __future__ import annotations
 
-import zipfile
-import zlib
-
 import numpy as np
 
 from dpgeng_jax import accounting
@@ -23,7 +20,7 @@ def load_external(path: str, *, image_shape, num_classes: int,
   labels out of range, a class with no image. Returns (x float32 in
   [0, 1], y).
   """
-  from dpgeng_jax.data import _check_npz_file
+  from dpgeng_jax.data import NPZ_DAMAGE, _check_npz_file
   from dpgeng_jax.generators import check_images
   try:
     _check_npz_file(path, f"{what} is a zip archive of the arrays x and "
@@ -37,8 +34,7 @@ def load_external(path: str, *, image_shape, num_classes: int,
         raise DataError(f"{what} {path!r} lacks array(s) {missing} "
                         f"(found {sorted(f.files)})")
       x, y = f["x"], f["y"]
-  except (OSError, ValueError, zipfile.BadZipFile, EOFError, zlib.error,
-          MemoryError) as e:
+  except (OSError, ValueError, MemoryError, *NPZ_DAMAGE) as e:
     if isinstance(e, DataError):
       raise
     raise DataError(f"cannot read {what} {path!r} ({type(e).__name__}: "
