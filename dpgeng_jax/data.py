@@ -239,7 +239,9 @@ def from_arrays(
     raise DataError(
         f"classes with no training examples: {missing[:10].tolist()}"
         f"{f' and {missing.size - 10} more' if missing.size > 10 else ''} "
-        f"(num_classes={num_classes}); every class 0..{num_classes - 1} needs one")
+        f"(num_classes={num_classes}); every class 0..{num_classes - 1} needs one"
+        + ("; labels count from 0: if yours count from 1, subtract 1"
+           if missing.tolist() == [0] else ""))
   mean, std, source = _public_normalisation(name, x_train.shape[-1])
   arrays = [x_train, y_train.astype(np.int32), x_test, y_test.astype(np.int32)]
   for a in arrays:

@@ -279,6 +279,9 @@ BAD_INPUTS = {
         "largest label"),
     "class_without_training_examples": (_with(y_train=np.array([0, 2, 2, 0, 2, 0])),
                                         r"no training examples: \[1\]"),
+    "labels_counting_from_one": (
+        _with(y_train=np.array([1, 2, 3, 1, 2, 3]), y_test=np.array([1, 2, 3])),
+        r"no training examples: \[0\].*if yours count from 1, subtract 1"),
     "num_classes_beyond_present_classes": (_with(num_classes=5),
                                            r"no training examples: \[3, 4\]"),
     "bool_num_classes": (_with(num_classes=True), "num_classes must be an integer"),
