@@ -110,7 +110,9 @@ def release_class_features(feature_map: FeatureMap, x: jax.Array,
     sums = sums_of(feature_map, x, y, mask)
   else:
     from dpgeng_jax import parallel  # parallel imports mechanisms
-    sums = parallel.sharded_sum(sums_of, mesh)(feature_map, x, y, mask)
+    # bits above are sized for all of x's rows, every device's together.
+    sums = parallel.sharded_sum(sums_of, mesh, integer_sums_fit=True)(
+        feature_map, x, y, mask)
   return noise.add_gaussian_noise(
       noise_key, sums, noise_multiplier * GENERATOR_SENSITIVITY,
       scale=fixed_point_scale(bits))

@@ -382,6 +382,35 @@ def test_whole_dpgeng_run_on_8_devices_matches_one_device(tmp_path):
   assert np.max(np.abs(outs[8] - outs[1])) < 1e-2 * np.max(np.abs(outs[1]))
 
 
+@pytest.mark.parametrize("devices", [4, 8])
+def test_sharded_merf_release_equals_unsharded(devices):
+  # The fixed-point sums (bits sized for all the rows) add up over the
+  # devices exactly, and the noise is drawn once for the summed release:
+  # with one key, the sharded release equals the unsharded one bit for bit.
+  from dpgeng_jax.generators import merf
+  rng = np.random.default_rng(9)
+  n = 40  # a multiple of both device counts
+  x = jnp.asarray(rng.normal(size=(n, 4, 4, 1)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, K, n), jnp.int32)
+  mask = jnp.asarray((rng.random(n) < 0.8).astype(np.float32))
+  fmap = merf.FeatureMap.create(jax.random.key(0), 16, 10)
+  key = noise.deterministic_secret_key(3)
+  for sigma in (0.0, 2.0):
+    release = functools.partial(merf.release_class_features, num_classes=K,
+                                noise_multiplier=sigma, noise_key=key)
+    want = jax.jit(release)(fmap, x, y, mask)
+    got = jax.jit(functools.partial(
+        release, mesh=parallel.data_mesh(devices)))(fmap, x, y, mask)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  noiseless = np.asarray(jax.jit(functools.partial(
+      merf.release_class_features, num_classes=K, noise_multiplier=0.0,
+      noise_key=key))(fmap, x, y, mask))
+  # The constant coordinate carries the class counts (1/sqrt 2 each).
+  counts = np.bincount(np.asarray(y)[np.asarray(mask) > 0], minlength=K)
+  np.testing.assert_allclose(noiseless[:, -1] * np.sqrt(2), counts,
+                             rtol=1e-5)
+
+
 @pytest.mark.parametrize("devices,k", [(4, 1), (8, 3)])
 def test_sharded_pe_histogram_equals_unsharded(devices, k):
   from dpgeng_jax.generators import pe
