@@ -196,3 +196,31 @@ def test_a_config_from_python_is_checked_as_the_command_line_is(kw, says):
   with pytest.raises(ConfigError, match=says):
     planning.validate_config(Config(**kw))
   planning.validate_config(Config(lr_img=np.float64(0.1)))  # a float
+
+
+def test_a_declared_external_noise_guarantee_is_composed_with_its_rate_and_steps():
+  """--generated-noise-multiplier with --generated-sampling-rate and
+  --generated-steps is SelfComposed(PoissonSampled(q, Gaussian(sigma)), T):
+  accounted as one release (rate 1, one step), the run's epsilon would be
+  understated (a review's mutation, which no test caught)."""
+  import dp_accounting
+  from dp_accounting.pld import pld_privacy_accountant
+  def report(**kw):
+    return planning.plan_budget(Config(generator="npz:g.npz", epsilon=10.0,
+                                       **kw))
+  rep = report(generated_noise_multiplier=2.0, generated_sampling_rate=0.1,
+               generated_steps=50)
+  (ext,) = [m for m in rep["mechanisms"] if m["name"] == "external_generator"]
+  assert (ext["noise_multiplier"], ext["sampling_rate"], ext["steps"]) == (
+      2.0, 0.1, 50)
+  acc = pld_privacy_accountant.PLDAccountant()
+  acc.compose(dp_accounting.SelfComposedDpEvent(
+      dp_accounting.PoissonSampledDpEvent(
+          0.1, dp_accounting.GaussianDpEvent(2.0)), 50))
+  want = acc.get_epsilon(rep["delta_mechanisms"])
+  assert ext["epsilon_alone"] == pytest.approx(want, rel=2e-2)
+  one = report(generated_noise_multiplier=2.0)
+  (one_ext,) = [m for m in one["mechanisms"]
+                if m["name"] == "external_generator"]
+  assert one_ext["epsilon_alone"] != pytest.approx(ext["epsilon_alone"],
+                                                   rel=0.05)
