@@ -943,11 +943,36 @@ def privacy_report(mechanisms: Sequence[Mechanism], *, target_epsilon: float,
   }
 
 
+def _check_abort_events(abort, target: float, reserved: float) -> list:
+  """What the abort events of a record add to delta, (1 + e^epsilon)
+  events tau (`failure_delta`), recomputed from their count and tau: it
+  must be the listed delta_added and fit in the reserve. (Bounds sized for
+  one event where there are many passed every test before.)"""
+  if not abort:
+    return []
+  try:
+    events, tau = int(abort["events"]), float(abort["probability_per_event"])
+    listed = float(abort["delta_added"])
+  except (KeyError, TypeError, ValueError) as e:
+    return [f"its abort_events cannot be read ({type(e).__name__}: {e})"]
+  added = failure_delta(target, events, math.log(tau)) if tau > 0 else 0.0
+  problems = []
+  if not math.isclose(listed, added, rel_tol=1e-6):
+    problems.append(f"abort_events' delta_added {listed:g} where {events} "
+                    f"events of probability {tau:g} add {added:g}")
+  if added > reserved * (1 + 1e-9):
+    problems.append(f"its {events} abort events of probability {tau:g} add "
+                    f"{added:.3g} to delta, more than the {reserved:.3g} "
+                    "reserved (delta_abort_events)")
+  return problems
+
+
 def check_report(record: dict, rel_tol: float = 1e-6) -> list[str]:
   """What in a privacy.json `record` (privacy_report's dict) disagrees
   with its own mechanisms: its composed epsilon figures and accountant
   recomputed from the listed mechanisms, delta split and external
-  guarantee, each mechanism's epsilon alone, its headline and
+  guarantee, each mechanism's epsilon alone, what its abort events add to
+  delta against their reserve, its headline and
   `meets_target` from those. Empty when all agree. (`dpgeng report`
   rebuilds a report from the file and must not repeat a hand-edited
   headline.)"""
@@ -978,6 +1003,8 @@ def check_report(record: dict, rel_tol: float = 1e-6) -> list[str]:
     # lower the mechanisms' delta that the figures are checked at.
     if part and not math.isclose(part, fraction * total, rel_tol=1e-9):
       problems.append(f"{key} {part:g} is not {fraction:g} of delta")
+  problems += _check_abort_events(record.get("abort_events"), target,
+                                  parts[1])
   if not mechs or d <= 0 or any(m.noise_multiplier <= 0 for m in mechs):
     want = {"epsilon_rdp": eps_ext if not mechs and d > 0 else None}
   else:

@@ -112,12 +112,7 @@ def step_capacity(cfg: ExpertConfig, num_rows: int, log_tail: float,
   """Padded Poisson slots of one step's batch, per device of `mesh` (all
   of them without one), for `num_rows` rows (a public bound on N) and
   overflow probability exp(log_tail) per step."""
-  if mesh is None:
-    return mechanisms.poisson_capacity([num_rows], cfg.sampling_rate,
-                                       log_tail=log_tail)
-  return mechanisms.poisson_capacity(
-      [parallel.rows_per_device(num_rows, mesh)], cfg.sampling_rate,
-      log_tail=log_tail - math.log(parallel.num_shards(mesh)))
+  return parallel.flat_capacity(num_rows, cfg.sampling_rate, log_tail, mesh)
 
 
 def private_step(grad_sum, cfg: ExpertConfig, noise_multiplier: float,

@@ -34,6 +34,7 @@ outputs (`is_writer`).
 from __future__ import annotations
 
 import functools
+import math
 import os
 from typing import Any, Callable, Sequence
 
@@ -157,6 +158,21 @@ def shard_capacity(valid: np.ndarray, shards: int, sampling_rate: float,
   k = valid.shape[0]
   counts = valid.reshape(k, shards, -1).sum(-1).reshape(-1).astype(int)
   return mechanisms.poisson_capacity(counts, sampling_rate, tail / shards)
+
+
+def flat_capacity(rows: int, sampling_rate: float, log_tail: float,
+                  mesh: Mesh | None = None) -> int:
+  """Padded Poisson slots per device of `mesh` (the one batch without
+  one) for a batch of the flat layout over `rows` (a public bound on N,
+  split by `process_rows`): each device overflows with probability <=
+  exp(log_tail) / devices, so the batch with probability <= exp(log_tail).
+  The queries' and the expert's capacity."""
+  if mesh is None:
+    return mechanisms.poisson_capacity([rows], sampling_rate,
+                                       log_tail=log_tail)
+  return mechanisms.poisson_capacity(
+      [rows_per_device(rows, mesh)], sampling_rate,
+      log_tail=log_tail - math.log(num_shards(mesh)))
 
 
 # ---------------------------------------------------------------------------

@@ -599,12 +599,7 @@ def query_capacity(rows: int, sampling_rate: float, log_tail, mesh) -> int:
   """The padded Poisson batch of one query over `rows` (a public bound on
   N), per device of `mesh`, whose overflow has probability <= the run's
   tail (split over the devices)."""
-  if mesh is None:
-    return mechanisms.poisson_capacity([rows], sampling_rate,
-                                       log_tail=_tail(log_tail))
-  return mechanisms.poisson_capacity(
-      [parallel.rows_per_device(rows, mesh)], sampling_rate,
-      log_tail=_tail(log_tail) - math.log(parallel.num_shards(mesh)))
+  return parallel.flat_capacity(rows, sampling_rate, _tail(log_tail), mesh)
 
 
 def answer_queries(cfg, spec, plan_q, k_query, x_train, ds, secret, mesh,

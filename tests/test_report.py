@@ -507,6 +507,33 @@ def test_check_report_accepts_the_records_privacy_report_writes():
       f"{2 * rec['mechanisms'][0]['epsilon_alone']}"]
 
 
+def test_check_report_checks_what_the_abort_events_add_to_delta(
+    finished_run):
+  """A run whose capacities and bounds were sized for one abort event where
+  it has many (tau events times too large) adds more delta than it
+  reserved: check_report, and so `dpgeng report`, refuse its record (a
+  review's mutation of stages.calibrate passed every test before)."""
+  import copy
+  import math
+  from dpgeng_jax import accounting
+  rec = json.loads((finished_run / "privacy.json").read_text())
+  abort = rec["abort_events"]
+  assert abort["events"] > 1 and accounting.check_report(rec) == []
+  assert abort["delta_added"] == pytest.approx(rec["delta_abort_events"],
+                                               rel=1e-6)
+  one = copy.deepcopy(rec)
+  one["abort_events"]["probability_per_event"] *= abort["events"]
+  one["abort_events"]["delta_added"] = accounting.failure_delta(
+      rec["target_epsilon"], abort["events"],
+      math.log(one["abort_events"]["probability_per_event"]))
+  assert [p for p in accounting.check_report(one)
+          if "more than the" in p and "reserved" in p]
+  edited = copy.deepcopy(rec)
+  edited["abort_events"]["delta_added"] /= 2
+  assert [p for p in accounting.check_report(edited)
+          if p.startswith("abort_events' delta_added")]
+
+
 def test_report_never_copies_a_planted_link_fifo_or_non_png_into_the_run(
     finished_run, tmp_path, capsys):
   """A figure the report cannot redraw is copied from the run: a link

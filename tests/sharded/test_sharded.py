@@ -242,6 +242,28 @@ def test_shard_capacity_keeps_the_per_class_tail():  # library default
   assert 8 * stats.binom.sf(cap - 1, 50, 0.5) > mechanisms.OVERFLOW_TAIL
 
 
+def test_flat_capacity_splits_the_batch_tail_over_the_devices():
+  # The queries' and the expert's per-device capacity: the batch overflows
+  # with probability <= tau over all 8 devices (each <= tau / 8), and the
+  # capacity is the smallest that does. Sized for tau per device, the
+  # batch's overflow (an abort event) had 8 tau, beyond its delta reserve.
+  import math
+  from dpgeng_jax import expert, stages
+  mesh = parallel.data_mesh(8)
+  rows, p, log_tail = 800, 0.3, math.log(1e-9)
+  cap = parallel.flat_capacity(rows, p, log_tail, mesh)
+  per = parallel.rows_per_device(rows, mesh)
+  assert per == 100
+  assert 8 * stats.binom.sf(cap, per, p) <= math.exp(log_tail)
+  assert 8 * stats.binom.sf(cap - 1, per, p) > math.exp(log_tail)
+  assert stages.query_capacity(rows, p, log_tail, mesh) == cap
+  assert expert.step_capacity(expert.ExpertConfig(sampling_rate=p), rows,
+                              log_tail, mesh) == cap
+  one = parallel.flat_capacity(rows, p, log_tail)
+  assert stats.binom.sf(one, rows, p) <= math.exp(log_tail)
+  assert stats.binom.sf(one - 1, rows, p) > math.exp(log_tail)
+
+
 def test_sharded_dp_sgd_gradient_without_noise_equals_unsharded(devices=8):
   model, params, x, y, mask = _convnet()
   mask = jnp.ones_like(mask)
