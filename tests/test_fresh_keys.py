@@ -69,3 +69,33 @@ def test_each_feature_matching_query_gets_its_own_key(monkeypatch):
       noise.deterministic_secret_key(4), None, sizes, None)
   flat = np.asarray(targets).reshape(5, -1)
   assert len({row.tobytes() for row in flat}) == 5
+
+
+def test_each_private_mechanism_of_a_run_gets_its_own_key(monkeypatch,
+                                                          tmp_path):
+  """The class counts, the generator, the queries and the expert each get
+  one of four independent secret keys. Handing one stage another's key (a
+  review's mutation: the expert given the queries' key, so that query q and
+  expert step q drew the same Poisson sample and noise words) passed every
+  test before."""
+  from dpgeng_jax import cli
+  from test_cli import GEN_TINY, TINY
+  seen = {}
+
+  def spy(name):
+    real = getattr(stages, name)
+
+    def stage(*args, **kw):
+      keys = [a for a in (*args, *kw.values()) if isinstance(a, jax.Array)
+              and jnp.issubdtype(a.dtype, jax.dtypes.prng_key)]
+      assert len(keys) == 1, name
+      seen[name] = _key_words(keys[0])
+      return real(*args, **kw)
+    monkeypatch.setattr(stages, name, stage)
+  for name in ("class_sizes", "generate", "query", "expert"):
+    spy(name)
+  assert cli.main(["distill", "--out", str(tmp_path / "run"), "--method",
+                   "dpgeng", "--generator", "merf", "--deterministic",
+                   "--no-eval", *GEN_TINY, *TINY]) == 0
+  assert set(seen) == {"class_sizes", "generate", "query", "expert"}
+  assert len(set(seen.values())) == 4, seen
