@@ -66,8 +66,30 @@ def test_no_exact_private_count_appears_in_any_output(tmp_path, monkeypatch):
     return real_estimate(cfg, plan, shape, num_train, *args, **kwargs)
 
   monkeypatch.setattr(pipeline.estimate_lib, "estimate", estimate)
+  # What the expert pads to and divides by, and the distillation's
+  # normalisers: public bounds and estimates, never N or N_c (dropping
+  # them, or normalising by the exact class counts, changed no output
+  # file: a review's mutations).
+  from dpgeng_jax import stages
+  used = {}
+  real_finetune, real_loop = stages.expert_lib.dp_finetune, stages.distill_loop
+
+  def finetune(*args, **kw):
+    used["expert"] = (kw.get("num_rows"), kw.get("expected_size"))
+    return real_finetune(*args, **kw)
+
+  def loop(cfg, store, state, step, targets, counts_, key):
+    used["counts"] = np.asarray(counts_, np.float64)
+    return real_loop(cfg, store, state, step, targets, counts_, key)
+  monkeypatch.setattr(stages.expert_lib, "dp_finetune", finetune)
+  monkeypatch.setattr(stages, "distill_loop", loop)
   assert _distill(["--dataset", _sized_npz(tmp_path), "--out", str(out),
                    "--deterministic", *GEN_TINY, *TINY]) == 0
+  num_rows, expected = used["expert"]
+  assert num_rows is not None and num_rows > sum(SIZES)
+  assert expected is not None and expected != sum(SIZES)
+  rate = json.loads((out / "config.json").read_text())["sampling_rate"]
+  assert np.all(np.abs(used["counts"] - rate * np.array(SIZES)) > 1e-3)
   exact = set(SIZES) | {sum(SIZES)}
   for name in ("privacy.json", "config.json", "metrics.json",
                "stages/state.json"):
