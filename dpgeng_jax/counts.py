@@ -40,8 +40,9 @@ COUNT_SENSITIVITY = 1.0  # L2, add/remove one example (one count moves by 1)
 
 
 class CountBoundError(PrivacyAbort):
-  """A class holds more examples than its released upper bound (an event
-  of probability <= tau per class, accounted in delta)."""
+  """A class, or all classes together, hold more examples than their
+  released upper bound (an event of probability <= tau per bound,
+  accounted in delta)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,10 +101,10 @@ class ClassSizes:
     exact = np.bincount(y, minlength=self.num_classes)
     if np.any(exact > self.bound) or exact.sum() > self.total_bound:
       raise CountBoundError(
-          "a class holds more examples than the upper bound derived from "
-          f"the released counts (an event of probability <= "
-          f"{math.exp(self.log_tail):.1e} per class); the run was aborted "
-          "before any other release. Re-run.")
+          "a class, or all classes together, hold more examples than the "
+          "upper bound derived from the released counts (an event of "
+          f"probability <= {math.exp(self.log_tail):.1e} per bound); the "
+          "run was aborted before any other release. Re-run.")
 
   def refined(self, other_estimate, other_std: float,
               source: str) -> "ClassSizes":

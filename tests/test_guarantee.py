@@ -186,6 +186,9 @@ def test_released_bounds_hold_and_a_violation_aborts():
   sizes.check(np.repeat(np.arange(3), [40, 7, 19]))
   with pytest.raises(counts.CountBoundError):
     sizes.check(np.repeat(np.arange(3), [40, sizes.bound[1] + 1, 19]))
+  # Every class within its bound, all of them above the total's.
+  with pytest.raises(counts.CountBoundError):
+    sizes.check(np.repeat(np.arange(3), sizes.bound))
   # A negative or tiny noisy count never becomes a zero normaliser.
   low = counts.released_sizes(np.array([-3.0, 0.2]), 2.5, math.log(1e-12))
   assert np.all(low.expected_counts(0.5) >= 0.5)
