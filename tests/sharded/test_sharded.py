@@ -303,6 +303,50 @@ def test_a_sharded_query_sizes_its_fixed_point_from_every_device(
   assert seen == [clipping.fixed_point_bits(rows, 0.7)]
 
 
+def _one_full_device(devices=8, rows=4):
+  """valid (devices * rows,): every row of the first device, one row of
+  each other (the rows split over the devices in contiguous blocks)."""
+  valid = np.zeros((devices, rows), np.float32)
+  valid[0] = 1.0
+  valid[1:, 0] = 1.0
+  return jnp.asarray(valid.ravel())
+
+
+def test_one_device_s_overflow_withholds_the_sharded_query():
+  # Capacity 2 at rate 1: the first device's 4 rows overflow, the others'
+  # single rows do not. The run must see the flag (an abort event) and the
+  # sums must be withheld (NaN), not a truncated batch released.
+  x, y, params, aug = _query_setup(n=32)
+  data = mechanisms.FlatData(jnp.asarray(x), jnp.asarray(y, jnp.int32),
+                             _one_full_device())
+  mesh = parallel.data_mesh(8)
+  for cap, overflows in ((2, True), (4, False)):
+    got, over = jax.jit(functools.partial(
+        parallel.sharded_noisy_targets, _spec(1.0, 1.0, cap), mesh=mesh))(
+            data, params, aug, noise.deterministic_secret_key(0))
+    assert bool(over) is overflows
+    assert bool(np.all(np.isnan(np.asarray(got)))) is overflows
+
+
+def test_one_device_s_overflow_withholds_the_sharded_dp_sgd_step():
+  model = ConvNet(num_classes=K, width=8, depth=2)
+  params = init_params(model, jax.random.key(0), (8, 8, 1))
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=(32, 8, 8, 1)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, K, 32), jnp.int32)
+  fn = pergrad.make_grad_sum_fn(model, clip_norm=0.5)
+  for cap, overflows in ((2, True), (4, False)):
+    got, over = jax.jit(functools.partial(
+        parallel.sharded_dp_sgd_grad, fn, sampling_rate=1.0, capacity=cap,
+        mesh=parallel.data_mesh(8),
+        release=mechanisms.SumRelease(0.5, 1.0)))(
+            params, x, y, _one_full_device(),
+            noise.deterministic_secret_key(0))
+    assert bool(over) is overflows
+    leaves = [np.asarray(a) for a in jax.tree.leaves(got)]
+    assert all(bool(np.all(np.isnan(a))) is overflows for a in leaves)
+
+
 def test_a_sharded_dp_sgd_step_sizes_its_fixed_point_from_every_device():
   devices = 8
   model, params, x, y, mask = _convnet()
