@@ -300,6 +300,10 @@ def resolve(cfg: Config, image_shape=None,
   init = cfg.init
   if init == "auto":
     init = {"dpgeng": "generated", "dm": "real"}.get(cfg.method, "noise")
+  if cfg.method == "generator":
+    # Its stored images are the k-means pick of the generated data,
+    # whatever --init says (unused_options notes a --init given).
+    init = "generated"
   ext = cfg.extractors
   if ext == "auto":  # random: measured better than trained on G (README)
     ext = "random"
@@ -470,8 +474,9 @@ def nonprivate_reasons(cfg: Config, plan: Plan) -> list[str]:
   Anything non-private that touches an output makes the run non-private."""
   reasons = []
   if cfg.method == "dm":
-    reasons.append("method dm: no clipping, no noise, initialised from "
-                   "real images")
+    reasons.append("method dm: no clipping, no noise"
+                   + (", initialised from real images"
+                      if plan.init == "real" else ""))
   elif plan.init == "real":
     reasons.append("initialised from real training images (--init real)")
   if cfg.deterministic:
@@ -539,6 +544,9 @@ def unused_options(cfg: Config, plan: Plan) -> list[str]:
     why[("the expert runs with method dpgeng and --expert only"
          if cfg.method != "dpgeng" else "the expert is off (--expert)")
         ] = changed(_EXPERT_OPTIONS)
+  if cfg.method == "generator":
+    why["method generator picks its images from the generated data"] = (
+        changed(("init",)))
   if plan.factor and cfg.factor not in (0, plan.factor):
     why[f"method {cfg.method} stores images at factor {plan.factor}"] = (
         changed(("factor",)))

@@ -66,6 +66,9 @@ def test_one_declared_guarantee_of_npz_data_is_accepted():
      ["--num-queries not used: method generator makes no feature-matching "
       "queries", "--factor not used: method generator stores images at "
       "factor 1"]),
+    ({"method": "generator", "init": "real"},
+     ["--init not used: method generator picks its images from the "
+      "generated data"]),
     ({"expert_weight": 0.3},
      ["--expert-weight not used: the expert is off (--expert)"]),
     ({"generator_steps": 5, "pe_nearest_k": 3},
@@ -224,3 +227,21 @@ def test_a_declared_external_noise_guarantee_is_composed_with_its_rate_and_steps
                 if m["name"] == "external_generator"]
   assert one_ext["epsilon_alone"] != pytest.approx(ext["epsilon_alone"],
                                                    rel=0.05)
+
+
+@pytest.mark.parametrize("init", ["auto", "real", "noise", "generated"])
+def test_the_generator_method_picks_generated_images_whatever_init_says(init):
+  """Method generator stores the k-means pick of its generated data: a
+  --init real run was reported NOT private ("initialised from real
+  training images") and config.json said init noise, though no real image
+  and no noise was used (a review's finding)."""
+  cfg = Config(method="generator", init=init)
+  plan = planning.resolve(cfg, SHAPE)
+  assert plan.init == "generated" and planning.selects_generated(cfg, plan)
+  assert planning.nonprivate_reasons(cfg, plan) == []
+  dm = Config(method="dm", init="generated")
+  assert planning.nonprivate_reasons(dm, planning.resolve(dm, SHAPE)) == [
+      "method dm: no clipping, no noise"]
+  dm = Config(method="dm")
+  assert planning.nonprivate_reasons(dm, planning.resolve(dm, SHAPE)) == [
+      "method dm: no clipping, no noise, initialised from real images"]
