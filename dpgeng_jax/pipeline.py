@@ -227,6 +227,7 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
   r = stages.Run(cfg, plan, ds, ds.normalize(ds.x_train),
                  ds.normalize(ds.x_test), mesh, parallel.local_mesh(mesh),
                  keys, store)
+  prog.skip = frozenset(n for n, _ in progress_lib.STAGES if r.done(n))
 
   prog.start("calibrate")
   budget = stages.calibrate(r)

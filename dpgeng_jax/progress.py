@@ -25,6 +25,11 @@ class Progress:
     self.t0 = time.time()
     self.done: list[str] = []
     self.names = [n for n, _ in STAGES]
+    # Stages a resumed run loads from its store (finished before this
+    # process started): they take no time, so neither their estimates nor
+    # the time they take enter the time left (counted as done, they cut
+    # every later estimate by the scale's floor, 5x).
+    self.skip: frozenset = frozenset()
 
   def eta(self, name: str) -> float | None:
     """Seconds left from the start of stage `name`: the estimates of it
@@ -33,8 +38,10 @@ class Progress:
       return None
     key = dict(STAGES)
     i = self.names.index(name)
-    left = sum(self.estimate_s.get(key[n], 0.0) for n in self.names[i:])
-    spent_est = sum(self.estimate_s.get(key[n], 0.0) for n in self.done)
+    left = sum(self.estimate_s.get(key[n], 0.0) for n in self.names[i:]
+               if n not in self.skip)
+    spent_est = sum(self.estimate_s.get(key[n], 0.0) for n in self.done
+                    if n not in self.skip)
     elapsed = time.time() - self.t0
     scale = elapsed / spent_est if spent_est > 1.0 else 1.0
     return left * min(max(scale, 0.2), 5.0)

@@ -179,6 +179,24 @@ def test_progress_line_counts_stages_and_rescales_the_eta():
   assert len(lines) == 2
 
 
+def test_a_resumed_run_s_eta_leaves_out_the_stages_it_loads():
+  """Stages a resumed run loads from its store take no time: counted as
+  done with their estimates, they cut the scale to its floor and the time
+  left of a 92 s distillation was printed as 14 s (a review's finding)."""
+  lines = []
+  est = {k: 10.0 for _, k in progress.STAGES}
+  p = progress.Progress(est, write=lines.append)
+  p.skip = frozenset(("calibrate", "class_sizes", "generate", "pool",
+                      "query", "expert", "init"))
+  for name in sorted(p.skip, key=p.names.index):
+    p.start(name)
+  p.start("distill")
+  assert "20 s left" in lines[-1]  # distill and evaluate, unscaled
+  p.t0 -= 30.0  # distillation took 30 s against 10 estimated
+  p.start("evaluate")
+  assert "30 s left" in lines[-1]  # evaluate, 3x
+
+
 def test_plan_prints_the_estimate_of_a_known_dataset(capsys):
   assert cli.main(["plan", "--epsilon", "1"]) == 0  # digits
   out = capsys.readouterr().out
