@@ -413,10 +413,11 @@ def _num_classes(y_train: np.ndarray, num_classes: int | None) -> int:
   """Returns K, checking the given value against the training labels."""
   if num_classes is None:
     if y_train.max() >= len(y_train):  # K = max + 1 > N: empty classes
+      # No values: the largest label and N are the private data's.
       raise DataError(
-          f"y_train's largest label is {y_train.max()} but there are only "
-          f"{len(y_train)} training examples: labels must be the class "
-          "indices 0..K-1 with every class present")
+          "y_train has a label at least as large as the number of training "
+          "examples: labels must be the class indices 0..K-1 with every "
+          "class present")
     if y_train.max() < 1:
       raise DataError(
           "y_train has a single class (every label is "
