@@ -53,13 +53,13 @@ def test_sharded_clipped_class_sums_equal_unsharded(devices):
 
 
 @functools.cache
-def _convnet():
+def _convnet(n=24):
   model = ConvNet(num_classes=K, width=8, depth=2)
   params = init_params(model, jax.random.key(0), (8, 8, 1))
   rng = np.random.default_rng(2)
-  x = jnp.asarray(rng.normal(size=(24, 8, 8, 1)), jnp.float32)
-  y = jnp.asarray(rng.integers(0, K, 24), jnp.int32)
-  mask = jnp.asarray((rng.random(24) < 0.9), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(n, 8, 8, 1)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, K, n), jnp.int32)
+  mask = jnp.asarray((rng.random(n) < 0.9), jnp.float32)
   return model, params, x, y, mask
 
 
@@ -329,11 +329,7 @@ def test_one_device_s_overflow_withholds_the_sharded_query():
 
 
 def test_one_device_s_overflow_withholds_the_sharded_dp_sgd_step():
-  model = ConvNet(num_classes=K, width=8, depth=2)
-  params = init_params(model, jax.random.key(0), (8, 8, 1))
-  rng = np.random.default_rng(2)
-  x = jnp.asarray(rng.normal(size=(32, 8, 8, 1)), jnp.float32)
-  y = jnp.asarray(rng.integers(0, K, 32), jnp.int32)
+  model, params, x, y, _ = _convnet(n=32)
   fn = pergrad.make_grad_sum_fn(model, clip_norm=0.5)
   for cap, overflows in ((2, True), (4, False)):
     got, over = jax.jit(functools.partial(
