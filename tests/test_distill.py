@@ -167,3 +167,70 @@ def test_targets_and_counts_of_the_wrong_shape_are_refused():
   for chunk in (0, -1, 1.5):
     with pytest.raises(ValueError, match="class_chunk"):
       distill.make_step(plan, opt, clip_norm=1.0, class_chunk=chunk)
+
+
+def test_step_t_uses_query_t_mod_q_its_parameters_and_each_class_s_target():
+  """Step t's loss is L_FM of query t mod Q: that query's extractor and
+  augmentation, and class c's images against class c's target over class
+  c's count. Targets matched to the wrong classes, another query's
+  parameters, or query 0 at every step passed every test before (a
+  review's mutations)."""
+  import optax
+  plan = _plan()
+  syn = jax.random.normal(jax.random.key(0), (K, IPC, *SHAPE))
+  d = distill.synthetic_class_means(plan, *plan.params(jax.random.key(1), 0),
+                                    syn, 1.0).shape[1]
+  q_count = 3
+  targets = jax.random.normal(jax.random.key(2), (q_count, K, d)) * 3.0
+  counts = jnp.asarray([2.0, 5.0, 11.0])
+  opt = optax.sgd(0.0)  # the images stay as they are
+  step = distill.make_step(plan, opt, clip_norm=1.0)
+  state = distill.init_state(jnp.array(syn), opt)  # a copy: donated
+  key = jax.random.key(3)
+  for t in range(2 * q_count + 1):
+    state, loss = step(state, targets, counts, key)
+    params, aug = plan.params(key, t % q_count)
+    want = distill.feature_matching_loss(plan, params, aug, syn,
+                                         targets[t % q_count], counts, 1.0)
+    assert float(loss) == pytest.approx(float(want), rel=1e-5), t
+
+
+def test_the_queries_real_side_and_the_step_s_synthetic_side_are_siamese():
+  """Queries answered without noise, sampling or clipping on data X, and
+  the step run from S = X with the exact class counts: every query's loss
+  is 0, since both sides embed the same images through the same query's
+  extractor and per-class augmentation. Answered with another query's
+  parameters, the real side no longer matches."""
+  import types
+  import optax
+  from dpgeng_jax import mechanisms, noise, stages
+  plan = _plan()
+  x = jax.random.normal(jax.random.key(4), (K, IPC, *SHAPE))
+  y = np.repeat(np.arange(K, dtype=np.int32), IPC)
+  spec = mechanisms.QuerySpec(
+      embed_fn=plan.embed_fn, num_classes=K, clip_norm=math.inf,
+      noise_multiplier=0.0, sampling_rate=1.0, capacity=0,
+      strategy=plan.strategy)
+  cfg = types.SimpleNamespace(microbatch=0, num_queries=3, quiet=True)
+  key = jax.random.key(5)
+
+  def answered(plan_q):
+    return stages.answer_queries(
+        cfg, spec, plan_q, key, np.asarray(x).reshape(-1, *SHAPE),
+        types.SimpleNamespace(y_train=y), noise.deterministic_secret_key(0),
+        None, types.SimpleNamespace(total_bound=len(y)), None)[0]
+
+  def losses(targets):
+    opt = optax.sgd(0.0)
+    step = distill.make_step(plan, opt, clip_norm=math.inf)
+    state, out = distill.init_state(jnp.array(x), opt), []
+    for _ in range(3):
+      state, loss = step(state, targets, jnp.full(K, float(IPC)), key)
+      out.append(float(loss))
+    return np.array(out)
+
+  scale = float(jnp.sum(jnp.square(answered(plan)))) / (3 * IPC ** 2)
+  assert np.all(losses(answered(plan)) < 1e-6 * scale)
+  shifted = types.SimpleNamespace(
+      params=lambda k, q: plan.params(k, q + 1))
+  assert np.all(losses(answered(shifted)) > 1e-3 * scale)
