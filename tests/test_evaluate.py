@@ -64,3 +64,59 @@ def test_chunk_count_is_capped(monkeypatch):
   monkeypatch.setattr(evaluate, "CHUNK_BYTES", 32 << 20)
   rows = evaluate.chunk_rows(256, (128, 128), 128)
   assert -(-256 // rows) == evaluate.MAX_CHUNKS
+
+
+def _halves(n, seed):
+  """8x8 images: class 0 bright in the top half, class 1 in the bottom
+  half, plus noise (a flip or small rotation keeps the class)."""
+  rng = np.random.default_rng(seed)
+  y = np.arange(n) % 2
+  x = rng.normal(0.0, 0.3, (n, 8, 8, 1)).astype(np.float32)
+  x[y == 0, :4] += 1.5
+  x[y == 1, 4:] += 1.5
+  return jnp.asarray(x), jnp.asarray(y, jnp.int32)
+
+
+def test_evaluation_models_learn_and_report_their_mean(monkeypatch):
+  """The evaluation protocol trains: on a separable task its models are
+  right on held-out images, and the reported mean and std are those of the
+  listed per-model accuracies. (Gradient ascent in the shared step, which
+  also trains the pool and the expert, passed every test before.) Each
+  model's batches get per-image DSA, as the protocol says."""
+  calls = []
+  real = evaluate.augment.augment
+
+  def spy(*args, **kw):
+    calls.append(kw.get("per_image"))
+    return real(*args, **kw)
+  monkeypatch.setattr(evaluate.augment, "augment", spy)
+  evaluate._step_for.cache_clear()
+  x, y = _halves(40, 0)
+  xt, yt = _halves(200, 1)
+  cfg = evaluate.EvalConfig(num_models=3, epochs=40, width=8, depth=2,
+                            batch_size=20)
+  out = evaluate.evaluate(jax.random.key(0), x, y, xt, yt, num_classes=2,
+                          cfg=cfg)
+  evaluate._step_for.cache_clear()
+  acc = np.array(out["test_accuracies"])
+  assert len(acc) == 3 and np.all(acc >= 0.9), acc
+  assert out["test_accuracy_mean"] == pytest.approx(float(np.mean(acc)))
+  assert out["test_accuracy_std"] == pytest.approx(float(np.std(acc)))
+  assert calls and all(c is True for c in calls)
+
+
+def test_the_reported_mean_and_std_are_over_the_models(monkeypatch):
+  """Models of different accuracies (per-class table given): the mean and
+  std are those of the per-model accuracies, weighted by the test
+  classes' sizes."""
+  monkeypatch.setattr(evaluate, "train_models",
+                      lambda *a, **k: (None, None))
+  monkeypatch.setattr(evaluate, "class_accuracies", lambda *a, **k: np.array(
+      [[1.0, 0.5], [0.5, 0.5], [0.0, 1.0]]))
+  yt = jnp.asarray([0, 1, 1, 1], jnp.int32)  # class 1 weighs 3/4
+  out = evaluate.evaluate(jax.random.key(0), None, None, None, yt,
+                          num_classes=2, cfg=evaluate.EvalConfig())
+  want = np.array([0.625, 0.5, 0.75])
+  np.testing.assert_allclose(out["test_accuracies"], want)
+  assert out["test_accuracy_mean"] == pytest.approx(want.mean())
+  assert out["test_accuracy_std"] == pytest.approx(want.std())
