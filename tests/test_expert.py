@@ -163,3 +163,53 @@ def test_private_step_sums_exactly_the_rows_its_sampling_words_take():
     assert 0.25 * n < want.sum() < 0.35 * n
     np.testing.assert_array_equal(np.asarray(g["rows"]),
                                   want.astype(np.float32))
+
+
+def test_dp_finetune_pads_to_num_rows_and_divides_by_the_public_estimate(
+    monkeypatch):
+  """The private rows are padded to the public num_rows and the update is
+  the summed gradient over q * expected_size: without noise, at rate 1,
+  one momentum-free step moves the parameters by lr g / (q E), so E times
+  the move is the same for any E. Using len(x) for either (the private N)
+  passed every test before (a review's mutations)."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(10, *SHAPE)).astype(np.float32)
+  y = (np.arange(10) % 3).astype(np.int32)
+  p0 = _params()
+  cfg = E.ExpertConfig(steps=1, sampling_rate=1.0, clip_norm=1.0,
+                       learning_rate=0.1, momentum=0.0)
+  padded = []
+  real = E.private_step
+
+  def spy(*args, **kw):
+    step, rows = real(*args, **kw)
+    padded.append(rows[0].shape[0])
+    return step, rows
+  monkeypatch.setattr(E, "private_step", spy)
+  moves = {}
+  for size in (25.0, 400.0):
+    p = E.dp_finetune(p0, MODEL, x, y, cfg=cfg, noise_multiplier=0.0,
+                      secret=noise.deterministic_secret_key(0),
+                      num_rows=16, expected_size=size)
+    moves[size] = np.concatenate([
+        (np.asarray(a) - np.asarray(b)).ravel()
+        for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(p0))])
+  assert padded == [16, 16]
+  assert np.abs(moves[25.0]).max() > 1e-4
+  scaled = moves[25.0] * 25.0
+  # float32 parameters of size ~1 hold the smaller move to ~1e-7 absolute.
+  np.testing.assert_allclose(moves[400.0] * 400.0, scaled, rtol=0,
+                             atol=2e-3 * np.abs(scaled).max())
+
+
+def test_reference_distributions_are_each_class_s_mean_tempered_softmax():
+  p = _params()
+  x = jax.random.normal(jax.random.key(3), (3, 4, *SHAPE)) * 3.0
+  for tau in (0.5, 4.0):
+    got = np.asarray(E.reference_distributions(p, MODEL, x, tau))
+    for c in range(3):
+      logits = np.asarray(MODEL.apply({"params": p}, x[c]), np.float64)
+      z = np.exp(logits / tau - (logits / tau).max(1, keepdims=True))
+      want = (z / z.sum(1, keepdims=True)).mean(0)
+      np.testing.assert_allclose(got[c], want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got.sum(1), 1.0, rtol=1e-5)
