@@ -202,7 +202,8 @@ class Config:
   expert: bool = _f(False, "dpgeng with DP-GenG's third term, the DP "
                     "expert (off by default: on digits it did not help at "
                     "epsilon 1 and cost a point at 10, and its share goes to "
-                    "the other mechanisms; README 'The expert')", "method")
+                    "the other mechanisms; README 'Results', the rows "
+                    "with --expert)", "method")
   expert_lr: float = _f(0.2, "learning rate of the expert's DP-SGD (SGD, "
                         "momentum 0.9)", "method")
   expert_weight: float = _f(0.1, "weight lambda of the expert term",
