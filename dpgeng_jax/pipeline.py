@@ -62,6 +62,8 @@ class RunResult:
       before the first and after every iteration (None for other
       generators).
     x_init: the stored images before distillation.
+    losses: the distillation loss per step (empty without queries); also
+      in metrics, which --no-eval does not make.
     privacy: the privacy report (privacy.json).
     metrics: evaluation results (metrics.json) or None with no_eval.
     config: the resolved configuration (config.json).
@@ -78,6 +80,7 @@ class RunResult:
   y_generated: np.ndarray | None = None
   generator_history: np.ndarray | None = None
   x_init: np.ndarray | None = None
+  losses: np.ndarray | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -289,7 +292,7 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
       x_generated=None if gen is None else gen.x,
       y_generated=None if gen is None else gen.y,
       generator_history=None if gen is None else gen.extra.get("history"),
-      x_init=_denormalize(ds, x_init))
+      x_init=_denormalize(ds, x_init), losses=np.asarray(distilled.losses))
 
 
 def _distilled_state_bytes(num_classes: int, ipc: int, image_shape,
@@ -494,7 +497,7 @@ def write_outputs(result: RunResult, out: str, overwrite: bool = False,
       x_decoded=result.x_decoded, x_init=result.x_init,
       x_generated=result.x_generated, y_generated=result.y_generated,
       history=result.generator_history, metrics=result.metrics,
-      loss_period=result.config.get("num_queries"))
+      losses=result.losses, loss_period=result.config.get("num_queries"))
   for name, data in pngs.items():
     w(name, lambda f, d=data: f.write(d), mode="wb")
   w(report_lib.REPORT, lambda f: f.write(report_lib.html(

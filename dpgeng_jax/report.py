@@ -329,10 +329,13 @@ def figures(*, x: np.ndarray, y: np.ndarray, factor: int = 1,
             history: np.ndarray | None = None,
             metrics: dict | None = None,
             class_names: list[str] | None = None,
-            loss_period: int | None = None) -> dict[str, bytes]:
+            loss_period: int | None = None,
+            losses=None) -> dict[str, bytes]:
   """Every PNG of a run (those it has data for), by file name. Images are
   in pixel space ([0, 1]), class-major. `loss_period`: the loss curve's
-  smoothing window (the number of queries)."""
+  smoothing window (the number of queries). `losses`: the distillation
+  loss per step, drawn even without metrics (a --no-eval run); default
+  metrics' distillation_losses."""
   k = int(np.max(y)) + 1
   out = {"grid.png": grid_png(x, k, f"distilled set ({len(x) // k} stored "
                               "images per class)", class_names)}
@@ -347,10 +350,11 @@ def figures(*, x: np.ndarray, y: np.ndarray, factor: int = 1,
                                          class_names, labels=y_generated)
   if history is not None:
     out["generator_iterations.png"] = iterations_png(history, class_names)
+  if losses is None and metrics:
+    losses = metrics.get("distillation_losses")
+  if losses is not None and len(losses):
+    out["loss.png"] = loss_png(losses, loss_period)
   if metrics:
-    if metrics.get("distillation_losses"):
-      out["loss.png"] = loss_png(metrics["distillation_losses"],
-                                 loss_period)
     if metrics.get("test_accuracies_per_class"):
       out["class_accuracy.png"] = class_accuracy_png(
           metrics["test_accuracies_per_class"], class_names)

@@ -101,6 +101,10 @@ def test_private_run_is_marked_private_and_differs_between_runs(tmp_path):
     priv = json.loads((out / "privacy.json").read_text())
     assert priv["private"] is True and priv["epsilon_pld"] <= 1.0
     assert not (out / "metrics.json").exists()
+    # The loss curve is drawn without metrics.json (it was lost).
+    assert (out / "loss.png").read_bytes().startswith(b"\x89PNG")
+    assert "loss.png" in json.loads((out / "manifest.json").read_text())[
+        "files"]
     xs.append(np.load(out / "distilled.npz")["x"])
   # Same public seed, fresh OS-entropy noise: the outputs differ.
   assert not np.array_equal(xs[0], xs[1])

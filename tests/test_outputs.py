@@ -63,7 +63,7 @@ def test_overwrite_replaces_only_the_tools_own_names(tmp_path):
   manifest = json.loads((out / outputs.MANIFEST).read_text())
   assert set(manifest["files"]) == {"distilled.npz", "privacy.json",
                                     "config.json", "grid.png", "init_grid.png",
-                                    "report.html", "stages"}
+                                    "loss.png", "report.html", "stages"}
   assert sorted(p.name for p in out.iterdir()) == sorted(
       manifest["files"] + [outputs.MANIFEST, "notes.txt"])
 
