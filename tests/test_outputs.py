@@ -358,6 +358,15 @@ def test_an_out_where_publishing_would_replace_an_input_is_refused(
     assert "holds the input" in capsys.readouterr().err
   assert path.read_bytes() == before
   nested = out / "stages" / "d.npz"
+  # Inside a folder the run would replace (the tool's own `stages`, its
+  # mark in place): refused too. Without the check of nested paths the
+  # run exited 0 and deleted the dataset (a review's mutation).
+  nested.parent.mkdir()
+  (nested.parent / outputs.FOLDER_MARK).write_text("")
+  path.rename(nested)
+  assert _distill(out, "--dataset", f"npz:{nested}", "--overwrite") == 2
+  assert "holds the input" in capsys.readouterr().err
+  assert nested.read_bytes() == before
   assert pipeline.input_paths(pipeline.Config(
       dataset=f"npz:{nested}", generator="pe:nearest:/p.npz",
       pe_font_dir="/f")) == (str(nested), "/p.npz", "/f")
