@@ -48,9 +48,30 @@ def test_kmeans_is_deterministic_and_finds_separated_clusters():
   a = init.kmeans(jax.random.key(2), x, 3)
   b = init.kmeans(jax.random.key(2), x, 3)
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  found = np.sort(np.round(np.asarray(a)).astype(int), axis=0)
-  np.testing.assert_array_equal(found, np.sort(np.asarray(centres,
-                                                          int), axis=0))
+  # Row by row, each centroid is its cluster's mean (Lloyd's iterations:
+  # the k-means++ seeds alone are data points, 0.1 away).
+  means = np.asarray(x).reshape(3, 20, 2).mean(1)
+  got = np.asarray(a)[np.lexsort(np.round(np.asarray(a)).T[::-1])]
+  want = means[np.lexsort(np.round(means).T[::-1])]
+  np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_selection_takes_one_image_of_every_cluster():
+  """Five well separated groups of six images in a class: the five
+  selected images are one of each group (one image selected five times,
+  or the k-means seeds alone, passed every test before)."""
+  rng = np.random.default_rng(3)
+  spots = rng.normal(size=(5, 16)) * 10
+  group = np.repeat(np.arange(5), 6)
+  imgs = (spots[group] + 0.01 * rng.normal(size=(30, 16))).reshape(
+      1, 30, 4, 4, 1).astype(np.float32)
+  embed = lambda x: x.reshape(x.shape[0], -1)
+  sel = np.asarray(init.select_per_class(jax.random.key(1), embed,
+                                         jnp.asarray(imgs), 5))
+  pool = imgs[0].reshape(30, -1)
+  picked = [int(np.flatnonzero(np.all(pool == img, axis=1))[0])
+            for img in sel[0].reshape(5, -1)]
+  assert sorted(group[picked]) == [0, 1, 2, 3, 4]
 
 
 def test_selection_picks_actual_generated_images_per_class():
