@@ -283,3 +283,42 @@ def test_params_are_a_pytree_of_float32_arrays():
   for leaf in jax.tree.leaves(params):
     assert leaf.shape == (N,) and leaf.dtype == jnp.float32
   assert jax.tree.leaves(identity_params())[0].shape == ()
+
+
+def _bilinear_scaled(x, sx, sy):
+  """Reference: out[i, j] = x at (sy (i - cy) + cy, sx (j - cx) + cx),
+  bilinear, zero outside."""
+  n, h, w, c = x.shape
+  cy, cx = (h - 1) / 2, (w - 1) / 2
+  out = np.zeros_like(x, dtype=np.float64)
+  for i in range(h):
+    for j in range(w):
+      fy, fx = sy * (i - cy) + cy, sx * (j - cx) + cx
+      y0, x0 = math.floor(fy), math.floor(fx)
+      for yy, wy in ((y0, 1 - (fy - y0)), (y0 + 1, fy - y0)):
+        for xx, wx in ((x0, 1 - (fx - x0)), (x0 + 1, fx - x0)):
+          if 0 <= yy < h and 0 <= xx < w:
+            out[:, i, j] += wy * wx * x[:, yy, xx]
+  return out
+
+
+@pytest.mark.parametrize("sx,sy", [(1.0, 1.3), (1.2, 0.8)])
+def test_scale_reads_each_axis_at_its_own_factor(sx, sy):
+  x = _images(3)
+  got = apply(x, _with(scale_x=sx, scale_y=sy), "scale")
+  np.testing.assert_allclose(got, _bilinear_scaled(x, sx, sy), atol=1e-5)
+
+
+def test_colour_changes_brightness_saturation_and_contrast_as_dsa():
+  """brightness adds b; saturation moves each pixel's channels toward
+  their mean by s; contrast scales each image's deviations from its own
+  mean by c (its mean kept)."""
+  x = _images(4)
+  b = apply(x, _with(brightness=0.3), "color")
+  np.testing.assert_allclose(b, x + 0.3, atol=1e-6)
+  s = apply(x, _with(saturation=0.4), "color")
+  grey = x.mean(-1, keepdims=True)
+  np.testing.assert_allclose(s, 0.4 * x + 0.6 * grey, atol=1e-5)
+  c = apply(x, _with(contrast=1.5), "color")
+  m = x.reshape(N, -1).mean(1)[:, None, None, None]
+  np.testing.assert_allclose(c, 1.5 * (x - m) + m, atol=1e-5)

@@ -60,6 +60,12 @@ def test_query_public_params_are_reproducible_per_query():
                                 np.asarray(b[0]["conv0"]["kernel"]))
   assert not np.allclose(np.asarray(a[0]["conv0"]["kernel"]),
                          np.asarray(c[0]["conv0"]["kernel"]))
+  # The augmentation too: the same draw for a query, another for the next
+  # (every query given one draw passed every test before).
+  for x, y in zip(a[1], b[1]):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert not all(np.array_equal(np.asarray(x), np.asarray(y))
+                 for x, y in zip(a[1], c[1]))
 
 
 def test_gradient_reaches_the_pixels_through_augmentation():
