@@ -56,11 +56,28 @@ def _visible(out):
   return sorted(p for p in os.listdir(out) if not p.startswith("."))
 
 
+# What differs between an uninterrupted and a resumed run's metrics.json:
+# times and memory of the processes, and the record of the resume.
+_PROCESS_FIELDS = ("timings_s", "peak_rss_mb", "resumed", "seconds")
+
+
+def _without_process_fields(v):
+  if isinstance(v, dict):
+    return {k: _without_process_fields(w) for k, w in v.items()
+            if k not in _PROCESS_FIELDS}
+  return v
+
+
 def _outputs(out):
+  """privacy.json, the distilled x and metrics.json without the process
+  fields: a resumed run must reproduce all three (its loss history too;
+  one zeroed on resume passed when only the first two were compared)."""
   priv = json.loads((out / "privacy.json").read_text())
   with np.load(out / "distilled.npz") as d:
     x = d["x"]
-  return priv, x
+  metrics = _without_process_fields(
+      json.loads((out / "metrics.json").read_text()))
+  return priv, x, metrics
 
 
 @pytest.fixture(scope="module")
@@ -98,10 +115,11 @@ def test_killed_at_every_stage_boundary_resumes_to_the_same_run(
   _count_again(monkeypatch, calls)
   assert cli.main(["distill", "--resume", str(out), "--quiet"]) == 0
   assert calls == {m: 1 for m in MECHANISMS}
-  priv, x = _outputs(out)
-  want_priv, want_x = uninterrupted
+  priv, x, metrics = _outputs(out)
+  want_priv, want_x, want_metrics = uninterrupted
   assert priv == want_priv
   np.testing.assert_array_equal(x, want_x)
+  assert metrics == want_metrics
   assert outputs.read_manifest(str(out)) is not None
   published = json.loads((out / "stages" / store.STATE).read_text())
   assert set(published["data"]) == {"image_shape", "num_classes",
@@ -138,9 +156,10 @@ def test_killed_while_saving_a_distillation_checkpoint_resumes(
   _count_again(monkeypatch, calls)
   assert cli.main(["distill", "--resume", str(out), "--quiet"]) == 0
   assert calls == {m: 1 for m in MECHANISMS}
-  priv, x = _outputs(out)
+  priv, x, metrics = _outputs(out)
   assert priv == uninterrupted[0]
   np.testing.assert_array_equal(x, uninterrupted[1])
+  assert metrics == uninterrupted[2]
   kept = sorted(p.name for p in (out / "stages").iterdir()
                 if p.name.startswith("distill"))
   assert len(kept) == 1, kept
