@@ -6,6 +6,7 @@ import os
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -163,14 +164,20 @@ def test_grid_groups_images_by_label_and_leaves_short_rows_white():
 def test_per_class_accuracies_match_a_direct_count():
   model = models.ConvNet(4, width=8, depth=1, norm="instance")
   key = jax.random.key(0)
-  params = jax.tree.map(lambda a: a[None], models.init_params(
-      model, key, (8, 8, 1)))
+  one = models.init_params(model, key, (8, 8, 1))
+  # A head of large random weights: the predictions spread over the
+  # classes (the initial head predicted one class for every image).
+  one["head"] = {"kernel": jnp.asarray(np.random.default_rng(0).normal(
+      size=one["head"]["kernel"].shape) * 3, jnp.float32),
+                 "bias": jnp.zeros_like(one["head"]["bias"])}
+  params = jax.tree.map(lambda a: a[None], one)
   x = np.asarray(jax.random.uniform(jax.random.key(1), (37, 8, 8, 1)))
   y = np.arange(37) % 3  # class 3 absent from the test split
   per_class = evaluate.class_accuracies(params, model, x, y, batch_size=10)
-  pred = np.argmax(np.asarray(model.apply(
-      {"params": jax.tree.map(lambda a: a[0], params)}, x)), -1)
+  pred = np.argmax(np.asarray(model.apply({"params": one}, x)), -1)
+  assert len(set(pred.tolist())) >= 3
   want = [np.mean(pred[y == c] == c) for c in range(3)]
+  assert len(set(want)) == 3  # three different accuracies
   np.testing.assert_allclose(per_class[0, :3], want)
   assert np.isnan(per_class[0, 3])
   np.testing.assert_allclose(evaluate.accuracies(params, model, x, y),
