@@ -299,7 +299,12 @@ class QuerySpec:
       sigma_F * C (0 disables noise: non-private).
     sampling_rate: p, Poisson rate per example.
     capacity: padded batch size (see `poisson_capacity`): per class for
-      class-major data, of the whole batch for flat data.
+      class-major data, of the whole batch for flat data. It must come
+      from a PUBLIC bound on the rows (never the private N) through
+      `poisson_capacity` with a tail tau that the accountant's delta
+      covers: a batch above it aborts the query (an observable event of
+      probability <= tau, which the guarantee adds to delta; a capacity
+      sized any other way leaves that event unaccounted).
     strategy: DSA augmentation strategy applied siamese-style.
   """
   embed_fn: Callable[[Any, jax.Array], jax.Array]
