@@ -334,3 +334,29 @@ def test_the_member_split_of_a_train_only_dataset_keeps_its_empty_test_split():
                         np.arange(12) % 3, None, None, require_test=False)
   sub = mia.members_dataset(ds, np.arange(12) < 6)
   assert sub.num_train == 6 and sub.x_test.shape == (0, 8, 8, 1)
+
+
+def test_a_run_on_a_release_of_its_members_reports_the_leak(tiny,
+                                                            monkeypatch):
+  """The release is the member set itself (random_real with every member
+  image): both attacks must find the members. With the membership labels
+  or the shadows' IN/OUT inverted, every AUC read 1 - AUC ("no leak") and
+  the tests passed (a review's mutations)."""
+  real = mia.released_set
+  monkeypatch.setattr(mia, "released_set", lambda cfg, ds, m, seed: real(
+      dataclasses.replace(cfg, method="random_real", ipc=48), ds, m, seed))
+  cfg = Config(method="ndpdc", ipc=2, eval_models=1, eval_epochs=60,
+               eval_width=8, strategy="none", quiet=True)
+  loss, lira = mia.run(cfg, shadows=4, dataset=tiny, log=None)
+  assert loss.auc > 0.75 and lira.auc > 0.75, (loss, lira)
+
+
+def test_the_tpr_columns_are_read_at_1_and_0_1_percent_fpr():
+  rng = np.random.default_rng(1)
+  labels = np.r_[np.ones(2000, bool), np.zeros(2000, bool)]
+  scores = np.r_[rng.normal(1.5, 1.0, 2000), rng.normal(0.0, 1.0, 2000)]
+  got = mia.attack_metrics(scores, labels)
+  assert got["tpr_at_1pct_fpr"] == mia.tpr_at_fpr(scores, labels, 0.01)
+  assert got["tpr_at_01pct_fpr"] == mia.tpr_at_fpr(scores, labels, 0.001)
+  assert got["tpr_at_01pct_fpr"] < got["tpr_at_1pct_fpr"] < 0.5
+  assert got["auc"] == mia.roc_auc(scores, labels)
