@@ -55,6 +55,51 @@ def test_report_names_every_mechanism_and_embeds_the_figures(finished_run):
   assert "src='http" not in html and "src=\"http" not in html  # offline
 
 
+def _table_rows(html, header):
+  """{first cell: the other cells} of the report.html table whose header
+  holds `header`."""
+  import html as html_lib
+  (table,) = [t for t in re.findall(r"<table>(.*?)</table>", html)
+              if f"<th>{header}</th>" in t]
+  rows = [[html_lib.unescape(c) for c in re.findall(r"<td>(.*?)</td>", tr)]
+          for tr in re.findall(r"<tr>(.*?)</tr>", table)]
+  return {r[0]: r[1:] for r in rows if r}
+
+
+def test_report_tables_show_each_value_in_its_row_and_column(finished_run):
+  """Each mechanism's row holds its own share, noise multiplier, rate,
+  steps, sensitivity and epsilon alone; the composed rows hold PLD's and
+  RDP's figures; the stage-time table holds measured / estimate. (Values
+  in another mechanism's row, swapped columns, the composed epsilon in the
+  per-mechanism column, or no timing table passed: the test looked for
+  names and noise multipliers anywhere on the page.)"""
+  out = finished_run
+  html = (out / "report.html").read_text()
+  privacy = json.loads((out / "privacy.json").read_text())
+  config = json.loads((out / "config.json").read_text())
+  rows = _table_rows(html, "noise multiplier")
+  fmt = report._fmt
+  for m in privacy["mechanisms"]:
+    share = config.get(report.SHARES.get(m["name"], ""), "declared")
+    assert rows[m["name"]] == [fmt(v) for v in (
+        share, m["noise_multiplier"], m["sampling_rate"], m["steps"],
+        m["l2_sensitivity"], m["epsilon_alone"])], m["name"]
+  assert len({str(rows[m["name"]]) for m in privacy["mechanisms"]}) == 4
+  composed = _table_rows(html, "composed")
+  pld = [v for k, v in composed.items() if k.startswith("epsilon (PLD")]
+  rdp = [v for k, v in composed.items() if k.startswith("epsilon (RDP")]
+  assert pld == [[fmt(privacy["epsilon_pld"])]]
+  assert rdp == [[fmt(privacy["epsilon_rdp"])]]
+  assert "<h2>Stage timings</h2>" in html
+  metrics = json.loads((out / "metrics.json").read_text())
+  est = config["estimate"]["stages_s"]
+  name = "distillation_s"
+  measured, want = metrics["timings_s"][name], est[name]
+  timings = _table_rows(html, "measured / estimate")
+  assert timings["distillation"][:3] == [fmt(measured), fmt(want),
+                                         fmt(measured / want)]
+
+
 def test_dpgeng_report_rebuilds_the_report_of_a_finished_run(finished_run):
   out = finished_run
   before = (out / "report.html").read_text()
