@@ -1,6 +1,7 @@
 """Presets: resolution, explicit overrides, the record in config.json, and
 a preset's dataset through TFDS (mock data)."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -165,3 +166,27 @@ def test_an_npz_copy_under_a_dataset_preset_takes_its_normalisation(
     ds = pipeline.load_data(presets.config("mnist", dataset=three))
   assert ds.mean == (0.5,) * 3
   assert "mnist preset's published" in ds.normalisation_source
+
+
+@pytest.mark.parametrize("name,ipc", [("mnist", 10), ("fashion_mnist", 10),
+                                      ("cifar10", 50), ("cifar100", 50),
+                                      ("celeb_a", 50)])
+def test_every_dataset_preset_is_the_papers_protocol(name, ipc):
+  """IPC 10 on MNIST-like data, 50 on CIFAR and CelebA; ConvNet-3 of
+  width 128 (extractors and evaluation), factor 2, 5 evaluation models x
+  300 epochs (ALGORITHM.md). Only cifar10 and mnist's IPC were pinned."""
+  cfg = presets.config(name)
+  assert (cfg.ipc, cfg.depth, cfg.extractor_width, cfg.eval_width,
+          cfg.factor, cfg.eval_models, cfg.eval_epochs) == (
+              ipc, 3, 128, 128, 2, 5, 300)
+
+
+def test_quick_changes_the_cost_options_the_readme_names():
+  cfg = presets.config("quick")
+  assert (cfg.steps, cfg.extractor_width, cfg.eval_width, cfg.eval_models,
+          cfg.eval_epochs, cfg.pool_epochs, cfg.pe_population,
+          cfg.generator_steps, cfg.generated_per_class) == (
+              200, 32, 32, 2, 50, 10, 50, 500, 100)
+  privacy = {f.name for f in dataclasses.fields(Config)
+             if f.metadata.get("group") == "privacy"}
+  assert privacy and not privacy & set(presets.values("quick"))
