@@ -351,3 +351,36 @@ def test_the_mu_lower_bound_holds_at_its_confidence():
       over += audit.mu_lower_bound(s1 / mu, s0 / mu, sampling_rate=p,
                                    sensitivity=1.0, thresholds=t) > mu
   assert over <= 1
+
+
+def test_the_injected_faults_are_what_their_names_say(monkeypatch):
+  """0.8x noise runs the mechanism at 0.8 sigma, two copies hold the
+  canary twice, twice the rate samples at 2p, no clipping clips at 10 C
+  with sigma / 10 (noise 0.8 sigma C, noise std unchanged): the README's
+  power claims rest on it. (0.64x noise or three copies passed.)"""
+  seen = []
+  real = audit._cached_setup
+
+  def spy(mechanism, sigma, clip, rate, copies):
+    seen.append((mechanism, round(sigma, 9), round(clip, 9), rate, copies))
+    return real(mechanism, sigma, clip, rate, copies)
+  monkeypatch.setattr(audit, "_cached_setup", spy)
+  for fault in (audit.Fault(noise_scale=0.8), audit.Fault(copies=2),
+                audit.Fault(sampling_factor=2.0),
+                audit.Fault(clip_factor=10.0)):
+    audit.audit_mechanism("feature_matching", 2.0, sampling_rate=0.25,
+                          trials=100, fault=fault)
+  c = audit._CLIP_NORM
+  assert seen == [("feature_matching", 1.6, c, 0.25, 1),
+                  ("feature_matching", 2.0, c, 0.25, 2),
+                  ("feature_matching", 2.0, c, 0.5, 1),
+                  ("feature_matching", 0.2, round(10 * c, 9), 0.25, 1)]
+  # And a setup does what its arguments say: the count release at sigma
+  # 0.8 with the canary held twice moves the mean by 2, std 0.8.
+  setup = real("class_counts", 0.8, 1.0, 1.0, 2)
+  s1 = audit._statistics(setup.run, setup.with_canary, jax.random.key(1),
+                         20000)
+  s0 = audit._statistics(setup.run, setup.without_canary, jax.random.key(2),
+                         20000)
+  assert abs(s1.mean() - s0.mean() - 2.0) < 0.05
+  assert abs(s0.std() / 0.8 - 1) < 0.02 and abs(s1.std() / 0.8 - 1) < 0.02
