@@ -384,3 +384,16 @@ def test_the_injected_faults_are_what_their_names_say(monkeypatch):
                          20000)
   assert abs(s1.mean() - s0.mean() - 2.0) < 0.05
   assert abs(s0.std() / 0.8 - 1) < 0.02 and abs(s1.std() / 0.8 - 1) < 0.02
+
+
+def test_a_sampler_wrong_in_its_farthest_tail_only_fails_the_check():
+  """Exact out to |z| = 9, clipped beyond: the first tail test (|z| >
+  6.34) passes and the second (|z| > 9.16) fails, and so does the check
+  (a verdict over the larger p-value passed every test, since the float32
+  sampler fails both tails at once)."""
+  def clipped(words):
+    return np.clip(audit._sampler_transform(words), -9.0, 9.0)
+
+  got = audit.sampler_check(draws=20_000, transform=clipped)
+  assert got.ks_pvalue > 1e-4 and got.tail_ks_pvalues[0] > 1e-4
+  assert got.tail_ks_pvalues[1] < 1e-10 and not got.passed
