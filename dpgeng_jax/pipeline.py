@@ -353,7 +353,7 @@ def _check_before_private_work(cfg: Config, plan, ds: data_lib.Dataset,
       if isinstance(e, DataError):
         raise
       raise ConfigError(f"generator {plan.generator}: {e}") from e
-  if planning.selects_generated(cfg, plan):
+  if plan.init == "generated":  # the k-means pick of generated data
     if per_class < m * f * f:
       raise ConfigError(
           f"k-means initialisation needs >= {m * f * f} generated images "

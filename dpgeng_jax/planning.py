@@ -271,12 +271,6 @@ def choices(plan: Plan) -> dict:
   return out
 
 
-def selects_generated(cfg: Config, plan: Plan) -> bool:
-  """Whether the stored images are picked from the generated data by
-  k-means (the generated initialisation, or the generator-only method)."""
-  return plan.init == "generated" or cfg.method == "generator"
-
-
 def pool_members(cfg: Config, plan: Plan) -> int:
   """ConvNets the pool stage trains on generated data: the pool when the
   queries use it (`--extractors generated`); otherwise one, whose last
@@ -286,7 +280,7 @@ def pool_members(cfg: Config, plan: Plan) -> int:
     return 0
   if plan.extractors == "generated":
     return cfg.pool_models
-  return int(selects_generated(cfg, plan) or plan.expert)
+  return int(plan.init == "generated" or plan.expert)
 
 
 def resolve(cfg: Config, image_shape=None,
@@ -302,7 +296,8 @@ def resolve(cfg: Config, image_shape=None,
     init = {"dpgeng": "generated", "dm": "real"}.get(cfg.method, "noise")
   if cfg.method == "generator":
     # Its stored images are the k-means pick of the generated data,
-    # whatever --init says (unused_options notes a --init given).
+    # whatever --init says (unused_options notes a --init given): init
+    # "generated" is what every later stage reads.
     init = "generated"
   ext = cfg.extractors
   if ext == "auto":  # random: measured better than trained on G (README)
@@ -318,8 +313,7 @@ def resolve(cfg: Config, image_shape=None,
   if cfg.method in ("generator", "dm"):
     factor = 1
   expert = cfg.method == "dpgeng" and cfg.expert
-  uses_generated = (cfg.method == "generator" or init == "generated"
-                    or ext == "generated" or expert
+  uses_generated = (init == "generated" or ext == "generated" or expert
                     or centre == "generated")
   gen = None
   if uses_generated:

@@ -725,7 +725,7 @@ def init(run: Run, gen: Generated | None, pool_: Pool | None,
   if run.done("init"):
     images = jnp.asarray(run.load("init")[0]["images"])
   else:
-    if planning.selects_generated(cfg, plan):
+    if plan.init == "generated":  # k-means pick of generated data
       embed_net = models.embed_fn(extractor_model(run))
       embed = lambda xb: embed_net(pool_.trained, xb)
       chosen = init_lib.select_per_class(run.keys.init, embed,

@@ -237,8 +237,11 @@ def test_the_generator_method_picks_generated_images_whatever_init_says(init):
   and no noise was used (a review's finding)."""
   cfg = Config(method="generator", init=init)
   plan = planning.resolve(cfg, SHAPE)
-  assert plan.init == "generated" and planning.selects_generated(cfg, plan)
+  assert plan.init == "generated" and plan.uses_generated
   assert planning.nonprivate_reasons(cfg, plan) == []
+
+
+def test_dm_names_real_images_among_its_reasons_only_when_it_uses_them():
   dm = Config(method="dm", init="generated")
   assert planning.nonprivate_reasons(dm, planning.resolve(dm, SHAPE)) == [
       "method dm: no clipping, no noise"]
