@@ -242,3 +242,32 @@ def test_a_sum_release_carries_one_c_and_sigma_to_the_bits_and_the_noise():
     mechanisms.SumRelease(float("inf"), 1.0)
   with pytest.raises(ValueError):
     mechanisms.SumRelease(-1.0, 1.0)
+
+
+def test_a_noisy_release_refuses_float_sums_and_bits_that_do_not_fit_them():
+  """A noisy release takes its sums in fixed point only: float32 sums of
+  the same rows change with their order (their sensitivity exceeds C), so
+  float sums with bits None, float sums labelled with bits, and integer
+  sums without bits are refused, in the queries' and DP-SGD's releases
+  alike, also under jit; the non-private path keeps float sums."""
+  key = jax.random.key(0)
+  spec = mechanisms.QuerySpec(lambda p, x: x, num_classes=2, clip_norm=1.0,
+                              noise_multiplier=1.0, sampling_rate=0.5,
+                              capacity=4)
+  for release in (mechanisms.SumRelease(1.0, 1.0).release, spec.release):
+    bits = spec.release_bits(8)
+    ints, floats = jnp.zeros((2, 3), jnp.int32), jnp.zeros((2, 3))
+    assert release(key, ints, bits).shape == (2, 3)
+    with pytest.raises(ValueError, match="fixed-point"):
+      release(key, floats, None)
+    with pytest.raises(ValueError, match="fixed-point"):
+      jax.jit(lambda s: release(key, s, None))(floats)
+    with pytest.raises(ValueError, match="float sums"):
+      release(key, floats, bits)
+    with pytest.raises(ValueError, match="bits must be an integer"):
+      release(key, ints, 3.0)
+  quiet = mechanisms.SumRelease(1.0, 0.0)
+  with pytest.raises(ValueError, match="need their fixed-point bits"):
+    quiet.release(key, jnp.zeros(3, jnp.int32), None)
+  np.testing.assert_array_equal(quiet.release(key, jnp.ones(3), None),
+                                np.ones(3))
