@@ -282,29 +282,19 @@ class SumRelease:
     fixed-point sums only (`release_bits`): float32 sums of the same rows
     differ with their order, so one example could move them by more than
     C; such sums, or float sums given as fixed point, are refused."""
-    self.check_sums(sums, bits)
+    self.check_bits(bits)
     return noise.tree_add_gaussian_noise(key, sums, self.noise_stddev,
                                          scale=fixed_point_scale(bits))
 
-  def check_sums(self, sums: Any, bits: int | None) -> None:
-    """Raises ValueError unless `sums` are what `release` takes: integer
-    leaves with integer `bits`, or, without noise, float leaves with bits
-    None. Static (dtypes and Python values): works under jit."""
-    integer = [jnp.issubdtype(jnp.result_type(leaf), jnp.integer)
-               for leaf in jax.tree_util.tree_leaves(sums)]
-    if bits is None:
-      if self.noise_stddev > 0:
-        raise ValueError(
-            "a noisy release needs fixed-point sums: take them with "
-            "bits = release_bits(rows) (float sums of the same rows depend "
-            "on their order, so their sensitivity exceeds C)")
-      if any(integer):
-        raise ValueError("integer sums need their fixed-point bits")
-    elif isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
-      raise ValueError(f"bits must be an integer or None, got {bits!r}")
-    elif not all(integer):
-      raise ValueError(f"bits = {bits} is given for float sums: fixed-point "
-                       "sums are integer (int32 at 2^-bits)")
+  def check_bits(self, bits: int | None) -> None:
+    """Raises ValueError for float sums (bits None) given to a noisy
+    release (`noise.add_gaussian_noise` refuses integer sums without a
+    scale and float sums with one). Static: works under jit."""
+    if bits is None and self.noise_stddev > 0:
+      raise ValueError(
+          "a noisy release needs fixed-point sums: take them with "
+          "bits = release_bits(rows) (float sums of the same rows depend "
+          "on their order, so their sensitivity exceeds C)")
 
 
 # ---------------------------------------------------------------------------
@@ -369,8 +359,8 @@ class QuerySpec:
               bits: int | None) -> jax.Array:
     """sums (int32 at 2^-bits, or float32 with bits None) plus N(0,
     (sigma C)^2) per coordinate: float64 draw, float64 sum, one rounding.
-    Checked as `SumRelease.check_sums`."""
-    self.sum_release.check_sums(sums, bits)
+    Checked as `SumRelease.check_bits`."""
+    self.sum_release.check_bits(bits)
     return noise.add_gaussian_noise(key, sums, self.noise_stddev,
                                     scale=fixed_point_scale(bits))
 

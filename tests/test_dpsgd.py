@@ -262,12 +262,10 @@ def test_a_noisy_release_refuses_float_sums_and_bits_that_do_not_fit_them():
       release(key, floats, None)
     with pytest.raises(ValueError, match="fixed-point"):
       jax.jit(lambda s: release(key, s, None))(floats)
-    with pytest.raises(ValueError, match="float sums"):
+    with pytest.raises(ValueError, match="values are float32"):
       release(key, floats, bits)
-    with pytest.raises(ValueError, match="bits must be an integer"):
-      release(key, ints, 3.0)
   quiet = mechanisms.SumRelease(1.0, 0.0)
-  with pytest.raises(ValueError, match="need their fixed-point bits"):
+  with pytest.raises(ValueError, match="need their scale"):
     quiet.release(key, jnp.zeros(3, jnp.int32), None)
   np.testing.assert_array_equal(quiet.release(key, jnp.ones(3), None),
                                 np.ones(3))
