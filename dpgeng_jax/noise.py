@@ -244,6 +244,9 @@ def check_stddev(stddev) -> None:
   not finite (a traced value is the caller's responsibility)."""
   if isinstance(stddev, jax.core.Tracer):
     return
+  if isinstance(stddev, (str, bytes, bool)) or np.iscomplexobj(stddev):
+    raise ValueError(f"noise standard deviation must be a real number, got "
+                     f"{stddev!r}")
   v = float(np.asarray(stddev))
   if not (math.isfinite(v) and v >= 0):
     raise ValueError(f"noise standard deviation must be finite and >= 0, "
@@ -264,6 +267,10 @@ def add_gaussian_noise(key: jax.Array, value: jax.Array,
   """
   value = jnp.asarray(value)
   check_stddev(stddev)
+  if not (jnp.issubdtype(value.dtype, jnp.integer)
+          or jnp.issubdtype(value.dtype, jnp.floating)):
+    raise ValueError(f"noise is added to real values (float sums or integer "
+                     f"counts), got {value.dtype}")
   # A scale goes with integer values only, both ways: fixed-point sums are
   # in units of 2^-bits, so without their scale the noise would be 2^bits
   # times too small against them, and float sums scaled by 2^-bits (a sum

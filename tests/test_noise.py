@@ -309,6 +309,26 @@ def test_a_unit_that_is_not_finite_and_positive_is_refused(scale):
                              jnp.array([3, -2, 0], jnp.int32), 1.0, scale)
 
 
+@pytest.mark.parametrize("stddev", ["1.0", True, 1 + 0j, -1.0, math.inf,
+                                    math.nan])
+def test_a_stddev_that_is_not_a_finite_real_number_is_refused(stddev):
+  """A string or bool standard deviation was converted by float() and
+  used (a review's finding); a complex one, a negative or a non-finite
+  one is refused too."""
+  with pytest.raises(ValueError, match="standard deviation must be"):
+    noise.add_gaussian_noise(noise.deterministic_secret_key(0),
+                             jnp.zeros(3), stddev)
+
+
+@pytest.mark.parametrize("dtype", [jnp.complex64, jnp.bool_])
+def test_noise_on_values_that_are_not_real_numbers_is_refused(dtype):
+  """Complex sums came back as float32 with their imaginary part dropped
+  and the noise on the real part only."""
+  with pytest.raises(ValueError, match="real values"):
+    noise.add_gaussian_noise(noise.deterministic_secret_key(0),
+                             jnp.ones(3, dtype), 1.0)
+
+
 def test_a_release_from_a_key_of_another_kind_warns():
   """noise and sampling from jax.random.key(seed) or PRNGKey(seed) (a
   seed that may be published: anyone could redraw the noise) warn, under
