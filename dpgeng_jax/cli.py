@@ -24,7 +24,7 @@ import warnings
 
 from dpgeng_jax.config import Config
 from dpgeng_jax.errors import (ConfigError, DpgengError, PrivacyAbort,
-                               StageFailed)
+                               RunCompleted, StageFailed)
 
 
 def _flag(name: str) -> str:
@@ -212,13 +212,14 @@ def resume_config(cfg: Config, argv) -> Config:
 
   store = store_lib.StageStore(os.path.join(cfg.resume, outputs.STAGING,
                                          pipeline.STAGES_DIR))
+  if os.path.isfile(os.path.join(cfg.resume, outputs.STAGING,
+                                 outputs.MANIFEST)):
+    # A publish stopped with its outputs ready (before the manifest, or
+    # the saved stages, moved): opening the folder completes it
+    # (errors.RunCompleted), or says what else is there.
+    with pipeline.output_dir(cfg.resume, False, resume=True):
+      pass
   if not store.exists():
-    if os.path.isfile(os.path.join(cfg.resume, outputs.STAGING,
-                                   outputs.MANIFEST)):
-      # A publish stopped before its manifest moved: opening the folder
-      # completes it (or says what else is there).
-      with pipeline.output_dir(cfg.resume, False, resume=True):
-        pass
     if outputs.read_manifest(cfg.resume) is not None:
       raise ConfigError(f"--resume {cfg.resume!r}: that run has finished; "
                         "there is nothing to resume")
@@ -658,7 +659,11 @@ def main(argv=None, console: bool = False) -> int:
     if args.command == "distill":
       cfg = config_from_args(args, argv)
       if cfg.resume:
-        cfg = resume_config(cfg, sys.argv[1:] if argv is None else argv)
+        try:
+          cfg = resume_config(cfg, sys.argv[1:] if argv is None else argv)
+        except RunCompleted as e:  # a stopped publish, completed now
+          print(f"dpgeng: {e}", file=sys.stderr)
+          return 0
       resume = f"dpgeng distill --resume {shlex.quote(cfg.out)}"
       try:
         return _distill(cfg, console)

@@ -35,6 +35,12 @@ def require_int(value, what: str, minimum: int) -> None:
     raise ConfigError(f"{what} must be an integer >= {minimum}, got {shown}")
 
 
+class RunCompleted(Exception):
+  """--resume on a folder whose publish had been stopped with every output
+  ready: opening it completed the run, and there is nothing left to do
+  (the command says so with exit status 0)."""
+
+
 class PrivacyAbort(RuntimeError):
   """A run aborted on a rare event whose probability is accounted in delta
   (a Poisson batch above its padded capacity, a class above its released

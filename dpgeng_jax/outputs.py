@@ -38,7 +38,7 @@ import stat
 import tempfile
 from typing import Any, Callable, Iterable
 
-from dpgeng_jax.errors import ConfigError
+from dpgeng_jax.errors import ConfigError, RunCompleted
 
 MANIFEST = "manifest.json"
 LOCK = ".dpgeng.lock"
@@ -199,10 +199,10 @@ class RunDirectory:
       self._check_folders()  # a resumed run publishes too
       if self.resume:
         if completed:
-          raise ConfigError(
+          raise RunCompleted(
               f"--resume {out!r}: that {self.what} had finished, but its "
               "publishing was stopped before its manifest.json was "
-              "written; every output was in place, and it is complete "
+              "written; every output was ready, and it is complete "
               "now: there is nothing to resume")
         self._check_resumable()
       else:
@@ -410,22 +410,22 @@ class RunDirectory:
     order = sorted(self._written, key=lambda n: os.path.isdir(
         os.path.join(self.staging, n)))
     for name in order:
-      src, dst = os.path.join(self.staging, name), os.path.join(out, name)
-      if os.path.isdir(src) and not os.path.islink(src):
-        atomic_write(os.path.join(src, FOLDER_MARK), lambda f: None)
-      if os.path.isdir(dst) and not os.path.islink(dst):
-        # Our name (refused without --overwrite), moved aside in one
-        # rename and deleted with the staging folder: a folder that cannot
-        # be deleted no longer stops the publish half-way through it.
-        os.replace(dst, os.path.join(self.staging, _REPLACED + name))
-      elif os.path.isdir(src) and os.path.lexists(dst):
-        os.remove(dst)  # a file or a link (never its target) in its place
+      src = os.path.join(self.staging, name)
       undo = self._before_move[name]() if name in self._before_move else None
+      mark = os.path.join(src, FOLDER_MARK)
+      if os.path.isdir(src) and not os.path.islink(src):
+        # After before_move: a staged folder holding the mark is ready to
+        # move as it is, which the next command does if this one is
+        # killed before the move (_complete_publish).
+        atomic_write(mark, lambda f: None)
       try:
-        os.replace(src, dst)
+        self._move(name)
       except BaseException:
-        if callable(undo):  # the staged folder stays resumable
-          undo()
+        if os.path.lexists(src):  # not moved: it stays resumable
+          if os.path.lexists(mark):
+            os.remove(mark)
+          if callable(undo):
+            undo()
         raise
     for name in self.names:  # our names a replaced run left behind
       path = os.path.join(out, name)
@@ -438,23 +438,50 @@ class RunDirectory:
     shutil.rmtree(self.staging, ignore_errors=True)
     return [os.path.join(out, n) for n in self._written]
 
+  def _move(self, name: str) -> None:
+    """Moves the staged `name` into --out, replacing what is there."""
+    src, dst = os.path.join(self.staging, name), os.path.join(self.out, name)
+    if os.path.isdir(dst) and not os.path.islink(dst):
+      # Our name (refused without --overwrite), moved aside in one
+      # rename and deleted with the staging folder: a folder that cannot
+      # be deleted no longer stops the publish half-way through it.
+      os.replace(dst, os.path.join(self.staging, _REPLACED + name))
+    elif os.path.isdir(src) and os.path.lexists(dst):
+      os.remove(dst)  # a file or a link (never its target) in its place
+    os.replace(src, dst)
+
   def _complete_publish(self) -> bool:
     """Finishes a publish stopped after every output had moved and before
     its manifest did (the staging folder holds only the staged manifest,
-    or that and replaced folders): the run had finished; returns whether
-    it did that. Before, neither --resume, a new run nor `dpgeng report`
-    would take such a folder."""
+    or that and replaced folders), or before its last folders moved once
+    they were ready (they hold the mark, written after their before_move):
+    the run had finished; returns whether it did that. Before, neither
+    --resume, a new run nor `dpgeng report` would take such a folder, and
+    a kill between the saved stages' published record and their move
+    left a run neither --resume nor a new run would take."""
     staged = os.path.join(self.staging, MANIFEST)
     if not os.path.isfile(staged) or os.path.lexists(
         os.path.join(self.out, MANIFEST)):
       return False
+    manifest = read_manifest(self.staging)
+    if not manifest:
+      return False
     rest = [n for n in os.listdir(self.staging)
             if n != MANIFEST and not n.startswith(_REPLACED)]
-    manifest = read_manifest(self.staging)
-    if rest or not manifest or not all(
+    ready = [n for n in rest if n in manifest["files"] and os.path.isdir(
+        os.path.join(self.staging, n)) and not os.path.islink(
+            os.path.join(self.staging, n)) and os.path.isfile(
+                os.path.join(self.staging, n, FOLDER_MARK))]
+    ours = all(not os.path.lexists(os.path.join(self.out, n)) or (
+        os.path.isdir(os.path.join(self.out, n))
+        and os.path.isfile(os.path.join(self.out, n, FOLDER_MARK)))
+               for n in ready)  # an earlier run's folder of that name
+    if len(ready) < len(rest) or not ours or not all(
         os.path.lexists(os.path.join(self.out, n))
-        for n in manifest["files"]):
+        for n in manifest["files"] if n not in ready):
       return False
+    for name in ready:
+      self._move(name)
     os.replace(staged, os.path.join(self.out, MANIFEST))
     shutil.rmtree(self.staging, ignore_errors=True)
     return True

@@ -898,7 +898,8 @@ def evaluate_set(run: Run, distilled: Distilled,
   options = {n: getattr(cfg, n) for n in (
       "eval_models", "eval_epochs", "eval_width", "references")}
   saved = run.load("evaluate")[2] if run.done("evaluate") else None
-  if saved and saved["options"] == options:
+  if saved and saved.get("options") == options and isinstance(
+      saved.get("metrics"), dict):  # else evaluated again (post-processing)
     metrics = copy.deepcopy(saved["metrics"])
   else:
     ecfg = eval_config(cfg, run.plan.depth)

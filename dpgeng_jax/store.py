@@ -39,6 +39,7 @@ import hmac
 import json
 import os
 import shutil
+import stat
 import warnings
 import zipfile
 from typing import Any
@@ -66,6 +67,9 @@ STAGES = ("calibrate", "class_sizes", "generate", "pool", "query", "expert",
           "init", "distill", "evaluate", "report")
 # The suffix of a stage's checkpointed releases (StageStore.save_partial).
 PARTIAL = "@partial"
+# The JSON type of a stage's saved info where it is not an object (or
+# null): the calibration's mechanisms, the queries' capacity.
+_INFO_KINDS = {"calibrate": list, "query": int}
 # Options that change neither the guarantee nor any release: they may
 # differ between a run and its resumption (config.py's groups).
 RESUME_FREE = resume_free_fields()
@@ -186,6 +190,7 @@ class StageStore:
 
   def state(self) -> dict:
     if self._state is None:
+      self._check_root()
       try:
         with open(self.path) as f:
           self._state = json.load(f)
@@ -204,13 +209,28 @@ class StageStore:
       kinds = {"config": dict, "data": dict, "finished": list, "info": dict}
       bad = [k for k, kind in kinds.items()
              if not isinstance(self._state.get(k), kind)]
+      if not bad:  # each stage's info of the type it is saved with
+        bad = [f"info of {k}" for k, v in self._state["info"].items()
+               if not (v is None or isinstance(v, _INFO_KINDS.get(k, dict))
+                       and not isinstance(v, bool))]
+      if not isinstance(self._state.get("timings_s", {}), dict):
+        bad.append("timings_s")
       if bad:
         self._state = None
         raise ConfigError(damaged(self.path, "its record lacks or "
                                    f"mistypes {', '.join(bad)}"))
     return self._state
 
+  def _check_root(self) -> None:
+    """The stages' folder and its record are the tool's own: a symbolic
+    link in their place (the saves would write through it, outside --out)
+    is refused."""
+    for path in (self.root, self.path):
+      if os.path.islink(path):
+        raise ConfigError(damaged(path, "it is a symbolic link"))
+
   def _write_state(self) -> None:
+    self._check_root()
     os.makedirs(self.root, exist_ok=True)
     outputs.atomic_write(self.path, lambda f: json.dump(
         self._state, f, indent=2, default=_plain))
@@ -341,7 +361,7 @@ class StageStore:
     d = os.path.join(self.root, name)
     if self.finished(name) and self.folder(name) == d:
       d += _RESAVED
-    shutil.rmtree(d, ignore_errors=True)  # a save that did not finish
+    _remove(d)  # a save that did not finish (or a link: never followed)
     os.makedirs(d, exist_ok=True)
     if arrays:
       outputs.atomic_write(os.path.join(d, "arrays.npz"), lambda f: np.savez(
@@ -361,7 +381,7 @@ class StageStore:
     self._write_state()
     other = os.path.join(self.root, name) if d.endswith(_RESAVED) else (
         d + _RESAVED)
-    shutil.rmtree(other, ignore_errors=True)  # the superseded checkpoint
+    _remove(other)  # the superseded checkpoint
 
   def load(self, name: str, targets: dict | None = None):
     """(arrays, trees, info) of a finished stage; `targets` gives the
@@ -483,14 +503,33 @@ def _plain(obj):
   return str(obj)
 
 
+def _remove(path: str) -> None:
+  """Removes a stage folder left by an earlier attempt: a symbolic link or
+  a file in its place is removed itself (rmtree would fail on a link, and
+  the save then wrote through it, outside --out)."""
+  if os.path.islink(path) or (os.path.lexists(path)
+                              and not os.path.isdir(path)):
+    os.remove(path)
+  else:
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def _digests(d: str) -> dict[str, str]:
   """SHA-256 of every file under d, by its path relative to d ('/'
-  separators)."""
+  separators). A symbolic link (the folder itself or anything in it) or a
+  file that is not a regular one (a FIFO would block the read) is refused
+  as damage: the tool saves neither."""
+  if os.path.islink(d):
+    raise ConfigError(damaged(d, "it is a symbolic link"))
   out = {}
   for root, dirs, files in os.walk(d):
     dirs.sort()
-    for name in sorted(files):
+    for name in sorted(files) + [n for n in dirs
+                                 if os.path.islink(os.path.join(root, n))]:
       path = os.path.join(root, name)
+      if not stat.S_ISREG(os.lstat(path).st_mode):
+        raise ConfigError(damaged(d, f"{os.path.relpath(path, d)} is not a "
+                                  "regular file"))
       h = hashlib.sha256()
       with open(path, "rb") as f:
         for block in iter(lambda f=f: f.read(1 << 20), b""):

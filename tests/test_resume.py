@@ -4,6 +4,7 @@ outputs of an uninterrupted run."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -632,6 +633,31 @@ DAMAGED = {
 }
 
 
+def _query_folder_linked(d):
+  """The query folder moved outside the run and a symbolic link left in
+  its place."""
+  elsewhere = d.parent.parent.parent / "elsewhere"
+  os.replace(d / "query", elsewhere)
+  os.symlink(elsewhere, d / "query")
+
+
+DAMAGED.update({  # a review's findings: tracebacks, a link, a FIFO
+    "info_of_generate_mistyped": (
+        lambda d: _edit_state(d / "state.json", lambda s: s["info"].update(
+            generate="x")), "mistypes info of generate"),
+    "info_of_query_mistyped": (
+        lambda d: _edit_state(d / "state.json", lambda s: s["info"].update(
+            query="abc")), "mistypes info of query"),
+    "timings_mistyped": (
+        lambda d: _edit_state(d / "state.json", lambda s: s.update(
+            timings_s="x")), "mistypes timings_s"),
+    "query_folder_a_link": (_query_folder_linked, "is a symbolic link"),
+    "targets_a_fifo": (lambda d: ((d / "query" / "arrays.npz").unlink(),
+                                  os.mkfifo(d / "query" / "arrays.npz")),
+                       "arrays.npz is not a regular file"),
+})
+
+
 @pytest.mark.parametrize("damage, message", DAMAGED.values(),
                          ids=DAMAGED.keys())
 def test_a_damaged_stage_folder_is_a_one_line_refusal_releasing_nothing(
@@ -651,6 +677,45 @@ def test_a_damaged_stage_folder_is_a_one_line_refusal_releasing_nothing(
   assert "composes with the releases this run already made" in err
   assert seen == {m: 0 for m in MECHANISMS}
   assert _visible(out) == []
+
+
+def test_a_link_in_place_of_a_stage_folder_is_not_written_through(
+    tmp_path, monkeypatch, capsys):
+  """A symbolic link where the next stage saves (left by anyone who can
+  write --out): rmtree failed on it silently and the save wrote through
+  it, replacing files outside --out, then published the link (a
+  review's finding). The link itself is replaced by the stage's folder."""
+  out = _killed_run(tmp_path, monkeypatch)
+  victim = tmp_path / "victim"
+  victim.mkdir()
+  (victim / "arrays.npz").write_text("a user's file")
+  os.symlink(victim, out / outputs.STAGING / "stages" / "init")
+  assert cli.main(["distill", "--resume", str(out), "--quiet"]) == 0
+  assert os.listdir(victim) == ["arrays.npz"]
+  assert (victim / "arrays.npz").read_text() == "a user's file"
+  published = out / "stages" / "init"
+  assert published.is_dir() and not published.is_symlink()
+
+
+def test_an_interrupt_just_after_the_stages_moved_is_an_interrupt(
+    tmp_path, monkeypatch, capsys):
+  """Ctrl-C right after the saved stages moved into --out: the handler
+  wrote into the staged folder that had just moved, and its
+  FileNotFoundError replaced the interrupt (status 1). Status 130, and
+  the next command completes the publish."""
+  real = outputs.RunDirectory._move
+
+  def move(self, name):
+    real(self, name)
+    if name == pipeline.STAGES_DIR:
+      raise KeyboardInterrupt
+  monkeypatch.setattr(outputs.RunDirectory, "_move", move)
+  out = tmp_path / "run"
+  assert cli.main(["distill", "--out", str(out), *FLAGS]) == 130
+  assert "interrupted" in capsys.readouterr().err
+  monkeypatch.undo()
+  assert cli.main(["distill", "--resume", str(out), "--quiet"]) == 0
+  assert outputs.read_manifest(str(out)) is not None
 
 
 def _failing_replace(monkeypatch, fails):
@@ -694,6 +759,85 @@ def test_a_publish_failing_as_the_stages_move_leaves_the_run_resumable(
   assert not (out / outputs.STAGING).exists()
 
 
+def _killed_as(monkeypatch, out, name):
+  """The publish killed (SIGKILL: no handler runs) just before the staged
+  `name` moves: the staging folder as it was then is put back after the
+  in-process failure (whose handler restored the record)."""
+  from dpgeng_jax import outputs
+  real, snap = outputs.RunDirectory._move, str(out) + ".at-kill"
+
+  def move(self, n):
+    if n == name:
+      shutil.copytree(self.staging, snap, symlinks=True)
+      raise Killed()
+    return real(self, n)
+  monkeypatch.setattr(outputs.RunDirectory, "_move", move)
+
+  def restore():
+    staging = os.path.join(out, outputs.STAGING)
+    shutil.rmtree(staging)
+    os.replace(snap, staging)
+  return restore
+
+
+@pytest.mark.parametrize("then", ["resume", "new run"])
+def test_a_kill_as_the_saved_stages_move_is_completed_by_the_next_command(
+    tmp_path, monkeypatch, capsys, calls, then):
+  """A kill between the published record (the saved stages' record
+  without the data's fingerprint) and the stages' move left a run that
+  --resume refused as an older version's and a new run as an unfinished
+  one: only --overwrite (every release drawn again) got out (a review's
+  finding). The staged folder is marked ready once its record is the
+  published one, and the next command moves it and the manifest."""
+  from dpgeng_jax import outputs
+  out = tmp_path / "run"
+  restore = _killed_as(monkeypatch, out, pipeline.STAGES_DIR)
+  with pytest.raises(Killed):
+    cli.main(["distill", "--out", str(out), *FLAGS])
+  monkeypatch.undo()
+  restore()
+  staged = out / outputs.STAGING / pipeline.STAGES_DIR
+  assert "train_hmac" not in json.loads((staged / "state.json").read_text())[
+      "data"] and (staged / outputs.FOLDER_MARK).is_file()
+  assert outputs.read_manifest(str(out)) is None
+  capsys.readouterr()
+  _count_again(monkeypatch, calls)
+  calls.update({k: 0 for k in MECHANISMS})
+  if then == "resume":
+    assert cli.main(["distill", "--resume", str(out), "--quiet"]) == 0
+    assert "it is complete now" in capsys.readouterr().err
+  else:  # a new run completes it, and is refused by the finished run
+    assert cli.main(["distill", "--out", str(out), *FLAGS]) == 2
+    assert "finished run" in capsys.readouterr().err
+  assert calls == {k: 0 for k in MECHANISMS}
+  assert outputs.read_manifest(str(out)) is not None
+  assert not (out / outputs.STAGING).exists()
+  published = json.loads((out / "stages" / "state.json").read_text())
+  assert "train_hmac" not in published["data"]
+
+
+def test_a_kill_before_the_stages_are_ready_leaves_the_run_resumable(
+    tmp_path, monkeypatch, capsys, calls):
+  """Killed before the saved stages' published record was written (here:
+  as the last file before them moves): --resume finishes the run from
+  its saved stages, drawing no release again."""
+  from dpgeng_jax import outputs
+  out = tmp_path / "run"
+  restore = _killed_as(monkeypatch, out, "metrics.json")
+  with pytest.raises(Killed):
+    cli.main(["distill", "--out", str(out), *FLAGS])
+  monkeypatch.undo()
+  restore()
+  staged = out / outputs.STAGING / pipeline.STAGES_DIR
+  assert "train_hmac" in json.loads((staged / "state.json").read_text())[
+      "data"] and not (staged / outputs.FOLDER_MARK).exists()
+  _count_again(monkeypatch, calls)
+  calls.update({k: 0 for k in MECHANISMS})
+  assert cli.main(["distill", "--resume", str(out), "--quiet"]) == 0
+  assert calls == {k: 0 for k in MECHANISMS}
+  assert outputs.read_manifest(str(out)) is not None
+
+
 def test_a_publish_stopped_before_its_manifest_is_completed_not_stuck(
     tmp_path, monkeypatch, capsys):
   """Stopped after every output had moved but before manifest.json:
@@ -707,7 +851,7 @@ def test_a_publish_stopped_before_its_manifest_is_completed_not_stuck(
   assert failed and outputs.read_manifest(str(out)) is None
   monkeypatch.undo()
   capsys.readouterr()
-  assert cli.main(["distill", "--resume", str(out), "--quiet"]) == 2
+  assert cli.main(["distill", "--resume", str(out), "--quiet"]) == 0
   assert "it is complete now" in capsys.readouterr().err
   assert outputs.read_manifest(str(out)) is not None
   assert not (out / outputs.STAGING).exists()
