@@ -313,26 +313,63 @@ def _check_delta(cfg: Config, sizes: counts_lib.ClassSizes,
             if spent else ""))
 
 
-def _check_delta_before_release(cfg: Config, k: int, sigma: float,
+def _count_margin(cfg: Config, plan, k: int) -> tuple[float, float]:
+  """(the count release's noise multiplier, what the released bound on N
+  adds to N: counts.total_margin) for `cfg` as calibrated."""
+  mechs = planning.mechanisms_for(cfg, plan)
+  sigma = next(m for m in mechs if m.name == "class_counts").noise_multiplier
+  events = planning.abort_events(cfg, plan, k)
+  log_tail = planning.delta_split(cfg, plan).log_tail(
+      cfg.epsilon, events) if events else None
+  return sigma, counts_lib.total_margin(k, sigma, log_tail)
+
+
+def _passing_delta(cfg: Config, plan, k: int, floor: float):
+  """A delta that `_check_delta_before_release` takes, near the largest:
+  1/floor recalibrated (a smaller delta calibrates more noise, so 1/floor
+  at the given delta is refused again) until it passes; with its margin
+  (None, None where calibration refuses every such delta)."""
+  delta = 1.0 / floor
+  for _ in range(12):
+    try:
+      _, margin = _count_margin(dataclasses.replace(cfg, delta=delta), plan, k)
+    except ConfigError:
+      return None, None
+    if delta * (k + margin) < 1.0:
+      return delta, margin
+    delta = 0.99 / (k + margin)
+  return None, None
+
+
+def _check_delta_before_release(cfg: Config, plan, k: int, sigma: float,
                                 log_tail: float) -> None:
   """Refuses, before the count release, a delta that `_check_delta` would
   refuse after it with probability >= 1/2 whatever the data: the released
   bound on N is the noisy total plus z sigma sqrt(K) (counts.
   released_sizes), whose median is N + z sigma sqrt(K) >= K + z sigma
   sqrt(K), every class holding an example (a review's finding: 10 images
-  at delta 0.09 spent the release, then were refused)."""
+  at delta 0.09 spent the release, then were refused). The delta it
+  suggests passes this check at its own calibration (the first advice,
+  1/floor at the given delta's noise, was refused again: a review's
+  finding); the data's N still needs delta below about 1/(N + margin)."""
   margin = counts_lib.total_margin(k, sigma, log_tail)
   floor = k + margin
   if cfg.delta * floor >= 1.0:
+    below, at = _passing_delta(cfg, plan, k, floor)
+    lower = "" if below is None else (
+        f"lower --delta below {below:.3g} (the largest this check takes: "
+        "a smaller delta calibrates more noise, and a wider margin; with "
+        f"N training examples the run then needs delta below about 1/(N + "
+        f"{at:.3g}), and the usual choice is far below 1/N), ")
     raise ConfigError(
         f"delta {cfg.delta:g} is too large for this run's count release: "
         f"a run refuses delta >= 1/N with N's upper bound from the noisy "
         f"counts, which is about N + {margin:.3g} "
         f"(noise multiplier {sigma:.4g}, {k} classes), so at least "
         f"{math.ceil(floor)} here whatever the data, and the run would be "
-        "refused after spending the release; lower --delta (below "
-        f"{1 / floor:.3g}), raise --share-counts or --epsilon, or declare "
-        "the class sizes with --public-class-sizes where they are public")
+        f"refused after spending the release; {lower}raise --share-counts "
+        "or --epsilon, or declare the class sizes with --public-class-sizes "
+        "where they are public")
 
 
 def _check_release_rows(run: Run, budget: Budget,
@@ -390,7 +427,7 @@ def class_sizes(run: Run, budget: Budget, secret: jax.Array
     if run.done("class_sizes"):
       noisy = run.load("class_sizes")[0]["noisy_counts"]
     else:
-      _check_delta_before_release(cfg, ds.num_classes, sigma,
+      _check_delta_before_release(cfg, plan, ds.num_classes, sigma,
                                   budget.log_tail)
       noisy = np.asarray(counts_lib.release_class_counts(
           secret, ds.y_train, num_classes=ds.num_classes,

@@ -563,10 +563,17 @@ def test_a_delta_the_count_release_would_refuse_anyway_is_refused_before_it(
   err = capsys.readouterr().err
   assert "too large for this run's count release" in err, err
   assert "spent" not in err.replace("after spending", "") and not released
-  below = float(err.split("(below ")[1].split(")")[0])
+  # The delta it suggests passes the check at its own calibration (the
+  # first advice, 1/floor at the given delta's noise, was refused again).
+  below = float(err.split("lower --delta below ")[1].split(" ")[0])
   assert _distill(["--dataset", _sized_npz(tmp_path), "--out", str(out),
-                   "--delta", str(0.9 * below), *TINY]) == 2
+                   "--delta", str(below), *TINY]) == 2
   assert "which is spent" in capsys.readouterr().err and released
+  released.clear()
+  assert _distill(["--dataset", _sized_npz(tmp_path), "--out", str(out),
+                   "--delta", str(1.02 * below), *TINY]) == 2
+  assert "too large for this run's count release" in (
+      capsys.readouterr().err) and not released
 
 
 class _Pixels255:
