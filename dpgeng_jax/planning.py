@@ -453,14 +453,33 @@ def _check_sampler_support(cfg: Config, mechs, split) -> None:
   if extra:
     low = min((m for m in mechs if m.noise_multiplier > 0),
               key=lambda m: m.noise_multiplier)
+    share = _SHARE_FLAGS.get(low.name)
+    fixes = ["lower --epsilon"]
+    if share:  # a smaller share is more noise for it (a review's finding:
+      # the message said larger, which made it worse)
+      fixes.append(f"give {low.name} a smaller share ({share}) so that its "
+                   "noise grows")
+    if low.sampling_rate < 1:
+      rate = _RATE_FLAGS.get(low.name, "its sampling rate")
+      fixes.append(f"raise its sampling rate {rate} (now "
+                   f"{low.sampling_rate:g}: a tiny rate calibrates tiny "
+                   "noise)")
     raise ConfigError(
         f"epsilon {cfg.epsilon} at delta {cfg.delta:g} needs noise as small "
         f"as {low.noise_multiplier:.3g} times the sensitivity "
         f"({low.name}): the noise sampler is exact out to "
         f"{noise.EXACT_Z:.1f} standard deviations, so a neighbouring "
         f"dataset's releases would add about {extra:.2g} to delta, beyond "
-        "what is accounted; lower epsilon or give that mechanism a larger "
-        "share")
+        f"what is accounted; {', or '.join(fixes)}")
+
+
+# The flags of the mechanisms' budget shares and sampling rates.
+_SHARE_FLAGS = {"class_counts": "--share-counts",
+                "generator": "--share-generator",
+                "feature_matching": "--share-features",
+                "expert": "--share-expert"}
+_RATE_FLAGS = {"feature_matching": "--sampling-rate",
+               "expert": "--expert-sampling-rate"}
 
 
 def nonprivate_reasons(cfg: Config, plan: Plan) -> list[str]:

@@ -311,6 +311,23 @@ def test_noise_too_small_for_the_samplers_support_is_refused(kw):
   pipeline.plan_budget(Config(deterministic=True, **kw))
 
 
+def test_the_samplers_refusal_points_the_way_that_adds_noise():
+  """It said "give that mechanism a larger share", which lowers its noise
+  further (a review's finding): it names the mechanism's share flag to
+  lower, and following that is accepted; a tiny sampling rate is named
+  as the cause where it is one."""
+  from dpgeng_jax.errors import ConfigError
+  with pytest.raises(ConfigError) as e:
+    pipeline.plan_budget(Config(epsilon=150.0, share_counts=100.0))
+  assert "(class_counts)" in str(e.value)
+  assert "a smaller share (--share-counts)" in str(e.value)
+  pipeline.plan_budget(Config(epsilon=150.0, share_counts=0.1))
+  with pytest.raises(ConfigError) as e:
+    pipeline.plan_budget(Config(sampling_rate=1e-12))
+  assert "(feature_matching)" in str(e.value)
+  assert "raise its sampling rate --sampling-rate (now 1e-12" in str(e.value)
+
+
 def test_privacy_report_flags_noise_beyond_the_samplers_reserve():
   """check_report recomputes the sampler's support delta from the listed
   mechanisms: a record whose noise needs more than its reserve (here a
