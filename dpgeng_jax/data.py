@@ -57,6 +57,15 @@ _PUBLIC_NORMALISATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = 
     "svhn_cropped": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
 }
 
+# The image shape and class count of the datasets above: a preset's npz
+# copy of another shape is run, with a warning (its protocol and constants
+# were chosen for these).
+_STANDARD_SHAPES = {"mnist": ((28, 28, 1), 10),
+                    "fashion_mnist": ((28, 28, 1), 10),
+                    "cifar10": ((32, 32, 3), 10),
+                    "cifar100": ((32, 32, 3), 100),
+                    "svhn_cropped": ((32, 32, 3), 10)}
+
 _DIGITS_TEST_FRACTION = 0.2
 _DIGITS_SEED = 0
 _TFDS_READ_CHUNK = 4096
@@ -461,6 +470,16 @@ def _with_public_normalisation(ds: Dataset, name: str | None) -> Dataset:
   key = (name or "").split("/")[0].split(":")[0]
   if key not in _PUBLIC_NORMALISATION:
     return ds
+  shape, k = _STANDARD_SHAPES.get(key, (None, None))
+  if shape is not None and (tuple(ds.image_shape) != shape
+                            or ds.num_classes != k):
+    warnings.warn(
+        f"the {key} preset's protocol is for {key}'s "
+        f"{'x'.join(map(str, shape))} images of {k} classes, and this npz "
+        f"holds {'x'.join(map(str, ds.image_shape))} images of "
+        f"{ds.num_classes}: check that --dataset is a copy of {key} (its "
+        "published normalisation constants are used where the channels "
+        "match)", stacklevel=3)
   channels = len(_PUBLIC_NORMALISATION[key][0])
   if channels != ds.image_shape[2]:
     why = (f"the {key} preset's published normalisation constants are for "
