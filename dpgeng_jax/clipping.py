@@ -219,12 +219,13 @@ def fixed_point_bits(rows: int, bound: float) -> int:
     raise ValueError(f"need rows >= 1 and a finite bound > 0, got {rows}, "
                      f"{bound}")
   bound = float(bound)
-  s = math.floor(math.log2((2 ** 31 - 1) / (rows * bound)))
-  while rows * bound * 2.0 ** s >= 2 ** 31 - 1:  # log2 rounding
-    s -= 1
+  # In logs: the quotient overflows float for a bound below ~1e-300.
+  s = math.floor(math.log2(2 ** 31 - 1) - math.log2(rows) - math.log2(bound))
   # 2^s is applied in float32 (range 2^-126 .. 2^127): s beyond +-100
   # would turn the scale into inf or 0 (a bound below 1e-21 or above 1e30).
   s = min(s, MAX_FIXED_POINT_BITS)
+  while rows * bound * 2.0 ** s >= 2 ** 31 - 1:  # log2 rounding
+    s -= 1
   if bound * 2.0 ** s < 2 ** 8 or s < -MAX_FIXED_POINT_BITS:
     raise ValueError(f"{rows} rows of magnitude <= {bound} leave "
                      f"{math.log2(bound) + s:.1f} bits of resolution per "

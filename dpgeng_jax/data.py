@@ -345,7 +345,8 @@ def _images(x: Any, what: str, allow_empty: bool = False) -> np.ndarray:
     x = x[..., None]
   if x.shape[-1] not in (1, 3):
     keep = {2: ":1", 4: ":3"}.get(x.shape[-1])  # grey or RGB + alpha
-    if x.shape[1] in (1, 3) and x.shape[-1] != x.shape[1]:
+    if x.shape[1] in (1, 3) and x.shape[-1] != x.shape[1] and min(
+        x.shape[2:]) >= 4:  # (N, 3, 3, 2): 3x3 images, not channels first
       hint = ("; these look channels-first (N, C, H, W): pass "
               "x.transpose(0, 2, 3, 1)")
     elif keep:
@@ -402,7 +403,12 @@ def _labels(y: Any, what: str, num_images: int) -> np.ndarray:
   """Checks one split's labels (dtype, rank, length, sign)."""
   y = np.asarray(y)
   if not np.issubdtype(y.dtype, np.integer):
-    raise DataError(f"{what} has dtype {y.dtype}; labels must have an integer dtype")
+    whole = (np.issubdtype(y.dtype, np.floating) and y.size
+             and bool(np.all(np.isfinite(y)) and np.all(y == np.round(y))))
+    raise DataError(
+        f"{what} has dtype {y.dtype}; labels must have an integer dtype"
+        + ("; these are whole numbers: pass y.astype(np.int64)" if whole
+           else ""))
   if y.ndim == 2 and y.shape[1] == 1:
     y = y[:, 0]  # a column, as Keras's CIFAR arrays hold them
   if y.ndim != 1:

@@ -254,7 +254,8 @@ class StageStore:
     if diff:
       raise ConfigError(
           "--resume: these options differ from the saved run's and would "
-          "change its guarantee or its releases: " + ", ".join(
+          "change its guarantee, its releases or the results its saved "
+          "stages hold: " + ", ".join(
               f"{k} (saved {saved['config'].get(k)!r}, now "
               f"{config.get(k)!r})" for k in diff))
     if data is not None and "normalisation" in saved["data"] and (

@@ -261,7 +261,14 @@ BAD_INPUTS = {
     "float_pixel_below_zero": (_with_pixel("x_test", -0.1),
                                r"x_test has float pixels below 0;"),
     "int32_images": (_with(x_train=np.zeros((6, 4, 4, 1), np.int32)), "uint8"),
-    "float_labels": (_with(y_train=np.array([0.0, 1, 2, 0, 1, 2])), "integer dtype"),
+    "float_labels": (_with(y_train=np.array([0.0, 1, 2, 0, 1, 2])),
+                     r"integer dtype; these are whole numbers: pass "
+                     r"y.astype\(np.int64\)"),
+    "fractional_float_labels": (_with(y_train=np.array([0.5, 1, 2, 0, 1, 2])),
+                                "integer dtype$"),
+    # 3x3 images of 2 channels: the channels-first hint would scramble them.
+    "small_two_channel_images": (_with_images(3, 3, 2),
+                                 r"2 channels .* opacity, drop it"),
     "bool_labels": (_with(y_test=np.array([True, False, True])), "integer dtype"),
     "2d_labels": (_with(y_train=np.array([[0, 1, 2, 0, 1, 2]])), "1-D"),
     "one_hot_labels": (_with(y_train=np.eye(3, dtype=np.int64)[

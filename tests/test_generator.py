@@ -212,8 +212,11 @@ def test_fixed_point_bits_keep_int32_sums_from_overflowing():
                                            jnp.ones(10), 1, s)
     assert np.all(np.asarray(sums) > 0)
     assert abs(float(sums[0, 0]) * 2.0 ** -s / (10 * bound) - 1) < 0.01
-  with pytest.raises(ValueError, match="bits"):
-    clipping.fixed_point_bits(10, 1e-30)
+  # A bound of 1e-300 overflowed the quotient: "cannot convert float
+  # infinity to integer" (a review's finding); the same refusal now.
+  for bound in (1e-30, 1e-300, 5e-324):
+    with pytest.raises(ValueError, match="bits of resolution"):
+      clipping.fixed_point_bits(10, bound)
 
 
 @pytest.mark.parametrize("rate,steps", [(0.5, 1), (1.0, 2)])
