@@ -263,11 +263,13 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
   timings = dict(r.stage_timings(), total_s=time.time() - t0)
   if metrics is not None:
     metrics["timings_s"] = timings
-    if r.loaded:
+    if r.loaded or r.continued:
       metrics["resumed"] = {
           "stages_loaded": sorted(r.loaded),
+          "stages_continued": sorted(r.continued),
           "note": "the loaded stages' timings are those of the process "
-                  "that computed them; total_s is this process's"}
+                  "that computed them, a continued stage's the sum over "
+                  "its processes; total_s is this process's"}
     metrics["peak_rss_mb"] = dict(r.peak_rss_mb)
     metrics["private"] = privacy["private"]
   config = cfg.to_dict()

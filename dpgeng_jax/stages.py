@@ -86,6 +86,9 @@ class Run:
   # Stages this process loaded from the store (a resumed run) and did not
   # compute again: their timings are the process that computed them.
   loaded: set = dataclasses.field(default_factory=set)
+  # Stages this process continued from a saved checkpoint (distillation):
+  # their timings add the earlier processes' to this one's.
+  continued: set = dataclasses.field(default_factory=set)
 
   @property
   def num_classes(self) -> int:
@@ -797,11 +800,12 @@ def distill_loop(cfg: Config, store, state, step, targets, counts, key):
   """cfg.steps image updates from `state`; with a store, the state is
   saved every cfg.checkpoint_every steps and at the end, and a saved one
   is resumed from. Returns (state, the loss of every step)."""
-  name = "distill"
+  name, start, before = "distill", time.time(), 0.0
   losses: list = []
   if store is not None and store.finished(name):
     arrays, trees, _ = store.load(name, targets={"state": state})
     state, losses = trees["state"], list(arrays["losses"])
+    before = store.saved_timings().get("distillation_s", 0.0)
   with tqdm(total=cfg.steps, initial=len(losses), desc="distillation",
             disable=cfg.quiet) as bar:
     while len(losses) < cfg.steps:
@@ -811,6 +815,10 @@ def distill_loop(cfg: Config, store, state, step, targets, counts, key):
       n = len(losses)
       if store is not None and (n == cfg.steps or (
           cfg.checkpoint_every and n % cfg.checkpoint_every == 0)):
+        # The time to this checkpoint, over the processes that ran it
+        # (written first: a kill between the two writes overstates it by
+        # one save at most, where after the save it lost it).
+        store.save_timings({"distillation_s": before + time.time() - start})
         store.save(name, arrays={"losses": _host(losses)},
                    trees={"state": state}, info={"step": n})
   return state, _host(losses)
@@ -895,6 +903,11 @@ def distill_images(run: Run, plan_q: distill.QueryPlan,
                                         cfg.extractor_width))
     counts = jnp.asarray(sizes.expected_counts(cfg.sampling_rate),
                          jnp.float32)
+    if run.done("distill"):  # a checkpoint: the earlier processes' time
+      run.continued.add("distill")
+      run.timings["distillation_s"] = run.timings.get(
+          "distillation_s", 0.0) + run.store.saved_timings().get(
+              "distillation_s", 0.0)
     state, losses = distill_loop(cfg, run.store,
                                  distill.init_state(images, opt), step,
                                  queries.targets, counts, run.keys.query)
