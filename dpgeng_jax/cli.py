@@ -323,9 +323,10 @@ def _distill(cfg: Config, console: bool = False) -> int:
       print("resolved config:\n" + json.dumps(cfg.to_dict(), indent=2),
             flush=True)
       if cfg.resume:
-        print("resuming after the stages " + ", ".join(
-            n for n in store.state()["finished"]
-            if store_lib.PARTIAL not in n), flush=True)
+        done = [n for n in store.state()["finished"]
+                if store_lib.PARTIAL not in n]
+        print("resuming after the stages " + ", ".join(done) if done else
+              "resuming: no stage had finished", flush=True)
     try:
       result = pipeline.run(cfg, store=store)
     except BaseException as e:

@@ -357,8 +357,9 @@ class RunDirectory:
           f"--out {out!r} holds an unfinished {self.what} (stopped before "
           f"it was published: killed, interrupted or failed; its saved "
           f"stages are in {self.staging}); continue it with --resume "
-          f"{shlex.quote(out)}, pass --overwrite to discard it, or choose "
-          "another directory")
+          f"{shlex.quote(out)}, pass --overwrite to discard it (the "
+          "releases it made stay spent and compose with the new run's), or "
+          "choose another directory")
     foreign = [n for n in self.names if os.path.lexists(os.path.join(out, n))]
     if foreign:
       raise ConfigError(
