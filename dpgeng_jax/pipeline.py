@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -211,6 +212,10 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
                                     (ds.mean, ds.std))
     if store.exists():
       store.check(_resume_view(cfg), data_id, planning.choices(plan))
+      for name, why in store.drop_damaged():
+        warnings.warn(
+            f"the saved {name} stage is damaged ({why}); it holds no "
+            "private release and is computed again", stacklevel=2)
     else:
       store.start(_resume_view(cfg), data_id, planning.choices(plan))
 

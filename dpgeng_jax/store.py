@@ -65,6 +65,10 @@ FORMAT = 1
 STATE = "state.json"
 STAGES = ("calibrate", "class_sizes", "generate", "pool", "query", "expert",
           "init", "distill", "evaluate", "report")
+# The stages that hold no private release: a resumed run computes a
+# damaged one again (from the saved releases and the public keys) instead
+# of refusing (StageStore.drop_damaged).
+RECOMPUTABLE = ("pool", "init", "distill", "evaluate")
 # The suffix of a stage's checkpointed releases (StageStore.save_partial).
 PARTIAL = "@partial"
 # The JSON type of a stage's saved info where it is not an object (or
@@ -420,12 +424,11 @@ class StageStore:
       return
     if not (isinstance(want, dict)
             and all(isinstance(v, str) for v in want.values())):
-      raise ConfigError(damaged(self.path, "its record mistypes the "
-                                f"digests of {name}"))
+      raise Damaged(self.path, f"its record mistypes the digests of {name}")
     try:
       have = _digests(d)
     except OSError as e:
-      raise ConfigError(damaged(d, f"{type(e).__name__}: {e}")) from e
+      raise Damaged(d, f"{type(e).__name__}: {e}") from e
     if have == want:
       return
     parts = []
@@ -437,8 +440,27 @@ class StageStore:
         names = sorted(names)
         more = f" and {len(names) - 3} more" if len(names) > 3 else ""
         parts.append(f"{what} {', '.join(names[:3])}{more}")
-    raise ConfigError(damaged(d, "its files differ from those saved: "
-                              + "; ".join(parts)))
+    raise Damaged(d, "its files differ from those saved: "
+                  + "; ".join(parts))
+
+  def drop_damaged(self) -> list[tuple[str, str]]:
+    """Forgets the finished stages of RECOMPUTABLE whose files are damaged
+    (the resumed run computes them again); returns (stage, what is wrong)
+    for each. A damaged stage holding a release is refused on load."""
+    dropped = []
+    for name in RECOMPUTABLE:
+      if not self.finished(name):
+        continue
+      try:
+        self._check_digests(name, self.folder(name))
+      except Damaged as e:
+        dropped.append((name, e.what))
+      except ConfigError as e:  # the record names another folder
+        dropped.append((name, str(e)))
+      else:
+        continue
+      self.forget(name)
+    return dropped
 
   def save_timings(self, timings: dict) -> None:
     """Records stage times (seconds by timing key) over the saved ones."""
@@ -478,6 +500,15 @@ def damaged(path: str, what: str) -> str:
           f"({what}). A new run (without --resume) draws every release "
           "again: a new budget, which composes with the releases this run "
           "already made")
+
+
+class Damaged(ConfigError):
+  """A saved stage's files or digests are damaged: `damaged`'s refusal,
+  with the stage folder and what is wrong as attributes."""
+
+  def __init__(self, path: str, what: str):
+    super().__init__(damaged(path, what))
+    self.path, self.what = path, what
 
 
 class Saved(dict):

@@ -637,9 +637,6 @@ DAMAGED = {
     "generated_set_reshaped": (_reshaped_generated_set,
                                "generate is damaged (its files differ from "
                                "those saved: changed arrays.npz"),
-    "pool_deleted": (_pool_deleted, "missing pool/"),
-    "pool_byte_flipped": (lambda d: _flip_a_byte(sorted(
-        (d / "pool" / "pool").rglob("d/*"))[0]), "changed pool/"),
     "file_added": (lambda d: (d / "query" / "extra.npz").write_text("x"),
                    "added extra.npz"),
     "older_record_targets_not_npz": (_without_digests(_targets_not_npz),
@@ -697,6 +694,40 @@ def test_a_damaged_stage_folder_is_a_one_line_refusal_releasing_nothing(
   assert "composes with the releases this run already made" in err
   assert seen == {m: 0 for m in MECHANISMS}
   assert _visible(out) == []
+
+
+RECOMPUTED = {
+    "pool_deleted": ("query", _pool_deleted, "pool", "missing pool/"),
+    "pool_byte_flipped": ("query", lambda d: _flip_a_byte(sorted(
+        (d / "pool" / "pool").rglob("d/*"))[0]), "pool", "changed pool/"),
+    "distill_checkpoint_flipped": ("distill", lambda d: _flip_a_byte(
+        d / "distill" / "arrays.npz"), "distill", "changed arrays.npz"),
+}
+
+
+@pytest.mark.parametrize("after, damage, stage, what", RECOMPUTED.values(),
+                         ids=RECOMPUTED.keys())
+def test_a_damaged_stage_holding_no_release_is_computed_again(
+    tmp_path, monkeypatch, calls, after, damage, stage, what):
+  """A damaged extractor pool or distillation checkpoint refused the
+  whole resume and pointed to a new run, a second budget, though every
+  release was intact (a review's finding). Such a stage is forgotten
+  with a warning and computed again; no release is drawn again."""
+  out = _killed_run(tmp_path, monkeypatch, after=after)
+  damage(out / outputs.STAGING / "stages")
+  _count_again(monkeypatch, calls)
+  calls.update({k: 0 for k in MECHANISMS})
+  with pytest.warns(UserWarning, match=f"the saved {stage} stage is damaged "
+                    f"\\(.*{what}.*\\); it holds no private release and is "
+                    "computed again"):
+    assert cli.main(["distill", "--resume", str(out), "--quiet"]) == 0
+  # Only what the killed run had not reached (the expert after the
+  # queries), as an undamaged resume would.
+  assert calls == {**{k: 0 for k in MECHANISMS},
+                   "expert": int(after == "query")}
+  metrics = json.loads((out / "metrics.json").read_text())
+  assert stage not in metrics["resumed"]["stages_loaded"]
+  assert len(metrics["distillation_losses"]) == 6
 
 
 def test_a_link_in_place_of_a_stage_folder_is_not_written_through(
