@@ -560,6 +560,16 @@ def _mia(args: argparse.Namespace, console: bool = False) -> int:
   return 0
 
 
+def as_flags(message: str) -> str:
+  """A library message as the command says it: the configuration's field
+  names with an underscore (pe_k, checkpoint_every) as their flags."""
+  import re
+  names = sorted((f.name for f in dataclasses.fields(Config)
+                  if "_" in f.name), key=len, reverse=True)
+  return re.sub(r"(?<![\w./-])(" + "|".join(names) + r")(?![\w/])",
+                lambda m: _flag(m.group(1)), message)
+
+
 def _os_reason(e: OSError) -> str:
   where = " ".join(repr(f) for f in (e.filename, e.filename2) if f)
   return f"{e.strerror or e}" + (f": {where}" if where else "")
@@ -712,7 +722,7 @@ def main(argv=None, console: bool = False) -> int:
       print("wrote " + ", ".join(report.rebuild(args.dir)))
       return 0
   except DpgengError as e:
-    print(f"dpgeng: error: {e}", file=sys.stderr)
+    print(f"dpgeng: error: {as_flags(str(e))}", file=sys.stderr)
     return 2
   except KeyboardInterrupt as e:  # plan, audit, mia, report: no traceback
     _stop_redelivery()

@@ -151,7 +151,7 @@ def test_bad_options_fail_cleanly_and_write_nothing(tmp_path, capsys, flags,
   out = tmp_path / "out"
   assert _run(["--out", str(out), *TINY, *flags]) == 2
   err = capsys.readouterr().err
-  assert err.startswith("dpgeng: error:") and message in err
+  assert err.startswith("dpgeng: error:") and cli.as_flags(message) in err
   assert not out.exists()
 
 
@@ -393,7 +393,7 @@ def test_plan_notes_input_files_that_exist_only_when_they_do_not(
 def test_plan_refuses_an_image_size_that_distill_refuses(capsys):
   """plan --image-size 5000 rendered text samples at 5000 px for minutes."""
   assert cli.main(["plan", "--image-size", "5000"]) == 2
-  assert "image_size must be 0 (as stored) or 2...1024" in (
+  assert "--image-size must be 0 (as stored) or 2...1024" in (
       capsys.readouterr().err)
 
 
@@ -489,7 +489,7 @@ def test_bad_pe_options_fail_cleanly(tmp_path, capsys, flags, message):
   out = tmp_path / "run"
   assert _run(["--out", str(out), "--method", "generator", *GEN_TINY,
                *TINY, *flags]) == 2
-  assert message in capsys.readouterr().err
+  assert cli.as_flags(message) in capsys.readouterr().err
   assert not (out / "manifest.json").exists()
 
 

@@ -266,7 +266,8 @@ def test_unsupported_privacy_settings_are_refused(tmp_path, capsys, flags,
   out = tmp_path / "run"
   assert _distill(["--out", str(out), *flags, *TINY]) == 2
   err = capsys.readouterr().err
-  assert err.startswith("dpgeng: error:") and message in err, err
+  assert err.startswith("dpgeng: error:") and cli.as_flags(
+      message) in err, err
   assert not out.exists()
 
 

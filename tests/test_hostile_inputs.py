@@ -24,7 +24,9 @@ def _dataset(path, n=40, classes=4, shape=(8, 8)):
 def _one_line_error(capsys, argv, message):
   assert cli.main(argv) == 2
   err = capsys.readouterr().err
-  assert err.startswith("dpgeng: error:") and message in err, err
+  # (The command says the configuration's field names as flags.)
+  assert err.startswith("dpgeng: error:") and cli.as_flags(message) in err, (
+      err)
   assert "Traceback" not in err and err.count("\n") == 1, err
   return err
 
@@ -295,12 +297,12 @@ def test_a_data_error_names_the_values_a_preset_supplied(tmp_path, capsys):
                                  "--dataset", f"npz:{data}", "--out",
                                  str(tmp_path / "o")],
                         "y_train has labels >= num_classes=2")
-  assert "(from --preset celeb_a: " in err and "num_classes=2" in err
+  assert "(from --preset celeb_a: " in err and "--num-classes=2" in err
   err = _one_line_error(capsys, ["distill", "--preset", "celeb_a",
                                  "--num-classes", "3", "--dataset",
                                  f"npz:{data}", "--out",
                                  str(tmp_path / "o")], "num_classes=3")
-  assert "num_classes=2" not in err
+  assert "num-classes=2" not in err
 
 
 def test_plan_says_when_a_declared_class_count_does_not_fit_the_dataset(

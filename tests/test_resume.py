@@ -222,7 +222,8 @@ def test_resume_refuses_options_that_change_the_guarantee_or_a_release(
   out = _killed_run(tmp_path, monkeypatch)
   assert cli.main(["distill", "--resume", str(out), "--quiet", *flags]) == 2
   err = capsys.readouterr().err
-  assert err.startswith("dpgeng: error: --resume") and what in err
+  assert err.startswith("dpgeng: error: --resume") and cli.as_flags(
+      what) in err
   assert _visible(out) == []
 
 
