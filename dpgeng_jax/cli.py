@@ -562,11 +562,15 @@ def _mia(args: argparse.Namespace, console: bool = False) -> int:
 
 def as_flags(message: str) -> str:
   """A library message as the command says it: the configuration's field
-  names with an underscore (pe_k, checkpoint_every) as their flags."""
+  names with an underscore (pe_k, checkpoint_every) as their flags, where
+  the message says something of the option (`pe_k = 50`, `checkpoint_every
+  must be`, `num_queries (saved 2, ...`); a path or a value that happens
+  to hold such a name (`--out clip_norm`) is left as it is."""
   import re
   names = sorted((f.name for f in dataclasses.fields(Config)
                   if "_" in f.name), key=len, reverse=True)
-  return re.sub(r"(?<![\w./-])(" + "|".join(names) + r")(?![\w/])",
+  said = r"(?= must\b| =|=| \(saved| >=| <=| is\b| needs?\b|:)"
+  return re.sub(r"(?<![\w./'\"-])(" + "|".join(names) + r")" + said,
                 lambda m: _flag(m.group(1)), message)
 
 

@@ -152,7 +152,8 @@ class RunDirectory:
 
   def __init__(self, out: str, *, overwrite: bool, names: Iterable[str],
                what: str = "run", resume: bool = False,
-               inputs: Iterable[str] = ()):
+               inputs: Iterable[str] = (),
+               prepare: dict[str, Callable[[str], None]] | None = None):
     self.out = out
     self.inputs = tuple(inputs)
     self.overwrite = overwrite
@@ -163,7 +164,11 @@ class RunDirectory:
     self._lock_fd: int | None = None
     self._created: list[str] = []
     self._written: list[str] = []
-    self._before_move: dict[str, Callable[[], None]] = {}
+    # name -> fn(staged path): makes a staged output what is published
+    # (the saved stages' record without the data's fingerprint); run just
+    # before its move, by the publish or by the command that completes a
+    # stopped one, so it must be idempotent.
+    self._prepare = dict(prepare or {})
     # How messages name the directory: the option a run was given it by
     # (`dpgeng report DIR` takes it as an argument: amend_finished).
     self.label = f"--out {out!r}"
@@ -381,23 +386,21 @@ class RunDirectory:
       self._written.append(name)
     return os.path.join(self.out, name)
 
-  def adopt(self, name: str,
-            before_move: Callable[[], None] | None = None) -> None:
+  def adopt(self, name: str) -> None:
     """Publishes `name`, a file or directory already in the staging
-    directory (such as the saved stages); `before_move` runs just before
-    it moves (a publish stopped earlier leaves it as it was) and may
-    return a callable that undoes it, called if the move fails."""
+    directory (such as the saved stages)."""
     if name not in self.names:
       raise ValueError(f"{name!r} is not one of the output names")
     if not os.path.lexists(os.path.join(self.staging, name)):
       raise FileNotFoundError(os.path.join(self.staging, name))
     if name not in self._written:
       self._written.append(name)
-    if before_move is not None:
-      self._before_move[name] = before_move
 
   def publish(self, info: dict | None = None) -> list[str]:
-    """Moves the staged files into --out and writes the manifest last."""
+    """Moves the staged files into --out and writes the manifest last.
+    The staged manifest comes first: from then on every output is
+    complete, and a publish stopped anywhere after it is finished by the
+    next command on the folder (`_complete_publish`)."""
     out = self.out
     self._check_folders()  # again: --out may have changed during the run
     manifest = {"files": list(self._written), **(info or {})}
@@ -406,38 +409,37 @@ class RunDirectory:
     old = os.path.join(out, MANIFEST)
     if os.path.lexists(old):
       os.remove(old)  # the old set is no longer marked finished
+    self._finish(list(self._written))
+    return [os.path.join(out, n) for n in self._written]
+
+  def _finish(self, files: list[str]) -> None:
+    """Moves the staged `files` not yet moved (each prepared first),
+    removes our names an earlier run left that `files` lacks, then moves
+    the staged manifest into --out and drops the staging folder."""
+    out = self.out
     # Folders last: the saved stages stay in the staging folder (so the run
     # can be resumed) until every file has moved.
-    order = sorted(self._written, key=lambda n: os.path.isdir(
+    order = sorted(files, key=lambda n: os.path.isdir(
         os.path.join(self.staging, n)))
     for name in order:
       src = os.path.join(self.staging, name)
-      undo = self._before_move[name]() if name in self._before_move else None
-      mark = os.path.join(src, FOLDER_MARK)
+      if not os.path.lexists(src):
+        continue  # moved before the publish was stopped
+      if name in self._prepare:
+        self._prepare[name](src)
       if os.path.isdir(src) and not os.path.islink(src):
-        # After before_move: a staged folder holding the mark is ready to
-        # move as it is, which the next command does if this one is
-        # killed before the move (_complete_publish).
-        atomic_write(mark, lambda f: None)
-      try:
-        self._move(name)
-      except BaseException:
-        if os.path.lexists(src):  # not moved: it stays resumable
-          if os.path.lexists(mark):
-            os.remove(mark)
-          if callable(undo):
-            undo()
-        raise
+        atomic_write(os.path.join(src, FOLDER_MARK), lambda f: None)
+      self._move(name)
     for name in self.names:  # our names a replaced run left behind
       path = os.path.join(out, name)
-      if name not in self._written and os.path.lexists(path):
+      if name not in files and os.path.lexists(path):
         if os.path.isdir(path) and not os.path.islink(path):
           shutil.rmtree(path)
         else:
           os.remove(path)
-    os.replace(os.path.join(self.staging, MANIFEST), old)
+    os.replace(os.path.join(self.staging, MANIFEST),
+               os.path.join(out, MANIFEST))
     shutil.rmtree(self.staging, ignore_errors=True)
-    return [os.path.join(out, n) for n in self._written]
 
   def _move(self, name: str) -> None:
     """Moves the staged `name` into --out, replacing what is there."""
@@ -452,39 +454,24 @@ class RunDirectory:
     os.replace(src, dst)
 
   def _complete_publish(self) -> bool:
-    """Finishes a publish stopped after every output had moved and before
-    its manifest did (the staging folder holds only the staged manifest,
-    or that and replaced folders), or before its last folders moved once
-    they were ready (they hold the mark, written after their before_move):
-    the run had finished; returns whether it did that. Before, neither
-    --resume, a new run nor `dpgeng report` would take such a folder, and
-    a kill between the saved stages' published record and their move
-    left a run neither --resume nor a new run would take."""
+    """Finishes a publish that was stopped after its staged manifest was
+    written (every output complete, some moved): the outputs still staged
+    are prepared and moved, then the manifest; returns whether it did
+    that. Before, such a folder was refused by --resume (its saved
+    stages' record had lost the data's fingerprint), by a new run (as
+    unfinished) and by `dpgeng report`: only --overwrite, a second
+    budget, got out."""
     staged = os.path.join(self.staging, MANIFEST)
     if not os.path.isfile(staged) or os.path.lexists(
         os.path.join(self.out, MANIFEST)):
       return False
-    manifest = read_manifest(self.staging)
-    if not manifest:
+    files = read_manifest(self.staging)["files"]
+    if not files or not all(
+        n in self.names and (os.path.lexists(os.path.join(self.staging, n))
+                             or os.path.lexists(os.path.join(self.out, n)))
+        for n in files):
       return False
-    rest = [n for n in os.listdir(self.staging)
-            if n != MANIFEST and not n.startswith(_REPLACED)]
-    ready = [n for n in rest if n in manifest["files"] and os.path.isdir(
-        os.path.join(self.staging, n)) and not os.path.islink(
-            os.path.join(self.staging, n)) and os.path.isfile(
-                os.path.join(self.staging, n, FOLDER_MARK))]
-    ours = all(not os.path.lexists(os.path.join(self.out, n)) or (
-        os.path.isdir(os.path.join(self.out, n))
-        and os.path.isfile(os.path.join(self.out, n, FOLDER_MARK)))
-               for n in ready)  # an earlier run's folder of that name
-    if len(ready) < len(rest) or not ours or not all(
-        os.path.lexists(os.path.join(self.out, n))
-        for n in manifest["files"] if n not in ready):
-      return False
-    for name in ready:
-      self._move(name)
-    os.replace(staged, os.path.join(self.out, MANIFEST))
-    shutil.rmtree(self.staging, ignore_errors=True)
+    self._finish(files)
     return True
 
   # -- end ---------------------------------------------------------------

@@ -95,7 +95,8 @@ def output_dir(out: str, overwrite: bool, resume: bool = False,
   unfinished run staged there; `inputs`: the run's input paths
   (`input_paths`), which publishing must not replace."""
   return outputs.RunDirectory(out, overwrite=overwrite, names=OUTPUT_FILES,
-                              resume=resume, inputs=inputs)
+                              resume=resume, inputs=inputs,
+                              prepare={STAGES_DIR: store_lib.prepare_published})
 
 
 def input_paths(cfg: Config) -> tuple[str, ...]:
@@ -479,18 +480,10 @@ def write_outputs(result: RunResult, out: str, overwrite: bool = False,
     with output_dir(out, overwrite, inputs=input_paths(cfg)) as rd:
       return write_outputs(result, out, overwrite, rd)
   if store is not None and store.exists():
-    # The published record drops the data's hash, which --resume needs:
-    # written only as the stages move (the last move before the manifest).
-    def published_record():
-      whole, state = store.state(), store.published_state()
-      outputs.atomic_write(store.path,
-                           lambda f: json.dump(state, f, indent=2))
-
-      def undo():  # the move failed: the run stays resumable
-        outputs.atomic_write(store.path,
-                             lambda f: json.dump(whole, f, indent=2))
-      return undo
-    run_dir.adopt(STAGES_DIR, before_move=published_record)
+    # Published without the data's fingerprint: the record is rewritten
+    # just before the stages move (store.prepare_published), which --resume
+    # needs until then.
+    run_dir.adopt(STAGES_DIR)
   decoded = {} if result.x_decoded is None else {
       "x_decoded": result.x_decoded, "y_decoded": result.y_decoded}
   w = run_dir.write

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from dpgeng_jax import data as data_lib
-from dpgeng_jax.errors import ConfigError, DataError
+from dpgeng_jax.errors import ConfigError, DataError, RunCompleted
 
 REPORT = "report.html"
 FIGURES = ("grid.png", "decoded_grid.png", "init_grid.png",
@@ -570,6 +570,17 @@ def rebuild(out: str) -> list[str]:
   from dpgeng_jax import outputs
   if not os.path.isdir(out):
     raise ConfigError(f"{out!r} does not exist or is not a directory")
+  if outputs.read_manifest(out) is None and os.path.isfile(os.path.join(
+      out, outputs.STAGING, outputs.MANIFEST)) and not outputs.in_use(out):
+    # A publish stopped with every output complete: finished first.
+    from dpgeng_jax import pipeline
+    try:
+      with pipeline.output_dir(out, False, resume=True):
+        pass
+    except RunCompleted:
+      pass
+    except ConfigError:
+      pass  # not completable: refused below as an unfinished run
   manifest = outputs.read_manifest(out)
   if manifest is None or manifest.get("tool") != "dpgeng_jax":
     unfinished = os.path.isdir(os.path.join(out, outputs.STAGING))

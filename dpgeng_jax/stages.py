@@ -359,8 +359,12 @@ def _check_delta_before_release(cfg: Config, plan, k: int, sigma: float,
   floor = k + margin
   if cfg.delta * floor >= 1.0:
     below, at = _passing_delta(cfg, plan, k, floor)
+    if below is not None:  # shown to 3 digits, rounded down (it passes)
+      unit = 10.0 ** (math.floor(math.log10(below)) - 2)
+      below = math.floor(below / unit) * unit
     lower = "" if below is None else (
-        f"lower --delta below {below:.3g} (the largest this check takes: "
+        f"lower --delta below {below:.3g} (about the largest this check "
+        "takes: "
         "a smaller delta calibrates more noise, and a wider margin; with "
         f"N training examples the run then needs delta below about 1/(N + "
         f"{at:.3g}), and the usual choice is far below 1/N), ")

@@ -217,7 +217,10 @@ class StageStore:
         bad = [f"info of {k}" for k, v in self._state["info"].items()
                if not (v is None or isinstance(v, _INFO_KINDS.get(k, dict))
                        and not isinstance(v, bool))]
-      if not isinstance(self._state.get("timings_s", {}), dict):
+      timings = self._state.get("timings_s", {})
+      if not (isinstance(timings, dict) and all(
+          isinstance(v, (int, float)) and not isinstance(v, bool)
+          for v in timings.values())):
         bad.append("timings_s")
       if bad:
         self._state = None
@@ -445,11 +448,16 @@ class StageStore:
 
   def drop_damaged(self) -> list[tuple[str, str]]:
     """Forgets the finished stages of RECOMPUTABLE whose files are damaged
-    (the resumed run computes them again); returns (stage, what is wrong)
-    for each. A damaged stage holding a release is refused on load."""
+    (the resumed run computes them again), with the stages computed from
+    them (an evaluation of a dropped distillation); returns (stage, what
+    is wrong) for each. Kept, and so refused on load: a damaged stage
+    holding a release, and a damaged pool once a stage that used its
+    extractors is finished (the queries' saved targets were computed
+    with them; retrained, on an accelerator, they need not be equal)."""
     dropped = []
     for name in RECOMPUTABLE:
-      if not self.finished(name):
+      if not self.finished(name) or (name == "pool" and any(
+          self.finished(n) for n in ("query", "expert", "init"))):
         continue
       try:
         self._check_digests(name, self.folder(name))
@@ -460,6 +468,8 @@ class StageStore:
       else:
         continue
       self.forget(name)
+      if name == "distill":
+        self.forget("evaluate")
     return dropped
 
   def save_timings(self, timings: dict) -> None:
@@ -489,9 +499,33 @@ class StageStore:
     """The record as published with the run: without the data's
     fingerprint (the record holds no count of the data)."""
     state = json.loads(json.dumps(self.state()))
-    for key in ("train_hmac", "train_sha256", "num_train"):
+    for key in _FINGERPRINT:
       state["data"].pop(key, None)
     return state
+
+
+# What the published record leaves out (StageStore.published_state).
+_FINGERPRINT = ("train_hmac", "train_sha256", "num_train")
+
+
+def prepare_published(root: str) -> None:
+  """Makes the saved stages in `root` what a run publishes: the record
+  without the data's fingerprint, and no temporary file a killed write
+  left (one of the record's holds the fingerprint). Idempotent: the
+  publish runs it just before the stages move, and so does the command
+  that completes a publish stopped before that (outputs.RunDirectory)."""
+  for folder, _, files in os.walk(root):
+    for name in files:
+      if name.startswith(".") and name.endswith(".tmp"):
+        os.remove(os.path.join(folder, name))  # atomic_write's leftovers
+  store = StageStore(root)
+  if not store.exists():
+    return
+  state = store.state()
+  if isinstance(state.get("data"), dict) and any(
+      k in state["data"] for k in _FINGERPRINT):
+    outputs.atomic_write(store.path, lambda f: json.dump(
+        store.published_state(), f, indent=2))
 
 
 def damaged(path: str, what: str) -> str:

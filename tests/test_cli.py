@@ -151,8 +151,17 @@ def test_bad_options_fail_cleanly_and_write_nothing(tmp_path, capsys, flags,
   out = tmp_path / "out"
   assert _run(["--out", str(out), *TINY, *flags]) == 2
   err = capsys.readouterr().err
-  assert err.startswith("dpgeng: error:") and cli.as_flags(message) in err
+  assert err.startswith("dpgeng: error:") and _said(message) in err
   assert not out.exists()
+
+
+def _said(message: str) -> str:
+  """How the command says an expected message: a bare option name
+  ('lr_img') or one in a sentence ('pe_k = ...') as its flag."""
+  if "_" in message and message in {
+      f.name for f in dataclasses.fields(Config)}:
+    return cli._flag(message)  # pylint: disable=protected-access
+  return cli.as_flags(message)
 
 
 def _nan_x(n):
@@ -489,7 +498,7 @@ def test_bad_pe_options_fail_cleanly(tmp_path, capsys, flags, message):
   out = tmp_path / "run"
   assert _run(["--out", str(out), "--method", "generator", *GEN_TINY,
                *TINY, *flags]) == 2
-  assert cli.as_flags(message) in capsys.readouterr().err
+  assert _said(message) in capsys.readouterr().err
   assert not (out / "manifest.json").exists()
 
 
@@ -554,6 +563,25 @@ def test_interrupts_and_os_errors_end_with_a_line_that_says_how_to_resume(
   assert message in err and "Traceback" not in err
   assert (f"dpgeng distill --resume {out}" in err) == saved
   assert ("no stage had finished: nothing to resume" in err) == (not saved)
+
+
+def test_errors_name_options_as_flags_and_leave_paths_and_values_alone():
+  """Messages named some options by their field (pe_k, checkpoint_every)
+  and others by their flag (a sweep's finding); the command says flags.
+  A path or value holding such a name is not rewritten (`--out clip_norm`
+  became `--resume --clip-norm` in a first version)."""
+  assert cli.as_flags("pe_k = 50 votes per example need pe_population >= "
+                      "50") == ("--pe-k = 50 votes per example need "
+                                "--pe-population >= 50")
+  assert cli.as_flags("checkpoint_every must be >= 0, got -1; num_queries "
+                      "(saved 2, now 3)") == (
+                          "--checkpoint-every must be >= 0, got -1; "
+                          "--num-queries (saved 2, now 3)")
+  for untouched in ("continue it with --resume clip_norm, or",
+                    "npz:/x/my data_dir.npz is missing",
+                    "'clip_norm' must be a folder", "the train_hmac",
+                    "--share-counts must"):
+    assert cli.as_flags(untouched) == untouched
 
 
 @pytest.mark.parametrize("command", ["report", "audit"])

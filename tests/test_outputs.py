@@ -122,8 +122,10 @@ def test_interrupted_publish_leaves_no_finished_looking_set(tmp_path,
                                                            monkeypatch,
                                                            capsys):
   """A kill between the renames of the publish: the manifest (written
-  last) is absent, so no reader takes the partial set for a run, and a
-  later run neither protects it as finished nor overwrites it silently."""
+  last) is absent, so no reader takes the partial set for a run; every
+  output was complete (staged), so the next command on the folder
+  completes the publish (here a new run, which it then refuses as
+  finished) rather than overwriting it silently."""
   out = tmp_path / "run"
   moved = _die_at_second_publish_move(monkeypatch, out)
   assert _distill(out) == 130  # interrupted: one line, no traceback
@@ -133,7 +135,9 @@ def test_interrupted_publish_leaves_no_finished_looking_set(tmp_path,
   assert outputs.read_manifest(str(out)) is None
   assert _distill(out) == 2
   err = capsys.readouterr().err
-  assert "unfinished run" in err and "finished run;" not in err
+  assert "already holds a finished run" in err
+  assert outputs.read_manifest(str(out)) is not None
+  assert not (out / outputs.STAGING).exists()
   assert _distill(out, "--overwrite") == 0
   assert outputs.read_manifest(str(out)) is not None
 

@@ -197,8 +197,15 @@ def _count_again(monkeypatch, seen):
 
 
 def _killed_run(tmp_path, monkeypatch, after="query"):
+  """A run killed right after the first save of stage `after`."""
   out = tmp_path / "run"
-  _kill_after(monkeypatch, list(store.STAGES).index(after) + 1)
+  real = store.StageStore.save
+
+  def save(self, name, *a, **k):
+    real(self, name, *a, **k)
+    if name == after:
+      raise Killed(name)
+  monkeypatch.setattr(store.StageStore, "save", save)
   with pytest.raises(Killed):
     cli.main(["distill", "--out", str(out), *FLAGS])
   monkeypatch.undo()
@@ -514,8 +521,12 @@ def test_a_continued_distillation_is_named_and_timed_over_its_processes(
   state = json.loads((out / outputs.STAGING / "stages" / store.STATE)
                      .read_text())
   assert state["info"]["distill"] == {"step": 3}  # killed at step 3 of 6
-  first = state["timings_s"]["distillation_s"]
-  assert first > 0
+  assert state["timings_s"]["distillation_s"] > 0
+  # The killed process's time, made large: this process's steps alone
+  # cannot reach it.
+  first = 1000.0
+  _edit_state(out / outputs.STAGING / "stages" / store.STATE,
+              lambda s: s["timings_s"].update(distillation_s=first))
   assert cli.main(["distill", "--resume", str(out), "--quiet"]) == 0
   metrics = json.loads((out / "metrics.json").read_text())
   assert metrics["resumed"]["stages_continued"] == ["distill"]
@@ -638,6 +649,13 @@ DAMAGED = {
     "generated_set_reshaped": (_reshaped_generated_set,
                                "generate is damaged (its files differ from "
                                "those saved: changed arrays.npz"),
+    # The queries' targets were computed with the pool's extractors: a
+    # damaged pool is not retrained under them (nor the counts' release).
+    "pool_deleted_after_the_queries": (_pool_deleted, "missing pool/"),
+    "pool_flipped_after_the_queries": (lambda d: _flip_a_byte(sorted(
+        (d / "pool" / "pool").rglob("d/*"))[0]), "changed pool/"),
+    "class_sizes_flipped": (lambda d: _flip_a_byte(
+        d / "class_sizes" / "arrays.npz"), "class_sizes is damaged"),
     "file_added": (lambda d: (d / "query" / "extra.npz").write_text("x"),
                    "added extra.npz"),
     "older_record_targets_not_npz": (_without_digests(_targets_not_npz),
@@ -669,6 +687,10 @@ DAMAGED.update({  # a review's findings: tracebacks, a link, a FIFO
     "timings_mistyped": (
         lambda d: _edit_state(d / "state.json", lambda s: s.update(
             timings_s="x")), "mistypes timings_s"),
+    "a_timing_mistyped": (
+        lambda d: _edit_state(d / "state.json", lambda s: s["timings_s"]
+                              .update(generation_s="x")),
+        "mistypes timings_s"),
     "query_folder_a_link": (_query_folder_linked, "is a symbolic link"),
     "targets_a_fifo": (lambda d: ((d / "query" / "arrays.npz").unlink(),
                                   os.mkfifo(d / "query" / "arrays.npz")),
@@ -697,12 +719,21 @@ def test_a_damaged_stage_folder_is_a_one_line_refusal_releasing_nothing(
   assert _visible(out) == []
 
 
+def _distill_flipped(d):
+  """A byte of the distillation checkpoint the record names flipped."""
+  folders = json.loads((d / "state.json").read_text()).get("folders", {})
+  _flip_a_byte(d / folders.get("distill", "distill") / "arrays.npz")
+
+
 RECOMPUTED = {
-    "pool_deleted": ("query", _pool_deleted, "pool", "missing pool/"),
-    "pool_byte_flipped": ("query", lambda d: _flip_a_byte(sorted(
+    "pool_deleted": ("pool", _pool_deleted, "pool", "missing pool/"),
+    "pool_byte_flipped": ("pool", lambda d: _flip_a_byte(sorted(
         (d / "pool" / "pool").rglob("d/*"))[0]), "pool", "changed pool/"),
-    "distill_checkpoint_flipped": ("distill", lambda d: _flip_a_byte(
-        d / "distill" / "arrays.npz"), "distill", "changed arrays.npz"),
+    "distill_checkpoint_flipped": ("distill", _distill_flipped, "distill",
+                                   "changed arrays.npz"),
+    # The evaluation of a dropped distillation goes with it.
+    "distill_flipped_after_evaluation": ("evaluate", _distill_flipped,
+                                         "distill", "changed arrays.npz"),
 }
 
 
@@ -722,12 +753,14 @@ def test_a_damaged_stage_holding_no_release_is_computed_again(
                     f"\\(.*{what}.*\\); it holds no private release and is "
                     "computed again"):
     assert cli.main(["distill", "--resume", str(out), "--quiet"]) == 0
-  # Only what the killed run had not reached (the expert after the
-  # queries), as an undamaged resume would.
+  # Only what the killed run had not reached (the queries and the expert
+  # after the pool), as an undamaged resume would.
   assert calls == {**{k: 0 for k in MECHANISMS},
-                   "expert": int(after == "query")}
+                   "queries": int(after == "pool"),
+                   "expert": int(after == "pool")}
   metrics = json.loads((out / "metrics.json").read_text())
   assert stage not in metrics["resumed"]["stages_loaded"]
+  assert "evaluate" not in metrics["resumed"]["stages_loaded"]
   assert len(metrics["distillation_losses"]) == 6
 
 
@@ -832,15 +865,15 @@ def _killed_as(monkeypatch, out, name):
   return restore
 
 
-@pytest.mark.parametrize("then", ["resume", "new run"])
+@pytest.mark.parametrize("then", ["resume", "new run", "report"])
 def test_a_kill_as_the_saved_stages_move_is_completed_by_the_next_command(
     tmp_path, monkeypatch, capsys, calls, then):
   """A kill between the published record (the saved stages' record
   without the data's fingerprint) and the stages' move left a run that
   --resume refused as an older version's and a new run as an unfinished
   one: only --overwrite (every release drawn again) got out (a review's
-  finding). The staged folder is marked ready once its record is the
-  published one, and the next command moves it and the manifest."""
+  finding). The staged manifest says every output is complete: the next
+  command (--resume, a new run or `dpgeng report`) moves the rest."""
   from dpgeng_jax import outputs
   out = tmp_path / "run"
   restore = _killed_as(monkeypatch, out, pipeline.STAGES_DIR)
@@ -858,9 +891,11 @@ def test_a_kill_as_the_saved_stages_move_is_completed_by_the_next_command(
   if then == "resume":
     assert cli.main(["distill", "--resume", str(out), "--quiet"]) == 0
     assert "it is complete now" in capsys.readouterr().err
-  else:  # a new run completes it, and is refused by the finished run
+  elif then == "new run":  # completes it, then is refused by it
     assert cli.main(["distill", "--out", str(out), *FLAGS]) == 2
     assert "finished run" in capsys.readouterr().err
+  else:
+    assert cli.main(["report", str(out)]) == 0
   assert calls == {k: 0 for k in MECHANISMS}
   assert outputs.read_manifest(str(out)) is not None
   assert not (out / outputs.STAGING).exists()
@@ -868,26 +903,52 @@ def test_a_kill_as_the_saved_stages_move_is_completed_by_the_next_command(
   assert "train_hmac" not in published["data"]
 
 
-def test_a_kill_before_the_stages_are_ready_leaves_the_run_resumable(
-    tmp_path, monkeypatch, capsys, calls):
-  """Killed before the saved stages' published record was written (here:
-  as the last file before them moves): --resume finishes the run from
-  its saved stages, drawing no release again."""
+@pytest.mark.parametrize("at", ["metrics.json", "prepare"])
+def test_a_kill_before_the_stages_are_prepared_is_completed_without_the_fingerprint(
+    tmp_path, monkeypatch, capsys, calls, at):
+  """Killed mid-publish before the saved stages' record was rewritten for
+  publishing (as a file moves, or in that rewrite itself), with a
+  temporary file of a killed record write beside it (it holds the data's
+  fingerprint): the next command completes the publish, drawing no
+  release, and the published record and folder hold no fingerprint (a
+  review's findings: a kill between the rewrite and a readiness mark left
+  a run no command could finish, and such a temporary file was
+  published)."""
   from dpgeng_jax import outputs
   out = tmp_path / "run"
-  restore = _killed_as(monkeypatch, out, "metrics.json")
+  if at == "prepare":
+    snap = str(out) + ".at-kill"
+
+    def killed(path):
+      shutil.copytree(os.path.join(out, outputs.STAGING), snap, symlinks=True)
+      raise Killed()
+    monkeypatch.setattr(pipeline.store_lib, "prepare_published", killed)
+
+    def restore():
+      staging = os.path.join(out, outputs.STAGING)
+      shutil.rmtree(staging)
+      os.replace(snap, staging)
+  else:
+    restore = _killed_as(monkeypatch, out, "metrics.json")
   with pytest.raises(Killed):
     cli.main(["distill", "--out", str(out), *FLAGS])
   monkeypatch.undo()
   restore()
   staged = out / outputs.STAGING / pipeline.STAGES_DIR
-  assert "train_hmac" in json.loads((staged / "state.json").read_text())[
-      "data"] and not (staged / outputs.FOLDER_MARK).exists()
+  record = (staged / "state.json").read_text()
+  assert "train_hmac" in record and not (staged / outputs.FOLDER_MARK).exists()
+  (staged / ".state.jsonx1y2.tmp").write_text(record)  # a killed write's
   _count_again(monkeypatch, calls)
   calls.update({k: 0 for k in MECHANISMS})
   assert cli.main(["distill", "--resume", str(out), "--quiet"]) == 0
+  assert "it is complete now" in capsys.readouterr().err
   assert calls == {k: 0 for k in MECHANISMS}
   assert outputs.read_manifest(str(out)) is not None
+  published = out / "stages"
+  assert not any("train_hmac" in p.read_text(errors="ignore")
+                 for p in published.rglob("*") if p.is_file()
+                 and p.suffix in (".json", ".tmp"))
+  assert not list(published.rglob("*.tmp"))
 
 
 def test_a_publish_stopped_before_its_manifest_is_completed_not_stuck(
