@@ -23,7 +23,10 @@ is no longer marked finished) and only this tool's own output names are
 replaced or removed; other files in --out are never touched, a
 folder with one of the tool's names is replaced only if the tool made it
 (it holds the mark `.dpgeng-output`), and an --out where an output name
-is one of the run's input files is refused.
+is one of the run's input files is refused. The manifest is staged
+before the first move: from then on every output is complete, and a
+publish stopped part-way (a kill, a full disk) is finished by the next
+command that opens the folder (`_complete_publish`).
 """
 
 from __future__ import annotations
