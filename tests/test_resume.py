@@ -214,7 +214,7 @@ def _killed_run(tmp_path, monkeypatch, after="query"):
 
 @pytest.mark.parametrize("flags,what", [
     (["--epsilon", "2"], "epsilon"),
-    (["--num-queries", "3"], "num_queries"),
+    (["--num-queries", "3"], "num_queries (saved 2, now 3)"),
     (["--seed", "1"], "seed"),
     (["--references"], "references"),   # would make the run not private
     # C and the rates: the saved releases were clipped and sampled with
