@@ -214,9 +214,9 @@ def resume_config(cfg: Config, argv) -> Config:
                                          pipeline.STAGES_DIR))
   if os.path.isfile(os.path.join(cfg.resume, outputs.STAGING,
                                  outputs.MANIFEST)):
-    # A publish stopped with its outputs ready (before the manifest, or
-    # the saved stages, moved): opening the folder completes it
-    # (errors.RunCompleted), or says what else is there.
+    # A publish stopped part-way (its manifest staged: every output
+    # complete): opening the folder completes it (errors.RunCompleted),
+    # or says what else is there.
     with pipeline.output_dir(cfg.resume, False, resume=True):
       pass
   if not store.exists():
