@@ -969,3 +969,59 @@ def test_a_publish_stopped_before_its_manifest_is_completed_not_stuck(
   assert outputs.read_manifest(str(out)) is not None
   assert not (out / outputs.STAGING).exists()
   assert cli.main(["report", str(out)]) == 0
+
+
+MERF_FLAGS = ["--method", "generator", "--generator", "merf", "--ipc", "1",
+              "--no-eval", "--generator-steps", "3", "--generator-features",
+              "16", "--generated-per-class", "4", "--pool-models", "1",
+              "--pool-checkpoints", "1", "--pool-epochs", "1",
+              "--extractor-width", "8", "--deterministic", "--quiet"]
+
+
+def test_a_run_killed_in_dp_merfs_training_reuses_its_release(
+    tmp_path, monkeypatch):
+  """DP-MERF's one release was not checkpointed: a run killed while its
+  generator trained drew the release again on resume (lost work; nothing
+  derived from the first had left the process; a review's finding). It
+  is saved as drawn and reused, and the resumed run equals an
+  uninterrupted one (deterministic test mode)."""
+  whole = tmp_path / "whole"
+  assert cli.main(["distill", "--out", str(whole), *MERF_FLAGS]) == 0
+  drawn = []
+  real_release, real_train = merf.release_class_features, merf.train_generator
+  monkeypatch.setattr(merf, "release_class_features",
+                      lambda *a, **k: drawn.append(1) or real_release(*a, **k))
+
+  def killed(*a, **k):
+    raise Killed("training")
+  monkeypatch.setattr(merf, "train_generator", killed)
+  out = tmp_path / "run"
+  with pytest.raises(Killed):
+    cli.main(["distill", "--out", str(out), *MERF_FLAGS])
+  assert len(drawn) == 1
+  saved = store.StageStore(str(out / outputs.STAGING / "stages"))
+  assert saved.partial("generate")[merf.RELEASE].shape[0] == 1
+  monkeypatch.setattr(merf, "train_generator", real_train)
+  assert cli.main(["distill", "--resume", str(out), "--quiet"]) == 0
+  assert len(drawn) == 1  # reused, not drawn again
+  for name in ("distilled.npz", "stages/generate/arrays.npz"):
+    with np.load(whole / name) as a, np.load(out / name) as b:
+      for key in a.files:
+        np.testing.assert_array_equal(a[key], b[key])
+  assert json.loads((out / "privacy.json").read_text()) == json.loads(
+      (whole / "privacy.json").read_text())
+
+
+def test_a_saved_dp_merf_release_of_other_settings_is_refused():
+  """A release drawn with other settings (a plug-in given from Python
+  with another noise or feature count) is not reused as this run's."""
+  r = np.ones((1, 2, 5), np.float32)
+  same = np.asarray('{"noise_multiplier": 2.0}')
+  assert merf._saved_release(None, same) is None
+  np.testing.assert_array_equal(
+      merf._saved_release({merf.RELEASE: r, merf.SETUP: same}, same), r[0])
+  for bad in ({merf.RELEASE: r, merf.SETUP: np.asarray("other")},
+              {merf.RELEASE: r[0], merf.SETUP: same},
+              {merf.RELEASE: r * np.nan, merf.SETUP: same}):
+    with pytest.raises(ValueError, match="does not fit"):
+      merf._saved_release(bad, same)

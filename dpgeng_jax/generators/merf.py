@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 from typing import Any, NamedTuple
 
@@ -209,6 +210,27 @@ def sample(gen: Generator, params: Any, key: jax.Array, per_class: int,
 # The plug-in.
 
 
+# The checkpointed release (one, with a leading axis) and the settings it
+# was drawn with (generators.Context.checkpoint).
+RELEASE, SETUP = "release", "setup"
+
+
+def _saved_release(saved, setup: np.ndarray):
+  """The release an earlier attempt of the run checkpointed, if any and
+  drawn with these settings (refused otherwise: another release's)."""
+  if not saved or RELEASE not in saved:
+    return None
+  r = np.asarray(saved[RELEASE])
+  if str(saved.get(SETUP)) != str(setup) or r.ndim != 3 or r.shape[0] != 1 \
+      or not np.all(np.isfinite(r)):
+    raise ValueError(
+        f"the saved DP-MERF release of this run (shape {r.shape}, drawn with "
+        f"{saved.get(SETUP)}) does not fit the settings now ({setup}): "
+        "resume with the settings that drew it, or start a new run "
+        "(--overwrite; that release is spent)")
+  return jnp.asarray(r[0])
+
+
 @dataclasses.dataclass
 class Merf:
   """DP-MERF as a generator plug-in: one Gaussian release of the class
@@ -236,10 +258,20 @@ class Merf:
     k_map, k_fit, k_sample = jax.random.split(ctx.key, 3)
     fmap = FeatureMap.create(k_map, int(np.prod(ctx.image_shape)),
                              self.num_features)
-    release = jax.jit(functools.partial(
-        release_class_features, num_classes=ctx.num_classes,
-        noise_multiplier=mech.noise_multiplier, mesh=ctx.mesh))(
-            fmap, ctx.x_private, ctx.y_private, ctx.mask, noise_key=secret)
+    setup = np.asarray(json.dumps({
+        "noise_multiplier": mech.noise_multiplier,
+        "num_features": self.num_features,
+        "image_shape": list(ctx.image_shape),
+        "num_classes": ctx.num_classes}, sort_keys=True))
+    release = _saved_release(ctx.saved, setup)
+    if release is None:
+      release = jax.jit(functools.partial(
+          release_class_features, num_classes=ctx.num_classes,
+          noise_multiplier=mech.noise_multiplier, mesh=ctx.mesh))(
+              fmap, ctx.x_private, ctx.y_private, ctx.mask, noise_key=secret)
+      if ctx.checkpoint is not None:  # kept before the generator's training:
+        # a run killed during it reuses the release on resume
+        ctx.checkpoint({RELEASE: np.asarray(release)[None], SETUP: setup})
     means, noisy_counts = class_means_from_release(release)
     gcfg = GeneratorConfig(num_features=self.num_features, steps=self.steps)
     with tqdm(total=gcfg.steps, desc="generator (post-processing)",
