@@ -378,7 +378,8 @@ class StageStore:
       _save_tree(os.path.join(d, key), tree)
     state = self.state()
     state["info"][name] = info
-    state.setdefault("digests", {})[name] = _digests(d)
+    state.setdefault("digests", {})[name] = {**_digests(d),
+                                            INFO_DIGEST: _info_digest(info)}
     folders = state.setdefault("folders", {})
     if os.path.basename(d) == name:
       folders.pop(name, None)
@@ -432,6 +433,8 @@ class StageStore:
       have = _digests(d)
     except OSError as e:
       raise Damaged(d, f"{type(e).__name__}: {e}") from e
+    if INFO_DIGEST in want:  # (records saved before it: not checked)
+      have[INFO_DIGEST] = _info_digest(self.state()["info"].get(name))
     if have == want:
       return
     parts = []
@@ -578,6 +581,19 @@ def _remove(path: str) -> None:
     os.remove(path)
   else:
     shutil.rmtree(path, ignore_errors=True)
+
+
+# The digests' entry for a stage's info in the record (a name no saved
+# file has): an edited figure there (the evaluation's metrics, the
+# queries' capacity) is damage like an edited file.
+INFO_DIGEST = "<info in state.json>"
+
+
+def _info_digest(info: Any) -> str:
+  """SHA-256 of a stage's info as the record holds it (JSON, keys sorted)."""
+  text = json.dumps(json.loads(json.dumps(info, default=_plain)),
+                    sort_keys=True)
+  return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _digests(d: str) -> dict[str, str]:

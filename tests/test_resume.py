@@ -627,13 +627,23 @@ DAMAGED = {
     "record_without_config": (
         lambda d: _edit_state(d / "state.json", lambda s: s.pop("config")),
         "lacks or mistypes config"),
+    # An edited stage info is damage to its digests; in a record saved
+    # before they covered it, the calibration's own cross-check names it.
     "calibration_edited": (
         lambda d: _edit_state(d / "state.json", lambda s: s["info"].update(
-            calibrate=[{"x": 1}])), "its calibration"),
-    "calibration_noise_edited": (
+            calibrate=[{"x": 1}])), "changed <info in state.json>"),
+    "query_capacity_edited": (
+        lambda d: _edit_state(d / "state.json", lambda s: s["info"].update(
+            query=s["info"]["query"] + 1)),
+        "query is damaged (its files differ from those saved: changed "
+        "<info in state.json>"),
+    "older_record_calibration_edited": (_without_digests(
+        lambda d: _edit_state(d / "state.json", lambda s: s["info"].update(
+            calibrate=[{"x": 1}]))), "its calibration"),
+    "older_record_calibration_noise_edited": (_without_digests(
         lambda d: _edit_state(d / "state.json", lambda s: [
             m.update(noise_multiplier=10 * m["noise_multiplier"])
-            for m in s["info"]["calibrate"]]),
+            for m in s["info"]["calibrate"]])),
         "its calibration differs from the one its configuration "
         "calibrates to"),
     "digests_edited": (
@@ -731,6 +741,11 @@ RECOMPUTED = {
         (d / "pool" / "pool").rglob("d/*"))[0]), "pool", "changed pool/"),
     "distill_checkpoint_flipped": ("distill", _distill_flipped, "distill",
                                    "changed arrays.npz"),
+    # An edited accuracy in the record: the evaluation is done again.
+    "evaluation_metrics_edited": ("evaluate", lambda d: _edit_state(
+        d / "state.json", lambda s: s["info"]["evaluate"]["metrics"].update(
+            test_accuracy_mean=0.99)), "evaluate",
+        "changed <info in state.json>"),
     # The evaluation of a dropped distillation goes with it.
     "distill_flipped_after_evaluation": ("evaluate", _distill_flipped,
                                          "distill", "changed arrays.npz"),
