@@ -223,11 +223,18 @@ def calibrate(run: Run) -> Budget:
   else:
     mechs = planning.mechanisms_for(cfg, plan)
     run.save("calibrate", info=[dataclasses.asdict(m) for m in mechs])
-  split = planning.delta_split(cfg, plan)
-  events = planning.abort_events(cfg, plan, run.num_classes)
-  log_tail = split.log_tail(cfg.epsilon, events) if events else None
+  split, events, log_tail = _abort_tail(cfg, plan, run.num_classes)
   run.timed("calibration_s", t0)
   return Budget(mechs, split, events, log_tail)
+
+
+def _abort_tail(cfg: Config, plan, k: int):
+  """(the delta split, the abort events, the log of each event's tail
+  probability; None without events) of `cfg` (reads no data)."""
+  split = planning.delta_split(cfg, plan)
+  events = planning.abort_events(cfg, plan, k)
+  return split, events, (split.log_tail(cfg.epsilon, events) if events
+                         else None)
 
 
 # ---------------------------------------------------------------------------
@@ -316,15 +323,12 @@ def _check_delta(cfg: Config, sizes: counts_lib.ClassSizes,
             if spent else ""))
 
 
-def _count_margin(cfg: Config, plan, k: int) -> tuple[float, float]:
-  """(the count release's noise multiplier, what the released bound on N
-  adds to N: counts.total_margin) for `cfg` as calibrated."""
+def _count_margin(cfg: Config, plan, k: int) -> float:
+  """What the released bound on N adds to N (counts.total_margin) for
+  `cfg` as calibrated."""
   mechs = planning.mechanisms_for(cfg, plan)
   sigma = next(m for m in mechs if m.name == "class_counts").noise_multiplier
-  events = planning.abort_events(cfg, plan, k)
-  log_tail = planning.delta_split(cfg, plan).log_tail(
-      cfg.epsilon, events) if events else None
-  return sigma, counts_lib.total_margin(k, sigma, log_tail)
+  return counts_lib.total_margin(k, sigma, _abort_tail(cfg, plan, k)[2])
 
 
 def _passing_delta(cfg: Config, plan, k: int, floor: float):
@@ -335,7 +339,7 @@ def _passing_delta(cfg: Config, plan, k: int, floor: float):
   delta = 1.0 / floor
   for _ in range(12):
     try:
-      _, margin = _count_margin(dataclasses.replace(cfg, delta=delta), plan, k)
+      margin = _count_margin(dataclasses.replace(cfg, delta=delta), plan, k)
     except ConfigError:
       return None, None
     if delta * (k + margin) < 1.0:

@@ -234,7 +234,7 @@ class StageStore:
     is refused."""
     for path in (self.root, self.path):
       if os.path.islink(path):
-        raise ConfigError(damaged(path, "it is a symbolic link"))
+        raise Damaged(path, "it is a symbolic link")
 
   def _write_state(self) -> None:
     self._check_root()
@@ -496,7 +496,7 @@ class StageStore:
         state["finished"].remove(name)
       self._write_state()
     for d in (name, name + _RESAVED):
-      shutil.rmtree(os.path.join(self.root, d), ignore_errors=True)
+      _remove(os.path.join(self.root, d))
 
   def published_state(self) -> dict:
     """The record as published with the run: without the data's
@@ -602,7 +602,7 @@ def _digests(d: str) -> dict[str, str]:
   file that is not a regular one (a FIFO would block the read) is refused
   as damage: the tool saves neither."""
   if os.path.islink(d):
-    raise ConfigError(damaged(d, "it is a symbolic link"))
+    raise Damaged(d, "it is a symbolic link")
   out = {}
   for root, dirs, files in os.walk(d):
     dirs.sort()
@@ -610,8 +610,8 @@ def _digests(d: str) -> dict[str, str]:
                                  if os.path.islink(os.path.join(root, n))]:
       path = os.path.join(root, name)
       if not stat.S_ISREG(os.lstat(path).st_mode):
-        raise ConfigError(damaged(d, f"{os.path.relpath(path, d)} is not a "
-                                  "regular file"))
+        raise Damaged(d, f"{os.path.relpath(path, d)} is not a regular "
+                      "file")
       h = hashlib.sha256()
       with open(path, "rb") as f:
         for block in iter(lambda f=f: f.read(1 << 20), b""):
