@@ -638,10 +638,14 @@ def test_a_signal_stops_the_command_with_the_resume_line_and_its_status(
   traceback; the process ends through entry_point's os._exit (a normal
   teardown after an interrupt crashed with status 139 in half the tries)."""
   out = tmp_path / "out"
+  # SIGINT as a terminal's foreground command gets it: a runner that
+  # ignores SIGINT (a background job of a script) passes SIG_IGN on, and
+  # Python then keeps ignoring it, as it should for such a job.
   proc = subprocess.Popen(
       [sys.executable, "-m", "dpgeng_jax", "distill", "--out", str(out),
        "--method", "ndpdc", *TINY, "--steps", "100000"],
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
   state = out / ".dpgeng-staging" / "stages" / "state.json"
 
   def saved():  # the count release is saved (the record written whole)
