@@ -990,8 +990,10 @@ def check_report(record: dict, rel_tol: float = 1e-6) -> list[str]:
     eps_ext = float(ext.get("epsilon", 0.0))
   except (KeyError, TypeError, ValueError, AttributeError) as e:
     return [f"its fields cannot be read ({type(e).__name__}: {e})"]
+  # Far below the smallest reserve (SUPPORT_FRACTION of delta): a part
+  # counted twice must not pass as rounding.
   if not math.isclose(sum(parts), float(record.get("delta", -1)),
-                      rel_tol=1e-9):
+                      rel_tol=1e-12):
     problems.append(f"delta {record.get('delta')} is not the sum of its "
                     f"parts {sum(parts):g}")
   total = float(record.get("delta", 0.0) or 0.0)
@@ -1001,7 +1003,7 @@ def check_report(record: dict, rel_tol: float = 1e-6) -> list[str]:
                                SUPPORT_FRACTION)):
     # A reserve is its fixed share of delta, or none: a larger one would
     # lower the mechanisms' delta that the figures are checked at.
-    if part and not math.isclose(part, fraction * total, rel_tol=1e-9):
+    if part and not math.isclose(part, fraction * total, rel_tol=1e-12):
       problems.append(f"{key} {part:g} is not {fraction:g} of delta")
   problems += _check_abort_events(record.get("abort_events"), target,
                                   parts[1])

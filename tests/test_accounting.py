@@ -215,6 +215,19 @@ def test_abort_events_never_overflow_and_fit_in_the_reserve():
   assert 0 < split.abort < split.total
 
 
+@pytest.mark.parametrize("kw", [
+    {}, {"support": True}, {"external": 1e-7, "support": True},
+    {"reserve": False, "support": True}, {"reserve": False}])
+def test_delta_split_parts_sum_to_the_total(kw):
+  """Every reserve, the sampler's included, comes out of the mechanisms'
+  delta: the parts sum to the total far below the reserves' own size."""
+  s = A.DeltaSplit(1e-5, **kw)
+  assert s.sampler == (A.SUPPORT_FRACTION * 1e-5 if kw.get("support")
+                       else 0.0)
+  assert s.external + s.abort + s.sampler + s.mechanisms == pytest.approx(
+      1e-5, rel=1e-13, abs=0)
+
+
 def test_headline_delta_is_the_sum_of_its_parts():
   split = A.DeltaSplit(1e-6, external=1e-7)
   r = A.privacy_report([A.Mechanism("fm", 2.0, 0.5, 4)], target_epsilon=5.0,

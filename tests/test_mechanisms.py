@@ -129,6 +129,32 @@ def test_capacity_overflow_is_flagged_and_raises():
     mechanisms.check_overflow(over)
 
 
+def test_one_class_over_its_capacity_flags_the_whole_batch():
+  """Class-major data: one class over capacity is an overflow though the
+  others fit (only the last flag, or all of them, let one example push
+  another out unseen); its query releases NaN only."""
+  valid = jnp.asarray([[1.0] * 10, [1.0] * 3 + [0.0] * 7])
+  for first_fits in (False, True):
+    v = valid[::-1] if first_fits else valid
+    _, mask, over = poisson_sample(noise.deterministic_secret_key(0), v,
+                                   1.0, 5)
+    assert bool(over)
+    np.testing.assert_array_equal(np.asarray(mask).sum(1),
+                                  [3, 5] if first_fits else [5, 3])
+  x = np.ones((12, 4, 4, 1), np.float32)
+  y = np.r_[np.zeros(10), np.ones(2)].astype(np.int32)
+  spec = _spec(clip=1.0, sigma=1.0, p=1.0, cap=10, k=2)
+  data = mechanisms.class_major(x, y, 2)
+  # capacity 10 holds class 0's ten rows; 9 does not, class 1's two fit
+  for cap, overflows in ((10, False), (9, True)):
+    sums, over = noisy_targets(
+        dataclasses.replace(spec, capacity=cap), data, jnp.ones((16, 16)),
+        augment.identity_params((2,)), noise.deterministic_secret_key(1))
+    assert bool(over) == overflows
+    assert np.all(np.isnan(np.asarray(sums))) == overflows
+    assert np.all(np.isfinite(np.asarray(sums))) != overflows
+
+
 def test_poisson_capacity_meets_the_tail_bound():
   counts = [100, 500, 5000]
   for p in (0.01, 0.2, 0.5):

@@ -172,6 +172,35 @@ def test_secret_keys_hold_128_bits_and_every_half_matters():
     assert not np.any(np.asarray(a) == np.asarray(b))
 
 
+def test_secret_key_is_sixteen_fresh_bytes_of_the_os(monkeypatch):
+  """The key is the 16 bytes os.urandom gives, all of them (a key of 8
+  bytes twice would pass a check of its size and of two keys differing)."""
+  raw = bytes(range(101, 117))
+  asked = []
+
+  def urandom(n):
+    asked.append(n)
+    return raw[:n]
+  monkeypatch.setattr(noise.os, "urandom", urandom)
+  data = np.asarray(jax.random.key_data(noise.secret_key()))
+  assert asked == [16]
+  np.testing.assert_array_equal(data, np.frombuffer(raw, np.uint32))
+
+
+def test_bernoulli_threshold_is_the_floor_of_p_times_2_32(monkeypatch):
+  """Words just below, at and above floor(p 2^32): only the first is
+  taken, so the rate is floor(p 2^32) / 2^32 <= p exactly (ceil would
+  take the word at the threshold, a rate above p that 200000 random words
+  almost never show)."""
+  for p in (0.3, 1 / 3, 2.0 ** -23 + 2.0 ** -40):
+    t = int(np.floor(p * 2.0**32))
+    words = jnp.asarray([t - 1, t, t + 1], jnp.uint32)
+    monkeypatch.setattr(noise.jax.random, "bits",
+                        lambda key, shape, dtype, w=words: w)
+    got = np.asarray(noise.bernoulli(KEY, p, (3,)))
+    assert got.tolist() == [True, False, False], p
+
+
 def test_bernoulli_rate_never_exceeds_p():
   """Each draw is a 32-bit word below floor(p 2^32): the rate is
   floor(p 2^32) / 2^32 <= p exactly (a statistical band could not see
