@@ -534,9 +534,24 @@ def allocate(mechanisms: Sequence[Mechanism], shares: Sequence[float],
   return out
 
 
-def validate_target(epsilon: float, delta: float) -> None:
+def _number(v):
+  """A 0-d NumPy or JAX array of a real dtype as its Python number (the
+  event functions take those; a traced one stays and is refused)."""
+  if hasattr(v, "dtype") and getattr(v, "shape", None) == () and (
+      np.issubdtype(v.dtype, np.integer)
+      or np.issubdtype(v.dtype, np.floating)):
+    try:
+      return np.asarray(v).item()
+    except Exception:  # a traced value: not a number here
+      return v
+  return v
+
+
+def validate_target(epsilon: float, delta: float) -> tuple[float, float]:
   """Raises ValueError unless MIN_EPSILON <= epsilon <= MAX_EPSILON and
-  0 < delta < 1 (both finite numbers)."""
+  0 < delta < 1 (both finite numbers, 0-d arrays included); returns them
+  as Python numbers."""
+  epsilon, delta = _number(epsilon), _number(delta)
   real = (int, float, np.integer, np.floating)
   if not (isinstance(epsilon, real) and not isinstance(epsilon, bool)
           and math.isfinite(epsilon)
@@ -551,6 +566,7 @@ def validate_target(epsilon: float, delta: float) -> None:
     # (scipy's "f(a) and f(b) must have different signs" at 5e-324).
     raise ValueError(f"delta must be at least {_SMALLEST_NORMAL:g} (the "
                      f"smallest normal float), got {delta!r}")
+  return epsilon, delta
 
 
 def calibrate(mechanisms: Sequence[Mechanism], epsilon: float, delta: float,
@@ -580,6 +596,12 @@ def calibrate(mechanisms: Sequence[Mechanism], epsilon: float, delta: float,
   try:
     return _calibrate(mechanisms, epsilon, delta, shares, fixed)
   except _NoNoiseNeeded as e:
+    if e.reached < MIN_EPSILON:
+      raise ValueError(
+          f"at delta {delta:g} these mechanisms spend epsilon "
+          f"{e.reached:.3g} even with almost no noise, so no target epsilon "
+          "calibrates them: a delta that large protects nothing (a run "
+          "refuses delta >= 1/N); lower the delta") from None
     raise ValueError(
         f"epsilon {epsilon:g} at delta {delta:g} is more than these "
         f"mechanisms spend even with almost no noise (they reach epsilon "
@@ -588,7 +610,7 @@ def calibrate(mechanisms: Sequence[Mechanism], epsilon: float, delta: float,
 
 
 def _calibrate(mechanisms, epsilon, delta, shares, fixed):
-  validate_target(epsilon, delta)
+  epsilon, delta = validate_target(epsilon, delta)
   interval = pld_interval(epsilon)
   if accountant_for(delta) == "pld":
     # The coarse PLDs' cap is COARSE times lower than the fine ones': where

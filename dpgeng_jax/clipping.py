@@ -147,6 +147,10 @@ def check_labels(y, num_classes: int, rows: int) -> None:
     raise ValueError(f"num_classes must be an integer >= 1, got "
                      f"{num_classes!r}")
   if isinstance(y, jax.core.Tracer):
+    # The shape is static: a (1,) label vector would broadcast, every row
+    # summed into one class.
+    if y.shape != (rows,):
+      raise ValueError(f"labels of shape {y.shape} for {rows} rows")
     if not jnp.issubdtype(y.dtype, jnp.integer):
       raise ValueError(f"labels must be integers, got dtype {y.dtype}")
     return
@@ -270,8 +274,12 @@ def fixed_point_class_sums(values: jax.Array, y: jax.Array, mask: jax.Array,
   v = values.astype(jnp.float32)
   keep = (jnp.asarray(mask) > 0) & jnp.all(jnp.isfinite(v), axis=1)
   q = quantise(jnp.where(keep[:, None], v, 0.0), bits)
-  return jax.ops.segment_sum(q, jnp.asarray(y, jnp.int32),
-                             num_segments=num_classes)
+  # A traced label outside 0..K-1 is dropped, as in class_sums: sent to
+  # segment -1 before the int32 cast (an int64 label 2^32 + 1 wrapped to
+  # class 1 and was counted there).
+  y = jnp.asarray(y)
+  y = jnp.where((y >= 0) & (y < num_classes), y, -1).astype(jnp.int32)
+  return jax.ops.segment_sum(q, y, num_segments=num_classes)
 
 
 def quantise(v: jax.Array, bits: int) -> jax.Array:
@@ -479,7 +487,10 @@ def fixed_point_weighted_sum(weights: jax.Array, values: jax.Array,
   below 2^31 (`fixed_point_bits`).
   """
   w = weights.astype(jnp.float32).reshape((-1,) + (1,) * (values.ndim - 1))
-  return jnp.sum(quantise(w * values.astype(jnp.float32), bits), axis=0)
+  # dtype: with jax_enable_x64 on, jnp.sum widened int32 to int64 (and
+  # pergrad's int32 scan carry then failed).
+  return jnp.sum(quantise(w * values.astype(jnp.float32), bits), axis=0,
+                 dtype=jnp.int32)
 
 
 def default_query_chunk() -> int | None:

@@ -255,6 +255,10 @@ class SumRelease:
   noise_multiplier: float
 
   def __post_init__(self):
+    # Both choose between fixed-point and float sums and size the noise:
+    # static numbers (a traced one failed deep inside with JAX's error).
+    if noise.concrete_number(self.noise_multiplier, "noise_multiplier"):
+      noise.concrete_number(self.clip_norm, "clip_norm of a noisy release")
     check_clip_norm(self.clip_norm)
     noise.check_stddev(self.noise_multiplier)
     if unclipped(self.clip_norm) and self.noise_multiplier > 0:
@@ -271,6 +275,19 @@ class SumRelease:
     if not self.noise_multiplier:
       return 0.0
     return float(self.noise_multiplier * self.clip_norm)
+
+  def check_grad_sum_fn(self, grad_sum_fn) -> None:
+    """Raises ValueError where grad_sum_fn carries a `clip_norm` other
+    than this release's (pergrad.make_grad_sum_fn and
+    clipping.microbatched do): the noise is sigma * release.clip_norm, so
+    sums clipped to more would be released with less noise than their
+    sensitivity needs. A function without the attribute is the caller's
+    responsibility."""
+    declared = getattr(grad_sum_fn, "clip_norm", None)
+    if declared is not None and float(declared) != float(self.clip_norm):
+      raise ValueError(f"grad_sum_fn clips to {declared}, the release's "
+                       f"clip_norm is {self.clip_norm}: they must be the "
+                       "same")
 
   def release_bits(self, rows: int) -> int | None:
     """`release_bits(rows, C, sigma C)`: rows of the whole sum."""
@@ -440,6 +457,11 @@ def sampled_class_sums(spec: QuerySpec, data: ClassMajorData | FlatData,
     # clamps: one example counted several times.
     raise ValueError(f"ClassMajorData: valid has shape {data.valid.shape}, "
                      f"expected x's first two axes {data.x.shape[:2]}")
+  if data.x.shape[0] != spec.num_classes:
+    # Static, so also under jit, where the extra classes' rows were
+    # silently dropped (and missing ones left zero sums).
+    raise ValueError(f"ClassMajorData holds {data.x.shape[0]} classes (its "
+                     f"first axis), the query {spec.num_classes}")
   idx, mask, overflow = poisson_sample(sample_key, data.valid,
                                        spec.sampling_rate, spec.capacity)
   xb = jax.vmap(lambda xc, ic: xc[ic])(data.x, idx)  # (K, cap, ...)
@@ -541,12 +563,7 @@ def make_dp_sgd_step(loss_fn: Callable[..., jax.Array] | None, optimizer, *,
     raise ValueError(f"expected_batch_size must be a finite number > 0 "
                      f"(the public q * N), got {expected_batch_size!r}")
   spec = SumRelease(clip_norm, noise_multiplier)
-  declared = getattr(grad_sum_fn, "clip_norm", None)
-  if declared is not None and float(declared) != float(clip_norm):
-    # The noise is sigma * clip_norm: sums clipped to more would be
-    # released with less noise than their sensitivity needs.
-    raise ValueError(f"grad_sum_fn clips to {declared}, the step's "
-                     f"clip_norm is {clip_norm}: they must be the same")
+  spec.check_grad_sum_fn(grad_sum_fn)
   if grad_sum_fn is None:
     grad_sum_fn = lambda p, b, m, bits=None: clipped_grad_sum(
         loss_fn, p, b, m, clip_norm=clip_norm, bits=bits)

@@ -264,6 +264,10 @@ def add_gaussian_noise(key: jax.Array, value: jax.Array,
   integer counts, 2^-bits on fixed-point sums), the float64 normal draw
   scaled by stddev is added, and the result is rounded to float32 once.
   stddev = 0 returns the (scaled) value as float32: the non-private path.
+  A traced scale that is not finite and > 0 gives NaN everywhere (a
+  concrete one is refused). A release, not a differentiable op: with
+  noise its gradient with respect to `value` is 0 (the snap to the public
+  grid), without noise 1.
   """
   value = jnp.asarray(value)
   check_stddev(stddev)
@@ -294,6 +298,15 @@ def add_gaussian_noise(key: jax.Array, value: jax.Array,
   zero = isinstance(stddev, (int, float)) and stddev == 0
   if zero and scale is None:
     return value.astype(jnp.float32)
+  bad = None
+  if isinstance(scale, jax.core.Tracer):
+    # As clip_scale does for a traced C: an infinite unit would publish
+    # each coordinate's sign, a negative one flip the release.
+    bad = ~(jnp.isfinite(scale) & (scale > 0))
+
+  def withheld(out):
+    out = out.astype(jnp.float32)
+    return out if bad is None else jnp.where(bad, jnp.nan, out)
   if not zero:
     warn_unless_secret(key, "Gaussian noise")
     words = jax.random.bits(key, (WORDS_PER_NORMAL, *value.shape),
@@ -303,7 +316,7 @@ def add_gaussian_noise(key: jax.Array, value: jax.Array,
     if scale is not None:
       wide = wide * jnp.asarray(scale, jnp.float64)
     if zero:
-      return wide.astype(jnp.float32)
+      return withheld(wide)
     z = standard_normal_from_bits(words)
     sd = jnp.asarray(stddev, jnp.float64)
     out = wide + sd * z
@@ -317,7 +330,7 @@ def add_gaussian_noise(key: jax.Array, value: jax.Array,
     steps = out / q
     out = jnp.where((sd > 0) & jnp.isfinite(steps), jnp.round(steps) * q,
                     out)
-    return out.astype(jnp.float32)
+    return withheld(out)
 
 
 def tree_add_gaussian_noise(key: jax.Array, tree: Any, stddev: float,

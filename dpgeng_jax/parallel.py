@@ -44,7 +44,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dpgeng_jax import augment, mechanisms
-from dpgeng_jax.clipping import check_fixed_point, clipped_class_sums
+from dpgeng_jax.clipping import (check_fixed_point, check_labels,
+                                 clipped_class_sums)
 
 DATA = "data"
 
@@ -127,6 +128,8 @@ def sharded_class_major(x: np.ndarray, y: np.ndarray, num_classes: int,
   one); by default it is the smallest that fits. as_numpy keeps the arrays
   on the host (for `global_rows`).
   """
+  y = np.asarray(y)
+  check_labels(y, num_classes, len(x))  # as class_major: none dropped
   counts = np.bincount(y, minlength=num_classes)
   n_loc = max(1, -(-int(counts.max()) // shards))
   if rows_per_shard is not None:
@@ -267,6 +270,12 @@ def sharded_grad_sum(grad_sum_fn: Callable[..., Any], params, batch, mask, *,
   that does not make them vary itself (the sharp edge this module exists
   to avoid; clipping.clipped_grad_sum and pergrad do); only tests use it.
   """
+  declared = getattr(grad_sum_fn, "clip_norm", None)
+  if None not in (declared, clip_norm) and float(declared) != float(
+      clip_norm):
+    raise ValueError(f"grad_sum_fn clips to {declared}, clip_norm is "
+                     f"{clip_norm}: bits checked at one would not fit sums "
+                     "clipped to the other")
   batch, mask = pad_rows(batch, mask, num_shards(mesh))
   fn = grad_sum_fn
   if bits is not None:
@@ -343,8 +352,11 @@ def sharded_dp_sgd_grad(grad_sum_fn: Callable[..., Any], params: Any,
   devices' slots; grad_sum_fn clips to release.clip_norm; int32 sums,
   added exactly across devices), and `release` adds N(0, (sigma C)^2)
   once per coordinate. Returns (noisy gradient sum, overflow flag); the
-  caller divides by the public expected batch size.
+  caller divides by the public expected batch size. A grad_sum_fn whose
+  `clip_norm` attribute differs from release.clip_norm is refused
+  (`SumRelease.check_grad_sum_fn`).
   """
+  release.check_grad_sum_fn(grad_sum_fn)
   k_sample, k_noise = jax.random.split(secret)
   bits = release.release_bits(capacity * num_shards(mesh))
 

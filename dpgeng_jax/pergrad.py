@@ -45,6 +45,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from dpgeng_jax import stem, winograd
@@ -271,9 +272,17 @@ def convnet_clipped_grad_sum(model: ConvNet, params: Any, x: jax.Array,
   them: they add exactly over chunks and devices (a row's value may
   round differently at another chunk size).
   """
+  if jnp.ndim(x) != 4:
+    raise ValueError(f"images must be (n, H, W, C), got shape "
+                     f"{jnp.shape(x)} (add a channel axis: x[..., None])")
   n = x.shape[0]
   if n == 0:
     raise ValueError(f"need n >= 1 examples, got x {x.shape}")
+  other = sorted({str(a.dtype) for a in jax.tree.leaves(params)
+                  if a.dtype != jnp.float32})
+  if other:
+    raise ValueError(f"pergrad takes float32 parameters, got {other} "
+                     "leaves (cast them, or use clipping.clipped_grad_sum)")
   check_mask(mask, n)
   check_labels(y, model.num_classes, n)
   check_clip_norm(clip_norm)
@@ -305,15 +314,28 @@ def convnet_clipped_grad_sum(model: ConvNet, params: Any, x: jax.Array,
       scale = clip_scale(norms, clip_norm)
     return jnp.where(fin & ok_c, scale, 0.0)
 
+  # A square sum at least `tiny` is exact to 2^-20 relatively even where
+  # every square of a row's `entries` coordinates underflowed (each lost
+  # one is below 2^-126); a smaller one (gradients below ~1e-19, a C that
+  # small) may have lost the whole norm to underflow, which read as 0 and
+  # left the row unclipped (a review's finding): the robust pass.
+  entries = sum(int(np.prod(a.shape[1:])) for a in small_leaves) + sum(
+      int(np.prod(params[f"conv{i}"]["kernel"].shape)) for i in layers)
+  tiny = np.float32(entries * 2.0 ** -106)
+
+  def plain_ok(sq):
+    return jnp.isfinite(sq) & (sq >= tiny)
+
   def robust(kernels, norms_c, ok_c, sq):
     """Overflow-safe norms, non-finite rows zeroed (the generic path's
-    semantics). A row whose square sum is finite keeps the plain norm,
-    so its weight (and, in fixed point, its quantised contribution) does
-    not depend on which branch its chunk took: one example's non-finite
-    or huge gradient must not move the other rows' contributions."""
+    semantics). A row whose square sum is finite and not tiny keeps the
+    plain norm, so its weight (and, in fixed point, its quantised
+    contribution) does not depend on which branch its chunk took: one
+    example's non-finite, huge or tiny gradient must not move the other
+    rows' contributions."""
     fin = _finite_rows(kernels, chunk)
     norms = jnp.concatenate([norms_c, _leaf_norms(kernels, fin)], axis=1)
-    safe = jnp.isfinite(sq)
+    safe = plain_ok(sq)
     norm = jnp.where(safe, jnp.sqrt(jnp.where(safe, sq, 0.0)),
                      row_norms(norms)[:, 0])
     w = weights(norm, fin, ok_c)
@@ -324,8 +346,9 @@ def convnet_clipped_grad_sum(model: ConvNet, params: Any, x: jax.Array,
     kernels = [_kernel_grads(a, gu, model.conv_impl)
                for a, gu in zip(a_c, g_c)]
     # One fused pass per kernel: squared norms. Where every square sum of
-    # the chunk is finite, so are its rows and the plain norm is exact;
-    # otherwise (a non-finite or > 1e19 entry) the robust pass decides.
+    # the chunk is finite and not tiny, so are its rows and the plain norm
+    # is exact; otherwise (a non-finite or > 1e19 entry, or a norm that
+    # may have underflowed) the robust pass decides.
     sq = jnp.square(norms_c).sum(axis=1)
     for k in kernels:
       sq = sq + jnp.sum(jnp.square(k), axis=tuple(range(1, k.ndim)))
@@ -334,7 +357,7 @@ def convnet_clipped_grad_sum(model: ConvNet, params: Any, x: jax.Array,
       w = weights(jnp.sqrt(sq), jnp.ones(chunk, bool), ok_c)
       return tuple(wsum(w, k) for k in kernels), w
 
-    sums, w = jax.lax.cond(jnp.all(jnp.isfinite(sq)), plain, robust,
+    sums, w = jax.lax.cond(jnp.all(plain_ok(sq)), plain, robust,
                            kernels, norms_c, ok_c, sq)
     return tuple(s + t for s, t in zip(acc, sums)), w
 

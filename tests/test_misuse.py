@@ -268,7 +268,7 @@ def test_a_dp_sgd_step_refuses_a_grad_sum_that_clips_to_another_norm():
              clipping_lib.microbatched(
                  pergrad.make_grad_sum_fn(model, clip_norm=1.5), 2)):
     assert fn.clip_norm == 1.5
-    with pytest.raises(ValueError, match="clips to 1.5, the step's "
+    with pytest.raises(ValueError, match="clips to 1.5, the release's "
                        "clip_norm is 1.0"):
       mechanisms.make_dp_sgd_step(None, optax.sgd(1.0), clip_norm=1.0,
                                   noise_multiplier=1.0,
@@ -277,3 +277,166 @@ def test_a_dp_sgd_step_refuses_a_grad_sum_that_clips_to_another_norm():
       None, optax.sgd(1.0), clip_norm=1.5, noise_multiplier=1.0,
       expected_batch_size=1.0,
       grad_sum_fn=pergrad.make_grad_sum_fn(model, clip_norm=1.5))
+
+
+def test_a_release_s_noise_and_clip_norm_must_be_static_numbers():
+  """They choose fixed point or float sums and size the noise: traced,
+  a clear TypeError naming them (it was JAX's tracer-conversion error);
+  a traced C without noise is the non-private path and stays allowed."""
+  with pytest.raises(TypeError, match="noise_multiplier must be a static"):
+    jax.jit(lambda s: mechanisms.SumRelease(1.0, s).noise_stddev)(1.0)
+  with pytest.raises(TypeError, match="clip_norm of a noisy release must "
+                     "be a static"):
+    jax.jit(lambda c: mechanisms.SumRelease(c, 1.0).noise_stddev)(1.0)
+  assert jax.jit(lambda c: mechanisms.SumRelease(c, 0.0).noise_stddev)(
+      1.0) == 0.0
+
+
+# --- A second review of the library API (x64, traced arguments, extreme C).
+
+
+def _tiny_gradient_convnet():
+  """One confident, correct example (gradient norm ~1.4e-25) and a padded
+  row: its squares underflow float32."""
+  from dpgeng_jax import models
+  model = ConvNet(num_classes=3, width=4, depth=2)
+  params = init_params(model, jax.random.key(0), (8, 8, 1))
+  params["head"]["bias"] = jnp.array([60.0, 0.0, 0.0])
+  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
+  y, mask = jnp.array([0, 0]), jnp.array([1.0, 0.0])
+  loss = lambda p, b: models.cross_entropy(model, p, b[0], b[1])
+  return model, params, x, y, mask, loss
+
+
+def _norm(tree) -> float:
+  return float(np.sqrt(sum(np.sum(np.square(np.asarray(a, np.float64)))
+                           for a in jax.tree.leaves(tree))))
+
+
+def test_pergrad_clips_gradients_whose_squares_underflow():
+  """pergrad's plain norm is sqrt(sum of squares): at a C below ~1e-19 the
+  squares of a row's entries flushed to 0, its norm read 0 and the row
+  went unclipped (13.7 C at C = 1e-26, in the fixed-point release too).
+  Such rows take the overflow-safe norms, as the generic path does."""
+  model, params, x, y, mask, loss = _tiny_gradient_convnet()
+  full = _norm(clipped_grad_sum(loss, params, (x, y), mask,
+                                clip_norm=math.inf))
+  assert 1e-26 < full < 1e-24
+  for c in (1e-30, 1e-26):
+    got = _norm(pergrad.convnet_clipped_grad_sum(model, params, x, y, mask,
+                                                 clip_norm=c))
+    want = _norm(clipped_grad_sum(loss, params, (x, y), mask, clip_norm=c))
+    assert got <= c and got == pytest.approx(want, rel=1e-5)
+  release = mechanisms.SumRelease(1e-26, 1.0)
+  bits = release.release_bits(2)
+  q = pergrad.convnet_clipped_grad_sum(model, params, x, y, mask,
+                                       clip_norm=1e-26, bits=bits)
+  assert _norm(q) * 2.0 ** -bits <= 1e-26
+  # A gradient above the threshold keeps the plain norm's result.
+  big = pergrad.convnet_clipped_grad_sum(model, params, x, y, mask,
+                                         clip_norm=1e-21)
+  assert _norm(big) == pytest.approx(full, rel=1e-5)
+
+
+def test_pergrad_dp_sgd_step_runs_with_x64_enabled():
+  """With jax_enable_x64 the fixed-point sums widened to int64 and
+  pergrad's int32 scan carry failed; they stay int32."""
+  model = ConvNet(num_classes=3, width=4, depth=2)
+  with jax.enable_x64(True):
+    params = init_params(model, jax.random.key(0), (8, 8, 1))
+    x = jax.random.normal(jax.random.key(1), (4, 8, 8, 1), jnp.float32)
+    y, mask = jnp.array([0, 1, 2, 0]), jnp.ones(4, jnp.float32)
+    fn = pergrad.make_grad_sum_fn(model, clip_norm=1.0)
+    q = fn(params, (x, y), mask, bits=12)
+    assert {a.dtype for a in jax.tree.leaves(q)} == {jnp.dtype(jnp.int32)}
+    step = mechanisms.make_dp_sgd_step(
+        None, optax.sgd(0.1), clip_norm=1.0, noise_multiplier=1.0,
+        expected_batch_size=4.0, grad_sum_fn=fn)
+    _, _, g = step(params, optax.sgd(0.1).init(params), (x, y), mask, KEY)
+    assert all(np.all(np.isfinite(np.asarray(a))) for a in jax.tree.leaves(g))
+
+
+def test_pergrad_refuses_images_without_channels_and_low_precision_params():
+  model = ConvNet(num_classes=3, width=4, depth=2)
+  params = init_params(model, jax.random.key(0), (8, 8, 1))
+  x = jnp.zeros((4, 8, 8, 1))
+  y, mask = jnp.array([0, 1, 2, 0]), jnp.ones(4)
+  with pytest.raises(ValueError, match=r"\(n, H, W, C\)"):
+    pergrad.convnet_clipped_grad_sum(model, params, x[..., 0], y, mask,
+                                     clip_norm=1.0)
+  half = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+  with pytest.raises(ValueError, match="float32 parameters"):
+    pergrad.convnet_clipped_grad_sum(model, half, x, y, mask, clip_norm=1.0)
+
+
+def test_a_query_refuses_class_major_data_of_another_class_count():
+  """Under jit the extra classes' rows were silently dropped (and eagerly
+  the error named labels the caller never gave)."""
+  data = mechanisms.class_major(np.ones((9, 2, 2, 1), np.float32),
+                                np.array([0, 1, 2] * 3), 3)
+  aug = augment.identity_params((3,))
+  for k in (2, 4):
+    spec = mechanisms.QuerySpec(_embed, k, 1.0, 0.0, 1.0, 3,
+                                strategy="none")
+    with pytest.raises(ValueError, match=f"holds 3 classes.*query {k}"):
+      jax.jit(lambda d, s=spec: mechanisms.noisy_targets(
+          s, d, None, aug, KEY))(data)
+
+
+def test_traced_labels_of_the_wrong_shape_are_refused():
+  from dpgeng_jax.clipping import clipped_class_sums
+  x = jnp.ones((3, 2, 2, 1))
+  f = jax.jit(lambda y: clipped_class_sums(
+      _embed, None, x, y, jnp.ones(3), num_classes=2, clip_norm=1.0))
+  with pytest.raises(ValueError, match=r"labels of shape \(1,\) for 3 rows"):
+    f(jnp.array([1]))
+  assert f(jnp.array([0, 1, 1])).shape == (2, 4)
+
+
+def test_fixed_point_sums_drop_a_traced_label_out_of_range_like_float_ones():
+  """An int64 label 2^32 + 1 (K = 2) wrapped to class 1 in the int32 cast
+  of the fixed-point path; both paths drop it."""
+  from dpgeng_jax.clipping import clipped_class_sums
+  with jax.enable_x64(True):
+    x, mask = jnp.ones((2, 2, 2, 1), jnp.float32), jnp.ones(2, jnp.float32)
+    y = jnp.array([0, 2**32 + 1], jnp.int64)
+    sums = {bits: np.asarray(jax.jit(lambda l, b=bits: clipped_class_sums(
+        _embed, None, x, l, mask, num_classes=2, clip_norm=1.0,
+        bits=b))(y)) for bits in (None, 8)}
+  assert np.all(sums[None][1] == 0) and np.all(sums[8][1] == 0)
+  assert np.all(sums[8][0] > 0) and np.all(sums[None][0] > 0)
+
+
+def test_a_traced_invalid_scale_releases_nan():
+  """A concrete inf or negative scale is refused; traced, inf published
+  each coordinate's sign and -1 flipped the release: NaN now."""
+  v = jnp.array([5, -3, 0], jnp.int32)
+  for sd in (0.0, 1.0):
+    f = jax.jit(lambda s, sd=sd: noise.add_gaussian_noise(KEY, v, sd,
+                                                          scale=s))
+    for bad in (jnp.inf, -1.0, 0.0, jnp.nan):
+      assert np.all(np.isnan(np.asarray(f(bad)))), (sd, bad)
+    assert np.all(np.isfinite(np.asarray(f(0.5))))
+  np.testing.assert_array_equal(
+      np.asarray(jax.jit(lambda s: noise.add_gaussian_noise(
+          KEY, v, 0.0, scale=s))(0.5)), [2.5, -1.5, 0.0])
+
+
+def test_sharded_class_major_checks_labels_as_class_major_does():
+  from dpgeng_jax import parallel
+  x = np.zeros((4, 2, 2, 1), np.float32)
+  for y, match in (([0, 1, 5, 5], "labels >= 2"),
+                   ([0, 1, -1, 1], "negative labels"),
+                   ([0.0, 1.0, 1.0, 0.0], "integers")):
+    with pytest.raises(ValueError, match=match):
+      parallel.sharded_class_major(x, np.array(y), 2, 2)
+
+
+def test_calibrate_takes_array_scalars_and_names_a_useless_delta():
+  from dpgeng_jax import accounting
+  ms = [accounting.Mechanism("a", 1.0, 0.1, 10)]
+  a = accounting.calibrate(ms, jnp.float32(1.0), np.float64(1e-5))
+  b = accounting.calibrate(ms, 1.0, 1e-5)
+  assert a[0].noise_multiplier == b[0].noise_multiplier
+  with pytest.raises(ValueError, match="lower the delta"):
+    accounting.calibrate(ms, 1.0, 0.99)

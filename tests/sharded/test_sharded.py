@@ -343,6 +343,26 @@ def test_one_device_s_overflow_withholds_the_sharded_dp_sgd_step():
     assert all(bool(np.all(np.isnan(a))) is overflows for a in leaves)
 
 
+def test_sharded_steps_refuse_a_grad_sum_that_clips_to_another_norm():
+  """As make_dp_sgd_step does: pergrad's grad_sum_fn clipping to 1.5 under
+  a release for 1.0 had its sums released with 2/3 of the noise their
+  sensitivity needs; sharded_grad_sum's bits would be checked at the
+  other norm."""
+  model, params, x, y, mask = _convnet()
+  (xs, ys), valid = parallel.pad_rows((x, y), jnp.ones_like(mask), 8)
+  fn = pergrad.make_grad_sum_fn(model, clip_norm=1.5)
+  with pytest.raises(ValueError, match="clips to 1.5, the release's "
+                     "clip_norm is 1.0"):
+    parallel.sharded_dp_sgd_grad(
+        fn, params, xs, ys, valid, noise.deterministic_secret_key(0),
+        sampling_rate=1.0, capacity=xs.shape[0] // 8,
+        mesh=parallel.data_mesh(8), release=mechanisms.SumRelease(1.0, 1.0))
+  with pytest.raises(ValueError, match="clips to 1.5, clip_norm is 1.0"):
+    parallel.sharded_grad_sum(fn, params, (x, y), mask,
+                              mesh=parallel.data_mesh(8), bits=8,
+                              clip_norm=1.0)
+
+
 def test_a_sharded_dp_sgd_step_sizes_its_fixed_point_from_every_device():
   devices = 8
   model, params, x, y, mask = _convnet()
