@@ -323,8 +323,8 @@ def convnet_clipped_grad_sum(model: ConvNet, params: Any, x: jax.Array,
       int(np.prod(params[f"conv{i}"]["kernel"].shape)) for i in layers)
   tiny = np.float32(entries * 2.0 ** -106)
 
-  def plain_ok(sq):
-    return jnp.isfinite(sq) & (sq >= tiny)
+  def plain_ok(sq, ok_c):  # rows left out (weight 0) may be tiny or 0
+    return jnp.isfinite(sq) & ((sq >= tiny) | ~ok_c)
 
   def robust(kernels, norms_c, ok_c, sq):
     """Overflow-safe norms, non-finite rows zeroed (the generic path's
@@ -335,7 +335,7 @@ def convnet_clipped_grad_sum(model: ConvNet, params: Any, x: jax.Array,
     rows' contributions."""
     fin = _finite_rows(kernels, chunk)
     norms = jnp.concatenate([norms_c, _leaf_norms(kernels, fin)], axis=1)
-    safe = plain_ok(sq)
+    safe = plain_ok(sq, ok_c)
     norm = jnp.where(safe, jnp.sqrt(jnp.where(safe, sq, 0.0)),
                      row_norms(norms)[:, 0])
     w = weights(norm, fin, ok_c)
@@ -357,7 +357,7 @@ def convnet_clipped_grad_sum(model: ConvNet, params: Any, x: jax.Array,
       w = weights(jnp.sqrt(sq), jnp.ones(chunk, bool), ok_c)
       return tuple(wsum(w, k) for k in kernels), w
 
-    sums, w = jax.lax.cond(jnp.all(plain_ok(sq)), plain, robust,
+    sums, w = jax.lax.cond(jnp.all(plain_ok(sq, ok_c)), plain, robust,
                            kernels, norms_c, ok_c, sq)
     return tuple(s + t for s, t in zip(acc, sums)), w
 
