@@ -537,11 +537,16 @@ def allocate(mechanisms: Sequence[Mechanism], shares: Sequence[float],
 def _number(v):
   """A 0-d NumPy or JAX array of a real dtype as its Python number (the
   event functions take those; a traced one stays and is refused)."""
-  if hasattr(v, "dtype") and getattr(v, "shape", None) == () and (
-      np.issubdtype(v.dtype, np.integer)
-      or np.issubdtype(v.dtype, np.floating)):
+  if not (hasattr(v, "dtype") and getattr(v, "shape", None) == ()):
+    return v
+  # jnp.issubdtype knows bfloat16 (np.issubdtype does not); bool and
+  # complex are neither.
+  import jax.numpy as jnp
+  kind = int if jnp.issubdtype(v.dtype, jnp.integer) else (
+      float if jnp.issubdtype(v.dtype, jnp.floating) else None)
+  if kind is not None:
     try:
-      return np.asarray(v).item()
+      return kind(np.asarray(v))
     except Exception:  # a traced value: not a number here
       return v
   return v

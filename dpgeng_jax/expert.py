@@ -76,6 +76,7 @@ def dp_finetune(params: Any, model: ConvNet, x: np.ndarray, y: np.ndarray,
   overflow probability per step (default mechanisms.OVERFLOW_TAIL).
   """
   n = len(x)
+  clipping.check_labels(np.asarray(y), model.num_classes, n)
   num_rows = n if num_rows is None else int(num_rows)
   if num_rows < n:
     raise ValueError(f"num_rows={num_rows} is below the number of examples "
@@ -107,6 +108,18 @@ def dp_finetune(params: Any, model: ConvNet, x: np.ndarray, y: np.ndarray,
   return params
 
 
+def _int32_labels(y) -> np.ndarray:
+  """Integer labels as int32, refused where the cast would change them
+  (negative or beyond int32: an int64 2^32 + 1 became 1). The class
+  count is dp_finetune's to check (it knows the model)."""
+  a = np.asarray(y)
+  if not np.issubdtype(a.dtype, np.integer):
+    raise ValueError(f"labels must be integers, got dtype {a.dtype}")
+  if a.size and (a.min() < 0 or a.max() > np.iinfo(np.int32).max):
+    raise ValueError("labels must be class indices >= 0 that fit int32")
+  return a.astype(np.int32)
+
+
 def step_capacity(cfg: ExpertConfig, num_rows: int, log_tail: float,
                   mesh=None) -> int:
   """Padded Poisson slots of one step's batch, per device of `mesh` (all
@@ -122,8 +135,9 @@ def private_step(grad_sum, cfg: ExpertConfig, noise_multiplier: float,
   gradient sum, overflow), the padded private rows (x, y, valid))."""
   capacity = step_capacity(cfg, num_rows, log_tail)
   release = mechanisms.SumRelease(cfg.clip_norm, noise_multiplier)
+  release.check_grad_sum_fn(grad_sum)
   rows = tuple(map(jnp.asarray, parallel.padded_rows(
-      num_rows, np.asarray(x, np.float32), np.asarray(y, np.int32))))
+      num_rows, np.asarray(x, np.float32), _int32_labels(y))))
   bits = release.release_bits(capacity)
 
   @jax.jit
@@ -143,7 +157,7 @@ def _sharded_step(grad_sum, cfg, noise_multiplier, x, y, mesh, num_rows,
   """The same on a mesh: this process's rows, padded to a public size."""
   capacity = step_capacity(cfg, num_rows, log_tail, mesh)
   rows = parallel.local_rows(mesh, np.asarray(x, np.float32),
-                             np.asarray(y, np.int32), num_rows=num_rows)
+                             _int32_labels(y), num_rows=num_rows)
   sharded = jax.jit(functools.partial(
       parallel.sharded_dp_sgd_grad, grad_sum, sampling_rate=cfg.sampling_rate,
       capacity=capacity, mesh=mesh,

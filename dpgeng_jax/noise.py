@@ -264,8 +264,9 @@ def add_gaussian_noise(key: jax.Array, value: jax.Array,
   integer counts, 2^-bits on fixed-point sums), the float64 normal draw
   scaled by stddev is added, and the result is rounded to float32 once.
   stddev = 0 returns the (scaled) value as float32: the non-private path.
-  A traced scale that is not finite and > 0 gives NaN everywhere (a
-  concrete one is refused). A release, not a differentiable op: with
+  A traced scale that is not both finite and > 0, or a traced stddev
+  that is not both finite and >= 0, gives NaN everywhere (a concrete one
+  is refused). A release, not a differentiable op: with
   noise its gradient with respect to `value` is 0 (the snap to the public
   grid), without noise 1.
   """
@@ -298,15 +299,20 @@ def add_gaussian_noise(key: jax.Array, value: jax.Array,
   zero = isinstance(stddev, (int, float)) and stddev == 0
   if zero and scale is None:
     return value.astype(jnp.float32)
-  bad = None
+  bad = jnp.zeros((), bool)
   if isinstance(scale, jax.core.Tracer):
     # As clip_scale does for a traced C: an infinite unit would publish
     # each coordinate's sign, a negative one flip the release.
-    bad = ~(jnp.isfinite(scale) & (scale > 0))
+    bad = bad | ~(jnp.isfinite(scale) & (scale > 0))
+  if isinstance(stddev, jax.core.Tracer):
+    # A negative one skipped the snap to the public grid.
+    bad = bad | ~(jnp.isfinite(stddev) & (stddev >= 0))
+  traced = isinstance(scale, jax.core.Tracer) or isinstance(
+      stddev, jax.core.Tracer)
 
   def withheld(out):
     out = out.astype(jnp.float32)
-    return out if bad is None else jnp.where(bad, jnp.nan, out)
+    return jnp.where(bad, jnp.nan, out) if traced else out
   if not zero:
     warn_unless_secret(key, "Gaussian noise")
     words = jax.random.bits(key, (WORDS_PER_NORMAL, *value.shape),

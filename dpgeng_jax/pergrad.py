@@ -22,8 +22,10 @@ written as batched matrix products:
   weight per example, and the clipped sum is the weighted sum of the
   per-example gradients. Each chunk's norms come from one fused sum of
   squares per kernel; only a chunk where that is not finite (a non-finite
-  row, or entries beyond ~1e19 whose squares overflow) takes the
-  overflow-safe norms of `clipping.row_norms` (a lax.cond);
+  row, or entries beyond ~1e19 whose squares overflow) or where a kept
+  row's is so small that it may have underflowed (gradients below
+  ~1e-13: a confident, correct example, or a tiny C) takes the
+  overflow-safe norms of `clipping.row_norms` (a lax.cond, slower);
 * where the model computes its first block from patch statistics
   (stem.use_stem: 28x28 or 32x32 inputs on CPU), that block's kernel,
   norm scale and norm bias enter as per-example copies (zero taps'
@@ -391,7 +393,8 @@ def make_grad_sum_fn(model: ConvNet, *, clip_norm: float):
   """grad_sum_fn(params, (x, y), mask, bits=None) for
   `mechanisms.make_dp_sgd_step` and `parallel.sharded_grad_sum`, via the
   batched-matmul path (int32 fixed-point sums when bits is set). The
-  function carries its `clip_norm`, which make_dp_sgd_step checks."""
+  function carries its `clip_norm`, which the DP-SGD steps check against
+  their release's (`mechanisms.SumRelease.check_grad_sum_fn`)."""
 
   def grad_sum(params, batch, mask, bits=None):
     x, y = batch

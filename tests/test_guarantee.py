@@ -367,6 +367,13 @@ def test_privacy_report_flags_noise_beyond_the_samplers_reserve():
   twice = record(0.2)
   twice["delta_mechanisms"] += twice["delta_sampler_support"]
   assert [p for p in A.check_report(twice) if "sum of its parts" in p]
+  # A reserve 1e-10 above its share, taken from the mechanisms' part.
+  wider = record(0.2)
+  extra = wider["delta_abort_events"] * 1e-10
+  wider["delta_abort_events"] += extra
+  wider["delta_mechanisms"] -= extra
+  assert [p for p in A.check_report(wider)
+          if "delta_abort_events" in p and "of delta" in p]
   declared = A.privacy_report(
       [A.Mechanism("external_generator", 0.15, 1.0, 1,
                    sensitivity="declared")], target_epsilon=1000.0,

@@ -440,3 +440,66 @@ def test_calibrate_takes_array_scalars_and_names_a_useless_delta():
   assert a[0].noise_multiplier == b[0].noise_multiplier
   with pytest.raises(ValueError, match="lower the delta"):
     accounting.calibrate(ms, 1.0, 0.99)
+
+
+def test_the_expert_step_refuses_a_grad_sum_clipping_to_another_norm():
+  """expert.private_step (the step `dpgeng audit` audits) released a
+  grad_sum clipping to 1.3 with noise for 1.0, as make_dp_sgd_step and
+  the sharded step no longer do."""
+  model = ConvNet(num_classes=2, width=4, depth=1)
+  x = np.zeros((6, 8, 8, 1), np.float32)
+  y = (np.arange(6) % 2).astype(np.int32)
+  cfg = expert.ExpertConfig(steps=1, sampling_rate=0.5, clip_norm=1.0)
+  with pytest.raises(ValueError, match="clips to 1.3, the release's"):
+    expert.private_step(pergrad.make_grad_sum_fn(model, clip_norm=1.3), cfg,
+                        1.0, x, y, 6, math.log(1e-6))
+  expert.private_step(pergrad.make_grad_sum_fn(model, clip_norm=1.0), cfg,
+                      1.0, x, y, 6, math.log(1e-6))
+
+
+def test_the_expert_refuses_labels_it_would_cast_or_misplace():
+  model = ConvNet(num_classes=3, width=4, depth=1)
+  params = init_params(model, jax.random.key(0), (8, 8, 1))
+  x = np.zeros((4, 8, 8, 1), np.float32)
+  cfg = expert.ExpertConfig(steps=1, sampling_rate=0.5)
+  grad_sum = pergrad.make_grad_sum_fn(model, clip_norm=cfg.clip_norm)
+  for y, match in (([0, 1, 2, 2**32 + 1], "fit int32"),
+                   ([0, 1, 2, -1], "fit int32"),
+                   ([0.0, 1.0, 2.0, 0.0], "integers")):
+    with pytest.raises(ValueError, match=match):
+      expert.private_step(grad_sum, cfg, 1.0, x, np.array(y), 4,
+                          math.log(1e-6))
+  with pytest.raises(ValueError, match=r"labels must be in 0..2"):
+    expert.dp_finetune(params, model, x, np.array([0, 1, 2, 7]), cfg=cfg,
+                       noise_multiplier=1.0, secret=KEY)
+
+
+def test_pe_votes_drop_a_traced_label_out_of_range():
+  """Under jit an int64 label 2^32 + 1 voted in class 1 and a -1 in class
+  K-1 (a concrete one is refused); they vote nowhere, like K itself."""
+  from dpgeng_jax.generators import pe
+  pop = jnp.zeros((3, 4, 2)).at[:, 0].set(1.0)
+  priv, mask = jnp.ones((1, 2)), jnp.ones(1)
+  with jax.enable_x64(True):
+    for label in (2**32 + 1, -1, 3):
+      got = jax.jit(lambda y: pe.vote_counts(pop, priv, y, mask, k=1))(
+          jnp.array([label], jnp.int64))
+      assert got.dtype == jnp.int32 and int(got.sum()) == 0, label
+    got = jax.jit(lambda y: pe.vote_counts(pop, priv, y, mask, k=1))(
+        jnp.array([1], jnp.int64))
+    assert int(got[1, 0]) == 1 and int(got.sum()) == 1
+
+
+def test_a_traced_invalid_stddev_releases_nan():
+  v = jnp.zeros(3)
+  f = jax.jit(lambda sd: noise.add_gaussian_noise(KEY, v, sd))
+  for bad in (-1.0, jnp.inf, jnp.nan):
+    assert np.all(np.isnan(np.asarray(f(bad)))), bad
+  assert np.all(np.isfinite(np.asarray(f(1.0))))
+
+
+def test_calibrate_takes_a_bfloat16_scalar():
+  from dpgeng_jax import accounting
+  ms = [accounting.Mechanism("a", 1.0, 0.1, 10)]
+  assert accounting.calibrate(ms, jnp.bfloat16(1.0), 1e-5)[0] == (
+      accounting.calibrate(ms, 1.0, 1e-5)[0])

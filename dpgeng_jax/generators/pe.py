@@ -118,8 +118,14 @@ def vote_counts(pop_emb: jax.Array, priv_emb: jax.Array, y: jax.Array,
   chunk = max(1, min(chunk, n))
   pad = (-n) % chunk
   priv = jnp.pad(priv_emb.astype(jnp.float32), ((0, pad), (0, 0)))
-  y = jnp.pad(jnp.asarray(y, jnp.int32), (0, pad))
-  mask = jnp.pad(jnp.asarray(mask, jnp.float32), (0, pad))
+  # A traced label outside 0..K-1 votes nothing (as in the clipped class
+  # sums): masked out before the int32 cast, which wrapped an int64 label
+  # 2^32 + 1 into class 1, and an index -1 read class K-1.
+  y = jnp.asarray(y)
+  kept = (y >= 0) & (y < num_classes)
+  mask = jnp.pad(jnp.where(kept, jnp.asarray(mask, jnp.float32), 0.0),
+                 (0, pad))
+  y = jnp.pad(jnp.where(kept, y, 0).astype(jnp.int32), (0, pad))
   flat = pop_emb.reshape(num_classes * pop, d).astype(jnp.float32)
   sq_pop = jnp.sum(flat * flat, 1).reshape(num_classes, pop)
 
@@ -138,7 +144,7 @@ def vote_counts(pop_emb: jax.Array, priv_emb: jax.Array, y: jax.Array,
   # runs inside shard_map, where the rows are device-varying).
   rows = (priv.reshape(-1, chunk, d), y.reshape(-1, chunk),
           mask.reshape(-1, chunk))
-  hist = jax.lax.map(block, rows).sum(0)
+  hist = jax.lax.map(block, rows).sum(0, dtype=jnp.int32)  # int32 with x64
   return hist.reshape(num_classes, pop)
 
 
