@@ -236,6 +236,18 @@ def release_bits(rows: int, clip_norm: float,
   return fixed_point_bits(rows, float(clip_norm))
 
 
+def check_declared_clip_norm(grad_sum_fn, clip_norm: float,
+                             what: str = "clip_norm") -> None:
+  """Raises ValueError where grad_sum_fn carries a `clip_norm` other than
+  `clip_norm` (pergrad.make_grad_sum_fn and clipping.microbatched carry
+  one). A function without the attribute is the caller's
+  responsibility."""
+  declared = getattr(grad_sum_fn, "clip_norm", None)
+  if declared is not None and float(declared) != float(clip_norm):
+    raise ValueError(f"grad_sum_fn clips to {declared}, {what} is "
+                     f"{clip_norm}: they must be the same")
+
+
 @dataclasses.dataclass(frozen=True)
 class SumRelease:
   """The Gaussian release of a sum of vectors clipped to L2 norm C (a
@@ -277,17 +289,11 @@ class SumRelease:
     return float(self.noise_multiplier * self.clip_norm)
 
   def check_grad_sum_fn(self, grad_sum_fn) -> None:
-    """Raises ValueError where grad_sum_fn carries a `clip_norm` other
-    than this release's (pergrad.make_grad_sum_fn and
-    clipping.microbatched do): the noise is sigma * release.clip_norm, so
-    sums clipped to more would be released with less noise than their
-    sensitivity needs. A function without the attribute is the caller's
-    responsibility."""
-    declared = getattr(grad_sum_fn, "clip_norm", None)
-    if declared is not None and float(declared) != float(self.clip_norm):
-      raise ValueError(f"grad_sum_fn clips to {declared}, the release's "
-                       f"clip_norm is {self.clip_norm}: they must be the "
-                       "same")
+    """`check_declared_clip_norm` against this release's C: the noise is
+    sigma * release.clip_norm, so sums clipped to more would be released
+    with less noise than their sensitivity needs."""
+    check_declared_clip_norm(grad_sum_fn, self.clip_norm,
+                             "the release's clip_norm")
 
   def release_bits(self, rows: int) -> int | None:
     """`release_bits(rows, C, sigma C)`: rows of the whole sum."""

@@ -299,20 +299,20 @@ def add_gaussian_noise(key: jax.Array, value: jax.Array,
   zero = isinstance(stddev, (int, float)) and stddev == 0
   if zero and scale is None:
     return value.astype(jnp.float32)
-  bad = jnp.zeros((), bool)
+  bad = []  # checks of traced parameters (concrete ones were refused)
   if isinstance(scale, jax.core.Tracer):
     # As clip_scale does for a traced C: an infinite unit would publish
     # each coordinate's sign, a negative one flip the release.
-    bad = bad | ~(jnp.isfinite(scale) & (scale > 0))
+    bad.append(~(jnp.isfinite(scale) & (scale > 0)))
   if isinstance(stddev, jax.core.Tracer):
     # A negative one skipped the snap to the public grid.
-    bad = bad | ~(jnp.isfinite(stddev) & (stddev >= 0))
-  traced = isinstance(scale, jax.core.Tracer) or isinstance(
-      stddev, jax.core.Tracer)
+    bad.append(~(jnp.isfinite(stddev) & (stddev >= 0)))
 
   def withheld(out):
     out = out.astype(jnp.float32)
-    return jnp.where(bad, jnp.nan, out) if traced else out
+    for b in bad:
+      out = jnp.where(b, jnp.nan, out)
+    return out
   if not zero:
     warn_unless_secret(key, "Gaussian noise")
     words = jax.random.bits(key, (WORDS_PER_NORMAL, *value.shape),

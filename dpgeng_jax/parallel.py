@@ -270,12 +270,8 @@ def sharded_grad_sum(grad_sum_fn: Callable[..., Any], params, batch, mask, *,
   that does not make them vary itself (the sharp edge this module exists
   to avoid; clipping.clipped_grad_sum and pergrad do); only tests use it.
   """
-  declared = getattr(grad_sum_fn, "clip_norm", None)
-  if None not in (declared, clip_norm) and float(declared) != float(
-      clip_norm):
-    raise ValueError(f"grad_sum_fn clips to {declared}, clip_norm is "
-                     f"{clip_norm}: bits checked at one would not fit sums "
-                     "clipped to the other")
+  if clip_norm is not None:  # bits are checked at it
+    mechanisms.check_declared_clip_norm(grad_sum_fn, clip_norm)
   batch, mask = pad_rows(batch, mask, num_shards(mesh))
   fn = grad_sum_fn
   if bits is not None:
