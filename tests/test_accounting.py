@@ -72,8 +72,9 @@ def test_calibration_of_several_mechanisms_respects_shares():
 
 def test_calibration_rejects_invalid_targets():
   m = A.Mechanism("fm", 0.0, 0.5, 2)
-  for eps, delta in [(0.0, 1e-5), (-1.0, 1e-5), (1.0, 0.0), (1.0, 1.0)]:
-    with pytest.raises(ValueError):
+  for eps, delta, what in [(0.0, 1e-5, "epsilon"), (-1.0, 1e-5, "epsilon"),
+                           (1.0, 0.0, "delta"), (1.0, 1.0, "delta")]:
+    with pytest.raises(ValueError, match=f"^{what} must be a number in"):
       A.calibrate([m], eps, delta)
 
 
@@ -289,7 +290,7 @@ def test_numpy_scalars_are_accepted_as_the_target():
 def test_a_mechanism_outside_the_accountants_domain_is_refused(kw):
   args = {"name": "m", "noise_multiplier": 1.0, "sampling_rate": 0.5,
           "steps": 3, **kw}
-  with pytest.raises(ValueError):
+  with pytest.raises(ValueError, match=f"^m: {next(iter(kw))} must be"):
     accounting.Mechanism(**args)
 
 
@@ -331,16 +332,17 @@ def test_two_events_share_a_cached_pld_only_when_their_parameters_are_equal():
                                1e-5)
 
 
-@pytest.mark.parametrize("make", [
-    lambda: A.subsampled_gaussian_event(1.0, 0.1, 2.9),   # was 2 releases
-    lambda: A.subsampled_gaussian_event(1.0, 0.1, 0),
-    lambda: A.subsampled_gaussian_event(1.0, float("nan"), 3),
-    lambda: A.subsampled_gaussian_event(1.0, 1.5, 3),
-    lambda: A.feature_matching_event(-1.0, 0.5, 3),
-    lambda: A.gaussian_event(float("nan")),
+@pytest.mark.parametrize("make,what", [
+    (lambda: A.subsampled_gaussian_event(1.0, 0.1, 2.9), "steps"),  # was 2
+    (lambda: A.subsampled_gaussian_event(1.0, 0.1, 0), "steps"),
+    (lambda: A.subsampled_gaussian_event(1.0, float("nan"), 3),
+     "sampling_rate"),
+    (lambda: A.subsampled_gaussian_event(1.0, 1.5, 3), "sampling_rate"),
+    (lambda: A.feature_matching_event(-1.0, 0.5, 3), "noise_multiplier"),
+    (lambda: A.gaussian_event(float("nan")), "noise_multiplier"),
 ])
-def test_event_builders_refuse_what_the_accountant_would_misread(make):
-  with pytest.raises(ValueError):
+def test_event_builders_refuse_what_the_accountant_would_misread(make, what):
+  with pytest.raises(ValueError, match=f"^{what} must be"):
     make()
 
 

@@ -240,7 +240,7 @@ def test_a_sum_release_carries_one_c_and_sigma_to_the_bits_and_the_noise():
                                   ["a"], f["a"])
   with pytest.raises(ValueError, match="infinite"):
     mechanisms.SumRelease(float("inf"), 1.0)
-  with pytest.raises(ValueError):
+  with pytest.raises(ValueError, match="clip_norm must be > 0"):
     mechanisms.SumRelease(-1.0, 1.0)
 
 

@@ -516,12 +516,15 @@ def test_noise_with_a_negative_or_non_finite_std_is_refused():
       mechanisms.add_gaussian_noise(jax.random.key(0), jnp.zeros(3), std)
 
 
-@pytest.mark.parametrize("args,kw", [
-    (([100, 50], float("nan")), {}), (([100, 50], -0.1), {}),
-    (([100, 50], 1.5), {}), (([], 0.1), {}), (([100, -1], 0.1), {}),
-    (([100], 0.1), {"tail": 2.0}), (([100], 0.1), {"log_tail": 1.0})])
-def test_poisson_capacity_refuses_what_has_no_tail_bound(args, kw):
-  with pytest.raises(ValueError):
+@pytest.mark.parametrize("args,kw,what", [
+    (([100, 50], float("nan")), {}, "sampling rate"),
+    (([100, 50], -0.1), {}, "sampling rate"),
+    (([100, 50], 1.5), {}, "sampling rate"), (([], 0.1), {}, "class_counts"),
+    (([100, -1], 0.1), {}, "class_counts"),
+    (([100], 0.1), {"tail": 2.0}, "tail"),
+    (([100], 0.1), {"log_tail": 1.0}, "log_tail")])
+def test_poisson_capacity_refuses_what_has_no_tail_bound(args, kw, what):
+  with pytest.raises(ValueError, match=f"^{what} must be"):
     poisson_capacity(*args, **kw)
 
 

@@ -154,8 +154,14 @@ def test_unwritable_out_fails_before_the_data_is_read(tmp_path, capsys,
     ro = tmp_path / "ro"
     ro.mkdir()
     os.chmod(ro, 0o555)
-    if os.access(ro, os.W_OK):  # root ignores the mode bits
-      pytest.skip("running as a user who can write any directory")
+    if os.access(ro, os.W_OK):  # root ignores the mode bits: as for a user
+      real_mkdir = os.mkdir
+
+      def denied(path, *a, **k):
+        if os.path.dirname(os.path.abspath(path)) == str(ro):
+          raise PermissionError(13, "Permission denied", str(path))
+        return real_mkdir(path, *a, **k)
+      monkeypatch.setattr(os, "mkdir", denied)
     out = ro / "run"
   _no_data_read(monkeypatch)
   assert _distill(out) == 2
