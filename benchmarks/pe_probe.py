@@ -73,7 +73,8 @@ def main():
   res = {"label": args.label or " ".join(args.set) or "default",
          "epsilon": args.epsilon,
          "sigma": [m.noise_multiplier for m in gen_mechs],
-         "acc_mean": float(np.mean(accs)), "acc_std": float(np.std(accs)),
+         "acc_mean": float(np.mean(accs)),
+         "acc_std": float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0,
          "accs": accs, "generate_s": float(np.mean(times))}
   print(json.dumps(res))
   if args.json:

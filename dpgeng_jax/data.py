@@ -197,11 +197,11 @@ def from_arrays(
 
   Images may be uint8 (scaled by 1/255) or floating (already in [0, 1]),
   shaped (N, H, W, C) or (N, H, W) (a channel axis is added). C must be 1 or
-  3. Labels must be 1-D integers in 0..K-1 with K = `num_classes`, or the
-  largest training label + 1 when it is None; every class needs at least one
-  training example and test labels must be training classes. With
-  require_test False the test split may be empty or None (a train-only
-  dataset, for runs that do not evaluate).
+  3. Labels must be integers in 0..K-1, shaped (N,) or (N, 1), with K =
+  `num_classes`, or the largest training label + 1 when it is None; every
+  class needs at least one training example and test labels must be
+  training classes. With require_test False the test split may be empty or
+  None (a train-only dataset, for runs that do not evaluate).
 
   Normalisation constants are the published ones when `name` (without TFDS
   config or version) is in the public table and the channel count matches,

@@ -68,8 +68,10 @@ def feature_matching_loss(plan: QueryPlan, params: Any,
                           clip_norm: float) -> jax.Array:
   """L_FM = sum_c || T[c] / n_c - mean_j clip_C(psi(aug(S_c)_j)) ||^2.
 
-  `expected_counts` n_c are public constants (p * N_c), never realised
-  batch sizes.
+  `expected_counts` n_c are public constants, never realised batch sizes
+  nor the exact class sizes N_c (private under add/remove): p * max(n~_c,
+  1) from a count release (`counts.ClassSizes.expected_counts(p)`), or p N_c
+  only where the class sizes are public knowledge.
   """
   means = synthetic_class_means(plan, params, aug_params, syn, clip_norm)
   if (jnp.shape(target_sums) != means.shape

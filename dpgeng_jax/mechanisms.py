@@ -548,7 +548,9 @@ def make_dp_sgd_step(loss_fn: Callable[..., jax.Array] | None, optimizer, *,
       (params, opt_state, noisy_mean_grad)
 
   The update direction is (sum_i clip_C(g_i) + N(0, (sigma C)^2 I)) / B
-  with B the PUBLIC expected batch size (q * N), never the realised one.
+  with B a PUBLIC expected batch size, never the realised one nor q times
+  the exact N (private under add/remove): q * N~ with N~ from a count
+  release (`counts.ClassSizes.total_estimate()`), or q N where N is public.
   Batches are padded to a fixed size with `mask`, so the step compiles once.
   The clipped sum is `clipped_grad_sum(loss_fn, ...)` unless grad_sum_fn
   (params, batch, mask, bits=None) is given, which must clip to the same

@@ -167,6 +167,9 @@ def run(cfg: Config, dataset: data_lib.Dataset | None = None,
   `generator`: a generator plug-in (`generators.DPGenerator`, for example
   `generators.pe.PrivateEvolution(my_api)` over the user's own image API)
   instead of the one `cfg.generator` names.
+
+  `log` is accepted and unused (kept for callers that pass it): progress
+  goes through tqdm bars, silenced by cfg.quiet.
   """
   del log  # progress goes through tqdm (disabled by cfg.quiet)
   t0 = time.time()
