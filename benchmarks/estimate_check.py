@@ -13,6 +13,7 @@ rate, and the process's peak resident memory when the stage ended.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -49,6 +50,13 @@ def table(run: str) -> str:
 
 
 if __name__ == "__main__":
-  for run in sys.argv[1:]:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                               formatter_class=argparse.RawTextHelpFormatter)
+  ap.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                  help="finished `dpgeng distill` output directories")
+  for run in ap.parse_args().runs:
+    if not os.path.isfile(os.path.join(run, "metrics.json")):
+      sys.exit(f"{run}: no metrics.json (not a finished run with "
+               "evaluation)")
     print(table(run))
     print()
