@@ -79,11 +79,17 @@ SUPPORT_FRACTION = 1e-9
 
 def _noise(noise_multiplier) -> float:
   """The noise multiplier as a float (a numpy or JAX scalar too), refused
-  unless >= 0 (0: not private) and not nan: a nan would account as
-  epsilon 0 under RDP."""
+  unless >= 0 (0: not private) and not nan (a nan would account as
+  epsilon 0 under RDP), nor above MAX_NOISE_MULTIPLIER (inf among them),
+  which the accountants would refuse only later (check_event)."""
   sigma = float(noise_multiplier)
   if not sigma >= 0:
     raise ValueError(f"noise_multiplier must be >= 0, got {sigma}")
+  if sigma > MAX_NOISE_MULTIPLIER:
+    raise ValueError(f"noise_multiplier must be at most "
+                     f"{MAX_NOISE_MULTIPLIER:g}, got {sigma} (a release "
+                     "with more noise has epsilon 0 to double precision: "
+                     "leave it out of the composition)")
   return sigma
 
 

@@ -340,6 +340,8 @@ def test_two_events_share_a_cached_pld_only_when_their_parameters_are_equal():
     (lambda: A.subsampled_gaussian_event(1.0, 1.5, 3), "sampling_rate"),
     (lambda: A.feature_matching_event(-1.0, 0.5, 3), "noise_multiplier"),
     (lambda: A.gaussian_event(float("nan")), "noise_multiplier"),
+    (lambda: A.gaussian_event(float("inf")), "noise_multiplier"),
+    (lambda: A.subsampled_gaussian_event(1e101, 0.5, 3), "noise_multiplier"),
 ])
 def test_event_builders_refuse_what_the_accountant_would_misread(make, what):
   with pytest.raises(ValueError, match=f"^{what} must be"):
@@ -624,9 +626,12 @@ def test_hand_built_figures_from_jax_scalars_and_huge_or_tiny_noise_are_clear():
   with pytest.raises(ConfigError, match="integer"):
     accounting.Mechanism("q", 2.0, 0.5, jnp.float32(10))
   for sigma in (math.inf, 1e300):
+    # Built by hand (gaussian_event itself refuses these at once).
     for fn in (accounting.epsilon_pld, accounting.epsilon_rdp):
       with pytest.raises(ValueError, match="noise multiplier must be in"):
-        fn(accounting.gaussian_event(sigma), 1e-5)
+        fn(dp_accounting.GaussianDpEvent(sigma), 1e-5)
+    with pytest.raises(ValueError, match="noise_multiplier must be at most"):
+      accounting.gaussian_event(sigma)
   # Tiny noise crashed the accountants (ZeroDivisionError below ~1e-154,
   # PLD's OverflowError below ~7e-5), reachable from
   # --generated-noise-multiplier and audit.
