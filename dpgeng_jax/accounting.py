@@ -165,6 +165,10 @@ class Mechanism:
             and self.noise_multiplier >= 0):
       raise ValueError(f"{self.name}: noise_multiplier must be finite and "
                        f">= 0, got {self.noise_multiplier}")
+    try:
+      _noise(self.noise_multiplier)
+    except ValueError as e:  # beyond MAX_NOISE_MULTIPLIER
+      raise ValueError(f"{self.name}: {e}") from None
     _rate(self.sampling_rate, f"{self.name}: ")
     steps = self.steps
     if not isinstance(steps, (bool, np.bool_)) and hasattr(

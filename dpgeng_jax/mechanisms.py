@@ -550,7 +550,7 @@ def make_dp_sgd_step(loss_fn: Callable[..., jax.Array] | None, optimizer, *,
   The update direction is (sum_i clip_C(g_i) + N(0, (sigma C)^2 I)) / B
   with B a PUBLIC expected batch size, never the realised one nor q times
   the exact N (private under add/remove): q * N~ with N~ from a count
-  release (`counts.ClassSizes.total_estimate()`), or q N where N is public.
+  release (`counts.ClassSizes.total_estimate`), or q N where N is public.
   Batches are padded to a fixed size with `mask`, so the step compiles once.
   The clipped sum is `clipped_grad_sum(loss_fn, ...)` unless grad_sum_fn
   (params, batch, mask, bits=None) is given, which must clip to the same
@@ -569,7 +569,7 @@ def make_dp_sgd_step(loss_fn: Callable[..., jax.Array] | None, optimizer, *,
     size_ok = False
   if not size_ok or isinstance(expected_batch_size, bool):
     raise ValueError(f"expected_batch_size must be a finite number > 0 "
-                     f"(the public q * N), got {expected_batch_size!r}")
+                     f"(a public q * N~), got {expected_batch_size!r}")
   spec = SumRelease(clip_norm, noise_multiplier)
   spec.check_grad_sum_fn(grad_sum_fn)
   if grad_sum_fn is None:

@@ -286,7 +286,8 @@ def test_numpy_scalars_are_accepted_as_the_target():
 
 @pytest.mark.parametrize("kw", [{"sampling_rate": 1.5}, {"sampling_rate": 0.0},
                                 {"steps": 2.5}, {"steps": 0},
-                                {"noise_multiplier": float("nan")}])
+                                {"noise_multiplier": float("nan")},
+                                {"noise_multiplier": 1e101}])
 def test_a_mechanism_outside_the_accountants_domain_is_refused(kw):
   args = {"name": "m", "noise_multiplier": 1.0, "sampling_rate": 0.5,
           "steps": 3, **kw}
