@@ -585,15 +585,17 @@ class Terminated(KeyboardInterrupt):
   resume line is printed), with status 143."""
 
 
-# The re-delivery of a SIGTERM whose exception was lost (see _on_sigterm).
+# The re-delivery of a stop signal whose exception was lost (see _on_stop).
 _redeliver = None
 
 
-def _on_sigterm(signum, frame):
-  """Raises Terminated, and sends SIGTERM again in a second unless the
+def _on_stop(signum, frame):
+  """SIGTERM's and SIGINT's handler: raises Terminated or
+  KeyboardInterrupt, and sends the signal again in a second unless the
   command catches it first (`_stop_redelivery`): raised inside a callback
   whose exceptions Python ignores (XLA's garbage-collection callback), it
-  was printed as 'Exception ignored' and the run went on."""
+  was printed as 'Exception ignored' and the run went on (a Ctrl-C lost so
+  is what tests/test_cli.py's signal test met twice)."""
   global _redeliver  # pylint: disable=global-statement
   del frame
   import threading
@@ -601,7 +603,18 @@ def _on_sigterm(signum, frame):
     _redeliver = threading.Timer(1.0, os.kill, (os.getpid(), signum))
     _redeliver.daemon = True
     _redeliver.start()
-  raise Terminated()
+  raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+
+def _install_stop_handlers() -> None:
+  """The console command's SIGTERM and SIGINT handling (_on_stop). A
+  SIGINT that the process was started ignoring (a background job of a
+  script) stays ignored, as Python leaves it."""
+  signal.signal(signal.SIGTERM, _on_stop)
+  if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _on_stop)
+  sys.unraisablehook = _unraisable
 
 
 def _stop_redelivery() -> None:
@@ -610,9 +623,10 @@ def _stop_redelivery() -> None:
 
 
 def _unraisable(info) -> None:
-  """sys.unraisablehook: a Terminated lost in such a callback is delivered
-  again (_on_sigterm), so it is not printed as a traceback."""
-  if not isinstance(info.exc_value, Terminated):
+  """sys.unraisablehook: a Terminated or KeyboardInterrupt lost in such a
+  callback is delivered again (_on_stop), so it is not printed as a
+  traceback."""
+  if not isinstance(info.exc_value, KeyboardInterrupt):
     sys.__unraisablehook__(info)
 
 
@@ -641,7 +655,9 @@ def entry_point() -> int:
   `--no-retain-host-memory` turns it off) and the persistent compilation
   cache (`--no-compile-cache` turns it off).
 
-  SIGTERM is handled as an interrupt (`Terminated`, status 143). After
+  SIGTERM is handled as an interrupt (`Terminated`, status 143); both it
+  and Ctrl-C are delivered again if their exception is lost in a callback
+  (`_on_stop`). After
   an interrupt (status 130 or 143) the process ends with os._exit, once
   its output is flushed: XLA's threads may still hold work of the
   interrupted computation, and the interpreter's normal teardown then
@@ -650,8 +666,7 @@ def entry_point() -> int:
 
   Warnings raised in this package print as one line, `dpgeng: warning:
   ...` (the default format showed a line of the package's source)."""
-  signal.signal(signal.SIGTERM, _on_sigterm)
-  sys.unraisablehook = _unraisable
+  _install_stop_handlers()
   warnings.formatwarning = _format_warning
   code = main(None, console=True)
   if code in (130, 143):
