@@ -161,13 +161,9 @@ class Mechanism:
       except TypeError as e:
         raise ValueError(f"{self.name}: {field} must be a number, got "
                          f"{getattr(self, field)!r}") from e
-    if not (math.isfinite(self.noise_multiplier)
-            and self.noise_multiplier >= 0):
-      raise ValueError(f"{self.name}: noise_multiplier must be finite and "
-                       f">= 0, got {self.noise_multiplier}")
-    try:
+    try:  # the event builders' check (nan, negative, inf, > 1e100)
       _noise(self.noise_multiplier)
-    except ValueError as e:  # beyond MAX_NOISE_MULTIPLIER
+    except ValueError as e:
       raise ValueError(f"{self.name}: {e}") from None
     _rate(self.sampling_rate, f"{self.name}: ")
     steps = self.steps

@@ -606,7 +606,6 @@ def _on_stop(signum, frame):
   raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
-
 def _install_stop_handlers() -> None:
   """The console command's SIGTERM and SIGINT handling (_on_stop). A
   SIGINT that the process was started ignoring (a background job of a
