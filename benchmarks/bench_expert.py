@@ -17,12 +17,16 @@ noise. Variants:
            before the fixed-point sums keeps its float32 sums (the
            current step's `bits` are ignored)
   after    this checkout
+  after, microbatch M   this checkout in microbatches of M (--microbatches)
   after, 7x7 on XLA   this checkout with pergrad.WINOGRAD_MIN_PIXELS 64
            (XLA's convolution on 7x7 maps, as models.ConvNet); only for
            shapes with a 7x7 map (28x28)
 
 Timed: the first call (compilation + one step) and, after it, --rounds
-interleaved rounds (order rotated) of one step each. Rate: the estimate's
+interleaved rounds (order rotated) of one step each, round r on the r-th
+Poisson batch (the same for every variant). The capacity is sized, as in a
+run, for --num-rows rows (a run's public bound on N from its count
+release; default N itself). Rate: the estimate's
 useful FLOPs of one step (q_E N examples x 3 forward passes, as
 dpgeng_jax/estimate.py counts the stage; the padded Poisson capacity is
 computed but not counted), per second, and its share of this machine's
@@ -93,10 +97,15 @@ def main(argv=None):
                   default=[(28, 28, 1), (32, 32, 3)])
   ap.add_argument("--width", type=int, default=128)
   ap.add_argument("--num-train", type=int, default=1438)
+  ap.add_argument("--num-rows", type=int, default=0,
+                  help="the public bound on N that sizes the Poisson capacity, "
+                  "as a run's count release gives it (0: N itself)")
   ap.add_argument("--sampling-rate", type=float, default=0.5)
   ap.add_argument("--steps", type=int, default=10,
                   help="the stage's DP-SGD steps (for the stage columns)")
   ap.add_argument("--rounds", type=int, default=4)
+  ap.add_argument("--microbatches", type=int, nargs="*", default=[],
+                  help="also this checkout with these microbatch sizes")
   ap.add_argument("--distill", action="store_true",
                   help="also time the distillation step with the expert term")
   ap.add_argument("--quick", action="store_true",
@@ -124,7 +133,8 @@ def main(argv=None):
   # A run's tail: delta 1e-5 at epsilon 1 over ~400 abort events
   # (accounting.failure_log_tail); 847 rows of 1438 at q_E 0.5.
   log_tail = accounting.failure_log_tail(1e-5, 1.0, 410)
-  capacity = mechanisms.poisson_capacity([args.num_train], args.sampling_rate,
+  num_rows = max(args.num_rows, args.num_train)
+  capacity = mechanisms.poisson_capacity([num_rows], args.sampling_rate,
                                          log_tail=log_tail)
   rows = []
   for shape in args.shapes:
@@ -136,17 +146,19 @@ def main(argv=None):
     useful = (3 * args.sampling_rate * args.num_train
               * estimate.forward_flops(shape, args.width, 3, 10))
     runs = {}
-    variants = dict(impls)
+    variants = {name: (*impl, microbatch) for name, impl in impls.items()}
+    for mb in args.microbatches:
+      variants[f"after, microbatch {mb}"] = (*impls["after"], mb)
     if any(49 <= (shape[0] >> i) * (shape[1] >> i) < 64 for i in range(3)):
-      variants["after, 7x7 on XLA"] = impls["after"]
+      variants["after, 7x7 on XLA"] = (*impls["after"], microbatch)
     names = list(variants)
     floor = pergrad.WINOGRAD_MIN_PIXELS
-    for name, (pg, cl) in variants.items():
+    for name, (pg, cl, mb) in variants.items():
       pergrad.WINOGRAD_MIN_PIXELS = 64 if name.endswith("XLA") else floor
       grad_sum = _takes_bits(cl.microbatched(
-          pg.make_grad_sum_fn(model, clip_norm=1.0), microbatch))
+          pg.make_grad_sum_fn(model, clip_norm=1.0), mb))
       step, data = expert.private_step(grad_sum, cfg, 1.0, x, y,
-                                       args.num_train, log_tail)
+                                       num_rows, log_tail)
       key = jax.random.key(1)
       t0 = time.perf_counter()
       jax.block_until_ready(step(params, *data, key))
@@ -157,7 +169,10 @@ def main(argv=None):
       for name in names[r % len(names):] + names[:r % len(names)]:
         run = runs[name]
         t0 = time.perf_counter()
-        jax.block_until_ready(run["step"](params, *run["data"], run["key"]))
+        # A fresh Poisson batch each round (the same keys for every
+        # variant): a step's time may follow the realised batch size.
+        jax.block_until_ready(run["step"](
+            params, *run["data"], jax.random.fold_in(run["key"], r)))
         run["times"].append(time.perf_counter() - t0)
     base = statistics.median(runs[names[0]]["times"])
     for name in names:
@@ -171,8 +186,8 @@ def main(argv=None):
                        speedup=base / med, stage_s=stage,
                        stage_share=args.steps * useful / stage / 1e9 / rate))
   lines = [f"matmul rate (estimate.measure_rate): {rate:.0f} GFLOP/s; width "
-           f"{args.width}, N {args.num_train}, q_E {args.sampling_rate}, "
-           f"Poisson capacity {capacity}, microbatch {microbatch}, "
+           f"{args.width}, N {args.num_train} (bound {num_rows}), q_E "
+           f"{args.sampling_rate}, Poisson capacity {capacity}, microbatch {microbatch}, "
            f"{args.rounds} rounds",
            "", "| shape | variant | median s per step | compile + first s "
            "| useful GFLOP/s | share of matmul | speed-up | stage s "
@@ -189,7 +204,7 @@ def main(argv=None):
   if args.out:
     _bench.write_json(args.out, dict(
         matmul_gflops=rate, rows=rows, width=args.width,
-        num_train=args.num_train, capacity=capacity, microbatch=microbatch,
+        num_train=args.num_train, num_rows=num_rows, capacity=capacity, microbatch=microbatch,
         environment=env))
 
 

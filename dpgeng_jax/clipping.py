@@ -542,7 +542,11 @@ def microbatched(grad_sum_fn: Callable[..., Any],
   memory. Keyword arguments (e.g. `bits`) go to every chunk's call. Same
   result up to float rounding (int32 sums add exactly; a row's value may
   round differently at another chunk size);
-  None or 0 returns grad_sum_fn unchanged."""
+  None or 0 returns grad_sum_fn unchanged. A chunk whose mask is all zero
+  is skipped (`lax.cond`): its rows add nothing, and the padded slots of
+  a packed Poisson batch come last, so the time follows the realised
+  batch, not the padded capacity (a timing side channel on the batch
+  size; README, "Not protected")."""
   if microbatch is None:
     return grad_sum_fn
   require_int(microbatch, "microbatch", 0)
@@ -565,7 +569,13 @@ def microbatched(grad_sum_fn: Callable[..., Any],
         lambda s: jnp.broadcast_to(zero.astype(s.dtype), s.shape), shapes)
 
     def body(total, chunk):
-      return jax.tree.map(jnp.add, total, fn(params, *chunk)), None
+      # A chunk of padding only (Poisson batches are packed: their padded
+      # slots come last) adds exact zeros: skipped, so that a step's time
+      # follows the realised batch, not the padded capacity.
+      return jax.lax.cond(
+          jnp.any(chunk[1] != 0),
+          lambda: jax.tree.map(jnp.add, total, fn(params, *chunk)),
+          lambda: total), None
 
     total, _ = jax.lax.scan(body, init, (batch_c, mask_c))
     return total

@@ -44,12 +44,16 @@ class ExpertConfig:
 
 def default_microbatch() -> int:
   """Examples whose per-example gradients the expert's DP-SGD holds at
-  once when the user sets no --microbatch: 128 on CPU, 1024 on
+  once when the user sets no --microbatch: 96 on CPU, 1024 on
   accelerators, so that the step's memory does not grow with the Poisson
   batch (q_E N examples). Measured on 2 CPU cores, ConvNet-3 w128, 28x28,
   1024 examples: whole batch 5.3 s per step and 3.8 GB peak, chunks of 128
-  3.3 s and 1.1 GB (benchmarks/RESULTS.md, "Memory")."""
-  return 128 if jax.default_backend() == "cpu" else 1024
+  3.3 s and 1.1 GB (benchmarks/RESULTS.md, "Memory"). Chunks of padding
+  only are skipped (`clipping.microbatched`), so a smaller chunk wastes
+  less of the padded capacity: 96 against 128 at N 1438, 1.35 against 1.54
+  s per step at 28x28 and 1.70 against 2.00 at 32x32x3; at N 8000, 6.64
+  against 6.54 (RESULTS.md, the expert's section)."""
+  return 96 if jax.default_backend() == "cpu" else 1024
 
 
 def dp_finetune(params: Any, model: ConvNet, x: np.ndarray, y: np.ndarray,

@@ -184,17 +184,35 @@ def test_chunked_class_sums_equal_one_batch():
                                atol=1e-6)
 
 
+@pytest.mark.parametrize("mask", [[1, 0, 1, 1, 1, 1.0], [1, 1, 1, 0, 0, 0]])
 @pytest.mark.parametrize("microbatch", [2, 4, 5])
-def test_microbatched_grad_sum_equals_one_batch(microbatch):
+def test_microbatched_grad_sum_equals_one_batch(microbatch, mask):
   """3 chunks (scan) and 2 chunks (no scan) of the generic path; 4 and 5
-  give two balanced chunks of 3."""
+  give two balanced chunks of 3. The second mask is a packed Poisson
+  batch whose last chunk (of 2) is padding only, which the scan skips."""
   model, params, x, y = _case("instance")
-  mask = jnp.array([1, 0, 1, 1, 1, 1.0])
+  mask = jnp.array(mask)
   loss = lambda p, b: cross_entropy(model, p, *b)
   fn = lambda p, b, m: clipped_grad_sum(loss, p, b, m, clip_norm=0.05)
   want = jax.jit(fn)(params, (x, y), mask)
   got = jax.jit(microbatched(fn, microbatch))(params, (x, y), mask)
   assert _rel(got, want) < 1e-5
+
+
+def test_microbatched_skips_only_the_chunks_of_padding_only():
+  """A Poisson batch is packed (its padded slots last), so a chunk whose
+  mask is all zero adds nothing and is not evaluated: a step's time then
+  follows the realised batch, not the capacity. A function that returns
+  nan on a chunk without real rows shows which chunks ran; a chunk with
+  one real row still runs."""
+  from dpgeng_jax.clipping import microbatched
+  fn = lambda p, b, m: jnp.sum(b * m) / jnp.sum(m)  # nan on padding only
+  x = jnp.arange(1.0, 10.0)
+  run = jax.jit(microbatched(fn, 3))
+  assert float(run(None, x, jnp.array([1.0] * 3 + [0] * 6))) == 2.0
+  assert float(run(None, x, jnp.array([1.0] * 4 + [0] * 5))) == 6.0
+  assert float(run(None, x, jnp.array([0.0] * 9))) == 0.0  # none ran
+  assert np.isnan(float(jax.jit(fn)(None, x, jnp.zeros(9))))  # it would be
 
 
 @pytest.mark.parametrize("shape", [(28, 28, 1), (32, 32, 3), (29, 27, 3)])
