@@ -45,6 +45,21 @@ class CountBoundError(PrivacyAbort):
   accounted in delta)."""
 
 
+def layout_rows(n: int) -> int:
+  """n rounded up to a multiple of 2^(bits(n) - 5): at most 1/16 more rows
+  (none below 32), and one value for every n of its bucket. The padded
+  length of private layouts is a function of the released bound on N,
+  which moves from run to run with the count release's noise; padded to
+  this, two runs on the same data usually share their shapes, and so the
+  persistent compilation cache's programs. Padded rows are never sampled,
+  and the microbatches holding only padding are skipped."""
+  n = int(n)
+  if n < 1:
+    raise ValueError(f"need n >= 1 rows, got {n}")
+  step = 1 << max(0, n.bit_length() - 5)
+  return -(-n // step) * step
+
+
 @dataclasses.dataclass(frozen=True)
 class ClassSizes:
   """What the run may use about the class sizes.
@@ -82,10 +97,17 @@ class ClassSizes:
 
   @property
   def total_bound(self) -> int:
-    """A public bound on N (the padded length of flat layouts)."""
+    """A public bound on N (the delta < 1/N check, the abort check)."""
     total = int(np.sum(self.bound))
     return total if self.total_upper is None else min(total,
                                                       self.total_upper)
+
+  @property
+  def padded_rows(self) -> int:
+    """The padded length of flat private layouts: `total_bound` rounded
+    up by `layout_rows`, so that runs whose noisy bounds differ a little
+    share their compiled programs (the compilation cache)."""
+    return layout_rows(self.total_bound)
 
   def expected_counts(self, rate: float) -> np.ndarray:
     """Public expected Poisson batch sizes rate * max(n~_c, 1), (K,)."""

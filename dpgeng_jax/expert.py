@@ -73,7 +73,7 @@ def dp_finetune(params: Any, model: ConvNet, x: np.ndarray, y: np.ndarray,
   SamplingOverflowError instead of truncating a batch.
 
   The private rows are padded to `num_rows` (a PUBLIC bound on N, e.g.
-  counts.ClassSizes.total_bound) and passed to the compiled step as
+  counts.ClassSizes.padded_rows) and passed to the compiled step as
   arguments (never captured as constants); updates are divided by the
   public `q * expected_size` (e.g. ClassSizes.total_estimate). Both
   default to len(x), for callers to whom N is public. log_tail sets the

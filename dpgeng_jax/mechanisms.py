@@ -101,7 +101,7 @@ class FlatData(NamedTuple):
   """Private examples in one padded table: x (R, ...), y (R,) labels,
   valid (R,) with 1 for real examples, as `parallel.padded_rows(R, x, y)`
   returns them. R is a PUBLIC bound on N (the run uses
-  ClassSizes.total_bound). A Poisson batch of it pads to one capacity
+  ClassSizes.padded_rows). A Poisson batch of it pads to one capacity
   for all classes, about p R rows, where class-major data pads every class
   to the largest class's bound (K times that class's capacity): at 1438
   rows the flat batch is about half as large (bench_query_layout.py)."""

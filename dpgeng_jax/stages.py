@@ -395,13 +395,13 @@ def _check_release_rows(run: Run, budget: Budget,
   fm = budget.mechanism("feature_matching")
   if fm is not None and run.plan.feature_matching:
     checks.append(("feature-matching query", "--sampling-rate", query_capacity(
-        sizes.total_bound, cfg.sampling_rate, budget.log_tail, run.mesh),
+        sizes.padded_rows, cfg.sampling_rate, budget.log_tail, run.mesh),
         clip_norm(cfg), fm.noise_multiplier))
   ex = budget.mechanism("expert")
   if ex is not None and run.plan.expert:
     checks.append(("expert step", "--expert-sampling-rate",
                    expert_lib.step_capacity(
-                       expert_config(cfg), sizes.total_bound,
+                       expert_config(cfg), sizes.padded_rows,
                        _tail(budget.log_tail), run.mesh),
                    cfg.expert_clip_norm, ex.noise_multiplier))
   for what, flag, capacity, c, sigma in checks:
@@ -493,7 +493,7 @@ def generator_context(run: Run, sizes, generator) -> generators.Context:
     rows = (None, None, None)
   else:
     rows = _private_rows(run.mesh, run.x_train, ds.y_train,
-                         sizes.total_bound)
+                         sizes.padded_rows)
   return generators.Context(
       *rows, mesh=run.mesh, image_shape=run.image_shape,
       num_classes=ds.num_classes, normalize=ds.normalize, key=run.keys.gen,
@@ -657,7 +657,7 @@ def answer_queries(cfg, spec, plan_q, k_query, x_train, ds, secret, mesh,
   classes, `query_capacity`); returns (targets, the spec used, with its
   capacity)."""
   query_chunk = cfg.microbatch or clipping.default_query_chunk()
-  rows = sizes.total_bound
+  rows = sizes.padded_rows
   private_data = mechanisms.FlatData(*_private_rows(mesh, x_train,
                                                     ds.y_train, rows))
   spec = dataclasses.replace(spec, capacity=query_capacity(
@@ -743,7 +743,7 @@ def expert(run: Run, budget: Budget, sizes, pool_: Pool, gen: Generated,
           noise_multiplier=budget.mechanism("expert").noise_multiplier,
           secret=secret, progress=bar.update, mesh=run.mesh,
           microbatch=cfg.microbatch or expert_lib.default_microbatch(),
-          num_rows=sizes.total_bound,
+          num_rows=sizes.padded_rows,
           expected_size=sizes.total_estimate,
           log_tail=_tail(budget.log_tail))
     info = {} if not len(ds.y_test) else {  # a train-only dataset: none

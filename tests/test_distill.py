@@ -224,7 +224,7 @@ def test_the_queries_real_side_and_the_step_s_synthetic_side_are_siamese():
     return stages.answer_queries(
         cfg, spec, plan_q, key, np.asarray(x).reshape(-1, *SHAPE),
         types.SimpleNamespace(y_train=y), noise.deterministic_secret_key(0),
-        None, types.SimpleNamespace(total_bound=len(y)), None)[0]
+        None, types.SimpleNamespace(padded_rows=len(y)), None)[0]
 
   def losses(targets):
     opt = optax.sgd(0.0)

@@ -63,7 +63,7 @@ def test_each_feature_matching_query_gets_its_own_key(monkeypatch):
   plan_q = types.SimpleNamespace(params=lambda k, q: ({}, {}))
   x = np.zeros((10, 4, 4, 1), np.float32)
   ds = types.SimpleNamespace(y_train=(np.arange(10) % 2).astype(np.int32))
-  sizes = types.SimpleNamespace(total_bound=12)
+  sizes = types.SimpleNamespace(padded_rows=12)
   targets, _ = stages.answer_queries(
       cfg, spec, plan_q, jax.random.key(0), x, ds,
       noise.deterministic_secret_key(4), None, sizes, None)

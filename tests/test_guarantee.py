@@ -173,6 +173,27 @@ def test_count_release_moves_by_one_above_2_24_examples():
   assert abs(rel[:, 1].mean() - 1.0) < 0.3
 
 
+def test_padded_layouts_round_the_bound_up_by_at_most_a_sixteenth():
+  """The private layouts pad to counts.layout_rows(bound on N): never
+  below the bound (a short layout would drop examples), at most 1/16
+  above it, and one length for a whole bucket, so that runs whose noisy
+  bounds differ a little compile the same programs."""
+  lengths = [counts.layout_rows(n) for n in range(1, 70000)]
+  for n, rows in zip(range(1, 70000), lengths):
+    assert n <= rows <= max(n, 32) * 17 / 16, (n, rows)
+  assert lengths == sorted(lengths)
+  assert len(set(lengths)) < 70000 / 10  # buckets, not every length
+  assert counts.layout_rows(1934) == counts.layout_rows(1984) == 1984
+  assert counts.layout_rows(4500) == counts.layout_rows(4400) == 4608
+  assert counts.layout_rows(31) == 31  # small n: exact
+  with pytest.raises(ValueError, match="n >= 1"):
+    counts.layout_rows(0)
+  sizes = counts.released_sizes(np.array([40.3, 6.1, 19.7]), 2.5,
+                                math.log(1e-12))
+  assert sizes.padded_rows == counts.layout_rows(sizes.total_bound)
+  assert sizes.padded_rows >= sizes.total_bound
+
+
 def test_released_bounds_hold_and_a_violation_aborts():
   noisy = np.array([40.3, 6.1, 19.7])
   sizes = counts.released_sizes(noisy, 2.5, math.log(1e-12))
