@@ -104,9 +104,12 @@ class ClassSizes:
 
   @property
   def padded_rows(self) -> int:
-    """The padded length of flat private layouts: `total_bound` rounded
-    up by `layout_rows`, so that runs whose noisy bounds differ a little
-    share their compiled programs (the compilation cache)."""
+    """The padded length of flat private layouts: a released (noisy)
+    `total_bound` rounded up by `layout_rows`, so that runs whose bounds
+    differ a little share their compiled programs (the compilation
+    cache); an exact one (public or non-private sizes) as it is."""
+    if not self.noise_multiplier > 0:
+      return self.total_bound
     return layout_rows(self.total_bound)
 
   def expected_counts(self, rate: float) -> np.ndarray:

@@ -24,6 +24,37 @@ import optax
 from dpgeng_jax import augment
 from dpgeng_jax.clipping import clip_rows
 
+
+class Hoisted:
+  """fn(arrays, *args) with the arrays it reads held apart.
+
+  Called as fn(*args) it reads its own `arrays`. A jitted caller passes
+  `arrays_of(f)` as an argument and calls `with_arrays(f, traced)`, so
+  that the arrays are not constants of the compiled program: public arrays
+  made in a run (the generated data's centres, a trained pool, the
+  expert's parameters) would otherwise make every run's program new to
+  the persistent compilation cache, and large ones slow compilation."""
+
+  def __init__(self, fn: Callable[..., Any], arrays: Any):
+    self.fn, self.arrays = fn, arrays
+
+  def __call__(self, *args):
+    return self.fn(self.arrays, *args)
+
+  def with_arrays(self, arrays: Any) -> "Hoisted":
+    return Hoisted(self.fn, arrays)
+
+
+def arrays_of(f) -> Any:
+  """The arrays a `Hoisted` f reads (None for any other callable)."""
+  return f.arrays if isinstance(f, Hoisted) else None
+
+
+def with_arrays(f, arrays: Any):
+  """f reading `arrays` instead of its own (f itself unless Hoisted)."""
+  return f.with_arrays(arrays) if isinstance(f, Hoisted) else f
+
+
 @dataclasses.dataclass(frozen=True)
 class QueryPlan:
   """Public randomness of the queries: which extractor and augmentation.
@@ -40,6 +71,16 @@ class QueryPlan:
   embed_fn: Callable[[Any, jax.Array], jax.Array]
   num_classes: int
   strategy: str = augment.DEFAULT_STRATEGY
+
+  def arrays(self) -> Any:
+    """The arrays the extractor pool reads (`Hoisted`), or None."""
+    return arrays_of(self.extractor)
+
+  def with_arrays(self, arrays: Any) -> "QueryPlan":
+    """The same plan, its pool reading `arrays` (traced, in a jitted
+    caller) instead of its own."""
+    return dataclasses.replace(self, extractor=with_arrays(self.extractor,
+                                                           arrays))
 
   def params(self, public_key: jax.Array, q):
     """(extractor params, per-class augmentation params) of query q."""
@@ -131,6 +172,9 @@ def make_step(plan: QueryPlan, opt: optax.GradientTransformation, *,
   enough to stay in cache on CPU (`evaluate.chunk_rows` sizes it; None:
   all classes at once). Each chunk is decoded once for both terms.
 
+  A `Hoisted` pool or extra_loss has its arrays passed to the compiled
+  step as arguments: one program for every run of the same shapes.
+
   The step donates `state`: its images buffer is reused for the new
   images, so the array passed in (and any other reference to it, such as
   the images given to `init_state`) is deleted; copy it first to keep it.
@@ -142,15 +186,17 @@ def make_step(plan: QueryPlan, opt: optax.GradientTransformation, *,
                      f"{class_chunk!r}")
   decode = decode or (lambda s: s)
 
-  def loss_fn(images, params, aug_params, target, counts, classes):
+  def loss_fn(images, params, aug_params, target, counts, classes, plan,
+              extra):
     dec = decode(images)
     loss = feature_matching_loss(plan, params, aug_params, dec, target,
                                  counts, clip_norm)
-    if extra_loss is not None:
-      loss = loss + extra_loss(dec, classes)
+    if extra is not None:
+      loss = loss + extra(dec, classes)
     return loss
 
-  def loss_and_grads(images, params, aug_params, target, counts):
+  def loss_and_grads(images, params, aug_params, target, counts, plan,
+                     extra):
     k = images.shape[0]
     chunk = k if class_chunk is None else min(class_chunk, k)
     parts = []
@@ -158,13 +204,21 @@ def make_step(plan: QueryPlan, opt: optax.GradientTransformation, *,
       sl = slice(lo, lo + chunk)
       parts.append(jax.value_and_grad(loss_fn)(
           images[sl], params, jax.tree.map(lambda a: a[sl], aug_params),
-          target[sl], counts[sl], jnp.arange(lo, min(lo + chunk, k))))
+          target[sl], counts[sl], jnp.arange(lo, min(lo + chunk, k)), plan,
+          extra))
     if len(parts) == 1:
       return parts[0]
     return (sum(p[0] for p in parts),
             jnp.concatenate([p[1] for p in parts]))
 
-  def step(state: DistillState, targets, expected_counts, public_key):
+  # The arrays the pool and the extra term read are arguments of the
+  # compiled step, not constants (`Hoisted`).
+  arrays = (plan.arrays(), arrays_of(extra_loss))
+
+  def traced_step(state: DistillState, targets, expected_counts, public_key,
+                  arrays):
+    plan_a = plan.with_arrays(arrays[0])
+    extra = with_arrays(extra_loss, arrays[1])
     k = state.images.shape[0]
     if (jnp.ndim(targets) != 3 or targets.shape[1] != k
         or jnp.shape(expected_counts) != (k,)):
@@ -173,11 +227,17 @@ def make_step(plan: QueryPlan, opt: optax.GradientTransformation, *,
           f"{k} classes of the images, got {jnp.shape(targets)} and "
           f"{jnp.shape(expected_counts)}")
     q = state.step % targets.shape[0]
-    params, aug_params = plan.params(public_key, q)
+    params, aug_params = plan_a.params(public_key, q)
     loss, grads = loss_and_grads(state.images, params, aug_params,
-                                 targets[q], expected_counts)
+                                 targets[q], expected_counts, plan_a, extra)
     updates, opt_state = opt.update(grads, state.opt_state, state.images)
     images = optax.apply_updates(state.images, updates)
     return DistillState(images, opt_state, state.step + 1), loss
 
-  return jax.jit(step, donate_argnums=0)
+  jitted = jax.jit(traced_step, donate_argnums=0)
+
+  def step(state: DistillState, targets, expected_counts, public_key):
+    return jitted(state, targets, expected_counts, public_key, arrays)
+
+  step.lower = lambda *a: jitted.lower(*a, arrays)
+  return step

@@ -52,11 +52,11 @@ def fixed_pool(stacked: Any) -> Pool:
   """Query q uses member q mod P of stacked params (leading axis P)."""
   size = jax.tree.leaves(stacked)[0].shape[0]
 
-  def params(key, q):
+  def params(arrays, key, q):
     del key
-    return jax.tree.map(lambda a: a[q % size], stacked)
+    return jax.tree.map(lambda a: a[q % size], arrays)
 
-  return params
+  return distill.Hoisted(params, stacked)  # the members: jit arguments
 
 
 def pool_size(stacked: Any) -> int:
@@ -85,10 +85,12 @@ def centred(pool: Pool, centres: jax.Array) -> Pool:
   """Query q's params become {"net": pool's params, "centre": centres[q]}
   (centres: (Q, d)); embed with `centred_embed`."""
 
-  def params(key, q):
-    return {"net": pool(key, q), "centre": centres[q]}
+  def params(arrays, key, q):
+    inner, c = arrays
+    return {"net": distill.with_arrays(pool, inner)(key, q), "centre": c[q]}
 
-  return params
+  # The centres (and a fixed pool's members): jit arguments, not constants.
+  return distill.Hoisted(params, (distill.arrays_of(pool), centres))
 
 
 def centred_embed(embed_fn):

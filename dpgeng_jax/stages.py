@@ -671,14 +671,17 @@ def answer_queries(cfg, spec, plan_q, k_query, x_train, ds, secret, mesh,
                                mesh=mesh, chunk_size=query_chunk)
 
   @jax.jit
-  def query_fn(data, secret_q, q):
-    params, aug_params = plan_q.params(k_query, q)
+  def query_fn(data, secret_q, q, arrays):
+    params, aug_params = plan_q.with_arrays(arrays).params(k_query, q)
     return answer(data, params, aug_params, secret_q)
 
   targets = []
   for q in tqdm(range(cfg.num_queries), desc="private queries",
                 disable=cfg.quiet):
-    sums, overflow = query_fn(private_data, jax.random.fold_in(secret, q), q)
+    # The pool's arrays (centres, trained members) as arguments: the
+    # program is the same in every run of these shapes (distill.Hoisted).
+    sums, overflow = query_fn(private_data, jax.random.fold_in(secret, q), q,
+                              plan_q.arrays())
     mechanisms.check_overflow(overflow)
     targets.append(sums)
   return jnp.stack(targets), spec
@@ -755,9 +758,11 @@ def expert(run: Run, budget: Budget, sizes, pool_: Pool, gen: Generated,
     run.save("expert", trees={"params": params}, info=info)
   p_ref = expert_lib.reference_distributions(params, model, gen.class_major,
                                              cfg.expert_tau)
-  loss = lambda dec, classes: cfg.expert_weight * expert_lib.alignment_loss(
-      params, model, dec, p_ref, tau=cfg.expert_tau, beta=cfg.expert_beta,
-      classes=classes)
+  loss = distill.Hoisted(  # params and p_ref: arguments of the jitted step
+      lambda arrays, dec, classes: cfg.expert_weight
+      * expert_lib.alignment_loss(arrays[0], model, dec, arrays[1],
+                                  tau=cfg.expert_tau, beta=cfg.expert_beta,
+                                  classes=classes), (params, p_ref))
   run.timed("expert_s", t0)
   return Expert(params, info, loss)
 

@@ -60,7 +60,9 @@ def test_each_feature_matching_query_gets_its_own_key(monkeypatch):
   spec = mechanisms.QuerySpec(
       embed_fn=lambda p, x: x.reshape(x.shape[0], -1), num_classes=2,
       clip_norm=1.0, noise_multiplier=1.0, sampling_rate=0.5, capacity=0)
-  plan_q = types.SimpleNamespace(params=lambda k, q: ({}, {}))
+  plan_q = types.SimpleNamespace(params=lambda k, q: ({}, {}),
+                                 arrays=lambda: None)
+  plan_q.with_arrays = lambda arrays: plan_q
   x = np.zeros((10, 4, 4, 1), np.float32)
   ds = types.SimpleNamespace(y_train=(np.arange(10) % 2).astype(np.int32))
   sizes = types.SimpleNamespace(padded_rows=12)
