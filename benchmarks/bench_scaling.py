@@ -258,7 +258,7 @@ def step_impl(name, step, state, fargs, *, items, flops, note):
   cell = [state]
 
   def run():
-    cell[0], loss = compiled(cell[0], *fargs)
+    cell[0], loss = compiled(cell[0], *fargs, step.arrays)
     return jax.block_until_ready((cell[0], loss))
 
   out = run()

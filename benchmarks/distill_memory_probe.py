@@ -64,7 +64,8 @@ def main(argv=None):
   print("compiled", _rss(), f"{time.perf_counter() - t0:.1f} s")
   print(f"XLA temporaries {compiled.memory_analysis().temp_size_in_bytes / 2**20:.0f} MB")
   for i in range(args.calls):
-    state, loss = compiled(state, targets, counts, jax.random.key(i))
+    state, loss = compiled(state, targets, counts, jax.random.key(i),
+                           step.arrays)
     jax.block_until_ready(loss)
     print(f"call {i}  ", _rss())
 

@@ -110,7 +110,10 @@ class ClassSizes:
     cache); an exact one (public or non-private sizes) as it is."""
     if not self.noise_multiplier > 0:
       return self.total_bound
-    return layout_rows(self.total_bound)
+    # Never rounded past what the fixed-point release sums accept
+    # (clipping.fixed_point_bits: fewer than 2^23 rows).
+    return min(layout_rows(self.total_bound),
+               max(self.total_bound, 2 ** 23 - 1))
 
   def expected_counts(self, rate: float) -> np.ndarray:
     """Public expected Poisson batch sizes rate * max(n~_c, 1), (K,)."""

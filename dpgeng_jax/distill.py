@@ -19,6 +19,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from dpgeng_jax import augment
@@ -48,6 +49,25 @@ class Hoisted:
 def arrays_of(f) -> Any:
   """The arrays a `Hoisted` f reads (None for any other callable)."""
   return f.arrays if isinstance(f, Hoisted) else None
+
+
+def as_arguments(tree: Any) -> Any:
+  """`tree`'s arrays as uncommitted device arrays (one host copy), so that
+  jit places them beside a program's other arguments, as it placed the
+  constants they replace: a pool trained on one process's devices and a
+  step run on a global mesh would otherwise be refused as arguments on
+  incompatible devices. An array spread over several processes must be
+  replicated (pools, centres and the expert's parameters are)."""
+
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      if not x.sharding.is_fully_replicated:
+        raise ValueError("a Hoisted array spread over processes must be "
+                         "replicated")
+      x = x.addressable_data(0)
+    return jnp.asarray(np.asarray(x))
+
+  return jax.tree.map(one, tree)
 
 
 def with_arrays(f, arrays: Any):
@@ -173,7 +193,10 @@ def make_step(plan: QueryPlan, opt: optax.GradientTransformation, *,
   all classes at once). Each chunk is decoded once for both terms.
 
   A `Hoisted` pool or extra_loss has its arrays passed to the compiled
-  step as arguments: one program for every run of the same shapes.
+  step as arguments: one program for every run of the same shapes. The
+  returned step is a plain function around the jitted one: `step.lower`
+  lowers it with those arrays bound, and the compiled program takes them
+  as a fifth argument, `step.arrays`.
 
   The step donates `state`: its images buffer is reused for the new
   images, so the array passed in (and any other reference to it, such as
@@ -213,7 +236,7 @@ def make_step(plan: QueryPlan, opt: optax.GradientTransformation, *,
 
   # The arrays the pool and the extra term read are arguments of the
   # compiled step, not constants (`Hoisted`).
-  arrays = (plan.arrays(), arrays_of(extra_loss))
+  arrays = as_arguments((plan.arrays(), arrays_of(extra_loss)))
 
   def traced_step(state: DistillState, targets, expected_counts, public_key,
                   arrays):
@@ -239,5 +262,8 @@ def make_step(plan: QueryPlan, opt: optax.GradientTransformation, *,
   def step(state: DistillState, targets, expected_counts, public_key):
     return jitted(state, targets, expected_counts, public_key, arrays)
 
+  # For benchmarks: the jitted step and its extra argument, e.g.
+  # `step.lower(...).compile()(*args, step.arrays)`.
+  step.jitted, step.arrays = jitted, arrays
   step.lower = lambda *a: jitted.lower(*a, arrays)
   return step

@@ -675,13 +675,14 @@ def answer_queries(cfg, spec, plan_q, k_query, x_train, ds, secret, mesh,
     params, aug_params = plan_q.with_arrays(arrays).params(k_query, q)
     return answer(data, params, aug_params, secret_q)
 
+  # The pool's arrays (centres, trained members) as arguments: the
+  # program is the same in every run of these shapes (distill.Hoisted).
+  pool_arrays = distill.as_arguments(plan_q.arrays())
   targets = []
   for q in tqdm(range(cfg.num_queries), desc="private queries",
                 disable=cfg.quiet):
-    # The pool's arrays (centres, trained members) as arguments: the
-    # program is the same in every run of these shapes (distill.Hoisted).
     sums, overflow = query_fn(private_data, jax.random.fold_in(secret, q), q,
-                              plan_q.arrays())
+                              pool_arrays)
     mechanisms.check_overflow(overflow)
     targets.append(sums)
   return jnp.stack(targets), spec

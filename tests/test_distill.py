@@ -254,10 +254,9 @@ def test_the_step_takes_the_pools_and_the_terms_arrays_as_arguments():
   m = ConvNet(K, width=8, depth=2)
   d = embed_fn(m)(extractors.random_pool(m, SHAPE)(jax.random.key(0), 0),
                   jnp.zeros((1, *SHAPE))).shape[-1]
-  members = jax.vmap(lambda k: extractors.random_pool(m, SHAPE)(k, 0))(
-      jax.random.split(jax.random.key(3), 2))
-
   def build(seed):
+    members = jax.vmap(lambda k: extractors.random_pool(m, SHAPE)(k, 0))(
+        jax.random.split(jax.random.key(3 + seed), 2))
     rng = np.random.default_rng(seed)
     centres = jnp.asarray(rng.normal(size=(2, d)), jnp.float32)
     weight = jnp.asarray(rng.normal(size=(K,)), jnp.float32)
@@ -270,7 +269,7 @@ def test_the_step_takes_the_pools_and_the_terms_arrays_as_arguments():
         weight)
     step = distill.make_step(plan, distill.image_optimizer(0.05),
                              clip_norm=1.0, extra_loss=term, class_chunk=2)
-    return step, (centres, weight)
+    return step, (centres, weight, jax.tree.leaves(members)[0])
 
   opt = distill.image_optimizer(0.05)
   images = jax.random.normal(jax.random.key(1), (K, IPC, *SHAPE))
