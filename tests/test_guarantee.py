@@ -192,6 +192,15 @@ def test_padded_layouts_round_the_bound_up_by_at_most_a_sixteenth():
                                 math.log(1e-12))
   assert sizes.padded_rows == counts.layout_rows(sizes.total_bound)
   assert sizes.padded_rows > sizes.total_bound  # 97 -> 100
+  # Never past what the fixed-point release sums accept (2^23 rows):
+  # 8.2 M rows would round to 2^23, which fixed_point_bits refuses.
+  from dpgeng_jax import clipping
+  big = counts.released_sizes(np.array([8.2e6]), 2.5, math.log(1e-12))
+  assert counts.layout_rows(big.total_bound) == 2 ** 23
+  assert big.total_bound <= big.padded_rows == 2 ** 23 - 1
+  clipping.fixed_point_bits(big.padded_rows, 1.0)
+  with pytest.raises(ValueError, match="rows of magnitude"):
+    clipping.fixed_point_bits(2 ** 23, 1.0)
   # Exact sizes do not move between runs: no padding beyond N.
   public = counts.public_sizes(np.repeat(np.arange(3), [40, 7, 19]), 3)
   assert public.padded_rows == public.total_bound == 66
