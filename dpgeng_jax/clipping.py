@@ -208,6 +208,9 @@ def class_sums(values: jax.Array, y: jax.Array, mask: jax.Array,
 
 
 MAX_FIXED_POINT_BITS = 100
+# The most rows `fixed_point_bits` accepts: a row keeps at least 2^8 units
+# of its range and all rows together fit int32, so rows <= (2^31 - 1) / 2^8.
+MAX_FIXED_POINT_ROWS = (2 ** 31 - 1) // 2 ** 8
 
 
 def fixed_point_bits(rows: int, bound: float) -> int:

@@ -33,7 +33,7 @@ import numpy as np
 from scipy import special
 
 from dpgeng_jax import noise
-from dpgeng_jax.clipping import check_labels
+from dpgeng_jax.clipping import MAX_FIXED_POINT_ROWS, check_labels
 from dpgeng_jax.errors import PrivacyAbort
 
 COUNT_SENSITIVITY = 1.0  # L2, add/remove one example (one count moves by 1)
@@ -110,10 +110,9 @@ class ClassSizes:
     cache); an exact one (public or non-private sizes) as it is."""
     if not self.noise_multiplier > 0:
       return self.total_bound
-    # Never rounded past what the fixed-point release sums accept
-    # (clipping.fixed_point_bits: fewer than 2^23 rows).
+    # Never rounded past what the fixed-point release sums accept.
     return min(layout_rows(self.total_bound),
-               max(self.total_bound, 2 ** 23 - 1))
+               max(self.total_bound, MAX_FIXED_POINT_ROWS))
 
   def expected_counts(self, rate: float) -> np.ndarray:
     """Public expected Poisson batch sizes rate * max(n~_c, 1), (K,)."""

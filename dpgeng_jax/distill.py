@@ -262,8 +262,7 @@ def make_step(plan: QueryPlan, opt: optax.GradientTransformation, *,
   def step(state: DistillState, targets, expected_counts, public_key):
     return jitted(state, targets, expected_counts, public_key, arrays)
 
-  # For benchmarks: the jitted step and its extra argument, e.g.
-  # `step.lower(...).compile()(*args, step.arrays)`.
-  step.jitted, step.arrays = jitted, arrays
+  # For benchmarks: `step.lower(...).compile()(*args, step.arrays)`.
+  step.arrays = arrays
   step.lower = lambda *a: jitted.lower(*a, arrays)
   return step
