@@ -131,8 +131,11 @@ def stage_flops(cfg: Config, plan, image_shape, num_train: int,
         CENTRE_IMAGES, cfg.generated_per_class) * fwd)
   out["queries"] = (cfg.num_queries * cfg.sampling_rate * num_train * fwd
                     if plan.feature_matching else 0.0)
+  # DP-SGD steps, the two test accuracies (for information) and p_ref, a
+  # forward pass over the generated set
   out["expert"] = (cfg.expert_steps * cfg.expert_sampling_rate * num_train
-                   * TRAIN * fwd + 2 * num_test * fwd) if plan.expert else 0.0
+                   * TRAIN * fwd + (2 * num_test + n_gen) * fwd
+                   ) if plan.expert else 0.0
   out["init"] = n_gen * fwd if plan.init == "generated" else 0.0
   m = k * cfg.ipc * f * f
   per_step = m * TRAIN * fwd * (2 if plan.expert else 1)

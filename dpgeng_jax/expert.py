@@ -169,11 +169,13 @@ def _sharded_step(grad_sum, cfg, noise_multiplier, x, y, mesh, num_rows,
   return sharded, rows
 
 
+@functools.partial(jax.jit, static_argnums=(1, 3))
 def reference_distributions(params: Any, model: ConvNet, x_gen_cm: jax.Array,
                             tau: float) -> jax.Array:
   """p_ref: (K, K) mean softmax(E(x_g) / tau) per class of generated
   images x_gen_cm (K, m, H, W, C), one class at a time (lax.map: memory
-  of m images' activations, not K m)."""
+  of m images' activations, not K m). Jitted (model and tau static): an
+  eager lax.map traced and compiled its loop on every call."""
   def one(xc):
     return jnp.mean(jax.nn.softmax(model.apply({"params": params}, xc) / tau,
                                    -1), 0)

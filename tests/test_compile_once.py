@@ -109,3 +109,25 @@ def test_rate_outside_the_step_equals_optax_sgd_with_the_schedule():
   np.testing.assert_allclose(po["w"], pr["w"], rtol=1e-6)
   # a schedule that does not drop is told apart
   assert evaluate.learning_rate_at(total - 1, total, cfg) < cfg.learning_rate
+
+
+def test_test_accuracies_and_reference_distributions_trace_once(monkeypatch):
+  # Each call used to build (so trace and compile) its own program: the
+  # expert stage's two test accuracies and every evaluation compiled
+  # theirs again, and p_ref's eager lax.map its loop.
+  from dpgeng_jax import evaluate  # pylint: disable=import-outside-toplevel
+  # A width no other test uses: programs another test traced first would
+  # be found in jit's cache.
+  model = models.ConvNet(num_classes=3, width=5, depth=2)
+  applies = _counting(monkeypatch, models.ConvNet, "apply")
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(23, 8, 8, 1)).astype(np.float32)
+  y = np.arange(23) % 3
+  for seed in range(3):  # other parameter values, the same shapes
+    p = models.init_params(model, jax.random.key(seed), (8, 8, 1))
+    stacked = jax.tree.map(lambda a: jnp.stack([a, a]), p)
+    # 23 rows in batches of 8 (one padded row): one batch shape.
+    evaluate.accuracies(stacked, model, x, y, batch_size=8)
+    expert.reference_distributions(p, model, x[:18].reshape(3, 6, 8, 8, 1),
+                                   0.5)
+  assert len(applies) == 2  # one trace of each program

@@ -40,6 +40,11 @@ def test_stage_flops_follow_the_configuration():
   nd = _flops(method="ndpdc")
   assert nd["generation"] == nd["extractor_pool"] == nd["expert"] == 0
   assert base["expert"] == 0 < _flops(expert=True)["expert"]
+  # The expert stage also runs p_ref: one forward pass per generated image.
+  e = [_flops(expert=True, generated_per_class=g)["expert"]
+       for g in (200, 400)]
+  per_image = _flops(expert=True, generated_per_class=200)["init"] / 2000
+  assert e[1] - e[0] == pytest.approx(2000 * per_image) and per_image > 0
   assert nd["queries"] == pytest.approx(base["queries"])
   assert base["pe_api_samples"] == (10 + 1) * 10 * 100 + 10 * 200
   assert _flops(generator="merf")["generation"] > 0

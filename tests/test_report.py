@@ -206,27 +206,53 @@ def test_grid_groups_images_by_label_and_leaves_short_rows_white():
   assert pngs["generated_grid.png"][:4] == b"\x89PNG"
 
 
-def test_per_class_accuracies_match_a_direct_count():
-  model = models.ConvNet(4, width=8, depth=1, norm="instance")
-  key = jax.random.key(0)
-  one = models.init_params(model, key, (8, 8, 1))
-  # A head of large random weights: the predictions spread over the
-  # classes (the initial head predicted one class for every image).
-  one["head"] = {"kernel": jnp.asarray(np.random.default_rng(0).normal(
+def _spread_head(model, seed):
+  """A model whose head has large random weights: its predictions spread
+  over the classes (the initial head predicted one class for every
+  image)."""
+  one = models.init_params(model, jax.random.key(seed), (8, 8, 1))
+  one["head"] = {"kernel": jnp.asarray(np.random.default_rng(seed).normal(
       size=one["head"]["kernel"].shape) * 3, jnp.float32),
                  "bias": jnp.zeros_like(one["head"]["bias"])}
-  params = jax.tree.map(lambda a: a[None], one)
+  return one
+
+
+@pytest.mark.parametrize("batch_size", [10, 37, 256])
+def test_per_class_accuracies_match_a_direct_count(batch_size):
+  model = models.ConvNet(4, width=8, depth=1, norm="instance")
+  ones = [_spread_head(model, s) for s in (0, 5)]
+  params = jax.tree.map(lambda *a: jnp.stack(a), *ones)
   x = np.asarray(jax.random.uniform(jax.random.key(1), (37, 8, 8, 1)))
   y = np.arange(37) % 3  # class 3 absent from the test split
-  per_class = evaluate.class_accuracies(params, model, x, y, batch_size=10)
-  pred = np.argmax(np.asarray(model.apply({"params": one}, x)), -1)
-  assert len(set(pred.tolist())) >= 3
-  want = [np.mean(pred[y == c] == c) for c in range(3)]
-  assert len(set(want)) == 3  # three different accuracies
-  np.testing.assert_allclose(per_class[0, :3], want)
-  assert np.isnan(per_class[0, 3])
-  np.testing.assert_allclose(evaluate.accuracies(params, model, x, y),
-                             [np.mean(pred == y)])
+  per_class = evaluate.class_accuracies(params, model, x, y,
+                                        batch_size=batch_size)
+  overall = evaluate.accuracies(params, model, x, y, batch_size=batch_size)
+  for m, one in enumerate(ones):
+    pred = np.argmax(np.asarray(model.apply({"params": one}, x)), -1)
+    assert len(set(pred.tolist())) >= 3
+    want = [np.mean(pred[y == c] == c) for c in range(3)]
+    assert len(set(want)) == 3  # three different accuracies
+    np.testing.assert_allclose(per_class[m, :3], want)
+    assert np.isnan(per_class[m, 3])
+    np.testing.assert_allclose(overall[m], np.mean(pred == y))
+  assert not np.allclose(per_class[0, :3], per_class[1, :3])
+
+
+def test_padded_test_rows_count_for_no_class():
+  # A model that predicts class 0 for every image, on 11 images of class
+  # 0 in batches of 4 (one padded row): exactly 11 hits of 11. Padding
+  # that counted as a hit of any class would pass 1.0 or give class 3 one.
+  model = models.ConvNet(4, width=8, depth=1, norm="instance")
+  one = models.init_params(model, jax.random.key(0), (8, 8, 1))
+  one["head"] = {"kernel": jnp.zeros_like(one["head"]["kernel"]),
+                 "bias": jnp.asarray([9.0, 0.0, 0.0, 0.0])}
+  params = jax.tree.map(lambda a: a[None], one)
+  x = np.asarray(jax.random.uniform(jax.random.key(1), (11, 8, 8, 1)))
+  for y0 in (0, 3):
+    y = np.full(11, y0)
+    got = evaluate.class_accuracies(params, model, x, y, batch_size=4)
+    np.testing.assert_array_equal(got[0, y0], 1.0 if y0 == 0 else 0.0)
+    assert np.isnan(np.delete(got[0], y0)).all()
 
 
 def _events(path):
