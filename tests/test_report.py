@@ -239,9 +239,9 @@ def test_per_class_accuracies_match_a_direct_count(batch_size):
 
 
 def test_padded_test_rows_count_for_no_class():
-  # A model that predicts class 0 for every image, on 11 images of class
-  # 0 in batches of 4 (one padded row): exactly 11 hits of 11. Padding
-  # that counted as a hit of any class would pass 1.0 or give class 3 one.
+  # A model that predicts class 0 for every image, on 11 images of one
+  # class in batches of 4 (one padded row): 11 hits of 11 for class 0,
+  # none for class 3. A padded row labelled 0 would add a twelfth hit.
   model = models.ConvNet(4, width=8, depth=1, norm="instance")
   one = models.init_params(model, jax.random.key(0), (8, 8, 1))
   one["head"] = {"kernel": jnp.zeros_like(one["head"]["kernel"]),
