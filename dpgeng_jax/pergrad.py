@@ -14,8 +14,9 @@ written as batched matrix products:
   interact (instance or group norm, never BatchNorm), so row i of g_l is
   example i's gradient;
 * per-example parameter gradients follow in closed form: conv kernel
-  patches(a_l)^T g_l (a batched matmul; for layers that run Winograd,
-  winograd.per_example_kernel_grads, 2.25x fewer products), conv bias
+  patches(a_l)^T g_l (a batched matmul, also for layers whose forward and
+  backward run Winograd: its per-example form, 16 products of K = tiles
+  per example, ran slower; benchmarks/RESULTS.md), conv bias
   sum(g_l), norm scale sum(xhat_l * g_l'), norm bias sum(g_l'), head
   kernel h^T g_z;
 * per-example norms, clip factors min(1, C / norm) and the mask give one
@@ -84,14 +85,11 @@ def _groups(model: ConvNet) -> int:
   return model.width if model.norm == "instance" else min(32, model.width)
 
 
-def _kernel_grads(a: jax.Array, g: jax.Array, impl: str) -> jax.Array:
+def _kernel_grads(a: jax.Array, g: jax.Array) -> jax.Array:
   """Per-example conv kernel gradients (m, 3, 3, Cin, Cout) from the
   layer's inputs a (m, H, W, Cin) and output gradients g (m, H, W, Cout):
-  Winograd's per-tile products where the layer runs Winograd (impl, as
-  models.ConvNet's conv_impl), else patches(a)^T g."""
+  patches(a)^T g, one product per example."""
   m, cin, cout = a.shape[0], a.shape[-1], g.shape[-1]
-  if winograd.use_winograd(impl, cin, a.shape[1:3], WINOGRAD_MIN_PIXELS):
-    return winograd.per_example_kernel_grads(a, g)
   # stem.patches: 9 shifted slices (XLA:CPU computes
   # conv_general_dilated_patches as a convolution, ~50x more work).
   k = jnp.einsum("npf,npc->nfc", stem.patches(a).reshape(m, -1, 9 * cin),
@@ -228,8 +226,7 @@ def per_example_grads(model: ConvNet, params: Any, x: jax.Array,
   g, inputs, xhats, feat = _backprop(model, params, x, y)
   out = _small_grads(model, g, xhats, feat)
   for i in _patch_layers(model, g):
-    out[f"conv{i}"]["kernel"] = _kernel_grads(inputs[i], g["u"][i],
-                                              model.conv_impl)
+    out[f"conv{i}"]["kernel"] = _kernel_grads(inputs[i], g["u"][i])
   return out
 
 
@@ -345,8 +342,7 @@ def convnet_clipped_grad_sum(model: ConvNet, params: Any, x: jax.Array,
 
   def body(acc, c):
     a_c, g_c, norms_c, ok_c = c
-    kernels = [_kernel_grads(a, gu, model.conv_impl)
-               for a, gu in zip(a_c, g_c)]
+    kernels = [_kernel_grads(a, gu) for a, gu in zip(a_c, g_c)]
     # One fused pass per kernel: squared norms. Where every square sum of
     # the chunk is finite and not tiny, so are its rows and the plain norm
     # is exact; otherwise (a non-finite or > 1e19 entry, or a norm that
@@ -383,10 +379,11 @@ def _chunk_size(n: int, target: int) -> int:
 
 
 def default_chunk() -> int | None:
-  """Examples per chunk of per-example kernel gradients: 8 on CPU (cache
-  sized; measured in benchmarks/RESULTS.md), the whole batch (None) on
-  accelerators."""
-  return 8 if jax.default_backend() == "cpu" else None
+  """Examples per chunk of per-example kernel gradients: 4 on CPU (cache
+  sized: a chunk's patches and kernel gradients at 14x14 x 128 are about
+  5 MB; 2-4 measured alike, 8 slower, benchmarks/RESULTS.md), the whole
+  batch (None) on accelerators."""
+  return 4 if jax.default_backend() == "cpu" else None
 
 
 def make_grad_sum_fn(model: ConvNet, *, clip_norm: float):

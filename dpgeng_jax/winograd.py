@@ -186,15 +186,6 @@ def _conv3x3_bwd(res, g):
 conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
 
 
-def per_example_kernel_grads(x: jax.Array, g: jax.Array) -> jax.Array:
-  """Per-example gradients (n, 3, 3, Cin, Cout) of sum(conv3x3(x, k) * g)
-  with respect to k, from the layer's inputs x (n, H, W, Cin) and output
-  gradients g (n, H, W, Cout): one (Cin x T) @ (T x Cout) product per
-  example and transformed position."""
-  du = jnp.einsum("bnpc,bnpo->nbco", input_tiles(x), output_tiles_adjoint(g))
-  return kernel_adjoint(du)
-
-
 def conv_3x3_same(x: jax.Array, kernel: jax.Array,
                   impl: str = "auto", min_pixels: int | None = None
                   ) -> jax.Array:

@@ -63,6 +63,32 @@ def test_gradients_match_for_parameters_and_images():
   assert float(jnp.max(jnp.abs(gb))) < 1e-4 * float(jnp.max(jnp.abs(want[1])))
 
 
+@pytest.mark.parametrize("shape", [(3, 28, 28, 1), (2, 29, 27, 3)])
+def test_block_per_example_is_the_block_with_each_rows_parameters(shape):
+  """block_per_example (pergrad's first block, its pixels laid out by
+  pool phase) equals the layer-by-layer block with per-example copies of
+  the parameters, values and each row's parameter gradients, on even and
+  odd maps (an odd map drops its last row or column)."""
+  x, kernel, conv_bias, scale, norm_bias = _block_inputs(shape, seed=3)
+  n, cout, p = shape[0], kernel.shape[-1], 9 * shape[-1]
+  pc, cov = stem.patch_stats(x)
+  copies = (jnp.broadcast_to(kernel.reshape(p, cout), (n, p, cout)),
+            jnp.broadcast_to(scale, (n, cout)),
+            jnp.broadcast_to(norm_bias, (n, cout)))
+  got = stem.block_per_example(pc, cov, *copies)
+  assert _rel(got, _unfused(x, kernel, conv_bias, scale, norm_bias)) < 1e-5
+  w = jax.random.normal(jax.random.key(9), got.shape)
+  grads = jax.grad(lambda c: jnp.sum(stem.block_per_example(pc, cov, *c)
+                                     * w))(copies)
+  for i in range(n):
+    want = jax.grad(lambda k, s, b, i=i: jnp.sum(
+        _unfused(x[i:i + 1], k, conv_bias, s, b) * w[i]),
+                    argnums=(0, 1, 2))(kernel, scale, norm_bias)
+    assert _rel(grads[0][i], want[0].reshape(p, cout)) < 1e-4
+    assert _rel(grads[1][i], want[1]) < 1e-4
+    assert _rel(grads[2][i], want[2]) < 1e-4
+
+
 def test_a_near_constant_image_keeps_its_accuracy():
   """Large mean, small spread (the statistics come from centred patches)."""
   x, kernel, conv_bias, scale, norm_bias = _block_inputs((2, 16, 16, 3))

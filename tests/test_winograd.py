@@ -75,15 +75,6 @@ def test_rounding_error_of_a_direct_convolution():
     assert e_ours < 2e-6
 
 
-def test_per_example_kernel_grads_are_each_examples_gradient():
-  x, k = _inputs((3, 7, 6, 32, 16), seed=5)
-  g = jax.random.normal(jax.random.key(6), (3, 7, 6, 16))
-  got = jax.jit(winograd.per_example_kernel_grads)(x, g)
-  for i in range(3):
-    want = jax.grad(lambda kk, i=i: jnp.sum(_xla(x[i:i + 1], kk) * g[i]))(k)
-    assert _rel(got[i], want) < 1e-5
-
-
 def test_grad_of_grad_and_vmap():
   """The custom VJP composes: vmap of grad (per-example gradients, as
   jax-privacy and clipping.clipped_grad_sum take them) and second order."""
