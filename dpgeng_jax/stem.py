@@ -121,7 +121,11 @@ def block_per_example(pc: jax.Array, cov: jax.Array, kernel: jax.Array,
   Differentiating a sum of per-example losses with respect to these
   gives every example's own parameter gradient (pergrad.py) without the
   full-resolution activations; the patches are constants here (no input
-  gradient)."""
+  gradient). The pixels are taken pool phase by pool phase in one product
+  per example, so that the kernel gradient is one (P x 4 h w) @
+  (4 h w x Cout) product per example over untransposed arrays (per phase,
+  XLA:CPU copied each phase's gradient transposed first: 1.5-1.8x slower,
+  benchmarks/RESULTS.md)."""
   a = _norm_gain(cov, kernel, scale, epsilon)
   kn = kernel * a[:, None, :]
   n, h, w, p = pc.shape
