@@ -11,11 +11,12 @@ For each image shape (default 28x28x1 and 32x32x3; ConvNet-3 width 128,
 `pergrad` in microbatches of `expert.default_microbatch()`, Gaussian
 noise. Variants:
 
-  before   pergrad.py, clipping.py and winograd.py (pergrad's
-           convolutions) as they were at --before (loaded from `git show
-           REV:dpgeng_jax/...`), everything else current; a revision
-           before the fixed-point sums keeps its float32 sums (the
-           current step's `bits` are ignored)
+  before   pergrad.py, clipping.py, winograd.py and stem.py (pergrad's
+           convolutions and first block) as they were at --before (loaded
+           from `git show REV:dpgeng_jax/...`), everything else current
+           (until the sixteenth session, 2026-12-07, stem.py came from
+           this checkout); a revision before the fixed-point sums keeps
+           its float32 sums (the current step's `bits` are ignored)
   after    this checkout
   after, microbatch M   this checkout in microbatches of M (--microbatches)
   after, 7x7 on XLA   this checkout with pergrad.WINOGRAD_MIN_PIXELS 64
@@ -126,6 +127,7 @@ def main(argv=None):
   if args.before:
     old = _module_at(args.before, "pergrad")
     old.winograd = _module_at(args.before, "winograd")  # its layer choice
+    old.stem = _module_at(args.before, "stem")  # its first block
     impls = {"before": (old, _module_at(args.before, "clipping")), **impls}
   rate = estimate.measure_rate()["matmul_flops_per_s"] / 1e9
   cfg = expert.ExpertConfig(sampling_rate=args.sampling_rate)
