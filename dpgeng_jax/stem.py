@@ -36,9 +36,18 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from dpgeng_jax.clipping import split_rows
+from dpgeng_jax.errors import require_int
+
 # The patch covariance is (9 Cin)^2 per example: cheap for image inputs
 # (Cin 1 or 3), not for hidden layers.
 MAX_CHANNELS = 4
+# block_per_example's row chunks on CPU: one 96-row microbatch's block,
+# forward and backward, all at once against chunks of 8 rows (3.2 MB of
+# pre-activations): 28x28 x 128 20.6 -> 9.6 ms, 32x32x3 29.8 -> 19.5 ms;
+# chunks of 4 to 16 rows alike (benchmarks/bench_stem_chunks.py,
+# RESULTS.md "The first block in chunks").
+CHUNK_BYTES = 3_500_000
 # Only maps this large gain (bench_train_step.py, training step, width
 # 128: 28x28x1 and 32x32x3 1.08-1.09x faster; 16x16x3 0.98x; 8x8x1 0.87x at
 # batch 100, where the layer-by-layer block is small enough already).
@@ -104,7 +113,10 @@ def conv_norm_relu_pool(x: jax.Array, kernel: jax.Array, conv_bias: jax.Array,
   """pool(relu(instance_norm(conv3x3(x, kernel) + conv_bias))) in float32:
   (n, H, W, Cin) -> (n, H // 2, W // 2, Cout), an odd map dropping its last
   row or column as nn.avg_pool does. `conv_bias` is accepted for the
-  signature's sake: the normalisation removes it exactly."""
+  signature's sake: the normalisation removes it exactly. (Not in row
+  chunks, unlike block_per_example: the training step already
+  differentiates row chunks, and neither it nor the distillation step
+  gained; benchmarks/RESULTS.md, "The first block in chunks".)"""
   del conv_bias  # mean subtraction cancels it (its gradient is zero)
   _check(x.shape, kernel.shape)
   pc, cov = patch_stats(x)
@@ -115,7 +127,8 @@ def conv_norm_relu_pool(x: jax.Array, kernel: jax.Array, conv_bias: jax.Array,
 
 def block_per_example(pc: jax.Array, cov: jax.Array, kernel: jax.Array,
                       scale: jax.Array, norm_bias: jax.Array,
-                      epsilon: float = 1e-5) -> jax.Array:
+                      epsilon: float = 1e-5,
+                      chunk: int | None = None) -> jax.Array:
   """The same block from `patch_stats(x)` with parameters given per
   example: kernel (n, 9 Cin, Cout), scale and norm_bias (n, Cout).
   Differentiating a sum of per-example losses with respect to these
@@ -125,7 +138,39 @@ def block_per_example(pc: jax.Array, cov: jax.Array, kernel: jax.Array,
   per example, so that the kernel gradient is one (P x 4 h w) @
   (4 h w x Cout) product per example over untransposed arrays (per phase,
   XLA:CPU copied each phase's gradient transposed first: 1.5-1.8x slower,
-  benchmarks/RESULTS.md)."""
+  benchmarks/RESULTS.md).
+
+  The rows go `chunk` at a time through a lax.map (None:
+  `default_chunk`; 0: all at once), so that one chunk's full-resolution
+  pre-activations (8 x 28 x 28 x 128 floats, 3 MB) stay in cache, forward
+  and backward, where the microbatch's (38 MB at 96 rows) went through
+  memory. Rows never mix, so the result does not depend on the chunk; the
+  last chunk is padded with zero rows (finite through the block), whose
+  outputs are dropped."""
+  n, h, w, _ = pc.shape
+  if chunk is None:
+    chunk = default_chunk(h * w * kernel.shape[-1])
+  require_int(chunk, "chunk", 0)
+  rows = (pc, cov, kernel, scale, norm_bias)
+  if not chunk or n <= chunk:
+    return _block_per_example(*rows, epsilon)
+  out = jax.lax.map(lambda t: _block_per_example(*t, epsilon),
+                    split_rows(rows, chunk))
+  return out.reshape(-1, *out.shape[2:])[:n]
+
+
+def default_chunk(activations: int) -> int:
+  """Rows per chunk of `block_per_example` whose rows hold `activations`
+  floats each at full resolution (H W Cout): on CPU as many as fill
+  CHUNK_BYTES (8 rows at 28x28 x 128, 6 at 32x32 x 128, at least 1), all
+  at once (0) on accelerators (not measured there)."""
+  if jax.default_backend() != "cpu":
+    return 0
+  return max(1, CHUNK_BYTES // (4 * activations))
+
+
+def _block_per_example(pc, cov, kernel, scale, norm_bias, epsilon):
+  """block_per_example on all of its rows at once."""
   a = _norm_gain(cov, kernel, scale, epsilon)
   kn = kernel * a[:, None, :]
   n, h, w, p = pc.shape

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpgeng_jax import clipping, pergrad
+from dpgeng_jax import clipping, pergrad, stem
 from dpgeng_jax.clipping import (clipped_class_sums, clipped_grad_sum,
                                  microbatched)
 from dpgeng_jax.models import ConvNet, cross_entropy, embed_fn, init_params
@@ -217,11 +217,14 @@ def test_microbatched_skips_only_the_chunks_of_padding_only():
 
 @pytest.mark.parametrize("shape", [(28, 28, 1), (32, 32, 3), (29, 27, 3)])
 def test_fused_first_block_per_example_grads_equal_the_layer_by_layer_model(
-    shape):
+    shape, monkeypatch):
   """On maps where the first block runs from patch statistics
   (stem.use_stem), its per-example parameter gradients come from
   per-example copies of the block's parameters: they equal jax.grad per
-  example of the same parameters through XLA's layer-by-layer model."""
+  example of the same parameters through XLA's layer-by-layer model. The
+  block goes in chunks of rows (stem.default_chunk, here 3: two chunks of
+  2 rows)."""
+  monkeypatch.setattr(stem, "default_chunk", lambda activations: 3)
   model = ConvNet(num_classes=3, width=4, depth=3)
   ref = ConvNet(num_classes=3, width=4, depth=3, conv_impl="xla")
   params = init_params(model, jax.random.key(1), shape)
@@ -235,7 +238,11 @@ def test_fused_first_block_per_example_grads_equal_the_layer_by_layer_model(
   assert float(jnp.max(jnp.abs(got["conv0"]["bias"]))) == 0.0
 
 
-def test_fused_first_block_clipped_sum_equals_the_generic_path():
+def test_fused_first_block_clipped_sum_equals_the_generic_path(monkeypatch):
+  """The fused first block's clipped sum equals the generic path's, the
+  block in chunks of 3 rows (5 rows: the last chunk padded with a zero
+  row)."""
+  monkeypatch.setattr(stem, "default_chunk", lambda activations: 3)
   model = ConvNet(num_classes=3, width=4, depth=3)
   params = init_params(model, jax.random.key(1), (28, 28, 1))
   x = jax.random.normal(jax.random.key(2), (5, 28, 28, 1))

@@ -63,27 +63,38 @@ def test_gradients_match_for_parameters_and_images():
   assert float(jnp.max(jnp.abs(gb))) < 1e-4 * float(jnp.max(jnp.abs(want[1])))
 
 
-@pytest.mark.parametrize("shape", [(3, 28, 28, 1), (2, 29, 27, 3)])
-def test_block_per_example_is_the_block_with_each_rows_parameters(shape):
+@pytest.mark.parametrize("shape,chunk", [((3, 28, 28, 1), 0),
+                                         ((2, 29, 27, 3), 0),
+                                         ((5, 28, 28, 1), 2),
+                                         ((3, 29, 27, 3), 2)])
+def test_block_per_example_is_the_block_with_each_rows_parameters(shape,
+                                                                  chunk):
   """block_per_example (pergrad's first block, its pixels laid out by
   pool phase) equals the layer-by-layer block with per-example copies of
   the parameters, values and each row's parameter gradients, on even and
-  odd maps (an odd map drops its last row or column)."""
+  odd maps (an odd map drops its last row or column), in one piece and in
+  chunks of 2 rows (the last one padded)."""
   x, kernel, conv_bias, scale, norm_bias = _block_inputs(shape, seed=3)
   n, cout, p = shape[0], kernel.shape[-1], 9 * shape[-1]
+  # distinct parameters per row: a chunk mixing rows up would show
+  kernel = kernel + 0.1 * jax.random.normal(jax.random.key(4),
+                                            (n,) + kernel.shape)
+  scale = scale + 0.1 * jax.random.normal(jax.random.key(5), (n, cout))
+  norm_bias = norm_bias + 0.1 * jax.random.normal(jax.random.key(6),
+                                                  (n, cout))
   pc, cov = stem.patch_stats(x)
-  copies = (jnp.broadcast_to(kernel.reshape(p, cout), (n, p, cout)),
-            jnp.broadcast_to(scale, (n, cout)),
-            jnp.broadcast_to(norm_bias, (n, cout)))
-  got = stem.block_per_example(pc, cov, *copies)
-  assert _rel(got, _unfused(x, kernel, conv_bias, scale, norm_bias)) < 1e-5
+  copies = (kernel.reshape(n, p, cout), scale, norm_bias)
+  got = stem.block_per_example(pc, cov, *copies, chunk=chunk)
+  for i in range(n):
+    assert _rel(got[i:i + 1], _unfused(x[i:i + 1], kernel[i], conv_bias,
+                                       scale[i], norm_bias[i])) < 1e-5
   w = jax.random.normal(jax.random.key(9), got.shape)
-  grads = jax.grad(lambda c: jnp.sum(stem.block_per_example(pc, cov, *c)
-                                     * w))(copies)
+  grads = jax.grad(lambda c: jnp.sum(
+      stem.block_per_example(pc, cov, *c, chunk=chunk) * w))(copies)
   for i in range(n):
     want = jax.grad(lambda k, s, b, i=i: jnp.sum(
         _unfused(x[i:i + 1], k, conv_bias, s, b) * w[i]),
-                    argnums=(0, 1, 2))(kernel, scale, norm_bias)
+                    argnums=(0, 1, 2))(kernel[i], scale[i], norm_bias[i])
     assert _rel(grads[0][i], want[0].reshape(p, cout)) < 1e-4
     assert _rel(grads[1][i], want[1]) < 1e-4
     assert _rel(grads[2][i], want[2]) < 1e-4
@@ -164,3 +175,15 @@ def test_convnet_auto_equals_xla_with_the_same_parameters(shape,
   assert _rel(grads["auto"]["norm0"]["scale"],
               grads["xla"]["norm0"]["scale"]) < 1e-4
   assert bool(calls) == (shape[0] * shape[1] >= stem.MIN_PIXELS)
+
+
+def test_block_per_example_chunks_fit_their_byte_budget():
+  """On CPU a chunk's pre-activations stay within stem.CHUNK_BYTES (one
+  row at least): 8 rows at 28x28 x 128, 6 at 32x32 x 128."""
+  assert stem.default_chunk(28 * 28 * 128) == 8
+  assert stem.default_chunk(32 * 32 * 128) == 6
+  assert stem.default_chunk(512 * 512 * 128) == 1
+  for acts in (1, 100, 28 * 28 * 16, 64 * 64 * 128):
+    c = stem.default_chunk(acts)
+    assert c >= 1 and (c * 4 * acts <= stem.CHUNK_BYTES
+                       < (c + 1) * 4 * acts)
