@@ -43,10 +43,11 @@ from dpgeng_jax.errors import require_int
 # (Cin 1 or 3), not for hidden layers.
 MAX_CHANNELS = 4
 # block_per_example's row chunks on CPU: one 96-row microbatch's block,
-# forward and backward, all at once against chunks of 8 rows (3.2 MB of
-# pre-activations): 28x28 x 128 20.6 -> 9.6 ms, 32x32x3 29.8 -> 19.5 ms;
-# chunks of 4 to 16 rows alike (benchmarks/bench_stem_chunks.py,
-# RESULTS.md "The first block in chunks").
+# forward and backward, all at once against chunks of this many bytes of
+# pre-activations (8 rows at 28x28 x 128, 6 at 32x32 x 128): 23.6 -> 13.6
+# ms and 41.2 -> 30.4 ms; chunks of 4 to 16 rows alike
+# (benchmarks/bench_stem_chunks.py, RESULTS.md "The first block in
+# chunks").
 CHUNK_BYTES = 3_500_000
 # Only maps this large gain (bench_train_step.py, training step, width
 # 128: 28x28x1 and 32x32x3 1.08-1.09x faster; 16x16x3 0.98x; 8x8x1 0.87x at

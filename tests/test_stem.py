@@ -180,6 +180,8 @@ def test_convnet_auto_equals_xla_with_the_same_parameters(shape,
 def test_block_per_example_chunks_fit_their_byte_budget():
   """On CPU a chunk's pre-activations stay within stem.CHUNK_BYTES (one
   row at least): 8 rows at 28x28 x 128, 6 at 32x32 x 128."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("the chunks are CPU-only (all rows at once elsewhere)")
   assert stem.default_chunk(28 * 28 * 128) == 8
   assert stem.default_chunk(32 * 32 * 128) == 6
   assert stem.default_chunk(512 * 512 * 128) == 1
