@@ -15,7 +15,7 @@ import pytest
 from scipy import stats
 
 from dpgeng_jax import (augment, clipping, mechanisms, noise, parallel,
-                        pergrad)
+                        pergrad, stem)
 from dpgeng_jax.clipping import clipped_class_sums, clipped_grad_sum
 from dpgeng_jax.models import ConvNet, cross_entropy, embed_fn, init_params
 
@@ -597,10 +597,16 @@ def test_winograd_convnet_sharded_equals_unsharded(path):
   assert _max_rel_diff(got, want) < 1e-4
 
 
-def test_fused_first_block_pergrad_sharded_equals_unsharded():
+@pytest.mark.parametrize("stem_chunk", [None, 3])
+def test_fused_first_block_pergrad_sharded_equals_unsharded(stem_chunk,
+                                                            monkeypatch):
   """28x28 inputs: pergrad differentiates per-example copies of the first
   block's parameters (stem.py) built from the device-varying parameters
-  of sharded_grad_sum; the sharded clipped sum equals one device's."""
+  of sharded_grad_sum; the sharded clipped sum equals one device's, also
+  with the block in chunks of 3 rows (the lax.map inside shard_map: 2
+  chunks of 2 rows per device, 6 chunks with 2 padded rows on one)."""
+  if stem_chunk:
+    monkeypatch.setattr(stem, "default_chunk", lambda activations: stem_chunk)
   model = ConvNet(num_classes=K, width=4, depth=3)
   params = init_params(model, jax.random.key(3), (28, 28, 1))
   rng = np.random.default_rng(1)
