@@ -16,6 +16,7 @@ Not a script. What it provides:
   the median of the others are taken out of the rounds (the times of the
   calls they made are reported, flagged) so one very slow row cannot eat
   the time budget.
+* `image_shape`: the HxWxC parser of the scripts' --shapes.
 * FLOP counts of the standard ConvNet, matmul-rate rows (jnp.dot and torch.mm
   of n x n float32) measured in the same rounds, markdown tables and JSON.
 * A PyTorch ConvNet equivalent to `dpgeng_jax.models.ConvNet` (NCHW; conv3x3
@@ -46,6 +47,13 @@ import numpy as np
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
   sys.path.insert(0, REPO_ROOT)
+
+
+def image_shape(s: str) -> tuple[int, int, int]:
+  """An image shape argument written HxWxC ('28x28x1') as (H, W, C), the
+  `type` of the scripts' --shapes."""
+  h, w, c = (int(v) for v in s.split("x"))
+  return (h, w, c)
 
 # ---------------------------------------------------------------------------
 # Implementations under test.

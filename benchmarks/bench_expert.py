@@ -60,11 +60,6 @@ import _bench  # noqa: E402  pylint: disable=wrong-import-position
 REPO_ROOT = _bench.REPO_ROOT
 
 
-def _shape(s: str):
-  h, w, c = (int(v) for v in s.split("x"))
-  return (h, w, c)
-
-
 def _module_at(rev: str, name: str):
   """dpgeng_jax/<name>.py at git revision rev, imported as a module of its
   own (it imports the rest of the package from this checkout)."""
@@ -94,7 +89,7 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--before", default=None,
                   help="git revision for the 'before' variant (omit: after only)")
-  ap.add_argument("--shapes", nargs="+", type=_shape,
+  ap.add_argument("--shapes", nargs="+", type=_bench.image_shape,
                   default=[(28, 28, 1), (32, 32, 3)])
   ap.add_argument("--width", type=int, default=128)
   ap.add_argument("--num-train", type=int, default=1438)

@@ -34,14 +34,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _bench  # noqa: E402  pylint: disable=wrong-import-position
 
 
-def _shape(s: str):
-  return tuple(int(v) for v in s.split("x"))
-
-
 def main(argv=None):
   ap = argparse.ArgumentParser(
       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--shapes", nargs="+", type=_shape,
+  ap.add_argument("--shapes", nargs="+", type=_bench.image_shape,
                   default=[(28, 28, 1), (32, 32, 3)])
   ap.add_argument("--width", type=int, default=128)
   ap.add_argument("--rows", type=int, default=96)

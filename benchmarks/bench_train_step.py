@@ -40,18 +40,15 @@ import os
 import statistics
 import time
 
+import _bench  # the repository's dpgeng_jax first on sys.path
+
 VARIANTS = ("before", "+stem", "+chunked", "chunks/2", "7x7 Winograd")
-
-
-def _shape(s: str):
-  h, w, c = (int(v) for v in s.split("x"))
-  return (h, w, c)
 
 
 def main(argv=None):
   ap = argparse.ArgumentParser(
       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--shapes", nargs="+", type=_shape,
+  ap.add_argument("--shapes", nargs="+", type=_bench.image_shape,
                   default=[(8, 8, 1), (28, 28, 1), (32, 32, 3)])
   ap.add_argument("--width", type=int, default=128)
   ap.add_argument("--batch", type=int, default=256)
