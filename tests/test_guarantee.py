@@ -173,25 +173,30 @@ def test_count_release_moves_by_one_above_2_24_examples():
   assert abs(rel[:, 1].mean() - 1.0) < 0.3
 
 
-def test_padded_layouts_round_the_bound_up_by_at_most_a_sixteenth():
+def test_padded_layouts_round_the_bound_up_by_less_than_a_quarter():
   """The private layouts pad to counts.layout_rows(bound on N): never
-  below the bound (a short layout would drop examples), at most 1/16
+  below the bound (a short layout would drop examples), less than 1/4
   above it, and one length for a whole bucket, so that runs whose noisy
-  bounds differ a little compile the same programs."""
+  bounds differ (std 76 rows at epsilon 1 on ten classes) compile the
+  same programs."""
   lengths = [counts.layout_rows(n) for n in range(1, 70000)]
   for n, rows in zip(range(1, 70000), lengths):
-    assert n <= rows <= max(n, 32) * 17 / 16, (n, rows)
+    assert n <= rows < max(n, 8) * 5 / 4, (n, rows)
   assert lengths == sorted(lengths)
-  assert len(set(lengths)) < 70000 / 10  # buckets, not every length
-  assert counts.layout_rows(1934) == counts.layout_rows(1984) == 1984
-  assert counts.layout_rows(4500) == counts.layout_rows(4400) == 4608
-  assert counts.layout_rows(31) == 31  # small n: exact
+  assert len(set(lengths)) < 70000 / 500  # buckets, not every length
+  # 4000 images at epsilon 1: the bounds of the runs measured
+  # (benchmarks/RESULTS.md) spanned 4355-4669, one bucket.
+  assert {counts.layout_rows(n) for n in range(4097, 5121)} == {5120}
+  assert counts.layout_rows(5121) == 6144
+  assert counts.layout_rows(1934) == counts.layout_rows(1800) == 2048
+  assert counts.layout_rows(7) == 7  # small n: exact
+  assert counts.layout_rows(9) == 10
   with pytest.raises(ValueError, match="n >= 1"):
     counts.layout_rows(0)
   sizes = counts.released_sizes(np.array([40.3, 6.1, 19.7]), 2.5,
                                 math.log(1e-12))
   assert sizes.padded_rows == counts.layout_rows(sizes.total_bound)
-  assert sizes.padded_rows > sizes.total_bound  # 97 -> 100
+  assert sizes.padded_rows > sizes.total_bound  # 97 -> 112
   # Never past what the fixed-point release sums accept (2^23 rows):
   # 8.2 M rows would round to 2^23, which fixed_point_bits refuses.
   from dpgeng_jax import clipping
