@@ -57,12 +57,12 @@ def layout_rows(n: int) -> int:
   skipped, so on CPU the padding costs memory and the generator's
   private passes, not steps (on accelerators a query takes its padded
   Poisson batch in one piece, so there the sampling rate times the
-  extra rows are computed and masked). With buckets of at most 1/16 (2^(bits - 5)), two
-  runs on 4000 images at epsilon 1 fell in different buckets with
-  probability 0.16 (0.27 averaged over N from 1000 to 70000), and the
-  second compiled the expert's step, the queries and PE's programs
-  again; with these, 0 and 0.09 (benchmarks/RESULTS.md, "Coarser layout
-  buckets")."""
+  extra rows are computed and masked). With buckets of at most 1/16
+  (2^(bits - 5)), two runs on 4000 images at epsilon 1 fell in different
+  buckets with probability 0.16 (0.27 averaged over N from 1000 to
+  70000), and the second compiled the expert's step, the queries and
+  PE's programs again; with these, 0 and 0.09 (benchmarks/RESULTS.md,
+  "Coarser layout buckets")."""
   n = int(n)
   if n < 1:
     raise ValueError(f"need n >= 1 rows, got {n}")
