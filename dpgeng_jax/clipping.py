@@ -296,7 +296,8 @@ def clipped_class_sums(embed_fn: EmbedFn, params: Any, x: jax.Array,
                        y: jax.Array, mask: jax.Array, *, num_classes: int,
                        clip_norm: float,
                        chunk_size: int | None = None,
-                       bits: int | None = None) -> jax.Array:
+                       bits: int | None = None,
+                       skip_padding: bool = True) -> jax.Array:
   """Sums of per-example clipped embeddings per class.
 
   Args:
@@ -322,6 +323,9 @@ def clipped_class_sums(embed_fn: EmbedFn, params: Any, x: jax.Array,
       rounds in a way that depends on every row: measured 1.00012 C over
       30000 rows). C must be a finite number and bits at most
       `fixed_point_bits(total rows, C)`.
+    skip_padding: with chunks, skip those of padding only (faster; the
+      time then follows the realised rows), or compute them (False: the
+      time follows n). The same sums either way (`microbatched`).
 
   Returns:
     (K, d) float32 sums, or int32 in units of 2^-bits; L2 sensitivity C
@@ -345,7 +349,8 @@ def clipped_class_sums(embed_fn: EmbedFn, params: Any, x: jax.Array,
       return class_sums(clipped, ys, ms, num_classes)
     return fixed_point_class_sums(clipped, ys, ms, num_classes, bits)
 
-  return microbatched(sums, chunk_size)(params, (x, y), mask)
+  return microbatched(sums, chunk_size, skip_padding=skip_padding)(
+      params, (x, y), mask)
 
 @dataclasses.dataclass(frozen=True)
 class ClippedClassSum:
@@ -537,7 +542,8 @@ def split_rows(tree: Any, target: int) -> Any:
 
 
 def microbatched(grad_sum_fn: Callable[..., Any],
-                 microbatch: int | None) -> Callable[..., Any]:
+                 microbatch: int | None, *,
+                 skip_padding: bool = True) -> Callable[..., Any]:
   """grad_sum_fn(params, batch, mask) evaluated on equal chunks of at most
   `microbatch` examples (padded with fewer mask-0 rows than chunks, not
   up to a multiple of `microbatch`) whose sums are added by
@@ -545,11 +551,13 @@ def microbatched(grad_sum_fn: Callable[..., Any],
   memory. Keyword arguments (e.g. `bits`) go to every chunk's call. Same
   result up to float rounding (int32 sums add exactly; a row's value may
   round differently at another chunk size);
-  None or 0 returns grad_sum_fn unchanged. A chunk whose mask is all zero
-  is skipped (`lax.cond`): its rows add nothing, and the padded slots of
-  a packed Poisson batch come last, so the time follows the realised
-  batch, not the padded capacity (a timing side channel on the batch
-  size; README, "Not protected")."""
+  None or 0 returns grad_sum_fn unchanged. With skip_padding (the
+  default) a chunk whose mask is all zero is skipped (`lax.cond`): its
+  rows add nothing, and the padded slots of a packed Poisson batch come
+  last, so the time follows the realised batch, not the padded capacity
+  (a timing side channel on the batch size; README, "Not protected").
+  skip_padding=False computes every chunk (the same sums): the time then
+  follows the padded capacity, a public bound."""
   if microbatch is None:
     return grad_sum_fn
   require_int(microbatch, "microbatch", 0)
@@ -572,6 +580,8 @@ def microbatched(grad_sum_fn: Callable[..., Any],
         lambda s: jnp.broadcast_to(zero.astype(s.dtype), s.shape), shapes)
 
     def body(total, chunk):
+      if not skip_padding:
+        return jax.tree.map(jnp.add, total, fn(params, *chunk)), None
       # A chunk of padding only (Poisson batches are packed: their padded
       # slots come last) adds exact zeros: skipped, so that a step's time
       # follows the realised batch, not the padded capacity.

@@ -244,6 +244,14 @@ class Config:
                        "on CPU and 1024 on accelerators, so memory does "
                        "not grow with N); bounds memory, same result up "
                        "to float summation order", "performance")
+  no_skip_padding: bool = _f(
+      False, "the private passes skip their microbatches of padding only "
+      "(the expert's steps on every device; the queries' where they run "
+      "in chunks, as on CPU), so a step's time follows the realised "
+      "Poisson batch size, a timing side channel outside the guarantee "
+      "(README, \"Not protected\"); this flag computes them, so that the "
+      "time follows the padded capacity (a public bound), at the cost of "
+      "that compute; the same releases either way", "performance")
   coordinator_address: str = _f("", "multi-host: HOST:PORT of process 0 "
                                 "(empty: JAX_COORDINATOR_ADDRESS, or a "
                                 "single process)", "performance")

@@ -46,23 +46,22 @@ class CountBoundError(PrivacyAbort):
 
 
 def layout_rows(n: int) -> int:
-  """n rounded up to a multiple of 2^(bits(n) - 3): less than 1/4 more
-  rows (none below 8), and one value for every n of its bucket. The
-  padded length of private layouts is a function of the released bound
-  on N, which moves with the count release's noise from run to run (std
-  sigma_N sqrt(K): 76 rows at epsilon 1 on ten classes with the default
-  shares); padded to this, two runs on the same data usually share their
-  shapes, and so the persistent compilation cache's programs. Padded
-  rows are never sampled, and the microbatches holding only padding are
-  skipped, so on CPU the padding costs memory and the generator's
+  """n rounded up to a multiple of 2^(bits(n) - 3): less than 1/4 more rows
+  (none below 8), and one value for every n of its bucket. The padded length
+  of private layouts is a function of the released bound on N, which moves
+  with the count release's noise from run to run (std sigma_N sqrt(K): 76
+  rows at epsilon 1 on ten classes with the default shares); padded to this,
+  two runs on the same data usually share their shapes, and so the
+  persistent compilation cache's programs. Padded rows are never sampled,
+  and the microbatches holding only padding are skipped (unless
+  --no-skip-padding), so on CPU the padding costs memory and the generator's
   private passes, not steps (on accelerators a query takes its padded
-  Poisson batch in one piece, so there the sampling rate times the
-  extra rows are computed and masked). With buckets of at most 1/16
-  (2^(bits - 5)), two runs on 4000 images at epsilon 1 fell in different
-  buckets with probability 0.16 (0.27 averaged over N from 1000 to
-  70000), and the second compiled the expert's step, the queries and
-  PE's programs again; with these, 0 and 0.09 (benchmarks/RESULTS.md,
-  "Coarser layout buckets")."""
+  Poisson batch in one piece, so there the sampling rate times the extra
+  rows are computed and masked). With buckets of at most 1/16 (2^(bits -
+  5)), two runs on 4000 images at epsilon 1 fell in different buckets with
+  probability 0.16 (0.27 averaged over N from 1000 to 70000), and the second
+  compiled the expert's step, the queries and PE's programs again; with
+  these, 0 and 0.09 (benchmarks/RESULTS.md, "Coarser layout buckets")."""
   n = int(n)
   if n < 1:
     raise ValueError(f"need n >= 1 rows, got {n}")

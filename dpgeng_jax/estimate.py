@@ -89,6 +89,17 @@ def _examples(n: int, epochs: int, batch: int = 256) -> int:
   return epochs * math.ceil(n / min(batch, n)) * min(batch, n)
 
 
+def _batch_rows(cfg: Config, rate: float, num_train: int) -> float:
+  """Rows a Poisson step computes: the expected batch q N when its
+  padding-only microbatches are skipped (the default), else the padded
+  capacity over the padded rows (`--no-skip-padding`)."""
+  if not cfg.no_skip_padding:
+    return rate * num_train
+  from dpgeng_jax import counts, mechanisms
+  return float(mechanisms.poisson_capacity(
+      [counts.layout_rows(num_train)], rate))
+
+
 def stage_flops(cfg: Config, plan, image_shape, num_train: int,
                 num_test: int, num_classes: int) -> dict:
   """{stage: FLOPs} of a run (plan: planning.Plan resolved with the image
@@ -129,13 +140,14 @@ def stage_flops(cfg: Config, plan, image_shape, num_train: int,
     from dpgeng_jax.extractors import CENTRE_IMAGES
     out["extractor_pool"] += (cfg.num_queries * k * min(
         CENTRE_IMAGES, cfg.generated_per_class) * fwd)
-  out["queries"] = (cfg.num_queries * cfg.sampling_rate * num_train * fwd
+  out["queries"] = (cfg.num_queries * _batch_rows(cfg, cfg.sampling_rate,
+                                                   num_train) * fwd
                     if plan.feature_matching else 0.0)
   # DP-SGD steps, the two test accuracies (for information) and p_ref, a
   # forward pass over the generated set
-  out["expert"] = (cfg.expert_steps * cfg.expert_sampling_rate * num_train
-                   * TRAIN * fwd + (2 * num_test + n_gen) * fwd
-                   ) if plan.expert else 0.0
+  out["expert"] = (cfg.expert_steps * _batch_rows(
+      cfg, cfg.expert_sampling_rate, num_train) * TRAIN * fwd
+                   + (2 * num_test + n_gen) * fwd) if plan.expert else 0.0
   out["init"] = n_gen * fwd if plan.init == "generated" else 0.0
   m = k * cfg.ipc * f * f
   per_step = m * TRAIN * fwd * (2 if plan.expert else 1)

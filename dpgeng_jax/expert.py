@@ -59,7 +59,8 @@ def default_microbatch() -> int:
 def dp_finetune(params: Any, model: ConvNet, x: np.ndarray, y: np.ndarray,
                 *, cfg: ExpertConfig, noise_multiplier: float,
                 secret: jax.Array, progress=None, mesh=None,
-                microbatch: int = 0, num_rows: int | None = None,
+                microbatch: int = 0, skip_padding: bool = True,
+                num_rows: int | None = None,
                 expected_size: float | None = None,
                 log_tail: float | None = None) -> Any:
   """DP-SGD fine-tuning of `params` on private (x, y).
@@ -69,7 +70,9 @@ def dp_finetune(params: Any, model: ConvNet, x: np.ndarray, y: np.ndarray,
   noise. With a `mesh` of several devices (or processes) each device
   samples and clips its own rows (`parallel.sharded_dp_sgd_grad`); every
   process passes the same full (x, y) and keeps its `process_rows`.
-  microbatch bounds the per-example gradients held at once. Raises
+  microbatch bounds the per-example gradients held at once;
+  skip_padding: skip its chunks of padding only (`clipping.microbatched`:
+  the step's time then follows the realised batch) or compute them. Raises
   SamplingOverflowError instead of truncating a batch.
 
   The private rows are padded to `num_rows` (a PUBLIC bound on N, e.g.
@@ -91,7 +94,8 @@ def dp_finetune(params: Any, model: ConvNet, x: np.ndarray, y: np.ndarray,
       log_tail)
   opt = optax.sgd(cfg.learning_rate, momentum=cfg.momentum)
   grad_sum = clipping.microbatched(
-      pergrad.make_grad_sum_fn(model, clip_norm=cfg.clip_norm), microbatch)
+      pergrad.make_grad_sum_fn(model, clip_norm=cfg.clip_norm), microbatch,
+      skip_padding=skip_padding)
   if mesh is None or (parallel.num_shards(mesh) == 1
                       and jax.process_count() == 1):
     step, rows = private_step(grad_sum, cfg, noise_multiplier, x, y,

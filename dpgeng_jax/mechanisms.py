@@ -412,9 +412,11 @@ def noisy_class_sums(spec: QuerySpec, params: Any, x: jax.Array,
 def noisy_targets(spec: QuerySpec, data: ClassMajorData | FlatData,
                   params: Any,
                   aug_params: augment.AugmentParams,
-                  secret: jax.Array, chunk_size: int | None = None):
+                  secret: jax.Array, chunk_size: int | None = None,
+                  skip_padding: bool = True):
   """One M_F query: Poisson batch, siamese augmentation, clipped class sums,
-  Gaussian noise. chunk_size: see `clipped_class_sums` (speed only).
+  Gaussian noise. chunk_size, skip_padding: see `clipped_class_sums`
+  (speed and timing only: the same release).
 
   Args:
     spec: the public description of the query.
@@ -433,7 +435,8 @@ def noisy_targets(spec: QuerySpec, data: ClassMajorData | FlatData,
   k_sample, k_noise = jax.random.split(secret)
   bits = spec.release_bits(batch_rows(spec, data))
   sums, overflow = sampled_class_sums(spec, data, params, aug_params,
-                                      k_sample, chunk_size, bits)
+                                      k_sample, chunk_size, bits,
+                                      skip_padding)
   return withheld_on_overflow(spec.release(k_noise, sums, bits),
                               overflow), overflow
 
@@ -451,13 +454,14 @@ def sampled_class_sums(spec: QuerySpec, data: ClassMajorData | FlatData,
                        aug_params: augment.AugmentParams,
                        sample_key: jax.Array,
                        chunk_size: int | None = None,
-                       bits: int | None = None):
+                       bits: int | None = None,
+                       skip_padding: bool = True):
   """The noiseless part of one M_F query: Poisson batch, siamese
   augmentation, clipped class sums (int32 at 2^-bits when bits is set,
   see `clipping.clipped_class_sums`). Returns ((K, d) sums, overflow)."""
   if isinstance(data, FlatData):
     return _sampled_flat_sums(spec, data, params, aug_params, sample_key,
-                              chunk_size, bits)
+                              chunk_size, bits, skip_padding)
   if tuple(data.valid.shape) != tuple(data.x.shape[:2]):
     # A wider valid would index past a class's rows, and the gather
     # clamps: one example counted several times.
@@ -478,12 +482,12 @@ def sampled_class_sums(spec: QuerySpec, data: ClassMajorData | FlatData,
   sums = clipped_class_sums(spec.embed_fn, params, flat, y, mask.reshape(-1),
                             num_classes=spec.num_classes,
                             clip_norm=spec.clip_norm, chunk_size=chunk_size,
-                            bits=bits)
+                            bits=bits, skip_padding=skip_padding)
   return sums, overflow
 
 
 def _sampled_flat_sums(spec, data: FlatData, params, aug_params,
-                       sample_key, chunk_size, bits):
+                       sample_key, chunk_size, bits, skip_padding):
   """`sampled_class_sums` on flat data: one Poisson batch of all classes;
   each row is augmented with its class's parameters (the same as the
   synthetic side of that class), then clipped and summed into its class."""
@@ -502,7 +506,7 @@ def _sampled_flat_sums(spec, data: FlatData, params, aug_params,
   sums = clipped_class_sums(spec.embed_fn, params, xb, y, mask,
                             num_classes=spec.num_classes,
                             clip_norm=spec.clip_norm, chunk_size=chunk_size,
-                            bits=bits)
+                            bits=bits, skip_padding=skip_padding)
   return sums, overflow
 
 

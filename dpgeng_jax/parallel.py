@@ -296,7 +296,8 @@ def sharded_noisy_targets(spec: mechanisms.QuerySpec,
                           data, params: Any,
                           aug_params: augment.AugmentParams,
                           secret: jax.Array, *, mesh: Mesh,
-                          chunk_size: int | None = None):
+                          chunk_size: int | None = None,
+                          skip_padding: bool = True):
   """The M_F query of `mechanisms.noisy_targets` with the private table
   split over `mesh` along its example axis: class-major data from
   `sharded_class_major` (per class), or flat data (`mechanisms.FlatData`)
@@ -321,7 +322,8 @@ def sharded_noisy_targets(spec: mechanisms.QuerySpec,
     part = (mechanisms.FlatData(*arrays) if flat
             else mechanisms.ClassMajorData(*arrays))
     sums, over = mechanisms.sampled_class_sums(
-        spec, part, p, aug, _device_key(key), chunk_size, bits)
+        spec, part, p, aug, _device_key(key), chunk_size, bits,
+        skip_padding)
     return jax.lax.psum(sums, DATA), jax.lax.psum(over.astype(jnp.int32),
                                                   DATA) > 0
 

@@ -664,11 +664,13 @@ def answer_queries(cfg, spec, plan_q, k_query, x_train, ds, secret, mesh,
       rows, spec.sampling_rate, log_tail, mesh))
   if mesh is None:
     answer = functools.partial(mechanisms.noisy_targets, spec,
-                               chunk_size=query_chunk)
+                               chunk_size=query_chunk,
+                               skip_padding=not cfg.no_skip_padding)
   else:
     # On a mesh these are this process's rows (`_private_rows`).
     answer = functools.partial(parallel.sharded_noisy_targets, spec,
-                               mesh=mesh, chunk_size=query_chunk)
+                               mesh=mesh, chunk_size=query_chunk,
+                               skip_padding=not cfg.no_skip_padding)
 
   @jax.jit
   def query_fn(data, secret_q, q, arrays):
@@ -747,6 +749,7 @@ def expert(run: Run, budget: Budget, sizes, pool_: Pool, gen: Generated,
           noise_multiplier=budget.mechanism("expert").noise_multiplier,
           secret=secret, progress=bar.update, mesh=run.mesh,
           microbatch=cfg.microbatch or expert_lib.default_microbatch(),
+          skip_padding=not cfg.no_skip_padding,
           num_rows=sizes.padded_rows,
           expected_size=sizes.total_estimate,
           log_tail=_tail(budget.log_tail))

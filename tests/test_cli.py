@@ -212,6 +212,29 @@ GEN_TINY = ["--pe-iterations", "1", "--pe-population", "4",
             "--expert-steps", "3", "--expert"]
 
 
+def test_no_skip_padding_reaches_the_expert_and_the_queries(tmp_path,
+                                                           monkeypatch):
+  """--no-skip-padding (a performance option: the same releases) is passed
+  to the microbatching of both private passes that Poisson-sample, the
+  queries' clipped class sums and the expert's DP-SGD step (without it,
+  the default, both skip their chunks of padding only)."""
+  from dpgeng_jax import clipping
+  seen, real = [], clipping.microbatched
+
+  def recording(fn, microbatch, *, skip_padding=True):
+    seen.append((getattr(fn, "clip_norm", None) is not None, skip_padding))
+    return real(fn, microbatch, skip_padding=skip_padding)
+  monkeypatch.setattr(clipping, "microbatched", recording)
+  flags = ["--method", "dpgeng", "--generator", "merf", "--deterministic",
+           "--no-eval", *GEN_TINY, *TINY]
+  assert not Config().no_skip_padding
+  assert _run(["--out", str(tmp_path / "run"), *flags,
+               "--no-skip-padding"]) == 0
+  # pergrad's grad-sum function carries its clip norm, the queries' class
+  # sums do not: both passes were built, each with the flag.
+  assert set(seen) == {(True, False), (False, False)}, seen
+
+
 def test_dpgeng_with_merf_generator_and_factor_two(tmp_path):
   out = tmp_path / "run"
   assert _run(["--out", str(out), "--method", "dpgeng", "--factor", "2",

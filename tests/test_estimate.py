@@ -58,6 +58,25 @@ def test_stage_flops_follow_the_configuration():
   assert _flops(init="noise", centre_features="none")["extractor_pool"] == 0
 
 
+def test_computing_the_padding_costs_the_capacity_over_the_expected_batch():
+  """--no-skip-padding: the queries' and the expert's steps compute their
+  padded capacity over the padded rows (1000 -> 1024), not q N rows."""
+  from dpgeng_jax import mechanisms
+  skip = _flops(expert=True)
+  every = _flops(expert=True, no_skip_padding=True)
+  cfg = Config()
+  for stage, rate in (("queries", cfg.sampling_rate),
+                      ("expert", cfg.expert_sampling_rate)):
+    ratio = mechanisms.poisson_capacity([1024], rate) / (rate * 1000)
+    extra = every[stage] - skip[stage]
+    assert ratio > 1.05 and extra > 0
+    if stage == "queries":
+      assert every[stage] == pytest.approx(ratio * skip[stage])
+  assert {k: v for k, v in every.items() if k not in ("queries", "expert")
+          } == {k: v for k, v in skip.items() if k not in ("queries",
+                                                          "expert")}
+
+
 def test_machine_rate_is_measured_once_and_cached(tmp_path, monkeypatch):
   path = tmp_path / "sub" / "machine.json"
   monkeypatch.setenv("DPGENG_RATE_CACHE", str(path))

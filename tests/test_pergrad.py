@@ -215,6 +215,26 @@ def test_microbatched_skips_only_the_chunks_of_padding_only():
   assert np.isnan(float(jax.jit(fn)(None, x, jnp.zeros(9))))  # it would be
 
 
+def test_microbatched_without_skipping_runs_every_chunk_to_the_same_sums():
+  """skip_padding=False (--no-skip-padding) evaluates the chunks of
+  padding only too, so a step's time follows the capacity, not the
+  realised batch: the nan-on-padding function of the test above now
+  returns nan; a function without that flaw gives the same sum either
+  way."""
+  from dpgeng_jax.clipping import microbatched
+  nan_on_padding = lambda p, b, m: jnp.sum(b * m) / jnp.sum(m)
+  x, mask = jnp.arange(1.0, 10.0), jnp.array([1.0] * 3 + [0] * 6)
+  every = jax.jit(microbatched(nan_on_padding, 3, skip_padding=False))
+  assert np.isnan(float(every(None, x, mask)))
+  masked_sum = lambda p, b, m: jnp.sum(b * m)
+  for m in (mask, jnp.array([1.0] * 4 + [0] * 5), jnp.zeros(9)):
+    want = float(jnp.sum(x * m))
+    for skip in (True, False):
+      got = jax.jit(microbatched(masked_sum, 3, skip_padding=skip))(
+          None, x, m)
+      assert float(got) == want
+
+
 @pytest.mark.parametrize("shape", [(28, 28, 1), (32, 32, 3), (29, 27, 3)])
 def test_fused_first_block_per_example_grads_equal_the_layer_by_layer_model(
     shape, monkeypatch):
