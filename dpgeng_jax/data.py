@@ -372,8 +372,8 @@ def _images(x: Any, what: str, allow_empty: bool = False) -> np.ndarray:
     if int(x.max()) <= 1:
       warnings.warn(
           f"{what} is uint8 with no value above 1: uint8 images are read "
-          "as 0..255, so these are all but black; if they are 0/1 (binary) "
-          "images, pass them as float 0.0/1.0", stacklevel=3)
+          "as 0..255, so these are black or nearly so; if they are 0/1 "
+          "(binary) images, pass them as float 0.0/1.0", stacklevel=3)
     return x.astype(np.float32) / np.float32(255.0)
   if x.dtype.name == "bfloat16":  # ml_dtypes' (JAX's), not a numpy floating
     x = x.astype(np.float32)
