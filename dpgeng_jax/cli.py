@@ -312,6 +312,14 @@ def _distill(cfg: Config, console: bool = False) -> int:
   if cfg.tensorboard and writer:
     from dpgeng_jax import outputs
     outputs.writable_dir(cfg.tensorboard, "--tensorboard")
+    inside = outputs.replaced_by(cfg.out, pipeline.OUTPUT_FILES,
+                                 cfg.tensorboard)
+    if inside is not None:  # its events deleted by the next --overwrite
+      raise ConfigError(
+          f"--tensorboard {cfg.tensorboard!r} is inside "
+          f"{os.path.join(cfg.out, inside)}, which this tool writes and "
+          "replaces; choose a folder outside it, for example "
+          f"{os.path.join(cfg.out, 'tensorboard')!r}")
   if not writer:  # one set of outputs, written by process 0
     pipeline.run(cfg)
     return 0

@@ -106,6 +106,19 @@ def writable_dir(path: str, what: str = "--out") -> None:
     raise ConfigError(f"{what} {path!r}: {probe!r} is not writable")
 
 
+def replaced_by(out: str, names: Iterable[str], path: str) -> str | None:
+  """The name in `out` (an output of `names`, the manifest or the staging
+  folder) that is `path` or holds it, so that publishing a run there (or
+  a later --overwrite) replaces or deletes it; None if there is none.
+  Links resolved."""
+  path = os.path.realpath(path)
+  for name in (*names, MANIFEST, STAGING):
+    target = os.path.realpath(os.path.join(out, name))
+    if path == target or path.startswith(target + os.sep):
+      return name
+  return None
+
+
 def read_manifest(out: str) -> dict | None:
   """The finished run's manifest in `out`, or None when there is none.
 
@@ -312,14 +325,12 @@ class RunDirectory:
     the run's input files (the private dataset, say), with or without
     --overwrite."""
     for given in self.inputs:
-      path = os.path.realpath(given)
-      for name in (*self.names, MANIFEST, STAGING):
-        target = os.path.realpath(os.path.join(self.out, name))
-        if path == target or path.startswith(target + os.sep):
-          raise ConfigError(
-              f"--out {self.out!r}: publishing there would replace "
-              f"{os.path.join(self.out, name)}, which holds the input "
-              f"{given!r}; choose another directory")
+      name = replaced_by(self.out, self.names, given)
+      if name is not None:
+        raise ConfigError(
+            f"--out {self.out!r}: publishing there would replace "
+            f"{os.path.join(self.out, name)}, which holds the input "
+            f"{given!r}; choose another directory")
 
   def _foreign_folders(self) -> list[str]:
     """The folders with one of the output names that this tool did not

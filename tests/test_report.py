@@ -447,6 +447,24 @@ def test_a_tensorboard_path_that_is_a_file_is_refused_before_any_work(
   assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("inside", ["stages", "stages/tb", ".dpgeng-staging/tb",
+                                    "report.html"])
+def test_a_tensorboard_path_inside_the_run_s_own_outputs_is_refused(
+    tmp_path, capsys, monkeypatch, inside):
+  """Events written into --out/stages (the tool's folder) were deleted by
+  the next --overwrite there: refused before any work. A folder of its
+  own inside --out is fine (the finished_run fixture writes beside it)."""
+  from dpgeng_jax import data
+  monkeypatch.setattr(data, "load_dataset",
+                      lambda *a, **k: pytest.fail("the data was read"))
+  out = tmp_path / "run"
+  assert cli.main(["distill", "--out", str(out), "--tensorboard",
+                   str(out / inside), *TINY]) == 2
+  err = capsys.readouterr().err
+  assert "--tensorboard" in err and "which this tool writes" in err
+  assert not out.exists()
+
+
 @pytest.mark.parametrize("shape,k,per,names", [
     ((8, 8, 1), 4, 2, None),  # two narrow columns under a long title
     ((16, 24, 3), 2, 1, ["a class name of thirty letters", "b"]),
