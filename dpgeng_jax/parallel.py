@@ -323,7 +323,7 @@ def sharded_noisy_targets(spec: mechanisms.QuerySpec,
             else mechanisms.ClassMajorData(*arrays))
     sums, over = mechanisms.sampled_class_sums(
         spec, part, p, aug, _device_key(key), chunk_size, bits,
-        skip_padding)
+        skip_padding=skip_padding)
     return jax.lax.psum(sums, DATA), jax.lax.psum(over.astype(jnp.int32),
                                                   DATA) > 0
 

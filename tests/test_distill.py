@@ -217,7 +217,8 @@ def test_the_queries_real_side_and_the_step_s_synthetic_side_are_siamese():
       embed_fn=plan.embed_fn, num_classes=K, clip_norm=math.inf,
       noise_multiplier=0.0, sampling_rate=1.0, capacity=0,
       strategy=plan.strategy)
-  cfg = types.SimpleNamespace(microbatch=0, num_queries=3, quiet=True)
+  cfg = types.SimpleNamespace(microbatch=0, num_queries=3, quiet=True,
+                              no_skip_padding=False)
   key = jax.random.key(5)
 
   def answered(plan_q):

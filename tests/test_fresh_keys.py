@@ -50,13 +50,14 @@ def test_each_feature_matching_query_gets_its_own_key(monkeypatch):
   for the query that returns noise drawn from the key it is given gives
   Q different answers (the same answer Q times if the key were reused)."""
   def fake_noisy_targets(spec, data, params, aug_params, secret_q,
-                         chunk_size=None):
-    del data, params, aug_params, chunk_size
+                         chunk_size=None, skip_padding=True):
+    del data, params, aug_params, chunk_size, skip_padding
     return (noise.add_gaussian_noise(secret_q, jnp.zeros((spec.num_classes,
                                                           3)), 1.0),
             jnp.bool_(False))
   monkeypatch.setattr(mechanisms, "noisy_targets", fake_noisy_targets)
-  cfg = types.SimpleNamespace(microbatch=0, num_queries=5, quiet=True)
+  cfg = types.SimpleNamespace(microbatch=0, num_queries=5, quiet=True,
+                              no_skip_padding=False)
   spec = mechanisms.QuerySpec(
       embed_fn=lambda p, x: x.reshape(x.shape[0], -1), num_classes=2,
       clip_norm=1.0, noise_multiplier=1.0, sampling_rate=0.5, capacity=0)

@@ -291,9 +291,9 @@ def test_a_sharded_query_sizes_its_fixed_point_from_every_device(
   seen = []
   real = mechanisms.sampled_class_sums
 
-  def spy(*args):
-    seen.append(args[-1])
-    return real(*args)
+  def spy(*args, **kwargs):
+    seen.append(args[-1])  # bits (skip_padding goes by keyword)
+    return real(*args, **kwargs)
 
   monkeypatch.setattr(mechanisms, "sampled_class_sums", spy)
   query = jax.jit(functools.partial(  # jitted: traced once, not op by op
