@@ -394,7 +394,7 @@ def test_only_performance_evaluation_and_output_options_may_change():
       "checkpoint_every", "conv_impl", "coordinator_address", "data_dir",
       "devices", "eval_epochs", "eval_models", "eval_width", "microbatch",
       "no_compile_cache", "no_eval", "no_retain_host_memory",
-      "num_processes", "out", "overwrite", "process_id", "quiet", "resume",
+      "no_skip_padding", "num_processes", "out", "overwrite", "process_id", "quiet", "resume",
       "tensorboard"}
   assert store.RESUME_FREE.isdisjoint(config.privacy_fields())
   # The options that set a mechanism or its sensitivity, by name.
