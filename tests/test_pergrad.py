@@ -197,6 +197,12 @@ def test_microbatched_grad_sum_equals_one_batch(microbatch, mask):
   want = jax.jit(fn)(params, (x, y), mask)
   got = jax.jit(microbatched(fn, microbatch))(params, (x, y), mask)
   assert _rel(got, want) < 1e-5
+  # Computing the chunks of padding too (--no-skip-padding) adds exact
+  # zeros: the same sums bit for bit.
+  every = jax.jit(microbatched(fn, microbatch, skip_padding=False))(
+      params, (x, y), mask)
+  for a, b in zip(jax.tree.leaves(every), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_microbatched_skips_only_the_chunks_of_padding_only():
