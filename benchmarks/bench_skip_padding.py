@@ -59,7 +59,7 @@ def main() -> None:
            for skip in (True, False)}
   masks = {r: (jnp.arange(cap) < r).astype(jnp.float32) for r in realised}
   times = {(r, s): [] for r in realised for s in steps}
-  for s, step in steps.items():  # compile, warm
+  for step in steps.values():  # compile, warm
     jax.block_until_ready(step(params, (x, y), masks[realised[0]]))
   for i in range(args.rounds + 1):
     for r in realised:
