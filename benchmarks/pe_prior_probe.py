@@ -111,10 +111,10 @@ def patch_loop(last_degree: float, schedule: str) -> None:
   if schedule != "flat":
     release, evolve, t = pe.release_histogram, pe.evolve, [0, None]
 
-    def scheduled_release(key, counts, sigma, *, k):
+    def scheduled_release(key, counts, sigma, **votes):
       w = noise_weights(t[1], schedule)[t[0]]
       t[0] += 1
-      return release(key, counts, sigma * w, k=k)
+      return release(key, counts, sigma * w, **votes)
 
     def counted_evolve(*a, cfg, **k):
       t[:] = [0, cfg.iterations]

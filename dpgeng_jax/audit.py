@@ -39,6 +39,8 @@ Mechanisms (`MECHANISMS`), one release per trial:
   (`generators.pe.private_histogram` with k = 2 votes of weight 1/sqrt 2,
   then `pe.release_histogram`): u is the canary's vote vector (norm 1),
   and the noiseless histogram of D' is subtracted.
+* ``pe_soft_histogram``: the same with soft votes (k = 3, tau 0.5: the
+  canary's weights in fixed point, its vote vector of norm just under 1).
 * ``class_counts``: `counts.noisy_counts`, the count release M_N (sigma on
   each count, sensitivity 1); s is the canary class's noisy count minus its
   count in D'.
@@ -97,9 +99,11 @@ from dpgeng_jax.errors import ConfigError, require_int
 from dpgeng_jax.generators import merf, pe
 
 MECHANISMS = ("feature_matching", "feature_matching_sharded", "dp_sgd",
-              "generator", "pe_histogram", "class_counts")
+              "generator", "pe_histogram", "pe_soft_histogram",
+              "class_counts")
 # They read the whole dataset.
-UNSAMPLED = ("generator", "pe_histogram", "class_counts")
+UNSAMPLED = ("generator", "pe_histogram", "pe_soft_histogram",
+             "class_counts")
 GRID_POINTS = 40  # thresholds (see the module docstring)
 CANARY_NORM = 10.0  # the canary's norm before clipping, in units of C
 CHUNK = 2**15  # trials per vmapped chunk (bounds memory)
@@ -473,10 +477,13 @@ def _generator_setup(sigma, clip, p, copies) -> _Setup:
 
 
 _PE_VOTES = 2  # k of the audited histogram
+_PE_SOFT = {"k": 3, "tau": 0.5}  # of the audited soft histogram
 
 
-def _pe_setup(sigma, clip, p, copies) -> _Setup:
+def _pe_setup(sigma, clip, p, copies, *, k=_PE_VOTES, tau=0.0) -> _Setup:
   del clip, p  # votes, not clipped sums; the whole dataset
+  votes = {"k": k, "tau": tau, "bits": pe.soft_bits(6 + copies)
+           if tau > 0 else None}  # the same bits with and without
   rng = np.random.default_rng(0)
   pop = jnp.asarray(rng.normal(size=(_NUM_CLASSES, 4, 4)), jnp.float32)
   others = rng.normal(size=(6, 4)).astype(np.float32)
@@ -484,14 +491,14 @@ def _pe_setup(sigma, clip, p, copies) -> _Setup:
   with_canary, without_canary = _padded_pair(others, canary, copies)
 
   def release(data, sigma_, key):
-    counts = pe.private_histogram(pop, *data, k=_PE_VOTES)
-    return pe.release_histogram(key, counts, sigma_, k=_PE_VOTES).reshape(-1)
+    counts = pe.private_histogram(pop, *data, **votes)
+    return pe.release_histogram(key, counts, sigma_, **votes).reshape(-1)
 
   # The canary's own votes (a one-row histogram) give u; the noiseless
   # histogram of D' centres s.
   alone = pe.private_histogram(pop, jnp.asarray(canary), jnp.zeros(1,
                                                                   jnp.int32),
-                               jnp.ones(1), k=_PE_VOTES).reshape(-1)
+                               jnp.ones(1), **votes).reshape(-1)
   alone = alone.astype(jnp.float32)
   u = alone / jnp.linalg.norm(alone)
   base = release(without_canary, 0.0, jax.random.key(0)) @ u
@@ -520,7 +527,9 @@ _SETUPS = {
     "feature_matching_sharded": functools.partial(_query_setup,
                                                   sharded=True),
     "dp_sgd": _dp_sgd_setup, "generator": _generator_setup,
-    "pe_histogram": _pe_setup, "class_counts": _count_setup}
+    "pe_histogram": _pe_setup,
+    "pe_soft_histogram": functools.partial(_pe_setup, **_PE_SOFT),
+    "class_counts": _count_setup}
 
 
 @functools.lru_cache(maxsize=64)

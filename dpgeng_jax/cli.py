@@ -105,7 +105,8 @@ def _add_audit_parser(sub) -> None:
                      help="mechanisms to audit, any of "
                      "feature_matching, feature_matching_sharded, dp_sgd, "
                      "generator (DP-MERF), pe_histogram (Private "
-                     "Evolution), class_counts; None: all of them")
+                     "Evolution), pe_soft_histogram (its soft votes), "
+                     "class_counts; None: all of them")
   audit.add_argument("--seed", type=int, default=0,
                      help="seed of the audit's (public) randomness")
   audit.add_argument("--faults", action="store_true",

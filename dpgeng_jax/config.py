@@ -154,6 +154,11 @@ class Config:
                            "method")
   pe_k: int = _f(4, "PE votes per private example (its k nearest, weight "
                  "1/sqrt(k) each)", "method")
+  pe_vote_tau: float = _f(0.0, "PE soft votes: 0 (default) gives each "
+                         "of an example's k votes 1/sqrt(k); tau > 0 "
+                         "weighs its k nearest by exp(-(d_j - d_1) / (tau "
+                         "(d_k - d_1))), scaled to L2 norm 1 (the same "
+                         "sensitivity)", "method")
   pe_lookahead: int = _f(0, "PE lookahead L: a candidate's embedding is "
                          "the mean over L of its variations (0: off)",
                          "method")

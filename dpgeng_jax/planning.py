@@ -21,6 +21,7 @@ from dpgeng_jax.config import Config, METHODS
 from dpgeng_jax.errors import ConfigError
 from dpgeng_jax.generators.apis.text import MAX_MARKS
 from dpgeng_jax.generators.embeddings import EMBEDDINGS
+from dpgeng_jax.generators.pe import SOFT_MAX_K
 
 MIN_SHARE, MAX_SHARE = 1e-6, 1e6  # budget shares, relative weights
 
@@ -205,6 +206,12 @@ def _validate_pe(cfg: Config) -> None:
   if cfg.pe_k > cfg.pe_population:
     raise ConfigError(f"pe_k = {cfg.pe_k} votes per example need "
                       f"pe_population >= {cfg.pe_k}")
+  if not math.isfinite(cfg.pe_vote_tau) or cfg.pe_vote_tau < 0:
+    raise ConfigError("pe_vote_tau must be >= 0 and finite, got "
+                      f"{cfg.pe_vote_tau}")
+  if cfg.pe_vote_tau > 0 and cfg.pe_k > SOFT_MAX_K:
+    raise ConfigError(f"soft votes (pe_vote_tau > 0) take pe_k <= "
+                      f"{SOFT_MAX_K}, got {cfg.pe_k}")
   for name in ("pe_lookahead", "pe_marks"):
     if getattr(cfg, name) < 0:
       raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
@@ -505,8 +512,8 @@ def nonprivate_reasons(cfg: Config, plan: Plan) -> list[str]:
 
 # Options that only one part of the method reads, by that part.
 _PE_OPTIONS = ("pe_iterations", "pe_public_only", "pe_population",
-               "pe_threshold", "pe_k", "pe_lookahead", "pe_embedding",
-               "pe_width")
+               "pe_threshold", "pe_k", "pe_vote_tau", "pe_lookahead",
+               "pe_embedding", "pe_width")
 _TEXT_OPTIONS = ("pe_texts", "pe_font_dir", "pe_stroke_fonts", "pe_marks",
                  "pe_polarity")
 _NEAREST_OPTIONS = ("pe_nearest_k",)

@@ -68,8 +68,10 @@ def test_noise_at_0_8_of_the_claim_is_caught(mechanism):
   assert not r.passed and r.fault == "noise_scale=0.8"
 
 
-def test_pe_histogram_with_half_the_noise_is_caught():
-  r = audit.audit_mechanism("pe_histogram", SIGMA, trials=2_000, key=KEY,
+@pytest.mark.parametrize("mechanism",
+                         ["pe_histogram", "pe_soft_histogram"])
+def test_pe_histogram_with_half_the_noise_is_caught(mechanism):
+  r = audit.audit_mechanism(mechanism, SIGMA, trials=2_000, key=KEY,
                             fault=audit.Fault(noise_scale=0.5))
   assert r.epsilon_lower_bound > r.epsilon_accounted, r
 
@@ -83,7 +85,7 @@ def test_twice_the_sampling_rate_is_caught(mechanism):
 
 @pytest.mark.parametrize("mechanism", ["feature_matching_sharded", "dp_sgd",
                                        "generator", "pe_histogram",
-                                       "class_counts"])
+                                       "pe_soft_histogram", "class_counts"])
 def test_a_double_counted_example_is_caught(mechanism):
   r = audit.audit_mechanism(mechanism, SIGMA, trials=5_000, key=KEY,
                             fault=audit.Fault(copies=2))

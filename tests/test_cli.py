@@ -470,11 +470,14 @@ def test_too_few_generated_images_for_kmeans_fail_before_private_work(
 # Private Evolution through the command line and from Python.
 
 
-def test_pe_text_run_writes_the_iterations_and_accounts_t_releases(tmp_path):
+@pytest.mark.parametrize("votes", [[], ["--pe-k", "3", "--pe-vote-tau",
+                                         "0.5"]])
+def test_pe_text_run_writes_the_iterations_and_accounts_t_releases(
+    tmp_path, votes):
   out = tmp_path / "run"
   assert _run(["--out", str(out), "--method", "generator", "--generator",
                "pe:text", "--deterministic", *GEN_TINY, "--pe-iterations",
-               "3", *TINY]) == 0
+               "3", *votes, *TINY]) == 0
   priv = json.loads((out / "privacy.json").read_text())
   gen = _mechanism(priv, "generator")
   assert gen["steps"] == 3 and gen["sampling_rate"] == 1.0
@@ -513,6 +516,10 @@ def test_pe_nearest_runs_on_a_public_collection(tmp_path):
     (["--generator", "pe:text", "--pe-texts", "a,b"], "class texts"),
     (["--generator", "pe:text", "--pe-k", "9", "--pe-population", "4"],
      "pe_k"),
+    (["--generator", "pe:text", "--pe-vote-tau", "-1"], "pe_vote_tau"),
+    (["--generator", "pe:text", "--pe-vote-tau", "inf"], "pe_vote_tau"),
+    (["--generator", "pe:text", "--pe-vote-tau", "0.5", "--pe-k", "5000",
+      "--pe-population", "5000"], "soft votes"),
     (["--generator", "pe:text", "--pe-marks", "-1"], "pe_marks"),
     (["--generator", "pe:text", "--pe-marks", "1000000"], "pe_marks"),
     (["--generator", "pe:text", "--pe-font-dir", "/no/fonts"],

@@ -1,5 +1,6 @@
 """Private Evolution (generators/pe.py) and its image APIs."""
 
+import functools
 import math
 
 import dp_accounting
@@ -84,6 +85,136 @@ def test_the_release_moves_by_at_most_one_even_with_large_counts(
                                    - jnp.asarray(vb, jnp.float64) * w))
     assert wide <= 1.0, (c, wide)
     assert np.all(np.isfinite(a - b))
+
+
+def _soft(tau):
+  """vote_histogram with soft votes of decay tau (k given by the caller)."""
+  def hist(pop, x, y, mask, *, k):
+    return pe.vote_histogram(pop, x, y, mask, k=k, tau=tau)
+  return hist
+
+
+def _soft_released(pop, x, y, mask, *, k, tau=0.3):
+  bits = pe.soft_bits(len(y))
+  return pe.release_histogram(jax.random.key(0), pe.vote_counts(
+      pop, x, y, mask, k=k, tau=tau, bits=bits), 0.0, k=k, tau=tau,
+                              bits=bits)
+
+
+@pytest.mark.parametrize("k,tau", [(1, 0.5), (3, 0.3), (6, 2.0)])
+def test_soft_votes_change_the_histogram_by_at_most_one_and_nearly_one(
+    k, tau):
+  """The fixed-point weights of one example have L2 norm <= 1 and, with
+  20 bits (12 rows), within 2^-9 of it (floor per bin, the norm margin)."""
+  worst = _max_sensitivity(_soft(tau), k)
+  assert 1.0 - 2.0 ** -9 < worst <= 1.0
+  assert _max_sensitivity(functools.partial(_soft_released, tau=tau), k,
+                          trials=5) <= 1.0
+
+
+def test_soft_votes_without_the_unit_norm_are_caught():
+  """A broken variant (exponential weights not scaled to norm 1: the
+  nearest bin gets a full vote, the others more) breaks the bound."""
+  def unscaled(pop, x, y, mask, *, k):
+    w = pe.soft_weights
+    try:
+      pe.soft_weights = lambda d, tau: jnp.exp(
+          -(d - d[:, :1]) / (tau * (d[:, -1:] - d[:, :1]))) * 0.999
+      return pe.vote_histogram(pop, x, y, mask, k=k, tau=0.5)
+    finally:
+      pe.soft_weights = w
+  assert _max_sensitivity(unscaled, 3, trials=2) > 1.2
+
+
+def test_soft_fixed_point_weights_keep_norm_one_whatever_the_distances():
+  """floor(w 2^bits) as integers: sum of squares <= 2^(2 bits) exactly
+  (Python integers), for ties, huge and tiny spreads, k up to the cap;
+  a row with a non-finite distance votes nothing."""
+  rng = np.random.default_rng(3)
+  bits = pe.SOFT_MAX_BITS
+  for k in (1, 2, 7, 64, pe.SOFT_MAX_K):
+    for tau in (1e-6, 0.2, 1.0, 1e6):
+      rows = [np.sort(rng.normal(size=k) * s) for s in (1e-30, 1, 1e30)]
+      rows.append(np.zeros(k))                      # all tied
+      rows.append(np.r_[0.0, np.full(k - 1, 1e-7)])  # one apart
+      d = jnp.asarray(np.stack(rows), jnp.float32)
+      u = np.floor(np.asarray(pe.soft_weights(d, tau), np.float64)
+                   * 2.0 ** bits).astype(np.int64)
+      assert np.all(u >= 0)
+      for row in u:
+        assert sum(int(v) ** 2 for v in row) <= 4 ** bits, (k, tau)
+  bad = jnp.asarray([[0.0, 1.0, np.nan], [0.0, np.inf, np.inf]], jnp.float32)
+  assert np.all(np.asarray(pe.soft_weights(bad, 0.5)) == 0.0)
+
+
+def test_soft_votes_at_tiny_tau_are_single_votes_and_at_large_tau_equal():
+  """tau -> 0 puts an example's weight on its nearest candidate (k = 1's
+  histogram); tau -> infinity spreads it evenly (equal votes, k)."""
+  pop, x, y, mask = _toy(30)
+  single = np.asarray(pe.vote_histogram(pop, x, y, mask, k=1))
+  np.testing.assert_allclose(
+      pe.vote_histogram(pop, x, y, mask, k=4, tau=1e-6), single, rtol=2e-3)
+  np.testing.assert_allclose(
+      pe.vote_histogram(pop, x, y, mask, k=4, tau=1e6),
+      pe.vote_histogram(pop, x, y, mask, k=4), rtol=2e-3)
+
+
+def test_soft_votes_favour_nearer_candidates():
+  """One example at a candidate's image: its weights fall with the rank
+  of the distance; the release scale is 2^-bits less the margin."""
+  pop, _, _, _ = _toy()
+  x = pop[1, 2][None] + 0.01
+  counts = np.asarray(pe.vote_counts(pop, x, jnp.ones(1, jnp.int32),
+                                     jnp.ones(1), k=POP, tau=0.5))
+  d = np.sum((np.asarray(pop[1]) - np.asarray(x)) ** 2, 1)
+  assert np.all(np.diff(counts[1][np.argsort(d)]) <= 0)
+  assert counts[1, 2] == counts.max() and counts[[0, 2]].sum() == 0
+  assert pe.release_scale(POP, 0.5, 19) == (1 - pe.VOTE_MARGIN) * 2.0 ** -19
+  assert pe.release_scale(POP) == pe.vote_weight(POP)
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.3])
+def test_padded_rows_vote_nothing_and_chunks_and_jit_agree(tau):
+  pop, x, y, mask = _toy(10)
+  padded = jnp.concatenate([x, 100 * jnp.ones((5, D))])
+  yp = jnp.concatenate([y, jnp.zeros(5, jnp.int32)])
+  mp = jnp.concatenate([mask, jnp.zeros(5)])
+  bits = pe.soft_bits(15) if tau else None
+  want = pe.vote_counts(pop, x, y, mask, k=3, tau=tau, bits=bits)
+  np.testing.assert_array_equal(
+      pe.vote_counts(pop, padded, yp, mp, k=3, tau=tau, bits=bits), want)
+  np.testing.assert_array_equal(jax.jit(lambda *a: pe.vote_counts(
+      *a, k=3, tau=tau, bits=bits, chunk=4))(pop, padded, yp, mp), want)
+
+
+def test_soft_votes_refuse_bad_settings():
+  pop, x, y, mask = _toy()
+  for tau in (-0.1, float("inf"), float("nan")):
+    with pytest.raises(ValueError, match="tau"):
+      pe.vote_counts(pop, x, y, mask, k=2, tau=tau)
+  with pytest.raises(ValueError, match="bits"):
+    pe.vote_counts(pop, x, y, mask, k=2, tau=0.5, bits=21)
+  with pytest.raises(ValueError, match="bits"):
+    pe.release_scale(2, 0.5)  # soft counts need the bits they were made with
+  assert pe.soft_bits(1438) == 19 and pe.soft_bits(60_000) == 14
+  assert pe.soft_bits(2 ** 22) == pe.SOFT_MIN_BITS
+  with pytest.raises(ValueError, match="equal votes"):
+    pe.soft_bits(2 ** 22 + 1)
+
+
+def test_the_soft_release_moves_by_at_most_one_even_with_large_counts():
+  """The module docstring's margin for soft votes: an integer change u of
+  norm <= 2^bits on counts up to 2^30 moves the float64 values <= 1."""
+  bits = pe.SOFT_MIN_BITS
+  u = np.floor(np.asarray(pe.soft_weights(
+      jnp.asarray([[0.0, 0.1, 0.3, 0.7]], jnp.float32), 0.5))
+      * 2.0 ** bits).astype(np.int64)[0]
+  scale = pe.release_scale(4, 0.5, bits)
+  for c in (1, 2 ** 24 + 1, 2 ** 30 - 2 ** bits):
+    with jax.enable_x64(True):
+      a = jnp.asarray(c + u, jnp.float64) * scale
+      b = jnp.asarray(np.full(4, c), jnp.float64) * scale
+      assert float(jnp.linalg.norm(a - b)) <= 1.0
 
 
 def test_a_histogram_that_counts_a_vote_twice_is_caught():

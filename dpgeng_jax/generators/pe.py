@@ -12,7 +12,10 @@ t = 1..T:
    as integers (exact at any N; float32 sums of 1/sqrt(3) moved by 1.0013
    at 30000 rows of a class) and weighted in float64 at the release by
    `vote_weight(k)`, 1/sqrt(k) less a margin of 2^-20 that covers the
-   float64 rounding of any int32 count;
+   float64 rounding of any int32 count. Soft votes (`vote_tau` > 0,
+   ours): the k nearest get weights falling with distance, of L2 norm
+   <= 1, counted in fixed point (`soft_weights`, `soft_bits`); the same
+   margin covers them, every bin's integer change being 0 or >= 1;
 3. the histogram (counts summed over the data mesh with psum) gets
    N(0, sigma^2) noise on every bin ONCE, from the secret key, through the
    atom-free float64 sampler (`noise.add_gaussian_noise`);
@@ -29,7 +32,8 @@ embedding of L of its variations.
 
 The released noisy histograms also estimate the class sizes (a class's
 bins sum to sqrt(k) N_c plus noise): free refinement of the normalisation
-constants (`Output.counts`).
+constants (`Output.counts`); not with soft votes, whose sums vary by
+example.
 """
 
 from __future__ import annotations
@@ -64,6 +68,60 @@ def vote_weight(k: int) -> float:
   return (1.0 - VOTE_MARGIN) / math.sqrt(k)
 
 
+# Soft votes (tau > 0) are counted in fixed point: a weight w in [0, 1]
+# adds floor(w 2^bits) units to its bin, with `soft_bits(rows)` the most
+# bits (at most 20) that keep a bin's total of at most `rows` weights below
+# 2^30 in int32 (at least 8, so soft votes take up to 2^22 rows).
+SOFT_MAX_BITS, SOFT_MIN_BITS = 20, 8
+# The float32 norm of k weights errs by < (k + 2) 2^-24; dividing by
+# (1 + 2^-10) keeps the weight vector's norm <= 1 for k <= SOFT_MAX_K.
+SOFT_NORM_MARGIN = 2.0 ** -10
+SOFT_MAX_K = 4096
+
+
+def soft_bits(rows: int) -> int:
+  """Fixed-point bits of soft votes over `rows` private rows (padding
+  included: the public row count, summed over every device)."""
+  bits = min(SOFT_MAX_BITS, 30 - max(0, math.ceil(math.log2(max(rows, 1)))))
+  if bits < SOFT_MIN_BITS:
+    raise ValueError(
+        f"soft PE votes over {rows} rows would keep {bits} < "
+        f"{SOFT_MIN_BITS} bits per weight in int32 counts; use equal votes "
+        "(vote_tau 0) at this size")
+  return bits
+
+
+def release_scale(k: int, tau: float = 0.0, bits: int | None = None
+                  ) -> float:
+  """What one unit of `vote_counts` weighs in the release: vote_weight(k)
+  for equal votes, (1 - VOTE_MARGIN) 2^-bits for soft votes (tau > 0),
+  whose units are the fixed-point weights (the margin's argument in the
+  module docstring holds for any integer change of L2 norm <= 2^bits)."""
+  if tau <= 0:
+    return vote_weight(k)
+  if bits is None:
+    raise ValueError("soft votes (tau > 0) need the fixed-point bits "
+                     "their counts were made with")
+  return (1.0 - VOTE_MARGIN) * 2.0 ** -bits
+
+
+def soft_weights(dist: jax.Array, tau: float) -> jax.Array:
+  """Soft votes' weights over a row's k nearest candidates, (n, k) from
+  their (n, k) ascending squared distances d (up to a per-row constant):
+  w_j proportional to exp(-(d_j - d_1) / (tau (d_k - d_1))) and scaled to
+  L2 norm 1 / (1 + SOFT_NORM_MARGIN) < 1. Equal distances give equal
+  weights; a row with a non-finite distance gets weights 0 (votes
+  nothing)."""
+  base = dist[:, :1]
+  spread = dist[:, -1:] - base
+  rel = (dist - base) / jnp.where(spread > 0, spread, 1.0)
+  e = jnp.exp(-rel / tau)
+  w = e / (jnp.linalg.norm(e, axis=1, keepdims=True)
+           * (1.0 + SOFT_NORM_MARGIN))
+  finite = jnp.all(jnp.isfinite(w), axis=1, keepdims=True)
+  return jnp.where(finite, w, 0.0)
+
+
 APIS = ("text", "nearest")
 
 
@@ -75,6 +133,7 @@ class PEConfig:
   population: int = Config.pe_population     # N_s per class voted on
   threshold: float = Config.pe_threshold     # H in noise standard deviations
   k: int = Config.pe_k                       # votes per private example
+  vote_tau: float = Config.pe_vote_tau       # > 0: soft votes' decay
   lookahead: int = Config.pe_lookahead       # L variations per candidate
   embedding: str = Config.pe_embedding
   chunk: int = 1024           # private rows per distance block
@@ -87,18 +146,22 @@ class PEConfig:
 
 
 def vote_histogram(pop_emb: jax.Array, priv_emb: jax.Array, y: jax.Array,
-                   mask: jax.Array, *, k: int = 1,
-                   chunk: int = 1024) -> jax.Array:
+                   mask: jax.Array, *, k: int = 1, chunk: int = 1024,
+                   tau: float = 0.0, bits: int | None = None) -> jax.Array:
   """The weighted votes of the private rows, (K, N_s) float32:
-  `vote_counts` times `vote_weight(k)` (what the release adds noise to, in
+  `vote_counts` times `release_scale` (what the release adds noise to, in
   float64; see `release_histogram`)."""
-  counts = vote_counts(pop_emb, priv_emb, y, mask, k=k, chunk=chunk)
-  return counts.astype(jnp.float32) * jnp.float32(vote_weight(k))
+  if tau > 0 and bits is None:
+    bits = soft_bits(priv_emb.shape[0])
+  counts = vote_counts(pop_emb, priv_emb, y, mask, k=k, chunk=chunk,
+                       tau=tau, bits=bits)
+  return counts.astype(jnp.float32) * jnp.float32(release_scale(k, tau,
+                                                                bits))
 
 
 def vote_counts(pop_emb: jax.Array, priv_emb: jax.Array, y: jax.Array,
-                mask: jax.Array, *, k: int = 1,
-                chunk: int = 1024) -> jax.Array:
+                mask: jax.Array, *, k: int = 1, chunk: int = 1024,
+                tau: float = 0.0, bits: int | None = None) -> jax.Array:
   """The votes of the private rows as exact counts: (K, N_s) int32.
 
   pop_emb: (K, N_s, d) embeddings of the population, class-major;
@@ -107,12 +170,26 @@ def vote_counts(pop_emb: jax.Array, priv_emb: jax.Array, y: jax.Array,
   of its k nearest (squared L2) population images of its class (weighted
   by `vote_weight(k)` at the release). Distances are one matmul per chunk
   of rows (a (chunk, K N_s) block), votes are added with a scatter-add.
+
+  Soft votes (tau > 0): the row's k nearest get `soft_weights` (L2 norm
+  < 1, more to the nearer) in fixed point, floor(w 2^bits) units each
+  (`bits`: `soft_bits` of the rows over every device; None: of these
+  rows), so one row changes the counts by at most 2^bits in L2, exactly.
   """
   num_classes, pop, d = pop_emb.shape
   if not 1 <= k <= pop:
     raise ValueError(f"k = {k} votes need a population of >= k per class "
                      f"(got {pop})")
   n = priv_emb.shape[0]
+  if not math.isfinite(tau) or tau < 0:
+    raise ValueError(f"tau must be >= 0 and finite (got {tau})")
+  if tau > 0:
+    if k > SOFT_MAX_K:
+      raise ValueError(f"soft votes take k <= {SOFT_MAX_K} (got {k})")
+    bits = soft_bits(n) if bits is None else bits
+    if not SOFT_MIN_BITS <= bits <= SOFT_MAX_BITS:
+      raise ValueError(f"soft votes' bits must be in {SOFT_MIN_BITS}.."
+                       f"{SOFT_MAX_BITS} (got {bits})")
   check_labels(y, num_classes, n)  # a -1 would vote in class K-1
   check_mask(mask, n)  # a mask of another shape failed deep in the scan
   chunk = max(1, min(chunk, n))
@@ -135,10 +212,16 @@ def vote_counts(pop_emb: jax.Array, priv_emb: jax.Array, y: jax.Array,
     # ||e||^2 is the same for all candidates of a row: omitted.
     dist = sq_pop[yb] - 2.0 * jnp.take_along_axis(
         cross, yb[:, None, None], axis=1)[:, 0]
-    _, near = jax.lax.top_k(-dist, k)                 # (chunk, k) distinct
+    neg, near = jax.lax.top_k(-dist, k)               # (chunk, k) distinct
     bins = (yb[:, None] * pop + near).reshape(-1)
-    votes = jnp.repeat((mb > 0).astype(jnp.int32), k)
-    return jnp.zeros(num_classes * pop, jnp.int32).at[bins].add(votes)
+    real = (mb > 0).astype(jnp.int32)[:, None]
+    if tau > 0:  # fixed-point weights (exact below 2^24 in float32)
+      votes = jnp.floor(soft_weights(-neg, tau) * 2.0 ** bits).astype(
+          jnp.int32) * real
+    else:
+      votes = jnp.broadcast_to(real, near.shape)
+    return jnp.zeros(num_classes * pop, jnp.int32).at[bins].add(
+        votes.reshape(-1))
 
   # One histogram per chunk, then their sum (no loop carry: the same code
   # runs inside shard_map, where the rows are device-varying).
@@ -149,9 +232,14 @@ def vote_counts(pop_emb: jax.Array, priv_emb: jax.Array, y: jax.Array,
 
 
 def private_histogram(pop_emb, priv_emb, y, mask, *, k: int = 1,
-                      chunk: int = 1024, mesh=None) -> jax.Array:
-  """`vote_counts` (int32), with a mesh summed over its devices (psum)."""
-  fn = functools.partial(vote_counts, k=k, chunk=chunk)
+                      chunk: int = 1024, mesh=None, tau: float = 0.0,
+                      bits: int | None = None) -> jax.Array:
+  """`vote_counts` (int32), with a mesh summed over its devices (psum);
+  soft votes' bits (None: `soft_bits` of all the rows) are the same on
+  every device."""
+  if tau > 0 and bits is None:
+    bits = soft_bits(priv_emb.shape[0])
+  fn = functools.partial(vote_counts, k=k, chunk=chunk, tau=tau, bits=bits)
   if mesh is None:
     return fn(pop_emb, priv_emb, y, mask)
   from dpgeng_jax import parallel
@@ -162,13 +250,15 @@ def private_histogram(pop_emb, priv_emb, y, mask, *, k: int = 1,
 
 
 def release_histogram(key: jax.Array, counts: jax.Array,
-                      noise_multiplier: float, *, k: int) -> jax.Array:
-  """counts vote_weight(k) + N(0, sigma^2) on every bin (sensitivity 1),
-  weighted and noised in float64 and rounded once to float32. `k` is the
-  votes per example of `vote_counts` that made the counts, and has no
-  default: a default of 1 under-noised counts made with k = 4 by 2x."""
+                      noise_multiplier: float, *, k: int, tau: float = 0.0,
+                      bits: int | None = None) -> jax.Array:
+  """counts release_scale(k, tau, bits) + N(0, sigma^2) on every bin
+  (sensitivity 1), weighted and noised in float64 and rounded once to
+  float32. `k` (and tau, bits for soft votes) are those `vote_counts` made
+  the counts with; k has no default: a default of 1 under-noised counts
+  made with k = 4 by 2x."""
   return noise.add_gaussian_noise(key, counts, noise_multiplier * SENSITIVITY,
-                                  scale=vote_weight(k))
+                                  scale=release_scale(k, tau, bits))
 
 
 def count_estimates(noisy: np.ndarray, k: int):
@@ -245,8 +335,11 @@ def evolve(api, embed, priv_emb, y, mask, *, key: jax.Array,
   history = [samples.images.reshape(num_classes, pop_n,
                                     *samples.images.shape[1:])[:,
                                                               :cfg.history]]
+  bits = (soft_bits(priv_emb.shape[0])
+          if cfg.vote_tau > 0 and not cfg.public_only else None)
   hist_fn = jax.jit(functools.partial(private_histogram, k=cfg.k,
-                                      chunk=cfg.chunk, mesh=mesh))
+                                      chunk=cfg.chunk, mesh=mesh,
+                                      tau=cfg.vote_tau, bits=bits))
   for t in range(t_max):
     k_look, k_draw, k_var = jax.random.split(jax.random.fold_in(k_loop, t),
                                              3)
@@ -262,7 +355,8 @@ def evolve(api, embed, priv_emb, y, mask, *, key: jax.Array,
         hist = hist_fn(cand.reshape(num_classes, pop_n, -1), priv_emb, y,
                        mask)
         noisy = np.asarray(release_histogram(
-            jax.random.fold_in(secret, t), hist, noise_multiplier, k=cfg.k))
+            jax.random.fold_in(secret, t), hist, noise_multiplier, k=cfg.k,
+            tau=cfg.vote_tau, bits=bits))
         released.append(noisy)
         if on_release is not None:
           on_release(np.stack(released))
@@ -347,6 +441,7 @@ class PrivateEvolution:
     return cls(api, PEConfig(iterations=cfg.pe_iterations,
                              population=cfg.pe_population,
                              threshold=cfg.pe_threshold, k=cfg.pe_k,
+                             vote_tau=cfg.pe_vote_tau,
                              lookahead=cfg.pe_lookahead,
                              embedding=cfg.pe_embedding,
                              public_only=cfg.pe_public_only),
@@ -454,6 +549,9 @@ class PrivateEvolution:
     arrays = {"history": history}
     if self.cfg.public_only:
       return Output(final.images, final.labels, arrays=arrays)
+    if self.cfg.vote_tau > 0:  # a class's soft votes do not sum to N_c
+      return Output(final.images, final.labels,
+                    arrays={RELEASES: noisy, **arrays})
     # Post-processing of the T releases: inverse-variance mean of the T
     # class-size estimates (equal variances: the plain mean).
     counts = np.mean([count_estimates(h, self.cfg.k)[0] for h in noisy], 0)

@@ -493,8 +493,9 @@ def test_sharded_merf_release_equals_unsharded(devices):
                              rtol=1e-5)
 
 
-@pytest.mark.parametrize("devices,k", [(4, 1), (8, 3)])
-def test_sharded_pe_histogram_equals_unsharded(devices, k):
+@pytest.mark.parametrize("devices,k,tau", [(4, 1, 0.0), (8, 3, 0.0),
+                                           (4, 3, 0.4)])
+def test_sharded_pe_histogram_equals_unsharded(devices, k, tau):
   from dpgeng_jax.generators import pe
   rng = np.random.default_rng(5)
   pop = jnp.asarray(rng.normal(size=(K, 7, 6)), jnp.float32)
@@ -502,17 +503,19 @@ def test_sharded_pe_histogram_equals_unsharded(devices, k):
   x = jnp.asarray(rng.normal(size=(n, 6)), jnp.float32)
   y = jnp.asarray(rng.integers(0, K, n), jnp.int32)
   mask = jnp.asarray((rng.random(n) < 0.8).astype(np.float32))
-  want = pe.private_histogram(pop, x, y, mask, k=k)
+  # Soft votes: the bits of all 40 rows (the default) on every device.
+  want = pe.private_histogram(pop, x, y, mask, k=k, tau=tau)
   got = jax.jit(functools.partial(
-      pe.private_histogram, k=k, chunk=4,
+      pe.private_histogram, k=k, chunk=4, tau=tau,
       mesh=parallel.data_mesh(devices)))(pop, x, y, mask)
-  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  bits = pe.soft_bits(n) if tau else None
   # The noise is added once, to the summed histogram: released over 200
   # keys, the sharded counts' residuals are N(0, sigma^2) per bin.
-  sigma, w = 2.0, pe.vote_weight(k)
+  sigma, w = 2.0, pe.release_scale(k, tau, bits)
   keys = jax.random.split(noise.deterministic_secret_key(7), 200)
-  noisy = jax.vmap(lambda key: pe.release_histogram(key, got, sigma, k=k))(
-      keys)
+  noisy = jax.vmap(lambda key: pe.release_histogram(
+      key, got, sigma, k=k, tau=tau, bits=bits))(keys)
   resid = (np.asarray(noisy, np.float64)
            - np.asarray(got, np.float64) * w).ravel()
   assert stats.kstest(resid, "norm", args=(0, sigma)).pvalue > 1e-4
