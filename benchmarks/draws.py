@@ -13,7 +13,8 @@ put first on PYTHONPATH; compare two versions of the code on one machine)
 and per --variant (extra flags of its own), interleaved (draw, epsilon,
 checkout, variant) so that machine load hits every row alike, and prints
 per row the test accuracy of each draw and their mean +- std over draws,
-with the wall time. --report reprints from --out. Flags that start with
+with the wall time. --report reprints from --out; --first-seed S runs
+draw d at --seed S + d (fresh public randomness as well as fresh noise). Flags that start with
 '--' go in as --extra="--flag" (argparse reads a bare "--flag" as its own).
 """
 
@@ -103,6 +104,10 @@ def main():
   ap.add_argument("--variant", action="append", default=None,
                   help="NAME=FLAGS: a row with these extra flags "
                   "(repeatable; default one row without)")
+  ap.add_argument("--first-seed", type=int, default=None,
+                  help="draw d runs with --seed FIRST_SEED + d (the public "
+                  "randomness varies too; default: every draw at the "
+                  "command's seed)")
   ap.add_argument("--report", action="store_true")
   ap.add_argument("--skip-done", action="store_true",
                   help="reuse the draws already in --out (draw.json)")
@@ -126,7 +131,9 @@ def main():
           if args.skip_done and os.path.exists(done):
             records.append(json.load(open(done)))
             continue
-          r = _run(path, eps, out, args, flags)
+          seed = ("" if args.first_seed is None
+                  else f" --seed {args.first_seed + d}")
+          r = _run(path, eps, out, args, flags + seed)
           r["checkout"] = label
           json.dump(r, open(os.path.join(out, "draw.json"), "w"), indent=2)
           records.append(r)
