@@ -192,8 +192,13 @@ def test_soft_votes_refuse_bad_settings():
   for tau in (-0.1, float("inf"), float("nan")):
     with pytest.raises(ValueError, match="tau"):
       pe.vote_counts(pop, x, y, mask, k=2, tau=tau)
-  with pytest.raises(ValueError, match="bits"):
-    pe.vote_counts(pop, x, y, mask, k=2, tau=0.5, bits=21)
+  for bits in (7, 21, 27):  # 8..20 allowed (the cap; 40 rows fit more)
+    with pytest.raises(ValueError, match="bits"):
+      pe.vote_counts(pop, x, y, mask, k=2, tau=0.5, bits=bits)
+  with pytest.raises(ValueError, match="bits"):  # 2^16 rows: at most 14
+    pe.private_histogram(pop, jnp.zeros((2 ** 16, D)),
+                         jnp.zeros(2 ** 16, jnp.int32),
+                         jnp.ones(2 ** 16), k=2, tau=0.5, bits=15)
   with pytest.raises(ValueError, match="bits"):
     pe.release_scale(2, 0.5)  # soft counts need the bits they were made with
   assert pe.soft_bits(1438) == 19 and pe.soft_bits(60_000) == 14

@@ -91,6 +91,19 @@ def soft_bits(rows: int) -> int:
   return bits
 
 
+def _checked_bits(bits: int | None, rows: int) -> int:
+  """Soft votes' bits: `soft_bits(rows)` if None, else at least
+  SOFT_MIN_BITS and at most `soft_bits(rows)` (more could overflow a bin's
+  int32 total)."""
+  most = soft_bits(rows)
+  if bits is None:
+    return most
+  if not SOFT_MIN_BITS <= bits <= most:
+    raise ValueError(f"soft votes over {rows} rows take bits in "
+                     f"{SOFT_MIN_BITS}..{most} (got {bits})")
+  return bits
+
+
 def release_scale(k: int, tau: float = 0.0, bits: int | None = None
                   ) -> float:
   """What one unit of `vote_counts` weighs in the release: vote_weight(k)
@@ -186,10 +199,7 @@ def vote_counts(pop_emb: jax.Array, priv_emb: jax.Array, y: jax.Array,
   if tau > 0:
     if k > SOFT_MAX_K:
       raise ValueError(f"soft votes take k <= {SOFT_MAX_K} (got {k})")
-    bits = soft_bits(n) if bits is None else bits
-    if not SOFT_MIN_BITS <= bits <= SOFT_MAX_BITS:
-      raise ValueError(f"soft votes' bits must be in {SOFT_MIN_BITS}.."
-                       f"{SOFT_MAX_BITS} (got {bits})")
+    bits = _checked_bits(bits, n)
   check_labels(y, num_classes, n)  # a -1 would vote in class K-1
   check_mask(mask, n)  # a mask of another shape failed deep in the scan
   chunk = max(1, min(chunk, n))
@@ -237,8 +247,8 @@ def private_histogram(pop_emb, priv_emb, y, mask, *, k: int = 1,
   """`vote_counts` (int32), with a mesh summed over its devices (psum);
   soft votes' bits (None: `soft_bits` of all the rows) are the same on
   every device."""
-  if tau > 0 and bits is None:
-    bits = soft_bits(priv_emb.shape[0])
+  if tau > 0:
+    bits = _checked_bits(bits, priv_emb.shape[0])
   fn = functools.partial(vote_counts, k=k, chunk=chunk, tau=tau, bits=bits)
   if mesh is None:
     return fn(pop_emb, priv_emb, y, mask)
