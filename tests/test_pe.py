@@ -211,15 +211,17 @@ def test_the_soft_release_moves_by_at_most_one_even_with_large_counts():
   """The module docstring's margin for soft votes: an integer change u of
   norm <= 2^bits on counts up to 2^30 moves the float64 values <= 1."""
   bits = pe.SOFT_MIN_BITS
-  u = np.floor(np.asarray(pe.soft_weights(
+  soft = np.floor(np.asarray(pe.soft_weights(
       jnp.asarray([[0.0, 0.1, 0.3, 0.7]], jnp.float32), 0.5))
       * 2.0 ** bits).astype(np.int64)[0]
+  whole = np.array([2 ** bits, 0, 0, 0])  # the largest change: one bin
   scale = pe.release_scale(4, 0.5, bits)
-  for c in (1, 2 ** 24 + 1, 2 ** 30 - 2 ** bits):
-    with jax.enable_x64(True):
-      a = jnp.asarray(c + u, jnp.float64) * scale
-      b = jnp.asarray(np.full(4, c), jnp.float64) * scale
-      assert float(jnp.linalg.norm(a - b)) <= 1.0
+  for u in (soft, whole):
+    for c in (1, 2 ** 24 + 1, 2 ** 30 - 2 ** bits):
+      with jax.enable_x64(True):
+        a = jnp.asarray(c + u, jnp.float64) * scale
+        b = jnp.asarray(np.full(4, c), jnp.float64) * scale
+        assert float(jnp.linalg.norm(a - b)) <= 1.0
 
 
 def test_a_histogram_that_counts_a_vote_twice_is_caught():
