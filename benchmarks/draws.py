@@ -14,8 +14,9 @@ and per --variant (extra flags of its own), interleaved (draw, epsilon,
 checkout, variant) so that machine load hits every row alike, and prints
 per row the test accuracy of each draw and their mean +- std over draws,
 with the wall time. --report reprints from --out; --first-seed S runs
-draw d at --seed S + d (fresh public randomness as well as fresh noise). Flags that start with
-'--' go in as --extra="--flag" (argparse reads a bare "--flag" as its own).
+draw d at --seed S + d (fresh public randomness as well as fresh
+noise). Flags that start with '--' go in as --extra="--flag" (argparse
+reads a bare "--flag" as its own).
 """
 
 from __future__ import annotations
