@@ -82,7 +82,8 @@ SOFT_MAX_K = 4096
 def soft_bits(rows: int) -> int:
   """Fixed-point bits of soft votes over `rows` private rows (padding
   included: the public row count, summed over every device)."""
-  bits = min(SOFT_MAX_BITS, 30 - max(0, math.ceil(math.log2(max(rows, 1)))))
+  # (rows - 1).bit_length() = ceil(log2 rows), in exact integers.
+  bits = min(SOFT_MAX_BITS, 30 - (max(rows, 1) - 1).bit_length())
   if bits < SOFT_MIN_BITS:
     raise ValueError(
         f"soft PE votes over {rows} rows would keep {bits} < "
@@ -164,8 +165,8 @@ def vote_histogram(pop_emb: jax.Array, priv_emb: jax.Array, y: jax.Array,
   """The weighted votes of the private rows, (K, N_s) float32:
   `vote_counts` times `release_scale` (what the release adds noise to, in
   float64; see `release_histogram`)."""
-  if tau > 0 and bits is None:
-    bits = soft_bits(priv_emb.shape[0])
+  if tau > 0:
+    bits = _checked_bits(bits, priv_emb.shape[0])
   counts = vote_counts(pop_emb, priv_emb, y, mask, k=k, chunk=chunk,
                        tau=tau, bits=bits)
   return counts.astype(jnp.float32) * jnp.float32(release_scale(k, tau,
