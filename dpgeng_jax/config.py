@@ -159,6 +159,20 @@ class Config:
                          "weighs its k nearest by exp(-(d_j - d_1) / (tau "
                          "(d_k - d_1))), scaled to L2 norm 1 (the same "
                          "sensitivity)", "method")
+  pe_warm_start: int = _f(0, "PE warm start (ours): > 0 spends a part of "
+                          "PE's budget on one DP-MERF-style release of the "
+                          "class means of random features of the pixels, "
+                          "then moves the first population towards them "
+                          "over this many public herding iterations before "
+                          "the votes (0: off)", "privacy")
+  pe_warm_weight: int = _f(5, "PE warm start: its release counts as this "
+                           "many of PE's histogram releases (noise sigma / "
+                           "sqrt(m); the accountant composes T + m "
+                           "Gaussians)", "privacy")
+  pe_start_degree: float = _f(1.0, "PE: degree of the votes' first "
+                              "variation, falling linearly to 0 (below 1 "
+                              "after a warm start: small moves from a "
+                              "population already close)", "method")
   pe_lookahead: int = _f(0, "PE lookahead L: a candidate's embedding is "
                          "the mean over L of its variations (0: off)",
                          "method")

@@ -123,6 +123,13 @@ def stage_flops(cfg: Config, plan, image_shape, num_train: int,
     out["generation"] = t * ((votes + cand) * emb
                              + 2.0 * votes * cfg.pe_population * d)
     out["pe_api_samples"] = (t + 1) * cand + n_gen
+    if cfg.pe_warm_start > 0 and not cfg.pe_public_only:
+      # The warm start: features of the private rows once and of 2 N_s
+      # candidates per iteration, and N_s herding picks over them.
+      w, feat = cfg.pe_warm_start, 4.0 * math.prod(shape) * 500
+      out["generation"] += (num_train * feat + w * 2 * pop * (
+          feat + 4.0 * cfg.pe_population * 1001))
+      out["pe_api_samples"] += (w + 1) * pop
   elif plan.uses_generated and gen == "merf":
     p = math.prod(shape)
     feat = 2.0 * p * cfg.generator_features

@@ -212,6 +212,15 @@ def _validate_pe(cfg: Config) -> None:
   if cfg.pe_vote_tau > 0 and cfg.pe_k > SOFT_MAX_K:
     raise ConfigError(f"soft votes (pe_vote_tau > 0) take pe_k <= "
                       f"{SOFT_MAX_K}, got {cfg.pe_k}")
+  if cfg.pe_warm_start < 0 or cfg.pe_warm_weight < 1:
+    raise ConfigError("pe_warm_start must be >= 0 and pe_warm_weight >= 1, "
+                      f"got {cfg.pe_warm_start} and {cfg.pe_warm_weight}")
+  if cfg.pe_warm_start > 0 and cfg.pe_public_only:
+    raise ConfigError("pe_warm_start reads the private data (one release); "
+                      "a public-only PE run (pe_public_only) reads none")
+  if not 0 < cfg.pe_start_degree <= 1:
+    raise ConfigError("pe_start_degree must be in (0, 1], got "
+                      f"{cfg.pe_start_degree}")
   for name in ("pe_lookahead", "pe_marks"):
     if getattr(cfg, name) < 0:
       raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
@@ -512,7 +521,8 @@ def nonprivate_reasons(cfg: Config, plan: Plan) -> list[str]:
 
 # Options that only one part of the method reads, by that part.
 _PE_OPTIONS = ("pe_iterations", "pe_public_only", "pe_population",
-               "pe_threshold", "pe_k", "pe_vote_tau", "pe_lookahead",
+               "pe_threshold", "pe_k", "pe_vote_tau", "pe_warm_start",
+               "pe_warm_weight", "pe_start_degree", "pe_lookahead",
                "pe_embedding", "pe_width")
 _TEXT_OPTIONS = ("pe_texts", "pe_font_dir", "pe_stroke_fonts", "pe_marks",
                  "pe_polarity")

@@ -52,10 +52,12 @@ from dpgeng_jax import accounting, noise
 from dpgeng_jax.clipping import check_labels, check_mask
 from dpgeng_jax.config import Config
 from dpgeng_jax.generators import (Context, Output, apis, check_mechanisms,
-                                   embeddings)
+                                   embeddings, herding, merf)
 
 SENSITIVITY = 1.0  # L2, add/remove one example (module docstring)
 RELEASES = "noisy_histograms"  # the T releases, as saved and published
+WARM = "warm_release"  # the warm start's release (`herding`), (K, 2D + 1)
+WARM_PUBLIC = 7  # folded into the public key for the warm start's draws
 SETUP = "setup"  # beside checkpointed releases: the settings they need
 # The vote weight's margin below 1/sqrt(k): float64 rounds c w with a
 # relative error <= 2^-53, so k bins whose integer counts change by 1 move
@@ -150,6 +152,10 @@ class PEConfig:
   vote_tau: float = Config.pe_vote_tau       # > 0: soft votes' decay
   lookahead: int = Config.pe_lookahead       # L variations per candidate
   embedding: str = Config.pe_embedding
+  warm_start: int = Config.pe_warm_start     # herding iterations (0: off)
+  warm_weight: int = Config.pe_warm_weight   # the warm release = m releases
+  start_degree: float = Config.pe_start_degree  # the votes' first degree
+  warm_features: int = 500    # random Fourier features of the warm release
   chunk: int = 1024           # private rows per distance block
   history: int = 8            # images per class kept per iteration
   public_only: bool = Config.pe_public_only  # no votes, no private data
@@ -319,7 +325,7 @@ def evolve(api, embed, priv_emb, y, mask, *, key: jax.Array,
            secret: jax.Array, noise_multiplier: float, cfg: PEConfig,
            num_classes: int, normalize, per_class: int, mesh=None,
            progress=None, image_shape=None, released=None,
-           on_release=None):
+           on_release=None, start=None):
   """PE's T iterations (module docstring). Returns (final Samples with
   `per_class` images per class, class-major; noisy histograms (T, K, N_s);
   history (T + 1, K, m, H, W, C): the first m images per class of the
@@ -330,6 +336,9 @@ def evolve(api, embed, priv_emb, y, mask, *, key: jax.Array,
   attempt drew (its checkpoints); they are used as they are, the loop
   replaying its public steps (draws and variations) up to iteration t,
   and only the T - t others are drawn, at their own iterations' keys.
+  `start` (None: the API's `random`): the first population (N_s per
+  class, class-major), such as a warm start's. The variations' degrees
+  fall linearly from `cfg.start_degree` to 0.
   `on_release(noisy)` is called with all the histograms so far as soon as
   each new one is drawn, before the API sees anything derived from it: a
   kill after that call loses no release (a resumed run reuses it), and a
@@ -339,10 +348,12 @@ def evolve(api, embed, priv_emb, y, mask, *, key: jax.Array,
                                cfg.public_only)
   k_random, k_loop = jax.random.split(key)
   first = _class_major(num_classes, pop_n)
-  samples = _checked(api.random(k_random, first), first, image_shape,
-                     "the image API's random")
+  samples = _checked(
+      api.random(k_random, first) if start is None else start, first,
+      image_shape, "the image API's random" if start is None
+      else "the warm start")
   image_shape = samples.images.shape[1:]
-  schedule = apis.degrees(t_max)
+  schedule = [cfg.start_degree * d for d in apis.degrees(t_max)]
   history = [samples.images.reshape(num_classes, pop_n,
                                     *samples.images.shape[1:])[:,
                                                               :cfg.history]]
@@ -388,6 +399,30 @@ def evolve(api, embed, priv_emb, y, mask, *, key: jax.Array,
   released = np.stack(released) if released else np.zeros(
       (0, num_classes, pop_n), np.float32)
   return samples, released, np.stack([h[:, :m] for h in history])
+
+
+def warm_releases(cfg: PEConfig) -> int:
+  """How many of PE's Gaussian releases the warm start counts as (m; 0
+  without one)."""
+  return cfg.warm_weight if cfg.warm_start > 0 and not cfg.public_only else 0
+
+
+def warm_sigma(noise_multiplier: float, cfg: PEConfig) -> float:
+  """The warm release's noise multiplier, sigma / sqrt(m): as private as m
+  releases at sigma."""
+  return noise_multiplier / math.sqrt(cfg.warm_weight)
+
+
+def _saved_warm(saved, num_classes: int, dim: int):
+  """The warm release an earlier attempt checkpointed (its settings
+  already checked with the histograms', `_saved_releases`), or None."""
+  if not saved or WARM not in saved:
+    return None
+  r = np.asarray(saved[WARM], np.float32)
+  if r.shape != (num_classes, dim) or not np.all(np.isfinite(r)):
+    raise ValueError(f"the saved PE warm release of shape {r.shape} does "
+                     f"not fit {num_classes} classes x {dim} features")
+  return r
 
 
 def _checked_releases(saved, iterations: int, num_classes: int,
@@ -453,6 +488,9 @@ class PrivateEvolution:
                              population=cfg.pe_population,
                              threshold=cfg.pe_threshold, k=cfg.pe_k,
                              vote_tau=cfg.pe_vote_tau,
+                             warm_start=cfg.pe_warm_start,
+                             warm_weight=cfg.pe_warm_weight,
+                             start_degree=cfg.pe_start_degree,
                              lookahead=cfg.pe_lookahead,
                              embedding=cfg.pe_embedding,
                              public_only=cfg.pe_public_only),
@@ -464,9 +502,14 @@ class PrivateEvolution:
     return name + (" (public only)" if self.cfg.public_only else "")
 
   def mechanisms(self) -> tuple:
+    """T Gaussian releases at sigma, plus m with a warm start: its one
+    release at sigma / sqrt(m) is, exactly, m Gaussians at sigma (the
+    privacy loss of Gaussians of one sensitivity composes as one Gaussian
+    with 1 / sigma^2 summed)."""
     if self.cfg.public_only:
       return ()
-    return (accounting.Mechanism("generator", 0.0, 1.0, self.cfg.iterations,
+    return (accounting.Mechanism("generator", 0.0, 1.0,
+                                 self.cfg.iterations + warm_releases(self.cfg),
                                  sensitivity="1"),)
 
   def fixed(self) -> tuple:
@@ -517,15 +560,17 @@ class PrivateEvolution:
   def _saved_releases(self, saved, setup: np.ndarray):
     """The releases an earlier attempt checkpointed, if drawn with these
     settings, `_setup` (refused otherwise: votes for other candidates)."""
-    if not saved or RELEASES not in saved:
+    if not saved or (RELEASES not in saved and WARM not in saved):
       return None
     if str(saved.get(SETUP)) != str(setup):
+      n = len(saved[RELEASES]) if RELEASES in saved else 0
       raise ValueError(
-          f"the {len(saved[RELEASES])} saved PE releases of this run were "
+          f"the saved PE releases of this run ({n} histograms"
+          f"{', a warm release' if WARM in saved else ''}) were "
           f"drawn with other settings ({saved.get(SETUP)}, now {setup}): "
           "resume with the generator that drew them, or start a new run "
           "(--overwrite; those releases are spent)")
-    return saved[RELEASES]
+    return saved.get(RELEASES)
 
   def generate(self, ctx: Context, secret: jax.Array, mechanisms) -> Output:
     if not self.cfg.public_only:
@@ -545,6 +590,11 @@ class PrivateEvolution:
       priv_emb = jax.jit(embed)(ctx.x_private)
     else:
       priv_emb = embeddings.apply(embed, ctx.x_private)
+    released = self._saved_releases(ctx.saved, setup)
+    warm, start = None, None
+    if warm_releases(self.cfg):
+      warm, start = self._warm_start(ctx, api, secret, sigma, setup)
+    keep = {} if warm is None else {WARM: warm}
     with tqdm(total=self.cfg.iterations, desc="private evolution",
               disable=ctx.quiet) as bar:
       final, noisy, history = evolve(
@@ -553,20 +603,64 @@ class PrivateEvolution:
           cfg=self.cfg, num_classes=ctx.num_classes,
           normalize=ctx.normalize, per_class=ctx.per_class, mesh=ctx.mesh,
           progress=bar.update, image_shape=ctx.image_shape,
-          released=self._saved_releases(ctx.saved, setup),
+          released=released, start=start,
           on_release=None if ctx.checkpoint is None else (
-              lambda noisy: ctx.checkpoint({RELEASES: noisy,
-                                            SETUP: setup})))
+              lambda noisy: ctx.checkpoint({RELEASES: noisy, SETUP: setup,
+                                            **keep})))
     arrays = {"history": history}
     if self.cfg.public_only:
       return Output(final.images, final.labels, arrays=arrays)
-    if self.cfg.vote_tau > 0:  # a class's soft votes do not sum to N_c
-      return Output(final.images, final.labels,
-                    arrays={RELEASES: noisy, **arrays})
-    # Post-processing of the T releases: inverse-variance mean of the T
-    # class-size estimates (equal variances: the plain mean).
-    counts = np.mean([count_estimates(h, self.cfg.k)[0] for h in noisy], 0)
-    unit = count_estimates(noisy[0], self.cfg.k)[1]
-    std = unit * sigma * SENSITIVITY / math.sqrt(len(noisy))
-    return Output(final.images, final.labels, counts, std,
-                  {RELEASES: noisy, **arrays})
+    arrays = {RELEASES: noisy, **keep, **arrays}
+    # Post-processing: class-size estimates from the releases, combined
+    # by inverse variance: the T histograms' (not with soft votes, whose
+    # sums vary by example; equal variances: their plain mean) and the
+    # warm release's constant coordinate.
+    estimates = []
+    if self.cfg.vote_tau == 0:
+      counts = np.mean([count_estimates(h, self.cfg.k)[0] for h in noisy], 0)
+      unit = count_estimates(noisy[0], self.cfg.k)[1]
+      estimates.append((counts, unit * sigma * SENSITIVITY
+                        / math.sqrt(len(noisy))))
+    if warm is not None:
+      estimates.append((np.asarray(merf.class_means_from_release(warm)[1],
+                                   np.float64),
+                        merf.count_stddev(warm_sigma(sigma, self.cfg))))
+    if not estimates:
+      return Output(final.images, final.labels, arrays=arrays)
+    w = np.array([1.0 / std ** 2 for _, std in estimates])
+    counts = sum(wi * c for wi, (c, _) in zip(w, estimates)) / w.sum()
+    return Output(final.images, final.labels, counts,
+                  float(1.0 / math.sqrt(w.sum())), arrays)
+
+  def _warm_start(self, ctx: Context, api, secret: jax.Array, sigma: float,
+                  setup: np.ndarray):
+    """The warm release (an earlier attempt's, if it checkpointed one;
+    else drawn and checkpointed before the API sees anything derived from
+    it) and the population herded towards its class means (`herding`)."""
+    k_map, k_first, k_herd = jax.random.split(
+        jax.random.fold_in(ctx.key, WARM_PUBLIC), 3)
+    fmap = merf.FeatureMap.create(k_map, int(np.prod(ctx.image_shape)),
+                                  self.cfg.warm_features)
+    warm = _saved_warm(ctx.saved, ctx.num_classes, fmap.dim)
+    if warm is None:
+      # Its own key: the votes' are fold_in(secret, t) for t < T.
+      warm = np.asarray(jax.jit(functools.partial(
+          merf.release_class_features, num_classes=ctx.num_classes,
+          noise_multiplier=warm_sigma(sigma, self.cfg), mesh=ctx.mesh))(
+              fmap, ctx.x_private, ctx.y_private, ctx.mask,
+              noise_key=jax.random.fold_in(secret, self.cfg.iterations)))
+      if ctx.checkpoint is not None:
+        ctx.checkpoint({WARM: warm, SETUP: setup})
+    means = merf.class_means_from_release(jnp.asarray(warm))[0]
+    labels = _class_major(ctx.num_classes, self.cfg.population)
+    first = _checked(api.random(k_first, labels), labels, ctx.image_shape,
+                     "the image API's random")
+    with tqdm(total=self.cfg.warm_start, desc="PE warm start (public)",
+              disable=ctx.quiet) as bar:
+      start = herding.warm_start(
+          api, lambda x: fmap.rff(ctx.normalize(x)), means, first,
+          key=k_herd, iterations=self.cfg.warm_start,
+          check=lambda out, labels, what: _checked(out, labels,
+                                                   ctx.image_shape, what),
+          progress=bar.update)
+    return warm, start
