@@ -295,14 +295,16 @@ def _generator_failed(run: Run, budget: Budget, sizes, mechs, what: str,
 
 
 def _partial_count(run: Run) -> int:
-  """How many releases the generate stage has checkpointed."""
+  """How many releases the generate stage has checkpointed: the leading
+  axes of its arrays summed (PE's histograms and its warm release, one
+  DP-MERF release), their 0-d settings not counted."""
   if run.store is None:
     return 0
   try:
     saved = run.store.partial("generate") or {}
   except ConfigError:
     return 0
-  return max((len(np.atleast_1d(v)) for v in saved.values()), default=0)
+  return sum(len(v) for v in map(np.asarray, saved.values()) if v.ndim)
 
 
 def _check_delta(cfg: Config, sizes: counts_lib.ClassSizes,

@@ -470,17 +470,19 @@ def test_too_few_generated_images_for_kmeans_fail_before_private_work(
 # Private Evolution through the command line and from Python.
 
 
-@pytest.mark.parametrize("votes", [[], ["--pe-k", "3", "--pe-vote-tau",
-                                         "0.5"]])
+@pytest.mark.parametrize("votes,steps", [
+    ([], 3), (["--pe-k", "3", "--pe-vote-tau", "0.5"], 3),
+    (["--pe-warm-start", "2", "--pe-warm-weight", "4", "--pe-start-degree",
+      "0.5"], 3 + 4)])
 def test_pe_text_run_writes_the_iterations_and_accounts_t_releases(
-    tmp_path, votes):
+    tmp_path, votes, steps):
   out = tmp_path / "run"
   assert _run(["--out", str(out), "--method", "generator", "--generator",
                "pe:text", "--deterministic", *GEN_TINY, "--pe-iterations",
                "3", *votes, *TINY]) == 0
   priv = json.loads((out / "privacy.json").read_text())
   gen = _mechanism(priv, "generator")
-  assert gen["steps"] == 3 and gen["sampling_rate"] == 1.0
+  assert gen["steps"] == steps and gen["sampling_rate"] == 1.0
   assert gen["l2_sensitivity"] == "1"
   from PIL import Image
   img = Image.open(out / "generator_iterations.png")
@@ -488,6 +490,10 @@ def test_pe_text_run_writes_the_iterations_and_accounts_t_releases(
   saved = np.load(out / "stages" / "generate" / "arrays.npz")
   assert saved["noisy_histograms"].shape == (3, 10, 4)
   assert saved["history"].shape[:2] == (4, 10)
+  warm = "--pe-warm-start" in votes
+  assert ("warm_release" in saved) == warm
+  if warm:  # class sums of 500 cos + 500 sin features and the constant
+    assert saved["warm_release"].shape == (1, 10, 1001)
   config = json.loads((out / "config.json").read_text())
   assert config["resolved"]["generator"] == "pe:text"
 
@@ -520,6 +526,16 @@ def test_pe_nearest_runs_on_a_public_collection(tmp_path):
     (["--generator", "pe:text", "--pe-vote-tau", "inf"], "pe_vote_tau"),
     (["--generator", "pe:text", "--pe-vote-tau", "0.5", "--pe-k", "5000",
       "--pe-population", "5000"], "soft votes"),
+    (["--generator", "pe:text", "--pe-warm-start", "-1"], "pe_warm_start"),
+    (["--generator", "pe:text", "--pe-warm-start", "2", "--pe-warm-weight",
+      "0"], "pe_warm_weight"),
+    (["--generator", "pe:text", "--pe-warm-start", "2", "--pe-public-only"],
+     "public-only"),
+    (["--generator", "pe:text", "--pe-start-degree", "0"], "pe_start_degree"),
+    (["--generator", "pe:text", "--pe-start-degree", "1.5"],
+     "pe_start_degree"),
+    (["--generator", "pe:text", "--pe-start-degree", "nan"],
+     "pe_start_degree"),
     (["--generator", "pe:text", "--pe-marks", "-1"], "pe_marks"),
     (["--generator", "pe:text", "--pe-marks", "1000000"], "pe_marks"),
     (["--generator", "pe:text", "--pe-font-dir", "/no/fonts"],

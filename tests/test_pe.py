@@ -775,3 +775,132 @@ def test_votes_refuse_a_mask_that_is_not_one_value_per_row():
   for bad in (mask[:, None], mask[:1], jnp.ones(()), jnp.ones(2 * len(y))):
     with pytest.raises(ValueError, match="mask must have shape"):
       pe.vote_counts(pop, x, y, bad, k=1)
+
+
+# ---------------------------------------------------------------------------
+# The warm start (one DP-MERF-style release, then public herding).
+
+
+@pytest.mark.parametrize("sigma,steps,m", [(4.0, 4, 2), (12.0, 10, 5)])
+def test_the_warm_release_is_accounted_as_m_of_pe_s_releases(sigma, steps,
+                                                             m):
+  """T + m Gaussians at sigma compose, exactly, as the warm release at
+  sigma / sqrt(m) and the T histograms at sigma (dp_accounting's PLD)."""
+  cfg = pe.PEConfig(iterations=steps, warm_start=3, warm_weight=m)
+  (mech,) = pe.PrivateEvolution("text", cfg).mechanisms()
+  assert mech.steps == steps + m
+  ours = accounting.epsilon_pld(mech.with_noise(sigma).event(), 1e-5)
+  acc = dp_accounting.pld.PLDAccountant()
+  acc.compose(dp_accounting.GaussianDpEvent(pe.warm_sigma(sigma, cfg)))
+  acc.compose(dp_accounting.SelfComposedDpEvent(
+      dp_accounting.GaussianDpEvent(sigma), steps))
+  assert ours == pytest.approx(acc.get_epsilon(1e-5), rel=2e-3)
+  assert pe.warm_sigma(sigma, cfg) == pytest.approx(sigma / math.sqrt(m))
+  # Public-only: no warm release either (the planning refuses the pair).
+  public = pe.PEConfig(public_only=True, warm_start=3)
+  assert pe.PrivateEvolution("text", public).mechanisms() == ()
+
+
+def _warm_context(mask, shape=(4, 4, 1), n=20):
+  from dpgeng_jax.generators import Context
+  x = np.random.default_rng(0).random((n, *shape)).astype(np.float32)
+  return Context(jnp.asarray(x), jnp.asarray(np.arange(n) % 2, jnp.int32),
+                 jnp.asarray(mask, jnp.float32), None, shape, 2,
+                 lambda v: v, jax.random.key(3), 5)
+
+
+def test_the_warm_release_is_dp_merf_s_at_sigma_over_sqrt_m_on_its_own_key():
+  """With every row padded the warm release is the noise alone: bit for
+  bit merf.release_class_features of zero rows at sigma / sqrt(m), drawn
+  with fold_in(secret, T), a key no histogram uses."""
+  from dpgeng_jax.generators import merf
+  sigma, t, m = 2.0, 2, 4
+  cfg = pe.PEConfig(iterations=t, population=6, warm_start=2, warm_weight=m,
+                    embedding="pixels", threshold=0.0)
+  gen = pe.PrivateEvolution(_toy_api(), cfg)
+  ctx = _warm_context(np.zeros(20))
+  secret = noise.deterministic_secret_key(9)
+  (mech,) = gen.mechanisms()
+  out = gen.generate(ctx, secret, [mech.with_noise(sigma)])
+  fmap = merf.FeatureMap.create(jax.random.split(jax.random.fold_in(
+      ctx.key, pe.WARM_PUBLIC), 3)[0], 16, cfg.warm_features)
+  want = np.asarray(merf.release_class_features(
+      fmap, ctx.x_private, ctx.y_private, ctx.mask, num_classes=2,
+      noise_multiplier=sigma / math.sqrt(m),
+      noise_key=jax.random.fold_in(secret, t)))
+  np.testing.assert_array_equal(out.arrays[pe.WARM], want[None])
+  for i in range(t):  # and the histograms keep their own keys
+    np.testing.assert_array_equal(
+        out.arrays[pe.RELEASES][i], np.asarray(pe.release_histogram(
+            jax.random.fold_in(secret, i), jnp.zeros((2, 6), jnp.int32),
+            sigma, k=cfg.k)))
+
+
+def test_the_warm_release_moves_by_at_most_one_when_an_example_leaves():
+  """Noise 0: removing one private row changes the warm release by an L2
+  norm <= 1, and nearly 1 (the bound is attained)."""
+  cfg = pe.PEConfig(iterations=1, population=6, warm_start=1,
+                    embedding="pixels")
+  gen = pe.PrivateEvolution(_toy_api(), cfg)
+  (mech,) = gen.mechanisms()
+  secret = noise.deterministic_secret_key(1)
+  full = gen.generate(_warm_context(np.ones(20)), secret,
+                      [mech.with_noise(0.0)]).arrays[pe.WARM]
+  gaps = []
+  for i in (0, 7, 19):
+    mask = np.ones(20)
+    mask[i] = 0
+    less = gen.generate(_warm_context(mask), secret,
+                        [mech.with_noise(0.0)]).arrays[pe.WARM]
+    gaps.append(float(np.linalg.norm(full.astype(np.float64) - less)))
+  assert max(gaps) <= 1.0 and min(gaps) > 0.999, gaps
+
+
+def test_warm_start_counts_join_the_votes_by_inverse_variance():
+  sigma, t, m = 3.0, 2, 5
+  cfg = pe.PEConfig(iterations=t, population=6, k=2, warm_start=1,
+                    warm_weight=m, embedding="pixels")
+  gen = pe.PrivateEvolution(_toy_api(), cfg)
+  (mech,) = gen.mechanisms()
+  out = gen.generate(_warm_context(np.ones(20)),
+                     noise.deterministic_secret_key(2),
+                     [mech.with_noise(sigma)])
+  from dpgeng_jax.generators import merf
+  votes = pe.count_estimates(out.arrays[pe.RELEASES][0], 2)[1] * sigma / (
+      math.sqrt(t))
+  warm = merf.count_stddev(sigma / math.sqrt(m))
+  assert out.count_std == pytest.approx((votes ** -2 + warm ** -2) ** -0.5)
+  assert out.counts.shape == (2,)
+  assert np.all(np.abs(out.counts - 10) < 6 * out.count_std)
+  soft = pe.PrivateEvolution(_toy_api(), pe.PEConfig(
+      iterations=t, population=6, k=2, vote_tau=0.5, warm_start=1,
+      warm_weight=m, embedding="pixels"))
+  out = soft.generate(_warm_context(np.ones(20)),
+                      noise.deterministic_secret_key(2),
+                      [mech.with_noise(sigma)])
+  assert out.count_std == pytest.approx(warm)  # soft votes carry none
+
+
+def test_the_start_degree_scales_the_votes_variation_schedule():
+  seen = []
+  api = _toy_api()
+  real = api.variation
+
+  def spy(key, samples, degree):
+    seen.append(degree)
+    return real(key, samples, degree)
+  api.variation = spy
+  flat = lambda x: x.reshape(x.shape[0], -1)
+  priv = np.random.default_rng(0).random((10, 4, 4, 1)).astype(np.float32)
+  start = api.random(jax.random.key(7), np.repeat([0, 1], 5).astype(
+      np.int32))
+  _, _, hist = pe.evolve(
+      api, flat, jnp.asarray(flat(priv)), jnp.asarray(np.arange(10) % 2),
+      jnp.ones(10), key=jax.random.key(1), secret=jax.random.key(2),
+      noise_multiplier=1.0, start=start,
+      cfg=pe.PEConfig(iterations=3, population=5, start_degree=0.4,
+                      history=5), num_classes=2, normalize=lambda x: x,
+      per_class=5)
+  assert seen == pytest.approx([0.4, 0.2, 0.0])
+  np.testing.assert_array_equal(
+      hist[0], start.images.reshape(2, 5, 4, 4, 1))  # the start, not random

@@ -167,3 +167,82 @@ def test_a_generated_set_the_run_cannot_use_keeps_the_run_to_resume(
   monkeypatch.setattr(pe, "release_histogram", _counter(releases))
   assert cli.main(["distill", "--resume", str(out), "--quiet"]) == 0
   assert releases == []
+
+
+WARM_FLAGS = [*FLAGS, "--pe-warm-start", "2", "--pe-warm-weight", "3"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_warm(tmp_path_factory):
+  out = tmp_path_factory.mktemp("whole_warm") / "run"
+  assert cli.main(["distill", "--out", str(out), *WARM_FLAGS]) == 0
+  with np.load(out / "stages" / "generate" / "arrays.npz") as g:
+    warm = g[pe.WARM]
+  return (*_published(out), warm)
+
+
+@pytest.mark.parametrize("nth,histograms", [(1, 0), (4, 2)])
+def test_a_run_killed_after_the_warm_release_reuses_it_on_resume(
+    tmp_path, monkeypatch, releases, uninterrupted_warm, nth, histograms):
+  """The warm start's release is saved before the API's first variation:
+  killed in the warm start (variation 1 of its 2) or in the votes
+  (variation 4: two histograms drawn), a resumed run draws no warm
+  release again and only the missing histograms, and ends as an
+  uninterrupted run."""
+  from dpgeng_jax.generators import merf
+  warm_draws = []
+  real = merf.release_class_features
+
+  def counting(*a, **k):
+    warm_draws.append(1)
+    return real(*a, **k)
+  monkeypatch.setattr(merf, "release_class_features", counting)
+  out = tmp_path / "run"
+  _fail_at_variation(monkeypatch, nth, Killed())
+  with pytest.raises(Killed):
+    cli.main(["distill", "--out", str(out), *WARM_FLAGS])
+  assert len(warm_draws) == 1 and len(releases) == histograms
+  saved = store.StageStore(str(out / outputs.STAGING / "stages"))
+  partial = saved.partial("generate")
+  assert partial[pe.WARM].shape[0] == 1
+  assert len(partial.get(pe.RELEASES, ())) == histograms
+  monkeypatch.setattr(text.TextAPI, "variation", _REAL_VARIATION)
+  warm_draws.clear()
+  releases.clear()
+  assert cli.main(["distill", "--resume", str(out), "--quiet"]) == 0
+  assert warm_draws == [] and len(releases) == ITERATIONS - histograms
+  priv, x, hist = _published(out)
+  want_priv, want_x, want_hist, want_warm = uninterrupted_warm
+  assert priv == want_priv
+  np.testing.assert_array_equal(hist, want_hist)
+  np.testing.assert_array_equal(x, want_x)
+  with np.load(out / "stages" / "generate" / "arrays.npz") as g:
+    np.testing.assert_array_equal(g[pe.WARM], want_warm)
+
+
+_REAL_VARIATION = text.TextAPI.variation
+
+
+def test_an_api_failing_after_the_warm_release_counts_it_as_saved(
+    tmp_path, monkeypatch, capsys):
+  out = tmp_path / "run"
+  _fail_at_variation(monkeypatch, 1, RuntimeError("server down"))
+  assert cli.main(["distill", "--out", str(out), *WARM_FLAGS]) == 2
+  assert "1 of them are saved" in capsys.readouterr().err
+
+
+def test_a_saved_warm_release_of_another_shape_is_refused():
+  assert pe._saved_warm(None, 2, 5) is None
+  ok = np.zeros((1, 2, 5), np.float32)
+  assert pe._saved_warm({pe.WARM: ok}, 2, 5).shape == (1, 2, 5)
+  for bad in (np.zeros((2, 5)), np.zeros((1, 3, 5)),
+              np.full((1, 2, 5), np.nan)):
+    with pytest.raises(ValueError, match="warm release"):
+      pe._saved_warm({pe.WARM: bad}, 2, 5)
+  gen = pe.PrivateEvolution("text", pe.PEConfig(iterations=2, warm_start=1))
+  other = pe.PrivateEvolution("text", pe.PEConfig(iterations=2, warm_start=1,
+                                                  warm_weight=3))
+  saved = {pe.WARM: ok, pe.SETUP: gen._setup(3.0)}
+  assert gen._saved_releases(saved, gen._setup(3.0)) is None  # no votes yet
+  with pytest.raises(ValueError, match="a warm release"):
+    other._saved_releases(saved, other._setup(3.0))

@@ -30,10 +30,18 @@ mechanisms. The last draw returns `per_class` images per class (the
 generated set). Lookahead (optional): a candidate's embedding is the mean
 embedding of L of its variations.
 
+Warm start (optional, ours; `herding`): before the votes, one release of
+DP-MERF's class sums of random features of the pixels, at sigma /
+sqrt(m), which the accountant counts as m more releases at sigma (the
+event is SelfComposed(Gaussian(sigma), T + m), exactly); then, as public
+post-processing, kernel herding moves the API's first population toward
+its noisy class means, and the votes refine it with variations whose
+degree starts at `start_degree`.
+
 The released noisy histograms also estimate the class sizes (a class's
 bins sum to sqrt(k) N_c plus noise): free refinement of the normalisation
 constants (`Output.counts`); not with soft votes, whose sums vary by
-example.
+example. A warm release's constant coordinate adds its own estimate.
 """
 
 from __future__ import annotations
@@ -56,7 +64,7 @@ from dpgeng_jax.generators import (Context, Output, apis, check_mechanisms,
 
 SENSITIVITY = 1.0  # L2, add/remove one example (module docstring)
 RELEASES = "noisy_histograms"  # the T releases, as saved and published
-WARM = "warm_release"  # the warm start's release (`herding`), (K, 2D + 1)
+WARM = "warm_release"  # the warm start's release (`herding`), (1, K, 2D + 1)
 WARM_PUBLIC = 7  # folded into the public key for the warm start's draws
 SETUP = "setup"  # beside checkpointed releases: the settings they need
 # The vote weight's margin below 1/sqrt(k): float64 rounds c w with a
@@ -419,7 +427,7 @@ def _saved_warm(saved, num_classes: int, dim: int):
   if not saved or WARM not in saved:
     return None
   r = np.asarray(saved[WARM], np.float32)
-  if r.shape != (num_classes, dim) or not np.all(np.isfinite(r)):
+  if r.shape != (1, num_classes, dim) or not np.all(np.isfinite(r)):
     raise ValueError(f"the saved PE warm release of shape {r.shape} does "
                      f"not fit {num_classes} classes x {dim} features")
   return r
@@ -622,11 +630,15 @@ class PrivateEvolution:
       estimates.append((counts, unit * sigma * SENSITIVITY
                         / math.sqrt(len(noisy))))
     if warm is not None:
-      estimates.append((np.asarray(merf.class_means_from_release(warm)[1],
+      estimates.append((np.asarray(merf.class_means_from_release(warm[0])[1],
                                    np.float64),
                         merf.count_stddev(warm_sigma(sigma, self.cfg))))
     if not estimates:
       return Output(final.images, final.labels, arrays=arrays)
+    exact = [c for c, std in estimates if std == 0]  # noise 0
+    if exact:
+      return Output(final.images, final.labels, np.mean(exact, 0), 0.0,
+                    arrays)
     w = np.array([1.0 / std ** 2 for _, std in estimates])
     counts = sum(wi * c for wi, (c, _) in zip(w, estimates)) / w.sum()
     return Output(final.images, final.labels, counts,
@@ -648,10 +660,11 @@ class PrivateEvolution:
           merf.release_class_features, num_classes=ctx.num_classes,
           noise_multiplier=warm_sigma(sigma, self.cfg), mesh=ctx.mesh))(
               fmap, ctx.x_private, ctx.y_private, ctx.mask,
-              noise_key=jax.random.fold_in(secret, self.cfg.iterations)))
+              noise_key=jax.random.fold_in(secret, self.cfg.iterations)))[
+                  None]  # one release (as saved: a leading axis)
       if ctx.checkpoint is not None:
         ctx.checkpoint({WARM: warm, SETUP: setup})
-    means = merf.class_means_from_release(jnp.asarray(warm))[0]
+    means = merf.class_means_from_release(jnp.asarray(warm[0]))[0]
     labels = _class_major(ctx.num_classes, self.cfg.population)
     first = _checked(api.random(k_first, labels), labels, ctx.image_shape,
                      "the image API's random")

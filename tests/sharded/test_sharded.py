@@ -464,6 +464,29 @@ def test_whole_dpgeng_run_on_8_devices_matches_one_device(tmp_path):
   assert np.max(np.abs(outs[8] - outs[1])) < 1e-2 * np.max(np.abs(outs[1]))
 
 
+def test_pe_with_a_warm_start_on_4_devices_matches_one_device(tmp_path):
+  """Deterministic test mode, pixel embedding: the warm release (its
+  fixed-point sums psum'd, the noise added once) and the histograms of a
+  4-device run equal the one-device run's."""
+  from dpgeng_jax import cli
+  from dpgeng_jax.generators import pe
+  tiny = ["distill", "--method", "generator", "--deterministic",
+          "--no-eval", "--ipc", "1", "--generated-per-class", "4",
+          "--pe-iterations", "2", "--pe-population", "5",
+          "--pe-embedding", "pixels", "--pe-warm-start", "2",
+          "--pool-models", "1", "--pool-checkpoints", "1",
+          "--pool-epochs", "1", "--extractor-width", "8", "--quiet"]
+  got = {}
+  for devices in (1, 4):
+    out = tmp_path / f"d{devices}"
+    assert cli.main([*tiny, "--devices", str(devices), "--out",
+                     str(out)]) == 0
+    with np.load(out / "stages" / "generate" / "arrays.npz") as g:
+      got[devices] = (g[pe.WARM], g[pe.RELEASES])
+  np.testing.assert_allclose(got[4][0], got[1][0], rtol=0, atol=1e-4)
+  np.testing.assert_array_equal(got[4][1], got[1][1])
+
+
 @pytest.mark.parametrize("devices", [4, 8])
 def test_sharded_merf_release_equals_unsharded(devices):
   # The fixed-point sums (bits sized for all the rows) add up over the
