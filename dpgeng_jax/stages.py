@@ -1092,6 +1092,14 @@ def report(run: Run, budget: Budget, sizes,
         f"composed as the mechanism {m.name}; the declaration is not "
         "checked")
   gen = plan.generator or ""
+  if gen.startswith("pe:") and plan.generator_mechanisms and (
+      cfg.pe_warm_start > 0):
+    m = cfg.pe_warm_weight
+    notes.append(f"PE's warm start: one release of class sums of norm-1 "
+                 f"random features (L2 sensitivity 1) at the generator's "
+                 f"noise multiplier / sqrt({m}), accounted as {m} of the "
+                 f"generator's {cfg.pe_iterations + m} Gaussian "
+                 "releases")
   if gen.startswith("pe:nearest:"):
     notes.append(f"PE's image API draws from the collection "
                  f"{gen[len('pe:nearest:'):]}, assumed public (not checked: "

@@ -494,6 +494,9 @@ def test_pe_text_run_writes_the_iterations_and_accounts_t_releases(
   assert ("warm_release" in saved) == warm
   if warm:  # class sums of 500 cos + 500 sin features and the constant
     assert saved["warm_release"].shape == (1, 10, 1001)
+  assert any(n.startswith("PE's warm start") and "/ sqrt(4)" in n
+             and "4 of the generator's 7" in n
+             for n in priv["notes"]) == warm
   config = json.loads((out / "config.json").read_text())
   assert config["resolved"]["generator"] == "pe:text"
 

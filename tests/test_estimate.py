@@ -47,6 +47,13 @@ def test_stage_flops_follow_the_configuration():
   assert e[1] - e[0] == pytest.approx(2000 * per_image) and per_image > 0
   assert nd["queries"] == pytest.approx(base["queries"])
   assert base["pe_api_samples"] == (10 + 1) * 10 * 100 + 10 * 200
+  # A warm start: one variation of N_s per class per herding iteration
+  # and the first population; feature and herding work on top.
+  warm = _flops(pe_warm_start=5)
+  assert warm["pe_api_samples"] - base["pe_api_samples"] == 6 * 10 * 100
+  assert warm["generation"] > base["generation"]
+  assert _flops(pe_warm_start=5, pe_public_only=True) == _flops(
+      pe_public_only=True)
   assert _flops(generator="merf")["generation"] > 0
   # The pool: pool_models ConvNets for generated extractors, one for the
   # k-means init with random ones (the default), none when unused.
