@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpgeng_jax.generators import apis, herding, pe
+from dpgeng_jax.generators import herding, pe
+from test_pe import _toy_api  # uniform-noise images, blended variations
 
 
 def _pool(seed=0, m=40, d=6):
@@ -60,22 +61,11 @@ def test_herding_refuses_more_picks_than_rows_and_skips_nonfinite_rows():
   assert set(pick[4:].tolist()) == {2, 4}  # only once nothing else is left
 
 
-def _noise_api(shape=(4, 4, 1)):
-  def random_fn(key, labels):
-    return np.asarray(jax.random.uniform(key, (len(labels), *shape)))
-
-  def variation_fn(key, images, labels, degree):
-    fresh = np.asarray(jax.random.uniform(key, images.shape))
-    w = 0.5 * degree + 0.05
-    return (1 - w) * images + w * fresh
-  return apis.FunctionAPI(random_fn, variation_fn, shape)
-
-
 def test_the_warm_start_moves_the_population_toward_the_targets():
   """Targets: the mean image of a dark class and of a bright one; the
   population keeps N_s per class, class-major, and its class means move
   toward the targets as the iterations grow."""
-  api = _noise_api()
+  api = _toy_api()
   pop = 12
   labels = np.repeat(np.arange(2, dtype=np.int32), pop)
   start = api.random(jax.random.key(0), labels)
