@@ -142,7 +142,9 @@ class Config:
                             "generated data", "privacy")
   # Private Evolution (--generator pe:...).
   pe_iterations: int = _f(10, "PE iterations T: T noisy histogram releases "
-                          "(the accountant composes T Gaussians)", "privacy")
+                          "(the accountant composes T Gaussians; 0 with "
+                          "--pe-warm-start: the warm start alone, no "
+                          "votes)", "privacy")
   pe_public_only: bool = _f(
       False, "PE without votes (the public-only ablation): the same loop "
       "with uniform draws; reads no private data and spends no budget",

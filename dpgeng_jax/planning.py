@@ -200,9 +200,18 @@ MAX_LOOKAHEAD = 100
 
 
 def _validate_pe(cfg: Config) -> None:
-  for name in ("pe_iterations", "pe_population", "pe_k", "pe_nearest_k"):
+  for name in ("pe_population", "pe_k", "pe_nearest_k"):
     if getattr(cfg, name) < 1:
       raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+  if cfg.pe_iterations < (0 if cfg.pe_warm_start > 0 else 1):
+    raise ConfigError(f"pe_iterations must be >= 1 (>= 0 with "
+                      f"pe_warm_start), got {cfg.pe_iterations}")
+  if cfg.pe_iterations == 0 and (
+      cfg.generated_per_class > cfg.pe_population):
+    raise ConfigError(
+        f"pe_iterations = 0 returns the warm start's population: "
+        f"generated_per_class = {cfg.generated_per_class} needs "
+        f"pe_population >= {cfg.generated_per_class}")
   if cfg.pe_k > cfg.pe_population:
     raise ConfigError(f"pe_k = {cfg.pe_k} votes per example need "
                       f"pe_population >= {cfg.pe_k}")

@@ -403,6 +403,14 @@ def evolve(api, embed, priv_emb, y, mask, *, key: jax.Array,
                                               :, :cfg.history])
     if progress is not None:
       progress(1)
+  if t_max == 0:  # no votes (a warm start alone): each class's first
+    # per_class, a warm start's best per_class by herding's greedy order
+    if per_class > pop_n:
+      raise ValueError(f"with no iterations the generated set is the first "
+                       f"population: {per_class} images per class need a "
+                       f"population of at least {per_class}, not {pop_n}")
+    samples = samples.take((np.arange(num_classes)[:, None] * pop_n
+                            + np.arange(per_class)).reshape(-1))
   m = min(h.shape[1] for h in history)
   released = np.stack(released) if released else np.zeros(
       (0, num_classes, pop_n), np.float32)
@@ -624,7 +632,7 @@ class PrivateEvolution:
     # sums vary by example; equal variances: their plain mean) and the
     # warm release's constant coordinate.
     estimates = []
-    if self.cfg.vote_tau == 0:
+    if self.cfg.vote_tau == 0 and len(noisy):
       counts = np.mean([count_estimates(h, self.cfg.k)[0] for h in noisy], 0)
       unit = count_estimates(noisy[0], self.cfg.k)[1]
       estimates.append((counts, unit * sigma * SENSITIVITY
