@@ -473,7 +473,9 @@ def test_too_few_generated_images_for_kmeans_fail_before_private_work(
 @pytest.mark.parametrize("votes,steps", [
     ([], 3), (["--pe-k", "3", "--pe-vote-tau", "0.5"], 3),
     (["--pe-warm-start", "2", "--pe-warm-weight", "4", "--pe-start-degree",
-      "0.5"], 3 + 4)])
+      "0.5"], 3 + 4),
+    (["--pe-warm-start", "2", "--pe-warm-weight", "4", "--pe-iterations",
+      "0", "--generated-per-class", "4"], 4)])
 def test_pe_text_run_writes_the_iterations_and_accounts_t_releases(
     tmp_path, votes, steps):
   out = tmp_path / "run"
@@ -484,18 +486,21 @@ def test_pe_text_run_writes_the_iterations_and_accounts_t_releases(
   gen = _mechanism(priv, "generator")
   assert gen["steps"] == steps and gen["sampling_rate"] == 1.0
   assert gen["l2_sensitivity"] == "1"
+  t = int(votes[votes.index("--pe-iterations") + 1]) if (
+      "--pe-iterations" in votes) else 3
   from PIL import Image
   img = Image.open(out / "generator_iterations.png")
-  assert img.size[0] > 3 * img.size[1] // 2  # 4 populations side by side
+  if t:
+    assert img.size[0] > 3 * img.size[1] // 2  # 4 populations side by side
   saved = np.load(out / "stages" / "generate" / "arrays.npz")
-  assert saved["noisy_histograms"].shape == (3, 10, 4)
-  assert saved["history"].shape[:2] == (4, 10)
+  assert saved["noisy_histograms"].shape == (t, 10, 4)
+  assert saved["history"].shape[:2] == (t + 1, 10)
   warm = "--pe-warm-start" in votes
   assert ("warm_release" in saved) == warm
   if warm:  # class sums of 500 cos + 500 sin features and the constant
     assert saved["warm_release"].shape == (1, 10, 1001)
   assert any(n.startswith("PE's warm start") and "/ sqrt(4)" in n
-             and "4 of the generator's 7" in n
+             and f"4 of the generator's {t + 4}" in n
              for n in priv["notes"]) == warm
   config = json.loads((out / "config.json").read_text())
   assert config["resolved"]["generator"] == "pe:text"
@@ -534,6 +539,9 @@ def test_pe_nearest_runs_on_a_public_collection(tmp_path):
       "0"], "pe_warm_weight"),
     (["--generator", "pe:text", "--pe-warm-start", "2", "--pe-public-only"],
      "public-only"),
+    (["--generator", "pe:text", "--pe-iterations", "0"], "pe_iterations"),
+    (["--generator", "pe:text", "--pe-iterations", "0", "--pe-warm-start",
+      "2", "--pe-population", "3"], "pe_population >= 8"),
     (["--generator", "pe:text", "--pe-start-degree", "0"], "pe_start_degree"),
     (["--generator", "pe:text", "--pe-start-degree", "1.5"],
      "pe_start_degree"),

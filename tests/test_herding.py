@@ -104,3 +104,15 @@ def test_the_warm_start_keeps_the_text_api_s_state_with_its_images():
   assert set(out.state) == set(start.state)
   np.testing.assert_allclose(api.render(out.labels, out.state), out.images,
                              atol=1e-6)
+
+
+def test_herding_s_first_picks_are_the_shorter_herd():
+  """Greedy picks do not look ahead: the first k of n picks are the k
+  picks, so a warm start's first per_class images are its best
+  per_class (what --pe-iterations 0 returns)."""
+  f = jnp.asarray(_pool(seed=4, m=50))
+  t = jnp.asarray(_pool(seed=5, m=30).mean(0))
+  full = np.asarray(herding.herd(f, t, 30))
+  for k in (1, 7, 20):
+    np.testing.assert_array_equal(np.asarray(herding.herd(f, t, k)),
+                                  full[:k])

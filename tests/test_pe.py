@@ -904,3 +904,27 @@ def test_the_start_degree_scales_the_votes_variation_schedule():
   assert seen == pytest.approx([0.4, 0.2, 0.0])
   np.testing.assert_array_equal(
       hist[0], start.images.reshape(2, 5, 4, 4, 1))  # the start, not random
+
+
+def test_no_iterations_return_the_start_s_first_per_class():
+  api = _toy_api()
+  flat = lambda x: x.reshape(x.shape[0], -1)
+  priv = np.random.default_rng(0).random((10, 4, 4, 1)).astype(np.float32)
+  start = api.random(jax.random.key(7), np.repeat([0, 1], 6).astype(
+      np.int32))
+  args = dict(key=jax.random.key(1), secret=jax.random.key(2),
+              noise_multiplier=1.0, start=start, num_classes=2,
+              normalize=lambda x: x,
+              cfg=pe.PEConfig(iterations=0, population=6))
+  final, noisy, hist = pe.evolve(
+      api, flat, jnp.asarray(flat(priv)), jnp.asarray(np.arange(10) % 2),
+      jnp.ones(10), per_class=4, **args)
+  assert noisy.shape == (0, 2, 6) and hist.shape[0] == 1
+  np.testing.assert_array_equal(
+      final.images, start.images.reshape(2, 6, 4, 4, 1)[:, :4].reshape(
+          8, 4, 4, 1))
+  np.testing.assert_array_equal(final.labels, np.repeat([0, 1], 4))
+  with pytest.raises(ValueError, match="population of at least 7"):
+    pe.evolve(api, flat, jnp.asarray(flat(priv)),
+              jnp.asarray(np.arange(10) % 2), jnp.ones(10), per_class=7,
+              **args)
