@@ -149,11 +149,10 @@ class ClassSizes:
     (the generator's count coordinate); the bounds stay those of M_N."""
     if self.policy != "released" or not other_std > 0:
       return self
-    w1, w2 = 1.0 / self.estimate_std**2, 1.0 / other_std**2
-    est = (w1 * self.estimate + w2 * np.asarray(other_estimate,
-                                                np.float64)) / (w1 + w2)
+    est, std = inverse_variance([(self.estimate, self.estimate_std),
+                                 (other_estimate, other_std)])
     return dataclasses.replace(
-        self, estimate=est, estimate_std=float((w1 + w2) ** -0.5),
+        self, estimate=est, estimate_std=std,
         estimate_source=f"{self.estimate_source} combined with {source}")
 
   def report(self) -> dict:
@@ -169,6 +168,15 @@ class ClassSizes:
                  estimate_std=self.estimate_std,
                  estimate_source=self.estimate_source)
     return out
+
+
+def inverse_variance(estimates) -> tuple[np.ndarray, float]:
+  """Independent unbiased estimates of the same counts, (estimate, std)
+  pairs with std > 0, combined by inverse variance: (estimate, its std)."""
+  w = [1.0 / std**2 for _, std in estimates]
+  est = sum(wi * np.asarray(e, np.float64)
+            for wi, (e, _) in zip(w, estimates)) / sum(w)
+  return est, float(sum(w) ** -0.5)
 
 
 def class_tally(y: np.ndarray, num_classes: int) -> np.ndarray:

@@ -126,9 +126,11 @@ def stage_flops(cfg: Config, plan, image_shape, num_train: int,
     if cfg.pe_warm_start > 0 and not cfg.pe_public_only:
       # The warm start: features of the private rows once and of 2 N_s
       # candidates per iteration, and N_s herding picks over them.
-      w, feat = cfg.pe_warm_start, 4.0 * math.prod(shape) * 500
+      from dpgeng_jax.generators.pe import PEConfig
+      d_warm = PEConfig.warm_features
+      w, feat = cfg.pe_warm_start, 4.0 * math.prod(shape) * d_warm
       out["generation"] += (num_train * feat + w * 2 * pop * (
-          feat + 4.0 * cfg.pe_population * 1001))
+          feat + 4.0 * cfg.pe_population * (2 * d_warm + 1)))
       out["pe_api_samples"] += (w + 1) * pop
   elif plan.uses_generated and gen == "merf":
     p = math.prod(shape)

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpgeng_jax.generators import apis
+from dpgeng_jax.generators import apis, embeddings
 
 
 def herd(features: jax.Array, target: jax.Array, n: int) -> jax.Array:
@@ -66,12 +66,6 @@ def herd_classes(features: jax.Array, targets: jax.Array,
   return jax.vmap(herd, in_axes=(0, 0, None))(features, targets, n)
 
 
-def _features(feature_fn, images: np.ndarray, chunk: int = 2048):
-  fn = jax.jit(feature_fn)
-  return jnp.concatenate([fn(jnp.asarray(images[s:s + chunk]))
-                          for s in range(0, len(images), chunk)])
-
-
 def _joined(a: apis.Samples, b: apis.Samples) -> apis.Samples:
   """a's samples then b's (their API state too, key by key)."""
   if (a.state is None) != (b.state is None) or (
@@ -105,7 +99,7 @@ def warm_start(api, feature_fn, targets, start: apis.Samples, *,
     pool = _joined(samples, kids)
     order = np.argsort(pool.labels, kind="stable")  # class-major, 2 N_s each
     pool = pool.take(order)
-    feats = _features(feature_fn, pool.images).reshape(
+    feats = embeddings.apply(feature_fn, jnp.asarray(pool.images)).reshape(
         num_classes, 2 * pop, -1)
     pick = np.asarray(herd_classes(feats, jnp.asarray(targets), pop))
     samples = pool.take((pick + 2 * pop * np.arange(num_classes)[:, None]

@@ -58,6 +58,7 @@ from tqdm.auto import tqdm
 
 from dpgeng_jax import accounting, noise
 from dpgeng_jax.clipping import check_labels, check_mask
+from dpgeng_jax.counts import inverse_variance
 from dpgeng_jax.config import Config
 from dpgeng_jax.generators import (Context, Output, apis, check_mechanisms,
                                    embeddings, herding, merf)
@@ -647,10 +648,8 @@ class PrivateEvolution:
     if exact:
       return Output(final.images, final.labels, np.mean(exact, 0), 0.0,
                     arrays)
-    w = np.array([1.0 / std ** 2 for _, std in estimates])
-    counts = sum(wi * c for wi, (c, _) in zip(w, estimates)) / w.sum()
-    return Output(final.images, final.labels, counts,
-                  float(1.0 / math.sqrt(w.sum())), arrays)
+    counts, std = inverse_variance(estimates)
+    return Output(final.images, final.labels, counts, std, arrays)
 
   def _warm_start(self, ctx: Context, api, secret: jax.Array, sigma: float,
                   setup: np.ndarray):
